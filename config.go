@@ -1,0 +1,228 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// errInvalidFlag marks every validation failure, so callers (and tests) can
+// tell a bad command line from a failure to start.
+var errInvalidFlag = errors.New("invalid flag")
+
+// config is everything the command line says. The original's flags keep
+// their names and defaults; the rest are new and documented in the README.
+type config struct {
+	// Flags of the original deployer.
+	Docker            string
+	DockerCfg         string
+	EtcdDialTimeout   time.Duration
+	EtcdNodes         []string // empty: run an embedded etcd
+	EtcdPrefix        string
+	EtcdRetryDelay    time.Duration
+	KillTimeout       int // seconds
+	Listen            string
+	MaxThreads        int
+	Registry          string
+	RepullPeriod      time.Duration
+	SlackUsername     string
+	SlackWebhookURL   string
+	StrongConsistency bool
+	WebhookPath       string
+
+	// New flags.
+	NodeName            string
+	WebhookSecret       string
+	RegistryWebhookPath string
+	EtcdDataDir         string
+	EtcdListenClient    string
+	EtcdListenPeer      string
+	LogFormat           string
+}
+
+// defaultConfig returns the defaults, taking the environment from getenv.
+func defaultConfig(getenv func(string) string) config {
+	home := getenv("HOME")
+	hostname, _ := os.Hostname()
+	docker := "unix:///var/run/docker.sock"
+	if h := getenv("DOCKER_HOST"); h != "" {
+		docker = h
+	}
+	return config{
+		Docker:              docker,
+		DockerCfg:           home + "/.dockercfg",
+		EtcdDialTimeout:     5 * time.Second,
+		EtcdNodes:           []string{"http://127.0.0.1:4001"},
+		EtcdPrefix:          "/deployer",
+		EtcdRetryDelay:      2 * time.Second,
+		KillTimeout:         10,
+		Listen:              ":4500",
+		MaxThreads:          runtime.NumCPU(),
+		Registry:            "https://index.docker.io/v1/",
+		RepullPeriod:        24 * time.Hour,
+		SlackUsername:       "Deployer",
+		SlackWebhookURL:     getenv("SLACK_WEBHOOK_URL"),
+		WebhookPath:         "/api/dockerhub/webhook",
+		NodeName:            hostname,
+		WebhookSecret:       getenv("DEPLOYER_WEBHOOK_SECRET"),
+		RegistryWebhookPath: "/api/registry/webhook",
+		EtcdDataDir:         "/var/lib/deployer/etcd",
+		EtcdListenClient:    "http://127.0.0.1:4001",
+		EtcdListenPeer:      "http://127.0.0.1:4002",
+		LogFormat:           "text",
+	}
+}
+
+// parseFlags parses args into a config. It returns flag.ErrHelp for -h, and
+// an error wrapping errInvalidFlag for values that cannot work.
+func parseFlags(name string, args []string, getenv func(string) string, stderr io.Writer) (config, error) {
+	c := defaultConfig(getenv)
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	etcdNodes := strings.Join(c.EtcdNodes, ",")
+
+	fs.StringVar(&c.Docker, "docker", c.Docker, "Docker daemon endpoint (default from $DOCKER_HOST when set)")
+	fs.StringVar(&c.DockerCfg, "dockercfg", c.DockerCfg, "registry credentials: a legacy .dockercfg or a docker config.json; empty for anonymous pulls")
+	fs.DurationVar(&c.EtcdDialTimeout, "etcd_dial_timeout", c.EtcdDialTimeout, "timeout for connecting to etcd")
+	fs.StringVar(&etcdNodes, "etcd_nodes", etcdNodes, "comma-separated etcd endpoints; empty runs an embedded single-member etcd")
+	fs.StringVar(&c.EtcdPrefix, "etcd_prefix", c.EtcdPrefix, "etcd key prefix: starts with /, no trailing /")
+	fs.DurationVar(&c.EtcdRetryDelay, "etcd_retry_delay", c.EtcdRetryDelay, "first delay before reconnecting to etcd (doubles up to 30x, with jitter)")
+	fs.IntVar(&c.KillTimeout, "kill_timeout", c.KillTimeout, "seconds a container gets to stop before it is killed")
+	fs.StringVar(&c.Listen, "listen", c.Listen, "HTTP listen address for the webhooks and /healthz")
+	fs.IntVar(&c.MaxThreads, "max_threads", c.MaxThreads, "how many repositories are deployed at once")
+	fs.StringVar(&c.Registry, "registry", c.Registry, "registry that bare repository names (myorg/foo) refer to; host[:port] or URL")
+	fs.DurationVar(&c.RepullPeriod, "repull_period", c.RepullPeriod, "re-pull the images of running containers this often, as a safety net; 0 disables")
+	fs.StringVar(&c.SlackUsername, "slack_username", c.SlackUsername, "Slack username to post as")
+	fs.StringVar(&c.SlackWebhookURL, "slack_webhook_url", c.SlackWebhookURL, "Slack incoming webhook URL (default $SLACK_WEBHOOK_URL); empty disables Slack")
+	fs.BoolVar(&c.StrongConsistency, "strong_consistency", c.StrongConsistency, "linearizable (quorum) etcd reads instead of serializable ones")
+	fs.StringVar(&c.WebhookPath, "webhook_path", c.WebhookPath, "HTTP path of the Docker Hub webhook")
+
+	fs.StringVar(&c.NodeName, "node_name", c.NodeName, "name of this node in Slack messages and etcd state (default: hostname)")
+	fs.StringVar(&c.WebhookSecret, "webhook_secret", c.WebhookSecret, "secret webhooks must carry as 'Authorization: Bearer <secret>' or '?token=<secret>' (default $DEPLOYER_WEBHOOK_SECRET)")
+	fs.StringVar(&c.RegistryWebhookPath, "registry_webhook_path", c.RegistryWebhookPath, "HTTP path of the registry (CNCF distribution) notification endpoint")
+	fs.StringVar(&c.EtcdDataDir, "etcd_data_dir", c.EtcdDataDir, "data directory of the embedded etcd (with -etcd_nodes empty)")
+	fs.StringVar(&c.EtcdListenClient, "etcd_listen_client", c.EtcdListenClient, "client URL of the embedded etcd (with -etcd_nodes empty)")
+	fs.StringVar(&c.EtcdListenPeer, "etcd_listen_peer", c.EtcdListenPeer, "peer URL of the embedded etcd (with -etcd_nodes empty)")
+	fs.StringVar(&c.LogFormat, "log_format", c.LogFormat, "log format: text or json")
+
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("%w: unexpected argument %q", errInvalidFlag, fs.Arg(0))
+	}
+	c.EtcdNodes = splitList(etcdNodes)
+	if c.DockerCfg != "" && strings.HasPrefix(c.DockerCfg, "~/") {
+		c.DockerCfg = filepath.Join(getenv("HOME"), c.DockerCfg[2:])
+	}
+	return c, c.validate()
+}
+
+// splitList splits a comma-separated list, trimming spaces and dropping
+// empty items (the original broke on "a, b").
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func (c config) validate() error {
+	bad := func(flagName, format string, args ...any) error {
+		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
+	}
+	if c.Docker == "" {
+		return bad("docker", "must not be empty")
+	}
+	if _, err := url.Parse(c.Docker); err != nil || !strings.Contains(c.Docker, "://") {
+		return bad("docker", "%q is not an endpoint URL such as unix:///var/run/docker.sock", c.Docker)
+	}
+	if c.EtcdDialTimeout <= 0 {
+		return bad("etcd_dial_timeout", "must be positive, got %s", c.EtcdDialTimeout)
+	}
+	for _, n := range c.EtcdNodes {
+		if err := checkHTTPURL(n); err != nil {
+			return bad("etcd_nodes", "%v", err)
+		}
+	}
+	if !strings.HasPrefix(c.EtcdPrefix, "/") || strings.HasSuffix(c.EtcdPrefix, "/") || strings.Contains(c.EtcdPrefix, "//") {
+		return bad("etcd_prefix", "%q must start with / and not end with /", c.EtcdPrefix)
+	}
+	if c.EtcdRetryDelay <= 0 {
+		return bad("etcd_retry_delay", "must be positive, got %s", c.EtcdRetryDelay)
+	}
+	if c.KillTimeout < 0 {
+		return bad("kill_timeout", "must not be negative, got %d", c.KillTimeout)
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return bad("listen", "%q is not host:port: %v", c.Listen, err)
+	}
+	if c.MaxThreads < 1 {
+		return bad("max_threads", "must be at least 1, got %d", c.MaxThreads)
+	}
+	if _, err := registryHost(c.Registry); err != nil {
+		return bad("registry", "%v", err)
+	}
+	if c.RepullPeriod < 0 {
+		return bad("repull_period", "must not be negative, got %s (0 disables)", c.RepullPeriod)
+	}
+	if c.SlackWebhookURL != "" {
+		if err := checkHTTPURL(c.SlackWebhookURL); err != nil {
+			return bad("slack_webhook_url", "%v", err)
+		}
+	}
+	if !strings.HasPrefix(c.WebhookPath, "/") {
+		return bad("webhook_path", "%q must be a path starting with /", c.WebhookPath)
+	}
+	if !strings.HasPrefix(c.RegistryWebhookPath, "/") {
+		return bad("registry_webhook_path", "%q must be a path starting with /", c.RegistryWebhookPath)
+	}
+	if c.RegistryWebhookPath == c.WebhookPath {
+		return bad("registry_webhook_path", "must differ from -webhook_path")
+	}
+	for _, p := range []string{c.WebhookPath, c.RegistryWebhookPath} {
+		if p == "/healthz" {
+			return bad("webhook_path", "%q is reserved", p)
+		}
+	}
+	if c.NodeName == "" || strings.ContainsAny(c.NodeName, "/ \t\n") {
+		return bad("node_name", "%q must be non-empty, without spaces or /", c.NodeName)
+	}
+	if len(c.EtcdNodes) == 0 {
+		if c.EtcdDataDir == "" {
+			return bad("etcd_data_dir", "must not be empty when -etcd_nodes is empty")
+		}
+		if err := checkHTTPURL(c.EtcdListenClient); err != nil {
+			return bad("etcd_listen_client", "%v", err)
+		}
+		if err := checkHTTPURL(c.EtcdListenPeer); err != nil {
+			return bad("etcd_listen_peer", "%v", err)
+		}
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		return bad("log_format", "%q must be text or json", c.LogFormat)
+	}
+	return nil
+}
+
+func checkHTTPURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("%q: %w", s, err)
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("%q is not an http(s) URL", s)
+	}
+	return nil
+}

@@ -1,0 +1,192 @@
+package main
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math/rand/v2"
+	"slices"
+	"time"
+
+	"github.com/distribution/reference"
+	docker "github.com/fsouza/go-dockerclient"
+)
+
+// notifier tells people what a deploy did. notify must not block.
+type notifier interface {
+	notify(report)
+}
+
+type nopNotifier struct{}
+
+func (nopNotifier) notify(report) {}
+
+// deployer runs one deploy of one repository on this node: pull the local
+// tags, then stop the containers that still run the old images.
+type deployer struct {
+	puller    *puller
+	restarter *restarter
+	notifier  notifier
+	registry  string // domain of bare names
+	node      string
+	log       *slog.Logger
+	metrics   *metrics
+}
+
+func (d *deployer) deploy(ctx context.Context, j job) {
+	start := time.Now()
+	r := d.run(ctx, j)
+	result := "ok"
+	switch {
+	case r.failed():
+		result = "error"
+	case !r.worthTelling():
+		result = "noop"
+	}
+	d.metrics.deploys.WithLabelValues(result).Inc()
+	d.metrics.deployDuration.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	level := slog.LevelInfo
+	if r.failed() {
+		level = slog.LevelWarn
+	}
+	d.log.Log(ctx, level, "deploy finished", "repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
+		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", r.Failed)
+	if r.worthTelling() {
+		d.notifier.notify(r)
+	}
+}
+
+func (d *deployer) run(ctx context.Context, j job) report {
+	r := report{Node: d.node, Repo: j.Repo}
+	repo, err := resolveRepo(j.Repo, d.registry)
+	if err != nil {
+		r.Failed = append(r.Failed, err.Error())
+		return r
+	}
+	r.Repo = reference.FamiliarName(repo)
+	before, err := d.puller.localTags(ctx, repo)
+	if err != nil {
+		r.Failed = append(r.Failed, err.Error())
+		return r
+	}
+	var tags []string
+	for _, t := range slices.Sorted(maps.Keys(before)) {
+		if _, named := j.Tags[t]; j.All || named {
+			tags = append(tags, t)
+		}
+	}
+	if len(tags) == 0 {
+		d.log.Debug("no local tags to deploy", "repo", r.Repo, "all", j.All, "tags", slices.Collect(maps.Keys(j.Tags)))
+		return r
+	}
+
+	pulled := map[string]bool{}
+	for _, t := range tags {
+		ref, err := reference.WithTag(repo, t)
+		if err != nil {
+			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], PullErr: err})
+			continue
+		}
+		if err := d.puller.pull(ctx, ref); err != nil {
+			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], NewID: before[t], PullErr: err})
+			continue
+		}
+		pulled[t] = true
+	}
+	if len(pulled) == 0 {
+		return r
+	}
+	after, err := d.puller.localTags(ctx, repo)
+	if err != nil {
+		r.Failed = append(r.Failed, err.Error())
+		return r
+	}
+	// Only tags that pulled are checked: a failed pull leaves the tag
+	// where it was, and pull before stop is the rule.
+	current := map[string]string{}
+	for _, t := range tags {
+		if pulled[t] {
+			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], NewID: after[t]})
+			if id, ok := after[t]; ok {
+				current[t] = id
+			}
+		}
+	}
+	slices.SortFunc(r.Tags, func(a, b tagReport) int { return cmp.Compare(a.Tag, b.Tag) })
+
+	stale, err := d.restarter.stale(ctx, repo, current)
+	if err != nil {
+		r.Failed = append(r.Failed, err.Error())
+	}
+	if len(stale) == 0 {
+		return r
+	}
+	stopped, err := d.restarter.stop(ctx, stale)
+	r.Stopped = stopped
+	if err != nil {
+		r.Failed = append(r.Failed, fmt.Sprint(err))
+	}
+	return r
+}
+
+// repuller is the safety net for lost triggers: every period (with
+// jitter) it queues a deploy of every tag that a running container was
+// started with. Nothing runs at start.
+type repuller struct {
+	docker      containerAPI
+	period      time.Duration
+	callTimeout time.Duration
+	submit      func(deployEvent)
+	log         *slog.Logger
+}
+
+func (p *repuller) run(ctx context.Context) error {
+	if p.period <= 0 {
+		return nil
+	}
+	for {
+		// Spread nodes out: each waits 90% to 110% of the period.
+		wait := p.period - p.period/10 + rand.N(p.period/5+1)
+		if !sleepCtx(ctx, wait) {
+			return nil
+		}
+		if err := p.once(ctx); err != nil {
+			p.log.Warn("periodic re-pull failed", "err", err)
+		}
+	}
+}
+
+// once queues one deploy per repository in use, naming its tags in use.
+func (p *repuller) once(ctx context.Context) error {
+	lctx, cancel := context.WithTimeout(ctx, p.callTimeout)
+	defer cancel()
+	list, err := p.docker.ListContainers(docker.ListContainersOptions{Context: lctx})
+	if err != nil {
+		return fmt.Errorf("list containers: %w", err)
+	}
+	inUse := map[string]map[string]struct{}{}
+	for _, c := range list {
+		ictx, cancel := context.WithTimeout(ctx, p.callTimeout)
+		ctr, err := p.docker.InspectContainerWithContext(c.ID, ictx)
+		cancel()
+		if err != nil || ctr.Config == nil {
+			continue
+		}
+		ref, ok := containerRef(ctr.Config.Image, ctr.Image)
+		if !ok {
+			continue
+		}
+		name := ref.Name()
+		if inUse[name] == nil {
+			inUse[name] = map[string]struct{}{}
+		}
+		inUse[name][ref.Tag()] = struct{}{}
+	}
+	for _, name := range slices.Sorted(maps.Keys(inUse)) {
+		p.submit(deployEvent{Repo: name, Tags: slices.Sorted(maps.Keys(inUse[name]))})
+	}
+	p.log.Info("periodic re-pull queued", "repositories", len(inUse))
+	return nil
+}

@@ -1,0 +1,340 @@
+// Command deployer is a per-node continuous-deployment daemon.
+//
+// A registry says a new image was pushed (a Docker Hub webhook or a
+// registry notification); one deployer records the repository in etcd;
+// the deployer on every node watches etcd, pulls the new version of every
+// local tag of that repository and stops the containers that still run the
+// old image, so that their supervisor (a systemd or fleet unit with
+// Restart=always) starts them again on the new one. Slack is told.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+)
+
+// version is set with -ldflags "-X main.version=…".
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		// A second signal stops the process at once: after stop(), the
+		// default handlers are back.
+		<-ctx.Done()
+		stop()
+	}()
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
+	case errors.Is(err, errInvalidFlag) || errors.Is(err, errUsage):
+		fmt.Fprintln(os.Stderr, "deployer:", err)
+		os.Exit(2)
+	default:
+		fmt.Fprintln(os.Stderr, "deployer:", err)
+		os.Exit(1)
+	}
+}
+
+var errUsage = errors.New("usage")
+
+// run is the whole daemon; it returns when ctx is done and everything has
+// stopped.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) || errors.Is(err, errInvalidFlag) {
+			return err
+		}
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	log := newLogger(cfg.LogFormat, stderr)
+	log.Info("starting deployer", "version", version, "node", cfg.NodeName, "listen", cfg.Listen)
+	return serve(ctx, cfg, log)
+}
+
+func newLogger(format string, w io.Writer) *slog.Logger {
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, nil))
+	}
+	return slog.New(slog.NewTextHandler(w, nil))
+}
+
+// serve runs every component until ctx is done, then stops them in order:
+// the HTTP server and the watcher first, deploys in flight within a bound,
+// then the state writers and the etcd client.
+func serve(ctx context.Context, cfg config, log *slog.Logger) error {
+	endpoints := cfg.EtcdNodes
+	if len(endpoints) == 0 {
+		etcd, err := startEmbeddedEtcd(cfg, log)
+		if err != nil {
+			return err
+		}
+		defer etcd.Close()
+		endpoints = []string{cfg.EtcdListenClient}
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   endpoints,
+		DialTimeout: cfg.EtcdDialTimeout,
+		Logger:      zap.NewNop(),
+		// Keepalives notice a dead member so the client moves to another.
+		DialKeepAliveTime:    5 * time.Second,
+		DialKeepAliveTimeout: 3 * time.Second,
+	})
+	if err != nil {
+		return fmt.Errorf("etcd client: %w", err)
+	}
+	defer cli.Close()
+
+	dockerClient, err := docker.NewClient(cfg.Docker)
+	if err != nil {
+		return fmt.Errorf("docker client %s: %w", cfg.Docker, err)
+	}
+	d, err := newDaemon(cfg, cli, dockerClient, log)
+	if err != nil {
+		return err
+	}
+	return d.run(ctx)
+}
+
+// dockerAPI is everything the daemon's components use from Docker,
+// gathered only to build them from one client.
+type dockerAPI interface {
+	imageAPI
+	containerAPI
+	PingWithContext(ctx context.Context) error
+}
+
+// daemon wires the components together.
+type daemon struct {
+	cfg      config
+	log      *slog.Logger
+	metrics  *metrics
+	etcd     *clientv3.Client
+	docker   dockerAPI
+	webhook  *webhook
+	watcher  *watcher
+	progress *progress
+	queue    *deployQueue
+	repuller *repuller
+	slack    *slackNotifier // nil when Slack is off
+	listener net.Listener   // set by run; tests read its address
+	ready    chan struct{}  // closed once listening
+}
+
+func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
+	registry, err := registryHost(cfg.Registry)
+	if err != nil {
+		return nil, err
+	}
+	m := newMetrics()
+	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: cli, docker: dc, ready: make(chan struct{})}
+	var note notifier = nopNotifier{}
+	if cfg.SlackWebhookURL != "" {
+		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
+		note = d.slack
+	}
+	const callTimeout = 30 * time.Second
+	dep := &deployer{
+		puller: &puller{
+			docker: dc, creds: &credentials{path: cfg.DockerCfg, log: log},
+			pullTimeout: 10 * time.Minute, callTimeout: callTimeout,
+			log: log.With("component", "puller"), metrics: m,
+		},
+		restarter: &restarter{
+			docker: dc, killTimeout: cfg.KillTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
+			log: log.With("component", "restarter"), metrics: m,
+		},
+		notifier: note, registry: registry, node: cfg.NodeName,
+		log: log.With("component", "deployer"), metrics: m,
+	}
+	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
+	d.queue = newDeployQueue(cfg.MaxThreads, dep.deploy, d.progress.done)
+	d.watcher = &watcher{
+		kv: cli, w: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, retryDelay: cfg.EtcdRetryDelay,
+		serializable: !cfg.StrongConsistency, log: log.With("component", "watcher"), progress: d.progress, metrics: m,
+	}
+	d.repuller = &repuller{docker: dc, period: cfg.RepullPeriod, callTimeout: callTimeout, log: log.With("component", "repuller")}
+	d.webhook = &webhook{
+		kv: cli, prefix: cfg.EtcdPrefix, secret: cfg.WebhookSecret, node: cfg.NodeName,
+		log: log.With("component", "webhook"), metrics: m, now: time.Now, timeout: 5 * time.Second,
+		callback: &http.Client{Timeout: 10 * time.Second},
+	}
+	if cfg.WebhookSecret == "" {
+		log.Warn("no -webhook_secret: anyone who reaches " + cfg.Listen + " can trigger deploys")
+	}
+	return d, nil
+}
+
+func (d *daemon) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
+	mux.HandleFunc(d.cfg.RegistryWebhookPath, d.webhook.registry)
+	mux.HandleFunc("GET /healthz", d.healthz)
+	metrics := promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		if !authorized(r, d.cfg.WebhookSecret) {
+			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "missing or wrong secret"})
+			return
+		}
+		metrics.ServeHTTP(w, r)
+	})
+	return mux
+}
+
+// GET /healthz
+//
+// 200 when etcd (a quorum read) and Docker answer; 503 naming the failing
+// part otherwise.
+func (d *daemon) healthz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+	defer cancel()
+	status := map[string]string{"etcd": "ok", "docker": "ok", "node": d.cfg.NodeName}
+	code := http.StatusOK
+	if _, err := d.etcd.Get(ctx, progressKey(d.cfg.EtcdPrefix, d.cfg.NodeName)); err != nil {
+		status["etcd"], code = err.Error(), http.StatusServiceUnavailable
+	}
+	if err := d.docker.PingWithContext(ctx); err != nil {
+		status["docker"], code = err.Error(), http.StatusServiceUnavailable
+	}
+	writeJSON(w, code, status)
+}
+
+func (d *daemon) submit(ctx context.Context) func(deployEvent) {
+	registry, _ := registryHost(d.cfg.Registry)
+	return func(ev deployEvent) {
+		repo, err := resolveRepo(ev.Repo, registry)
+		if err != nil {
+			d.log.Warn("ignoring trigger for an invalid repository", "repo", ev.Repo, "err", err)
+			if ev.Rev != 0 {
+				d.progress.done([]int64{ev.Rev})
+			}
+			return
+		}
+		ev.Repo = repo.Name()
+		d.queue.submit(ctx, ev)
+	}
+}
+
+func (d *daemon) run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", d.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("-listen: %w", err)
+	}
+	d.listener = ln
+	close(d.ready)
+
+	// Deploys run under workCtx, which outlives ctx by a bound so that a
+	// stop in flight can finish; state writers run under bgCtx, which
+	// ends last.
+	workCtx, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelWork()
+	bgCtx, cancelBg := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelBg()
+
+	d.watcher.emit = d.submit(workCtx)
+	d.repuller.submit = d.submit(workCtx)
+
+	srv := &http.Server{
+		Handler: d.handler(),
+		// Webhook senders post small bodies; slow clients must not hold
+		// connections open.
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+	}
+	var bg errgroup.Group
+	bg.Go(func() error { return d.progress.run(bgCtx) })
+	if d.slack != nil {
+		bg.Go(func() error { return d.slack.run(bgCtx) })
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("http: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(sctx)
+	})
+	g.Go(func() error { return d.watcher.run(gctx) })
+	g.Go(func() error { return d.repuller.run(gctx) })
+	err = g.Wait()
+
+	// Let deploys in flight finish their stops, within a bound.
+	grace := time.Duration(d.cfg.KillTimeout)*time.Second + 2*time.Second
+	drained := make(chan struct{})
+	go func() { d.queue.wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(grace):
+		d.log.Warn("deploys still running at shutdown, cancelling them")
+		cancelWork()
+		<-drained
+	}
+	cancelWork()
+	d.webhook.wg.Wait()
+	cancelBg()
+	if berr := bg.Wait(); err == nil {
+		err = berr
+	}
+	d.log.Info("deployer stopped")
+	return err
+}
+
+// startEmbeddedEtcd runs a single-member etcd in this process.
+func startEmbeddedEtcd(cfg config, log *slog.Logger) (*embed.Etcd, error) {
+	ec := embed.NewConfig()
+	ec.Name = cfg.NodeName
+	ec.Dir = cfg.EtcdDataDir
+	cu, _ := url.Parse(cfg.EtcdListenClient)
+	pu, _ := url.Parse(cfg.EtcdListenPeer)
+	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
+	ec.LogLevel = "error"
+	// Trigger keys are rewritten forever; keep an hour of history.
+	ec.AutoCompactionMode, ec.AutoCompactionRetention = "periodic", "1h"
+	if err := os.MkdirAll(cfg.EtcdDataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("-etcd_data_dir: %w", err)
+	}
+	e, err := embed.StartEtcd(ec)
+	if err != nil {
+		return nil, fmt.Errorf("embedded etcd: %w", err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+		log.Info("embedded etcd ready", "client_url", cfg.EtcdListenClient, "data_dir", cfg.EtcdDataDir)
+		return e, nil
+	case err := <-e.Err():
+		e.Close()
+		return nil, fmt.Errorf("embedded etcd: %w", err)
+	case <-time.After(time.Minute):
+		e.Close()
+		return nil, errors.New("embedded etcd: not ready within a minute")
+	}
+}

@@ -1,0 +1,64 @@
+package main
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// metrics holds every Prometheus metric the daemon exports, registered on
+// its own registry (no global state), served at /metrics.
+type metrics struct {
+	reg *prometheus.Registry
+
+	webhooks          *prometheus.CounterVec // source, result
+	etcdWrites        *prometheus.CounterVec // result
+	watchEvents       prometheus.Counter
+	watchReconnects   prometheus.Counter
+	deploys           *prometheus.CounterVec   // result
+	deployDuration    *prometheus.HistogramVec // result
+	pulls             *prometheus.CounterVec   // result
+	containersStopped *prometheus.CounterVec   // result
+	staleFound        prometheus.Counter
+	slackPosts        *prometheus.CounterVec // result
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		webhooks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "deployer_webhooks_received_total", Help: "Webhook requests by source and result.",
+		}, []string{"source", "result"}),
+		etcdWrites: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "deployer_etcd_writes_total", Help: "Trigger writes to etcd by result.",
+		}, []string{"result"}),
+		watchEvents: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "deployer_watch_events_total", Help: "Deploy triggers seen in etcd.",
+		}),
+		watchReconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "deployer_watch_reconnects_total", Help: "Times the etcd watch was re-established.",
+		}),
+		deploys: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "deployer_deploys_total", Help: "Deploys of one repository on this node, by result (ok, noop, error).",
+		}, []string{"result"}),
+		deployDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "deployer_deploy_duration_seconds", Help: "Time from the start of a deploy to its last container stopped.",
+			Buckets: prometheus.ExponentialBuckets(0.05, 2, 14),
+		}, []string{"result"}),
+		pulls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "deployer_pulls_total", Help: "Image pulls by result.",
+		}, []string{"result"}),
+		containersStopped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "deployer_containers_stopped_total", Help: "Stale containers stopped, by result.",
+		}, []string{"result"}),
+		staleFound: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "deployer_stale_containers_found_total", Help: "Running containers found on an image their tag no longer points at.",
+		}),
+		slackPosts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "deployer_slack_posts_total", Help: "Slack messages by result (ok, error, dropped).",
+		}, []string{"result"}),
+	}
+	m.reg.MustRegister(m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
+		m.pulls, m.containersStopped, m.staleFound, m.slackPosts,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}

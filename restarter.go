@@ -1,0 +1,174 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/distribution/reference"
+	docker "github.com/fsouza/go-dockerclient"
+)
+
+// containerAPI is the part of the Docker client the restarter uses.
+type containerAPI interface {
+	// ListContainers lists the running containers.
+	ListContainers(docker.ListContainersOptions) ([]docker.APIContainers, error)
+	// InspectContainerWithContext returns a container's configuration,
+	// including the image reference it was started with.
+	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
+	// StopContainerWithContext stops a container, killing it after
+	// timeout seconds.
+	StopContainerWithContext(id string, timeout uint, ctx context.Context) error
+}
+
+// staleContainer is a running container whose tag now points at another
+// image.
+type staleContainer struct {
+	ID      string
+	Name    string
+	Tag     string // the tag it was started with
+	ImageID string // the image it runs
+	NewID   string // the image the tag points at now
+}
+
+// restarter finds the containers of a repository that run an image their
+// tag no longer points at, and stops them so that their supervisor
+// (systemd, fleet) starts them again from the tag.
+type restarter struct {
+	docker      containerAPI
+	killTimeout int    // seconds
+	selfID      string // the deployer's own container, never stopped
+	callTimeout time.Duration
+	log         *slog.Logger
+	metrics     *metrics
+}
+
+// stale returns the running containers of repo started by one of the tags
+// in current (tag -> image ID it points at now) that run another image.
+// Only containers started by repo:tag count; those started by digest or by
+// image ID never move.
+func (r *restarter) stale(ctx context.Context, repo reference.Named, current map[string]string) ([]staleContainer, error) {
+	lctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	list, err := r.docker.ListContainers(docker.ListContainersOptions{Context: lctx})
+	if err != nil {
+		return nil, fmt.Errorf("list containers: %w", err)
+	}
+	var out []staleContainer
+	for _, c := range list {
+		if !r.candidate(c, repo) || r.isSelf(c.ID) {
+			continue
+		}
+		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
+		ctr, err := r.docker.InspectContainerWithContext(c.ID, ictx)
+		cancel()
+		var gone *docker.NoSuchContainer
+		if errors.As(err, &gone) {
+			continue
+		}
+		if err != nil {
+			return out, fmt.Errorf("inspect container %s: %w", shortID(c.ID), err)
+		}
+		if ctr.Config == nil || !ctr.State.Running {
+			continue
+		}
+		ref, ok := containerRef(ctr.Config.Image, ctr.Image)
+		if !ok || ref.Name() != repo.Name() {
+			continue
+		}
+		newID, ok := current[ref.Tag()]
+		if !ok || newID == ctr.Image {
+			continue
+		}
+		out = append(out, staleContainer{
+			ID: ctr.ID, Name: strings.TrimPrefix(ctr.Name, "/"), Tag: ref.Tag(), ImageID: ctr.Image, NewID: newID,
+		})
+	}
+	r.metrics.staleFound.Add(float64(len(out)))
+	return out, nil
+}
+
+// candidate tells from the container list alone whether a container may
+// belong to repo, so that unrelated containers cost no inspect call. The
+// list shows the reference a container was started with while it still
+// resolves to the container's image, and the bare image ID once the tag
+// has moved.
+func (r *restarter) candidate(c docker.APIContainers, repo reference.Named) bool {
+	if hexID.MatchString(c.Image) {
+		return true
+	}
+	named, err := reference.ParseNormalizedNamed(c.Image)
+	return err == nil && named.Name() == repo.Name()
+}
+
+func (r *restarter) isSelf(id string) bool {
+	return r.selfID != "" && (strings.HasPrefix(id, r.selfID) || strings.HasPrefix(r.selfID, id))
+}
+
+// stop stops the containers, all at once, and returns those it stopped.
+func (r *restarter) stop(ctx context.Context, cs []staleContainer) ([]staleContainer, error) {
+	var (
+		mu      sync.Mutex
+		stopped []staleContainer
+		errs    []error
+		wg      sync.WaitGroup
+	)
+	for _, c := range cs {
+		wg.Go(func() {
+			err := r.stopOne(ctx, c)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			stopped = append(stopped, c)
+		})
+	}
+	wg.Wait()
+	return stopped, errors.Join(errs...)
+}
+
+func (r *restarter) stopOne(ctx context.Context, c staleContainer) error {
+	// Docker waits killTimeout seconds before SIGKILL; give the call that
+	// long plus the usual margin.
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(r.killTimeout)*time.Second+r.callTimeout)
+	defer cancel()
+	err := r.docker.StopContainerWithContext(c.ID, uint(r.killTimeout), ctx)
+	var notRunning *docker.ContainerNotRunning
+	var gone *docker.NoSuchContainer
+	switch {
+	case errors.As(err, &notRunning), errors.As(err, &gone):
+		r.log.Info("container already gone", "container", c.Name)
+		return nil
+	case err != nil:
+		r.metrics.containersStopped.WithLabelValues("error").Inc()
+		return fmt.Errorf("stop %s: %w", c.Name, err)
+	}
+	r.metrics.containersStopped.WithLabelValues("ok").Inc()
+	r.log.Info("stopped stale container", "container", c.Name, "tag", c.Tag, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
+	return nil
+}
+
+var cgroupContainerID = regexp.MustCompile(`(?:/docker/|/containers/|docker-)([0-9a-f]{64})`)
+
+// selfContainerID finds the ID of the container this process runs in, if
+// any, from /proc/self/mountinfo (cgroup v2 hides it from /proc/self/cgroup).
+func selfContainerID() string {
+	for _, f := range []string{"/proc/self/mountinfo", "/proc/self/cgroup"} {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		if m := cgroupContainerID.FindSubmatch(data); m != nil {
+			return string(m[1])
+		}
+	}
+	return ""
+}

@@ -1,0 +1,348 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// The etcd layout. A deploy trigger is the key <prefix>/<repository>, as in
+// the original, so `etcdctl put /deployer/myorg/foo x` still deploys every
+// local tag of myorg/foo. Names under the prefix that begin with "_" hold
+// the daemon's own state and are never repositories.
+const (
+	reservedMark = "_"
+	nodesDir     = "_nodes" // <prefix>/_nodes/<node>/revision: last handled revision
+)
+
+func triggerKey(prefix, repo string) string { return prefix + "/" + repo }
+
+func progressKey(prefix, node string) string {
+	return prefix + "/" + nodesDir + "/" + node + "/revision"
+}
+
+// repoFromKey returns the repository a trigger key names, or false for keys
+// outside the prefix and for reserved ones.
+func repoFromKey(prefix, key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, prefix+"/")
+	if !ok || name == "" || strings.HasPrefix(name, reservedMark) {
+		return "", false
+	}
+	return name, true
+}
+
+// trigger is the JSON value the daemon writes at a trigger key. Any other
+// value is accepted and means "every local tag".
+type trigger struct {
+	Time   time.Time `json:"time"`
+	Tag    string    `json:"tag,omitempty"`
+	Source string    `json:"source"`         // "dockerhub" or "registry"
+	Node   string    `json:"node,omitempty"` // the node that took the webhook
+	Digest string    `json:"digest,omitempty"`
+}
+
+// parseTrigger reads a trigger value; it returns the tags to deploy, nil
+// meaning every local tag.
+func parseTrigger(value []byte) []string {
+	var t trigger
+	if err := json.Unmarshal(value, &t); err != nil || t.Tag == "" {
+		return nil
+	}
+	return []string{t.Tag}
+}
+
+// deployEvent asks for a deploy of one repository.
+type deployEvent struct {
+	Repo string   // repository name as in the key
+	Tags []string // nil: every local tag
+	Rev  int64    // etcd revision of the trigger; 0 for local (periodic) events
+}
+
+// watcher turns etcd trigger keys into deploy events. It reads where it
+// stopped last time from etcd, watches from there, and reconnects with
+// backoff; no event is lost and none is handled twice.
+type watcher struct {
+	kv           clientv3.KV
+	w            clientv3.Watcher
+	prefix       string
+	node         string
+	retryDelay   time.Duration
+	serializable bool // !-strong_consistency
+	log          *slog.Logger
+	emit         func(deployEvent) // must not block
+	progress     *progress
+	metrics      *metrics
+}
+
+func (w *watcher) run(ctx context.Context) error {
+	next, err := w.start(ctx)
+	for ctx.Err() == nil && err != nil {
+		w.log.Warn("etcd not ready", "err", err)
+		if !sleepCtx(ctx, w.retryDelay) {
+			return nil
+		}
+		next, err = w.start(ctx)
+	}
+	failures := 0
+	for ctx.Err() == nil {
+		var healthy bool
+		next, healthy, err = w.watchOnce(ctx, next)
+		if ctx.Err() != nil {
+			return nil
+		}
+		w.metrics.watchReconnects.Inc()
+		if healthy {
+			failures = 0
+		}
+		failures++
+		d := backoff(w.retryDelay, failures)
+		w.log.Warn("etcd watch interrupted, reconnecting", "err", err, "next_revision", next, "retry_in", d)
+		if !sleepCtx(ctx, d) {
+			return nil
+		}
+	}
+	return nil
+}
+
+// start returns the revision to watch from: one past the last revision this
+// node handled, or, for a node that never ran, one past the current
+// revision (which it records, so that a crash before the first event does
+// not lose the events that follow).
+func (w *watcher) start(ctx context.Context) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	resp, err := w.kv.Get(ctx, progressKey(w.prefix, w.node))
+	if err != nil {
+		return 0, fmt.Errorf("read progress: %w", err)
+	}
+	if len(resp.Kvs) == 1 {
+		rev, err := strconv.ParseInt(string(resp.Kvs[0].Value), 10, 64)
+		if err == nil && rev >= 0 {
+			w.log.Info("resuming etcd watch", "revision", rev+1)
+			w.progress.init(rev)
+			return rev + 1, nil
+		}
+		w.log.Warn("ignoring unreadable progress record", "value", string(resp.Kvs[0].Value))
+	}
+	rev := resp.Header.Revision
+	if _, err := w.kv.Put(ctx, progressKey(w.prefix, w.node), strconv.FormatInt(rev, 10)); err != nil {
+		return 0, fmt.Errorf("record progress: %w", err)
+	}
+	w.progress.init(rev)
+	w.log.Info("starting etcd watch on a new node", "revision", rev+1)
+	return rev + 1, nil
+}
+
+// watchOnce watches from next until the stream breaks. It returns the next
+// revision to watch from and whether the stream delivered anything.
+func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error) {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	ch := w.w.Watch(wctx, w.prefix+"/", clientv3.WithPrefix(), clientv3.WithRev(next), clientv3.WithProgressNotify())
+	healthy := false
+	for resp := range ch {
+		if resp.CompactRevision != 0 {
+			w.log.Warn("etcd history compacted past our revision, re-reading", "next_revision", next, "compact_revision", resp.CompactRevision)
+			n, err := w.catchUp(ctx, next)
+			if err != nil {
+				return next, healthy, err
+			}
+			return n, true, errors.New("compacted")
+		}
+		if err := resp.Err(); err != nil {
+			return next, healthy, err
+		}
+		healthy = true
+		for _, ev := range resp.Events {
+			if ev.Kv.ModRevision < next {
+				continue // already handled before a reconnect
+			}
+			next = ev.Kv.ModRevision + 1
+			if ev.Type != clientv3.EventTypePut {
+				continue // a deleted key deploys nothing
+			}
+			w.handle(ev.Kv.Key, ev.Kv.Value, ev.Kv.ModRevision, parseTrigger(ev.Kv.Value))
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return next, healthy, err
+	}
+	return next, healthy, errors.New("watch channel closed")
+}
+
+// catchUp re-reads the prefix after a compaction and emits every trigger
+// modified since next. Intermediate values are gone, so it deploys every
+// local tag of those repositories.
+func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithKeysOnly()}
+	if w.serializable {
+		opts = append(opts, clientv3.WithSerializable())
+	}
+	resp, err := w.kv.Get(ctx, w.prefix+"/", opts...)
+	if err != nil {
+		return next, fmt.Errorf("re-read %s: %w", w.prefix, err)
+	}
+	for _, kv := range resp.Kvs {
+		if kv.ModRevision >= next {
+			w.handle(kv.Key, nil, kv.ModRevision, nil)
+		}
+	}
+	if resp.Header.Revision+1 > next {
+		next = resp.Header.Revision + 1
+	}
+	return next, nil
+}
+
+func (w *watcher) handle(key, value []byte, rev int64, tags []string) {
+	repo, ok := repoFromKey(w.prefix, string(key))
+	if !ok {
+		return
+	}
+	w.metrics.watchEvents.Inc()
+	w.log.Info("etcd trigger", "repo", repo, "tags", tags, "revision", rev)
+	w.progress.add(rev)
+	w.emit(deployEvent{Repo: repo, Tags: tags, Rev: rev})
+}
+
+// progress tracks which trigger revisions are still being deployed, and
+// records in etcd the highest revision below which everything is done.
+type progress struct {
+	kv  clientv3.KV
+	key string
+	log *slog.Logger
+
+	mu      sync.Mutex
+	pending map[int64]int // revision -> deploys still open for it
+	highest int64         // highest revision handed out
+	saved   int64
+	wake    chan struct{} // capacity 1
+}
+
+func newProgress(kv clientv3.KV, key string, log *slog.Logger) *progress {
+	return &progress{kv: kv, key: key, log: log, pending: map[int64]int{}, wake: make(chan struct{}, 1)}
+}
+
+func (p *progress) init(rev int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if rev > p.highest {
+		p.highest, p.saved = rev, rev
+	}
+}
+
+func (p *progress) add(rev int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.pending[rev]++
+	if rev > p.highest {
+		p.highest = rev
+	}
+}
+
+// done marks deploys of these revisions as finished.
+func (p *progress) done(revs []int64) {
+	p.mu.Lock()
+	for _, r := range revs {
+		if p.pending[r]--; p.pending[r] <= 0 {
+			delete(p.pending, r)
+		}
+	}
+	p.mu.Unlock()
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// watermark is the highest revision with nothing open at or below it.
+func (p *progress) watermark() int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	w := p.highest
+	for r := range p.pending {
+		if r-1 < w {
+			w = r - 1
+		}
+	}
+	return w
+}
+
+// run saves the watermark whenever it moves, coalescing bursts.
+func (p *progress) run(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			// One last save with a fresh deadline, so a clean stop
+			// records everything that finished.
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			_ = p.save(sctx)
+			cancel()
+			return nil
+		case <-p.wake:
+			sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if err := p.save(sctx); err != nil && ctx.Err() == nil {
+				p.log.Warn("saving progress failed", "err", err)
+				// Try again soon; the wake-up is level-triggered.
+				select {
+				case p.wake <- struct{}{}:
+				default:
+				}
+				sleepCtx(ctx, time.Second)
+			}
+			cancel()
+		}
+	}
+}
+
+func (p *progress) save(ctx context.Context) error {
+	w := p.watermark()
+	p.mu.Lock()
+	if w <= p.saved {
+		p.mu.Unlock()
+		return nil
+	}
+	p.mu.Unlock()
+	if _, err := p.kv.Put(ctx, p.key, strconv.FormatInt(w, 10)); err != nil {
+		return fmt.Errorf("put %s: %w", p.key, err)
+	}
+	p.mu.Lock()
+	if w > p.saved {
+		p.saved = w
+	}
+	p.mu.Unlock()
+	return nil
+}
+
+// backoff returns a capped exponential delay with jitter: base, 2*base, ...
+// up to 30*base, each between 50% and 100% of its nominal value.
+func backoff(base time.Duration, attempt int) time.Duration {
+	d := base
+	for i := 1; i < attempt && d < 30*base; i++ {
+		d *= 2
+	}
+	d = min(d, 30*base)
+	return d/2 + rand.N(d/2+1)
+}
+
+// sleepCtx waits for d or until ctx is done; it reports whether d passed.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

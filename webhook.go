@@ -1,0 +1,336 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/distribution/reference"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+const maxBody = 1 << 20 // 1 MiB; Docker Hub payloads are a few KiB
+
+// kvPutter is what the webhook handlers need from etcd.
+type kvPutter interface {
+	// Put writes a trigger key.
+	Put(ctx context.Context, key, val string, opts ...clientv3.OpOption) (*clientv3.PutResponse, error)
+}
+
+// webhook receives build and push notifications and records each as a
+// trigger key in etcd, which every node watches. It never deploys inline.
+type webhook struct {
+	kv       kvPutter
+	prefix   string
+	secret   string // empty: no authentication
+	node     string
+	log      *slog.Logger
+	metrics  *metrics
+	now      func() time.Time
+	timeout  time.Duration // for the etcd write
+	callback *http.Client  // for Docker Hub callbacks
+
+	wg sync.WaitGroup // callbacks in flight
+}
+
+type triggered struct {
+	Key      string `json:"key"`
+	Repo     string `json:"repository"`
+	Tag      string `json:"tag,omitempty"`
+	Revision int64  `json:"revision"`
+}
+
+// POST /api/dockerhub/webhook (-webhook_path)
+//
+// Docker Hub's build webhook. 200 with the etcd key and revision written;
+// 400 for a payload that names no valid repository; 401, 405, 413; 503
+// when etcd cannot be written, so that the sender can retry.
+func (h *webhook) dockerHub(w http.ResponseWriter, r *http.Request) {
+	body, ok := h.accept(w, r, "dockerhub")
+	if !ok {
+		return
+	}
+	p, err := parseDockerHub(body)
+	if err != nil {
+		h.fail(w, "dockerhub", http.StatusBadRequest, err)
+		return
+	}
+	h.log.Info("docker hub webhook", "repo", p.Repo, "tag", p.Tag, "remote", r.RemoteAddr)
+	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Source: "dockerhub"})
+	if err != nil {
+		h.fail(w, "dockerhub", http.StatusServiceUnavailable, err)
+		h.dockerHubCallback(p.CallbackURL, "error", "etcd write failed: "+err.Error())
+		return
+	}
+	h.metrics.webhooks.WithLabelValues("dockerhub", "ok").Inc()
+	h.dockerHubCallback(p.CallbackURL, "success", "Triggered etcd "+t.Key)
+	writeJSON(w, http.StatusOK, t)
+}
+
+// POST /api/registry/webhook (-registry_webhook_path)
+//
+// CNCF distribution notifications. Every manifest push by tag becomes a
+// trigger for host/repository; all other events (blobs, pulls, deletes)
+// are ignored with a 200, so that the registry's queue never backs up.
+func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
+	body, ok := h.accept(w, r, "registry")
+	if !ok {
+		return
+	}
+	pushes, err := parseRegistryEnvelope(body)
+	if err != nil {
+		h.fail(w, "registry", http.StatusBadRequest, err)
+		return
+	}
+	out := struct {
+		Triggered []triggered `json:"triggered"`
+	}{Triggered: []triggered{}}
+	for _, p := range pushes {
+		h.log.Info("registry push", "repo", p.Repo, "tag", p.Tag, "digest", p.Digest)
+		t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: "registry"})
+		if err != nil {
+			h.fail(w, "registry", http.StatusServiceUnavailable, err)
+			return
+		}
+		out.Triggered = append(out.Triggered, t)
+	}
+	result := "ok"
+	if len(pushes) == 0 {
+		result = "ignored"
+	}
+	h.metrics.webhooks.WithLabelValues("registry", result).Inc()
+	writeJSON(w, http.StatusOK, out)
+}
+
+// accept checks method, secret and size, and returns the body.
+func (h *webhook) accept(w http.ResponseWriter, r *http.Request, source string) ([]byte, bool) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		h.fail(w, source, http.StatusMethodNotAllowed, errors.New("only POST is allowed"))
+		return nil, false
+	}
+	if !authorized(r, h.secret) {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="deployer"`)
+		h.fail(w, source, http.StatusUnauthorized, errors.New("missing or wrong secret"))
+		return nil, false
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		h.fail(w, source, http.StatusRequestEntityTooLarge, fmt.Errorf("body larger than %d bytes", maxBody))
+		return nil, false
+	}
+	if err != nil {
+		h.fail(w, source, http.StatusBadRequest, fmt.Errorf("read body: %w", err))
+		return nil, false
+	}
+	return body, true
+}
+
+// authorized checks the secret, given as "Authorization: Bearer <secret>"
+// or as ?token=<secret>, in constant time.
+func authorized(r *http.Request, secret string) bool {
+	if secret == "" {
+		return true
+	}
+	got := r.URL.Query().Get("token")
+	if a, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+		got = a
+	}
+	return subtle.ConstantTimeCompare([]byte(got), []byte(secret)) == 1
+}
+
+// trigger writes the trigger key for repo.
+func (h *webhook) trigger(ctx context.Context, repo string, t trigger) (triggered, error) {
+	t.Time = h.now().UTC()
+	t.Node = h.node
+	val, err := json.Marshal(t)
+	if err != nil {
+		return triggered{}, err
+	}
+	key := triggerKey(h.prefix, repo)
+	ctx, cancel := context.WithTimeout(ctx, h.timeout)
+	defer cancel()
+	resp, err := h.kv.Put(ctx, key, string(val))
+	if err != nil {
+		h.metrics.etcdWrites.WithLabelValues("error").Inc()
+		return triggered{}, fmt.Errorf("etcd put %s: %w", key, err)
+	}
+	h.metrics.etcdWrites.WithLabelValues("ok").Inc()
+	h.log.Info("trigger written", "key", key, "tag", t.Tag, "revision", resp.Header.Revision)
+	return triggered{Key: key, Repo: repo, Tag: t.Tag, Revision: resp.Header.Revision}, nil
+}
+
+func (h *webhook) fail(w http.ResponseWriter, source string, code int, err error) {
+	h.metrics.webhooks.WithLabelValues(source, strings.ToLower(strings.ReplaceAll(http.StatusText(code), " ", "_"))).Inc()
+	h.log.Warn("webhook rejected", "source", source, "status", code, "err", err)
+	writeJSON(w, code, map[string]string{"error": err.Error()})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// dockerHubPush is what the deployer reads from a Docker Hub webhook.
+type dockerHubPush struct {
+	Repo        string
+	Tag         string // empty: every local tag
+	CallbackURL string
+}
+
+// parseDockerHub reads a Docker Hub webhook payload and validates the
+// repository name and tag.
+func parseDockerHub(body []byte) (dockerHubPush, error) {
+	var p struct {
+		CallbackURL string `json:"callback_url"`
+		PushData    struct {
+			Tag string `json:"tag"`
+		} `json:"push_data"`
+		Repository struct {
+			RepoName string `json:"repo_name"`
+		} `json:"repository"`
+	}
+	if err := json.Unmarshal(body, &p); err != nil {
+		return dockerHubPush{}, fmt.Errorf("invalid JSON: %w", err)
+	}
+	if err := checkRepoName(p.Repository.RepoName); err != nil {
+		return dockerHubPush{}, fmt.Errorf("repository.repo_name: %w", err)
+	}
+	if err := checkTag(p.PushData.Tag); err != nil {
+		return dockerHubPush{}, fmt.Errorf("push_data.tag: %w", err)
+	}
+	return dockerHubPush{Repo: p.Repository.RepoName, Tag: p.PushData.Tag, CallbackURL: p.CallbackURL}, nil
+}
+
+var tagCheckRepo, _ = reference.WithName("x")
+
+// checkTag accepts "" (no tag named) and valid tags.
+func checkTag(tag string) error {
+	if tag == "" {
+		return nil
+	}
+	if _, err := reference.WithTag(tagCheckRepo, tag); err != nil {
+		return fmt.Errorf("%q is not a valid tag", tag)
+	}
+	return nil
+}
+
+// registryPush is one manifest push by tag from a registry notification.
+type registryPush struct {
+	Repo   string // host/repository
+	Tag    string
+	Digest string
+}
+
+var manifestTypes = map[string]bool{
+	"application/vnd.docker.distribution.manifest.v2+json":      true,
+	"application/vnd.docker.distribution.manifest.list.v2+json": true,
+	"application/vnd.oci.image.manifest.v1+json":                true,
+	"application/vnd.oci.image.index.v1+json":                   true,
+	"application/vnd.docker.distribution.manifest.v1+json":      true,
+	"application/vnd.docker.distribution.manifest.v1+prettyjws": true,
+}
+
+// parseRegistryEnvelope reads a distribution notification envelope and
+// returns the manifest pushes by tag it holds, without duplicates. Events
+// it cannot use are skipped, not refused.
+func parseRegistryEnvelope(body []byte) ([]registryPush, error) {
+	var env struct {
+		Events []struct {
+			Action string `json:"action"`
+			Target struct {
+				MediaType  string `json:"mediaType"`
+				Digest     string `json:"digest"`
+				Repository string `json:"repository"`
+				Tag        string `json:"tag"`
+			} `json:"target"`
+			Request struct {
+				Host string `json:"host"`
+			} `json:"request"`
+		} `json:"events"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if err := dec.Decode(&env); err != nil {
+		return nil, fmt.Errorf("invalid JSON: %w", err)
+	}
+	var out []registryPush
+	seen := map[registryPush]bool{}
+	for _, e := range env.Events {
+		t := e.Target
+		if e.Action != "push" || t.Tag == "" || !manifestTypes[t.MediaType] || checkTag(t.Tag) != nil {
+			continue
+		}
+		host := strings.ToLower(e.Request.Host)
+		repo := host + "/" + t.Repository
+		if !hasDomain(repo) || checkRepoName(repo) != nil {
+			continue
+		}
+		p := registryPush{Repo: repo, Tag: t.Tag, Digest: t.Digest}
+		if !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+// dockerHubCallbackHosts are the only hosts a callback_url may name: the
+// body is not authenticated, so any other URL would let a sender make us
+// POST wherever it likes.
+var dockerHubCallbackHosts = map[string]bool{"registry.hub.docker.com": true, "hub.docker.com": true}
+
+// dockerHubCallback posts the result to Docker Hub's callback_url, in the
+// background, best-effort; it never affects the deploy.
+func (h *webhook) dockerHubCallback(rawURL, state, description string) {
+	if rawURL == "" {
+		return
+	}
+	u, err := url.Parse(rawURL)
+	if err != nil || u.Scheme != "https" || !dockerHubCallbackHosts[u.Hostname()] || u.Port() != "" {
+		h.log.Warn("ignoring callback_url outside Docker Hub", "callback_url", rawURL)
+		return
+	}
+	body, _ := json.Marshal(map[string]string{
+		"state":       state,
+		"description": truncate(description, 255),
+		"context":     truncate("deployer on "+h.node, 100),
+	})
+	h.wg.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(body))
+		if err != nil {
+			return
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := h.callback.Do(req)
+		if err != nil {
+			h.log.Warn("docker hub callback failed", "err", err)
+			return
+		}
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		if resp.StatusCode/100 != 2 {
+			h.log.Warn("docker hub callback refused", "status", resp.StatusCode)
+		}
+	})
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
