@@ -58,6 +58,9 @@ func checkRepoName(name string) error {
 	if len(name) > 255 {
 		return fmt.Errorf("%w: longer than 255 characters", errBadRepo)
 	}
+	if name != strings.ToLower(name) {
+		return fmt.Errorf("%w: %q must be lower case", errBadRepo, name)
+	}
 	if strings.HasPrefix(name, "_") || strings.Contains(name, "..") || strings.Contains(name, "//") {
 		return fmt.Errorf("%w: %q", errBadRepo, name)
 	}
@@ -80,7 +83,7 @@ func hasDomain(name string) bool {
 		return false
 	}
 	first := name[:i]
-	return strings.ContainsAny(first, ".:") || first == "localhost" || first != strings.ToLower(first)
+	return strings.ContainsAny(first, ".:") || first == "localhost"
 }
 
 // resolveRepo maps a repository name from a webhook or etcd key to the

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+func env(kv ...string) func(string) string {
+	return func(k string) string {
+		for i := 0; i+1 < len(kv); i += 2 {
+			if kv[i] == k {
+				return kv[i+1]
+			}
+		}
+		return ""
+	}
+}
+
+func TestParseFlagsDefaults(t *testing.T) {
+	c, err := parseFlags("deployer", nil, env("HOME", "/home/u", "SLACK_WEBHOOK_URL", "https://hooks.slack.com/x"), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []struct {
+		name      string
+		got, want any
+	}{
+		{"docker", c.Docker, "unix:///var/run/docker.sock"},
+		{"dockercfg", c.DockerCfg, "/home/u/.dockercfg"},
+		{"etcd_dial_timeout", c.EtcdDialTimeout, 5 * time.Second},
+		{"etcd_nodes", strings.Join(c.EtcdNodes, ","), "http://127.0.0.1:4001"},
+		{"etcd_prefix", c.EtcdPrefix, "/deployer"},
+		{"etcd_retry_delay", c.EtcdRetryDelay, 2 * time.Second},
+		{"kill_timeout", c.KillTimeout, 10},
+		{"listen", c.Listen, ":4500"},
+		{"max_threads", c.MaxThreads, runtime.NumCPU()},
+		{"registry", c.Registry, "https://index.docker.io/v1/"},
+		{"repull_period", c.RepullPeriod, 24 * time.Hour},
+		{"slack_username", c.SlackUsername, "Deployer"},
+		{"slack_webhook_url", c.SlackWebhookURL, "https://hooks.slack.com/x"},
+		{"strong_consistency", c.StrongConsistency, false},
+		{"webhook_path", c.WebhookPath, "/api/dockerhub/webhook"},
+		{"registry_webhook_path", c.RegistryWebhookPath, "/api/registry/webhook"},
+		{"log_format", c.LogFormat, "text"},
+	}
+	for _, w := range want {
+		if w.got != w.want {
+			t.Errorf("-%s = %v; want %v", w.name, w.got, w.want)
+		}
+	}
+}
+
+func TestParseFlagsEnvironment(t *testing.T) {
+	c, err := parseFlags("deployer", nil, env("DOCKER_HOST", "tcp://127.0.0.1:2375", "DEPLOYER_WEBHOOK_SECRET", "s"), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Docker != "tcp://127.0.0.1:2375" || c.WebhookSecret != "s" {
+		t.Errorf("docker %q secret %q; want $DOCKER_HOST and $DEPLOYER_WEBHOOK_SECRET", c.Docker, c.WebhookSecret)
+	}
+	c, err = parseFlags("deployer", []string{"-docker", "unix:///x.sock"}, env("DOCKER_HOST", "tcp://127.0.0.1:2375"), &bytes.Buffer{})
+	if err != nil || c.Docker != "unix:///x.sock" {
+		t.Errorf("-docker flag = %q, %v; want the flag to win over $DOCKER_HOST", c.Docker, err)
+	}
+}
+
+func TestParseFlagsEtcdNodes(t *testing.T) {
+	tests := []struct {
+		in   string
+		want []string
+	}{
+		{"", nil},
+		{"http://a:2379", []string{"http://a:2379"}},
+		{"http://a:2379, http://b:2379 ,", []string{"http://a:2379", "http://b:2379"}},
+	}
+	for _, tt := range tests {
+		c, err := parseFlags("deployer", []string{"-etcd_nodes", tt.in, "-node_name", "n"}, env(), &bytes.Buffer{})
+		if err != nil {
+			t.Fatalf("-etcd_nodes %q: %v", tt.in, err)
+		}
+		if !slices.Equal(c.EtcdNodes, tt.want) {
+			t.Errorf("-etcd_nodes %q = %q; want %q", tt.in, c.EtcdNodes, tt.want)
+		}
+	}
+}
+
+func TestParseFlagsInvalid(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		flag string
+	}{
+		{"negative kill timeout", []string{"-kill_timeout", "-1"}, "-kill_timeout"},
+		{"zero dial timeout", []string{"-etcd_dial_timeout", "0s"}, "-etcd_dial_timeout"},
+		{"negative retry delay", []string{"-etcd_retry_delay", "-1s"}, "-etcd_retry_delay"},
+		{"negative repull", []string{"-repull_period", "-1h"}, "-repull_period"},
+		{"prefix without slash", []string{"-etcd_prefix", "deployer"}, "-etcd_prefix"},
+		{"prefix with trailing slash", []string{"-etcd_prefix", "/deployer/"}, "-etcd_prefix"},
+		{"empty webhook path", []string{"-webhook_path", ""}, "-webhook_path"},
+		{"relative registry path", []string{"-registry_webhook_path", "api"}, "-registry_webhook_path"},
+		{"same paths", []string{"-registry_webhook_path", "/api/dockerhub/webhook"}, "-registry_webhook_path"},
+		{"etcd node not a URL", []string{"-etcd_nodes", "127.0.0.1:2379"}, "-etcd_nodes"},
+		{"slack not a URL", []string{"-slack_webhook_url", "hooks.slack.com"}, "-slack_webhook_url"},
+		{"docker not a URL", []string{"-docker", "/var/run/docker.sock"}, "-docker"},
+		{"bad listen", []string{"-listen", "4500"}, "-listen"},
+		{"zero threads", []string{"-max_threads", "0"}, "-max_threads"},
+		{"bad registry", []string{"-registry", "https://"}, "-registry"},
+		{"bad log format", []string{"-log_format", "xml"}, "-log_format"},
+		{"node with slash", []string{"-node_name", "a/b"}, "-node_name"},
+		{"extra argument", []string{"extra"}, "extra"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseFlags("deployer", tt.args, env(), &bytes.Buffer{})
+			if !errors.Is(err, errInvalidFlag) {
+				t.Fatalf("parseFlags(%q) = %v; want errInvalidFlag", tt.args, err)
+			}
+			if !strings.Contains(err.Error(), tt.flag) {
+				t.Errorf("parseFlags(%q) = %q; want it to name %s", tt.args, err, tt.flag)
+			}
+		})
+	}
+}
+
+func TestParseFlagsHelpListsEveryFlag(t *testing.T) {
+	var out bytes.Buffer
+	_, err := parseFlags("deployer", []string{"-h"}, env("HOME", "/root"), &out)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("-h: %v; want flag.ErrHelp", err)
+	}
+	for _, want := range []string{
+		"-docker", `(default "unix:///var/run/docker.sock")`, "-dockercfg", `(default "/root/.dockercfg")`,
+		"-etcd_dial_timeout", "(default 5s)", "-etcd_nodes", `(default "http://127.0.0.1:4001")`,
+		"-etcd_prefix", `(default "/deployer")`, "-etcd_retry_delay", "(default 2s)", "-kill_timeout", "(default 10)",
+		"-listen", `(default ":4500")`, "-max_threads", "-registry", `(default "https://index.docker.io/v1/")`,
+		"-repull_period", "(default 24h0m0s)", "-slack_username", `(default "Deployer")`, "-slack_webhook_url",
+		"-strong_consistency", "-webhook_path", `(default "/api/dockerhub/webhook")`,
+		"-node_name", "-webhook_secret", "-registry_webhook_path", "-etcd_data_dir", "-log_format",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("-h output lacks %s", want)
+		}
+	}
+}

@@ -1,0 +1,265 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+)
+
+// One embedded etcd serves the whole package; each test gets its own key
+// prefix from testPrefix.
+var (
+	sharedEtcdOnce sync.Once
+	sharedEtcd     *embed.Etcd
+	sharedEtcdURL  string
+	sharedEtcdErr  error
+	sharedEtcdDir  string
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if sharedEtcd != nil {
+		sharedEtcd.Close()
+		os.RemoveAll(sharedEtcdDir)
+	}
+	os.Exit(code)
+}
+
+// freePort returns a loopback URL with a port that was free a moment ago.
+func freePort(tb testing.TB) string {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer ln.Close()
+	return "http://" + ln.Addr().String()
+}
+
+// startTestEtcd starts an embedded etcd in dir on free loopback ports.
+func startTestEtcd(tb testing.TB, dir string) (*embed.Etcd, string) {
+	tb.Helper()
+	cfg := embed.NewConfig()
+	cfg.Name = "test"
+	cfg.Dir = dir
+	cu, _ := url.Parse(freePort(tb))
+	pu, _ := url.Parse(freePort(tb))
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
+	cfg.LogLevel = "error"
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		tb.Fatalf("start etcd: %v", err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(30 * time.Second):
+		e.Close()
+		tb.Fatal("etcd not ready in 30s")
+	}
+	return e, cu.String()
+}
+
+// testEtcd returns a client of the shared embedded etcd, closed at the end
+// of the test.
+func testEtcd(tb testing.TB) *clientv3.Client {
+	tb.Helper()
+	sharedEtcdOnce.Do(func() {
+		sharedEtcdDir, sharedEtcdErr = os.MkdirTemp("", "deployer-etcd-")
+		if sharedEtcdErr != nil {
+			return
+		}
+		sharedEtcd, sharedEtcdURL = startTestEtcd(tb, sharedEtcdDir)
+	})
+	if sharedEtcdErr != nil {
+		tb.Fatal(sharedEtcdErr)
+	}
+	return newTestClient(tb, sharedEtcdURL)
+}
+
+func newTestClient(tb testing.TB, endpoint string) *clientv3.Client {
+	tb.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+// testPrefix gives each test its own etcd prefix.
+func testPrefix(tb testing.TB) string {
+	return "/t/" + strings.NewReplacer("/", "-", " ", "-").Replace(tb.Name())
+}
+
+func testLogger(tb testing.TB) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// fakeDocker is a small in-memory Docker: local tags, a "remote" registry
+// that pulls copy from, and containers.
+type fakeDocker struct {
+	mu         sync.Mutex
+	local      map[string]string // repo:tag -> image ID (normalised names)
+	remote     map[string]string // what a pull of repo:tag would fetch
+	containers []*fakeContainer
+	pulls      []string // repo:tag of each pull
+	pullErr    map[string]error
+	stopErr    map[string]error
+	listErr    error
+	pingErr    error
+	pullHook   func(ref string) // called during a pull, outside the lock
+	stopped    chan string      // names of stopped containers, if non-nil
+}
+
+type fakeContainer struct {
+	ID, Name, ConfigImage, ImageID string
+	Running                        bool
+}
+
+var (
+	_ imageAPI     = (*fakeDocker)(nil)
+	_ containerAPI = (*fakeDocker)(nil)
+	_ dockerAPI    = (*fakeDocker)(nil)
+)
+
+func newFakeDocker() *fakeDocker {
+	return &fakeDocker{local: map[string]string{}, remote: map[string]string{}, pullErr: map[string]error{}, stopErr: map[string]error{}}
+}
+
+func (f *fakeDocker) addContainer(name, configImage string) *fakeContainer {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	ref, _ := containerRef(configImage, "")
+	id := ""
+	if ref != nil {
+		id = f.local[ref.String()]
+	}
+	c := &fakeContainer{ID: fmt.Sprintf("%064x", len(f.containers)+1), Name: name, ConfigImage: configImage, ImageID: id, Running: true}
+	f.containers = append(f.containers, c)
+	return c
+}
+
+func (f *fakeDocker) pullCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.pulls)
+}
+
+func (f *fakeDocker) ListImages(opts docker.ListImagesOptions) ([]docker.APIImages, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.listErr != nil {
+		return nil, f.listErr
+	}
+	byID := map[string][]string{}
+	for tag, id := range f.local {
+		byID[id] = append(byID[id], strings.TrimPrefix(tag, "docker.io/"))
+	}
+	var out []docker.APIImages
+	for id, tags := range byID {
+		out = append(out, docker.APIImages{ID: id, RepoTags: tags})
+	}
+	out = append(out, docker.APIImages{ID: "sha256:dangling", RepoTags: []string{"<none>:<none>"}})
+	return out, nil
+}
+
+func (f *fakeDocker) PullImage(opts docker.PullImageOptions, _ docker.AuthConfiguration) error {
+	ref := opts.Repository + ":" + opts.Tag
+	if f.pullHook != nil {
+		f.pullHook(ref)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pulls = append(f.pulls, ref)
+	if err := f.pullErr[ref]; err != nil {
+		return err
+	}
+	if id, ok := f.remote[ref]; ok {
+		f.local[ref] = id
+	}
+	return nil
+}
+
+func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker.APIContainers, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.listErr != nil {
+		return nil, f.listErr
+	}
+	var out []docker.APIContainers
+	for _, c := range f.containers {
+		if !c.Running {
+			continue
+		}
+		// Like Docker: the reference while it resolves to the
+		// container's image, the short image ID once it does not.
+		image := c.ConfigImage
+		if ref, ok := containerRef(c.ConfigImage, c.ImageID); ok && f.local[ref.String()] != c.ImageID {
+			image = shortID(c.ImageID)
+		}
+		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: "running"})
+	}
+	return out, nil
+}
+
+func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (*docker.Container, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.containers {
+		if c.ID == id {
+			return &docker.Container{
+				ID: c.ID, Name: "/" + c.Name, Image: c.ImageID,
+				Config: &docker.Config{Image: c.ConfigImage},
+				State:  docker.State{Running: c.Running},
+			}, nil
+		}
+	}
+	return nil, &docker.NoSuchContainer{ID: id}
+}
+
+func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Context) error {
+	f.mu.Lock()
+	var name string
+	for _, c := range f.containers {
+		if c.ID == id {
+			if err := f.stopErr[c.Name]; err != nil {
+				f.mu.Unlock()
+				return err
+			}
+			if !c.Running {
+				f.mu.Unlock()
+				return &docker.ContainerNotRunning{ID: id}
+			}
+			c.Running = false
+			name = c.Name
+		}
+	}
+	f.mu.Unlock()
+	if name == "" {
+		return &docker.NoSuchContainer{ID: id}
+	}
+	if f.stopped != nil {
+		f.stopped <- name
+	}
+	return nil
+}
+
+func (f *fakeDocker) PingWithContext(context.Context) error { return f.pingErr }
