@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"log/slog"
@@ -60,7 +61,7 @@ func startTestEtcd(tb testing.TB, dir string) (*embed.Etcd, string) {
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
 	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
-	cfg.LogLevel = "error"
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
 		tb.Fatalf("start etcd: %v", err)
@@ -152,7 +153,7 @@ func (f *fakeDocker) addContainer(name, configImage string) *fakeContainer {
 	if ref != nil {
 		id = f.local[ref.String()]
 	}
-	c := &fakeContainer{ID: fmt.Sprintf("%064x", len(f.containers)+1), Name: name, ConfigImage: configImage, ImageID: id, Running: true}
+	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(name))), Name: name, ConfigImage: configImage, ImageID: id, Running: true}
 	f.containers = append(f.containers, c)
 	return c
 }

@@ -316,7 +316,7 @@ func startEmbeddedEtcd(cfg config, log *slog.Logger) (*embed.Etcd, error) {
 	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
 	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
 	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
-	ec.LogLevel = "error"
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	// Trigger keys are rewritten forever; keep an hour of history.
 	ec.AutoCompactionMode, ec.AutoCompactionRetention = "periodic", "1h"
 	if err := os.MkdirAll(cfg.EtcdDataDir, 0o700); err != nil {

@@ -92,9 +92,15 @@ func (w *watcher) run(ctx context.Context) error {
 		}
 		next, err = w.start(ctx)
 	}
+	return w.loop(ctx, next)
+}
+
+// loop watches from next, reconnecting with backoff, until ctx is done.
+func (w *watcher) loop(ctx context.Context, next int64) error {
 	failures := 0
 	for ctx.Err() == nil {
 		var healthy bool
+		var err error
 		next, healthy, err = w.watchOnce(ctx, next)
 		if ctx.Err() != nil {
 			return nil

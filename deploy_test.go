@@ -1,0 +1,279 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// captureNotifier keeps every report.
+type captureNotifier struct {
+	mu      sync.Mutex
+	reports []report
+}
+
+func (c *captureNotifier) notify(r report) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.reports = append(c.reports, r)
+}
+
+func newTestDeployer(t *testing.T, f *fakeDocker, registry string) (*deployer, *captureNotifier) {
+	n := &captureNotifier{}
+	m := newMetrics()
+	log := testLogger(t)
+	return &deployer{
+		puller:    &puller{docker: f, creds: &credentials{}, pullTimeout: time.Minute, callTimeout: time.Minute, log: log, metrics: m},
+		restarter: &restarter{docker: f, killTimeout: 1, callTimeout: time.Minute, log: log, metrics: m},
+		notifier:  n, registry: registry, node: "n1", log: log, metrics: m,
+	}, n
+}
+
+func running(f *fakeDocker) []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for _, c := range f.containers {
+		if c.Running {
+			out = append(out, c.Name)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func TestDeploy(t *testing.T) {
+	const (
+		old    = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
+		newer  = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+		other  = "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+		digest = "@sha256:4444444444444444444444444444444444444444444444444444444444444444"
+	)
+	type ctr struct{ name, image string }
+	tests := []struct {
+		name        string
+		registry    string
+		local       map[string]string
+		remote      map[string]string
+		containers  []ctr
+		self        string // container name that is the deployer itself
+		job         job
+		pullErr     map[string]error
+		stopErr     map[string]error
+		wantPulls   []string
+		wantRunning []string
+		wantReport  bool
+		wantFailed  bool
+	}{
+		{
+			name:        "pushed tag restarts only its containers",
+			registry:    "127.0.0.1:5000",
+			local:       map[string]string{"127.0.0.1:5000/app:qa": old, "127.0.0.1:5000/app:prod": old},
+			remote:      map[string]string{"127.0.0.1:5000/app:qa": newer, "127.0.0.1:5000/app:prod": newer},
+			containers:  []ctr{{"qa1", "127.0.0.1:5000/app:qa"}, {"qa2", "127.0.0.1:5000/app:qa"}, {"prod", "127.0.0.1:5000/app:prod"}},
+			job:         job{Repo: "127.0.0.1:5000/app", Tags: map[string]struct{}{"qa": {}}},
+			wantPulls:   []string{"127.0.0.1:5000/app:qa"},
+			wantRunning: []string{"prod"},
+			wantReport:  true,
+		},
+		{
+			name:        "every local tag when no tag is named",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/foo:prod": old, "docker.io/myorg/foobar:qa": old},
+			remote:      map[string]string{"docker.io/myorg/foo:qa": newer, "docker.io/myorg/foo:prod": old},
+			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"prod", "myorg/foo:prod"}, {"foobar", "myorg/foobar:qa"}},
+			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			wantPulls:   []string{"docker.io/myorg/foo:prod", "docker.io/myorg/foo:qa"},
+			wantRunning: []string{"foobar", "prod"},
+			wantReport:  true,
+		},
+		{
+			name:        "implicit latest is a tag like any other",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/myorg/foo:latest": old},
+			remote:      map[string]string{"docker.io/myorg/foo:latest": newer},
+			containers:  []ctr{{"web", "myorg/foo"}},
+			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			wantPulls:   []string{"docker.io/myorg/foo:latest"},
+			wantRunning: nil,
+			wantReport:  true,
+		},
+		{
+			name:        "digest and image ID starts are never touched",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/myorg/foo:qa": old},
+			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
+			containers:  []ctr{{"by-digest", "myorg/foo" + digest}, {"by-id", old[7:19]}},
+			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			wantPulls:   []string{"docker.io/myorg/foo:qa"},
+			wantRunning: []string{"by-digest", "by-id"},
+			wantReport:  true,
+		},
+		{
+			name:        "nothing local, nothing pulled",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/myorg/other:qa": old},
+			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
+			containers:  []ctr{{"other", "myorg/other:qa"}},
+			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			wantPulls:   nil,
+			wantRunning: []string{"other"},
+		},
+		{
+			name:        "up to date: no restart, no message",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/myorg/foo:qa": old},
+			remote:      map[string]string{"docker.io/myorg/foo:qa": old},
+			containers:  []ctr{{"qa", "myorg/foo:qa"}},
+			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			wantPulls:   []string{"docker.io/myorg/foo:qa"},
+			wantRunning: []string{"qa"},
+		},
+		{
+			name:        "failed pull stops nothing and is reported",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/myorg/foo:qa": old},
+			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
+			containers:  []ctr{{"qa", "myorg/foo:qa"}},
+			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			pullErr:     map[string]error{"docker.io/myorg/foo:qa": errors.New("toomanyrequests")},
+			wantPulls:   []string{"docker.io/myorg/foo:qa"},
+			wantRunning: []string{"qa"},
+			wantReport:  true,
+			wantFailed:  true,
+		},
+		{
+			name:        "failed stop is reported",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/myorg/foo:qa": old},
+			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
+			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"qa-b", "myorg/foo:qa"}},
+			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			stopErr:     map[string]error{"qa": errors.New("device busy")},
+			wantPulls:   []string{"docker.io/myorg/foo:qa"},
+			wantRunning: []string{"qa"},
+			wantReport:  true,
+			wantFailed:  true,
+		},
+		{
+			name:        "never stops itself",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/die-net/deployer:latest": old},
+			remote:      map[string]string{"docker.io/die-net/deployer:latest": newer},
+			containers:  []ctr{{"deployer", "die-net/deployer"}, {"other-deployer", "die-net/deployer"}},
+			self:        "deployer",
+			job:         job{Repo: "docker.io/die-net/deployer", All: true},
+			wantPulls:   []string{"docker.io/die-net/deployer:latest"},
+			wantRunning: []string{"deployer"},
+			wantReport:  true,
+		},
+		{
+			name:        "unrelated stale containers stay (the original stopped them)",
+			registry:    "docker.io",
+			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/bar:qa": other},
+			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
+			containers:  []ctr{{"bar", "myorg/bar:qa"}},
+			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			wantPulls:   []string{"docker.io/myorg/foo:qa"},
+			wantRunning: []string{"bar"},
+			wantReport:  true,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFakeDocker()
+			f.local, f.remote = tt.local, tt.remote
+			for _, c := range tt.containers {
+				fc := f.addContainer(c.name, c.image)
+				if c.name == "by-id" {
+					fc.ImageID = old
+				}
+				if c.name == "by-digest" {
+					fc.ImageID = other
+				}
+			}
+			if tt.name == "unrelated stale containers stay (the original stopped them)" {
+				f.local["docker.io/myorg/bar:qa"] = newer // bar is stale too
+			}
+			if tt.pullErr != nil {
+				f.pullErr = tt.pullErr
+			}
+			if tt.stopErr != nil {
+				f.stopErr = tt.stopErr
+			}
+			d, n := newTestDeployer(t, f, tt.registry)
+			for _, c := range f.containers {
+				if c.Name == tt.self {
+					d.restarter.selfID = c.ID[:12]
+				}
+			}
+			d.deploy(t.Context(), tt.job)
+			pulls := slices.Sorted(slices.Values(f.pulls))
+			if !slices.Equal(pulls, tt.wantPulls) {
+				t.Errorf("pulls = %q; want %q", pulls, tt.wantPulls)
+			}
+			if got := running(f); !slices.Equal(got, tt.wantRunning) {
+				t.Errorf("running = %q; want %q", got, tt.wantRunning)
+			}
+			if (len(n.reports) > 0) != tt.wantReport {
+				t.Fatalf("reports = %+v; want a report: %v", n.reports, tt.wantReport)
+			}
+			if tt.wantReport && n.reports[0].failed() != tt.wantFailed {
+				t.Errorf("report failed = %v; want %v: %s", n.reports[0].failed(), tt.wantFailed, n.reports[0].text())
+			}
+		})
+	}
+}
+
+func TestDeployReportText(t *testing.T) {
+	f := newFakeDocker()
+	f.local["127.0.0.1:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+	f.remote["127.0.0.1:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
+	f.addContainer("app", "127.0.0.1:5000/app:qa")
+	d, n := newTestDeployer(t, f, "docker.io")
+	d.deploy(t.Context(), job{Repo: "127.0.0.1:5000/app", All: true})
+	if len(n.reports) != 1 {
+		t.Fatalf("%d reports; want 1", len(n.reports))
+	}
+	text := n.reports[0].text()
+	for _, want := range []string{"n1", "127.0.0.1:5000/app:qa", "aaaaaaaaaaaa → bbbbbbbbbbbb", "stopped: app"} {
+		if !strings.Contains(text, want) {
+			t.Errorf("report %q lacks %q", text, want)
+		}
+	}
+}
+
+func TestRepullerQueuesTagsInUse(t *testing.T) {
+	f := newFakeDocker()
+	f.local = map[string]string{"docker.io/myorg/foo:qa": "sha256:1", "docker.io/myorg/foo:prod": "sha256:1", "127.0.0.1:5000/app:v1": "sha256:2"}
+	f.addContainer("a", "myorg/foo:qa")
+	f.addContainer("b", "myorg/foo:prod")
+	f.addContainer("c", "127.0.0.1:5000/app:v1")
+	f.addContainer("d", "127.0.0.1:5000/app:v1")
+	f.addContainer("e", "myorg/foo@sha256:4444444444444444444444444444444444444444444444444444444444444444")
+	var got []deployEvent
+	p := &repuller{docker: f, period: time.Hour, callTimeout: time.Minute, log: testLogger(t), submit: func(ev deployEvent) { got = append(got, ev) }}
+	if err := p.once(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	want := []deployEvent{{Repo: "127.0.0.1:5000/app", Tags: []string{"v1"}}, {Repo: "docker.io/myorg/foo", Tags: []string{"prod", "qa"}}}
+	if len(got) != len(want) {
+		t.Fatalf("queued %+v; want %+v", got, want)
+	}
+	for i := range want {
+		if got[i].Repo != want[i].Repo || !slices.Equal(got[i].Tags, want[i].Tags) {
+			t.Errorf("queued[%d] = %+v; want %+v", i, got[i], want[i])
+		}
+	}
+	// With a period of 0 it never runs.
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := (&repuller{period: 0}).run(ctx); err != nil {
+		t.Errorf("disabled repuller: %v", err)
+	}
+}

@@ -1,0 +1,220 @@
+package main
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+type watchHarness struct {
+	t      *testing.T
+	cli    *clientv3.Client
+	prefix string
+	events chan deployEvent
+	w      *watcher
+}
+
+func newWatchHarness(t *testing.T, cli *clientv3.Client, prefix string) *watchHarness {
+	h := &watchHarness{t: t, cli: cli, prefix: prefix, events: make(chan deployEvent, 100)}
+	log := testLogger(t)
+	h.w = &watcher{
+		kv: cli, w: cli, prefix: prefix, node: "n1", retryDelay: 10 * time.Millisecond, log: log,
+		emit:     func(ev deployEvent) { h.events <- ev },
+		progress: newProgress(cli, progressKey(prefix, "n1"), log), metrics: newMetrics(),
+	}
+	return h
+}
+
+// start runs the watcher until the returned stop is called; the watcher
+// has read its starting revision when start returns.
+func (h *watchHarness) start() (stop func()) {
+	ctx, cancel := context.WithCancel(h.t.Context())
+	next, err := h.w.start(ctx)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { h.w.loop(ctx, next); close(done) }()
+	pdone := make(chan struct{})
+	go func() { h.w.progress.run(ctx); close(pdone) }()
+	return func() { cancel(); <-done; <-pdone }
+}
+
+func (h *watchHarness) put(key, val string) int64 {
+	h.t.Helper()
+	resp, err := h.cli.Put(h.t.Context(), h.prefix+"/"+key, val)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return resp.Header.Revision
+}
+
+// next returns the next event, failing after a generous bound.
+func (h *watchHarness) next() deployEvent {
+	h.t.Helper()
+	select {
+	case ev := <-h.events:
+		return ev
+	case <-time.After(10 * time.Second):
+		h.t.Fatal("no deploy event within 10s")
+		return deployEvent{}
+	}
+}
+
+// none checks that no event is pending, using a marker key as a barrier:
+// etcd delivers events in revision order, so once the marker's event
+// arrives, every earlier one has too.
+func (h *watchHarness) none() {
+	h.t.Helper()
+	h.put("zz-barrier", `{"tag":"barrier"}`)
+	ev := h.next()
+	if ev.Repo != "zz-barrier" {
+		h.t.Fatalf("unexpected event %+v", ev)
+	}
+	h.w.progress.done([]int64{ev.Rev})
+}
+
+func TestWatcherEvents(t *testing.T) {
+	cli := testEtcd(t)
+	h := newWatchHarness(t, cli, testPrefix(t))
+	h.put("myorg/old", "before the node ever ran")
+	stop := h.start()
+	defer stop()
+
+	tests := []struct {
+		name string
+		key  string
+		val  string
+		want *deployEvent
+	}{
+		{"json with tag", "myorg/foo", `{"time":"2026-11-25T12:00:00Z","tag":"qa","source":"dockerhub"}`, &deployEvent{Repo: "myorg/foo", Tags: []string{"qa"}}},
+		{"plain value means every tag", "myorg/foo", "anything", &deployEvent{Repo: "myorg/foo"}},
+		{"json without tag", "127.0.0.1:5000/app", `{"source":"registry"}`, &deployEvent{Repo: "127.0.0.1:5000/app"}},
+		{"reserved name", "_nodes/other/revision", "12", nil},
+		{"reserved top", "_status", "x", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rev := h.put(tt.key, tt.val)
+			if tt.want == nil {
+				h.none()
+				return
+			}
+			got := h.next()
+			if got.Repo != tt.want.Repo || !slices.Equal(got.Tags, tt.want.Tags) || got.Rev != rev {
+				t.Errorf("event = %+v; want %+v at revision %d", got, *tt.want, rev)
+			}
+			h.w.progress.done([]int64{got.Rev})
+		})
+	}
+	t.Run("delete deploys nothing", func(t *testing.T) {
+		if _, err := cli.Delete(t.Context(), h.prefix+"/myorg/foo"); err != nil {
+			t.Fatal(err)
+		}
+		h.none()
+	})
+}
+
+func TestWatcherResumesAfterRestart(t *testing.T) {
+	cli := testEtcd(t)
+	prefix := testPrefix(t)
+	h := newWatchHarness(t, cli, prefix)
+	stop := h.start()
+	h.put("a/one", `{"tag":"v1"}`)
+	ev := h.next()
+	h.w.progress.done([]int64{ev.Rev})
+	// An event that was seen but whose deploy never finished (a crash).
+	h.put("a/unfinished", `{"tag":"v1"}`)
+	h.next()
+	stop()
+
+	// While the node is down: two more triggers.
+	r1 := h.put("a/two", `{"tag":"v2"}`)
+	r2 := h.put("a/three", `{"tag":"v3"}`)
+
+	h2 := newWatchHarness(t, cli, prefix)
+	stop = h2.start()
+	defer stop()
+	var got []string
+	for range 3 {
+		ev := h2.next()
+		got = append(got, ev.Repo)
+		h2.w.progress.done([]int64{ev.Rev})
+		if ev.Repo == "a/two" && ev.Rev != r1 || ev.Repo == "a/three" && ev.Rev != r2 {
+			t.Errorf("event %+v has the wrong revision", ev)
+		}
+	}
+	if want := []string{"a/unfinished", "a/two", "a/three"}; !slices.Equal(got, want) {
+		t.Errorf("after restart got %q; want exactly %q (nothing handled twice, nothing lost)", got, want)
+	}
+	h2.none()
+}
+
+func TestWatcherCatchesUpAfterCompaction(t *testing.T) {
+	cli := testEtcd(t)
+	prefix := testPrefix(t)
+	h := newWatchHarness(t, cli, prefix)
+	stop := h.start()
+	stop()
+	h.put("b/changed", `{"tag":"v9"}`)
+	rev := h.put("b/changed-twice", `{"tag":"v1"}`)
+	rev = h.put("b/changed-twice", `{"tag":"v2"}`)
+	if _, err := cli.Compact(t.Context(), rev); err != nil {
+		t.Fatal(err)
+	}
+	h2 := newWatchHarness(t, cli, prefix)
+	stop = h2.start()
+	defer stop()
+	got := map[string]deployEvent{}
+	for range 2 {
+		ev := h2.next()
+		got[ev.Repo] = ev
+		h2.w.progress.done([]int64{ev.Rev})
+	}
+	for _, repo := range []string{"b/changed", "b/changed-twice"} {
+		ev, ok := got[repo]
+		if !ok || ev.Tags != nil {
+			t.Errorf("after compaction: event for %s = %+v, %v; want one deploying every tag", repo, ev, ok)
+		}
+	}
+	h2.none()
+}
+
+func TestProgressWatermark(t *testing.T) {
+	p := newProgress(nil, "", testLogger(t))
+	p.init(4)
+	steps := []struct {
+		add, done []int64
+		want      int64
+	}{
+		{add: []int64{5, 6, 7}, want: 4},
+		{done: []int64{6}, want: 4},
+		{done: []int64{5}, want: 6},
+		{add: []int64{9}, want: 6},
+		{done: []int64{7}, want: 8},
+		{done: []int64{9}, want: 9},
+	}
+	for i, s := range steps {
+		for _, r := range s.add {
+			p.add(r)
+		}
+		p.done(s.done)
+		if got := p.watermark(); got != s.want {
+			t.Errorf("step %d: watermark = %d; want %d", i, got, s.want)
+		}
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	base := 100 * time.Millisecond
+	for attempt := 1; attempt < 20; attempt++ {
+		nominal := min(base<<(attempt-1), 30*base)
+		d := backoff(base, attempt)
+		if d < nominal/2 || d > nominal {
+			t.Errorf("backoff(%v, %d) = %v; want within [%v, %v]", base, attempt, d, nominal/2, nominal)
+		}
+	}
+}
