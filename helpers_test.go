@@ -94,7 +94,7 @@ func testEtcd(tb testing.TB) *clientv3.Client {
 
 func newTestClient(tb testing.TB, endpoint string) *clientv3.Client {
 	tb.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop(), DialOptions: etcdDialOptions()})
 	if err != nil {
 		tb.Fatal(err)
 	}

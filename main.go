@@ -29,6 +29,8 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
 // version is set with -ldflags "-X main.version=…".
@@ -98,6 +100,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		// Keepalives notice a dead member so the client moves to another.
 		DialKeepAliveTime:    5 * time.Second,
 		DialKeepAliveTimeout: 3 * time.Second,
+		DialOptions:          etcdDialOptions(),
 	})
 	if err != nil {
 		return fmt.Errorf("etcd client: %w", err)
@@ -113,6 +116,15 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		return err
 	}
 	return d.run(ctx)
+}
+
+// etcdDialOptions caps gRPC's reconnect backoff (2 minutes by default), so
+// that the client is back within seconds of an etcd member's return.
+func etcdDialOptions() []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 3 * time.Second},
+		MinConnectTimeout: 2 * time.Second,
+	})}
 }
 
 // dockerAPI is everything the daemon's components use from Docker,
@@ -171,6 +183,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.watcher = &watcher{
 		kv: cli, w: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, retryDelay: cfg.EtcdRetryDelay,
 		serializable: !cfg.StrongConsistency, log: log.With("component", "watcher"), progress: d.progress, metrics: m,
+		watching: make(chan struct{}),
 	}
 	d.repuller = &repuller{docker: dc, period: cfg.RepullPeriod, callTimeout: callTimeout, log: log.With("component", "repuller")}
 	d.webhook = &webhook{

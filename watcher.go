@@ -81,6 +81,7 @@ type watcher struct {
 	emit         func(deployEvent) // must not block
 	progress     *progress
 	metrics      *metrics
+	watching     chan struct{} // closed once the starting revision is known; may be nil
 }
 
 func (w *watcher) run(ctx context.Context) error {
@@ -91,6 +92,9 @@ func (w *watcher) run(ctx context.Context) error {
 			return nil
 		}
 		next, err = w.start(ctx)
+	}
+	if w.watching != nil {
+		close(w.watching)
 	}
 	return w.loop(ctx, next)
 }

@@ -1,0 +1,214 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+func TestRunRejectsBadFlags(t *testing.T) {
+	var stderr bytes.Buffer
+	err := run(t.Context(), []string{"-kill_timeout=-1"}, io.Discard, &stderr)
+	if !errors.Is(err, errInvalidFlag) || !strings.Contains(err.Error(), "-kill_timeout") {
+		t.Errorf("run(-kill_timeout=-1) = %v; want errInvalidFlag naming the flag", err)
+	}
+	err = run(t.Context(), []string{"-no_such_flag"}, io.Discard, &stderr)
+	if !errors.Is(err, errUsage) {
+		t.Errorf("run(-no_such_flag) = %v; want errUsage", err)
+	}
+	err = run(t.Context(), []string{"-h"}, io.Discard, &stderr)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Errorf("run(-h) = %v; want flag.ErrHelp", err)
+	}
+}
+
+type testDaemon struct {
+	*daemon
+	base string
+	done chan error
+	stop context.CancelFunc
+}
+
+func startTestDaemon(t *testing.T, cli *clientv3.Client, f *fakeDocker, mutate func(*config)) *testDaemon {
+	t.Helper()
+	cfg, err := parseFlags("deployer", []string{
+		"-listen", "127.0.0.1:0", "-node_name", "n1", "-etcd_prefix", testPrefix(t), "-dockercfg", "",
+		"-registry", "127.0.0.1:5000", "-repull_period", "0", "-etcd_retry_delay", "10ms",
+	}, env(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	d, err := newDaemon(cfg, cli, f, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	td := &testDaemon{daemon: d, done: make(chan error, 1), stop: cancel}
+	go func() { td.done <- d.run(ctx) }()
+	select {
+	case <-d.ready:
+	case err := <-td.done:
+		t.Fatalf("daemon exited: %v", err)
+	}
+	td.base = "http://" + d.listener.Addr().String()
+	select {
+	case <-d.watcher.watching:
+	case <-time.After(30 * time.Second):
+		t.Fatal("watcher not started within 30s")
+	}
+	t.Cleanup(func() {
+		cancel()
+		<-td.done
+	})
+	return td
+}
+
+func (td *testDaemon) post(t *testing.T, path, auth, body string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(t.Context(), "POST", td.base+path, strings.NewReader(body))
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestDaemonDeploysFromWebhook runs the whole daemon against embedded etcd,
+// a fake Docker and an httptest Slack: webhook → etcd → watch → pull →
+// stop → Slack.
+func TestDaemonDeploysFromWebhook(t *testing.T) {
+	const old, newer = "sha256:1111111111111111111111111111111111111111111111111111111111111111", "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+	f := newFakeDocker()
+	f.local["127.0.0.1:5000/myorg/foo:qa"] = old
+	f.remote["127.0.0.1:5000/myorg/foo:qa"] = newer
+	f.addContainer("foo", "127.0.0.1:5000/myorg/foo:qa")
+	f.stopped = make(chan string, 1)
+	slack := newSlackRecorder(t)
+	td := startTestDaemon(t, testEtcd(t), f, func(c *config) {
+		c.SlackWebhookURL = slack.URL
+		c.WebhookSecret = "s3cret"
+	})
+
+	code, body := td.post(t, "/api/dockerhub/webhook", "Bearer s3cret", hubBody("myorg/foo", "qa"))
+	if code != 200 {
+		t.Fatalf("webhook: %d %s", code, body)
+	}
+	select {
+	case name := <-f.stopped:
+		if name != "foo" {
+			t.Errorf("stopped %q; want foo", name)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("container not stopped within 10s")
+	}
+	msg := slack.next(t)
+	text, _ := msg["text"].(string)
+	if !strings.Contains(text, "n1") || !strings.Contains(text, "111111111111 → 222222222222") {
+		t.Errorf("slack text %q; want the node and old → new IDs", text)
+	}
+	if got := f.pulls; len(got) != 1 || got[0] != "127.0.0.1:5000/myorg/foo:qa" {
+		t.Errorf("pulls = %q; want one pull of the -registry name", got)
+	}
+
+	// /metrics needs the secret too.
+	req, _ := http.NewRequestWithContext(t.Context(), "GET", td.base+"/metrics", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 401 {
+		t.Errorf("/metrics without secret: %d; want 401", resp.StatusCode)
+	}
+	req.Header.Set("Authorization", "Bearer s3cret")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(b), `deployer_containers_stopped_total{result="ok"} 1`) {
+		t.Errorf("/metrics lacks the stopped container:\n%s", b)
+	}
+
+	// A clean stop returns nil and records the handled revision.
+	td.stop()
+	if err := <-td.done; err != nil {
+		t.Errorf("run after cancel = %v; want nil", err)
+	}
+	td.done <- nil // for the cleanup
+	resp2, err := testEtcd(t).Get(t.Context(), progressKey(testPrefix(t), "n1"))
+	if err != nil || len(resp2.Kvs) != 1 || string(resp2.Kvs[0].Value) == "0" {
+		t.Errorf("progress after stop = %v, %v; want the handled revision", resp2, err)
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	f := newFakeDocker()
+	td := startTestDaemon(t, testEtcd(t), f, nil)
+	get := func() (int, map[string]string) {
+		resp, err := http.Get(td.base + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var m map[string]string
+		json.NewDecoder(resp.Body).Decode(&m)
+		return resp.StatusCode, m
+	}
+	if code, m := get(); code != 200 || m["etcd"] != "ok" || m["docker"] != "ok" {
+		t.Errorf("healthy: %d %v; want 200 with both ok", code, m)
+	}
+	f.mu.Lock()
+	f.pingErr = errors.New("cannot connect to the Docker daemon")
+	f.mu.Unlock()
+	if code, m := get(); code != 503 || !strings.Contains(m["docker"], "cannot connect") || m["etcd"] != "ok" {
+		t.Errorf("docker down: %d %v; want 503 naming docker", code, m)
+	}
+}
+
+// TestEmbeddedEtcdServe starts the real serve path with -etcd_nodes empty:
+// the daemon runs its own etcd.
+func TestEmbeddedEtcdServe(t *testing.T) {
+	dir := t.TempDir()
+	cfg, err := parseFlags("deployer", []string{
+		"-etcd_nodes=", "-etcd_data_dir", dir, "-etcd_listen_client", freePort(t), "-etcd_listen_peer", freePort(t),
+		"-listen", "127.0.0.1:0", "-docker", "unix://" + dir + "/no-docker.sock", "-dockercfg=", "-node_name", "solo",
+	}, env(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- serve(ctx, cfg, testLogger(t)) }()
+	cli := newTestClient(t, cfg.EtcdListenClient)
+	// The watcher of a new node records its starting revision; watching
+	// from revision 1 sees the write whenever it happened.
+	wctx, wcancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer wcancel()
+	if _, ok := <-cli.Watch(wctx, progressKey("/deployer", "solo"), clientv3.WithRev(1)); !ok {
+		t.Fatal("embedded etcd never got the progress key within 30s")
+	}
+	cli.Close() // an open client would hold up the server's graceful stop
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("serve = %v; want nil after cancel", err)
+	}
+}
