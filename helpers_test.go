@@ -92,9 +92,9 @@ func testEtcd(tb testing.TB) *clientv3.Client {
 	return newTestClient(tb, sharedEtcdURL)
 }
 
-func newTestClient(tb testing.TB, endpoint string) *clientv3.Client {
+func newTestClient(tb testing.TB, endpoints ...string) *clientv3.Client {
 	tb.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop(), DialOptions: etcdDialOptions()})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop(), DialOptions: etcdDialOptions()})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -49,12 +49,16 @@ func (j *job) merge(ev deployEvent) {
 
 // deployQueue runs at most a fixed number of deploys at once, and
 // coalesces events per repository: while a deploy of a repository waits or
-// runs, further events for it merge into a single follow-up deploy, so a
-// burst of events costs at most two deploys and none is lost.
+// runs, further events for it merge into a single follow-up deploy. The
+// first event of a quiet repository deploys at once; a follow-up waits
+// until events have stopped for `quiet` (at most `maxWait`), so a burst of
+// webhooks costs two deploys, whatever its length, and none is lost.
 type deployQueue struct {
-	deploy func(context.Context, job)
-	done   func(revs []int64) // called after each deploy, even a failed one
-	sem    chan struct{}
+	deploy  func(context.Context, job)
+	done    func(revs []int64) // called after each deploy, even a failed one
+	sem     chan struct{}
+	quiet   time.Duration
+	maxWait time.Duration
 
 	mu    sync.Mutex
 	repos map[string]*repoState
@@ -62,11 +66,20 @@ type deployQueue struct {
 }
 
 type repoState struct {
-	next *job // waiting work; nil when none
+	next      *job      // waiting work; nil when none
+	lastEvent time.Time // when the latest event merged into next came
 }
 
+const (
+	followUpQuiet   = 500 * time.Millisecond
+	followUpMaxWait = 5 * time.Second
+)
+
 func newDeployQueue(n int, deploy func(context.Context, job), done func([]int64)) *deployQueue {
-	return &deployQueue{deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{}}
+	return &deployQueue{
+		deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{},
+		quiet: followUpQuiet, maxWait: followUpMaxWait,
+	}
 }
 
 // submit queues an event. It never blocks. The deploy runs under ctx.
@@ -82,6 +95,7 @@ func (q *deployQueue) submit(ctx context.Context, ev deployEvent) {
 		st.next = &job{Repo: ev.Repo}
 	}
 	st.next.merge(ev)
+	st.lastEvent = time.Now()
 	if !busy {
 		q.wg.Add(1)
 		go q.worker(ctx, ev.Repo, st)
@@ -91,7 +105,13 @@ func (q *deployQueue) submit(ctx context.Context, ev deployEvent) {
 // worker deploys one repository until no work for it is left.
 func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 	defer q.wg.Done()
-	for {
+	for first := true; ; first = false {
+		if !first && !q.settle(ctx, st) {
+			q.mu.Lock()
+			delete(q.repos, repo)
+			q.mu.Unlock()
+			return
+		}
 		select {
 		case q.sem <- struct{}{}:
 		case <-ctx.Done():
@@ -119,6 +139,23 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 			return
 		}
 		q.mu.Unlock()
+	}
+}
+
+// settle waits, before a follow-up deploy, until no event has come for
+// q.quiet, or q.maxWait has passed. It reports false if ctx ended first.
+func (q *deployQueue) settle(ctx context.Context, st *repoState) bool {
+	deadline := time.Now().Add(q.maxWait)
+	for {
+		q.mu.Lock()
+		wait := min(time.Until(st.lastEvent.Add(q.quiet)), time.Until(deadline))
+		q.mu.Unlock()
+		if wait <= 0 {
+			return true
+		}
+		if !sleepCtx(ctx, wait) {
+			return false
+		}
 	}
 }
 

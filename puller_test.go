@@ -9,6 +9,8 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"testing/synctest"
+	"time"
 
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
@@ -55,6 +57,7 @@ func TestDeployQueueCoalesces(t *testing.T) {
 		doneRevs = append(doneRevs, revs...)
 		mu.Unlock()
 	})
+	q.quiet = 0
 	ctx := t.Context()
 	q.submit(ctx, deployEvent{Repo: "r", Tags: []string{"t0"}, Rev: 1})
 	first := <-started
@@ -74,6 +77,45 @@ func TestDeployQueueCoalesces(t *testing.T) {
 	if len(doneRevs) != 101 {
 		t.Errorf("%d revisions marked done; want 101", len(doneRevs))
 	}
+}
+
+// TestDeployQueueSettles: events spread over a second (as a burst of
+// webhooks is) give one deploy at once and one follow-up after the burst;
+// an endless stream still deploys at least every maxWait.
+func TestDeployQueueSettles(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var starts []time.Duration
+		t0 := time.Now()
+		q := newDeployQueue(1, func(ctx context.Context, j job) {
+			starts = append(starts, time.Since(t0))
+			time.Sleep(50 * time.Millisecond) // a pull
+		}, func([]int64) {})
+		for i := range 50 {
+			q.submit(t.Context(), deployEvent{Repo: "r", Tags: []string{"qa"}, Rev: int64(i + 1)})
+			time.Sleep(20 * time.Millisecond)
+		}
+		q.wait()
+		// Last event at 980ms; the follow-up waits 500ms of quiet.
+		if want := []time.Duration{0, 1480 * time.Millisecond}; !slices.Equal(starts, want) {
+			t.Errorf("burst over 1s: deploys started at %v; want %v", starts, want)
+		}
+
+		starts = nil
+		t0 = time.Now()
+		for i := range 1000 { // 20s of events every 20ms
+			q.submit(t.Context(), deployEvent{Repo: "r", Rev: int64(i + 1)})
+			time.Sleep(20 * time.Millisecond)
+		}
+		q.wait()
+		for i := 1; i < len(starts); i++ {
+			if gap := starts[i] - starts[i-1]; gap > q.maxWait+100*time.Millisecond {
+				t.Errorf("endless stream: %v between deploys; want at most maxWait %v plus the deploy", gap, q.maxWait)
+			}
+		}
+		if len(starts) < 4 || len(starts) > 6 {
+			t.Errorf("endless stream of 20s: %d deploys; want about one per maxWait", len(starts))
+		}
+	})
 }
 
 // TestDeployQueueBoundsConcurrency: with n slots, at most n repositories

@@ -1,0 +1,310 @@
+//go:build e2e
+
+package main
+
+// The end-to-end suite: go test -tags e2e -run TestE2E (make test runs it).
+// See stack_e2e_test.go for the stack.
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"context"
+	docker "github.com/fsouza/go-dockerclient"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+func TestE2E(t *testing.T) {
+	s := newStack(t, 3)
+	all := s.nodes
+	qaRef := s.hub.host() + "/myorg/app:qa"
+	prodRef := s.hub.host() + "/myorg/app:prod"
+	svcRef := s.push.host() + "/team/svc:latest"
+	slowRef := s.hub.host() + "/myorg/slow:qa"
+
+	qa := s.build(qaRef, false)
+	prod := s.build(prodRef, false)
+	svc := s.build(svcRef, false)
+	slow := s.build(slowRef, true)
+	for _, n := range all {
+		s.supervise(n, "app", qaRef, qa)
+		s.supervise(n, "svc", svcRef, svc)
+	}
+	s.supervise(s.nodes[1], "prod", prodRef, prod)
+	s.supervise(s.nodes[0], "slow", slowRef, slow)
+	s.record("stack up: %d nodes, 3 etcd members, 2 registries", len(all))
+
+	// deploy builds a new qa version, sends the Docker Hub webhook to the
+	// first node and waits for every node; it returns the new image ID.
+	deploy := func(t *testing.T, label string) string {
+		old := qa
+		qa = s.build(qaRef, false)
+		from := len(s.slackTexts())
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage(all, "app", qa, 90*time.Second)
+		s.record("%s: webhook → app on the new image on all %d nodes: %v", label, len(all), time.Since(start).Round(time.Millisecond))
+		s.waitSlack(from, all, "myorg/app:qa", shortID(old)+" → "+shortID(qa), "stopped: app")
+		return qa
+	}
+
+	t.Run("1 docker hub webhook deploys every node", func(t *testing.T) {
+		old := qa
+		deploy(t, "scenario 1")
+		for _, n := range all {
+			cs, err := n.cli.ListContainers(docker.ListContainersOptions{All: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, c := range cs {
+				ci, err := n.cli.InspectContainer(c.ID)
+				if err == nil && ci.Image == old {
+					t.Errorf("%s still has container %s on the old image", n.name, ci.Name)
+				}
+			}
+		}
+	})
+
+	t.Run("2 registry push notification alone deploys", func(t *testing.T) {
+		from := len(s.slackTexts())
+		start := time.Now()
+		old := svc
+		svc = s.build(svcRef, false)
+		pushed := time.Since(start)
+		s.waitImage(all, "svc", svc, 90*time.Second)
+		s.record("scenario 2: docker build+push (%v) → svc on the new image on all nodes: %v", pushed.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+		s.waitSlack(from, all, "team/svc:latest", shortID(old)+" → "+shortID(svc))
+	})
+
+	t.Run("3 pushing one tag restarts only that tag", func(t *testing.T) {
+		prodID, _ := s.containerImage(all[1], "prod")
+		deploy(t, "scenario 3 (qa)")
+		s.barrier(all)
+		if id, img := s.containerImage(all[1], "prod"); id != prodID || img != prod {
+			t.Errorf("prod container changed (%s → %s, image %s) when only :qa was pushed", shortID(prodID), shortID(id), shortID(img))
+		}
+		// And the other way round.
+		appIDs := map[string]string{}
+		for _, n := range all {
+			appIDs[n.name], _ = s.containerImage(n, "app")
+		}
+		prod = s.build(prodRef, false)
+		if code, body := s.webhook(all[2], "myorg/app", "prod"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage([]*node{all[1]}, "prod", prod, 60*time.Second)
+		s.barrier(all)
+		for _, n := range all {
+			if id, _ := s.containerImage(n, "app"); id != appIDs[n.name] {
+				t.Errorf("%s: app (:qa) restarted when only :prod was pushed", n.name)
+			}
+		}
+	})
+
+	t.Run("4 a killed node catches up after restart without redeploying the rest", func(t *testing.T) {
+		n2 := all[1]
+		prodID, _ := s.containerImage(n2, "prod")
+		svcID, _ := s.containerImage(n2, "svc")
+		n2.deployer.stop(syscall.SIGKILL, time.Second)
+		old := qa
+		qa = s.build(qaRef, false)
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage([]*node{all[0], all[2]}, "app", qa, 60*time.Second)
+		if _, img := s.containerImage(n2, "app"); img != old {
+			t.Fatalf("node2 changed image while its deployer was dead")
+		}
+		start := time.Now()
+		s.runDeployer(n2)
+		s.waitImage([]*node{n2}, "app", qa, 60*time.Second)
+		s.record("scenario 4: node2 deployer restarted → app on the new image: %v", time.Since(start).Round(time.Millisecond))
+		s.barrier(all)
+		if pulls := s.metric(n2, "deployer_pulls_total", ""); pulls != 1 {
+			t.Errorf("node2 pulled %v times after restart; want 1 (only the changed tag)", pulls)
+		}
+		if id, _ := s.containerImage(n2, "prod"); id != prodID {
+			t.Error("node2 restarted prod, which had not changed")
+		}
+		if id, _ := s.containerImage(n2, "svc"); id != svcID {
+			t.Error("node2 restarted svc, which had not changed")
+		}
+	})
+
+	t.Run("5 etcd member loss and total outage", func(t *testing.T) {
+		s.etcd[2].proc.stop(syscall.SIGTERM, 10*time.Second)
+		deploy(t, "scenario 5a (one etcd member down)")
+
+		s.etcd[0].proc.stop(syscall.SIGTERM, 10*time.Second)
+		s.etcd[1].proc.stop(syscall.SIGTERM, 10*time.Second)
+		start := time.Now()
+		code, body := s.webhook(all[0], "myorg/app", "qa")
+		if code != http.StatusServiceUnavailable {
+			t.Errorf("webhook with etcd down: %d %s; want 503", code, body)
+		}
+		s.record("scenario 5b: all etcd members down → webhook answered %d in %v", code, time.Since(start).Round(time.Millisecond))
+
+		for _, m := range s.etcd {
+			s.startEtcdMember(m)
+		}
+		s.waitEtcdHealthy()
+		old := qa
+		qa = s.build(qaRef, false)
+		start = time.Now()
+		waitFor(t, 60*time.Second, "webhook accepted after etcd is back", func() bool {
+			code, _ := s.webhook(all[0], "myorg/app", "qa")
+			return code == 200
+		})
+		s.waitImage(all, "app", qa, 90*time.Second)
+		s.record("scenario 5c: etcd back → next push on all nodes in %v (old %s)", time.Since(start).Round(time.Millisecond), shortID(old))
+	})
+
+	t.Run("6 registry down during a deploy is reported, then converges", func(t *testing.T) {
+		old := qa
+		qa = s.build(qaRef, false)
+		s.hub.proc.stop(syscall.SIGTERM, 10*time.Second)
+		from := len(s.slackTexts())
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitSlack(from, all, "FAILED", "myorg/app:qa pull failed")
+		for _, n := range all {
+			if _, img := s.containerImage(n, "app"); img != old {
+				t.Errorf("%s: app not on the old image while the registry is down (%s)", n.name, shortID(img))
+			}
+		}
+		s.startRegistryProc(s.hub, "hub")
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage(all, "app", qa, 90*time.Second)
+		s.record("scenario 6: registry back → converged in %v", time.Since(start).Round(time.Millisecond))
+	})
+
+	t.Run("7 bad input changes nothing", func(t *testing.T) {
+		rev := s.revision()
+		ids := map[string]string{}
+		for _, n := range all {
+			ids[n.name], _ = s.containerImage(n, "app")
+		}
+		auth := "Bearer " + s.secret
+		tests := []struct {
+			name, method, path, auth, body string
+			code                           int
+		}{
+			{"GET", "GET", "/api/dockerhub/webhook", auth, "", 405},
+			{"no secret", "POST", "/api/dockerhub/webhook", "", hubBody("myorg/app", "qa"), 401},
+			{"wrong secret", "POST", "/api/dockerhub/webhook", "Bearer wrong", hubBody("myorg/app", "qa"), 401},
+			{"invalid JSON", "POST", "/api/dockerhub/webhook", auth, "{not json", 400},
+			{"2 MiB", "POST", "/api/dockerhub/webhook", auth, `{"repository":{"repo_name":"myorg/app"},"x":"` + strings.Repeat("x", 2<<20) + `"}`, 413},
+			{"dot dot", "POST", "/api/dockerhub/webhook", auth, hubBody("../../x", ""), 400},
+			{"star", "POST", "/api/dockerhub/webhook", auth, hubBody("*", ""), 400},
+			{"upper case", "POST", "/api/dockerhub/webhook", auth, hubBody("MyOrg/App", "qa"), 400},
+			{"empty", "POST", "/api/dockerhub/webhook", auth, hubBody("", "qa"), 400},
+			{"registry GET", "GET", "/api/registry/webhook", auth, "", 405},
+			{"registry blobs only", "POST", "/api/registry/webhook", auth, string(readFixture(t, "registry-notification-blob-push.json")), 200},
+			{"registry no secret", "POST", "/api/registry/webhook", "", string(readFixture(t, "registry-notification-manifest-push.json")), 401},
+		}
+		for _, tt := range tests {
+			req, _ := http.NewRequest(tt.method, fmt.Sprintf("http://127.0.0.1:%d%s", all[0].port, tt.path), strings.NewReader(tt.body))
+			if tt.auth != "" {
+				req.Header.Set("Authorization", tt.auth)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatalf("%s: %v", tt.name, err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tt.code {
+				t.Errorf("%s: status %d; want %d", tt.name, resp.StatusCode, tt.code)
+			}
+		}
+		resp, err := s.cli.Get(context.Background(), s.prefix+"/", clientv3.WithPrefix(), clientv3.WithMinModRev(rev+1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, kv := range resp.Kvs {
+			if _, ok := repoFromKey(s.prefix, string(kv.Key)); ok {
+				t.Errorf("bad input wrote trigger %s", kv.Key)
+			}
+		}
+		s.barrier(all)
+		for _, n := range all {
+			if id, _ := s.containerImage(n, "app"); id != ids[n.name] {
+				t.Errorf("%s: app restarted after bad input", n.name)
+			}
+		}
+		s.record("scenario 7: %d bad requests answered as documented, no trigger written, no restart", len(tests))
+	})
+
+	t.Run("8 a burst of 50 webhooks costs at most 2 pulls per node", func(t *testing.T) {
+		before := map[string]float64{}
+		for _, n := range all {
+			before[n.name] = s.metric(n, "deployer_pulls_total", "")
+		}
+		qa = s.build(qaRef, false)
+		start := time.Now()
+		var wg sync.WaitGroup
+		codes := make(chan int, 50)
+		for i := range 50 {
+			wg.Go(func() {
+				time.Sleep(time.Duration(i) * 20 * time.Millisecond) // spread over one second
+				code, _ := s.webhook(all[i%len(all)], "myorg/app", "qa")
+				codes <- code
+			})
+		}
+		wg.Wait()
+		close(codes)
+		for c := range codes {
+			if c != 200 {
+				t.Errorf("burst webhook answered %d", c)
+			}
+		}
+		s.waitImage(all, "app", qa, 90*time.Second)
+		converged := time.Since(start)
+		s.barrier(all)
+		var counts []string
+		for _, n := range all {
+			pulls := s.metric(n, "deployer_pulls_total", "") - before[n.name]
+			counts = append(counts, fmt.Sprintf("%s=%v", n.name, pulls))
+			if pulls > 2 {
+				t.Errorf("%s pulled %v times for a burst of 50; want at most 2", n.name, pulls)
+			}
+		}
+		s.record("scenario 8: 50 webhooks in 1s → converged in %v; pulls per node: %s", converged.Round(time.Millisecond), strings.Join(counts, " "))
+	})
+
+	t.Run("9 SIGTERM during a deploy exits 0 in time and leaves nothing stopped", func(t *testing.T) {
+		n1 := all[0]
+		slow = s.build(slowRef, true)
+		if code, body := s.webhook(n1, "myorg/slow", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		// The pull is done when the local tag moves; the stop (which
+		// takes the whole -kill_timeout for this image) follows at once.
+		waitFor(t, 60*time.Second, "node1 to pull the slow image", func() bool {
+			img, err := n1.cli.InspectImage(slowRef)
+			return err == nil && img.ID == slow
+		})
+		start := time.Now()
+		n1.deployer.stop(syscall.SIGTERM, 30*time.Second)
+		took := time.Since(start)
+		if n1.deployer.err != nil {
+			t.Errorf("deployer exit after SIGTERM: %v; want status 0\n%s", n1.deployer.err, n1.deployer.tail(10))
+		}
+		if took > 8*time.Second {
+			t.Errorf("deployer took %v to exit; want within -kill_timeout (3s) + 5s", took)
+		}
+		s.waitImage([]*node{n1}, "slow", slow, 60*time.Second)
+		s.record("scenario 9: SIGTERM during a 3s stop → exit status 0 after %v; slow container back on the new image", took.Round(time.Millisecond))
+		s.runDeployer(n1)
+	})
+}

@@ -1,0 +1,682 @@
+//go:build e2e
+
+package main
+
+// The real stack for the end-to-end suite: Docker daemons (one builder and
+// the "nodes"), two registries, a three-member etcd cluster, a deployer per
+// node, and a supervisor per app container that does what the README's
+// systemd unit does. Everything listens on 127.0.0.1 and every container
+// runs with --network none. Everything started is stopped in t.Cleanup,
+// also when a test fails.
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// proc is a process of the stack, in its own process group.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	log  string
+	done chan struct{}
+	err  error
+}
+
+func startProc(t *testing.T, dir, name string, env []string, argv ...string) *proc {
+	t.Helper()
+	logPath := filepath.Join(dir, name+".log")
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdout, cmd.Stderr = f, f
+	cmd.Env = append(os.Environ(), env...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		t.Fatalf("start %s: %v", name, err)
+	}
+	p := &proc{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		f.Close()
+		close(p.done)
+	}()
+	return p
+}
+
+func (p *proc) running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// stop sends sig to the process group and waits up to d, then kills it.
+func (p *proc) stop(sig syscall.Signal, d time.Duration) {
+	if !p.running() {
+		return
+	}
+	_ = syscall.Kill(-p.cmd.Process.Pid, sig)
+	select {
+	case <-p.done:
+	case <-time.After(d):
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.done
+	}
+}
+
+func (p *proc) tail(n int) string {
+	b, _ := os.ReadFile(p.log)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+var (
+	portMu   sync.Mutex
+	nextPort = 20000 + os.Getpid()%5000
+)
+
+// freeTCPPort hands out loopback ports below the kernel's ephemeral range
+// (32768 and up), so that no outgoing connection takes one before the
+// process meant to listen on it does.
+func freeTCPPort(t *testing.T) int {
+	t.Helper()
+	portMu.Lock()
+	defer portMu.Unlock()
+	for range 1000 {
+		nextPort++
+		if nextPort >= 32000 {
+			nextPort = 20000
+		}
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", nextPort))
+		if err == nil {
+			ln.Close()
+			return nextPort
+		}
+	}
+	t.Fatal("no free port below 32000")
+	return 0
+}
+
+// waitFor polls an outside system until cond holds or d passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > d {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+type dockerd struct {
+	name string
+	sock string
+	proc *proc
+	cli  *docker.Client
+}
+
+func (d *dockerd) host() string { return "unix://" + d.sock }
+
+type registry struct {
+	port   int
+	config string
+	proc   *proc
+	dir    string
+}
+
+func (r *registry) host() string { return "127.0.0.1:" + strconv.Itoa(r.port) }
+
+type etcdMember struct {
+	name            string
+	clientURL, peer string
+	dataDir         string
+	args            []string
+	proc            *proc
+}
+
+type node struct {
+	*dockerd
+	port     int
+	deployer *proc
+	args     []string
+	sups     map[string]*proc
+	restarts int
+}
+
+type stack struct {
+	t       *testing.T
+	dir     string
+	bin     string
+	builder *dockerd
+	nodes   []*node
+	hub     *registry // stands in for Docker Hub: no notifications
+	push    *registry // sends notifications to the first node
+	etcd    []*etcdMember
+	cli     *clientv3.Client
+	slack   *slackRecorder
+	secret  string
+	prefix  string
+	results *os.File
+	builds  int
+	mu      sync.Mutex
+}
+
+// newStack starts everything. It fails the test, never skips, when a piece
+// is missing.
+func newStack(t *testing.T, nodes int) *stack {
+	if os.Geteuid() != 0 {
+		t.Fatal("the end-to-end suite needs root (Docker daemons); run `make test` as root")
+	}
+	for _, bin := range []string{"dockerd", "docker", "docker-registry", "etcd", "busybox"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("%s not found: run scripts/install-deps.sh (make test does) first", bin)
+		}
+	}
+	dir, err := os.MkdirTemp("/tmp", "dpl-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &stack{t: t, dir: dir, secret: "e2e-secret", prefix: "/e2e", slack: newSlackRecorder(t)}
+	t.Cleanup(func() { s.teardown() })
+	if s.results, err = os.OpenFile(resultsPath(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	s.bin = filepath.Join(dir, "deployer")
+	if out, err := exec.Command("go", "build", "-o", s.bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+
+	var wg sync.WaitGroup
+	s.builder = s.startDockerd("builder")
+	for i := 1; i <= nodes; i++ {
+		s.nodes = append(s.nodes, &node{dockerd: s.startDockerd(fmt.Sprintf("node%d", i)), port: freeTCPPort(t), sups: map[string]*proc{}})
+	}
+	s.startEtcd(3)
+	s.hub = s.startRegistry("hub", "")
+	s.push = s.startRegistry("push", fmt.Sprintf("http://127.0.0.1:%d/api/registry/webhook", s.nodes[0].port))
+	for _, d := range append([]*dockerd{s.builder}, nodeDaemons(s.nodes)...) {
+		wg.Go(func() { s.waitDockerd(d) })
+	}
+	wg.Wait()
+	s.cli = newTestClient(t, s.etcd[0].clientURL)
+	for _, n := range s.nodes {
+		s.startDeployer(n)
+	}
+	return s
+}
+
+func resultsPath() string {
+	if p := os.Getenv("E2E_RESULTS"); p != "" {
+		return p
+	}
+	return filepath.Join(os.TempDir(), "deployer-e2e-results.txt")
+}
+
+// record writes a measured figure to the test log and the results file.
+func (s *stack) record(format string, args ...any) {
+	line := fmt.Sprintf(format, args...)
+	s.t.Log(line)
+	fmt.Fprintf(s.results, "%s %s\n", time.Now().Format(time.RFC3339), line)
+}
+
+func nodeDaemons(ns []*node) []*dockerd {
+	var out []*dockerd
+	for _, n := range ns {
+		out = append(out, n.dockerd)
+	}
+	return out
+}
+
+func (s *stack) startDockerd(name string) *dockerd {
+	root := filepath.Join(s.dir, name)
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		s.t.Fatal(err)
+	}
+	sock := filepath.Join(root, "docker.sock")
+	p := startProc(s.t, s.dir, "dockerd-"+name, nil, "dockerd",
+		"-H", "unix://"+sock, "--data-root", filepath.Join(root, "data"), "--exec-root", filepath.Join(root, "exec"),
+		"--pidfile", filepath.Join(root, "pid"), "--bridge=none", "--iptables=false", "--ip-masq=false")
+	cli, err := docker.NewClient("unix://" + sock)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return &dockerd{name: name, sock: sock, proc: p, cli: cli}
+}
+
+func (s *stack) waitDockerd(d *dockerd) {
+	waitFor(s.t, 60*time.Second, "dockerd "+d.name, func() bool {
+		if !d.proc.running() {
+			s.t.Fatalf("dockerd %s exited:\n%s", d.name, d.proc.tail(20))
+		}
+		return d.cli.Ping() == nil
+	})
+}
+
+func (s *stack) startRegistry(name, notifyURL string) *registry {
+	r := &registry{port: freeTCPPort(s.t), dir: filepath.Join(s.dir, "registry-"+name)}
+	cfg := fmt.Sprintf(`version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:%d
+`, r.dir, r.port)
+	if notifyURL != "" {
+		cfg += fmt.Sprintf(`notifications:
+  endpoints:
+    - name: deployer
+      url: %s
+      headers:
+        Authorization: [Bearer %s]
+      timeout: 2s
+      threshold: 3
+      backoff: 1s
+      ignore:
+        actions: [pull]
+`, notifyURL, s.secret)
+	}
+	r.config = filepath.Join(s.dir, "registry-"+name+".yml")
+	if err := os.WriteFile(r.config, []byte(cfg), 0o644); err != nil {
+		s.t.Fatal(err)
+	}
+	s.startRegistryProc(r, name)
+	return r
+}
+
+func (s *stack) startRegistryProc(r *registry, name string) {
+	r.proc = startProc(s.t, s.dir, "registry-"+name, nil, "docker-registry", "serve", r.config)
+	waitFor(s.t, 30*time.Second, "registry "+name, func() bool {
+		resp, err := http.Get("http://" + r.host() + "/v2/")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == 200
+	})
+}
+
+func (s *stack) startEtcd(n int) {
+	var initial []string
+	for i := 1; i <= n; i++ {
+		m := &etcdMember{
+			name:      fmt.Sprintf("m%d", i),
+			clientURL: fmt.Sprintf("http://127.0.0.1:%d", freeTCPPort(s.t)),
+			peer:      fmt.Sprintf("http://127.0.0.1:%d", freeTCPPort(s.t)),
+			dataDir:   filepath.Join(s.dir, fmt.Sprintf("etcd-m%d", i)),
+		}
+		s.etcd = append(s.etcd, m)
+		initial = append(initial, m.name+"="+m.peer)
+	}
+	for _, m := range s.etcd {
+		m.args = []string{"etcd", "--name", m.name, "--data-dir", m.dataDir,
+			"--listen-client-urls", m.clientURL, "--advertise-client-urls", m.clientURL,
+			"--listen-peer-urls", m.peer, "--initial-advertise-peer-urls", m.peer,
+			"--initial-cluster", strings.Join(initial, ","), "--initial-cluster-state", "new",
+			"--initial-cluster-token", "deployer-e2e", "--heartbeat-interval", "50", "--election-timeout", "500"}
+		s.startEtcdMember(m)
+	}
+	s.waitEtcdHealthy()
+}
+
+func (s *stack) startEtcdMember(m *etcdMember) {
+	m.proc = startProc(s.t, s.dir, "etcd-"+m.name, nil, m.args...)
+}
+
+func (s *stack) etcdEndpoints() string {
+	var eps []string
+	for _, m := range s.etcd {
+		eps = append(eps, m.clientURL)
+	}
+	return strings.Join(eps, ",")
+}
+
+// waitEtcdHealthy waits until a quorum write works.
+func (s *stack) waitEtcdHealthy() {
+	cli := newTestClient(s.t, strings.Split(s.etcdEndpoints(), ",")...)
+	waitFor(s.t, 60*time.Second, "etcd quorum", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_, err := cli.Put(ctx, "/e2e-health", "ok")
+		return err == nil
+	})
+}
+
+func (s *stack) startDeployer(n *node) {
+	n.args = []string{s.bin,
+		"-docker", n.host(), "-etcd_nodes", s.etcdEndpoints(), "-etcd_prefix", s.prefix,
+		"-etcd_retry_delay", "200ms", "-listen", fmt.Sprintf("127.0.0.1:%d", n.port),
+		"-node_name", n.name, "-webhook_secret", s.secret, "-slack_webhook_url", s.slack.URL,
+		"-registry", s.hub.host(), "-kill_timeout", "3", "-repull_period", "0", "-dockercfg", "",
+		"-log_format", "json"}
+	s.runDeployer(n)
+}
+
+func (s *stack) runDeployer(n *node) {
+	n.deployer = startProc(s.t, s.dir, "deployer-"+n.name, nil, n.args...)
+	waitFor(s.t, 30*time.Second, "deployer on "+n.name, func() bool {
+		if !n.deployer.running() {
+			s.t.Fatalf("deployer on %s exited:\n%s", n.name, n.deployer.tail(20))
+		}
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/healthz", n.port))
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200 && strings.Contains(n.deployer.tail(50), "etcd watch")
+	})
+}
+
+func (s *stack) teardown() {
+	for _, n := range s.nodes {
+		for _, p := range n.sups {
+			p.stop(syscall.SIGTERM, 5*time.Second)
+		}
+		if n.deployer != nil {
+			n.deployer.stop(syscall.SIGKILL, time.Second)
+		}
+	}
+	if s.t.Failed() {
+		for _, n := range s.nodes {
+			if n.deployer != nil {
+				s.t.Logf("deployer %s log:\n%s", n.name, n.deployer.tail(40))
+			}
+		}
+		if s.push != nil {
+			s.t.Logf("push registry log:\n%s", s.push.proc.tail(20))
+		}
+	}
+	var daemons []*dockerd
+	if s.builder != nil {
+		daemons = append(daemons, s.builder)
+	}
+	daemons = append(daemons, nodeDaemons(s.nodes)...)
+	for _, d := range daemons {
+		if d.cli != nil {
+			if cs, err := d.cli.ListContainers(docker.ListContainersOptions{All: true}); err == nil {
+				for _, c := range cs {
+					_ = d.cli.RemoveContainer(docker.RemoveContainerOptions{ID: c.ID, Force: true})
+				}
+			}
+		}
+		d.proc.stop(syscall.SIGTERM, 15*time.Second)
+	}
+	for _, r := range []*registry{s.hub, s.push} {
+		if r != nil && r.proc != nil {
+			r.proc.stop(syscall.SIGTERM, 5*time.Second)
+		}
+	}
+	for _, m := range s.etcd {
+		if m.proc != nil {
+			m.proc.stop(syscall.SIGTERM, 5*time.Second)
+		}
+	}
+	if s.results != nil {
+		s.results.Close()
+	}
+	// Docker leaves mounts under its data roots; unmount before removing.
+	if out, err := exec.Command("sh", "-c", "grep -o ' "+s.dir+"[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l").CombinedOutput(); err != nil {
+		s.t.Logf("umount: %v %s", err, out)
+	}
+	if os.Getenv("E2E_KEEP") == "" {
+		os.RemoveAll(s.dir)
+	}
+}
+
+// dockerCLI runs the docker command line against one daemon.
+func (s *stack) dockerCLI(d *dockerd, args ...string) string {
+	s.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "docker", args...)
+	cmd.Env = append(os.Environ(), "DOCKER_HOST="+d.host(), "DOCKER_BUILDKIT=0", "DOCKER_CLI_HINTS=false")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		s.t.Fatalf("docker %s on %s: %v\n%s", strings.Join(args, " "), d.name, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// build makes a new version of an image on the builder and pushes it.
+// stubborn images ignore SIGTERM, so a stop takes the whole kill timeout.
+func (s *stack) build(ref string, stubborn bool) string {
+	s.t.Helper()
+	s.mu.Lock()
+	s.builds++
+	n := s.builds
+	s.mu.Unlock()
+	ctxDir := filepath.Join(s.dir, fmt.Sprintf("build-%d", n))
+	if err := os.MkdirAll(ctxDir, 0o755); err != nil {
+		s.t.Fatal(err)
+	}
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	if out, err := exec.Command("cp", bb, filepath.Join(ctxDir, "busybox")).CombinedOutput(); err != nil {
+		s.t.Fatalf("cp busybox: %v %s", err, out)
+	}
+	cmd := `trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done`
+	if stubborn {
+		cmd = `while true; do /bin/busybox sleep 0.2; done`
+	}
+	dockerfile := fmt.Sprintf("FROM scratch\nCOPY busybox /bin/busybox\nCOPY version /version\nCMD [\"/bin/busybox\",\"sh\",\"-c\",%q]\n", cmd)
+	files := map[string]string{"Dockerfile": dockerfile, "version": fmt.Sprintf("%s build %d %d\n", ref, n, time.Now().UnixNano())}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(ctxDir, name), []byte(body), 0o644); err != nil {
+			s.t.Fatal(err)
+		}
+	}
+	s.dockerCLI(s.builder, "build", "-q", "-t", ref, ctxDir)
+	s.dockerCLI(s.builder, "push", "-q", ref)
+	img, err := s.builder.cli.InspectImage(ref)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return img.ID
+}
+
+// supervise starts the supervisor for container name on node n and waits
+// until it runs image ID want.
+func (s *stack) supervise(n *node, name, ref, want string) {
+	s.t.Helper()
+	abs, _ := filepath.Abs("scripts/supervise.sh")
+	n.sups[name] = startProc(s.t, s.dir, "sup-"+n.name+"-"+name, []string{"DOCKER_HOST=" + n.host()}, abs, name, ref)
+	s.waitImage([]*node{n}, name, want, 60*time.Second)
+}
+
+// containerImage returns the container's ID and image ID when it runs.
+func (s *stack) containerImage(n *node, name string) (id, image string) {
+	c, err := n.cli.InspectContainer(name)
+	if err != nil || !c.State.Running {
+		return "", ""
+	}
+	return c.ID, c.Image
+}
+
+// waitImage waits until container name runs image want on every node and
+// returns how long that took.
+func (s *stack) waitImage(ns []*node, name, want string, d time.Duration) time.Duration {
+	s.t.Helper()
+	return waitFor(s.t, d, fmt.Sprintf("%s on %s to run %s", name, nodeNames(ns), shortID(want)), func() bool {
+		for _, n := range ns {
+			if _, img := s.containerImage(n, name); img != want {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func nodeNames(ns []*node) string {
+	var names []string
+	for _, n := range ns {
+		names = append(names, n.name)
+	}
+	return strings.Join(names, ",")
+}
+
+// webhook posts a Docker Hub webhook to node n.
+func (s *stack) webhook(n *node, repo, tag string) (int, string) {
+	return s.postHook(n, "/api/dockerhub/webhook", "Bearer "+s.secret, hubBody(repo, tag))
+}
+
+func (s *stack) postHook(n *node, path, auth, body string) (int, string) {
+	s.t.Helper()
+	req, _ := http.NewRequest("POST", fmt.Sprintf("http://127.0.0.1:%d%s", n.port, path), strings.NewReader(body))
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		s.t.Fatalf("POST %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// metric returns the sum of a deployer metric's samples whose label set
+// contains match, from node n's /metrics.
+func (s *stack) metric(n *node, name, match string) float64 {
+	s.t.Helper()
+	req, _ := http.NewRequest("GET", fmt.Sprintf("http://127.0.0.1:%d/metrics", n.port), nil)
+	req.Header.Set("Authorization", "Bearer "+s.secret)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		s.t.Fatalf("metrics of %s: %v", n.name, err)
+	}
+	defer resp.Body.Close()
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name) || !strings.Contains(line, match) {
+			continue
+		}
+		rest := strings.TrimPrefix(line, name)
+		if rest != "" && rest[0] != '{' && rest[0] != ' ' {
+			continue
+		}
+		f := strings.Fields(line)
+		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+		sum += v
+	}
+	return sum
+}
+
+// barrier sends a trigger for a repository no node has and waits until
+// every running deployer has handled it, so that everything before it has
+// been handled too (each node handles triggers in revision order only per
+// repository, but the watch delivers in order and the queue is idle then).
+func (s *stack) barrier(ns []*node) {
+	s.t.Helper()
+	before := map[*node]float64{}
+	for _, n := range ns {
+		before[n] = s.metric(n, "deployer_deploys_total", "")
+	}
+	if code, body := s.webhook(ns[0], "barrier/none", ""); code != 200 {
+		s.t.Fatalf("barrier webhook: %d %s", code, body)
+	}
+	waitFor(s.t, 30*time.Second, "barrier", func() bool {
+		for _, n := range ns {
+			if s.metric(n, "deployer_deploys_total", "") <= before[n] {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// slackSince returns the texts of Slack messages after the first skip.
+func (s *stack) slackTexts() []string {
+	s.slack.mu.Lock()
+	defer s.slack.mu.Unlock()
+	var out []string
+	for _, p := range s.slack.payloads {
+		text, _ := p["text"].(string)
+		out = append(out, text)
+	}
+	return out
+}
+
+// waitSlack waits until, among messages after index from, every node has
+// one that contains all of want (with %s replaced by the node name).
+func (s *stack) waitSlack(from int, ns []*node, want ...string) {
+	s.t.Helper()
+	waitFor(s.t, 30*time.Second, fmt.Sprintf("Slack messages %q from %s", want, nodeNames(ns)), func() bool {
+		texts := s.slackTexts()
+		if from > len(texts) {
+			return false
+		}
+		for _, n := range ns {
+			found := false
+			for _, text := range texts[from:] {
+				ok := strings.Contains(text, " on "+n.name)
+				for _, w := range want {
+					ok = ok && strings.Contains(text, w)
+				}
+				found = found || ok
+			}
+			if !found {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func (s *stack) triggerKeys() int64 {
+	s.t.Helper()
+	resp, err := s.cli.Get(context.Background(), s.prefix+"/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	var n int64
+	for _, kv := range resp.Kvs {
+		if _, ok := repoFromKey(s.prefix, string(kv.Key)); ok {
+			n++
+		}
+	}
+	return n
+}
+
+func (s *stack) revision() int64 {
+	resp, err := s.cli.Get(context.Background(), "/e2e-health")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return resp.Header.Revision
+}
