@@ -128,6 +128,15 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if err != nil {
 		r.Failed = append(r.Failed, fmt.Sprint(err))
 	}
+	// A tag that had moved before this pull (pulled by hand, or built
+	// here) still replaced an image: report what the containers ran.
+	for i, t := range r.Tags {
+		for _, c := range stopped {
+			if t.OldID == t.NewID && c.Tag == t.Tag {
+				r.Tags[i].OldID = c.ImageID
+			}
+		}
+	}
 	return r
 }
 

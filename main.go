@@ -180,6 +180,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	}
 	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
 	d.queue = newDeployQueue(cfg.MaxThreads, dep.deploy, d.progress.done)
+	d.queue.queued = m.queued
 	d.watcher = &watcher{
 		kv: cli, w: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, retryDelay: cfg.EtcdRetryDelay,
 		serializable: !cfg.StrongConsistency, log: log.With("component", "watcher"), progress: d.progress, metrics: m,

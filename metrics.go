@@ -20,6 +20,7 @@ type metrics struct {
 	containersStopped *prometheus.CounterVec   // result
 	staleFound        prometheus.Counter
 	slackPosts        *prometheus.CounterVec // result
+	queued            prometheus.Gauge       // repositories waiting or deploying
 }
 
 func newMetrics() *metrics {
@@ -56,8 +57,11 @@ func newMetrics() *metrics {
 		slackPosts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "deployer_slack_posts_total", Help: "Slack messages by result (ok, error, dropped).",
 		}, []string{"result"}),
+		queued: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "deployer_deploy_queue_repositories", Help: "Repositories with a deploy waiting or running on this node.",
+		}),
 	}
-	m.reg.MustRegister(m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
+	m.reg.MustRegister(m.queued, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
 		m.pulls, m.containersStopped, m.staleFound, m.slackPosts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

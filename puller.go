@@ -56,6 +56,7 @@ func (j *job) merge(ev deployEvent) {
 type deployQueue struct {
 	deploy  func(context.Context, job)
 	done    func(revs []int64) // called after each deploy, even a failed one
+	queued  interface{ Inc(); Dec() }
 	sem     chan struct{}
 	quiet   time.Duration
 	maxWait time.Duration
@@ -77,7 +78,7 @@ const (
 
 func newDeployQueue(n int, deploy func(context.Context, job), done func([]int64)) *deployQueue {
 	return &deployQueue{
-		deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{},
+		deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{}, queued: nopGauge{},
 		quiet: followUpQuiet, maxWait: followUpMaxWait,
 	}
 }
@@ -97,6 +98,7 @@ func (q *deployQueue) submit(ctx context.Context, ev deployEvent) {
 	st.next.merge(ev)
 	st.lastEvent = time.Now()
 	if !busy {
+		q.queued.Inc()
 		q.wg.Add(1)
 		go q.worker(ctx, ev.Repo, st)
 	}
@@ -105,6 +107,7 @@ func (q *deployQueue) submit(ctx context.Context, ev deployEvent) {
 // worker deploys one repository until no work for it is left.
 func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 	defer q.wg.Done()
+	defer q.queued.Dec()
 	for first := true; ; first = false {
 		if !first && !q.settle(ctx, st) {
 			q.mu.Lock()
@@ -158,6 +161,11 @@ func (q *deployQueue) settle(ctx context.Context, st *repoState) bool {
 		}
 	}
 }
+
+type nopGauge struct{}
+
+func (nopGauge) Inc() {}
+func (nopGauge) Dec() {}
 
 // wait blocks until every worker has returned.
 func (q *deployQueue) wait() { q.wg.Wait() }

@@ -598,9 +598,8 @@ func (s *stack) metric(n *node, name, match string) float64 {
 }
 
 // barrier sends a trigger for a repository no node has and waits until
-// every running deployer has handled it, so that everything before it has
-// been handled too (each node handles triggers in revision order only per
-// repository, but the watch delivers in order and the queue is idle then).
+// every running deployer has handled it and has nothing queued: the watch
+// delivers triggers in order, so everything before it is done too.
 func (s *stack) barrier(ns []*node) {
 	s.t.Helper()
 	before := map[*node]float64{}
@@ -612,7 +611,7 @@ func (s *stack) barrier(ns []*node) {
 	}
 	waitFor(s.t, 30*time.Second, "barrier", func() bool {
 		for _, n := range ns {
-			if s.metric(n, "deployer_deploys_total", "") <= before[n] {
+			if s.metric(n, "deployer_deploys_total", "") <= before[n] || s.metric(n, "deployer_deploy_queue_repositories", "") != 0 {
 				return false
 			}
 		}

@@ -6,6 +6,8 @@ need=""
 { command -v dockerd && command -v docker; } >/dev/null 2>&1 || need="$need docker.io"
 command -v docker-registry >/dev/null 2>&1 || need="$need docker-registry"
 command -v etcd >/dev/null 2>&1 || need="$need etcd-server"
+command -v etcdctl >/dev/null 2>&1 || need="$need etcd-client"
+command -v curl >/dev/null 2>&1 || need="$need curl"
 dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,31 @@
+# make test: every test, unit and end-to-end on a real stack (root, Debian).
+# make demo: the main job on one machine, step by step.
+GO ?= go
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
+.PHONY: build test unit e2e lint demo clean
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o deployer .
+
+test: unit e2e
+
+unit:
+	$(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+
+e2e:
+	./scripts/install-deps.sh
+	$(GO) test -tags e2e -count=1 -run '^TestE2E' -v -timeout 20m .
+
+lint:
+	test -z "$$(gofmt -l .)"
+	$(GO) vet ./... && $(GO) vet -tags e2e ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+
+demo:
+	./scripts/install-deps.sh
+	./scripts/demo.sh
+
+clean:
+	rm -f deployer
