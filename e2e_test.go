@@ -64,7 +64,7 @@ func TestE2E(t *testing.T) {
 				t.Fatal(err)
 			}
 			for _, c := range cs {
-				ci, err := n.cli.InspectContainer(c.ID)
+				ci, err := n.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: c.ID})
 				if err == nil && ci.Image == old {
 					t.Errorf("%s still has container %s on the old image", n.name, ci.Name)
 				}

@@ -158,12 +158,6 @@ func (f *fakeDocker) addContainer(name, configImage string) *fakeContainer {
 	return c
 }
 
-func (f *fakeDocker) pullCount() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.pulls)
-}
-
 func (f *fakeDocker) ListImages(opts docker.ListImagesOptions) ([]docker.APIImages, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

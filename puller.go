@@ -54,9 +54,12 @@ func (j *job) merge(ev deployEvent) {
 // until events have stopped for `quiet` (at most `maxWait`), so a burst of
 // webhooks costs two deploys, whatever its length, and none is lost.
 type deployQueue struct {
-	deploy  func(context.Context, job)
-	done    func(revs []int64) // called after each deploy, even a failed one
-	queued  interface{ Inc(); Dec() }
+	deploy func(context.Context, job)
+	done   func(revs []int64) // called after each deploy, even a failed one
+	queued interface {
+		Inc()
+		Dec()
+	}
 	sem     chan struct{}
 	quiet   time.Duration
 	maxWait time.Duration

@@ -167,7 +167,6 @@ type node struct {
 	deployer *proc
 	args     []string
 	sups     map[string]*proc
-	restarts int
 }
 
 type stack struct {
@@ -519,7 +518,7 @@ func (s *stack) supervise(n *node, name, ref, want string) {
 
 // containerImage returns the container's ID and image ID when it runs.
 func (s *stack) containerImage(n *node, name string) (id, image string) {
-	c, err := n.cli.InspectContainer(name)
+	c, err := n.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: name})
 	if err != nil || !c.State.Running {
 		return "", ""
 	}
@@ -655,21 +654,6 @@ func (s *stack) waitSlack(from int, ns []*node, want ...string) {
 		}
 		return true
 	})
-}
-
-func (s *stack) triggerKeys() int64 {
-	s.t.Helper()
-	resp, err := s.cli.Get(context.Background(), s.prefix+"/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	var n int64
-	for _, kv := range resp.Kvs {
-		if _, ok := repoFromKey(s.prefix, string(kv.Key)); ok {
-			n++
-		}
-	}
-	return n
 }
 
 func (s *stack) revision() int64 {

@@ -160,8 +160,8 @@ func TestWatcherCatchesUpAfterCompaction(t *testing.T) {
 	stop := h.start()
 	stop()
 	h.put("b/changed", `{"tag":"v9"}`)
-	rev := h.put("b/changed-twice", `{"tag":"v1"}`)
-	rev = h.put("b/changed-twice", `{"tag":"v2"}`)
+	h.put("b/changed-twice", `{"tag":"v1"}`)
+	rev := h.put("b/changed-twice", `{"tag":"v2"}`)
 	if _, err := cli.Compact(t.Context(), rev); err != nil {
 		t.Fatal(err)
 	}
