@@ -90,7 +90,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		if err != nil {
 			return err
 		}
-		defer etcd.Close()
+		defer closeWithin(etcd.Close, 10*time.Second, log)
 		endpoints = []string{cfg.EtcdListenClient}
 	}
 	cli, err := clientv3.New(clientv3.Config{
@@ -116,6 +116,18 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 		return err
 	}
 	return d.run(ctx)
+}
+
+// closeWithin runs stop, giving up after d: a stop must not hang on a
+// component that cannot shut down (an embedded etcd whose disk is gone).
+func closeWithin(stop func(), d time.Duration, log *slog.Logger) {
+	done := make(chan struct{})
+	go func() { stop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+		log.Warn("gave up waiting for the embedded etcd to stop", "after", d)
+	}
 }
 
 // etcdDialOptions caps gRPC's reconnect backoff (2 minutes by default), so
