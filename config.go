@@ -46,6 +46,9 @@ type config struct {
 	EtcdListenClient    string
 	EtcdListenPeer      string
 	LogFormat           string
+	MaxUnavailable      int
+	RestartTimeout      time.Duration
+	RestartStrategy     string
 }
 
 // defaultConfig returns the defaults, taking the environment from getenv.
@@ -78,6 +81,9 @@ func defaultConfig(getenv func(string) string) config {
 		EtcdListenClient:    "http://127.0.0.1:4001",
 		EtcdListenPeer:      "http://127.0.0.1:4002",
 		LogFormat:           "text",
+		MaxUnavailable:      1,
+		RestartTimeout:      2 * time.Minute,
+		RestartStrategy:     strategyStop,
 	}
 }
 
@@ -112,6 +118,9 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs.StringVar(&c.EtcdListenClient, "etcd_listen_client", c.EtcdListenClient, "client URL of the embedded etcd (with -etcd_nodes empty)")
 	fs.StringVar(&c.EtcdListenPeer, "etcd_listen_peer", c.EtcdListenPeer, "peer URL of the embedded etcd (with -etcd_nodes empty)")
 	fs.StringVar(&c.LogFormat, "log_format", c.LogFormat, "log format: text or json")
+	fs.IntVar(&c.MaxUnavailable, "max_unavailable", c.MaxUnavailable, "containers of one image tag that may be down at once across the cluster; 0 restarts everything at once")
+	fs.DurationVar(&c.RestartTimeout, "restart_timeout", c.RestartTimeout, "how long a replacement may take to run (and be healthy) before the rollout halts")
+	fs.StringVar(&c.RestartStrategy, "restart_strategy", c.RestartStrategy, "stop (a supervisor re-creates the container) or recreate (the deployer does); label deployer.strategy overrides per container")
 
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -209,6 +218,15 @@ func (c config) validate() error {
 		if err := checkHTTPURL(c.EtcdListenPeer); err != nil {
 			return bad("etcd_listen_peer", "%v", err)
 		}
+	}
+	if c.MaxUnavailable < 0 {
+		return bad("max_unavailable", "must not be negative, got %d", c.MaxUnavailable)
+	}
+	if c.RestartTimeout <= 0 {
+		return bad("restart_timeout", "must be positive, got %s", c.RestartTimeout)
+	}
+	if c.RestartStrategy != strategyStop && c.RestartStrategy != strategyRecr {
+		return bad("restart_strategy", "%q must be stop or recreate", c.RestartStrategy)
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return bad("log_format", "%q must be text or json", c.LogFormat)

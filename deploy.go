@@ -28,6 +28,7 @@ func (nopNotifier) notify(report) {}
 type deployer struct {
 	puller    *puller
 	restarter *restarter
+	rollout   *rollout
 	notifier  notifier
 	registry  string // domain of bare names
 	node      string
@@ -123,11 +124,18 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if len(stale) == 0 {
 		return r
 	}
-	stopped, err := d.restarter.stop(ctx, stale)
-	r.Stopped = stopped
-	if err != nil {
-		r.Failed = append(r.Failed, fmt.Sprint(err))
+	for _, o := range d.rollout.replace(ctx, repo.Name(), stale) {
+		switch {
+		case o.skipped != "":
+			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
+		case o.err != nil:
+			r.Failed = append(r.Failed, o.err.Error())
+		default:
+			r.Stopped = append(r.Stopped, o.c)
+			d.rollout.clearHalt(ctx, repo.Name()+":"+o.c.Tag, o.c.NewID)
+		}
 	}
+	stopped := r.Stopped
 	// A tag that had moved before this pull (pulled by hand, or built
 	// here) still replaced an image: report what the containers ran.
 	for i, t := range r.Tags {

@@ -27,9 +27,11 @@ func newTestDeployer(t *testing.T, f *fakeDocker, registry string) (*deployer, *
 	n := &captureNotifier{}
 	m := newMetrics()
 	log := testLogger(t)
+	rs := &restarter{docker: f, killTimeout: 1, callTimeout: time.Minute, log: log, metrics: m}
 	return &deployer{
 		puller:    &puller{docker: f, creds: &credentials{}, pullTimeout: time.Minute, callTimeout: time.Minute, log: log, metrics: m},
-		restarter: &restarter{docker: f, killTimeout: 1, callTimeout: time.Minute, log: log, metrics: m},
+		restarter: rs,
+		rollout:   &rollout{maxUnavailable: 0, docker: f, restarter: rs, strategy: strategyStop, log: log, metrics: m},
 		notifier:  n, registry: registry, node: "n1", log: log, metrics: m,
 	}, n
 }

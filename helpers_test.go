@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -128,11 +129,20 @@ type fakeDocker struct {
 	pingErr    error
 	pullHook   func(ref string) // called during a pull, outside the lock
 	stopped    chan string      // names of stopped containers, if non-nil
+
+	// supervise makes a stop start a replacement from the tag, as a
+	// systemd unit would; crash makes that replacement exit at once.
+	supervise bool
+	crash     bool
+	listeners []chan<- *docker.APIEvents
+	created   int
 }
 
 type fakeContainer struct {
 	ID, Name, ConfigImage, ImageID string
-	Running                        bool
+	Running, Exited                bool
+	Config                         *docker.Config
+	HostConfig                     *docker.HostConfig
 }
 
 var (
@@ -219,11 +229,18 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, c := range f.containers {
-		if c.ID == id {
+		if c.ID == id || c.Name == id {
+			cfg := c.Config
+			if cfg == nil {
+				cfg = &docker.Config{Image: c.ConfigImage, Env: []string{"PATH=/bin", "APP=1"}, Cmd: []string{"/app"}, Labels: map[string]string{"team": "x"}}
+			}
+			st := docker.State{Running: c.Running, StartedAt: time.Unix(100, 0)}
+			if c.Exited {
+				st.FinishedAt, st.ExitCode = time.Unix(101, 0), 1
+			}
 			return &docker.Container{
-				ID: c.ID, Name: "/" + c.Name, Image: c.ImageID,
-				Config: &docker.Config{Image: c.ConfigImage},
-				State:  docker.State{Running: c.Running},
+				ID: c.ID, Name: "/" + c.Name, Image: c.ImageID, Config: cfg, State: st,
+				HostConfig: &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}},
 			}, nil
 		}
 	}
@@ -232,7 +249,7 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 
 func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Context) error {
 	f.mu.Lock()
-	var name string
+	var stopped *fakeContainer
 	for _, c := range f.containers {
 		if c.ID == id {
 			if err := f.stopErr[c.Name]; err != nil {
@@ -244,15 +261,115 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 				return &docker.ContainerNotRunning{ID: id}
 			}
 			c.Running = false
-			name = c.Name
+			stopped = c
+		}
+	}
+	if stopped != nil && f.supervise {
+		// The unit removes the old container and runs the tag again.
+		f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == stopped })
+		f.created++
+		ref, _ := containerRef(stopped.ConfigImage, "")
+		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(stopped.Name, f.created)))), Name: stopped.Name,
+			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: !f.crash, Exited: f.crash}
+		f.containers = append(f.containers, n)
+		f.emit("start", n)
+		if f.crash {
+			f.emit("die", n)
 		}
 	}
 	f.mu.Unlock()
-	if name == "" {
+	if stopped == nil {
 		return &docker.NoSuchContainer{ID: id}
 	}
 	if f.stopped != nil {
-		f.stopped <- name
+		f.stopped <- stopped.Name
+	}
+	return nil
+}
+
+// emit sends an event to the listeners; f.mu is held.
+func (f *fakeDocker) emit(action string, c *fakeContainer) {
+	ev := &docker.APIEvents{Action: action, Type: "container", Actor: docker.APIActor{ID: c.ID, Attributes: map[string]string{"name": c.Name, "exitCode": "1"}}}
+	for _, l := range f.listeners {
+		select {
+		case l <- ev:
+		default:
+		}
+	}
+}
+
+func (f *fakeDocker) AddEventListenerWithOptions(_ docker.EventsOptions, l chan<- *docker.APIEvents) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.listeners = append(f.listeners, l)
+	return nil
+}
+
+func (f *fakeDocker) RemoveEventListener(l chan *docker.APIEvents) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.listeners = slices.DeleteFunc(f.listeners, func(x chan<- *docker.APIEvents) bool { return x == l })
+	return nil
+}
+
+func (f *fakeDocker) InspectImage(name string) (*docker.Image, error) {
+	return &docker.Image{ID: name, Config: &docker.Config{Env: []string{"PATH=/bin"}, Cmd: []string{"/app"}}}, nil
+}
+
+func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docker.Container, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.containers {
+		if c.Name == opts.Name {
+			return nil, &docker.Error{Status: 409, Message: "name in use"}
+		}
+	}
+	f.created++
+	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(opts.Name, "created", f.created)))), Name: opts.Name,
+		ConfigImage: opts.Config.Image, Config: opts.Config, HostConfig: opts.HostConfig}
+	f.containers = append(f.containers, c)
+	return &docker.Container{ID: c.ID}, nil
+}
+
+func (f *fakeDocker) StartContainerWithContext(id string, _ *docker.HostConfig, _ context.Context) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.containers {
+		if c.ID == id {
+			if c.Running {
+				return &docker.ContainerAlreadyRunning{ID: id}
+			}
+			ref, _ := containerRef(c.ConfigImage, "")
+			if c.ImageID == "" && ref != nil {
+				c.ImageID = f.local[ref.String()]
+			}
+			crash := f.crash && c.Config != nil // only new containers crash
+			c.Running, c.Exited = !crash, crash
+			return nil
+		}
+	}
+	return &docker.NoSuchContainer{ID: id}
+}
+
+func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.containers {
+		if c.ID == opts.ID {
+			c.Name = opts.Name
+			return nil
+		}
+	}
+	return &docker.NoSuchContainer{ID: opts.ID}
+}
+
+func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := len(f.containers)
+	f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c.ID == opts.ID && (opts.Force || !c.Running) })
+	if len(f.containers) == n {
+		return &docker.NoSuchContainer{ID: opts.ID}
 	}
 	return nil
 }

@@ -144,6 +144,7 @@ func etcdDialOptions() []grpc.DialOption {
 type dockerAPI interface {
 	imageAPI
 	containerAPI
+	replaceAPI
 	PingWithContext(ctx context.Context) error
 }
 
@@ -159,6 +160,7 @@ type daemon struct {
 	progress *progress
 	queue    *deployQueue
 	repuller *repuller
+	rollout  *rollout
 	slack    *slackNotifier // nil when Slack is off
 	listener net.Listener   // set by run; tests read its address
 	ready    chan struct{}  // closed once listening
@@ -177,17 +179,25 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		note = d.slack
 	}
 	const callTimeout = 30 * time.Second
+	rs := &restarter{
+		docker: dc, killTimeout: cfg.KillTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
+		log: log.With("component", "restarter"), metrics: m,
+	}
+	d.rollout = &rollout{
+		etcd: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, maxUnavailable: cfg.MaxUnavailable,
+		timeout: cfg.RestartTimeout, strategy: cfg.RestartStrategy, killTimeout: cfg.KillTimeout,
+		callTimeout: callTimeout, docker: dc, restarter: rs, poll: time.Second,
+		log: log.With("component", "rollout"), metrics: m,
+	}
 	dep := &deployer{
 		puller: &puller{
 			docker: dc, creds: &credentials{path: cfg.DockerCfg, log: log},
 			pullTimeout: 10 * time.Minute, callTimeout: callTimeout,
 			log: log.With("component", "puller"), metrics: m,
 		},
-		restarter: &restarter{
-			docker: dc, killTimeout: cfg.KillTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
-			log: log.With("component", "restarter"), metrics: m,
-		},
-		notifier: note, registry: registry, node: cfg.NodeName,
+		restarter: rs,
+		rollout:   d.rollout,
+		notifier:  note, registry: registry, node: cfg.NodeName,
 		log: log.With("component", "deployer"), metrics: m,
 	}
 	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
@@ -323,6 +333,7 @@ func (d *daemon) run(ctx context.Context) error {
 		<-drained
 	}
 	cancelWork()
+	d.rollout.close()
 	d.webhook.wg.Wait()
 	cancelBg()
 	if berr := bg.Wait(); err == nil {

@@ -100,6 +100,7 @@ func TestDaemonDeploysFromWebhook(t *testing.T) {
 	f.remote["127.0.0.1:5000/myorg/foo:qa"] = newer
 	f.addContainer("foo", "127.0.0.1:5000/myorg/foo:qa")
 	f.stopped = make(chan string, 1)
+	f.supervise = true
 	slack := newSlackRecorder(t)
 	td := startTestDaemon(t, testEtcd(t), f, func(c *config) {
 		c.SlackWebhookURL = slack.URL

@@ -10,17 +10,19 @@ import (
 type metrics struct {
 	reg *prometheus.Registry
 
-	webhooks          *prometheus.CounterVec // source, result
-	etcdWrites        *prometheus.CounterVec // result
-	watchEvents       prometheus.Counter
-	watchReconnects   prometheus.Counter
-	deploys           *prometheus.CounterVec   // result
-	deployDuration    *prometheus.HistogramVec // result
-	pulls             *prometheus.CounterVec   // result
-	containersStopped *prometheus.CounterVec   // result
-	staleFound        prometheus.Counter
-	slackPosts        *prometheus.CounterVec // result
-	queued            prometheus.Gauge       // repositories waiting or deploying
+	webhooks            *prometheus.CounterVec // source, result
+	etcdWrites          *prometheus.CounterVec // result
+	watchEvents         prometheus.Counter
+	watchReconnects     prometheus.Counter
+	deploys             *prometheus.CounterVec   // result
+	deployDuration      *prometheus.HistogramVec // result
+	pulls               *prometheus.CounterVec   // result
+	containersStopped   *prometheus.CounterVec   // result
+	staleFound          prometheus.Counter
+	slackPosts          *prometheus.CounterVec // result
+	queued              prometheus.Gauge       // repositories waiting or deploying
+	rolloutsHalted      prometheus.Counter
+	containersRecreated prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -60,8 +62,14 @@ func newMetrics() *metrics {
 		queued: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "deployer_deploy_queue_repositories", Help: "Repositories with a deploy waiting or running on this node.",
 		}),
+		rolloutsHalted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "deployer_rollouts_halted_total", Help: "Rollouts this node halted because a new version did not come up.",
+		}),
+		containersRecreated: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "deployer_containers_recreated_total", Help: "Containers re-created on a new image (-restart_strategy=recreate).",
+		}),
 	}
-	m.reg.MustRegister(m.queued, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
+	m.reg.MustRegister(m.queued, m.rolloutsHalted, m.containersRecreated, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
 		m.pulls, m.containersStopped, m.staleFound, m.slackPosts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -19,6 +19,7 @@ type report struct {
 	Tags    []tagReport
 	Stopped []staleContainer
 	Failed  []string // failures other than pulls: listing, inspecting, stopping
+	Held    []string // stale containers left alone, with the reason
 	DryRun  bool     // stale containers were found, not stopped
 	Stale   []staleContainer
 }
@@ -46,7 +47,7 @@ func (r report) failed() bool {
 // worthTelling is false for a deploy that changed nothing and failed at
 // nothing: a pull that found the image up to date.
 func (r report) worthTelling() bool {
-	if r.failed() || len(r.Stopped) > 0 || len(r.Stale) > 0 {
+	if r.failed() || len(r.Stopped) > 0 || len(r.Stale) > 0 || len(r.Held) > 0 {
 		return true
 	}
 	for _, t := range r.Tags {
@@ -84,6 +85,9 @@ func (r report) text() string {
 	}
 	if len(r.Stopped) > 0 {
 		fmt.Fprintf(&b, "\nstopped: %s", containerNames(r.Stopped))
+	}
+	if len(r.Held) > 0 {
+		fmt.Fprintf(&b, "\nheld back: %s", strings.Join(r.Held, ", "))
 	}
 	for _, f := range r.Failed {
 		fmt.Fprintf(&b, "\n• failed: %s", f)

@@ -35,6 +35,7 @@ type staleContainer struct {
 	Tag     string // the tag it was started with
 	ImageID string // the image it runs
 	NewID   string // the image the tag points at now
+	Labels  map[string]string
 }
 
 // restarter finds the containers of a repository that run an image their
@@ -88,6 +89,7 @@ func (r *restarter) stale(ctx context.Context, repo reference.Named, current map
 		}
 		out = append(out, staleContainer{
 			ID: ctr.ID, Name: strings.TrimPrefix(ctr.Name, "/"), Tag: ref.Tag(), ImageID: ctr.Image, NewID: newID,
+			Labels: ctr.Config.Labels,
 		})
 	}
 	r.metrics.staleFound.Add(float64(len(out)))

@@ -1,0 +1,176 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+)
+
+// recreate replaces a container on a host with no supervisor: it creates
+// a container with the same configuration (name, env, mounts, labels,
+// restart policy, command, network mode) on the new image, starts it, and
+// removes the old one only when the new one is up. On failure it restores
+// the old one.
+func (r *rollout) recreate(ctx context.Context, c staleContainer) error {
+	ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	old, err := r.docker.InspectContainerWithContext(c.ID, ictx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("inspect %s: %w", c.Name, err)
+	}
+	// The old image's defaults (env, labels, command) were merged into
+	// the container's configuration; leave them out so that the new
+	// image's own defaults apply. InspectImage has no context variant.
+	var defaults *docker.Config
+	if img, err := r.docker.InspectImage(old.Image); err == nil {
+		defaults = img.Config
+	}
+	cfg, host, netcfg := cloneConfig(old, defaults)
+
+	name := strings.TrimPrefix(old.Name, "/")
+	parked := name + "-deployer-old-" + shortID(old.ID)
+	if err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: old.ID, Name: parked, Context: ctx}); err != nil {
+		return fmt.Errorf("rename %s: %w", name, err)
+	}
+	restore := func(newID string, cause error) error {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout+time.Duration(r.killTimeout)*time.Second)
+		defer cancel()
+		if newID != "" {
+			_ = r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: newID, Force: true, Context: rctx})
+		}
+		if err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: old.ID, Name: name, Context: rctx}); err != nil {
+			return fmt.Errorf("%w; restoring %s failed too: %w", cause, name, err)
+		}
+		if err := r.docker.StartContainerWithContext(old.ID, nil, rctx); err != nil {
+			var running *docker.ContainerAlreadyRunning
+			if !errors.As(err, &running) {
+				return fmt.Errorf("%w; restarting the old %s failed too: %w", cause, name, err)
+			}
+		}
+		r.log.Warn("restored the old container", "container", name, "cause", cause)
+		return cause
+	}
+
+	if err := r.restarter.stopOne(ctx, c); err != nil {
+		return restore("", err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	created, err := r.docker.CreateContainer(docker.CreateContainerOptions{
+		Name: name, Config: cfg, HostConfig: host, NetworkingConfig: netcfg, Context: cctx,
+	})
+	cancel()
+	if err != nil {
+		return restore("", fmt.Errorf("%w: create %s: %w", errReplacement, name, err))
+	}
+	sctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	err = r.docker.StartContainerWithContext(created.ID, nil, sctx)
+	cancel()
+	if err != nil {
+		return restore(created.ID, fmt.Errorf("%w: start %s: %w", errReplacement, name, err))
+	}
+	if err := r.waitUp(ctx, created.ID, c.NewID); err != nil {
+		return restore(created.ID, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	if err := r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: old.ID, Context: rctx}); err != nil {
+		r.log.Warn("could not remove the old container", "container", parked, "err", err)
+	}
+	r.metrics.containersRecreated.Inc()
+	r.log.Info("recreated container", "container", name, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
+	return nil
+}
+
+// waitUp waits until container id runs and is healthy (or has no
+// healthcheck), within the restart timeout.
+func (r *rollout) waitUp(ctx context.Context, id, newID string) error {
+	deadline := time.Now().Add(r.timeout)
+	for {
+		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
+		c, err := r.docker.InspectContainerWithContext(id, ictx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("%w: inspect the new container: %w", errReplacement, err)
+		}
+		done, err := replacementState(c, newID)
+		if done || err != nil {
+			return err
+		}
+		if !c.State.Running && !c.State.Restarting {
+			return fmt.Errorf("%w: %s exited with code %d", errReplacement, c.Name, c.State.ExitCode)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: %s not up within %v", errReplacement, c.Name, r.timeout)
+		}
+		if !sleepCtx(ctx, r.poll) {
+			return ctx.Err()
+		}
+	}
+}
+
+// cloneConfig copies a container's configuration for a new container of
+// the same tag, leaving out what came from the old image (defaults) and
+// what Docker fills in per container.
+func cloneConfig(old *docker.Container, defaults *docker.Config) (*docker.Config, *docker.HostConfig, *docker.NetworkingConfig) {
+	cfg := *old.Config
+	if defaults == nil {
+		defaults = &docker.Config{}
+	}
+	if cfg.Hostname == shortID(old.ID) || strings.HasPrefix(old.ID, cfg.Hostname) {
+		cfg.Hostname = "" // Docker's default: the new container's ID
+	}
+	cfg.Env = slices.DeleteFunc(slices.Clone(cfg.Env), func(e string) bool { return slices.Contains(defaults.Env, e) })
+	labels := maps.Clone(cfg.Labels)
+	for k, v := range defaults.Labels {
+		if labels[k] == v {
+			delete(labels, k)
+		}
+	}
+	cfg.Labels = labels
+	if slices.Equal(cfg.Cmd, defaults.Cmd) {
+		cfg.Cmd = nil
+	}
+	if slices.Equal(cfg.Entrypoint, defaults.Entrypoint) {
+		cfg.Entrypoint = nil
+	}
+	if cfg.WorkingDir == defaults.WorkingDir {
+		cfg.WorkingDir = ""
+	}
+	if cfg.User == defaults.User {
+		cfg.User = ""
+	}
+	if maps.Equal(cfg.ExposedPorts, defaults.ExposedPorts) {
+		cfg.ExposedPorts = nil
+	}
+	if maps.Equal(cfg.Volumes, defaults.Volumes) {
+		cfg.Volumes = nil
+	}
+	if defaults.Healthcheck != nil && cfg.Healthcheck != nil && slices.Equal(cfg.Healthcheck.Test, defaults.Healthcheck.Test) {
+		cfg.Healthcheck = nil
+	}
+	var host *docker.HostConfig
+	if old.HostConfig != nil {
+		h := *old.HostConfig
+		host = &h
+	}
+	var netcfg *docker.NetworkingConfig
+	if old.NetworkSettings != nil && host != nil && !isBuiltinNetwork(host.NetworkMode) {
+		netcfg = &docker.NetworkingConfig{EndpointsConfig: map[string]*docker.EndpointConfig{}}
+		for name, n := range old.NetworkSettings.Networks {
+			// Docker adds the short ID as an alias; it would be wrong.
+			aliases := slices.DeleteFunc(slices.Clone(n.Aliases), func(a string) bool { return strings.HasPrefix(old.ID, a) })
+			netcfg.EndpointsConfig[name] = &docker.EndpointConfig{Aliases: aliases}
+		}
+	}
+	return &cfg, host, netcfg
+}
+
+func isBuiltinNetwork(mode string) bool {
+	return mode == "" || mode == "default" || mode == "bridge" || mode == "host" || mode == "none" || strings.HasPrefix(mode, "container:")
+}
