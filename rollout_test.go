@@ -253,4 +253,3 @@ func TestReplacementState(t *testing.T) {
 		}
 	}
 }
-
