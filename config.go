@@ -201,7 +201,7 @@ func (c config) validate() error {
 		return bad("registry_webhook_path", "must differ from -webhook_path")
 	}
 	for _, p := range []string{c.WebhookPath, c.RegistryWebhookPath} {
-		if p == "/healthz" {
+		if p == "/healthz" || p == "/metrics" || p == "/api/status" {
 			return bad("webhook_path", "%q is reserved", p)
 		}
 	}

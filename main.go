@@ -61,6 +61,9 @@ var errUsage = errors.New("usage")
 // run is the whole daemon; it returns when ctx is done and everything has
 // stopped.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "status" {
+		return statusCommand(ctx, args[1:], stdout, stderr)
+	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) || errors.Is(err, errInvalidFlag) {
@@ -161,6 +164,7 @@ type daemon struct {
 	queue    *deployQueue
 	repuller *repuller
 	rollout  *rollout
+	status   *statusReporter
 	slack    *slackNotifier // nil when Slack is off
 	listener net.Listener   // set by run; tests read its address
 	ready    chan struct{}  // closed once listening
@@ -201,7 +205,15 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		log: log.With("component", "deployer"), metrics: m,
 	}
 	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
-	d.queue = newDeployQueue(cfg.MaxThreads, dep.deploy, d.progress.done)
+	d.status = &statusReporter{
+		docker: dc, rollout: d.rollout, prefix: cfg.EtcdPrefix, node: cfg.NodeName, started: time.Now().UTC(),
+		period: 5 * time.Second, callTimeout: callTimeout, log: log.With("component", "status"),
+		wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
+	}
+	d.queue = newDeployQueue(cfg.MaxThreads, func(ctx context.Context, j job) {
+		dep.deploy(ctx, j)
+		d.status.poke()
+	}, d.progress.done)
 	d.queue.queued = m.queued
 	d.watcher = &watcher{
 		kv: cli, w: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, retryDelay: cfg.EtcdRetryDelay,
@@ -225,6 +237,7 @@ func (d *daemon) handler() http.Handler {
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
 	mux.HandleFunc(d.cfg.RegistryWebhookPath, d.webhook.registry)
 	mux.HandleFunc("GET /healthz", d.healthz)
+	mux.HandleFunc("GET /api/status", d.apiStatus)
 	metrics := promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
 		if !authorized(r, d.cfg.WebhookSecret) {
@@ -319,6 +332,7 @@ func (d *daemon) run(ctx context.Context) error {
 	})
 	g.Go(func() error { return d.watcher.run(gctx) })
 	g.Go(func() error { return d.repuller.run(gctx) })
+	g.Go(func() error { return d.status.run(gctx) })
 	err = g.Wait()
 
 	// Let deploys in flight finish their stops, within a bound.

@@ -1,0 +1,338 @@
+package main
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// Cluster status. Every node keeps a record under <prefix>/_status/<node>,
+// bound to its session lease (it goes when the node does), listing the
+// containers it runs from tags. GET /api/status and `deployer status`
+// gather the records and the rollout state into one view per tag.
+const statusDir = "_status"
+
+type containerStatus struct {
+	Name    string    `json:"name"`
+	Image   string    `json:"image"` // the tag it was started from
+	ImageID string    `json:"image_id"`
+	Since   time.Time `json:"since"`
+}
+
+type nodeStatus struct {
+	Node       string            `json:"node"`
+	Version    string            `json:"version"`
+	Started    time.Time         `json:"started"`
+	Updated    time.Time         `json:"updated"`
+	Containers []containerStatus `json:"containers"`
+}
+
+// statusReporter writes this node's record after each deploy and every
+// few seconds when the containers changed.
+type statusReporter struct {
+	docker      containerAPI
+	rollout     *rollout // for the session lease
+	prefix      string
+	node        string
+	started     time.Time
+	period      time.Duration
+	callTimeout time.Duration
+	log         *slog.Logger
+	wake        chan struct{} // capacity 1
+
+	mu    sync.Mutex
+	cache map[string]containerStatus // container ID -> status; a container's config never changes
+}
+
+func (s *statusReporter) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *statusReporter) run(ctx context.Context) error {
+	t := time.NewTicker(s.period)
+	defer t.Stop()
+	var last []containerStatus
+	var lastLease clientv3.LeaseID
+	for {
+		cs, err := s.containers(ctx)
+		if err == nil {
+			lease, werr := s.write(ctx, cs, last, lastLease)
+			if werr != nil && ctx.Err() == nil {
+				s.log.Warn("status record not written", "err", werr)
+			} else {
+				last, lastLease = cs, lease
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		case <-s.wake:
+		}
+	}
+}
+
+// write puts the record when the containers or the lease changed.
+func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, lastLease clientv3.LeaseID) (clientv3.LeaseID, error) {
+	sess, err := s.rollout.sess()
+	if err != nil {
+		return lastLease, err
+	}
+	if sess.Lease() == lastLease && slices.Equal(cs, last) {
+		return lastLease, nil
+	}
+	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: version, Started: s.started, Updated: time.Now().UTC(), Containers: cs})
+	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
+	defer cancel()
+	if _, err := s.rollout.etcd.Put(ctx, s.prefix+"/"+statusDir+"/"+s.node, string(b), clientv3.WithLease(sess.Lease())); err != nil {
+		return lastLease, err
+	}
+	return sess.Lease(), nil
+}
+
+// containers lists the running containers started from a tag.
+func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, error) {
+	lctx, cancel := context.WithTimeout(ctx, s.callTimeout)
+	list, err := s.docker.ListContainers(docker.ListContainersOptions{Context: lctx})
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seen := map[string]bool{}
+	var out []containerStatus
+	for _, c := range list {
+		seen[c.ID] = true
+		st, ok := s.cache[c.ID]
+		if !ok {
+			ictx, cancel := context.WithTimeout(ctx, s.callTimeout)
+			ctr, err := s.docker.InspectContainerWithContext(c.ID, ictx)
+			cancel()
+			if err != nil || ctr.Config == nil {
+				continue
+			}
+			st = containerStatus{Name: strings.TrimPrefix(ctr.Name, "/"), ImageID: ctr.Image, Since: ctr.State.StartedAt.UTC()}
+			if ref, ok := containerRef(ctr.Config.Image, ctr.Image); ok {
+				st.Image = ref.String()
+			}
+			s.cache[c.ID] = st
+		}
+		if st.Image != "" {
+			out = append(out, st)
+		}
+	}
+	maps.DeleteFunc(s.cache, func(id string, _ containerStatus) bool { return !seen[id] })
+	slices.SortFunc(out, func(a, b containerStatus) int { return cmp.Or(cmp.Compare(a.Image, b.Image), cmp.Compare(a.Name, b.Name)) })
+	return out, nil
+}
+
+// clusterStatus is the view GET /api/status returns.
+type clusterStatus struct {
+	Time  time.Time    `json:"time"`
+	Nodes []nodeStatus `json:"nodes"`
+	Tags  []tagStatus  `json:"tags"`
+}
+
+type tagStatus struct {
+	Image    string        `json:"image"`
+	Versions []versionInfo `json:"versions"` // newest first
+	Rolling  []string      `json:"rolling,omitempty"`
+	Halted   *halt         `json:"halted,omitempty"`
+	// SkewSeconds is how long two image IDs of this tag have been
+	// running at once: since the newest one's first container started.
+	SkewSeconds float64 `json:"skew_seconds"`
+}
+
+type versionInfo struct {
+	ImageID    string    `json:"image_id"`
+	Nodes      []string  `json:"nodes"`
+	Containers int       `json:"containers"`
+	Since      time.Time `json:"since"` // first container on it
+}
+
+// readStatus gathers the node records and the rollout state.
+func readStatus(ctx context.Context, kv clientv3.KV, prefix string, now time.Time) (clusterStatus, error) {
+	out := clusterStatus{Time: now.UTC(), Nodes: []nodeStatus{}, Tags: []tagStatus{}}
+	nodes, err := kv.Get(ctx, prefix+"/"+statusDir+"/", clientv3.WithPrefix())
+	if err != nil {
+		return out, err
+	}
+	tags := map[string]*tagStatus{}
+	tag := func(ref string) *tagStatus {
+		if tags[ref] == nil {
+			tags[ref] = &tagStatus{Image: ref}
+		}
+		return tags[ref]
+	}
+	versions := map[string]map[string]*versionInfo{}
+	for _, kv := range nodes.Kvs {
+		var n nodeStatus
+		if json.Unmarshal(kv.Value, &n) != nil {
+			continue
+		}
+		out.Nodes = append(out.Nodes, n)
+		for _, c := range n.Containers {
+			tag(c.Image)
+			if versions[c.Image] == nil {
+				versions[c.Image] = map[string]*versionInfo{}
+			}
+			v := versions[c.Image][c.ImageID]
+			if v == nil {
+				v = &versionInfo{ImageID: c.ImageID, Since: c.Since}
+				versions[c.Image][c.ImageID] = v
+			}
+			if !slices.Contains(v.Nodes, n.Node) {
+				v.Nodes = append(v.Nodes, n.Node)
+			}
+			v.Containers++
+			if c.Since.Before(v.Since) {
+				v.Since = c.Since
+			}
+		}
+	}
+	rolls, err := kv.Get(ctx, prefix+"/"+rolloutDir+"/", clientv3.WithPrefix())
+	if err != nil {
+		return out, err
+	}
+	for _, kv := range rolls.Kvs {
+		rest := strings.TrimPrefix(string(kv.Key), prefix+"/"+rolloutDir+"/")
+		esc, what, ok := strings.Cut(rest, "/")
+		ref, err := url.PathUnescape(esc)
+		if !ok || err != nil {
+			continue
+		}
+		switch {
+		case what == "halted":
+			var h halt
+			if json.Unmarshal(kv.Value, &h) == nil {
+				tag(ref).Halted = &h
+			}
+		case strings.HasPrefix(what, "slots/"):
+			t := tag(ref)
+			t.Rolling = append(t.Rolling, string(kv.Value))
+		}
+	}
+	for ref, t := range tags {
+		for _, v := range versions[ref] {
+			slices.Sort(v.Nodes)
+			t.Versions = append(t.Versions, *v)
+		}
+		slices.SortFunc(t.Versions, func(a, b versionInfo) int { return b.Since.Compare(a.Since) })
+		if len(t.Versions) > 1 {
+			t.SkewSeconds = now.Sub(t.Versions[0].Since).Seconds()
+		}
+		out.Tags = append(out.Tags, *t)
+	}
+	slices.SortFunc(out.Tags, func(a, b tagStatus) int { return cmp.Compare(a.Image, b.Image) })
+	slices.SortFunc(out.Nodes, func(a, b nodeStatus) int { return cmp.Compare(a.Node, b.Node) })
+	return out, nil
+}
+
+// GET /api/status
+//
+// The cluster's state per image tag: which image IDs run on which nodes,
+// rollouts in progress or halted, and the version skew. Same secret as the
+// webhooks.
+func (d *daemon) apiStatus(w http.ResponseWriter, r *http.Request) {
+	if !authorized(r, d.cfg.WebhookSecret) {
+		writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "missing or wrong secret"})
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	st, err := readStatus(ctx, d.etcd, d.cfg.EtcdPrefix, time.Now())
+	if err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+// statusCommand is `deployer status`: the cluster status as a table.
+func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	def := defaultConfig(func(string) string { return "" })
+	fs := flag.NewFlagSet("deployer status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	nodes := fs.String("etcd_nodes", strings.Join(def.EtcdNodes, ","), "comma-separated etcd endpoints")
+	prefix := fs.String("etcd_prefix", def.EtcdPrefix, "etcd key prefix")
+	dial := fs.Duration("etcd_dial_timeout", def.EtcdDialTimeout, "timeout for connecting to etcd")
+	asJSON := fs.Bool("json", false, "print JSON instead of a table")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %w", errUsage, err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: splitList(*nodes), DialTimeout: *dial, Logger: zap.NewNop(), DialOptions: etcdDialOptions()})
+	if err != nil {
+		return fmt.Errorf("etcd: %w", err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(ctx, *dial+5*time.Second)
+	defer cancel()
+	st, err := readStatus(ctx, cli, *prefix, time.Now())
+	if err != nil {
+		return fmt.Errorf("read status from %s: %w", *nodes, err)
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(st)
+	}
+	printStatus(stdout, st)
+	return nil
+}
+
+func printStatus(w io.Writer, st clusterStatus) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "IMAGE\tIMAGE ID\tNODES\tCONTAINERS\tSINCE\tSTATE")
+	for _, t := range st.Tags {
+		state := "ok"
+		switch {
+		case t.Halted != nil:
+			state = fmt.Sprintf("HALTED: %s on %s: %s", shortID(t.Halted.ImageID), t.Halted.Node, t.Halted.Reason)
+		case len(t.Rolling) > 0:
+			state = "rolling: " + strings.Join(t.Rolling, ", ")
+		case len(t.Versions) > 1:
+			state = fmt.Sprintf("skew %s", (time.Duration(t.SkewSeconds) * time.Second).String())
+		}
+		name := t.Image
+		if len(t.Versions) == 0 {
+			fmt.Fprintf(tw, "%s\t-\t-\t0\t-\t%s\n", name, state)
+		}
+		for i, v := range t.Versions {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s ago\t%s\n", name, shortID(v.ImageID), strings.Join(v.Nodes, ","), v.Containers,
+				st.Time.Sub(v.Since).Round(time.Second), state)
+			if i == 0 {
+				name, state = "", ""
+			}
+		}
+	}
+	fmt.Fprintln(tw)
+	fmt.Fprintln(tw, "NODE\tVERSION\tUP\tUPDATED")
+	for _, n := range st.Nodes {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\n", n.Node, n.Version, st.Time.Sub(n.Started).Round(time.Second), st.Time.Sub(n.Updated).Round(time.Second))
+	}
+	tw.Flush()
+}
