@@ -8,6 +8,10 @@ package main
 import (
 	"fmt"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -307,4 +311,187 @@ func TestE2E(t *testing.T) {
 		s.record("scenario 9: SIGTERM during a 3s stop → exit status 0 after %v; slow container back on the new image", took.Round(time.Millisecond))
 		s.runDeployer(n1)
 	})
+
+	t.Run("10 rolling deploy keeps at most max_unavailable nodes down", func(t *testing.T) {
+		stop := s.sampler("app")
+		start := time.Now()
+		deploy(t, "scenario 10 (rolling, max_unavailable=1)")
+		took := time.Since(start)
+		maxDown, samples := stop()
+		if maxDown > 1 {
+			t.Errorf("up to %d nodes had no running app at once during a rolling deploy; want at most 1", maxDown)
+		}
+		s.record("scenario 10: rolling deploy over 3 nodes: %v; most nodes down at once: %d (%d samples every 50ms)", took.Round(time.Millisecond), maxDown, samples)
+
+		s.restartDeployers("-max_unavailable=0")
+		stop = s.sampler("app")
+		start = time.Now()
+		deploy(t, "scenario 10 (all at once, max_unavailable=0)")
+		took = time.Since(start)
+		maxDown, samples = stop()
+		s.record("scenario 10: all-at-once deploy over 3 nodes: %v; most nodes down at once: %d (%d samples)", took.Round(time.Millisecond), maxDown, samples)
+		s.restartDeployers("-max_unavailable=1")
+	})
+
+	t.Run("11 a version that exits at once halts after the first node", func(t *testing.T) {
+		good := qa
+		ids := map[string]string{}
+		for _, n := range all {
+			ids[n.name], _ = s.containerImage(n, "app")
+		}
+		broken := s.buildKind(qaRef, "broken")
+		from := len(s.slackTexts())
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		var halted *halt
+		waitFor(t, 60*time.Second, "the rollout to halt", func() bool {
+			for _, tag := range s.status(all[0]).Tags {
+				if tag.Image == qaRef && tag.Halted != nil && tag.Halted.ImageID == broken {
+					halted = tag.Halted
+					return true
+				}
+			}
+			return false
+		})
+		tookHalt := time.Since(start)
+		s.barrier(all)
+		failing, kept := 0, 0
+		for _, n := range all {
+			id, img := s.containerImage(n, "app")
+			switch {
+			case n.name == halted.Node:
+				failing++
+			case id == ids[n.name] && img == good:
+				kept++
+			default:
+				t.Errorf("%s: app %s on %s; want the old container on %s", n.name, shortID(id), shortID(img), shortID(good))
+			}
+		}
+		if failing != 1 || kept != 2 {
+			t.Errorf("halted on %s: %d failing node, %d nodes kept the old version; want 1 and 2", halted.Node, failing, kept)
+		}
+		s.waitSlack(from, []*node{nodeByName(all, halted.Node)}, "FAILED", "exited")
+		s.record("scenario 11: broken version halted by %s %v after the webhook (%s); 2 other nodes kept %s", halted.Node, tookHalt.Round(time.Millisecond), halted.Reason, shortID(good))
+
+		// A new push resumes normal rollouts.
+		start = time.Now()
+		qa = s.build(qaRef, false)
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage(all, "app", qa, 90*time.Second)
+		s.record("scenario 11: next good push rolled out to all nodes in %v", time.Since(start).Round(time.Millisecond))
+	})
+
+	t.Run("12 recreate keeps name, env, labels, mounts and restart policy", func(t *testing.T) {
+		n3 := all[2]
+		recRef := s.hub.host() + "/myorg/rec:v1"
+		rec := s.build(recRef, false)
+		data := filepath.Join(s.dir, "rec-data")
+		if err := os.MkdirAll(data, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		s.dockerCLI(n3.dockerd, "pull", "-q", recRef)
+		s.dockerCLI(n3.dockerd, "run", "-d", "--name", "rec", "--network", "none", "--restart", "unless-stopped",
+			"-e", "FOO=bar", "-l", "team=x", "-l", "deployer.strategy=recreate", "-v", data+":/data", recRef)
+		oldID, _ := s.containerImage(n3, "rec")
+		old := rec
+		rec = s.build(recRef, false)
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/rec", "v1"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage([]*node{n3}, "rec", rec, 60*time.Second)
+		took := time.Since(start)
+		c, err := n3.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: "rec"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.ID == oldID || !slices.Contains(c.Config.Env, "FOO=bar") || c.Config.Labels["team"] != "x" ||
+			c.HostConfig.RestartPolicy.Name != "unless-stopped" || c.HostConfig.NetworkMode != "none" ||
+			!slices.Contains(c.HostConfig.Binds, data+":/data") {
+			t.Errorf("recreated container: env %v labels %v restart %q network %q binds %v",
+				c.Config.Env, c.Config.Labels, c.HostConfig.RestartPolicy.Name, c.HostConfig.NetworkMode, c.HostConfig.Binds)
+		}
+		// The old one goes once the new one is confirmed up.
+		waitFor(t, 30*time.Second, "the old container to be removed", func() bool {
+			_, err := n3.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: oldID})
+			return err != nil
+		})
+		s.record("scenario 12: recreate (no supervisor) %s → %s in %v, name/env/labels/mounts/restart policy kept", shortID(old), shortID(rec), took.Round(time.Millisecond))
+	})
+
+	t.Run("13 a node killed while holding a slot blocks the rollout at most its lease", func(t *testing.T) {
+		holdRef := s.hub.host() + "/myorg/hold:qa"
+		hold := s.build(holdRef, true) // stops take the whole -kill_timeout (3s)
+		for _, n := range all {
+			s.supervise(n, "hold", holdRef, hold)
+		}
+		hold = s.build(holdRef, true)
+		if code, body := s.webhook(all[0], "myorg/hold", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		var holder *node
+		waitFor(t, 30*time.Second, "a node to take the slot", func() bool {
+			for _, tag := range s.status(all[0]).Tags {
+				if tag.Image == holdRef && len(tag.Rolling) > 0 {
+					holder = nodeByName(all, strings.Fields(tag.Rolling[0])[0])
+					return holder != nil
+				}
+			}
+			return false
+		})
+		holder.deployer.stop(syscall.SIGKILL, time.Second)
+		killed := time.Now()
+		var rest []*node
+		for _, n := range all {
+			if n != holder {
+				rest = append(rest, n)
+			}
+		}
+		s.waitImage(rest, "hold", hold, 90*time.Second)
+		took := time.Since(killed)
+		// Two nodes one after the other, each a 3s stop plus the
+		// supervisor's restart, after at most one lease (10s).
+		if limit := sessionTTL*time.Second + 2*8*time.Second; took > limit {
+			t.Errorf("the other nodes took %v after the holder died; want under %v", took, limit)
+		}
+		s.record("scenario 13: slot holder %s SIGKILLed; the other 2 nodes finished %v later (lease TTL %ds)", holder.name, took.Round(time.Millisecond), sessionTTL)
+		s.runDeployer(holder)
+		s.waitImage([]*node{holder}, "hold", hold, 60*time.Second)
+	})
+
+	t.Run("14 cluster status", func(t *testing.T) {
+		var st clusterStatus
+		waitFor(t, 30*time.Second, "status of every node", func() bool {
+			st = s.status(all[1])
+			for _, tag := range st.Tags {
+				if tag.Image == qaRef {
+					return len(st.Nodes) == len(all) && len(tag.Versions) == 1 && len(tag.Versions[0].Nodes) == len(all) && tag.Versions[0].ImageID == qa
+				}
+			}
+			return false
+		})
+		out, err := exec.Command(s.bin, "status", "-etcd_nodes", s.etcdEndpoints(), "-etcd_prefix", s.prefix).CombinedOutput()
+		if err != nil {
+			t.Fatalf("deployer status: %v\n%s", err, out)
+		}
+		for _, want := range []string{qaRef, shortID(qa), "node1,node2,node3", "NODE"} {
+			if !strings.Contains(string(out), want) {
+				t.Errorf("deployer status lacks %q:\n%s", want, out)
+			}
+		}
+		s.record("scenario 14: deployer status:\n%s", out)
+	})
+}
+
+func nodeByName(ns []*node, name string) *node {
+	for _, n := range ns {
+		if n.name == name {
+			return n
+		}
+	}
+	return nil
 }

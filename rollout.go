@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -385,6 +386,7 @@ func (r *rollout) checkReplacement(ctx context.Context, name, oldID, newID strin
 
 // replacementState judges a container that replaced a stale one.
 func replacementState(c *docker.Container, newID string) (bool, error) {
+	name := strings.TrimPrefix(c.Name, "/")
 	if c.Image != newID {
 		// Not ours: a newer push overtook this one. Its own deploy
 		// will judge it.
@@ -392,7 +394,7 @@ func replacementState(c *docker.Container, newID string) (bool, error) {
 	}
 	if !c.State.Running {
 		if !c.State.FinishedAt.IsZero() && c.State.FinishedAt.After(c.State.StartedAt) {
-			return false, fmt.Errorf("%w: %s on %s exited with code %d", errReplacement, c.Name, shortID(newID), c.State.ExitCode)
+			return false, fmt.Errorf("%w: %s on %s exited with code %d", errReplacement, name, shortID(newID), c.State.ExitCode)
 		}
 		return false, nil
 	}
@@ -400,7 +402,7 @@ func replacementState(c *docker.Container, newID string) (bool, error) {
 	case "", "none", "healthy":
 		return true, nil
 	case "unhealthy":
-		return false, fmt.Errorf("%w: %s on %s is unhealthy", errReplacement, c.Name, shortID(newID))
+		return false, fmt.Errorf("%w: %s on %s is unhealthy", errReplacement, name, shortID(newID))
 	}
 	return false, nil // starting
 }

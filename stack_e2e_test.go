@@ -12,6 +12,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -379,8 +380,17 @@ func (s *stack) startDeployer(n *node) {
 		"-etcd_retry_delay", "200ms", "-listen", fmt.Sprintf("127.0.0.1:%d", n.port),
 		"-node_name", n.name, "-webhook_secret", s.secret, "-slack_webhook_url", s.slack.URL,
 		"-registry", s.hub.host(), "-kill_timeout", "3", "-repull_period", "0", "-dockercfg", "",
-		"-log_format", "json"}
+		"-log_format", "json", "-restart_timeout", "20s"}
 	s.runDeployer(n)
+}
+
+// restartDeployers restarts every node's deployer with extra flags.
+func (s *stack) restartDeployers(extra ...string) {
+	for _, n := range s.nodes {
+		n.deployer.stop(syscall.SIGTERM, 15*time.Second)
+		n.args = append(n.args[:len(n.args):len(n.args)], extra...)
+		s.runDeployer(n)
+	}
 }
 
 func (s *stack) runDeployer(n *node) {
@@ -471,6 +481,16 @@ func (s *stack) dockerCLI(d *dockerd, args ...string) string {
 // build makes a new version of an image on the builder and pushes it.
 // stubborn images ignore SIGTERM, so a stop takes the whole kill timeout.
 func (s *stack) build(ref string, stubborn bool) string {
+	kind := "app"
+	if stubborn {
+		kind = "stubborn"
+	}
+	return s.buildKind(ref, kind)
+}
+
+// buildKind builds one of: app (exits on SIGTERM), stubborn (ignores it),
+// broken (exits with status 1 at once).
+func (s *stack) buildKind(ref, kind string) string {
 	s.t.Helper()
 	s.mu.Lock()
 	s.builds++
@@ -487,10 +507,11 @@ func (s *stack) build(ref string, stubborn bool) string {
 	if out, err := exec.Command("cp", bb, filepath.Join(ctxDir, "busybox")).CombinedOutput(); err != nil {
 		s.t.Fatalf("cp busybox: %v %s", err, out)
 	}
-	cmd := `trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done`
-	if stubborn {
-		cmd = `while true; do /bin/busybox sleep 0.2; done`
-	}
+	cmd := map[string]string{
+		"app":      `trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done`,
+		"stubborn": `while true; do /bin/busybox sleep 0.2; done`,
+		"broken":   `echo broken >&2; exit 1`,
+	}[kind]
 	dockerfile := fmt.Sprintf("FROM scratch\nCOPY busybox /bin/busybox\nCOPY version /version\nCMD [\"/bin/busybox\",\"sh\",\"-c\",%q]\n", cmd)
 	files := map[string]string{"Dockerfile": dockerfile, "version": fmt.Sprintf("%s build %d %d\n", ref, n, time.Now().UnixNano())}
 	for name, body := range files {
@@ -618,7 +639,56 @@ func (s *stack) barrier(ns []*node) {
 	})
 }
 
-// slackSince returns the texts of Slack messages after the first skip.
+// status reads GET /api/status from node n.
+func (s *stack) status(n *node) clusterStatus {
+	s.t.Helper()
+	req, _ := http.NewRequest("GET", fmt.Sprintf("http://127.0.0.1:%d/api/status", n.port), nil)
+	req.Header.Set("Authorization", "Bearer "+s.secret)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st clusterStatus
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		s.t.Fatalf("decode /api/status: %v", err)
+	}
+	return st
+}
+
+// sampler counts, every 50 ms, the nodes where container name is not
+// running; stop returns the most seen at once and the samples taken.
+func (s *stack) sampler(name string) (stop func() (maxDown, samples int)) {
+	done := make(chan struct{})
+	result := make(chan [2]int)
+	go func() {
+		maxDown, samples := 0, 0
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			down := 0
+			for _, n := range s.nodes {
+				if id, _ := s.containerImage(n, name); id == "" {
+					down++
+				}
+			}
+			maxDown, samples = max(maxDown, down), samples+1
+			select {
+			case <-done:
+				result <- [2]int{maxDown, samples}
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() (int, int) {
+		close(done)
+		r := <-result
+		return r[0], r[1]
+	}
+}
+
+// slackTexts returns the texts of every Slack message so far.
 func (s *stack) slackTexts() []string {
 	s.slack.mu.Lock()
 	defer s.slack.mu.Unlock()
