@@ -49,6 +49,9 @@ type config struct {
 	MaxUnavailable      int
 	RestartTimeout      time.Duration
 	RestartStrategy     string
+	MetricsOpen         bool
+	DryRun              bool
+	Cleanup             bool
 }
 
 // defaultConfig returns the defaults, taking the environment from getenv.
@@ -120,6 +123,9 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs.StringVar(&c.LogFormat, "log_format", c.LogFormat, "log format: text or json")
 	fs.IntVar(&c.MaxUnavailable, "max_unavailable", c.MaxUnavailable, "containers of one image tag that may be down at once across the cluster; 0 restarts everything at once")
 	fs.DurationVar(&c.RestartTimeout, "restart_timeout", c.RestartTimeout, "how long a replacement may take to run (and be healthy) before the rollout halts")
+	fs.BoolVar(&c.MetricsOpen, "metrics_open", c.MetricsOpen, "serve /metrics without the webhook secret (for scrapers on a trusted network)")
+	fs.BoolVar(&c.DryRun, "dry_run", c.DryRun, "monitor only: pull and report stale containers (log, metrics, Slack), stop nothing")
+	fs.BoolVar(&c.Cleanup, "cleanup", c.Cleanup, "after a successful deploy, remove the superseded image when no container uses it")
 	fs.StringVar(&c.RestartStrategy, "restart_strategy", c.RestartStrategy, "stop (a supervisor re-creates the container) or recreate (the deployer does); label deployer.strategy overrides per container")
 
 	if err := fs.Parse(args); err != nil {

@@ -32,12 +32,19 @@ type deployer struct {
 	notifier  notifier
 	registry  string // domain of bare names
 	node      string
+	dryRun    bool // report stale containers, stop nothing
+	cleanup   bool // remove superseded images no container uses
+	images    imageRemover
 	log       *slog.Logger
 	metrics   *metrics
 }
 
 func (d *deployer) deploy(ctx context.Context, j job) {
 	start := time.Now()
+	seen := start
+	if !j.Seen.IsZero() {
+		seen = j.Seen
+	}
 	r := d.run(ctx, j)
 	result := "ok"
 	switch {
@@ -47,7 +54,7 @@ func (d *deployer) deploy(ctx context.Context, j job) {
 		result = "noop"
 	}
 	d.metrics.deploys.WithLabelValues(result).Inc()
-	d.metrics.deployDuration.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	d.metrics.deployDuration.WithLabelValues(result).Observe(time.Since(seen).Seconds())
 	level := slog.LevelInfo
 	if r.failed() {
 		level = slog.LevelWarn
@@ -121,7 +128,13 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if err != nil {
 		r.Failed = append(r.Failed, err.Error())
 	}
+	if d.dryRun {
+		r.DryRun, r.Stale = true, stale
+		d.metrics.wouldRestart.Add(float64(len(stale)))
+		return r
+	}
 	if len(stale) == 0 {
+		d.removeSuperseded(ctx, &r)
 		return r
 	}
 	for _, o := range d.rollout.replace(ctx, repo.Name(), stale) {
@@ -145,7 +158,38 @@ func (d *deployer) run(ctx context.Context, j job) report {
 			}
 		}
 	}
+	d.removeSuperseded(ctx, &r)
 	return r
+}
+
+// imageRemover removes images (-cleanup).
+type imageRemover interface {
+	// RemoveImageExtended removes an image; without Force, Docker refuses
+	// while any container uses it.
+	RemoveImageExtended(name string, opts docker.RemoveImageOptions) error
+}
+
+// removeSuperseded removes, after a deploy without failures, the images
+// the deployed tags pointed at before, when no container uses them any
+// more (Docker refuses otherwise, and that refusal is fine).
+func (d *deployer) removeSuperseded(ctx context.Context, r *report) {
+	if !d.cleanup || r.failed() || len(r.Held) > 0 {
+		return
+	}
+	for _, t := range r.Tags {
+		if t.OldID == "" || t.OldID == t.NewID {
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := d.images.RemoveImageExtended(t.OldID, docker.RemoveImageOptions{Context: rctx})
+		cancel()
+		if err != nil {
+			d.log.Info("superseded image kept", "image", shortID(t.OldID), "reason", err)
+			continue
+		}
+		d.metrics.imagesRemoved.Inc()
+		d.log.Info("removed superseded image", "image", shortID(t.OldID), "tag", r.Repo+":"+t.Tag)
+	}
 }
 
 // repuller is the safety net for lost triggers: every period (with

@@ -32,7 +32,7 @@ func newTestDeployer(t *testing.T, f *fakeDocker, registry string) (*deployer, *
 		puller:    &puller{docker: f, creds: &credentials{}, pullTimeout: time.Minute, callTimeout: time.Minute, log: log, metrics: m},
 		restarter: rs,
 		rollout:   &rollout{maxUnavailable: 0, docker: f, restarter: rs, strategy: strategyStop, log: log, metrics: m},
-		notifier:  n, registry: registry, node: "n1", log: log, metrics: m,
+		notifier:  n, registry: registry, node: "n1", log: log, metrics: m, images: f,
 	}, n
 }
 
@@ -277,5 +277,53 @@ func TestRepullerQueuesTagsInUse(t *testing.T) {
 	cancel()
 	if err := (&repuller{period: 0}).run(ctx); err != nil {
 		t.Errorf("disabled repuller: %v", err)
+	}
+}
+
+func TestDeployDryRun(t *testing.T) {
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
+	f.addContainer("app", "reg:5000/app:qa")
+	d, n := newTestDeployer(t, f, "docker.io")
+	d.dryRun = true
+	d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+	if got := running(f); !slices.Equal(got, []string{"app"}) {
+		t.Errorf("dry run stopped something: running %q", got)
+	}
+	if len(n.reports) != 1 || !strings.Contains(n.reports[0].text(), "would restart: app") || !strings.HasPrefix(n.reports[0].text(), "Dry run") {
+		t.Errorf("dry-run report %+v; want 'Dry run … would restart: app'", n.reports)
+	}
+}
+
+func TestDeployCleanup(t *testing.T) {
+	const old, newer = "sha256:aaaaaaaaaaaa1111", "sha256:bbbbbbbbbbbb2222"
+	for _, tt := range []struct {
+		name        string
+		cleanup     bool
+		oldInUse    bool
+		wantRemoved []string
+	}{
+		{"cleanup removes the superseded image", true, false, []string{old}},
+		{"an image still in use is kept", true, true, nil},
+		{"off by default", false, false, nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFakeDocker()
+			f.local["reg:5000/app:qa"] = old
+			f.remote["reg:5000/app:qa"] = newer
+			f.addContainer("app", "reg:5000/app:qa")
+			if tt.oldInUse {
+				f.addContainer("other", old[7:19]) // started by image ID: never stopped
+				f.containers[1].ImageID = old
+			}
+			f.supervise = true
+			d, _ := newTestDeployer(t, f, "docker.io")
+			d.cleanup = tt.cleanup
+			d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+			if !slices.Equal(f.removed, tt.wantRemoved) {
+				t.Errorf("removed %q; want %q", f.removed, tt.wantRemoved)
+			}
+		})
 	}
 }

@@ -136,6 +136,7 @@ type fakeDocker struct {
 	crash     bool
 	listeners []chan<- *docker.APIEvents
 	created   int
+	removed   []string // images removed
 }
 
 type fakeContainer struct {
@@ -375,3 +376,15 @@ func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
 }
 
 func (f *fakeDocker) PingWithContext(context.Context) error { return f.pingErr }
+
+func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.containers {
+		if c.ImageID == id {
+			return &docker.Error{Status: 409, Message: "image is being used by container " + c.ID}
+		}
+	}
+	f.removed = append(f.removed, id)
+	return nil
+}

@@ -148,6 +148,7 @@ type dockerAPI interface {
 	imageAPI
 	containerAPI
 	replaceAPI
+	imageRemover
 	PingWithContext(ctx context.Context) error
 }
 
@@ -201,12 +202,15 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		},
 		restarter: rs,
 		rollout:   d.rollout,
+		dryRun:    cfg.DryRun,
+		cleanup:   cfg.Cleanup,
+		images:    dc,
 		notifier:  note, registry: registry, node: cfg.NodeName,
 		log: log.With("component", "deployer"), metrics: m,
 	}
 	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
 	d.status = &statusReporter{
-		docker: dc, rollout: d.rollout, prefix: cfg.EtcdPrefix, node: cfg.NodeName, started: time.Now().UTC(),
+		docker: dc, rollout: d.rollout, metrics: m, prefix: cfg.EtcdPrefix, node: cfg.NodeName, started: time.Now().UTC(),
 		period: 5 * time.Second, callTimeout: callTimeout, log: log.With("component", "status"),
 		wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
 	}
@@ -240,7 +244,7 @@ func (d *daemon) handler() http.Handler {
 	mux.HandleFunc("GET /api/status", d.apiStatus)
 	metrics := promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		if !authorized(r, d.cfg.WebhookSecret) {
+		if !d.cfg.MetricsOpen && !authorized(r, d.cfg.WebhookSecret) {
 			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "missing or wrong secret"})
 			return
 		}

@@ -213,3 +213,17 @@ func TestEmbeddedEtcdServe(t *testing.T) {
 		t.Errorf("serve = %v; want nil after cancel", err)
 	}
 }
+
+func TestMetricsOpen(t *testing.T) {
+	for _, open := range []bool{false, true} {
+		td := startTestDaemon(t, testEtcd(t), newFakeDocker(), func(c *config) { c.WebhookSecret = "s"; c.MetricsOpen = open })
+		resp, err := http.Get(td.base + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if want := map[bool]int{false: 401, true: 200}[open]; resp.StatusCode != want {
+			t.Errorf("-metrics_open=%v: /metrics without secret = %d; want %d", open, resp.StatusCode, want)
+		}
+	}
+}

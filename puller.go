@@ -26,9 +26,13 @@ type job struct {
 	All  bool                // every local tag
 	Tags map[string]struct{} // the tags named by events, when !All
 	Revs []int64             // trigger revisions this job completes
+	Seen time.Time           // when its first event came
 }
 
 func (j *job) merge(ev deployEvent) {
+	if j.Seen.IsZero() {
+		j.Seen = time.Now()
+	}
 	if ev.Rev != 0 {
 		j.Revs = append(j.Revs, ev.Rev)
 	}

@@ -55,6 +55,7 @@ type statusReporter struct {
 	period      time.Duration
 	callTimeout time.Duration
 	log         *slog.Logger
+	metrics     *metrics
 	wake        chan struct{} // capacity 1
 
 	mu    sync.Mutex
@@ -83,6 +84,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 				last, lastLease = cs, lease
 			}
 		}
+		s.updateSkew(ctx)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -108,6 +110,23 @@ func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, 
 		return lastLease, err
 	}
 	return sess.Lease(), nil
+}
+
+// updateSkew sets deployer_version_skew_seconds from the cluster view.
+func (s *statusReporter) updateSkew(ctx context.Context) {
+	if s.metrics == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
+	defer cancel()
+	st, err := readStatus(ctx, s.rollout.etcd, s.prefix, time.Now())
+	if err != nil {
+		return
+	}
+	s.metrics.skew.Reset()
+	for _, t := range st.Tags {
+		s.metrics.skew.WithLabelValues(t.Image).Set(t.SkewSeconds)
+	}
 }
 
 // containers lists the running containers started from a tag.
