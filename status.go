@@ -162,7 +162,9 @@ func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, err
 		}
 	}
 	maps.DeleteFunc(s.cache, func(id string, _ containerStatus) bool { return !seen[id] })
-	slices.SortFunc(out, func(a, b containerStatus) int { return cmp.Or(cmp.Compare(a.Image, b.Image), cmp.Compare(a.Name, b.Name)) })
+	slices.SortFunc(out, func(a, b containerStatus) int {
+		return cmp.Or(cmp.Compare(a.Image, b.Image), cmp.Compare(a.Name, b.Name))
+	})
 	return out, nil
 }
 
