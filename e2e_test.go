@@ -485,6 +485,43 @@ func TestE2E(t *testing.T) {
 		}
 		s.record("scenario 14: deployer status:\n%s", out)
 	})
+
+	t.Run("15 dry run reports and stops nothing; cleanup removes the old image", func(t *testing.T) {
+		s.restartDeployers("-dry_run=true")
+		ids := map[string]string{}
+		for _, n := range all {
+			ids[n.name], _ = s.containerImage(n, "app")
+		}
+		old := qa
+		qa = s.build(qaRef, false)
+		from := len(s.slackTexts())
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitSlack(from, all, "Dry run", "would restart: app ("+shortID(old)+" → "+shortID(qa)+")")
+		s.barrier(all)
+		for _, n := range all {
+			if id, img := s.containerImage(n, "app"); id != ids[n.name] || img != old {
+				t.Errorf("%s: dry run restarted app", n.name)
+			}
+			if got := s.metric(n, "deployer_dry_run_would_restart_total", ""); got != 1 {
+				t.Errorf("%s: deployer_dry_run_would_restart_total = %v; want 1", n.name, got)
+			}
+		}
+
+		s.restartDeployers("-dry_run=false", "-cleanup")
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage(all, "app", qa, 90*time.Second)
+		s.barrier(all)
+		for _, n := range all {
+			if _, err := n.cli.InspectImage(old); err == nil {
+				t.Errorf("%s: superseded image %s still there with -cleanup", n.name, shortID(old))
+			}
+		}
+		s.record("scenario 15: -dry_run reported 'would restart' on 3 nodes and stopped nothing; -cleanup removed %s everywhere", shortID(old))
+	})
 }
 
 func nodeByName(ns []*node, name string) *node {
