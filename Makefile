@@ -3,7 +3,7 @@
 GO ?= go
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: build test unit e2e lint demo clean
+.PHONY: build test unit e2e lint demo clean bench
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o deployer .
@@ -29,3 +29,13 @@ demo:
 
 clean:
 	rm -f deployer
+
+# make bench: the benchmarks on the real stack (about 25 minutes with the
+# 10-minute idle test; BENCH_IDLE=1m BENCH_RUNS=3 for a quick look).
+# Prints each table and writes BENCHMARKS.md.
+bench:
+	./scripts/install-deps.sh
+	rm -f bench-results.md
+	BENCH_OUT=$(CURDIR)/bench-results.md $(GO) test -tags bench -run '^$$' -bench '$(or $(BENCH),.)' -benchtime 1x -timeout 90m .
+	./scripts/benchmarks-md.sh bench-results.md > BENCHMARKS.md
+	@echo "wrote BENCHMARKS.md"

@@ -221,6 +221,7 @@ func (p *repuller) run(ctx context.Context) error {
 
 // once queues one deploy per repository in use, naming its tags in use.
 func (p *repuller) once(ctx context.Context) error {
+	p.log.Info("periodic re-pull started")
 	lctx, cancel := context.WithTimeout(ctx, p.callTimeout)
 	defer cancel()
 	list, err := p.docker.ListContainers(docker.ListContainersOptions{Context: lctx})

@@ -21,12 +21,13 @@ type slackRecorder struct {
 	*httptest.Server
 	mu       sync.Mutex
 	payloads []map[string]any
+	at       []time.Time // arrival of each payload
 	got      chan map[string]any
 	limited  atomic.Int32
 }
 
-func newSlackRecorder(t *testing.T) *slackRecorder {
-	s := &slackRecorder{got: make(chan map[string]any, 100)}
+func newSlackRecorder(t testing.TB) *slackRecorder {
+	s := &slackRecorder{got: make(chan map[string]any, 1000)}
 	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if s.limited.Add(-1) >= 0 {
 			w.Header().Set("Retry-After", "1")
@@ -40,15 +41,19 @@ func newSlackRecorder(t *testing.T) *slackRecorder {
 		}
 		s.mu.Lock()
 		s.payloads = append(s.payloads, p)
+		s.at = append(s.at, time.Now())
 		s.mu.Unlock()
-		s.got <- p
+		select {
+		case s.got <- p:
+		default: // nobody reads next(); the payloads slice has it
+		}
 		w.Write([]byte("ok"))
 	}))
 	t.Cleanup(s.Close)
 	return s
 }
 
-func (s *slackRecorder) next(t *testing.T) map[string]any {
+func (s *slackRecorder) next(t testing.TB) map[string]any {
 	t.Helper()
 	select {
 	case p := <-s.got:

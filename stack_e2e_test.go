@@ -1,4 +1,4 @@
-//go:build e2e
+//go:build e2e || bench
 
 package main
 
@@ -40,7 +40,7 @@ type proc struct {
 	err  error
 }
 
-func startProc(t *testing.T, dir, name string, env []string, argv ...string) *proc {
+func startProc(t testing.TB, dir, name string, env []string, argv ...string) *proc {
 	t.Helper()
 	logPath := filepath.Join(dir, name+".log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
@@ -104,7 +104,7 @@ var (
 // freeTCPPort hands out loopback ports below the kernel's ephemeral range
 // (32768 and up), so that no outgoing connection takes one before the
 // process meant to listen on it does.
-func freeTCPPort(t *testing.T) int {
+func freeTCPPort(t testing.TB) int {
 	t.Helper()
 	portMu.Lock()
 	defer portMu.Unlock()
@@ -123,15 +123,18 @@ func freeTCPPort(t *testing.T) int {
 	return 0
 }
 
+// pollInterval is how often waitFor looks; the benchmarks lower it.
+var pollInterval = 50 * time.Millisecond
+
 // waitFor polls an outside system until cond holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) time.Duration {
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) time.Duration {
 	t.Helper()
 	start := time.Now()
 	for !cond() {
 		if time.Since(start) > d {
 			t.Fatalf("timed out after %v waiting for %s", d, what)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(pollInterval)
 	}
 	return time.Since(start)
 }
@@ -171,7 +174,7 @@ type node struct {
 }
 
 type stack struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	bin     string
 	builder *dockerd
@@ -190,7 +193,13 @@ type stack struct {
 
 // newStack starts everything. It fails the test, never skips, when a piece
 // is missing.
-func newStack(t *testing.T, nodes int) *stack {
+func newStack(t testing.TB, nodes int) *stack {
+	return newStackWith(t, nodes, 3)
+}
+
+// newStackWith starts a stack with the given numbers of nodes and etcd
+// members.
+func newStackWith(t testing.TB, nodes, members int) *stack {
 	if os.Geteuid() != 0 {
 		t.Fatal("the end-to-end suite needs root (Docker daemons); run `make test` as root")
 	}
@@ -219,7 +228,7 @@ func newStack(t *testing.T, nodes int) *stack {
 	for i := 1; i <= nodes; i++ {
 		s.nodes = append(s.nodes, &node{dockerd: s.startDockerd(fmt.Sprintf("node%d", i)), port: freeTCPPort(t), sups: map[string]*proc{}})
 	}
-	s.startEtcd(3)
+	s.startEtcd(members)
 	s.hub = s.startRegistry("hub", "")
 	s.push = s.startRegistry("push", fmt.Sprintf("http://127.0.0.1:%d/api/registry/webhook", s.nodes[0].port))
 	for _, d := range append([]*dockerd{s.builder}, nodeDaemons(s.nodes)...) {
