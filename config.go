@@ -96,6 +96,10 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	c := defaultConfig(getenv)
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: %s [flags]\n       %s status [-etcd_nodes …] [-etcd_prefix …] [-json]\n\nFlags:\n", name, name)
+		fs.PrintDefaults()
+	}
 	etcdNodes := strings.Join(c.EtcdNodes, ",")
 
 	fs.StringVar(&c.Docker, "docker", c.Docker, "Docker daemon endpoint (default from $DOCKER_HOST when set)")

@@ -61,6 +61,9 @@ func (d *deployer) deploy(ctx context.Context, j job) {
 	}
 	d.log.Log(ctx, level, "deploy finished", "repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
 		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", r.Failed)
+	if ctx.Err() != nil {
+		return // cancelled at shutdown: the next start replays the trigger
+	}
 	if r.worthTelling() {
 		d.notifier.notify(r)
 	}
