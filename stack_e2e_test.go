@@ -498,7 +498,7 @@ func (s *stack) build(ref string, stubborn bool) string {
 }
 
 // buildKind builds one of: app (exits on SIGTERM), stubborn (ignores it),
-// broken (exits with status 1 at once).
+// broken (exits with status 1 at once), idle (sleeps, using no CPU).
 func (s *stack) buildKind(ref, kind string) string {
 	s.t.Helper()
 	s.mu.Lock()
@@ -520,6 +520,7 @@ func (s *stack) buildKind(ref, kind string) string {
 		"app":      `trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done`,
 		"stubborn": `while true; do /bin/busybox sleep 0.2; done`,
 		"broken":   `echo broken >&2; exit 1`,
+		"idle":     `exec /bin/busybox sleep 86400`, // no CPU while it runs
 	}[kind]
 	dockerfile := fmt.Sprintf("FROM scratch\nCOPY busybox /bin/busybox\nCOPY version /version\nCMD [\"/bin/busybox\",\"sh\",\"-c\",%q]\n", cmd)
 	files := map[string]string{"Dockerfile": dockerfile, "version": fmt.Sprintf("%s build %d %d\n", ref, n, time.Now().UnixNano())}
