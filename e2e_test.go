@@ -522,6 +522,69 @@ func TestE2E(t *testing.T) {
 		}
 		s.record("scenario 15: -dry_run reported 'would restart' on 3 nodes and stopped nothing; -cleanup removed %s everywhere", shortID(old))
 	})
+
+	t.Run("16 the deployer in a container never stops itself", func(t *testing.T) {
+		// The Dockerfile's final stage: the static binary alone in a
+		// scratch image, the Docker socket mounted; its embedded etcd;
+		// the periodic re-pull as the trigger (the container has no
+		// network, so no webhook reaches it).
+		n := all[2]
+		ctxDir := filepath.Join(s.dir, "self-image")
+		if err := os.MkdirAll(ctxDir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		build := exec.Command("go", "build", "-o", filepath.Join(ctxDir, "deployer"), ".")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("static build: %v\n%s", err, out)
+		}
+		selfRef := s.hub.host() + "/myorg/deployer:latest"
+		pushSelf := func(version string) string {
+			os.WriteFile(filepath.Join(ctxDir, "version"), []byte(version), 0o644)
+			os.WriteFile(filepath.Join(ctxDir, "Dockerfile"), []byte("FROM scratch\nCOPY deployer /deployer\nCOPY version /version\nENTRYPOINT [\"/deployer\"]\n"), 0o644)
+			s.dockerCLI(s.builder, "build", "-q", "-t", selfRef, ctxDir)
+			s.dockerCLI(s.builder, "push", "-q", selfRef)
+			img, err := s.builder.cli.InspectImage(selfRef)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return img.ID
+		}
+		v1 := pushSelf("v1")
+		s.dockerCLI(n.dockerd, "pull", "-q", selfRef)
+		s.dockerCLI(n.dockerd, "run", "-d", "--name", "self", "--network", "none", "-v", n.sock+":/var/run/docker.sock",
+			selfRef, "-etcd_nodes=", "-etcd_data_dir", "/tmp/etcd", "-repull_period", "2s", "-dockercfg=",
+			"-node_name", "self", "-max_unavailable=0", "-listen", "127.0.0.1:4500", "-registry", s.hub.host())
+		selfID, _ := s.containerImage(n, "self")
+		if selfID == "" {
+			t.Fatalf("deployer container not running:\n%s", s.dockerCLI(n.dockerd, "logs", "self"))
+		}
+		// A stale app next to it proves the containerised deployer works.
+		old := qa
+		qa = s.build(qaRef, false)
+		v2 := pushSelf("v2")
+		s.waitImage([]*node{n}, "app", qa, 60*time.Second)
+		waitFor(t, 60*time.Second, "the containerised deployer to pull its own new image", func() bool {
+			img, err := n.cli.InspectImage(selfRef)
+			return err == nil && img.ID == v2
+		})
+		// Two more re-pull cycles (the period is 2s) with its own image stale.
+		cycles := strings.Count(s.dockerCLI(n.dockerd, "logs", "self"), "periodic re-pull started")
+		logs := ""
+		waitFor(t, 60*time.Second, "two re-pull cycles after its own image moved", func() bool {
+			logs = s.dockerCLI(n.dockerd, "logs", "self")
+			return strings.Count(logs, "periodic re-pull started") >= cycles+2
+		})
+		if id, img := s.containerImage(n, "self"); id != selfID || img != v1 {
+			t.Errorf("the deployer container was stopped or replaced (%s on %s)", shortID(id), shortID(img))
+		}
+		if !strings.Contains(logs, "stopped stale container") {
+			t.Errorf("the containerised deployer stopped nothing:\n%s", logs)
+		}
+		s.dockerCLI(n.dockerd, "rm", "-f", "self")
+		s.record("scenario 16: deployer in a scratch container (static binary, socket mounted) restarted app %s → %s and left itself on %s while %s was pulled",
+			shortID(old), shortID(qa), shortID(v1), shortID(v2))
+	})
 }
 
 func nodeByName(ns []*node, name string) *node {
