@@ -20,8 +20,8 @@ e2e:
 
 lint:
 	test -z "$$(gofmt -l .)"
-	$(GO) vet ./... && $(GO) vet -tags e2e ./...
-	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
+	$(GO) vet ./... && $(GO) vet -tags e2e ./... && $(GO) vet -tags bench ./...
+	for tags in "" e2e bench; do $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 -tags "$$tags" ./... || exit 1; done
 
 demo:
 	./scripts/install-deps.sh

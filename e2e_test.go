@@ -6,6 +6,7 @@ package main
 // See stack_e2e_test.go for the stack.
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -594,4 +595,94 @@ func nodeByName(ns []*node, name string) *node {
 		}
 	}
 	return nil
+}
+
+// record writes a measured figure to the test log and the results file.
+func (s *stack) record(format string, args ...any) {
+	line := fmt.Sprintf(format, args...)
+	s.t.Log(line)
+	fmt.Fprintf(s.results, "%s %s\n", time.Now().Format(time.RFC3339), line)
+}
+
+// status reads GET /api/status from node n.
+func (s *stack) status(n *node) clusterStatus {
+	s.t.Helper()
+	req, _ := http.NewRequest("GET", fmt.Sprintf("http://127.0.0.1:%d/api/status", n.port), nil)
+	req.Header.Set("Authorization", "Bearer "+s.secret)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st clusterStatus
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		s.t.Fatalf("decode /api/status: %v", err)
+	}
+	return st
+}
+
+// sampler counts, every 50 ms, the nodes where container name is not
+// running; stop returns the most seen at once and the samples taken.
+func (s *stack) sampler(name string) (stop func() (maxDown, samples int)) {
+	done := make(chan struct{})
+	result := make(chan [2]int)
+	go func() {
+		maxDown, samples := 0, 0
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			down := 0
+			for _, n := range s.nodes {
+				if id, _ := s.containerImage(n, name); id == "" {
+					down++
+				}
+			}
+			maxDown, samples = max(maxDown, down), samples+1
+			select {
+			case <-done:
+				result <- [2]int{maxDown, samples}
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() (int, int) {
+		close(done)
+		r := <-result
+		return r[0], r[1]
+	}
+}
+
+// waitSlack waits until, among messages after index from, every node has
+// one that contains all of want (with %s replaced by the node name).
+func (s *stack) waitSlack(from int, ns []*node, want ...string) {
+	s.t.Helper()
+	waitFor(s.t, 30*time.Second, fmt.Sprintf("Slack messages %q from %s", want, nodeNames(ns)), func() bool {
+		texts := s.slackTexts()
+		if from > len(texts) {
+			return false
+		}
+		for _, n := range ns {
+			found := false
+			for _, text := range texts[from:] {
+				ok := strings.Contains(text, " on "+n.name)
+				for _, w := range want {
+					ok = ok && strings.Contains(text, w)
+				}
+				found = found || ok
+			}
+			if !found {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func (s *stack) revision() int64 {
+	resp, err := s.cli.Get(context.Background(), "/e2e-health")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return resp.Header.Revision
 }
