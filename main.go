@@ -191,7 +191,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.rollout = &rollout{
 		etcd: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, maxUnavailable: cfg.MaxUnavailable,
 		timeout: cfg.RestartTimeout, strategy: cfg.RestartStrategy, killTimeout: cfg.KillTimeout,
-		callTimeout: callTimeout, docker: dc, restarter: rs, poll: time.Second,
+		callTimeout: callTimeout, docker: dc, restarter: rs, poll: 250 * time.Millisecond,
 		log: log.With("component", "rollout"), metrics: m,
 	}
 	dep := &deployer{

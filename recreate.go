@@ -98,7 +98,7 @@ func (r *rollout) waitUp(ctx context.Context, id, newID string) error {
 		if err != nil {
 			return fmt.Errorf("%w: inspect the new container: %w", errReplacement, err)
 		}
-		done, err := replacementState(c, newID)
+		done, err := replacementState(c, newID, time.Now())
 		if done || err != nil {
 			return err
 		}

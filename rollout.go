@@ -381,11 +381,16 @@ func (r *rollout) checkReplacement(ctx context.Context, name, oldID, newID strin
 	if err != nil {
 		return false, nil // the daemon may be busy; the deadline bounds us
 	}
-	return replacementState(c, newID)
+	return replacementState(c, newID, time.Now())
 }
 
+// minUp is how long a replacement without a healthcheck must have been
+// running to count as up: a version that crashes at once is "running" for
+// a few milliseconds first.
+const minUp = time.Second
+
 // replacementState judges a container that replaced a stale one.
-func replacementState(c *docker.Container, newID string) (bool, error) {
+func replacementState(c *docker.Container, newID string, now time.Time) (bool, error) {
 	name := strings.TrimPrefix(c.Name, "/")
 	if c.Image != newID {
 		// Not ours: a newer push overtook this one. Its own deploy
@@ -399,8 +404,10 @@ func replacementState(c *docker.Container, newID string) (bool, error) {
 		return false, nil
 	}
 	switch c.State.Health.Status {
-	case "", "none", "healthy":
+	case "healthy":
 		return true, nil
+	case "", "none":
+		return now.Sub(c.State.StartedAt) >= minUp, nil
 	case "unhealthy":
 		return false, fmt.Errorf("%w: %s on %s is unhealthy", errReplacement, name, shortID(newID))
 	}

@@ -232,13 +232,15 @@ func TestRecreate(t *testing.T) {
 func TestReplacementState(t *testing.T) {
 	const newID = "sha256:2"
 	started := time.Unix(100, 0)
+	now := started.Add(time.Minute)
 	tests := []struct {
 		name    string
 		c       docker.Container
 		done    bool
 		wantErr bool
 	}{
-		{"running, no healthcheck", docker.Container{Image: newID, State: docker.State{Running: true}}, true, false},
+		{"running, no healthcheck", docker.Container{Image: newID, State: docker.State{Running: true, StartedAt: started}}, true, false},
+		{"running for a moment only", docker.Container{Image: newID, State: docker.State{Running: true, StartedAt: now.Add(-10 * time.Millisecond)}}, false, false},
 		{"healthy", docker.Container{Image: newID, State: docker.State{Running: true, Health: docker.Health{Status: "healthy"}}}, true, false},
 		{"starting", docker.Container{Image: newID, State: docker.State{Running: true, Health: docker.Health{Status: "starting"}}}, false, false},
 		{"unhealthy", docker.Container{Image: newID, State: docker.State{Running: true, Health: docker.Health{Status: "unhealthy"}}}, false, true},
@@ -247,7 +249,7 @@ func TestReplacementState(t *testing.T) {
 		{"a newer image overtook", docker.Container{Image: "sha256:3", State: docker.State{Running: true}}, true, false},
 	}
 	for _, tt := range tests {
-		done, err := replacementState(&tt.c, newID)
+		done, err := replacementState(&tt.c, newID, now)
 		if done != tt.done || (err != nil) != tt.wantErr {
 			t.Errorf("%s: replacementState = %v, %v; want %v, error %v", tt.name, done, err, tt.done, tt.wantErr)
 		}

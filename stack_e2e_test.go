@@ -394,7 +394,15 @@ func (s *stack) restartDeployers(extra ...string) {
 	}
 }
 
+// runDeployer starts node n's deployer and waits until it answers and its
+// watch has started (a line of this process's log: the file is appended
+// to across restarts).
 func (s *stack) runDeployer(n *node) {
+	logPath := filepath.Join(s.dir, "deployer-"+n.name+".log")
+	var offset int64
+	if fi, err := os.Stat(logPath); err == nil {
+		offset = fi.Size()
+	}
 	n.deployer = startProc(s.t, s.dir, "deployer-"+n.name, nil, n.args...)
 	waitFor(s.t, 30*time.Second, "deployer on "+n.name, func() bool {
 		if !n.deployer.running() {
@@ -405,7 +413,8 @@ func (s *stack) runDeployer(n *node) {
 			return false
 		}
 		resp.Body.Close()
-		return resp.StatusCode == 200 && strings.Contains(n.deployer.tail(50), "etcd watch")
+		data, _ := os.ReadFile(logPath)
+		return resp.StatusCode == 200 && int64(len(data)) > offset && strings.Contains(string(data[offset:]), "etcd watch")
 	})
 }
 
