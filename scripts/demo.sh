@@ -110,11 +110,14 @@ for _ in $(seq 300); do [ "$(running_image)" = "$v2" ] && break; sleep 0.05; don
 [ "$(running_image)" = "$v2" ] || { echo "demo-app did not move to version 2; see $dir/deployer.log" >&2; exit 1; }
 info "demo-app runs ${v2:7:12}, $(( ($(date +%s%N) - hook_start) / 1000000 )) ms after the webhook"
 
+# The deploy finishes (and Slack hears of it) once the new container has
+# kept running for a second.
+for _ in $(seq 100); do [ -s "$dir/slack.jsonl" ] && break; sleep 0.1; done
+
 step "What the deployer logged"
-grep -E 'webhook|trigger|pulled|stopped|deploy finished' "$dir/deployer.log" | sed 's/^/          /'
+grep -E 'webhook|trigger|pulled|stopped|replacement|deploy finished' "$dir/deployer.log" | sed 's/^/          /'
 
 step "What Slack got"
-for _ in $(seq 50); do [ -s "$dir/slack.jsonl" ] && break; sleep 0.1; done
 sed 's/^/          /' "$dir/slack.jsonl"
 
 if $keep; then
