@@ -140,6 +140,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		d.removeSuperseded(ctx, &r)
 		return r
 	}
+	rolledOut := map[string]string{} // tag -> image ID now running
 	for _, o := range d.rollout.replace(ctx, repo.Name(), stale) {
 		switch {
 		case o.skipped != "":
@@ -148,8 +149,11 @@ func (d *deployer) run(ctx context.Context, j job) report {
 			r.Failed = append(r.Failed, o.err.Error())
 		default:
 			r.Stopped = append(r.Stopped, o.c)
-			d.rollout.clearHalt(ctx, repo.Name()+":"+o.c.Tag, o.c.NewID)
+			rolledOut[o.c.Tag] = o.c.NewID
 		}
+	}
+	for tag, id := range rolledOut {
+		d.rollout.clearHalt(ctx, repo.Name()+":"+tag, id)
 	}
 	stopped := r.Stopped
 	// A tag that had moved before this pull (pulled by hand, or built

@@ -208,9 +208,10 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		notifier:  note, registry: registry, node: cfg.NodeName,
 		log: log.With("component", "deployer"), metrics: m,
 	}
+	m.reg.MustRegister(newSkewCollector(cli, cfg.EtcdPrefix))
 	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
 	d.status = &statusReporter{
-		docker: dc, rollout: d.rollout, metrics: m, prefix: cfg.EtcdPrefix, node: cfg.NodeName, started: time.Now().UTC(),
+		docker: dc, rollout: d.rollout, prefix: cfg.EtcdPrefix, node: cfg.NodeName, started: time.Now().UTC(),
 		period: 5 * time.Second, callTimeout: callTimeout, log: log.With("component", "status"),
 		wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
 	}

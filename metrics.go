@@ -23,7 +23,6 @@ type metrics struct {
 	queued              prometheus.Gauge       // repositories waiting or deploying
 	rolloutsHalted      prometheus.Counter
 	containersRecreated prometheus.Counter
-	skew                *prometheus.GaugeVec // image
 	wouldRestart        prometheus.Counter
 	imagesRemoved       prometheus.Counter
 }
@@ -71,9 +70,6 @@ func newMetrics() *metrics {
 		containersRecreated: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "deployer_containers_recreated_total", Help: "Containers re-created on a new image (-restart_strategy=recreate).",
 		}),
-		skew: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "deployer_version_skew_seconds", Help: "How long two image IDs of one tag have run at once across the cluster (0: one version).",
-		}, []string{"image"}),
 		wouldRestart: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "deployer_dry_run_would_restart_total", Help: "Stale containers -dry_run left running.",
 		}),
@@ -81,7 +77,7 @@ func newMetrics() *metrics {
 			Name: "deployer_images_removed_total", Help: "Superseded images removed by -cleanup.",
 		}),
 	}
-	m.reg.MustRegister(m.queued, m.rolloutsHalted, m.containersRecreated, m.skew, m.wouldRestart, m.imagesRemoved, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
+	m.reg.MustRegister(m.queued, m.rolloutsHalted, m.containersRecreated, m.wouldRestart, m.imagesRemoved, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
 		m.pulls, m.containersStopped, m.staleFound, m.slackPosts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

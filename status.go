@@ -19,6 +19,7 @@ import (
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 )
@@ -55,7 +56,6 @@ type statusReporter struct {
 	period      time.Duration
 	callTimeout time.Duration
 	log         *slog.Logger
-	metrics     *metrics
 	wake        chan struct{} // capacity 1
 
 	mu    sync.Mutex
@@ -84,7 +84,6 @@ func (s *statusReporter) run(ctx context.Context) error {
 				last, lastLease = cs, lease
 			}
 		}
-		s.updateSkew(ctx)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -110,23 +109,6 @@ func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, 
 		return lastLease, err
 	}
 	return sess.Lease(), nil
-}
-
-// updateSkew sets deployer_version_skew_seconds from the cluster view.
-func (s *statusReporter) updateSkew(ctx context.Context) {
-	if s.metrics == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
-	defer cancel()
-	st, err := readStatus(ctx, s.rollout.etcd, s.prefix, time.Now())
-	if err != nil {
-		return
-	}
-	s.metrics.skew.Reset()
-	for _, t := range st.Tags {
-		s.metrics.skew.WithLabelValues(t.Image).Set(t.SkewSeconds)
-	}
 }
 
 // containers lists the running containers started from a tag.
@@ -268,6 +250,35 @@ func readStatus(ctx context.Context, kv clientv3.KV, prefix string, now time.Tim
 	slices.SortFunc(out.Tags, func(a, b tagStatus) int { return cmp.Compare(a.Image, b.Image) })
 	slices.SortFunc(out.Nodes, func(a, b nodeStatus) int { return cmp.Compare(a.Node, b.Node) })
 	return out, nil
+}
+
+// skewCollector exports deployer_version_skew_seconds{image}, read from
+// the cluster view when /metrics is scraped: the view is cluster-wide, so
+// no node keeps reading it between scrapes.
+type skewCollector struct {
+	kv     clientv3.KV
+	prefix string
+	desc   *prometheus.Desc
+}
+
+func newSkewCollector(kv clientv3.KV, prefix string) *skewCollector {
+	return &skewCollector{kv: kv, prefix: prefix, desc: prometheus.NewDesc("deployer_version_skew_seconds",
+		"How long two image IDs of one tag have run at once across the cluster (0: one version).", []string{"image"}, nil)}
+}
+
+func (c *skewCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *skewCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	st, err := readStatus(ctx, c.kv, c.prefix, time.Now())
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.desc, err)
+		return
+	}
+	for _, t := range st.Tags {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, t.SkewSeconds, t.Image)
+	}
 }
 
 // GET /api/status

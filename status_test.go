@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 func TestClusterStatus(t *testing.T) {
@@ -59,6 +61,15 @@ func TestClusterStatus(t *testing.T) {
 	if tag.SkewSeconds <= 0 {
 		t.Errorf("skew = %v; want positive with two versions", tag.SkewSeconds)
 	}
+	// The same view as a metric, read at scrape time.
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newSkewCollector(cli, prefix))
+	mfs, err := reg.Gather()
+	if err != nil || len(mfs) != 1 || len(mfs[0].Metric) != 1 || mfs[0].Metric[0].GetGauge().GetValue() <= 0 ||
+		mfs[0].Metric[0].Label[0].GetValue() != "reg:5000/app:qa" {
+		t.Errorf("deployer_version_skew_seconds = %v, %v; want one positive gauge for reg:5000/app:qa", mfs, err)
+	}
+
 	var out bytes.Buffer
 	printStatus(&out, st)
 	for _, want := range []string{"reg:5000/app:qa", shortID(v1), "n1,n2", shortID(v2), "rolling: n3 app", "NODE", "n3"} {
