@@ -48,6 +48,7 @@ type config struct {
 	LogFormat           string
 	MaxUnavailable      int
 	RestartTimeout      time.Duration
+	SlotTimeout         time.Duration
 	RestartStrategy     string
 	MetricsOpen         bool
 	DryRun              bool
@@ -86,6 +87,7 @@ func defaultConfig(getenv func(string) string) config {
 		LogFormat:           "text",
 		MaxUnavailable:      1,
 		RestartTimeout:      2 * time.Minute,
+		SlotTimeout:         10 * time.Minute,
 		RestartStrategy:     strategyStop,
 	}
 }
@@ -127,6 +129,7 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs.StringVar(&c.LogFormat, "log_format", c.LogFormat, "log format: text or json")
 	fs.IntVar(&c.MaxUnavailable, "max_unavailable", c.MaxUnavailable, "containers of one image tag that may be down at once across the cluster; 0 restarts everything at once")
 	fs.DurationVar(&c.RestartTimeout, "restart_timeout", c.RestartTimeout, "how long a replacement may take to run (and be healthy) before the rollout halts")
+	fs.DurationVar(&c.SlotTimeout, "slot_timeout", c.SlotTimeout, "how long a node waits for a rollout slot before it gives up and retries the deploy later")
 	fs.BoolVar(&c.MetricsOpen, "metrics_open", c.MetricsOpen, "serve /metrics without the webhook secret (for scrapers on a trusted network)")
 	fs.BoolVar(&c.DryRun, "dry_run", c.DryRun, "monitor only: pull and report stale containers (log, metrics, Slack), stop nothing")
 	fs.BoolVar(&c.Cleanup, "cleanup", c.Cleanup, "after a successful deploy, remove the superseded image when no container uses it")
@@ -234,6 +237,9 @@ func (c config) validate() error {
 	}
 	if c.RestartTimeout <= 0 {
 		return bad("restart_timeout", "must be positive, got %s", c.RestartTimeout)
+	}
+	if c.SlotTimeout <= 0 {
+		return bad("slot_timeout", "must be positive, got %s", c.SlotTimeout)
 	}
 	if c.RestartStrategy != strategyStop && c.RestartStrategy != strategyRecr {
 		return bad("restart_strategy", "%q must be stop or recreate", c.RestartStrategy)

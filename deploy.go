@@ -28,7 +28,7 @@ func (nopNotifier) notify(report) {}
 type deployer struct {
 	puller    *puller
 	restarter *restarter
-	rollout   *rollout
+	replacer  *replacer
 	notifier  notifier
 	registry  string // domain of bare names
 	node      string
@@ -141,7 +141,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		return r
 	}
 	rolledOut := map[string]string{} // tag -> image ID now running
-	for _, o := range d.rollout.replace(ctx, repo.Name(), stale) {
+	for _, o := range d.replacer.replace(ctx, repo.Name(), stale) {
 		switch {
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
@@ -153,7 +153,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		}
 	}
 	for tag, id := range rolledOut {
-		d.rollout.clearHalt(ctx, repo.Name()+":"+tag, id)
+		d.replacer.rollout.clearHalt(ctx, repo.Name()+":"+tag, id)
 	}
 	stopped := r.Stopped
 	// A tag that had moved before this pull (pulled by hand, or built

@@ -27,21 +27,24 @@ func newTestDeployer(t *testing.T, f *fakeDocker, registry string) (*deployer, *
 	n := &captureNotifier{}
 	m := newMetrics()
 	log := testLogger(t)
-	rs := &restarter{docker: f, killTimeout: 1, callTimeout: time.Minute, log: log, metrics: m}
+	f.supervise = true // a supervised host: a stop brings the tag back up
+	rep := newTestReplacer(t, nil, f, "n1", 0)
 	return &deployer{
 		puller:    &puller{docker: f, creds: &credentials{}, pullTimeout: time.Minute, callTimeout: time.Minute, log: log, metrics: m},
-		restarter: rs,
-		rollout:   &rollout{maxUnavailable: 0, docker: f, restarter: rs, strategy: strategyStop, log: log, metrics: m},
+		restarter: rep.restarter,
+		replacer:  rep,
 		notifier:  n, registry: registry, node: "n1", log: log, metrics: m, images: f,
 	}, n
 }
 
+// running lists the containers left alone: running and never stopped (a
+// stopped one runs again under the same name, on the new image).
 func running(f *fakeDocker) []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var out []string
 	for _, c := range f.containers {
-		if c.Running {
+		if c.Running && !slices.Contains(f.stops, c.Name) {
 			out = append(out, c.Name)
 		}
 	}

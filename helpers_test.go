@@ -131,25 +131,68 @@ type fakeDocker struct {
 	stopped    chan string      // names of stopped containers, if non-nil
 
 	// supervise makes a stop start a replacement from the tag, as a
-	// systemd unit would; crash makes that replacement exit at once.
+	// systemd unit would; crash makes that replacement (or a re-created
+	// container) exit at once; crashLoop makes it crash under a restart
+	// policy instead, as Docker shows it: running and restarting, its
+	// RestartCount and StartedAt moving.
 	supervise bool
 	crash     bool
+	crashLoop bool
 	listeners []chan<- *docker.APIEvents
 	created   int
 	removed   []string // images removed
+	inspects  int      // inspect calls
+	stops     []string // names of the containers stopped
+	startErr  error    // returned by starts of new containers
+	now       func() time.Time
 }
 
 type fakeContainer struct {
 	ID, Name, ConfigImage, ImageID string
 	Running, Exited                bool
+	Restarting                     bool
+	RestartCount                   int
+	StartedAt                      time.Time
 	Config                         *docker.Config
 	HostConfig                     *docker.HostConfig
+}
+
+// crashed makes c crash as the fake's mode says; f.mu is held.
+func (f *fakeDocker) crashed(c *fakeContainer) {
+	switch {
+	case f.crashLoop:
+		// Docker under a restart policy: caught between two restarts.
+		c.Running, c.Restarting, c.RestartCount = true, true, c.RestartCount+3
+		c.StartedAt = f.clock().Add(-2 * minUp) // long ago: a bare "has run for 1s" rule passes
+	case f.crash:
+		c.Running, c.Exited = false, true
+	}
+}
+
+func (f *fakeDocker) clock() time.Time {
+	if f.now != nil {
+		return f.now()
+	}
+	return time.Unix(200, 0)
+}
+
+// endEvents ends the event stream as go-dockerclient does when dockerd
+// goes away: every listener channel is closed and dropped.
+func (f *fakeDocker) endEvents() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, l := range f.listeners {
+		close(l)
+	}
+	f.listeners = nil
 }
 
 var (
 	_ imageAPI     = (*fakeDocker)(nil)
 	_ containerAPI = (*fakeDocker)(nil)
 	_ dockerAPI    = (*fakeDocker)(nil)
+	_ recreateAPI  = (*fakeDocker)(nil)
+	_ upAPI        = (*fakeDocker)(nil)
 )
 
 func newFakeDocker() *fakeDocker {
@@ -229,18 +272,23 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (*docker.Container, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.inspects++
 	for _, c := range f.containers {
 		if c.ID == id || c.Name == id {
 			cfg := c.Config
 			if cfg == nil {
 				cfg = &docker.Config{Image: c.ConfigImage, Env: []string{"PATH=/bin", "APP=1"}, Cmd: []string{"/app"}, Labels: map[string]string{"team": "x"}}
 			}
-			st := docker.State{Running: c.Running, StartedAt: time.Unix(100, 0)}
-			if c.Exited {
-				st.FinishedAt, st.ExitCode = time.Unix(101, 0), 1
+			started := c.StartedAt
+			if started.IsZero() {
+				started = time.Unix(100, 0)
+			}
+			st := docker.State{Running: c.Running, Restarting: c.Restarting, StartedAt: started}
+			if c.Exited || c.Restarting {
+				st.FinishedAt, st.ExitCode = started.Add(10*time.Millisecond), 1
 			}
 			return &docker.Container{
-				ID: c.ID, Name: "/" + c.Name, Image: c.ImageID, Config: cfg, State: st,
+				ID: c.ID, Name: "/" + c.Name, Image: c.ImageID, Config: cfg, State: st, RestartCount: c.RestartCount,
 				HostConfig: &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}},
 			}, nil
 		}
@@ -263,6 +311,7 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 			}
 			c.Running = false
 			stopped = c
+			f.stops = append(f.stops, c.Name)
 		}
 	}
 	if stopped != nil && f.supervise {
@@ -271,10 +320,11 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 		f.created++
 		ref, _ := containerRef(stopped.ConfigImage, "")
 		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(stopped.Name, f.created)))), Name: stopped.Name,
-			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: !f.crash, Exited: f.crash}
+			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: true}
 		f.containers = append(f.containers, n)
 		f.emit("start", n)
-		if f.crash {
+		if f.crash || f.crashLoop {
+			f.crashed(n)
 			f.emit("die", n)
 		}
 	}
@@ -344,8 +394,13 @@ func (f *fakeDocker) StartContainerWithContext(id string, _ *docker.HostConfig, 
 			if c.ImageID == "" && ref != nil {
 				c.ImageID = f.local[ref.String()]
 			}
-			crash := f.crash && c.Config != nil // only new containers crash
-			c.Running, c.Exited = !crash, crash
+			if c.Config != nil && f.startErr != nil { // only new containers fail
+				return f.startErr
+			}
+			c.Running, c.Exited = true, false
+			if c.Config != nil { // only new containers crash
+				f.crashed(c)
+			}
 			return nil
 		}
 	}
@@ -387,4 +442,23 @@ func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions)
 	}
 	f.removed = append(f.removed, id)
 	return nil
+}
+
+// newTestReplacer builds the replacement machinery on f as newDaemon does,
+// with short timeouts; cli may be nil when maxUnavailable is 0.
+func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node string, maxUnavailable int) *replacer {
+	t.Helper()
+	log := testLogger(t)
+	m := newMetrics()
+	wait := newUpWaiter(f, 5*time.Second, 5*time.Second, log, m)
+	wait.poll = 10 * time.Millisecond
+	wait.now = f.clock
+	rs := &restarter{docker: f, wait: wait, killTimeout: 1, callTimeout: 5 * time.Second, log: log, metrics: m}
+	ro := newRollout(cli, testPrefix(t), node, maxUnavailable, time.Minute, 5*time.Second, log, m)
+	ro.releaseBase = time.Millisecond
+	t.Cleanup(ro.close)
+	return &replacer{
+		rollout: ro, restarter: rs, strategy: strategyStop, log: log,
+		recreator: &recreator{docker: f, stopper: rs, wait: wait, callTimeout: 5 * time.Second, log: log, metrics: m},
+	}
 }

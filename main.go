@@ -147,7 +147,8 @@ func etcdDialOptions() []grpc.DialOption {
 type dockerAPI interface {
 	imageAPI
 	containerAPI
-	replaceAPI
+	recreateAPI
+	upAPI
 	imageRemover
 	PingWithContext(ctx context.Context) error
 }
@@ -184,15 +185,15 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		note = d.slack
 	}
 	const callTimeout = 30 * time.Second
+	wait := newUpWaiter(dc, cfg.RestartTimeout, callTimeout, log.With("component", "rollout"), m)
 	rs := &restarter{
-		docker: dc, killTimeout: cfg.KillTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
+		docker: dc, wait: wait, killTimeout: cfg.KillTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
 		log: log.With("component", "restarter"), metrics: m,
 	}
-	d.rollout = &rollout{
-		etcd: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, maxUnavailable: cfg.MaxUnavailable,
-		timeout: cfg.RestartTimeout, strategy: cfg.RestartStrategy, killTimeout: cfg.KillTimeout,
-		callTimeout: callTimeout, docker: dc, restarter: rs, poll: 250 * time.Millisecond,
-		log: log.With("component", "rollout"), metrics: m,
+	d.rollout = newRollout(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, log.With("component", "rollout"), m)
+	rep := &replacer{
+		rollout: d.rollout, restarter: rs, strategy: cfg.RestartStrategy, log: log.With("component", "rollout"),
+		recreator: &recreator{docker: dc, stopper: rs, wait: wait, callTimeout: callTimeout, log: log.With("component", "recreate"), metrics: m},
 	}
 	dep := &deployer{
 		puller: &puller{
@@ -201,7 +202,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 			log: log.With("component", "puller"), metrics: m,
 		},
 		restarter: rs,
-		rollout:   d.rollout,
+		replacer:  rep,
 		dryRun:    cfg.DryRun,
 		cleanup:   cfg.Cleanup,
 		images:    dc,

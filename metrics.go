@@ -25,6 +25,9 @@ type metrics struct {
 	containersRecreated prometheus.Counter
 	wouldRestart        prometheus.Counter
 	imagesRemoved       prometheus.Counter
+	slotsLost           prometheus.Counter
+	slotReleaseFailures prometheus.Counter
+	unsupervised        prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -76,8 +79,17 @@ func newMetrics() *metrics {
 		imagesRemoved: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "deployer_images_removed_total", Help: "Superseded images removed by -cleanup.",
 		}),
+		slotsLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "deployer_rollout_slots_lost_total", Help: "Rollout slots lost with an expired etcd session (while queued or while a container was down).",
+		}),
+		slotReleaseFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "deployer_rollout_slot_release_failures_total", Help: "Rollout slots that could not be freed; the etcd session was ended so that its lease frees them.",
+		}),
+		unsupervised: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "deployer_unsupervised_containers_total", Help: "Stopped containers nothing replaced; the old container was started again.",
+		}),
 	}
-	m.reg.MustRegister(m.queued, m.rolloutsHalted, m.containersRecreated, m.wouldRestart, m.imagesRemoved, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
+	m.reg.MustRegister(m.slotsLost, m.slotReleaseFailures, m.unsupervised, m.queued, m.rolloutsHalted, m.containersRecreated, m.wouldRestart, m.imagesRemoved, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
 		m.pulls, m.containersStopped, m.staleFound, m.slackPosts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

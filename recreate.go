@@ -1,9 +1,15 @@
 package main
 
+// recreate.go: the recreate strategy, for hosts with no supervisor:
+// create a container with the same configuration on the new image, start
+// it, and remove the old one only once the new one is up; on failure,
+// put the old one back.
+
 import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"slices"
 	"strings"
@@ -12,12 +18,40 @@ import (
 	docker "github.com/fsouza/go-dockerclient"
 )
 
-// recreate replaces a container on a host with no supervisor: it creates
-// a container with the same configuration (name, env, mounts, labels,
-// restart policy, command, network mode) on the new image, starts it, and
-// removes the old one only when the new one is up. On failure it restores
-// the old one.
-func (r *rollout) recreate(ctx context.Context, c staleContainer) error {
+// recreateAPI is the part of the Docker client the recreate strategy uses.
+type recreateAPI interface {
+	// InspectContainerWithContext reads the old container's configuration.
+	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
+	// InspectImage reads the old image's defaults, left out of the copy.
+	InspectImage(name string) (*docker.Image, error)
+	// CreateContainer creates the new container.
+	CreateContainer(opts docker.CreateContainerOptions) (*docker.Container, error)
+	// StartContainerWithContext starts the new container (or the old one
+	// again).
+	StartContainerWithContext(id string, hostConfig *docker.HostConfig, ctx context.Context) error
+	// RenameContainer parks the old container under another name.
+	RenameContainer(opts docker.RenameContainerOptions) error
+	// RemoveContainer removes the old container once the new one is up
+	// (or the new one, on failure).
+	RemoveContainer(opts docker.RemoveContainerOptions) error
+}
+
+// recreator re-creates containers on their new image.
+type recreator struct {
+	docker      recreateAPI
+	stopper     *restarter // stops the old container
+	wait        *upWaiter
+	callTimeout time.Duration
+	log         *slog.Logger
+	metrics     *metrics
+}
+
+// recreate replaces container c by a new one on c.NewID. guard, called
+// just before the first change, may refuse it (the rollout slot was
+// lost). Errors wrapping errReplacement mean the new version ran and
+// failed; any other error is node-local. Either way the old container is
+// put back and started.
+func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(context.Context) error, lost <-chan struct{}) error {
 	ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	old, err := r.docker.InspectContainerWithContext(c.ID, ictx)
 	cancel()
@@ -35,11 +69,14 @@ func (r *rollout) recreate(ctx context.Context, c staleContainer) error {
 
 	name := strings.TrimPrefix(old.Name, "/")
 	parked := name + "-deployer-old-" + shortID(old.ID)
+	if err := guard(ctx); err != nil {
+		return err
+	}
 	if err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: old.ID, Name: parked, Context: ctx}); err != nil {
 		return fmt.Errorf("rename %s: %w", name, err)
 	}
 	restore := func(newID string, cause error) error {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout+time.Duration(r.killTimeout)*time.Second)
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout+r.stopper.stopBudget())
 		defer cancel()
 		if newID != "" {
 			_ = r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: newID, Force: true, Context: rctx})
@@ -53,11 +90,13 @@ func (r *rollout) recreate(ctx context.Context, c staleContainer) error {
 				return fmt.Errorf("%w; restarting the old %s failed too: %w", cause, name, err)
 			}
 		}
-		r.log.Warn("restored the old container", "container", name, "cause", cause)
+		r.log.Warn("restored the old container", "container", name, "err", cause)
 		return cause
 	}
 
-	if err := r.restarter.stopOne(ctx, c); err != nil {
+	ev := r.wait.watch()
+	defer ev.close()
+	if err := r.stopper.stopOne(ctx, c); err != nil {
 		return restore("", err)
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.callTimeout)
@@ -66,52 +105,56 @@ func (r *rollout) recreate(ctx context.Context, c staleContainer) error {
 	})
 	cancel()
 	if err != nil {
-		return restore("", fmt.Errorf("%w: create %s: %w", errReplacement, name, err))
+		return restore("", fmt.Errorf("create %s: %w", name, err))
 	}
 	sctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	err = r.docker.StartContainerWithContext(created.ID, nil, sctx)
 	cancel()
-	if err != nil {
+	var refused *docker.Error
+	switch {
+	case errors.As(err, &refused):
+		// The daemon answered and refused: the new version cannot run
+		// (no such executable, a bad mount of the new image).
 		return restore(created.ID, fmt.Errorf("%w: start %s: %w", errReplacement, name, err))
+	case err != nil:
+		return restore(created.ID, fmt.Errorf("start %s: %w", name, err))
 	}
-	if err := r.waitUp(ctx, created.ID, c.NewID); err != nil {
+	err = r.wait.wait(ctx, ev, target{name: name, id: created.ID, oldID: old.ID, newID: c.NewID}, lost)
+	switch {
+	case err == nil:
+	case ctx.Err() != nil && errors.Is(err, ctx.Err()):
+		// Shutting down while the new container comes up: keep it
+		// unless it has already failed, and finish.
+		if ferr := r.judgeNow(ctx, created.ID, c.NewID); ferr != nil {
+			return restore(created.ID, ferr)
+		}
+		r.log.Info("shutting down while the new container comes up; keeping it", "container", name)
+	case errors.Is(err, errNoReplacement):
+		return restore(created.ID, fmt.Errorf("%w: %s vanished: %w", errReplacement, name, err))
+	default:
 		return restore(created.ID, err)
 	}
-	rctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
 	defer cancel()
 	if err := r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: old.ID, Context: rctx}); err != nil {
 		r.log.Warn("could not remove the old container", "container", parked, "err", err)
 	}
 	r.metrics.containersRecreated.Inc()
 	r.log.Info("recreated container", "container", name, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
-	return nil
+	return ctx.Err()
 }
 
-// waitUp waits until container id runs and is healthy (or has no
-// healthcheck), within the restart timeout.
-func (r *rollout) waitUp(ctx context.Context, id, newID string) error {
-	deadline := time.Now().Add(r.timeout)
-	for {
-		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
-		c, err := r.docker.InspectContainerWithContext(id, ictx)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("%w: inspect the new container: %w", errReplacement, err)
-		}
-		done, err := replacementState(c, newID, time.Now())
-		if done || err != nil {
-			return err
-		}
-		if !c.State.Running && !c.State.Restarting {
-			return fmt.Errorf("%w: %s exited with code %d", errReplacement, c.Name, c.State.ExitCode)
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%w: %s not up within %v", errReplacement, c.Name, r.timeout)
-		}
-		if !sleepCtx(ctx, r.poll) {
-			return ctx.Err()
-		}
+// judgeNow inspects the new container once, with a fresh deadline, and
+// returns an error wrapping errReplacement if it has already failed.
+func (r *recreator) judgeNow(ctx context.Context, id, newID string) error {
+	ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+	defer cancel()
+	c, err := r.docker.InspectContainerWithContext(id, ictx)
+	if err != nil {
+		return fmt.Errorf("inspect the new container: %w", err)
 	}
+	_, err = judgeUp(c, newID, time.Now())
+	return err
 }
 
 // cloneConfig copies a container's configuration for a new container of

@@ -8,7 +8,6 @@ import (
 	"os"
 	"regexp"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/distribution/reference"
@@ -25,6 +24,8 @@ type containerAPI interface {
 	// StopContainerWithContext stops a container, killing it after
 	// timeout seconds.
 	StopContainerWithContext(id string, timeout uint, ctx context.Context) error
+	// StartContainerWithContext starts a stopped container again.
+	StartContainerWithContext(id string, hostConfig *docker.HostConfig, ctx context.Context) error
 }
 
 // staleContainer is a running container whose tag now points at another
@@ -40,9 +41,10 @@ type staleContainer struct {
 
 // restarter finds the containers of a repository that run an image their
 // tag no longer points at, and stops them so that their supervisor
-// (systemd, fleet) starts them again from the tag.
+// (systemd, fleet) starts them again from the tag (the stop strategy).
 type restarter struct {
 	docker      containerAPI
+	wait        *upWaiter
 	killTimeout int    // seconds
 	selfID      string // the deployer's own container, never stopped
 	callTimeout time.Duration
@@ -113,34 +115,10 @@ func (r *restarter) isSelf(id string) bool {
 	return r.selfID != "" && (strings.HasPrefix(id, r.selfID) || strings.HasPrefix(r.selfID, id))
 }
 
-// stop stops the containers, all at once, and returns those it stopped.
-func (r *restarter) stop(ctx context.Context, cs []staleContainer) ([]staleContainer, error) {
-	var (
-		mu      sync.Mutex
-		stopped []staleContainer
-		errs    []error
-		wg      sync.WaitGroup
-	)
-	for _, c := range cs {
-		wg.Go(func() {
-			err := r.stopOne(ctx, c)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				errs = append(errs, err)
-				return
-			}
-			stopped = append(stopped, c)
-		})
-	}
-	wg.Wait()
-	return stopped, errors.Join(errs...)
-}
-
+// stopOne stops a container, giving Docker killTimeout seconds before
+// SIGKILL. A container already stopped or gone counts as stopped.
 func (r *restarter) stopOne(ctx context.Context, c staleContainer) error {
-	// Docker waits killTimeout seconds before SIGKILL; give the call that
-	// long plus the usual margin.
-	ctx, cancel := context.WithTimeout(ctx, time.Duration(r.killTimeout)*time.Second+r.callTimeout)
+	ctx, cancel := context.WithTimeout(ctx, r.stopBudget())
 	defer cancel()
 	err := r.docker.StopContainerWithContext(c.ID, uint(r.killTimeout), ctx)
 	var notRunning *docker.ContainerNotRunning
@@ -156,6 +134,61 @@ func (r *restarter) stopOne(ctx context.Context, c staleContainer) error {
 	r.metrics.containersStopped.WithLabelValues("ok").Inc()
 	r.log.Info("stopped stale container", "container", c.Name, "tag", c.Tag, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
 	return nil
+}
+
+// stopBudget is how long a stop may take: Docker waits killTimeout
+// seconds before SIGKILL, plus the usual call margin.
+func (r *restarter) stopBudget() time.Duration {
+	return time.Duration(r.killTimeout)*time.Second + r.callTimeout
+}
+
+// stopAndWait is the stop strategy: stop the container and wait for its
+// supervisor to start the replacement on the new image. guard, called
+// just before the stop, may refuse it (the rollout slot was lost). When
+// nothing at all replaced the container within the bound, the host does
+// not supervise it: the old container is started again, and the error
+// wraps errUnsupervised (not a failure of the version).
+func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard func(context.Context) error, lost <-chan struct{}) error {
+	ev := r.wait.watch()
+	defer ev.close()
+	if err := guard(ctx); err != nil {
+		return err
+	}
+	start := time.Now()
+	if err := r.stopOne(ctx, c); err != nil {
+		return err
+	}
+	err := r.wait.wait(ctx, ev, target{name: c.Name, oldID: c.ID, newID: c.NewID}, lost)
+	switch {
+	case err == nil:
+		r.log.Info("replacement up", "container", c.Name, "image", shortID(c.NewID), "took", time.Since(start).Round(time.Millisecond))
+	case errors.Is(err, errNoReplacement):
+		return r.restartOld(ctx, c, err)
+	}
+	return err
+}
+
+// errUnsupervised: nothing replaced a stopped container; the old one was
+// started again. Not a failure of the version: it does not halt.
+var errUnsupervised = errors.New("unsupervised")
+
+// restartOld starts the stopped container again, on its old image, when
+// no supervisor replaced it.
+func (r *restarter) restartOld(ctx context.Context, c staleContainer, cause error) error {
+	r.metrics.unsupervised.Inc()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+	defer cancel()
+	err := r.docker.StartContainerWithContext(c.ID, nil, ctx)
+	var running *docker.ContainerAlreadyRunning
+	if err != nil && !errors.As(err, &running) {
+		r.log.Error("nothing restarted the container, and starting the old one failed", "container", c.Name, "cause", cause.Error(), "err", err)
+		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %w (%w)",
+			c.Name, r.wait.timeout, err, errUnsupervised)
+	}
+	r.log.Warn("nothing restarted the container: is it supervised? started the old one again", "container", c.Name,
+		"image", shortID(c.ImageID), "waited", r.wait.timeout)
+	return fmt.Errorf("nothing restarted %s within %v: is it supervised? The old container runs again on %s (%w)",
+		c.Name, r.wait.timeout, shortID(c.ImageID), errUnsupervised)
 }
 
 var cgroupContainerID = regexp.MustCompile(`(?:/docker/|/containers/|docker-)([0-9a-f]{64})`)

@@ -1,5 +1,33 @@
 package main
 
+// rollout.go: cluster coordination of rolling deploys. For one image tag,
+// at most maxUnavailable containers are down at once across the cluster:
+// before a node stops a stale container it takes a slot of an etcd
+// semaphore for the tag, bound to the node's session lease (a crashed or
+// partitioned node's slots go when its lease expires); it frees the slot
+// once the replacement is up. A replacement that ran and failed halts the
+// rollout of that image ID on every node.
+//
+// etcd keys, under the reserved namespace:
+//
+//	<prefix>/_rollout/<tag ref, path-escaped>/slots/<lease>-<node>-<container>  slot holders (lease-bound)
+//	<prefix>/_rollout/<tag ref, path-escaped>/halted                           {"image_id",…} of a failed version
+//
+// The guarantees, and the faults they hold under:
+//   - A node stops a container only while its slot key exists under its
+//     own live lease: the grant and, again, the check just before the stop
+//     are etcd transactions comparing the key's lease. A node whose lease
+//     expired while it waited in the queue (partition, SIGSTOP, a long
+//     pause) enters the queue again under a new session.
+//   - A slot held by a node that dies or is cut off frees itself when the
+//     lease expires (sessionTTL). If that happens while the node's own
+//     container is down, two can be down for the rest of that wait: the
+//     node logs it and stops nothing more under the lost slot.
+//   - A slot that cannot be freed (etcd delete failing) ends the session,
+//     so that its lease frees it within sessionTTL.
+//   - Waiting for a slot is bounded (-slot_timeout); a timeout is a
+//     node-local failure, retried, never a halt.
+
 import (
 	"context"
 	"encoding/json"
@@ -7,41 +35,28 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
-	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
-	docker "github.com/fsouza/go-dockerclient"
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
-// Rolling deploys. For one image tag, at most maxUnavailable containers
-// are down at once across the cluster: before a node stops a stale
-// container it takes a slot of an etcd semaphore for the tag, held by a
-// session lease (a crashed node frees its slot when the lease expires);
-// it frees the slot once the replacement runs the new image (and is
-// healthy, when the image has a HEALTHCHECK). A replacement that does not
-// come up halts the rollout of that image ID on every node.
-//
-// etcd keys, under the reserved namespace:
-//
-//	<prefix>/_rollout/<tag ref, path-escaped>/slots/<lease>-<container>  slot holders (lease-bound)
-//	<prefix>/_rollout/<tag ref, path-escaped>/halted                     {"image_id",…} of a failed version
 const (
-	rolloutDir   = "_rollout"
-	sessionTTL   = 10 // seconds a dead node's slots outlive it
-	strategyStop = "stop"
-	strategyRecr = "recreate"
-	strategySkip = "skip"
-	strategyKey  = "deployer.strategy" // container label overriding -restart_strategy
+	rolloutDir = "_rollout"
+	sessionTTL = 10 // seconds a dead node's slots outlive it
 )
 
 func rolloutPrefix(prefix, ref string) string {
 	return prefix + "/" + rolloutDir + "/" + url.PathEscape(ref) + "/"
 }
+
+func haltKey(prefix, ref string) string  { return rolloutPrefix(prefix, ref) + "halted" }
+func slotsDir(prefix, ref string) string { return rolloutPrefix(prefix, ref) + "slots/" }
 
 // halt is the record of a version that failed to come up.
 type halt struct {
@@ -52,179 +67,49 @@ type halt struct {
 	Time      time.Time `json:"time"`
 }
 
-// replaceAPI is the part of the Docker client the rollout uses.
-type replaceAPI interface {
-	// InspectContainerWithContext reads a container by ID or name.
-	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
-	// StopContainerWithContext stops a container, killing it after timeout seconds.
-	StopContainerWithContext(id string, timeout uint, ctx context.Context) error
-	// AddEventListenerWithOptions subscribes to the daemon's events.
-	AddEventListenerWithOptions(opts docker.EventsOptions, listener chan<- *docker.APIEvents) error
-	// RemoveEventListener ends a subscription.
-	RemoveEventListener(listener chan *docker.APIEvents) error
-	// The rest re-creates containers (-restart_strategy=recreate).
-	InspectImage(name string) (*docker.Image, error)
-	CreateContainer(opts docker.CreateContainerOptions) (*docker.Container, error)
-	StartContainerWithContext(id string, hostConfig *docker.HostConfig, ctx context.Context) error
-	RenameContainer(opts docker.RenameContainerOptions) error
-	RemoveContainer(opts docker.RemoveContainerOptions) error
+// haltedError says a version's rollout is halted: nothing to do here.
+type haltedError struct{ h *halt }
+
+func (e *haltedError) Error() string {
+	return fmt.Sprintf("rollout of %s halted by %s: %s", shortID(e.h.ImageID), e.h.Node, e.h.Reason)
 }
 
-// rollout replaces stale containers, coordinated across the cluster.
+// errSlotLost: the node's lease, and with it the slot, went away.
+var errSlotLost = errors.New("rollout slot lost with the etcd session")
+
+// rollout coordinates replacements across the cluster.
 type rollout struct {
-	etcd           *clientv3.Client
+	etcd           *clientv3.Client // sessions, watches
+	kv             clientv3.KV      // slot and halt reads and writes (etcd, unless a test injects faults)
 	prefix         string
 	node           string
-	maxUnavailable int // 0: no coordination, everything at once
-	timeout        time.Duration
-	strategy       string
-	killTimeout    int
+	maxUnavailable int           // 0: no coordination, everything at once
+	slotTimeout    time.Duration // bound on waiting for a slot
 	callTimeout    time.Duration
-	docker         replaceAPI
-	restarter      *restarter
 	log            *slog.Logger
 	metrics        *metrics
-	poll           time.Duration // inspect fallback when events are missed
 
-	mu      sync.Mutex
-	session *concurrency.Session
+	mu          sync.Mutex
+	session     *concurrency.Session
+	sessCtx     context.Context // outlives every deploy; ends at close
+	sessCancel  context.CancelFunc
+	releaseBase time.Duration // first release retry delay
 }
 
-// outcome is what happened to one stale container.
-type outcome struct {
-	c       staleContainer
-	err     error // the replacement failed: the rollout halted
-	skipped string
+func newRollout(cli *clientv3.Client, prefix, node string, maxUnavailable int, slotTimeout, callTimeout time.Duration, log *slog.Logger, m *metrics) *rollout {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &rollout{
+		etcd: cli, kv: cli, prefix: prefix, node: node, maxUnavailable: maxUnavailable, slotTimeout: slotTimeout,
+		callTimeout: callTimeout, log: log, metrics: m, sessCtx: ctx, sessCancel: cancel, releaseBase: 200 * time.Millisecond,
+	}
 }
 
-// replace replaces the stale containers of one repository on this node:
-// one at a time per tag, each under a cluster-wide slot.
-func (r *rollout) replace(ctx context.Context, repo string, stale []staleContainer) []outcome {
-	var out []outcome
-	if r.maxUnavailable == 0 {
-		// No coordination: stop everything at once, as the original did.
-		var stop []staleContainer
-		for _, c := range stale {
-			if r.strategyOf(ctx, c) == strategySkip {
-				out = append(out, outcome{c: c, skipped: "label " + strategyKey + "=skip"})
-				continue
-			}
-			stop = append(stop, c)
-		}
-		stopped, err := r.restarter.stop(ctx, stop)
-		for _, c := range stop {
-			if slices.ContainsFunc(stopped, func(s staleContainer) bool { return s.ID == c.ID }) {
-				out = append(out, outcome{c: c})
-			} else {
-				out = append(out, outcome{c: c, err: err})
-			}
-		}
-		return out
-	}
-	halted := map[string]bool{} // tag whose rollout halted here
-	for _, c := range stale {
-		ref := repo + ":" + c.Tag
-		if halted[c.Tag] {
-			out = append(out, outcome{c: c, skipped: "rollout halted"})
-			continue
-		}
-		o := r.replaceOne(ctx, ref, c)
-		if o.err != nil {
-			halted[c.Tag] = true
-		}
-		out = append(out, o)
-	}
-	return out
-}
-
-func (r *rollout) replaceOne(ctx context.Context, ref string, c staleContainer) outcome {
-	strategy := r.strategyOf(ctx, c)
-	if strategy == strategySkip {
-		return outcome{c: c, skipped: "label " + strategyKey + "=skip"}
-	}
-	if h, err := r.halted(ctx, ref); err != nil {
-		return outcome{c: c, err: fmt.Errorf("read halt record: %w", err)}
-	} else if h != nil && h.ImageID == c.NewID {
-		return outcome{c: c, skipped: fmt.Sprintf("rollout of %s halted by %s: %s", shortID(h.ImageID), h.Node, h.Reason)}
-	}
-	start := time.Now()
-	release, err := r.acquire(ctx, ref, c)
-	if err != nil {
-		return outcome{c: c, err: fmt.Errorf("take a rollout slot: %w", err)}
-	}
-	defer release()
-	if wait := time.Since(start); wait > time.Second {
-		r.log.Info("rollout slot taken", "ref", ref, "container", c.Name, "waited", wait.Round(time.Millisecond))
-	}
-	// Another node may have halted this version while we waited.
-	if h, err := r.halted(ctx, ref); err == nil && h != nil && h.ImageID == c.NewID {
-		return outcome{c: c, skipped: fmt.Sprintf("rollout of %s halted by %s: %s", shortID(h.ImageID), h.Node, h.Reason)}
-	}
-	if strategy == strategyRecr {
-		err = r.recreate(ctx, c)
-	} else {
-		err = r.stopAndWait(ctx, c)
-	}
-	if err != nil && ctx.Err() == nil {
-		r.recordHalt(ctx, ref, c, err)
-	}
-	return outcome{c: c, err: err}
-}
-
-// strategyOf reads the container's deployer.strategy label.
-func (r *rollout) strategyOf(ctx context.Context, c staleContainer) string {
-	switch c.Labels[strategyKey] {
-	case strategyStop, strategyRecr, strategySkip:
-		return c.Labels[strategyKey]
-	}
-	return r.strategy
-}
-
-func (r *rollout) halted(ctx context.Context, ref string) (*halt, error) {
-	ctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	defer cancel()
-	resp, err := r.etcd.Get(ctx, rolloutPrefix(r.prefix, ref)+"halted")
-	if err != nil || len(resp.Kvs) == 0 {
-		return nil, err
-	}
-	var h halt
-	if err := json.Unmarshal(resp.Kvs[0].Value, &h); err != nil {
-		return nil, nil // unreadable: not halted
-	}
-	return &h, nil
-}
-
-func (r *rollout) recordHalt(ctx context.Context, ref string, c staleContainer, cause error) {
-	h := halt{ImageID: c.NewID, Node: r.node, Container: c.Name, Reason: cause.Error(), Time: time.Now().UTC()}
-	b, _ := json.Marshal(h)
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
-	defer cancel()
-	if _, err := r.etcd.Put(ctx, rolloutPrefix(r.prefix, ref)+"halted", string(b)); err != nil {
-		r.log.Error("could not record the halted rollout", "ref", ref, "err", err)
-		return
-	}
-	r.metrics.rolloutsHalted.Inc()
-	r.log.Warn("rollout halted", "ref", ref, "image", shortID(c.NewID), "container", c.Name, "reason", cause)
-}
-
-// clearHalt removes the halt record of ref if it names another image than
-// the one now deployed: a later push resumes normal rollouts.
-func (r *rollout) clearHalt(ctx context.Context, ref, imageID string) {
-	if r.maxUnavailable == 0 {
-		return // no coordination, no halts
-	}
-	h, err := r.halted(ctx, ref)
-	if err != nil || h == nil || h.ImageID == imageID {
-		return
-	}
-	ctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	defer cancel()
-	_, _ = r.etcd.Delete(ctx, rolloutPrefix(r.prefix, ref)+"halted")
-}
+func (r *rollout) coordinated() bool { return r.maxUnavailable > 0 }
 
 // sess returns the node's etcd session, creating it again if its lease
-// was lost.
-func (r *rollout) sess() (*concurrency.Session, error) {
+// was lost. The lease grant is bounded by ctx; the keepalives run until
+// close.
+func (r *rollout) sess(ctx context.Context) (*concurrency.Session, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.session != nil {
@@ -235,181 +120,300 @@ func (r *rollout) sess() (*concurrency.Session, error) {
 			return r.session, nil
 		}
 	}
-	s, err := concurrency.NewSession(r.etcd, concurrency.WithTTL(sessionTTL))
+	if r.sessCtx.Err() != nil {
+		return nil, errors.New("rollout closed")
+	}
+	gctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	lease, err := r.etcd.Grant(gctx, sessionTTL)
+	cancel()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("grant lease: %w", err)
+	}
+	s, err := concurrency.NewSession(r.etcd, concurrency.WithLease(lease.ID), concurrency.WithTTL(sessionTTL), concurrency.WithContext(r.sessCtx))
+	if err != nil {
+		return nil, fmt.Errorf("session: %w", err)
 	}
 	r.session = s
 	return s, nil
 }
 
+// endSession gives up a session whose slot could not be freed: its
+// keepalives stop at once, so the lease (and every key under it) expires
+// within sessionTTL even if the revoke cannot reach etcd.
+func (r *rollout) endSession(s *concurrency.Session) {
+	r.mu.Lock()
+	if r.session == s {
+		r.session = nil
+	}
+	r.mu.Unlock()
+	_ = s.Close() // orphans, then revokes within sessionTTL
+}
+
+// dropSession forgets a session whose lease is gone, so that the next
+// slot is taken under a new one.
+func (r *rollout) dropSession(s *concurrency.Session) {
+	r.mu.Lock()
+	if r.session == s {
+		r.session = nil
+	}
+	r.mu.Unlock()
+	s.Orphan()
+}
+
 func (r *rollout) close() {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.session != nil {
-		r.session.Close() // revokes the lease: our slots go at once
+	s := r.session
+	r.session = nil
+	r.mu.Unlock()
+	if s != nil {
+		_ = s.Close() // revokes the lease: our slots go at once
 	}
+	r.sessCancel()
 }
 
-// acquire takes one of the maxUnavailable slots of ref, first come first
-// served by etcd create revision. It returns a release function.
-func (r *rollout) acquire(ctx context.Context, ref string, c staleContainer) (func(), error) {
-	s, err := r.sess()
-	if err != nil {
-		return nil, err
-	}
-	dir := rolloutPrefix(r.prefix, ref) + "slots/"
-	key := dir + strconv.FormatInt(int64(s.Lease()), 16) + "-" + r.node + "-" + shortID(c.ID)
-	pctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	resp, err := r.etcd.Put(pctx, key, r.node+" "+c.Name, clientv3.WithLease(s.Lease()))
-	cancel()
-	if err != nil {
-		return nil, err
-	}
-	myRev := resp.Header.Revision
-	release := func() {
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
-		defer cancel()
-		if _, err := r.etcd.Delete(dctx, key); err != nil {
-			r.log.Warn("could not free the rollout slot; its lease will", "key", key, "err", err)
-		}
-	}
+// slot is a held rollout slot.
+type slot struct {
+	r    *rollout
+	ref  string
+	key  string
+	sess *concurrency.Session
+}
+
+// lost is closed when the slot's session ends.
+func (s *slot) lost() <-chan struct{} { return s.sess.Done() }
+
+// acquire takes one of the maxUnavailable slots of ref for container c,
+// first come first served by etcd create revision, within slotTimeout. A
+// halt of c's new image, read in the same transactions, is returned as a
+// *haltedError (and no slot).
+func (r *rollout) acquire(ctx context.Context, ref string, c staleContainer) (*slot, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.slotTimeout)
+	defer cancel()
 	for {
-		gctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-		// (Count ignores the create-revision filter; count the keys.)
-		ahead, err := r.etcd.Get(gctx, dir, clientv3.WithPrefix(), clientv3.WithMaxCreateRev(myRev-1), clientv3.WithKeysOnly())
-		cancel()
+		s, err := r.sess(ctx)
 		if err != nil {
-			release()
-			return nil, err
+			return nil, r.acquireErr(ctx, err)
 		}
-		if len(ahead.Kvs) < r.maxUnavailable {
-			return release, nil
+		sl := &slot{r: r, ref: ref, sess: s,
+			key: slotsDir(r.prefix, ref) + strconv.FormatInt(int64(s.Lease()), 16) + "-" + r.node + "-" + shortID(c.ID)}
+		err = sl.queue(ctx, c)
+		switch {
+		case err == nil:
+			return sl, nil
+		case errors.Is(err, errSlotLost):
+			r.dropSession(s)
+			r.metrics.slotsLost.Inc()
+			r.log.Warn("etcd session lost while waiting for a rollout slot; queueing again", "ref", ref, "container", c.Name)
+			continue
 		}
-		// Wait for a holder to leave (or its lease to expire), then count
-		// again. Watching from the revision we counted at misses nothing.
-		wctx, cancel := context.WithCancel(ctx)
-		ch := r.etcd.Watch(clientv3.WithRequireLeader(wctx), dir, clientv3.WithPrefix(), clientv3.WithRev(ahead.Header.Revision+1), clientv3.WithFilterPut())
-		select {
-		case <-ch:
-		case <-s.Done():
-		case <-ctx.Done():
-		case <-time.After(sessionTTL * time.Second): // a safety net; the count is the truth
-		}
-		cancel()
-		if ctx.Err() != nil {
-			release()
-			return nil, ctx.Err()
-		}
+		sl.release()
+		return nil, r.acquireErr(ctx, err)
 	}
 }
 
-// stopAndWait stops a container and waits for its supervisor to start the
-// replacement on the new image.
-func (r *rollout) stopAndWait(ctx context.Context, c staleContainer) error {
-	events, unsubscribe := r.subscribe()
-	defer unsubscribe()
-	start := time.Now()
-	if err := r.restarter.stopOne(ctx, c); err != nil {
+func (r *rollout) acquireErr(ctx context.Context, err error) error {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("no rollout slot within %v: %w", r.slotTimeout, err)
+	}
+	var h *haltedError
+	if errors.As(err, &h) {
 		return err
 	}
-	err := r.waitReplacement(ctx, events, c.Name, c.ID, c.NewID)
-	if err == nil {
-		r.log.Info("replacement up", "container", c.Name, "image", shortID(c.NewID), "took", time.Since(start).Round(time.Millisecond))
-	}
-	return err
+	return fmt.Errorf("take a rollout slot: %w", err)
 }
 
-// subscribe listens to the daemon's container events; without them the
-// waits fall back on inspecting every poll interval.
-func (r *rollout) subscribe() (<-chan *docker.APIEvents, func()) {
-	ch := make(chan *docker.APIEvents, 64)
-	opts := docker.EventsOptions{Filters: map[string][]string{"type": {"container"}}}
-	if err := r.docker.AddEventListenerWithOptions(opts, ch); err != nil {
-		r.log.Warn("docker events unavailable, polling instead", "err", err)
-		return nil, func() {}
+// queue enters the queue of ref's slots and waits until fewer than
+// maxUnavailable keys are ahead of this one. Every count is made in a
+// transaction that first checks this node's key still exists under its
+// lease: a key that went with an expired lease is errSlotLost, never a
+// grant.
+func (sl *slot) queue(ctx context.Context, c staleContainer) error {
+	r := sl.r
+	lease := sl.sess.Lease()
+	dir := slotsDir(r.prefix, sl.ref)
+	reads := []clientv3.Op{
+		clientv3.OpGet(haltKey(r.prefix, sl.ref)),
+		clientv3.OpGet(dir, clientv3.WithPrefix(), clientv3.WithKeysOnly()),
 	}
-	return ch, func() { _ = r.docker.RemoveEventListener(ch) }
-}
-
-var errReplacement = errors.New("replacement failed")
-
-// waitReplacement waits until a container called name, other than oldID,
-// runs newID and is healthy (or has no healthcheck). It fails when such a
-// container exits or turns unhealthy, or when none comes up in time.
-func (r *rollout) waitReplacement(ctx context.Context, events <-chan *docker.APIEvents, name, oldID, newID string) error {
-	deadline := time.NewTimer(r.timeout)
-	defer deadline.Stop()
-	tick := time.NewTicker(r.poll)
-	defer tick.Stop()
-	started := map[string]bool{}
-	for {
-		done, err := r.checkReplacement(ctx, name, oldID, newID)
-		if done || err != nil {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-deadline.C:
-			return fmt.Errorf("%w: no container %s on %s running within %v", errReplacement, name, shortID(newID), r.timeout)
-		case <-tick.C:
-		case ev := <-events:
-			if ev == nil || ev.Actor.ID == oldID || ev.Actor.Attributes["name"] != name {
-				continue
-			}
-			switch ev.Action {
-			case "start":
-				started[ev.Actor.ID] = true
-			case "die":
-				if started[ev.Actor.ID] {
-					return fmt.Errorf("%w: %s on %s exited with code %s", errReplacement, name, shortID(newID), ev.Actor.Attributes["exitCode"])
-				}
-			}
-		}
-	}
-}
-
-func (r *rollout) checkReplacement(ctx context.Context, name, oldID, newID string) (bool, error) {
-	ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	defer cancel()
-	c, err := r.docker.InspectContainerWithContext(name, ictx)
-	var gone *docker.NoSuchContainer
-	if errors.As(err, &gone) || (err == nil && c.ID == oldID) {
-		return false, nil
+	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	resp, err := r.kv.Txn(tctx).Then(append([]clientv3.Op{clientv3.OpPut(sl.key, r.node+" "+c.Name, clientv3.WithLease(lease))}, reads...)...).Commit()
+	cancel()
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		return errSlotLost
 	}
 	if err != nil {
-		return false, nil // the daemon may be busy; the deadline bounds us
+		return fmt.Errorf("enter the slot queue: %w", err)
 	}
-	return replacementState(c, newID, time.Now())
+	myRev := resp.Header.Revision // our key's create revision
+	watchFrom := myRev + 1
+	halted, ahead := sl.read(resp.Responses[1:], myRev)
+	for {
+		if halted != nil && halted.ImageID == c.NewID {
+			return &haltedError{halted}
+		}
+		if ahead < r.maxUnavailable {
+			return nil
+		}
+		// Wait for a holder to leave (or its lease to expire), then
+		// count again. Watching from the revision we counted at misses
+		// nothing; the timer is a safety net, the count is the truth.
+		wctx, cancel := context.WithCancel(ctx)
+		ch := r.etcd.Watch(clientv3.WithRequireLeader(wctx), dir, clientv3.WithPrefix(), clientv3.WithRev(watchFrom), clientv3.WithFilterPut())
+		timer := time.NewTimer(sessionTTL * time.Second)
+		select {
+		case <-ch:
+		case <-timer.C:
+		case <-sl.sess.Done():
+		case <-ctx.Done():
+		}
+		timer.Stop()
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		select {
+		case <-sl.sess.Done():
+			return errSlotLost
+		default:
+		}
+		tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+		resp, err = r.kv.Txn(tctx).If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", lease)).Then(reads...).Commit()
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			r.log.Warn("counting rollout slots failed, retrying", "ref", sl.ref, "err", err)
+			if !sleepCtx(ctx, time.Second) {
+				return ctx.Err()
+			}
+			continue
+		}
+		if !resp.Succeeded {
+			return errSlotLost
+		}
+		watchFrom = resp.Header.Revision + 1
+		halted, ahead = sl.read(resp.Responses, myRev)
+	}
 }
 
-// minUp is how long a replacement without a healthcheck must have been
-// running to count as up: a version that crashes at once is "running" for
-// a few milliseconds first.
-const minUp = time.Second
-
-// replacementState judges a container that replaced a stale one.
-func replacementState(c *docker.Container, newID string, now time.Time) (bool, error) {
-	name := strings.TrimPrefix(c.Name, "/")
-	if c.Image != newID {
-		// Not ours: a newer push overtook this one. Its own deploy
-		// will judge it.
-		return c.State.Running, nil
-	}
-	if !c.State.Running {
-		if !c.State.FinishedAt.IsZero() && c.State.FinishedAt.After(c.State.StartedAt) {
-			return false, fmt.Errorf("%w: %s on %s exited with code %d", errReplacement, name, shortID(newID), c.State.ExitCode)
+// read decodes a halt record and counts the slot keys created before rev.
+func (sl *slot) read(rs []*etcdserverpb.ResponseOp, rev int64) (*halt, int) {
+	h := decodeHalt(rs[0].GetResponseRange().Kvs)
+	ahead := 0
+	for _, kv := range rs[1].GetResponseRange().Kvs {
+		if kv.CreateRevision < rev {
+			ahead++
 		}
-		return false, nil
 	}
-	switch c.State.Health.Status {
-	case "healthy":
-		return true, nil
-	case "", "none":
-		return now.Sub(c.State.StartedAt) >= minUp, nil
-	case "unhealthy":
-		return false, fmt.Errorf("%w: %s on %s is unhealthy", errReplacement, name, shortID(newID))
+	return h, ahead
+}
+
+// verify checks, in one etcd round trip, that the slot is still held under
+// the node's live lease and that newID has not been halted meanwhile. It
+// is called just before each stop or recreate.
+func (sl *slot) verify(ctx context.Context, newID string) error {
+	select {
+	case <-sl.sess.Done():
+		return errSlotLost
+	default:
 	}
-	return false, nil // starting
+	r := sl.r
+	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	resp, err := r.kv.Txn(tctx).
+		If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", sl.sess.Lease())).
+		Then(clientv3.OpGet(haltKey(r.prefix, sl.ref))).Commit()
+	if err != nil {
+		return fmt.Errorf("verify the rollout slot: %w", err)
+	}
+	if !resp.Succeeded {
+		return errSlotLost
+	}
+	if h := decodeHalt(resp.Responses[0].GetResponseRange().Kvs); h != nil && h.ImageID == newID {
+		return &haltedError{h}
+	}
+	return nil
+}
+
+// release frees the slot, retrying with backoff; if etcd keeps refusing,
+// it ends the session so that the lease frees the slot.
+func (sl *slot) release() {
+	r := sl.r
+	const tries = 4
+	for attempt := 1; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), min(r.callTimeout, 5*time.Second))
+		_, err := r.kv.Delete(ctx, sl.key)
+		cancel()
+		if err == nil {
+			return
+		}
+		if attempt == tries {
+			r.metrics.slotReleaseFailures.Inc()
+			r.log.Warn("could not free the rollout slot; ending the etcd session so that its lease frees it",
+				"key", sl.key, "err", err)
+			r.endSession(sl.sess)
+			return
+		}
+		time.Sleep(backoff(r.releaseBase, attempt))
+	}
+}
+
+func decodeHalt(kvs []*mvccpb.KeyValue) *halt {
+	if len(kvs) == 0 {
+		return nil
+	}
+	var h halt
+	if err := json.Unmarshal(kvs[0].Value, &h); err != nil {
+		return nil // unreadable: not halted
+	}
+	return &h
+}
+
+// halted reads the halt record of ref, with its modification revision.
+func (r *rollout) halted(ctx context.Context, ref string) (*halt, int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	resp, err := r.kv.Get(ctx, haltKey(r.prefix, ref))
+	if err != nil || len(resp.Kvs) == 0 {
+		return nil, 0, err
+	}
+	return decodeHalt(resp.Kvs), resp.Kvs[0].ModRevision, nil
+}
+
+func (r *rollout) recordHalt(ctx context.Context, ref string, c staleContainer, cause error) {
+	h := halt{ImageID: c.NewID, Node: r.node, Container: c.Name, Reason: cause.Error(), Time: time.Now().UTC()}
+	b, _ := json.Marshal(h)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+	defer cancel()
+	if _, err := r.kv.Put(ctx, haltKey(r.prefix, ref), string(b)); err != nil {
+		r.log.Error("could not record the halted rollout", "ref", ref, "err", err)
+		return
+	}
+	r.metrics.rolloutsHalted.Inc()
+	r.log.Warn("rollout halted", "ref", ref, "image", shortID(c.NewID), "container", c.Name, "err", cause)
+}
+
+// clearHalt removes the halt record of ref if it names another image than
+// the one now deployed: a later push resumes normal rollouts. The delete
+// is conditional on the record being the one read, so that a halt of a
+// newer version recorded meanwhile stays.
+func (r *rollout) clearHalt(ctx context.Context, ref, imageID string) {
+	if !r.coordinated() {
+		return // no coordination, no halts
+	}
+	h, rev, err := r.halted(ctx, ref)
+	if err != nil || h == nil || h.ImageID == imageID {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	key := haltKey(r.prefix, ref)
+	resp, err := r.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).Then(clientv3.OpDelete(key)).Commit()
+	switch {
+	case err != nil:
+		r.log.Warn("could not clear the halt record", "ref", ref, "err", err)
+	case resp.Succeeded:
+		r.log.Info("halt cleared by a newer version", "ref", ref, "halted_image", shortID(h.ImageID), "image", shortID(imageID))
+	}
 }

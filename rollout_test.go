@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"strings"
@@ -12,17 +13,40 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-func newTestRollout(t *testing.T, cli *clientv3.Client, f *fakeDocker, node string, maxUnavailable int) *rollout {
-	log := testLogger(t)
-	m := newMetrics()
-	r := &rollout{
-		etcd: cli, prefix: testPrefix(t), node: node, maxUnavailable: maxUnavailable, timeout: 5 * time.Second,
-		strategy: strategyStop, killTimeout: 1, callTimeout: 5 * time.Second, docker: f, poll: 10 * time.Millisecond,
-		restarter: &restarter{docker: f, killTimeout: 1, callTimeout: 5 * time.Second, log: log, metrics: m},
-		log:       log, metrics: m,
+// faultKV is etcd's KV with injected faults: failing deletes, and a hook
+// that runs after each Get (to change the store between two calls).
+type faultKV struct {
+	clientv3.KV
+	mu         sync.Mutex
+	deleteErrs int // the next deleteErrs deletes fail
+	deletes    int
+	afterGet   func(key string)
+}
+
+func (k *faultKV) Delete(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.DeleteResponse, error) {
+	k.mu.Lock()
+	k.deletes++
+	fail := k.deleteErrs > 0
+	if fail {
+		k.deleteErrs--
 	}
-	t.Cleanup(r.close)
-	return r
+	k.mu.Unlock()
+	if fail {
+		return nil, errors.New("etcdserver: request timed out")
+	}
+	return k.KV.Delete(ctx, key, opts...)
+}
+
+func (k *faultKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	resp, err := k.KV.Get(ctx, key, opts...)
+	if k.afterGet != nil {
+		k.afterGet(key)
+	}
+	return resp, err
+}
+
+func testStale(id string) staleContainer {
+	return staleContainer{ID: id, Name: "app", Tag: "qa", NewID: "sha256:new"}
 }
 
 // TestRolloutSlots: with maxUnavailable 2, five holders take turns, never
@@ -37,9 +61,9 @@ func TestRolloutSlots(t *testing.T) {
 	release := make(chan struct{})
 	entered := make(chan int, holders)
 	for i := range holders {
-		r := newTestRollout(t, cli, newFakeDocker(), "node"+string(rune('a'+i)), slots)
+		r := newTestReplacer(t, cli, newFakeDocker(), "node"+string(rune('a'+i)), slots).rollout
 		wg.Go(func() {
-			rel, err := r.acquire(t.Context(), "reg/app:qa", staleContainer{ID: "id" + string(rune('a'+i)), Name: "app"})
+			sl, err := r.acquire(t.Context(), "reg/app:qa", testStale("id"+string(rune('a'+i))))
 			if err != nil {
 				t.Error(err)
 				return
@@ -54,7 +78,7 @@ func TestRolloutSlots(t *testing.T) {
 			mu.Lock()
 			inside--
 			mu.Unlock()
-			rel()
+			sl.release()
 		})
 	}
 	for range holders {
@@ -67,40 +91,114 @@ func TestRolloutSlots(t *testing.T) {
 	}
 }
 
+// acquireAsync starts an acquire and returns where its result arrives.
+func acquireAsync(t *testing.T, r *rollout, id string) chan *slot {
+	got := make(chan *slot, 1)
+	go func() {
+		sl, err := r.acquire(t.Context(), "reg/app:qa", testStale(id))
+		if err != nil {
+			t.Error(err)
+		}
+		got <- sl
+	}()
+	return got
+}
+
+// mustWait checks that nothing arrives on ch for a while (a failure bound,
+// not a synchronisation: arriving at all is the failure).
+func mustWait[T any](t *testing.T, ch <-chan T, what string) {
+	t.Helper()
+	select {
+	case v := <-ch:
+		t.Fatalf("%s: got %v", what, v)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+func mustGet[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(20 * time.Second):
+		t.Fatalf("%s: timed out", what)
+	}
+	panic("unreachable")
+}
+
 // TestRolloutSlotOfDeadNode: a holder whose lease ends (a crashed node)
 // frees its slot.
 func TestRolloutSlotOfDeadNode(t *testing.T) {
 	cli := testEtcd(t)
-	dead := newTestRollout(t, cli, newFakeDocker(), "dead", 1)
-	if _, err := dead.acquire(t.Context(), "reg/app:qa", staleContainer{ID: "a"}); err != nil {
+	dead := newTestReplacer(t, cli, newFakeDocker(), "dead", 1).rollout
+	sl, err := dead.acquire(t.Context(), "reg/app:qa", testStale("a"))
+	if err != nil {
 		t.Fatal(err)
 	}
-	live := newTestRollout(t, cli, newFakeDocker(), "live", 1)
-	got := make(chan error, 1)
-	go func() {
-		rel, err := live.acquire(t.Context(), "reg/app:qa", staleContainer{ID: "b"})
-		if rel != nil {
-			rel()
-		}
-		got <- err
-	}()
-	select {
-	case err := <-got:
-		t.Fatalf("took a slot held by another node: %v", err)
-	case <-time.After(200 * time.Millisecond): // a failure bound only
-	}
+	live := newTestReplacer(t, cli, newFakeDocker(), "live", 1).rollout
+	got := acquireAsync(t, live, "b")
+	mustWait(t, got, "took a slot held by another node")
 	// The node dies: its lease goes (here at once, instead of after TTL).
-	s, _ := dead.sess()
-	if _, err := cli.Revoke(t.Context(), s.Lease()); err != nil {
+	if _, err := cli.Revoke(t.Context(), sl.sess.Lease()); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case err := <-got:
-		if err != nil {
-			t.Fatal(err)
+	if sl := mustGet(t, got, "slot of a dead node freed"); sl != nil {
+		sl.release()
+	}
+}
+
+// TestRolloutLeaseLostWhileQueued: a node whose lease expires while it
+// waits in the queue (a partition, SIGSTOP) must not take a slot that is
+// still held: it queues again under a new session, and gets the slot only
+// when the holder leaves.
+func TestRolloutLeaseLostWhileQueued(t *testing.T) {
+	cli := testEtcd(t)
+	holder := newTestReplacer(t, cli, newFakeDocker(), "holder", 1).rollout
+	held, err := holder.acquire(t.Context(), "reg/app:qa", testStale("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waiterRep := newTestReplacer(t, cli, newFakeDocker(), "waiter", 1)
+	waiter := waiterRep.rollout
+	kv := &faultKV{KV: cli}
+	waiter.kv = kv
+	got := acquireAsync(t, waiter, "b")
+	var lease clientv3.LeaseID
+	waitUntil(t, "the waiter to queue", func() bool {
+		waiter.mu.Lock()
+		defer waiter.mu.Unlock()
+		if waiter.session != nil {
+			lease = waiter.session.Lease()
 		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("slot of a dead node never freed")
+		return lease != 0 && countKeys(t, cli, strings.TrimSuffix(slotsDir(waiter.prefix, "reg/app:qa"), "/")) == 2
+	})
+	// Its lease expires (revoked here, as etcd does after the TTL).
+	if _, err := cli.Revoke(t.Context(), lease); err != nil {
+		t.Fatal(err)
+	}
+	mustWait(t, got, "the waiter took the slot the holder still has")
+	held.release()
+	sl := mustGet(t, got, "the waiter gets the slot once the holder leaves")
+	if sl == nil {
+		t.Fatal("no slot")
+	}
+	defer sl.release()
+	if sl.sess.Lease() == lease {
+		t.Errorf("slot held under the revoked lease %x", lease)
+	}
+	if err := sl.verify(t.Context(), "sha256:new"); err != nil {
+		t.Errorf("verify of the new slot: %v", err)
+	}
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -117,8 +215,8 @@ func rolloutFixture(t *testing.T, crash bool) (*fakeDocker, staleContainer) {
 func TestRolloutReplaceWaitsForReplacement(t *testing.T) {
 	cli := testEtcd(t)
 	f, c := rolloutFixture(t, false)
-	r := newTestRollout(t, cli, f, "n1", 1)
-	out := r.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+	p := newTestReplacer(t, cli, f, "n1", 1)
+	out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
 	if len(out) != 1 || out[0].err != nil || out[0].skipped != "" {
 		t.Fatalf("replace = %+v; want success", out)
 	}
@@ -128,44 +226,49 @@ func TestRolloutReplaceWaitsForReplacement(t *testing.T) {
 	}
 }
 
-// TestRolloutHalts: a version whose container exits at once halts the
-// rollout; the other nodes leave their containers alone; a newer image
-// rolls out again.
+// TestRolloutHalts: a version whose container exits at once (or crash-
+// loops under a restart policy) halts the rollout; the other nodes leave
+// their containers alone; a newer image rolls out again.
 func TestRolloutHalts(t *testing.T) {
-	cli := testEtcd(t)
-	f1, c1 := rolloutFixture(t, true)
-	r1 := newTestRollout(t, cli, f1, "n1", 1)
-	out := r1.replace(t.Context(), "reg:5000/app", []staleContainer{c1})
-	if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {
-		t.Fatalf("replace of a crashing version = %+v; want errReplacement", out)
-	}
-	h, err := r1.halted(t.Context(), "reg:5000/app:qa")
-	if err != nil || h == nil || h.ImageID != c1.NewID || h.Node != "n1" || !strings.Contains(h.Reason, "exited") {
-		t.Fatalf("halt record = %+v, %v; want one for %s by n1", h, err, shortID(c1.NewID))
-	}
+	for _, mode := range []string{"exits", "crash-loops"} {
+		t.Run(mode, func(t *testing.T) {
+			cli := testEtcd(t)
+			f1, c1 := rolloutFixture(t, mode == "exits")
+			f1.crashLoop = mode == "crash-loops"
+			p1 := newTestReplacer(t, cli, f1, "n1", 1)
+			out := p1.replace(t.Context(), "reg:5000/app", []staleContainer{c1})
+			if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {
+				t.Fatalf("replace of a broken version = %+v; want errReplacement", out)
+			}
+			h, _, err := p1.rollout.halted(t.Context(), "reg:5000/app:qa")
+			if err != nil || h == nil || h.ImageID != c1.NewID || h.Node != "n1" {
+				t.Fatalf("halt record = %+v, %v; want one for %s by n1", h, err, shortID(c1.NewID))
+			}
 
-	f2, c2 := rolloutFixture(t, false)
-	r2 := newTestRollout(t, cli, f2, "n2", 1)
-	out = r2.replace(t.Context(), "reg:5000/app", []staleContainer{c2})
-	if len(out) != 1 || out[0].err != nil || !strings.Contains(out[0].skipped, "halted by n1") {
-		t.Fatalf("other node = %+v; want it held back", out)
-	}
-	if ctr, _ := f2.InspectContainerWithContext("app", t.Context()); ctr.ID != c2.ID || !ctr.State.Running {
-		t.Errorf("other node's container was touched")
-	}
+			f2, c2 := rolloutFixture(t, false)
+			p2 := newTestReplacer(t, cli, f2, "n2", 1)
+			out = p2.replace(t.Context(), "reg:5000/app", []staleContainer{c2})
+			if len(out) != 1 || out[0].err != nil || !strings.Contains(out[0].skipped, "halted by n1") {
+				t.Fatalf("other node = %+v; want it held back", out)
+			}
+			if ctr, _ := f2.InspectContainerWithContext("app", t.Context()); ctr.ID != c2.ID || !ctr.State.Running {
+				t.Errorf("other node's container was touched")
+			}
 
-	// A newer push: a new image ID rolls out and clears the halt.
-	c2.NewID = "sha256:3333333333333333333333333333333333333333333333333333333333333333"
-	f2.mu.Lock()
-	f2.local["reg:5000/app:qa"] = c2.NewID
-	f2.mu.Unlock()
-	out = r2.replace(t.Context(), "reg:5000/app", []staleContainer{c2})
-	if len(out) != 1 || out[0].err != nil || out[0].skipped != "" {
-		t.Fatalf("newer image = %+v; want a normal rollout", out)
-	}
-	r2.clearHalt(t.Context(), "reg:5000/app:qa", c2.NewID)
-	if h, _ := r2.halted(t.Context(), "reg:5000/app:qa"); h != nil {
-		t.Errorf("halt record %+v left after a newer image rolled out", h)
+			// A newer push: a new image ID rolls out and clears the halt.
+			c2.NewID = "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+			f2.mu.Lock()
+			f2.local["reg:5000/app:qa"] = c2.NewID
+			f2.mu.Unlock()
+			out = p2.replace(t.Context(), "reg:5000/app", []staleContainer{c2})
+			if len(out) != 1 || out[0].err != nil || out[0].skipped != "" {
+				t.Fatalf("newer image = %+v; want a normal rollout", out)
+			}
+			p2.rollout.clearHalt(t.Context(), "reg:5000/app:qa", c2.NewID)
+			if h, _, _ := p2.rollout.halted(t.Context(), "reg:5000/app:qa"); h != nil {
+				t.Errorf("halt record %+v left after a newer image rolled out", h)
+			}
+		})
 	}
 }
 
@@ -173,73 +276,105 @@ func TestRolloutSkipLabel(t *testing.T) {
 	f, c := rolloutFixture(t, false)
 	c.Labels = map[string]string{strategyKey: strategySkip}
 	for _, max := range []int{0, 1} {
-		r := newTestRollout(t, testEtcd(t), f, "n1", max)
-		out := r.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+		p := newTestReplacer(t, testEtcd(t), f, "n1", max)
+		out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
 		if len(out) != 1 || out[0].skipped == "" {
 			t.Errorf("max_unavailable %d: %+v; want skipped", max, out)
 		}
 	}
 }
 
+// TestRecreate: the recreate strategy, chosen by the flag or the label,
+// whatever the coordination mode; a broken version (exits, crash-loops,
+// refused by the daemon) is a replacement failure and the old container
+// comes back.
 func TestRecreate(t *testing.T) {
-	for _, crash := range []bool{false, true} {
-		f, c := rolloutFixture(t, false)
-		f.supervise = false // nothing re-creates it but the deployer
-		f.crash = crash
-		r := newTestRollout(t, testEtcd(t), f, "n1", 1)
-		r.strategy = strategyRecr
-		out := r.replace(t.Context(), "reg:5000/app", []staleContainer{c})
-		ctr, err := f.InspectContainerWithContext("app", t.Context())
-		if err != nil {
-			t.Fatalf("crash=%v: no container called app: %v", crash, err)
-		}
-		if crash {
-			if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {
-				t.Errorf("recreate of a crashing version = %+v; want errReplacement", out)
+	tests := []struct {
+		name     string
+		max      int
+		byLabel  bool
+		crash    string // "", "exits", "crash-loops", "start refused"
+		wantHalt bool
+	}{
+		{name: "coordinated", max: 1},
+		{name: "uncoordinated (-max_unavailable=0)", max: 0},
+		{name: "uncoordinated, by label", max: 0, byLabel: true},
+		{name: "exits at once", max: 1, crash: "exits", wantHalt: true},
+		{name: "crash-loops under a restart policy", max: 1, crash: "crash-loops", wantHalt: true},
+		{name: "crash-loops, uncoordinated", max: 0, crash: "crash-loops"},
+		{name: "start refused by the daemon", max: 1, crash: "start refused", wantHalt: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f, c := rolloutFixture(t, tt.crash == "exits")
+			f.supervise = false // nothing re-creates it but the deployer
+			f.crashLoop = tt.crash == "crash-loops"
+			if tt.crash == "start refused" {
+				f.startErr = &docker.Error{Status: 400, Message: `exec: "/app": stat /app: no such file or directory`}
 			}
-			if ctr.ID != c.ID || !ctr.State.Running {
-				t.Errorf("old container not restored: %+v", ctr)
+			p := newTestReplacer(t, testEtcd(t), f, "n1", tt.max)
+			if tt.byLabel {
+				c.Labels = map[string]string{strategyKey: strategyRecr}
+			} else {
+				p.strategy = strategyRecr
 			}
-			continue
-		}
-		if len(out) != 1 || out[0].err != nil {
-			t.Fatalf("recreate = %+v", out)
-		}
-		if ctr.ID == c.ID || ctr.Image != c.NewID || !ctr.State.Running {
-			t.Errorf("recreated app = %s on %s; want a new container on %s", shortID(ctr.ID), shortID(ctr.Image), shortID(c.NewID))
-		}
-		f.mu.Lock()
-		var cfg *docker.Config
-		var host *docker.HostConfig
-		for _, fc := range f.containers {
-			if fc.ID == ctr.ID {
-				cfg, host = fc.Config, fc.HostConfig
+			out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+			ctr, err := f.InspectContainerWithContext("app", t.Context())
+			if err != nil {
+				t.Fatalf("no container called app: %v", err)
 			}
-			if fc.ID == c.ID {
-				t.Error("old container not removed")
+			if h, _, _ := p.rollout.halted(t.Context(), "reg:5000/app:qa"); (h != nil) != tt.wantHalt {
+				t.Errorf("halt record %+v; want one: %v", h, tt.wantHalt)
 			}
-		}
-		f.mu.Unlock()
-		if cfg == nil || cfg.Image != "reg:5000/app:qa" || !slices.Equal(cfg.Env, []string{"APP=1"}) || cfg.Labels["team"] != "x" || cfg.Cmd != nil {
-			t.Errorf("config = %+v; want the tag, env APP=1 without image defaults, label team=x, the image's command", cfg)
-		}
-		if host == nil || host.NetworkMode != "none" || host.RestartPolicy.Name != "unless-stopped" || !slices.Equal(host.Binds, []string{"/srv:/data"}) {
-			t.Errorf("host config = %+v; want network none, unless-stopped, /srv:/data", host)
-		}
+			if tt.crash != "" {
+				if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {
+					t.Errorf("recreate of a broken version = %+v; want errReplacement", out)
+				}
+				if ctr.ID != c.ID || !ctr.State.Running || ctr.State.Restarting {
+					t.Errorf("old container not restored: %+v", ctr)
+				}
+				return
+			}
+			if len(out) != 1 || out[0].err != nil {
+				t.Fatalf("recreate = %+v", out)
+			}
+			if ctr.ID == c.ID || ctr.Image != c.NewID || !ctr.State.Running {
+				t.Errorf("recreated app = %s on %s; want a new container on %s", shortID(ctr.ID), shortID(ctr.Image), shortID(c.NewID))
+			}
+			f.mu.Lock()
+			var cfg *docker.Config
+			var host *docker.HostConfig
+			for _, fc := range f.containers {
+				if fc.ID == ctr.ID {
+					cfg, host = fc.Config, fc.HostConfig
+				}
+				if fc.ID == c.ID {
+					t.Error("old container not removed")
+				}
+			}
+			f.mu.Unlock()
+			if cfg == nil || cfg.Image != "reg:5000/app:qa" || !slices.Equal(cfg.Env, []string{"APP=1"}) || cfg.Labels["team"] != "x" || cfg.Cmd != nil {
+				t.Errorf("config = %+v; want the tag, env APP=1 without image defaults, label team=x, the image's command", cfg)
+			}
+			if host == nil || host.NetworkMode != "none" || host.RestartPolicy.Name != "unless-stopped" || !slices.Equal(host.Binds, []string{"/srv:/data"}) {
+				t.Errorf("host config = %+v; want network none, unless-stopped, /srv:/data", host)
+			}
+		})
 	}
 }
 
-func TestReplacementState(t *testing.T) {
+func TestJudgeUp(t *testing.T) {
 	const newID = "sha256:2"
 	started := time.Unix(100, 0)
 	now := started.Add(time.Minute)
+	running := docker.State{Running: true, StartedAt: started}
 	tests := []struct {
 		name    string
 		c       docker.Container
 		done    bool
 		wantErr bool
 	}{
-		{"running, no healthcheck", docker.Container{Image: newID, State: docker.State{Running: true, StartedAt: started}}, true, false},
+		{"running, no healthcheck", docker.Container{Image: newID, State: running}, true, false},
 		{"running for a moment only", docker.Container{Image: newID, State: docker.State{Running: true, StartedAt: now.Add(-10 * time.Millisecond)}}, false, false},
 		{"healthy", docker.Container{Image: newID, State: docker.State{Running: true, Health: docker.Health{Status: "healthy"}}}, true, false},
 		{"starting", docker.Container{Image: newID, State: docker.State{Running: true, Health: docker.Health{Status: "starting"}}}, false, false},
@@ -247,11 +382,17 @@ func TestReplacementState(t *testing.T) {
 		{"exited", docker.Container{Image: newID, State: docker.State{StartedAt: started, FinishedAt: started.Add(time.Second), ExitCode: 1}}, false, true},
 		{"created, not started", docker.Container{Image: newID}, false, false},
 		{"a newer image overtook", docker.Container{Image: "sha256:3", State: docker.State{Running: true}}, true, false},
+		// Docker under a restart policy: "running" while it waits to
+		// restart, StartedAt long ago.
+		{"crash loop: restarting", docker.Container{Image: newID, RestartCount: 2, State: docker.State{Running: true, Restarting: true, StartedAt: started}}, false, true},
+		{"crash loop: caught between restarts", docker.Container{Image: newID, RestartCount: 1, State: running}, false, true},
+		{"crash loop: healthy between restarts", docker.Container{Image: newID, RestartCount: 1, State: docker.State{Running: true, StartedAt: started, Health: docker.Health{Status: "healthy"}}}, false, true},
+		{"dead", docker.Container{Image: newID, State: docker.State{Dead: true, StartedAt: started}}, false, true},
 	}
 	for _, tt := range tests {
-		done, err := replacementState(&tt.c, newID, now)
-		if done != tt.done || (err != nil) != tt.wantErr {
-			t.Errorf("%s: replacementState = %v, %v; want %v, error %v", tt.name, done, err, tt.done, tt.wantErr)
+		done, err := judgeUp(&tt.c, newID, now)
+		if done != tt.done || (err != nil) != tt.wantErr || (err != nil && !errors.Is(err, errReplacement)) {
+			t.Errorf("%s: judgeUp = %v, %v; want %v, error %v", tt.name, done, err, tt.done, tt.wantErr)
 		}
 	}
 }

@@ -95,7 +95,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 
 // write puts the record when the containers or the lease changed.
 func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, lastLease clientv3.LeaseID) (clientv3.LeaseID, error) {
-	sess, err := s.rollout.sess()
+	sess, err := s.rollout.sess(ctx)
 	if err != nil {
 		return lastLease, err
 	}

@@ -20,7 +20,7 @@ func TestClusterStatus(t *testing.T) {
 		f.local["reg:5000/app:qa"] = n.id
 		f.addContainer("app", "reg:5000/app:qa")
 		f.addContainer("pinned", "reg:5000/app@sha256:4444444444444444444444444444444444444444444444444444444444444444")
-		r := newTestRollout(t, cli, f, n.node, 1)
+		r := newTestReplacer(t, cli, f, n.node, 1).rollout
 		s := &statusReporter{docker: f, rollout: r, prefix: prefix, node: n.node, started: time.Now(), period: time.Hour,
 			callTimeout: 5 * time.Second, log: testLogger(t), wake: make(chan struct{}, 1), cache: map[string]containerStatus{}}
 		cs, err := s.containers(t.Context())

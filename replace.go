@@ -1,0 +1,125 @@
+package main
+
+// replace.go: replacing the stale containers of one deploy. For each
+// container it chooses the strategy (one place, whatever the coordination
+// mode), takes a rollout slot when rollouts are coordinated, runs the
+// strategy's mechanics, and decides what the result means: only a
+// replacement that ran and failed halts the version.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"golang.org/x/sync/errgroup"
+)
+
+const (
+	strategyStop = "stop"
+	strategyRecr = "recreate"
+	strategySkip = "skip"
+	strategyKey  = "deployer.strategy" // container label overriding -restart_strategy
+)
+
+// maxParallelReplace bounds the replacements run at once when rollouts are
+// not coordinated (-max_unavailable=0).
+const maxParallelReplace = 8
+
+// replacer replaces stale containers.
+type replacer struct {
+	rollout   *rollout   // cluster coordination; off when maxUnavailable is 0
+	restarter *restarter // the stop strategy
+	recreator *recreator // the recreate strategy
+	strategy  string     // -restart_strategy
+	log       *slog.Logger
+}
+
+// outcome is what happened to one stale container.
+type outcome struct {
+	c       staleContainer
+	err     error  // the replacement did not happen; errReplacement: the version halted
+	skipped string // left alone on purpose, and why
+}
+
+// strategyOf is the one place that chooses how a container is replaced:
+// its deployer.strategy label, else -restart_strategy.
+func (p *replacer) strategyOf(c staleContainer) string {
+	switch s := c.Labels[strategyKey]; s {
+	case strategyStop, strategyRecr, strategySkip:
+		return s
+	}
+	return p.strategy
+}
+
+// replace replaces the stale containers of repository repo on this node.
+// Coordinated, it goes one container at a time, each under a cluster-wide
+// slot of its tag; a tag whose new version failed here is not tried again
+// in this deploy. Uncoordinated, everything is replaced at once, as the
+// original did.
+func (p *replacer) replace(ctx context.Context, repo string, stale []staleContainer) []outcome {
+	out := make([]outcome, len(stale))
+	if !p.rollout.coordinated() {
+		var g errgroup.Group
+		g.SetLimit(maxParallelReplace)
+		for i, c := range stale {
+			g.Go(func() error {
+				out[i] = p.replaceOne(ctx, repo+":"+c.Tag, c, nil)
+				return nil
+			})
+		}
+		_ = g.Wait()
+		return out
+	}
+	halted := map[string]bool{} // tags whose rollout halted here
+	for i, c := range stale {
+		if halted[c.Tag] {
+			out[i] = outcome{c: c, skipped: "rollout halted"}
+			continue
+		}
+		out[i] = p.replaceOne(ctx, repo+":"+c.Tag, c, p.rollout)
+		if errors.Is(out[i].err, errReplacement) {
+			halted[c.Tag] = true
+		}
+	}
+	return out
+}
+
+// replaceOne replaces one container; coord is nil when uncoordinated.
+func (p *replacer) replaceOne(ctx context.Context, ref string, c staleContainer, coord *rollout) outcome {
+	strategy := p.strategyOf(c)
+	if strategy == strategySkip {
+		return outcome{c: c, skipped: "label " + strategyKey + "=skip"}
+	}
+	guard := func(context.Context) error { return nil }
+	var lost <-chan struct{}
+	if coord != nil {
+		sl, err := coord.acquire(ctx, ref, c)
+		var h *haltedError
+		switch {
+		case errors.As(err, &h):
+			return outcome{c: c, skipped: h.Error()}
+		case err != nil:
+			return outcome{c: c, err: err}
+		}
+		defer sl.release()
+		guard = func(ctx context.Context) error { return sl.verify(ctx, c.NewID) }
+		lost = sl.lost()
+	}
+	var err error
+	if strategy == strategyRecr {
+		err = p.recreator.recreate(ctx, c, guard, lost)
+	} else {
+		err = p.restarter.stopAndWait(ctx, c, guard, lost)
+	}
+	var h *haltedError
+	switch {
+	case errors.As(err, &h):
+		return outcome{c: c, skipped: h.Error()}
+	case errors.Is(err, errSlotLost):
+		return outcome{c: c, err: fmt.Errorf("%s not replaced: %w", c.Name, err)}
+	case err != nil && ctx.Err() == nil && coord != nil && errors.Is(err, errReplacement):
+		coord.recordHalt(ctx, ref, c, err)
+	}
+	return outcome{c: c, err: err}
+}

@@ -1,0 +1,247 @@
+package main
+
+// upwait.go: when a replacement container counts as up, and the one loop
+// that waits for it, used by both restart strategies.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+)
+
+var (
+	// errReplacement: the new version ran and failed (exited, crash-looped,
+	// turned unhealthy, or never came up). Only this halts a version.
+	errReplacement = errors.New("replacement failed")
+	// errNoReplacement: no container at all replaced the stopped one
+	// within the bound. The host does not supervise it; the version is
+	// not to blame.
+	errNoReplacement = errors.New("no replacement appeared")
+)
+
+// minUp is how long a replacement without a healthcheck must have been
+// running, without a restart, to count as up: a version that crashes at
+// once is "running" for a few milliseconds first.
+const minUp = time.Second
+
+// judgeUp is the one definition of "up" for a replacement of image newID.
+// It reports true once the container is running, not restarting, has never
+// restarted (a fresh container starts at RestartCount 0: a restart policy
+// bringing it back after a crash moves StartedAt and RestartCount), and is
+// healthy where the image has a healthcheck or, without one, has been
+// running for minUp. It fails (errReplacement) when the container exited,
+// is crash-looping, or is unhealthy. now is on the Docker host's clock.
+func judgeUp(c *docker.Container, newID string, now time.Time) (bool, error) {
+	name := strings.TrimPrefix(c.Name, "/")
+	if c.Image != newID {
+		// Not ours: a newer push overtook this one. Its own deploy
+		// judges it.
+		return c.State.Running && !c.State.Restarting, nil
+	}
+	st := c.State
+	switch {
+	case st.Restarting || (st.Running && c.RestartCount > 0):
+		return false, fmt.Errorf("%w: %s on %s is crash-looping (%d restarts, last exit code %d)",
+			errReplacement, name, shortID(newID), c.RestartCount, st.ExitCode)
+	case st.Dead || st.OOMKilled:
+		return false, fmt.Errorf("%w: %s on %s died (exit code %d)", errReplacement, name, shortID(newID), st.ExitCode)
+	case !st.Running:
+		if !st.FinishedAt.IsZero() && !st.FinishedAt.Before(st.StartedAt) {
+			return false, fmt.Errorf("%w: %s on %s exited with code %d", errReplacement, name, shortID(newID), st.ExitCode)
+		}
+		return false, nil // created, not started yet
+	}
+	switch st.Health.Status {
+	case "healthy":
+		return true, nil
+	case "", "none":
+		return now.Sub(st.StartedAt) >= minUp, nil
+	case "unhealthy":
+		return false, fmt.Errorf("%w: %s on %s is unhealthy", errReplacement, name, shortID(newID))
+	}
+	return false, nil // health: starting
+}
+
+// upAPI is the part of the Docker client the wait uses.
+type upAPI interface {
+	// InspectContainerWithContext reads a container by ID or name.
+	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
+	// AddEventListenerWithOptions subscribes to the daemon's events; the
+	// client closes the channel when the event stream ends.
+	AddEventListenerWithOptions(opts docker.EventsOptions, listener chan<- *docker.APIEvents) error
+	// RemoveEventListener ends a subscription.
+	RemoveEventListener(listener chan *docker.APIEvents) error
+}
+
+// upWaiter waits for replacements to come up.
+type upWaiter struct {
+	docker      upAPI
+	timeout     time.Duration // -restart_timeout
+	poll        time.Duration // inspect interval while waiting
+	callTimeout time.Duration
+	now         func() time.Time
+	log         *slog.Logger
+	metrics     *metrics
+}
+
+func newUpWaiter(d upAPI, timeout, callTimeout time.Duration, log *slog.Logger, m *metrics) *upWaiter {
+	return &upWaiter{docker: d, timeout: timeout, poll: 250 * time.Millisecond, callTimeout: callTimeout, now: time.Now, log: log, metrics: m}
+}
+
+// target says which container replaces which.
+type target struct {
+	name  string // the container name the replacement has
+	id    string // the replacement's ID when known (recreate); else any container called name
+	oldID string // the stopped container, never the replacement
+	newID string // the image the replacement must run
+}
+
+// eventWatch is a subscription to container events that survives the end
+// of Docker's event stream (a dockerd restart): go-dockerclient closes the
+// channel then, and the watch subscribes again on the next poll.
+type eventWatch struct {
+	docker upAPI
+	ch     chan *docker.APIEvents // nil while not subscribed
+	log    *slog.Logger
+}
+
+// watch subscribes to container events. Subscribe before the stop, so
+// that nothing the stop causes is missed.
+func (w *upWaiter) watch() *eventWatch {
+	e := &eventWatch{docker: w.docker, log: w.log}
+	e.subscribe()
+	return e
+}
+
+func (e *eventWatch) subscribe() {
+	ch := make(chan *docker.APIEvents, 64)
+	opts := docker.EventsOptions{Filters: map[string][]string{"type": {"container"}}}
+	if err := e.docker.AddEventListenerWithOptions(opts, ch); err != nil {
+		e.log.Debug("docker events unavailable, polling", "err", err)
+		return
+	}
+	e.ch = ch
+}
+
+// events is the channel to receive from; nil (blocks forever) while not
+// subscribed.
+func (e *eventWatch) events() <-chan *docker.APIEvents {
+	if e.ch == nil {
+		return nil
+	}
+	return e.ch
+}
+
+// ended marks the subscription as closed by the client.
+func (e *eventWatch) ended() {
+	e.ch = nil
+}
+
+func (e *eventWatch) close() {
+	if e.ch != nil {
+		_ = e.docker.RemoveEventListener(e.ch)
+		e.ch = nil
+	}
+}
+
+// wait waits until the replacement described by t is up (judgeUp). It
+// inspects on the poll tick and on events about the container it waits
+// for, never on unrelated events. It returns nil once up; an error
+// wrapping errReplacement when a replacement appeared and failed or did
+// not come up in time; errNoReplacement when none appeared at all; the
+// context's error when ctx ended first. lost, when not nil, is closed if
+// the rollout slot is lost meanwhile: the wait goes on (the container is
+// already stopped), and the loss is logged.
+func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-chan struct{}) error {
+	deadline := time.NewTimer(w.timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(w.poll)
+	defer tick.Stop()
+	var (
+		seen    string // the replacement seen last, if any
+		lastErr error  // the last inspect error
+	)
+	check := func() (bool, error) {
+		c, err := w.inspect(ctx, t)
+		if err != nil || c == nil {
+			lastErr = err
+			return false, nil // the daemon may be busy; the deadline bounds us
+		}
+		seen = c.ID
+		return judgeUp(c, t.newID, w.now())
+	}
+	inspect := true
+	for {
+		if inspect {
+			if up, err := check(); up || err != nil {
+				return err
+			}
+			inspect = false
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-lost:
+			lost = nil
+			w.metrics.slotsLost.Inc()
+			w.log.Warn("rollout slot lost while waiting for the replacement; stopping no further container under it",
+				"container", t.name)
+			inspect = true
+		case <-deadline.C:
+			switch {
+			case seen == "" && lastErr != nil:
+				return fmt.Errorf("inspect %s: %w", t.name, lastErr) // node-local: Docker did not answer
+			case seen == "":
+				return fmt.Errorf("%w: nothing started %s again within %v", errNoReplacement, t.name, w.timeout)
+			}
+			return fmt.Errorf("%w: %s on %s not up within %v", errReplacement, t.name, shortID(t.newID), w.timeout)
+		case <-tick.C:
+			inspect = true
+			if ev.ch == nil {
+				ev.subscribe()
+			}
+		case e, ok := <-ev.events():
+			if !ok {
+				ev.ended()
+				w.log.Info("docker event stream ended; polling until it is back")
+				continue
+			}
+			inspect = t.concerns(e, seen)
+		}
+	}
+}
+
+// concerns reports whether an event is about the replacement.
+func (t target) concerns(e *docker.APIEvents, seen string) bool {
+	if e == nil || e.Actor.ID == t.oldID {
+		return false
+	}
+	return (seen != "" && e.Actor.ID == seen) || (t.id != "" && e.Actor.ID == t.id) ||
+		(t.id == "" && e.Actor.Attributes["name"] == t.name)
+}
+
+// inspect returns the replacement, or nil while there is none.
+func (w *upWaiter) inspect(ctx context.Context, t target) (*docker.Container, error) {
+	ictx, cancel := context.WithTimeout(ctx, w.callTimeout)
+	defer cancel()
+	ref := t.name
+	if t.id != "" {
+		ref = t.id
+	}
+	c, err := w.docker.InspectContainerWithContext(ref, ictx)
+	var gone *docker.NoSuchContainer
+	switch {
+	case errors.As(err, &gone):
+		return nil, nil
+	case err != nil:
+		return nil, err
+	case c.ID == t.oldID:
+		return nil, nil
+	}
+	return c, nil
+}
