@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -124,7 +125,8 @@ type fakeDocker struct {
 	containers []*fakeContainer
 	pulls      []string // repo:tag of each pull
 	pullErr    map[string]error
-	stopErr    map[string]error
+	stopErr    map[string]error // by container name
+	stopAll    error            // every stop fails
 	listErr    error
 	pingErr    error
 	pullHook   func(ref string) // called during a pull, outside the lock
@@ -301,7 +303,7 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 	var stopped *fakeContainer
 	for _, c := range f.containers {
 		if c.ID == id {
-			if err := f.stopErr[c.Name]; err != nil {
+			if err := cmp.Or(f.stopErr[c.Name], f.stopAll); err != nil {
 				f.mu.Unlock()
 				return err
 			}

@@ -396,3 +396,214 @@ func TestJudgeUp(t *testing.T) {
 		}
 	}
 }
+
+// TestSlotRelease: a delete that fails once is retried; one that keeps
+// failing ends the session, so that the lease frees the slot.
+func TestSlotRelease(t *testing.T) {
+	for _, tt := range []struct {
+		name        string
+		deleteErrs  int
+		wantEndSess bool
+	}{
+		{"delete fails once", 1, false},
+		{"delete keeps failing", 100, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cli := testEtcd(t)
+			r := newTestReplacer(t, cli, newFakeDocker(), "n1", 1).rollout
+			kv := &faultKV{KV: cli, deleteErrs: tt.deleteErrs}
+			r.kv = kv
+			sl, err := r.acquire(t.Context(), "reg/app:qa", testStale("a"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sl.release()
+			if n := countKeys(t, cli, strings.TrimSuffix(slotsDir(r.prefix, "reg/app:qa"), "/")); n != 0 {
+				t.Errorf("%d slot keys left after release; want 0", n)
+			}
+			r.mu.Lock()
+			ended := r.session != sl.sess
+			r.mu.Unlock()
+			if ended != tt.wantEndSess {
+				t.Errorf("session ended = %v; want %v", ended, tt.wantEndSess)
+			}
+			// The next slot is taken at once, under a live session.
+			next, err := r.acquire(t.Context(), "reg/app:qa", testStale("b"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			kv.mu.Lock()
+			kv.deleteErrs = 0
+			kv.mu.Unlock()
+			next.release()
+		})
+	}
+}
+
+// TestAcquireBounded: waiting for a slot ends at -slot_timeout with a
+// node-local error: no halt, the container untouched.
+func TestAcquireBounded(t *testing.T) {
+	cli := testEtcd(t)
+	holder := newTestReplacer(t, cli, newFakeDocker(), "holder", 1).rollout
+	held, err := holder.acquire(t.Context(), "reg:5000/app:qa", testStale("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.release()
+	f, c := rolloutFixture(t, false)
+	p := newTestReplacer(t, cli, f, "n1", 1)
+	p.rollout.slotTimeout = 200 * time.Millisecond
+	out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+	if len(out) != 1 || out[0].err == nil || errors.Is(out[0].err, errReplacement) || !strings.Contains(out[0].err.Error(), "no rollout slot within") {
+		t.Fatalf("replace while the slot is held = %+v; want a slot timeout", out)
+	}
+	if h, _, _ := p.rollout.halted(t.Context(), "reg:5000/app:qa"); h != nil {
+		t.Errorf("a slot timeout halted the version: %+v", h)
+	}
+	if len(f.stops) != 0 {
+		t.Errorf("stopped %v without a slot", f.stops)
+	}
+}
+
+// TestSlotLostBeforeStop: a node whose lease expired after it got its slot
+// stops nothing.
+func TestSlotLostBeforeStop(t *testing.T) {
+	cli := testEtcd(t)
+	f, c := rolloutFixture(t, false)
+	p := newTestReplacer(t, cli, f, "n1", 1)
+	sl, err := p.rollout.acquire(t.Context(), "reg:5000/app:qa", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Revoke(t.Context(), sl.sess.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	for _, strategy := range []string{strategyStop, strategyRecr} {
+		guard := func(ctx context.Context) error { return sl.verify(ctx, c.NewID) }
+		if strategy == strategyStop {
+			err = p.restarter.stopAndWait(t.Context(), c, guard, sl.lost())
+		} else {
+			err = p.recreator.recreate(t.Context(), c, guard, sl.lost())
+		}
+		if !errors.Is(err, errSlotLost) {
+			t.Errorf("%s after the lease expired: %v; want errSlotLost", strategy, err)
+		}
+	}
+	if ctr, _ := f.InspectContainerWithContext("app", t.Context()); len(f.stops) != 0 || ctr.ID != c.ID || !ctr.State.Running {
+		t.Errorf("container touched without a slot: stops %v, app %s running %v", f.stops, shortID(ctr.ID), ctr.State.Running)
+	}
+}
+
+// TestNodeLocalErrorsDoNotHalt: Docker refusing or timing out on this node
+// is reported, never recorded as a halt of the version.
+func TestNodeLocalErrorsDoNotHalt(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		strategy string
+		fault    func(f *fakeDocker)
+	}{
+		{"stop times out", strategyStop, func(f *fakeDocker) { f.stopErr["app"] = context.DeadlineExceeded }},
+		{"recreate: stop fails", strategyRecr, func(f *fakeDocker) { f.stopAll = errors.New("cannot connect to the Docker daemon") }},
+		{"recreate: start times out", strategyRecr, func(f *fakeDocker) { f.startErr = context.DeadlineExceeded }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f, c := rolloutFixture(t, false)
+			f.supervise = tt.strategy == strategyStop
+			tt.fault(f)
+			p := newTestReplacer(t, testEtcd(t), f, "n1", 1)
+			p.strategy = tt.strategy
+			out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+			if len(out) != 1 || out[0].err == nil || errors.Is(out[0].err, errReplacement) {
+				t.Fatalf("replace = %+v; want a node-local error", out)
+			}
+			if h, _, _ := p.rollout.halted(t.Context(), "reg:5000/app:qa"); h != nil {
+				t.Errorf("node-local error halted the version: %+v", h)
+			}
+			if ctr, err := f.InspectContainerWithContext("app", t.Context()); err != nil || ctr.ID != c.ID || !ctr.State.Running {
+				t.Errorf("old container not running after a node-local error: %+v, %v", ctr, err)
+			}
+		})
+	}
+}
+
+// TestUnsupervised: a stop-strategy container that nothing replaces is
+// started again on its old image, reported, and halts nothing.
+func TestUnsupervised(t *testing.T) {
+	for _, max := range []int{0, 1} {
+		f, c := rolloutFixture(t, false)
+		f.supervise = false
+		p := newTestReplacer(t, testEtcd(t), f, "n1", max)
+		p.restarter.wait.timeout = 100 * time.Millisecond
+		out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+		if len(out) != 1 || !errors.Is(out[0].err, errUnsupervised) || errors.Is(out[0].err, errReplacement) ||
+			!strings.Contains(out[0].err.Error(), "nothing restarted app") || !strings.Contains(out[0].err.Error(), "is it supervised?") {
+			t.Errorf("max_unavailable %d: replace = %+v; want 'nothing restarted app …: is it supervised?'", max, out)
+		}
+		if ctr, err := f.InspectContainerWithContext("app", t.Context()); err != nil || ctr.ID != c.ID || !ctr.State.Running || ctr.Image != c.ImageID {
+			t.Errorf("max_unavailable %d: old container not running again: %+v, %v", max, ctr, err)
+		}
+		if h, _, _ := p.rollout.halted(t.Context(), "reg:5000/app:qa"); h != nil {
+			t.Errorf("max_unavailable %d: an unsupervised container halted the version: %+v", max, h)
+		}
+	}
+}
+
+// TestClearHaltKeepsNewerHalt: a halt of a newer version recorded between
+// clearHalt's read and its delete stays.
+func TestClearHaltKeepsNewerHalt(t *testing.T) {
+	cli := testEtcd(t)
+	p := newTestReplacer(t, cli, newFakeDocker(), "n1", 1)
+	r := p.rollout
+	const ref = "reg:5000/app:qa"
+	r.recordHalt(t.Context(), ref, staleContainer{Name: "app", NewID: "sha256:v2"}, errors.New("v2 broke"))
+	kv := &faultKV{KV: cli}
+	kv.afterGet = func(key string) {
+		kv.afterGet = nil
+		r.recordHalt(t.Context(), ref, staleContainer{Name: "app", NewID: "sha256:v4"}, errors.New("v4 broke"))
+	}
+	r.kv = kv
+	r.clearHalt(t.Context(), ref, "sha256:v3") // v3 rolled out
+	h, _, err := r.halted(t.Context(), ref)
+	if err != nil || h == nil || h.ImageID != "sha256:v4" {
+		t.Errorf("halt after clearHalt = %+v, %v; want v4's halt kept", h, err)
+	}
+}
+
+// TestWaitSurvivesEventStreamEnd: when go-dockerclient closes the listener
+// (dockerd restarted), the wait polls instead of spinning, subscribes
+// again, and inspects only on the tick or for events about its container.
+func TestWaitSurvivesEventStreamEnd(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	p := newTestReplacer(t, nil, f, "n1", 0)
+	w := p.restarter.wait
+	w.poll = 50 * time.Millisecond
+	w.timeout = 500 * time.Millisecond
+	ev := w.watch()
+	defer ev.close()
+	f.endEvents() // the stream ends before the wait starts reading
+	// Unrelated events in between must cost nothing.
+	done := make(chan error, 1)
+	go func() { done <- w.wait(t.Context(), ev, target{name: "app2", oldID: c.ID, newID: c.NewID}, nil) }()
+	waitUntil(t, "a new subscription", func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return len(f.listeners) == 1
+	})
+	f.mu.Lock()
+	other := &fakeContainer{ID: "unrelated", Name: "unrelated"}
+	for range 1000 {
+		f.emit("exec_start", other)
+	}
+	f.mu.Unlock()
+	if err := mustGet(t, done, "the wait"); !errors.Is(err, errNoReplacement) {
+		t.Fatalf("wait = %v; want errNoReplacement (nothing called app2 ever ran)", err)
+	}
+	f.mu.Lock()
+	n := f.inspects
+	f.mu.Unlock()
+	// 500ms at one inspect per 50ms tick, plus the first.
+	if n > 15 {
+		t.Errorf("%d inspects in a 500ms wait with a 50ms poll; want at most 15 (no spin, none per unrelated event)", n)
+	}
+}
