@@ -1,5 +1,8 @@
 package main
 
+// restarter.go: finding the stale containers of a repository, and the stop
+// strategy: stop one and wait for its supervisor to replace it.
+
 import (
 	"context"
 	"errors"
@@ -163,7 +166,7 @@ func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard fun
 	case err == nil:
 		r.log.Info("replacement up", "container", c.Name, "image", shortID(c.NewID), "took", time.Since(start).Round(time.Millisecond))
 	case errors.Is(err, errNoReplacement):
-		return r.restartOld(ctx, c, err)
+		return r.restartOld(ctx, c)
 	}
 	return err
 }
@@ -174,14 +177,14 @@ var errUnsupervised = errors.New("unsupervised")
 
 // restartOld starts the stopped container again, on its old image, when
 // no supervisor replaced it.
-func (r *restarter) restartOld(ctx context.Context, c staleContainer, cause error) error {
+func (r *restarter) restartOld(ctx context.Context, c staleContainer) error {
 	r.metrics.unsupervised.Inc()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
 	defer cancel()
 	err := r.docker.StartContainerWithContext(c.ID, nil, ctx)
 	var running *docker.ContainerAlreadyRunning
 	if err != nil && !errors.As(err, &running) {
-		r.log.Error("nothing restarted the container, and starting the old one failed", "container", c.Name, "cause", cause.Error(), "err", err)
+		r.log.Error("nothing restarted the container, and starting the old one failed", "container", c.Name, "err", err)
 		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %w (%w)",
 			c.Name, r.wait.timeout, err, errUnsupervised)
 	}

@@ -256,15 +256,16 @@ func nodeDaemons(ns []*node) []*dockerd {
 	return out
 }
 
-func (s *stack) startDockerd(name string) *dockerd {
+func (s *stack) startDockerd(name string, extra ...string) *dockerd {
 	root := filepath.Join(s.dir, name)
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		s.t.Fatal(err)
 	}
 	sock := filepath.Join(root, "docker.sock")
-	p := startProc(s.t, s.dir, "dockerd-"+name, nil, "dockerd",
-		"-H", "unix://"+sock, "--data-root", filepath.Join(root, "data"), "--exec-root", filepath.Join(root, "exec"),
-		"--pidfile", filepath.Join(root, "pid"), "--bridge=none", "--iptables=false", "--ip-masq=false")
+	argv := append([]string{"dockerd",
+		"-H", "unix://" + sock, "--data-root", filepath.Join(root, "data"), "--exec-root", filepath.Join(root, "exec"),
+		"--pidfile", filepath.Join(root, "pid"), "--bridge=none", "--iptables=false", "--ip-masq=false"}, extra...)
+	p := startProc(s.t, s.dir, "dockerd-"+name, nil, argv...)
 	cli, err := docker.NewClient("unix://" + sock)
 	if err != nil {
 		s.t.Fatal(err)

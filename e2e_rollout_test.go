@@ -1,0 +1,280 @@
+//go:build e2e
+
+package main
+
+// Rollout safety under faults, on the real stack: a queued node frozen past
+// its lease, crash-looping versions under a restart policy, recreate
+// without coordination, unsupervised containers, and a dockerd restart
+// during a wait.
+
+import (
+	"bytes"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+func TestE2ERollout(t *testing.T) {
+	s := newStackWith(t, 3, 1)
+	all := s.nodes
+
+	t.Run("A a queued node frozen past its lease never makes two down", func(t *testing.T) {
+		ref := s.hub.host() + "/myorg/frozen:qa"
+		v1 := s.build(ref, false)
+		for _, n := range all {
+			s.supervise(n, "frozen", ref, v1)
+		}
+		v2 := s.build(ref, false)
+		dir := slotsDir(s.prefix, ref)
+		stop := s.sampler("frozen")
+		if code, body := s.webhook(all[0], "myorg/frozen", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		// Freeze the node second in the queue: its key blocks the
+		// third until its lease expires.
+		var frozen *node
+		var frozenKey string
+		waitFor(t, 30*time.Second, "two nodes in the slot queue", func() bool {
+			keys := s.slotKeys(dir)
+			if len(keys) < 2 {
+				return false
+			}
+			frozenKey = keys[1]
+			frozen = nodeByName(all, strings.Split(strings.TrimPrefix(frozenKey, dir), "-")[1])
+			return frozen != nil
+		})
+		if err := syscall.Kill(frozen.deployer.cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		frozenAt := time.Now()
+		resumed := false
+		defer func() {
+			if !resumed {
+				_ = syscall.Kill(frozen.deployer.cmd.Process.Pid, syscall.SIGCONT)
+			}
+		}()
+		// Resume it once its lease has expired and another node holds
+		// the slot: the moment the old code took a second slot.
+		waitFor(t, 30*time.Second, "the frozen node's lease to expire and another node to hold the slot", func() bool {
+			keys := s.slotKeys(dir)
+			return len(keys) > 0 && !slices.Contains(keys, frozenKey) && !strings.Contains(keys[0], "-"+frozen.name+"-")
+		})
+		if err := syscall.Kill(frozen.deployer.cmd.Process.Pid, syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		resumed = true
+		frozenFor := time.Since(frozenAt)
+		s.waitImage(all, "frozen", v2, 90*time.Second)
+		maxDown, samples := stop()
+		if maxDown > 1 {
+			t.Errorf("up to %d nodes had no running container at once; want at most 1 (-max_unavailable=1)", maxDown)
+		}
+		s.record("scenario R-A: %s SIGSTOPped for %v in the slot queue (lease %ds), resumed while another node held the slot; most nodes down at once: %d (%d samples every 50ms)",
+			frozen.name, frozenFor.Round(time.Millisecond), sessionTTL, maxDown, samples)
+	})
+
+	t.Run("B recreate of a crash-looping version halts after the first node and restores it", func(t *testing.T) {
+		ref := s.hub.host() + "/myorg/loop:qa"
+		v1 := s.build(ref, false)
+		ids := map[string]string{}
+		for _, n := range all {
+			s.dockerCLI(n.dockerd, "pull", "-q", ref)
+			s.dockerCLI(n.dockerd, "run", "-d", "--name", "loop", "--network", "none", "--restart", "always",
+				"-l", "deployer.strategy=recreate", ref)
+			s.waitImage([]*node{n}, "loop", v1, 30*time.Second)
+			ids[n.name], _ = s.containerImage(n, "loop")
+		}
+		broken := s.buildKind(ref, "broken")
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/loop", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		var h *halt
+		waitFor(t, 60*time.Second, "the rollout to halt", func() bool {
+			h = s.haltOf(ref)
+			return h != nil && h.ImageID == broken
+		})
+		took := time.Since(start)
+		halter := nodeByName(all, h.Node)
+		// The halting node restores its old container; nobody else moves.
+		waitFor(t, 30*time.Second, "the old container running again on "+h.Node, func() bool {
+			id, img := s.containerImage(halter, "loop")
+			return id == ids[halter.name] && img == v1
+		})
+		s.barrier(all)
+		for _, n := range all {
+			c, err := n.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: "loop"})
+			if err != nil || c.ID != ids[n.name] || c.Image != v1 || !c.State.Running || c.State.Restarting {
+				t.Errorf("%s: loop = %+v, %v; want the old container %s running %s", n.name, c, err, shortID(ids[n.name]), shortID(v1))
+			}
+			cs, _ := n.cli.ListContainers(docker.ListContainersOptions{All: true})
+			for _, c := range cs {
+				if c.ID != ids[n.name] && slices.ContainsFunc(c.Names, func(name string) bool { return strings.Contains(name, "loop") }) {
+					t.Errorf("%s: container %v left behind", n.name, c.Names)
+				}
+			}
+		}
+		s.record("scenario R-B: crash-looping version (--restart always, recreate) halted by %s %v after the webhook (%s); its old container restored, 2 other nodes untouched",
+			h.Node, took.Round(time.Millisecond), h.Reason)
+	})
+
+	t.Run("C max_unavailable=0 with recreate re-creates on every node", func(t *testing.T) {
+		s.restartDeployers("-max_unavailable=0", "-restart_strategy=recreate")
+		ref := s.hub.host() + "/myorg/rc:qa"
+		v1 := s.build(ref, false)
+		ids := map[string]string{}
+		for _, n := range all {
+			s.dockerCLI(n.dockerd, "pull", "-q", ref)
+			s.dockerCLI(n.dockerd, "run", "-d", "--name", "rc", "--network", "none", "--restart", "unless-stopped", ref)
+			s.waitImage([]*node{n}, "rc", v1, 30*time.Second)
+			ids[n.name], _ = s.containerImage(n, "rc")
+		}
+		v2 := s.build(ref, false)
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/rc", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage(all, "rc", v2, 60*time.Second)
+		took := time.Since(start)
+		for _, n := range all {
+			if id, _ := s.containerImage(n, "rc"); id == ids[n.name] {
+				t.Errorf("%s: rc is still container %s", n.name, shortID(id))
+			}
+		}
+		s.record("scenario R-C: -max_unavailable=0 -restart_strategy=recreate: every node re-created rc on %s in %v", shortID(v2), took.Round(time.Millisecond))
+	})
+
+	t.Run("D an unsupervised stop-strategy container runs again and halts nothing", func(t *testing.T) {
+		s.restartDeployers("-max_unavailable=1", "-restart_strategy=stop", "-restart_timeout=5s")
+		n1 := all[0]
+		ref := s.hub.host() + "/myorg/lone:qa"
+		v1 := s.build(ref, false)
+		s.dockerCLI(n1.dockerd, "pull", "-q", ref)
+		s.dockerCLI(n1.dockerd, "run", "-d", "--name", "lone", "--network", "none", ref)
+		s.waitImage([]*node{n1}, "lone", v1, 30*time.Second)
+		oldID, _ := s.containerImage(n1, "lone")
+		s.build(ref, false)
+		from := len(s.slackTexts())
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/lone", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitSlack(from, []*node{n1}, "nothing restarted lone", "is it supervised?")
+		took := time.Since(start)
+		if id, img := s.containerImage(n1, "lone"); id != oldID || img != v1 {
+			t.Errorf("lone = %s on %s; want the old container %s running %s again", shortID(id), shortID(img), shortID(oldID), shortID(v1))
+		}
+		if limit := 5*time.Second + 5*time.Second; took > limit {
+			t.Errorf("running again %v after the webhook; want within -restart_timeout plus a few seconds (%v)", took, limit)
+		}
+		if h := s.haltOf(ref); h != nil {
+			t.Errorf("halt record %+v; want none", h)
+		}
+		s.record("scenario R-D: unsupervised 'lone' stopped, then running again on the old image %v after the webhook (-restart_timeout 5s); Slack says why; no halt", took.Round(time.Millisecond))
+	})
+
+	t.Run("E a dockerd restart during a wait costs no inspect storm", func(t *testing.T) {
+		n3 := all[2]
+		restartDockerd := func() {
+			n3.dockerd.proc.stop(syscall.SIGTERM, 20*time.Second)
+			d := s.startDockerd(n3.name, "-D")
+			s.waitDockerd(d)
+			n3.dockerd = d
+		}
+		restartDockerd() // with debug logging, which shows each API call
+		ref := s.hub.host() + "/myorg/wait:qa"
+		v1 := s.build(ref, false)
+		s.dockerCLI(n3.dockerd, "pull", "-q", ref)
+		s.dockerCLI(n3.dockerd, "run", "-d", "--name", "waiter", "--network", "none", ref)
+		s.waitImage([]*node{n3}, "waiter", v1, 30*time.Second)
+		s.build(ref, false)
+		deployerLog := n3.deployer.log
+		offset := fileSize(t, deployerLog)
+		if code, body := s.webhook(all[0], "myorg/wait", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		waitFor(t, 30*time.Second, "the deployer to stop waiter", func() bool {
+			return logHas(deployerLog, offset, `"msg":"stopped stale container"`, `"container":"waiter"`)
+		})
+		// The deployer now waits (up to -restart_timeout) for a
+		// replacement that never comes; dockerd restarts meanwhile.
+		dlog := n3.dockerd.proc.log
+		from := fileSize(t, dlog)
+		waitStart := time.Now()
+		restartDockerd()
+		waitFor(t, 30*time.Second, "the wait to end", func() bool {
+			return logHas(deployerLog, offset, "nothing restarted the container", `"container":"waiter"`)
+		})
+		waited := time.Since(waitStart)
+		data, err := os.ReadFile(dlog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		inspects := len(inspectCall.FindAll(data[from:], -1))
+		t.Logf("dockerd log after the restart: %d bytes, %d API calls", len(data)-int(from), bytes.Count(data[from:], []byte("Calling ")))
+		rate := float64(inspects) / waited.Seconds()
+		if rate >= 10 {
+			t.Errorf("%d container inspects in %v (%.1f/s) while dockerd restarted during the wait; want under 10/s", inspects, waited, rate)
+		}
+		s.record("scenario R-E: dockerd restarted during a %v wait for a replacement: %d container inspects in its debug log (%.1f/s)", waited.Round(time.Millisecond), inspects, rate)
+	})
+}
+
+var inspectCall = regexp.MustCompile(`Calling GET /(v[0-9.]+/)?containers/[^/"?]+/json[?"]`)
+
+func fileSize(t *testing.T, path string) int64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Size()
+}
+
+// logHas reports whether one line after offset contains every part.
+func logHas(path string, offset int64, parts ...string) bool {
+	data, err := os.ReadFile(path)
+	if err != nil || int64(len(data)) < offset {
+		return false
+	}
+	for line := range bytes.Lines(data[offset:]) {
+		ok := true
+		for _, p := range parts {
+			ok = ok && bytes.Contains(line, []byte(p))
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
+}
+
+// slotKeys lists the slot keys under dir, oldest first.
+func (s *stack) slotKeys(dir string) []string {
+	resp, err := s.cli.Get(s.t.Context(), dir, clientv3.WithPrefix(), clientv3.WithKeysOnly(),
+		clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	var keys []string
+	for _, kv := range resp.Kvs {
+		keys = append(keys, string(kv.Key))
+	}
+	return keys
+}
+
+// haltOf reads the halt record of a tag reference, if any.
+func (s *stack) haltOf(ref string) *halt {
+	resp, err := s.cli.Get(s.t.Context(), haltKey(s.prefix, ref))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return decodeHalt(resp.Kvs)
+}
+
