@@ -277,4 +277,3 @@ func (s *stack) haltOf(ref string) *halt {
 	}
 	return decodeHalt(resp.Kvs)
 }
-
