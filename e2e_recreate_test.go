@@ -76,7 +76,7 @@ func TestE2ERecreate(t *testing.T) {
 			"-l", "com.docker.compose.project=demo", "-l", "com.docker.compose.service=full", "-l", "com.docker.compose.image="+oldImg,
 			"--entrypoint", "/bin/busybox", "-u", "1000:1000", "-w", "/work", "--hostname", "fullhost",
 			"--health-cmd", "/bin/busybox true", "--health-interval", "1s", "--health-retries", "2", "--health-start-period", "1s",
-			"-v", data+":/data:ro", "-v", "/anon", "-v", "fullvol:/named", "--mount", "type=volume,target=/mnt/anon2,readonly",
+			"-v", data+":/data:ro", "-v", "/anon", "-v", "fullvol:/named", "--mount", "type=volume,target=/mnt/anon2", "--mount", "type=volume,source=fullro,target=/mnt/ro,readonly",
 			"--tmpfs", "/run:size=1m", "--ulimit", "nofile=1024:2048", "--cap-add", "NET_ADMIN", "--cap-drop", "MKNOD",
 			"--device", "/dev/zero:/dev/myzero:r", "--log-driver", "json-file", "--log-opt", "max-size=1m",
 			"--memory", "64m", "--cpu-shares", "512", "--pids-limit", "100", "--stop-signal", "SIGINT", "--stop-timeout", "5",

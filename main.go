@@ -335,6 +335,9 @@ func (d *daemon) run(ctx context.Context) error {
 		defer cancel()
 		return srv.Shutdown(sctx)
 	})
+	// (parked.go) Put back or finish re-creates a crash interrupted,
+	// before any trigger is acted on; bounded inside.
+	d.rollout.recoverAtStart(gctx)
 	g.Go(func() error { return d.watcher.run(gctx) })
 	g.Go(func() error { return d.repuller.run(gctx) })
 	g.Go(func() error { return d.status.run(gctx) })

@@ -74,26 +74,28 @@ func checkRecreatable(old *docker.Container) error {
 }
 
 // recoverAtStart runs recoverParked for every parked container before the
-// daemon acts on any trigger, retrying while Docker does not answer, for
-// at most the restart timeout plus a minute.
+// daemon acts on any trigger, within the restart timeout (a replacement
+// may still be coming up) plus a call timeout. When Docker does not
+// answer, it retries in the background until ctx ends, so that the daemon
+// does not wait for Docker to start; deploys cannot act meanwhile either.
 func (r *rollout) recoverAtStart(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, r.timeout+time.Minute)
-	defer cancel()
-	for attempt := 1; ; attempt++ {
-		err := r.recoverParked(ctx, "")
-		if err == nil {
-			return
-		}
-		if ctx.Err() != nil {
-			r.log.Error("could not recover parked containers at start; each is retried before its next re-create", "err", err)
-			return
-		}
-		r.log.Warn("recovering parked containers", "attempt", attempt, "err", err)
-		if !sleepCtx(ctx, backoff(time.Second, attempt)) {
-			r.log.Error("could not recover parked containers at start; each is retried before its next re-create", "err", err)
-			return
-		}
+	sctx, cancel := context.WithTimeout(ctx, r.timeout+r.callTimeout)
+	err := r.recoverParked(sctx, "")
+	cancel()
+	if err == nil || ctx.Err() != nil {
+		return
 	}
+	r.log.Warn("could not recover parked containers at start; retrying in the background", "err", err)
+	go func() {
+		for attempt := 1; sleepCtx(ctx, backoff(time.Second, attempt)); attempt++ {
+			err := r.recoverParked(ctx, "")
+			if err == nil {
+				r.log.Info("recovered parked containers", "attempt", attempt+1)
+				return
+			}
+			r.log.Debug("recovering parked containers", "attempt", attempt+1, "err", err)
+		}
+	}()
 }
 
 // recoverParked puts back or finishes the re-creates a crash interrupted:
