@@ -98,6 +98,18 @@ func (r *rollout) recoverAtStart(ctx context.Context) {
 	}()
 }
 
+// settleParked runs recoverParked for the container recreate is about to
+// replace. A stale container may itself be a parked one that a crash left
+// running (between the rename and the stop): it is put back under its
+// name first, and re-created as that.
+func (r *rollout) settleParked(ctx context.Context, c staleContainer) error {
+	name := strings.TrimPrefix(c.Name, "/")
+	if base, ok := parkedBase(name, c.ID); ok {
+		name = base
+	}
+	return r.recoverParked(ctx, name)
+}
+
 // recoverParked puts back or finishes the re-creates a crash interrupted:
 // those of the container called only, or of every container when only is
 // "".

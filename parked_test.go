@@ -203,3 +203,27 @@ func TestUpState(t *testing.T) {
 		}
 	}
 }
+
+// TestRecreateOfARunningParkedContainer: a crash between the rename and
+// the stop leaves the old container running under its parked name, where
+// the next deploy finds it stale; it is put back and re-created as <name>.
+func TestRecreateOfARunningParkedContainer(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	f.crashAt = "StopContainer"
+	r := newTestRollout(t, testEtcd(t), f, "n1", 1)
+	if err := r.recreate(t.Context(), c); !errors.Is(err, errFakeCrashed) {
+		t.Fatalf("recreate = %v; want the crash", err)
+	}
+	f.revive()
+	c.Name = parkedName("app", c.ID) // as stale() finds it
+	if err := r.recreate(t.Context(), c); err != nil {
+		t.Fatalf("recreate of the parked container = %v", err)
+	}
+	if app := f.containerByName("app"); app == nil || !app.Running || app.ImageID != c.NewID {
+		t.Errorf("app: %+v; want it running %s", app, shortID(c.NewID))
+	}
+	if p := parkedLeft(f); len(p) != 0 {
+		t.Errorf("parked containers left: %v", p)
+	}
+}

@@ -17,7 +17,7 @@ import (
 // the old one.
 func (r *rollout) recreate(ctx context.Context, c staleContainer) error {
 	// (parked.go) Settle a re-create of this container a crash interrupted.
-	if err := r.recoverParked(ctx, strings.TrimPrefix(c.Name, "/")); err != nil {
+	if err := r.settleParked(ctx, c); err != nil {
 		return err
 	}
 	ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
