@@ -49,10 +49,12 @@ var recreateHook = func(ctx context.Context, stage string) {}
 func parkedName(name, id string) string { return name + parkedInfix + shortID(id) }
 
 // parkedBase returns the name a parked container had: only a name that
-// ends in the container's own short ID counts.
+// ends in the container's own short ID counts. Names with another slash
+// are legacy link aliases (/other/alias), not the container's name.
 func parkedBase(name, id string) (string, bool) {
-	base, ok := strings.CutSuffix(strings.TrimPrefix(name, "/"), parkedInfix+shortID(id))
-	return base, ok && base != ""
+	name = strings.TrimPrefix(name, "/")
+	base, ok := strings.CutSuffix(name, parkedInfix+shortID(id))
+	return base, ok && base != "" && !strings.Contains(name, "/")
 }
 
 // checkRecreatable refuses containers recreate cannot replace safely.

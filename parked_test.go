@@ -227,3 +227,27 @@ func TestRecreateOfARunningParkedContainer(t *testing.T) {
 		t.Errorf("parked containers left: %v", p)
 	}
 }
+
+func TestParkedBase(t *testing.T) {
+	const id = "0123456789abcdef"
+	tests := []struct {
+		name, base string
+		ok         bool
+	}{
+		{"/app-deployer-old-0123456789ab", "app", true},
+		{"app-deployer-old-0123456789ab", "app", true},
+		{"/app-deployer-old-ffffffffffff", "", false}, // another container's ID
+		{"/app", "", false},
+		{"/-deployer-old-0123456789ab", "", false},
+		{"/web/app-deployer-old-0123456789ab", "", false}, // a link alias
+	}
+	for _, tt := range tests {
+		base, ok := parkedBase(tt.name, id)
+		if base != tt.base && tt.ok || ok != tt.ok {
+			t.Errorf("parkedBase(%q) = %q, %v; want %q, %v", tt.name, base, ok, tt.base, tt.ok)
+		}
+	}
+	if n := parkedName("app", id); n != "app-deployer-old-0123456789ab" {
+		t.Errorf("parkedName = %q", n)
+	}
+}
