@@ -4,9 +4,11 @@ import (
 	"cmp"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/url"
 	"os"
@@ -147,6 +149,92 @@ type fakeDocker struct {
 	stops     []string // names of the containers stopped
 	startErr  error    // returned by starts of new containers
 	now       func() time.Time
+
+	// crashAt makes the call of that name (see down) and every later one
+	// fail as if the deployer had died just before it; revive ends that.
+	crashAt string
+	dead    bool
+	anon    int // anonymous volumes created
+}
+
+var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
+
+// down reports the crash injected by crashAt; f.mu is held.
+func (f *fakeDocker) down(op string) error {
+	if op == f.crashAt {
+		f.dead = true
+	}
+	if f.dead {
+		return errFakeCrashed
+	}
+	return nil
+}
+
+// revive is the deployer starting again after the crash.
+func (f *fakeDocker) revive() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.dead, f.crashAt = false, ""
+}
+
+// containerByName returns the container called name, if any.
+func (f *fakeDocker) containerByName(name string) *fakeContainer {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.containers {
+		if c.Name == name {
+			return c
+		}
+	}
+	return nil
+}
+
+// mountsFor returns the mounts Docker would give a new container: binds
+// and mounts as given, and a new anonymous volume for every other path in
+// Config.Volumes and for a volume mount without a source; f.mu is held.
+func (f *fakeDocker) mountsFor(cfg *docker.Config, host *docker.HostConfig) []docker.Mount {
+	var out []docker.Mount
+	covered := map[string]bool{}
+	anon := func() string {
+		f.anon++
+		return fmt.Sprintf("%064x", f.anon)
+	}
+	if host != nil {
+		for _, b := range host.Binds {
+			p := strings.Split(b, ":")
+			m := docker.Mount{Source: p[0], Destination: p[1], RW: true}
+			if len(p) > 2 {
+				m.Mode = p[2]
+				m.RW = !slices.Contains(strings.Split(p[2], ","), "ro")
+			}
+			if !strings.HasPrefix(p[0], "/") {
+				m.Name, m.Source, m.Driver = p[0], "/var/lib/docker/volumes/"+p[0]+"/_data", cmp.Or(host.VolumeDriver, "local")
+			}
+			out = append(out, m)
+			covered[m.Destination] = true
+		}
+		for _, hm := range host.Mounts {
+			m := docker.Mount{Source: hm.Source, Destination: hm.Target, RW: !hm.ReadOnly}
+			if hm.Type == "volume" {
+				m.Name, m.Driver = cmp.Or(hm.Source, anon()), "local"
+				if hm.VolumeOptions != nil && hm.VolumeOptions.DriverConfig.Name != "" {
+					m.Driver = hm.VolumeOptions.DriverConfig.Name
+				}
+				m.Source = "/var/lib/docker/volumes/" + m.Name + "/_data"
+			}
+			out = append(out, m)
+			covered[m.Destination] = true
+		}
+	}
+	if cfg != nil {
+		for _, dst := range slices.Sorted(maps.Keys(cfg.Volumes)) {
+			if !covered[dst] {
+				name := anon()
+				out = append(out, docker.Mount{Name: name, Source: "/var/lib/docker/volumes/" + name + "/_data", Destination: dst, Driver: "local", RW: true})
+			}
+		}
+	}
+	return out
 }
 
 type fakeContainer struct {
@@ -157,6 +245,7 @@ type fakeContainer struct {
 	StartedAt                      time.Time
 	Config                         *docker.Config
 	HostConfig                     *docker.HostConfig
+	Mounts                         []docker.Mount // nil: the default bind /srv:/data
 }
 
 // crashed makes c crash as the fake's mode says; f.mu is held.
@@ -255,9 +344,12 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 	if f.listErr != nil {
 		return nil, f.listErr
 	}
+	if err := f.down("ListContainers"); err != nil {
+		return nil, err
+	}
 	var out []docker.APIContainers
 	for _, c := range f.containers {
-		if !c.Running {
+		if !c.Running && !opts.All {
 			continue
 		}
 		// Like Docker: the reference while it resolves to the
@@ -266,7 +358,11 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 		if ref, ok := containerRef(c.ConfigImage, c.ImageID); ok && f.local[ref.String()] != c.ImageID {
 			image = shortID(c.ImageID)
 		}
-		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: "running"})
+		state := "running"
+		if !c.Running {
+			state = "exited"
+		}
+		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: state})
 	}
 	return out, nil
 }
@@ -275,6 +371,9 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.inspects++
+	if err := f.down("InspectContainer"); err != nil {
+		return nil, err
+	}
 	for _, c := range f.containers {
 		if c.ID == id || c.Name == id {
 			cfg := c.Config
@@ -289,9 +388,17 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 			if c.Exited || c.Restarting {
 				st.FinishedAt, st.ExitCode = started.Add(10*time.Millisecond), 1
 			}
+			host := c.HostConfig
+			if host == nil {
+				host = &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}}
+			}
+			mounts := c.Mounts
+			if mounts == nil {
+				mounts = []docker.Mount{{Source: "/srv", Destination: "/data", RW: true}}
+			}
 			return &docker.Container{
 				ID: c.ID, Name: "/" + c.Name, Image: c.ImageID, Config: cfg, State: st, RestartCount: c.RestartCount,
-				HostConfig: &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}},
+				HostConfig: host, Mounts: mounts,
 			}, nil
 		}
 	}
@@ -300,6 +407,10 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 
 func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Context) error {
 	f.mu.Lock()
+	if err := f.down("StopContainer"); err != nil {
+		f.mu.Unlock()
+		return err
+	}
 	var stopped *fakeContainer
 	for _, c := range f.containers {
 		if c.ID == id {
@@ -315,6 +426,10 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 			stopped = c
 			f.stops = append(f.stops, c.Name)
 		}
+	}
+	if stopped != nil && stopped.HostConfig != nil && stopped.HostConfig.AutoRemove {
+		// --rm: Docker deletes the container once it stops.
+		f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == stopped })
 	}
 	if stopped != nil && f.supervise {
 		// The unit removes the old container and runs the tag again.
@@ -372,6 +487,9 @@ func (f *fakeDocker) InspectImage(name string) (*docker.Image, error) {
 func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docker.Container, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if err := f.down("CreateContainer"); err != nil {
+		return nil, err
+	}
 	for _, c := range f.containers {
 		if c.Name == opts.Name {
 			return nil, &docker.Error{Status: 409, Message: "name in use"}
@@ -379,7 +497,7 @@ func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docke
 	}
 	f.created++
 	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(opts.Name, "created", f.created)))), Name: opts.Name,
-		ConfigImage: opts.Config.Image, Config: opts.Config, HostConfig: opts.HostConfig}
+		ConfigImage: opts.Config.Image, Config: opts.Config, HostConfig: opts.HostConfig, Mounts: f.mountsFor(opts.Config, opts.HostConfig)}
 	f.containers = append(f.containers, c)
 	return &docker.Container{ID: c.ID}, nil
 }
@@ -387,6 +505,9 @@ func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docke
 func (f *fakeDocker) StartContainerWithContext(id string, _ *docker.HostConfig, _ context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if err := f.down("StartContainer"); err != nil {
+		return err
+	}
 	for _, c := range f.containers {
 		if c.ID == id {
 			if c.Running {
@@ -412,6 +533,14 @@ func (f *fakeDocker) StartContainerWithContext(id string, _ *docker.HostConfig, 
 func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if err := f.down("RenameContainer"); err != nil {
+		return err
+	}
+	for _, c := range f.containers {
+		if c.Name == opts.Name && c.ID != opts.ID {
+			return &docker.Error{Status: 409, Message: "name in use"}
+		}
+	}
 	for _, c := range f.containers {
 		if c.ID == opts.ID {
 			c.Name = opts.Name
@@ -424,6 +553,9 @@ func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if err := f.down("RemoveContainer"); err != nil {
+		return err
+	}
 	n := len(f.containers)
 	f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c.ID == opts.ID && (opts.Force || !c.Running) })
 	if len(f.containers) == n {

@@ -155,21 +155,22 @@ type dockerAPI interface {
 
 // daemon wires the components together.
 type daemon struct {
-	cfg      config
-	log      *slog.Logger
-	metrics  *metrics
-	etcd     *clientv3.Client
-	docker   dockerAPI
-	webhook  *webhook
-	watcher  *watcher
-	progress *progress
-	queue    *deployQueue
-	repuller *repuller
-	rollout  *rollout
-	status   *statusReporter
-	slack    *slackNotifier // nil when Slack is off
-	listener net.Listener   // set by run; tests read its address
-	ready    chan struct{}  // closed once listening
+	cfg       config
+	log       *slog.Logger
+	metrics   *metrics
+	etcd      *clientv3.Client
+	docker    dockerAPI
+	webhook   *webhook
+	watcher   *watcher
+	progress  *progress
+	queue     *deployQueue
+	repuller  *repuller
+	rollout   *rollout
+	recreator *recreator
+	status    *statusReporter
+	slack     *slackNotifier // nil when Slack is off
+	listener  net.Listener   // set by run; tests read its address
+	ready     chan struct{}  // closed once listening
 }
 
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
@@ -191,10 +192,8 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		log: log.With("component", "restarter"), metrics: m,
 	}
 	d.rollout = newRollout(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, log.With("component", "rollout"), m)
-	rep := &replacer{
-		rollout: d.rollout, restarter: rs, strategy: cfg.RestartStrategy, log: log.With("component", "rollout"),
-		recreator: &recreator{docker: dc, stopper: rs, wait: wait, callTimeout: callTimeout, log: log.With("component", "recreate"), metrics: m},
-	}
+	d.recreator = &recreator{docker: dc, stopper: rs, wait: wait, callTimeout: callTimeout, log: log.With("component", "recreate"), metrics: m}
+	rep := &replacer{rollout: d.rollout, restarter: rs, recreator: d.recreator, strategy: cfg.RestartStrategy, log: log.With("component", "rollout")}
 	dep := &deployer{
 		puller: &puller{
 			docker: dc, creds: &credentials{path: cfg.DockerCfg, log: log},
@@ -336,6 +335,9 @@ func (d *daemon) run(ctx context.Context) error {
 		defer cancel()
 		return srv.Shutdown(sctx)
 	})
+	// (parked.go) Put back or finish re-creates a crash interrupted,
+	// before any trigger is acted on; bounded inside.
+	d.recreator.recoverAtStart(gctx)
 	g.Go(func() error { return d.watcher.run(gctx) })
 	g.Go(func() error { return d.repuller.run(gctx) })
 	g.Go(func() error { return d.status.run(gctx) })

@@ -10,8 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
-	"slices"
 	"strings"
 	"time"
 
@@ -20,6 +18,8 @@ import (
 
 // recreateAPI is the part of the Docker client the recreate strategy uses.
 type recreateAPI interface {
+	// ListContainers lists containers, to find parked ones.
+	ListContainers(docker.ListContainersOptions) ([]docker.APIContainers, error)
 	// InspectContainerWithContext reads the old container's configuration.
 	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
 	// InspectImage reads the old image's defaults, left out of the copy.
@@ -52,11 +52,19 @@ type recreator struct {
 // failed; any other error is node-local. Either way the old container is
 // put back and started.
 func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(context.Context) error, lost <-chan struct{}) error {
+	// (parked.go) Settle a re-create of this container a crash interrupted.
+	if err := r.settleParked(ctx, c); err != nil {
+		return err
+	}
 	ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	old, err := r.docker.InspectContainerWithContext(c.ID, ictx)
 	cancel()
 	if err != nil {
 		return fmt.Errorf("inspect %s: %w", c.Name, err)
+	}
+	// (parked.go) Refuse --rm containers.
+	if err := checkRecreatable(old); err != nil {
+		return err
 	}
 	// The old image's defaults (env, labels, command) were merged into
 	// the container's configuration; leave them out so that the new
@@ -65,11 +73,11 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	if img, err := r.docker.InspectImage(old.Image); err == nil {
 		defaults = img.Config
 	}
-	cfg, host, netcfg := cloneConfig(old, defaults)
+	cfg, host, netcfg := cloneConfig(old, defaults, c.NewID)
 
 	name := strings.TrimPrefix(old.Name, "/")
-	parked := name + "-deployer-old-" + shortID(old.ID)
-	if err := guard(ctx); err != nil {
+	parked := parkedName(name, old.ID)
+	if err := callGuard(ctx, guard); err != nil {
 		return err
 	}
 	if err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: old.ID, Name: parked, Context: ctx}); err != nil {
@@ -99,6 +107,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	if err := r.stopper.stopOne(ctx, c); err != nil {
 		return restore("", err)
 	}
+	recreateHook(ctx, "parked") // (parked.go) tests crash here
 	cctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	created, err := r.docker.CreateContainer(docker.CreateContainerOptions{
 		Name: name, Config: cfg, HostConfig: host, NetworkingConfig: netcfg, Context: cctx,
@@ -155,65 +164,4 @@ func (r *recreator) judgeNow(ctx context.Context, id, newID string) error {
 	}
 	_, err = judgeUp(c, newID, time.Now())
 	return err
-}
-
-// cloneConfig copies a container's configuration for a new container of
-// the same tag, leaving out what came from the old image (defaults) and
-// what Docker fills in per container.
-func cloneConfig(old *docker.Container, defaults *docker.Config) (*docker.Config, *docker.HostConfig, *docker.NetworkingConfig) {
-	cfg := *old.Config
-	if defaults == nil {
-		defaults = &docker.Config{}
-	}
-	if cfg.Hostname == shortID(old.ID) || strings.HasPrefix(old.ID, cfg.Hostname) {
-		cfg.Hostname = "" // Docker's default: the new container's ID
-	}
-	cfg.Env = slices.DeleteFunc(slices.Clone(cfg.Env), func(e string) bool { return slices.Contains(defaults.Env, e) })
-	labels := maps.Clone(cfg.Labels)
-	for k, v := range defaults.Labels {
-		if labels[k] == v {
-			delete(labels, k)
-		}
-	}
-	cfg.Labels = labels
-	if slices.Equal(cfg.Cmd, defaults.Cmd) {
-		cfg.Cmd = nil
-	}
-	if slices.Equal(cfg.Entrypoint, defaults.Entrypoint) {
-		cfg.Entrypoint = nil
-	}
-	if cfg.WorkingDir == defaults.WorkingDir {
-		cfg.WorkingDir = ""
-	}
-	if cfg.User == defaults.User {
-		cfg.User = ""
-	}
-	if maps.Equal(cfg.ExposedPorts, defaults.ExposedPorts) {
-		cfg.ExposedPorts = nil
-	}
-	if maps.Equal(cfg.Volumes, defaults.Volumes) {
-		cfg.Volumes = nil
-	}
-	if defaults.Healthcheck != nil && cfg.Healthcheck != nil && slices.Equal(cfg.Healthcheck.Test, defaults.Healthcheck.Test) {
-		cfg.Healthcheck = nil
-	}
-	var host *docker.HostConfig
-	if old.HostConfig != nil {
-		h := *old.HostConfig
-		host = &h
-	}
-	var netcfg *docker.NetworkingConfig
-	if old.NetworkSettings != nil && host != nil && !isBuiltinNetwork(host.NetworkMode) {
-		netcfg = &docker.NetworkingConfig{EndpointsConfig: map[string]*docker.EndpointConfig{}}
-		for name, n := range old.NetworkSettings.Networks {
-			// Docker adds the short ID as an alias; it would be wrong.
-			aliases := slices.DeleteFunc(slices.Clone(n.Aliases), func(a string) bool { return strings.HasPrefix(old.ID, a) })
-			netcfg.EndpointsConfig[name] = &docker.EndpointConfig{Aliases: aliases}
-		}
-	}
-	return &cfg, host, netcfg
-}
-
-func isBuiltinNetwork(mode string) bool {
-	return mode == "" || mode == "default" || mode == "bridge" || mode == "host" || mode == "none" || strings.HasPrefix(mode, "container:")
 }

@@ -91,7 +91,7 @@ func (p *replacer) replaceOne(ctx context.Context, ref string, c staleContainer,
 	if strategy == strategySkip {
 		return outcome{c: c, skipped: "label " + strategyKey + "=skip"}
 	}
-	guard := func(context.Context) error { return nil }
+	var guard func(context.Context) error
 	var lost <-chan struct{}
 	if coord != nil {
 		sl, err := coord.acquire(ctx, ref, c)
@@ -116,6 +116,8 @@ func (p *replacer) replaceOne(ctx context.Context, ref string, c staleContainer,
 	switch {
 	case errors.As(err, &h):
 		return outcome{c: c, skipped: h.Error()}
+	case errors.Is(err, errRefused):
+		return outcome{c: c, skipped: err.Error()}
 	case errors.Is(err, errSlotLost):
 		return outcome{c: c, err: fmt.Errorf("%s not replaced: %w", c.Name, err)}
 	case err != nil && ctx.Err() == nil && coord != nil && errors.Is(err, errReplacement):

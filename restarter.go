@@ -154,7 +154,7 @@ func (r *restarter) stopBudget() time.Duration {
 func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard func(context.Context) error, lost <-chan struct{}) error {
 	ev := r.wait.watch()
 	defer ev.close()
-	if err := guard(ctx); err != nil {
+	if err := callGuard(ctx, guard); err != nil {
 		return err
 	}
 	start := time.Now()

@@ -218,7 +218,7 @@ func newStackWith(t testing.TB, nodes, members int) *stack {
 	}
 
 	s.bin = filepath.Join(dir, "deployer")
-	if out, err := exec.Command("go", "build", "-o", s.bin, ".").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-tags", "e2e", "-o", s.bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 

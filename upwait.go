@@ -245,3 +245,12 @@ func (w *upWaiter) inspect(ctx context.Context, t target) (*docker.Container, er
 	}
 	return c, nil
 }
+
+// callGuard runs the check made just before a container is touched; nil
+// means no check (uncoordinated rollouts).
+func callGuard(ctx context.Context, guard func(context.Context) error) error {
+	if guard == nil {
+		return nil
+	}
+	return guard(ctx)
+}
