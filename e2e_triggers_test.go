@@ -123,7 +123,9 @@ func TestE2ETriggers(t *testing.T) {
 		if err != nil || len(resp.Kvs) != 0 {
 			t.Errorf("wrongly signed delivery wrote %v (%v); want nothing", resp.Kvs, err)
 		}
-		s.record("triggers: github delivery with a wrong signature → %d, nothing written", code)
+		if !t.Failed() {
+			s.record("triggers: github delivery with a wrong signature → %d, nothing written", code)
+		}
 	})
 
 	t.Run("periodic re-pull leaves containers no trigger names alone", func(t *testing.T) {
@@ -172,7 +174,9 @@ func TestE2ETriggers(t *testing.T) {
 				t.Errorf("%s pulled %s, which no trigger names (%v)", n.name, manualRef, err)
 			}
 		}
-		s.record("triggers: re-pull every %v: hand-started container of %s untouched after %v, its tag not pulled", period, "myorg/manual", time.Since(start).Round(time.Millisecond))
+		if !t.Failed() {
+			s.record("triggers: re-pull every %v: hand-started container of %s untouched after %v, its tag not pulled", period, "myorg/manual", time.Since(start).Round(time.Millisecond))
+		}
 	})
 }
 
