@@ -114,7 +114,7 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs.StringVar(&c.Listen, "listen", c.Listen, "HTTP listen address for the webhooks and /healthz")
 	fs.IntVar(&c.MaxThreads, "max_threads", c.MaxThreads, "how many repositories are deployed at once")
 	fs.StringVar(&c.Registry, "registry", c.Registry, "registry that bare repository names (myorg/foo) refer to; host[:port] or URL")
-	fs.DurationVar(&c.RepullPeriod, "repull_period", c.RepullPeriod, "re-pull the images of running containers this often, as a safety net; 0 disables")
+	fs.DurationVar(&c.RepullPeriod, "repull_period", c.RepullPeriod, "re-pull the tags of running containers this often, as a safety net, for repositories with a trigger key and containers labelled deployer.managed=true; 0 disables")
 	fs.StringVar(&c.SlackUsername, "slack_username", c.SlackUsername, "Slack username to post as")
 	fs.StringVar(&c.SlackWebhookURL, "slack_webhook_url", c.SlackWebhookURL, "Slack incoming webhook URL (default $SLACK_WEBHOOK_URL); empty disables Slack")
 	fs.BoolVar(&c.StrongConsistency, "strong_consistency", c.StrongConsistency, "linearizable (quorum) etcd reads instead of serializable ones")

@@ -225,7 +225,10 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		serializable: !cfg.StrongConsistency, log: log.With("component", "watcher"), progress: d.progress, metrics: m,
 		watching: make(chan struct{}),
 	}
-	d.repuller = &repuller{docker: dc, period: cfg.RepullPeriod, callTimeout: callTimeout, log: log.With("component", "repuller")}
+	d.repuller = &repuller{
+		docker: dc, kv: cli, prefix: cfg.EtcdPrefix, registry: registry,
+		period: cfg.RepullPeriod, callTimeout: callTimeout, log: log.With("component", "repuller"),
+	}
 	d.webhook = &webhook{
 		kv: cli, prefix: cfg.EtcdPrefix, secret: cfg.WebhookSecret, node: cfg.NodeName,
 		log: log.With("component", "webhook"), metrics: m, now: time.Now, timeout: 5 * time.Second,
@@ -241,6 +244,10 @@ func (d *daemon) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
 	mux.HandleFunc(d.cfg.RegistryWebhookPath, d.webhook.registry)
+	mux.HandleFunc("/api/deploy", d.webhook.apiDeploy)
+	mux.HandleFunc("/api/harbor/webhook", d.webhook.harbor)
+	mux.HandleFunc("/api/github/webhook", d.webhook.gitHub)
+	mux.HandleFunc("/api/quay/webhook", d.webhook.quay)
 	mux.HandleFunc("GET /healthz", d.healthz)
 	mux.HandleFunc("GET /api/status", d.apiStatus)
 	metrics := promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})

@@ -45,7 +45,7 @@ func repoFromKey(prefix, key string) (string, bool) {
 type trigger struct {
 	Time   time.Time `json:"time"`
 	Tag    string    `json:"tag,omitempty"`
-	Source string    `json:"source"`         // "dockerhub" or "registry"
+	Source string    `json:"source"`         // "dockerhub", "registry", "api", "harbor", "github" or "quay"
 	Node   string    `json:"node,omitempty"` // the node that took the webhook
 	Digest string    `json:"digest,omitempty"`
 }

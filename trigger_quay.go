@@ -1,0 +1,72 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"net/http"
+	"slices"
+)
+
+// parseQuay reads Quay's "Repository Push" notification and returns one
+// push per updated tag of docker_url (quay.io/namespace/repository, or the
+// host of a Red Hat Quay install). updated_tags is a list of tags; early
+// Quay sent a map of tag to image ID, which is accepted too (its image IDs
+// are not manifest digests and are not recorded). Quay gives no digest.
+func parseQuay(body []byte) ([]imagePush, error) {
+	var p struct {
+		DockerURL   string          `json:"docker_url"`
+		UpdatedTags json.RawMessage `json:"updated_tags"`
+	}
+	if err := json.Unmarshal(body, &p); err != nil {
+		return nil, fmt.Errorf("invalid JSON: %w", err)
+	}
+	if !hasDomain(p.DockerURL) {
+		return nil, fmt.Errorf("docker_url %q: %w: no registry host", p.DockerURL, errBadRepo)
+	}
+	if err := checkRepoName(p.DockerURL); err != nil {
+		return nil, fmt.Errorf("docker_url: %w", err)
+	}
+	var tags []string
+	if len(p.UpdatedTags) > 0 && string(p.UpdatedTags) != "null" {
+		if err := json.Unmarshal(p.UpdatedTags, &tags); err != nil {
+			var byTag map[string]json.RawMessage
+			if json.Unmarshal(p.UpdatedTags, &byTag) != nil {
+				return nil, errors.New("updated_tags: neither a list of tags nor a map of tag to image")
+			}
+			tags = slices.Sorted(maps.Keys(byTag))
+		}
+	}
+	var out []imagePush
+	for _, t := range tags {
+		if t == "" {
+			continue
+		}
+		if err := checkTag(t); err != nil {
+			return nil, fmt.Errorf("updated_tags: %w", err)
+		}
+		out = append(out, imagePush{Repo: p.DockerURL, Tag: t})
+	}
+	return dedupe(out), nil
+}
+
+// POST /api/quay/webhook?token=<secret>
+//
+// Quay's Repository Push notification (method "Webhook POST"). Quay sends
+// no authentication header, so the secret goes in the URL. Every updated
+// tag becomes a trigger; a push that names no tag answers 200 and writes
+// nothing.
+func (h *webhook) quay(w http.ResponseWriter, r *http.Request) {
+	const source = "quay"
+	body, ok := h.accept(w, r, source)
+	if !ok {
+		return
+	}
+	pushes, err := parseQuay(body)
+	if err != nil {
+		h.fail(w, source, http.StatusBadRequest, err)
+		return
+	}
+	h.triggerEach(w, r, source, pushes)
+}
