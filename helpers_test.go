@@ -142,6 +142,7 @@ type fakeDocker struct {
 	supervise bool
 	crash     bool
 	crashLoop bool
+	rmOnExit  bool // a crashed replacement is removed at once (docker run --rm)
 	listeners []chan<- *docker.APIEvents
 	created   int
 	removed   []string // images removed
@@ -443,6 +444,9 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 		if f.crash || f.crashLoop {
 			f.crashed(n)
 			f.emit("die", n)
+			if f.rmOnExit { // the unit's `docker run --rm`: gone at once
+				f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == n })
+			}
 		}
 	}
 	f.mu.Unlock()

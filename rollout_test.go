@@ -230,11 +230,12 @@ func TestRolloutReplaceWaitsForReplacement(t *testing.T) {
 // loops under a restart policy) halts the rollout; the other nodes leave
 // their containers alone; a newer image rolls out again.
 func TestRolloutHalts(t *testing.T) {
-	for _, mode := range []string{"exits", "crash-loops"} {
+	for _, mode := range []string{"exits", "exits, run with --rm", "crash-loops"} {
 		t.Run(mode, func(t *testing.T) {
 			cli := testEtcd(t)
-			f1, c1 := rolloutFixture(t, mode == "exits")
+			f1, c1 := rolloutFixture(t, mode != "crash-loops")
 			f1.crashLoop = mode == "crash-loops"
+			f1.rmOnExit = mode == "exits, run with --rm"
 			p1 := newTestReplacer(t, cli, f1, "n1", 1)
 			out := p1.replace(t.Context(), "reg:5000/app", []staleContainer{c1})
 			if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {

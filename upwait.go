@@ -4,10 +4,12 @@ package main
 // that waits for it, used by both restart strategies.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"time"
 
@@ -163,8 +165,9 @@ func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-ch
 	tick := time.NewTicker(w.poll)
 	defer tick.Stop()
 	var (
-		seen    string // the replacement seen last, if any
-		lastErr error  // the last inspect error
+		seen    string                // the replacement seen last, if any
+		images  = map[string]string{} // replacement ID -> its image, as inspected
+		lastErr error                 // the last inspect error
 	)
 	check := func() (bool, error) {
 		c, err := w.inspect(ctx, t)
@@ -172,7 +175,7 @@ func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-ch
 			lastErr = err
 			return false, nil // the daemon may be busy; the deadline bounds us
 		}
-		seen = c.ID
+		seen, images[c.ID] = c.ID, c.Image
 		return judgeUp(c, t.newID, w.now())
 	}
 	inspect := true
@@ -211,8 +214,36 @@ func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-ch
 				w.log.Info("docker event stream ended; polling until it is back")
 				continue
 			}
-			inspect = t.concerns(e, seen)
+			if !t.concerns(e, seen) {
+				continue
+			}
+			if e.Action != "die" {
+				inspect = true
+				continue
+			}
+			seen = e.Actor.ID
+			if up, err := judgeUp(w.died(ctx, e, t, images[e.Actor.ID]), t.newID, w.now()); up || err != nil {
+				return err
+			}
 		}
+	}
+}
+
+// died returns the state of a replacement Docker reported dead: as
+// inspected, or, when it is already gone (a supervisor's `docker run
+// --rm`), as the event tells it, on the image it was last seen on (else
+// the one it was started for).
+func (w *upWaiter) died(ctx context.Context, e *docker.APIEvents, t target, image string) *docker.Container {
+	ictx, cancel := context.WithTimeout(ctx, w.callTimeout)
+	c, err := w.docker.InspectContainerWithContext(e.Actor.ID, ictx)
+	cancel()
+	if err == nil {
+		return c
+	}
+	code, _ := strconv.Atoi(e.Actor.Attributes["exitCode"])
+	return &docker.Container{
+		ID: e.Actor.ID, Name: t.name, Image: cmp.Or(image, t.newID),
+		State: docker.State{ExitCode: code, FinishedAt: w.now()},
 	}
 }
 
