@@ -553,7 +553,7 @@ func TestE2E(t *testing.T) {
 		}
 		v1 := pushSelf("v1")
 		s.dockerCLI(n.dockerd, "pull", "-q", selfRef)
-		s.dockerCLI(n.dockerd, "run", "-d", "--name", "self", "--network", "none", "-v", n.sock+":/var/run/docker.sock",
+		s.dockerCLI(n.dockerd, "run", "-d", "--name", "self", "--network", "none", "-v", n.sock+":/var/run/docker.sock", "-l", managedLabel+"=true",
 			selfRef, "-etcd_nodes=", "-etcd_data_dir", "/tmp/etcd", "-repull_period", "2s", "-dockercfg=",
 			"-node_name", "self", "-max_unavailable=0", "-listen", "127.0.0.1:4500", "-registry", s.hub.host())
 		selfID, _ := s.containerImage(n, "self")
@@ -561,10 +561,13 @@ func TestE2E(t *testing.T) {
 			t.Fatalf("deployer container not running:\n%s", s.dockerCLI(n.dockerd, "logs", "self"))
 		}
 		// A stale app next to it proves the containerised deployer works.
+		// Its etcd holds no trigger, so the re-pull covers only what is
+		// labelled deployer.managed=true.
+		s.supervise(n, "managed", qaRef, qa, "-l", managedLabel+"=true")
 		old := qa
 		qa = s.build(qaRef, false)
 		v2 := pushSelf("v2")
-		s.waitImage([]*node{n}, "app", qa, 60*time.Second)
+		s.waitImage([]*node{n}, "managed", qa, 60*time.Second)
 		waitFor(t, 60*time.Second, "the containerised deployer to pull its own new image", func() bool {
 			img, err := n.cli.InspectImage(selfRef)
 			return err == nil && img.ID == v2
@@ -583,7 +586,7 @@ func TestE2E(t *testing.T) {
 			t.Errorf("the containerised deployer stopped nothing:\n%s", logs)
 		}
 		s.dockerCLI(n.dockerd, "rm", "-f", "self")
-		s.record("scenario 16: deployer in a scratch container (static binary, socket mounted) restarted app %s → %s and left itself on %s while %s was pulled",
+		s.record("scenario 16: deployer in a scratch container (static binary, socket mounted) restarted a deployer.managed=true app %s → %s and left itself on %s while %s was pulled",
 			shortID(old), shortID(qa), shortID(v1), shortID(v2))
 	})
 }

@@ -542,10 +542,10 @@ func (s *stack) buildKind(ref, kind string) string {
 
 // supervise starts the supervisor for container name on node n and waits
 // until it runs image ID want.
-func (s *stack) supervise(n *node, name, ref, want string) {
+func (s *stack) supervise(n *node, name, ref, want string, runOpts ...string) {
 	s.t.Helper()
 	abs, _ := filepath.Abs("scripts/supervise.sh")
-	n.sups[name] = startProc(s.t, s.dir, "sup-"+n.name+"-"+name, []string{"DOCKER_HOST=" + n.host()}, abs, name, ref)
+	n.sups[name] = startProc(s.t, s.dir, "sup-"+n.name+"-"+name, []string{"DOCKER_HOST=" + n.host()}, append([]string{abs, name, ref}, runOpts...)...)
 	s.waitImage([]*node{n}, name, want, 60*time.Second)
 }
 
