@@ -1,0 +1,72 @@
+package main
+
+import (
+	"context"
+	"io"
+	"testing"
+	"time"
+)
+
+// deadEtcd returns a client of an etcd that is not there: a closed port.
+func deadEtcd(t *testing.T) string {
+	return freePort(t) // nothing listens there any more
+}
+
+// TestStatusReporterStopsWithEtcdDown: the status reporter's first write
+// creates the session (a lease grant); with etcd unreachable, that grant
+// must end with the daemon, not wait for etcd.
+func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
+	cli := newTestClient(t, deadEtcd(t))
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:1"
+	f.addContainer("app", "reg:5000/app:qa")
+	r := newTestRollout(t, cli, f, "n1", 1)
+	r.callTimeout = time.Hour // only the daemon's end may stop the grant
+	s := &statusReporter{docker: f, rollout: r, prefix: testPrefix(t), node: "n1", started: time.Now(), period: time.Hour,
+		callTimeout: time.Hour, log: testLogger(t), wake: make(chan struct{}, 1), cache: map[string]containerStatus{}}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.run(ctx) }()
+	time.Sleep(200 * time.Millisecond) // let it reach the lease grant; not synchronisation: either way it must stop
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		t.Fatal("status reporter still running 3s after the stop, etcd unreachable")
+	}
+}
+
+// TestDaemonStopsWithEtcdDown: SIGTERM (the end of ctx) stops the whole
+// daemon within the documented bound while etcd is unreachable.
+func TestDaemonStopsWithEtcdDown(t *testing.T) {
+	cli := newTestClient(t, deadEtcd(t))
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:1"
+	f.addContainer("app", "reg:5000/app:qa")
+	cfg, err := parseFlags("deployer", []string{
+		"-listen", "127.0.0.1:0", "-node_name", "n1", "-etcd_prefix", testPrefix(t), "-dockercfg", "",
+		"-registry", "127.0.0.1:5000", "-repull_period", "0", "-etcd_retry_delay", "10ms", "-kill_timeout", "1",
+	}, env(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := newDaemon(cfg, cli, f, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- d.run(ctx) }()
+	<-d.ready
+	time.Sleep(500 * time.Millisecond) // every component is up and waiting for etcd
+	start := time.Now()
+	cancel()
+	// kill_timeout + 2 s for deploys (none here), 2 s for the last
+	// progress save, 3 s for the session: well within 10 s.
+	select {
+	case <-done:
+		t.Logf("stopped in %v with etcd down", time.Since(start).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatal("daemon still running 10s after SIGTERM, etcd unreachable")
+	}
+}
