@@ -386,3 +386,45 @@ func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
 		t.Errorf("emitted revisions %v; want them in revision order %v", order, []int64{early, late})
 	}
 }
+
+// TestStatusShowsRetries: a node's pending retries reach its status
+// record, GET /api/status and `deployer status`.
+func TestStatusShowsRetries(t *testing.T) {
+	cli := testEtcd(t)
+	prefix := testPrefix(t)
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:1"
+	f.addContainer("app", "reg:5000/app:qa")
+	r := newTestRollout(t, cli, f, "n1", 1)
+	now := time.Now().UTC()
+	pending := []pendingRetry{{Repo: "reg:5000/app", Tags: []string{"qa"}, Revisions: []int64{10}, Attempts: 3, Since: now.Add(-time.Minute),
+		Next: now.Add(30 * time.Second), Error: "pull reg:5000/app:qa: received unexpected HTTP status: 503 Service Unavailable"}}
+	s := &statusReporter{docker: f, rollout: r, prefix: prefix, node: "n1", started: now, period: time.Hour,
+		callTimeout: 5 * time.Second, log: testLogger(t), wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
+		retries: func() []pendingRetry { return pending }}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.run(ctx) }()
+	defer func() { cancel(); <-done }()
+	var st clusterStatus
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		var err error
+		if st, err = readStatus(t.Context(), cli, prefix, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Nodes) == 1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond) // polling etcd for the record
+	}
+	if len(st.Nodes) != 1 || len(st.Nodes[0].Retries) != 1 || st.Nodes[0].Retries[0].Attempts != 3 {
+		t.Fatalf("status = %+v; want n1 with its pending retry", st)
+	}
+	var b strings.Builder
+	printStatus(&b, st)
+	for _, want := range []string{"RETRYING", "reg:5000/app:qa", "503 Service Unavailable"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("deployer status output lacks %q:\n%s", want, b.String())
+		}
+	}
+}

@@ -20,8 +20,8 @@ func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:1"
 	f.addContainer("app", "reg:5000/app:qa")
-	r := newTestRollout(t, cli, f, "n1", 1)
-	r.callTimeout = time.Hour // only the daemon's end may stop the grant
+	// Only the daemon's end may stop the grant: no call timeout helps.
+	r := &rollout{etcd: cli, prefix: testPrefix(t), node: "n1", maxUnavailable: 1, callTimeout: time.Hour, docker: f, log: testLogger(t), metrics: newMetrics()}
 	s := &statusReporter{docker: f, rollout: r, prefix: testPrefix(t), node: "n1", started: time.Now(), period: time.Hour,
 		callTimeout: time.Hour, log: testLogger(t), wake: make(chan struct{}, 1), cache: map[string]containerStatus{}}
 	ctx, cancel := context.WithCancel(t.Context())
@@ -31,6 +31,7 @@ func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
 	cancel()
 	select {
 	case <-done:
+		r.close()
 	case <-time.After(3 * time.Second):
 		t.Fatal("status reporter still running 3s after the stop, etcd unreachable")
 	}
