@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"io"
+	"net"
+	"sync"
 	"testing"
 	"time"
 )
@@ -12,11 +14,49 @@ func deadEtcd(t *testing.T) string {
 	return freePort(t) // nothing listens there any more
 }
 
+// blackHole is an etcd endpoint that accepts connections and never
+// answers (a member hung, or a firewall dropping packets): every call
+// blocks. accepted is signalled at each connection.
+func blackHole(t *testing.T) (endpoint string, accepted <-chan struct{}) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := make(chan struct{}, 100)
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return "http://" + ln.Addr().String(), ch
+}
+
 // TestStatusReporterStopsWithEtcdDown: the status reporter's first write
 // creates the session (a lease grant); with etcd unreachable, that grant
 // must end with the daemon, not wait for etcd.
 func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
-	cli := newTestClient(t, deadEtcd(t))
+	ep, accepted := blackHole(t)
+	cli := newTestClient(t, ep)
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:1"
 	f.addContainer("app", "reg:5000/app:qa")
@@ -27,7 +67,16 @@ func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- s.run(ctx) }()
-	time.Sleep(200 * time.Millisecond) // let it reach the lease grant; not synchronisation: either way it must stop
+	select { // the client is connecting: the grant waits for it
+	case <-accepted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the etcd client never connected")
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("status reporter returned before the stop: %v", err)
+	default:
+	}
 	cancel()
 	select {
 	case <-done:
@@ -59,7 +108,17 @@ func TestDaemonStopsWithEtcdDown(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- d.run(ctx) }()
 	<-d.ready
-	time.Sleep(500 * time.Millisecond) // every component is up and waiting for etcd
+	// Wait until the status reporter is in its lease grant, stuck (it
+	// holds the session lock meanwhile).
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if !d.rollout.mu.TryLock() {
+			break
+		}
+		d.rollout.mu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatal("the status reporter never reached its lease grant")
+		}
+	}
 	start := time.Now()
 	cancel()
 	// kill_timeout + 2 s for deploys (none here), 2 s for the last

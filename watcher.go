@@ -96,7 +96,10 @@ type deployEvent struct {
 
 // watcher turns etcd trigger keys into deploy events. It reads where it
 // stopped last time from etcd, watches from there, and reconnects with
-// backoff; no event is lost and none is handled twice.
+// backoff. Delivery is at least once: no event is lost (the recorded
+// revision only passes a trigger once its deploy finished or failed for
+// good, see progress and retry.go), and one in flight at a crash is
+// emitted again at the next start; deploys are idempotent.
 type watcher struct {
 	kv           clientv3.KV
 	w            clientv3.Watcher
@@ -270,8 +273,9 @@ func (w *watcher) handle(key []byte, rev int64, tags []string, digests map[strin
 	w.emit(deployEvent{Repo: repo, Tags: tags, Digests: digests, Rev: rev})
 }
 
-// progress tracks which trigger revisions are still being deployed, and
-// records in etcd the highest revision below which everything is done.
+// progress tracks which trigger revisions are still being deployed (or
+// wait for a retry), and records in etcd the highest revision below which
+// everything is done: finished, or failed for good.
 type progress struct {
 	kv  clientv3.KV
 	key string
