@@ -206,7 +206,7 @@ func (q *deployQueue) pending() []pendingRetry {
 		p := pendingRetry{Repo: j.Repo, Tags: slices.Sorted(maps.Keys(j.Tags)), Revisions: slices.Sorted(slices.Values(j.Revs)),
 			Attempts: j.Attempts, Since: j.FirstFail.UTC(), Next: st.retryAt.UTC()}
 		if j.LastErr != nil {
-			p.Error = j.LastErr.Error()
+			p.Error = strings.ReplaceAll(j.LastErr.Error(), "\n", "; ")
 		}
 		out = append(out, p)
 	}

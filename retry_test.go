@@ -309,8 +309,11 @@ func TestDigestCheck(t *testing.T) {
 				if last.failed() != tt.wantFailed {
 					t.Errorf("last report failed = %v; want %v: %s", last.failed(), tt.wantFailed, last.text())
 				}
-				if tt.wantFailed && !strings.Contains(last.text(), dNew) {
-					t.Errorf("report %q does not name the digest never served", last.text())
+				if tt.wantFailed && (!strings.Contains(last.text(), dNew) || strings.Contains(last.text(), "recovered")) {
+					t.Errorf("report %q: want a failure naming the digest never served", last.text())
+				}
+				if tt.wantFailed && len(h.n.reports) != 2 {
+					t.Errorf("%d reports; want the first failure and the final one", len(h.n.reports))
 				}
 			})
 		})
