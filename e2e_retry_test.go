@@ -86,6 +86,29 @@ func TestE2ERetry(t *testing.T) {
 		}
 		return true
 	})
-	// The watermark passed the trigger: a restart deploys nothing again.
 	s.barrier(all)
+
+	// A registry notification carries the pushed manifest digest: the
+	// nodes check it against the image's RepoDigests on the real daemon
+	// and deploy at once (no retry: the registry serves what it notified).
+	svcRef := s.push.host() + "/team/svc:latest"
+	svc := s.build(svcRef, false)
+	for _, n := range all {
+		s.supervise(n, "svc", svcRef, svc)
+	}
+	from = len(s.slackTexts())
+	start := time.Now()
+	svc2 := s.build(svcRef, false)
+	s.waitImage(all, "svc", svc2, 60*time.Second)
+	s.record("retry: registry push with digest → %d nodes on the new image in %v (digest checked)", len(all), time.Since(start).Round(time.Millisecond))
+	for _, text := range s.slackTexts()[from:] {
+		if strings.Contains(text, "FAILED") {
+			t.Errorf("Slack after a push with digest: %q; want no failure", text)
+		}
+	}
+	for _, n := range all {
+		if g := s.metric(n, "deployer_deploy_retries_pending", ""); g != 0 {
+			t.Errorf("%s: deployer_deploy_retries_pending = %v after a push with digest; want 0", n.name, g)
+		}
+	}
 }
