@@ -43,7 +43,8 @@ type deployer struct {
 // deploy runs one deploy of a job and reports it. It returns what failed,
 // joined, or nil: the queue retries the job when the error is retryable
 // (retry.go). Slack hears of the first failure of a job and of its
-// recovery, not of every retry; a final failure is always told.
+// recovery, not of every retry; a final failure is always told. A pushed
+// digest not served yet is retried quietly: only giving up is told.
 func (d *deployer) deploy(ctx context.Context, j job) error {
 	start := time.Now()
 	seen := start
@@ -72,11 +73,11 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 		return errors.Join(err, ctx.Err()) // cancelled at shutdown: the next start replays the trigger
 	}
 	switch {
-	case retry && j.Attempts > 0:
-		return err // already told at the first failure
+	case retry && (j.Told || quietRetry(err)):
+		return err // told at the first failure, or a digest not served yet
 	case retry:
 		r.Retrying = true
-	case j.Attempts > 0:
+	case j.Told && err == nil:
 		r.Recovered, r.Since = j.Attempts, j.FirstFail
 	}
 	if r.worthTelling() {

@@ -34,6 +34,7 @@ type job struct {
 	FirstFail   time.Time // when the first attempt failed
 	LastErr     error     // what the last attempt failed with
 	DigestSince time.Time // when a pushed digest was first found missing
+	Told        bool      // a failure was announced (Slack): its recovery will be
 }
 
 func (j *job) merge(ev deployEvent) {
@@ -97,7 +98,7 @@ func (j *job) absorb(failed job) {
 		}
 		j.Digests[t] = d
 	}
-	j.Attempts, j.FirstFail, j.LastErr = failed.Attempts, failed.FirstFail, failed.LastErr
+	j.Attempts, j.FirstFail, j.LastErr, j.Told = failed.Attempts, failed.FirstFail, failed.LastErr, failed.Told
 	if !newDigests {
 		j.DigestSince = failed.DigestSince
 	}
@@ -266,6 +267,7 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 				j.DigestSince = time.Now()
 			}
 			j.Attempts++
+			j.Told = j.Told || !quietRetry(err)
 			if j.FirstFail.IsZero() {
 				j.FirstFail = time.Now()
 			}

@@ -188,6 +188,24 @@ func retryable(err error) bool {
 	return true
 }
 
+// quietRetry reports whether err is only pushed digests not served yet:
+// a registry's propagation delay, normal for a few seconds after a push.
+// Such a retry is not announced; only giving up after digestWait is.
+func quietRetry(err error) bool {
+	if err == nil {
+		return false
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range j.Unwrap() {
+			if !quietRetry(e) {
+				return false
+			}
+		}
+		return len(j.Unwrap()) > 0
+	}
+	return errors.Is(err, errDigestMismatch)
+}
+
 func hasAny(s string, subs []string) bool {
 	s = strings.ToLower(s)
 	for _, sub := range subs {

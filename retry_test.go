@@ -312,8 +312,10 @@ func TestDigestCheck(t *testing.T) {
 				if tt.wantFailed && (!strings.Contains(last.text(), dNew) || strings.Contains(last.text(), "recovered")) {
 					t.Errorf("report %q: want a failure naming the digest never served", last.text())
 				}
-				if tt.wantFailed && len(h.n.reports) != 2 {
-					t.Errorf("%d reports; want the first failure and the final one", len(h.n.reports))
+				// A digest not served yet is retried quietly: one
+				// report, the deploy or the giving up.
+				if tt.stalePulls > 0 && tt.digest != "" && len(h.n.reports) != 1 {
+					t.Errorf("%d reports %+v; want one: no failure told while the digest may still come", len(h.n.reports), h.n.reports)
 				}
 			})
 		})
