@@ -433,3 +433,24 @@ func TestStatusShowsRetries(t *testing.T) {
 		}
 	}
 }
+
+// TestFinalFailureAfterRetries: a retried deploy that then fails for good
+// is told as a failure, not as a recovery, and consumes its trigger.
+func TestFinalFailureAfterRetries(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newRetryHarness(t)
+		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503, errManifestUnknown}
+		h.submit(t.Context(), deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.q.wait()
+		if w := h.p.watermark(); w != 10 {
+			t.Errorf("watermark = %d; want 10", w)
+		}
+		if len(h.n.reports) != 2 || !h.n.reports[0].Retrying || h.n.reports[1].Recovered != 0 || !h.n.reports[1].failed() {
+			t.Fatalf("reports = %+v; want the first failure, then the final one", h.n.reports)
+		}
+		if txt := h.n.reports[1].text(); strings.Contains(txt, "recovered") || !strings.Contains(txt, "FAILED") {
+			t.Errorf("final report %q; want a failure, not a recovery", txt)
+		}
+	})
+}
