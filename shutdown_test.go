@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -129,4 +130,74 @@ func TestDaemonStopsWithEtcdDown(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("daemon still running 10s after SIGTERM, etcd unreachable")
 	}
+}
+
+// TestRetryAcrossRestart: a trigger whose deploy failed with a retryable
+// error is still open when the daemon stops; the next start deploys it,
+// without a new trigger.
+func TestRetryAcrossRestart(t *testing.T) {
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	f.local["127.0.0.1:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+	f.remote["127.0.0.1:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
+	f.addContainer("app", "127.0.0.1:5000/app:qa")
+	reg := newRegistryDocker(f)
+	reg.failures["127.0.0.1:5000/app:qa"] = []error{errRegistry503, errRegistry503, errRegistry503, errRegistry503}
+	cfg, err := parseFlags("deployer", []string{
+		"-listen", "127.0.0.1:0", "-node_name", "n1", "-etcd_prefix", testPrefix(t), "-dockercfg", "",
+		"-registry", "127.0.0.1:5000", "-repull_period", "0", "-etcd_retry_delay", "10ms", "-kill_timeout", "1", "-max_unavailable", "0",
+	}, env(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func() (*daemon, func()) {
+		d, err := newDaemon(cfg, cli, reg, testLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- d.run(ctx) }()
+		select {
+		case <-d.watcher.watching:
+		case <-time.After(10 * time.Second):
+			t.Fatal("watcher not started")
+		}
+		return d, func() { cancel(); <-done }
+	}
+	poll := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s within 20s", what)
+			}
+		}
+	}
+
+	d, stop := start()
+	resp, err := cli.Put(t.Context(), triggerKey(cfg.EtcdPrefix, "127.0.0.1:5000/app"), `{"tag":"qa"}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := resp.Header.Revision
+	poll("pending retry", func() bool { return len(d.queue.pending()) == 1 })
+	stop()
+	got, err := cli.Get(t.Context(), progressKey(cfg.EtcdPrefix, "n1"))
+	if err != nil || len(got.Kvs) != 1 {
+		t.Fatalf("progress record: %v %v", got, err)
+	}
+	var saved int64
+	if _, err := fmt.Sscan(string(got.Kvs[0].Value), &saved); err != nil || saved >= rev {
+		t.Fatalf("saved revision %s passes the failed trigger %d", got.Kvs[0].Value, rev)
+	}
+	if n := len(running(f)); n != 1 {
+		t.Fatalf("app stopped while its pull failed")
+	}
+
+	reg.rmu.Lock()
+	reg.failures = map[string][]error{} // the registry is back
+	reg.rmu.Unlock()
+	_, stop = start()
+	defer stop()
+	poll("deploy of the open trigger after the restart", func() bool { return len(running(f)) == 0 })
 }
