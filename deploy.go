@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -38,13 +39,20 @@ type deployer struct {
 	metrics   *metrics
 }
 
-func (d *deployer) deploy(ctx context.Context, j job) {
+// deploy runs one deploy of a job and reports it. It returns what failed,
+// joined, or nil: the queue retries the job when the error is retryable
+// (retry.go). Slack hears of the first failure of a job and of its
+// recovery, not of every retry; a final failure is always told. A pushed
+// digest not served yet is retried quietly: only giving up is told.
+func (d *deployer) deploy(ctx context.Context, j job) error {
 	start := time.Now()
 	seen := start
 	if !j.Seen.IsZero() {
 		seen = j.Seen
 	}
 	r := d.run(ctx, j)
+	err := r.err()
+	retry := err != nil && retryable(err)
 	result := "ok"
 	switch {
 	case r.failed():
@@ -59,26 +67,35 @@ func (d *deployer) deploy(ctx context.Context, j job) {
 		level = slog.LevelWarn
 	}
 	d.log.Log(ctx, level, "deploy finished", "repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
-		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", r.Failed)
+		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", len(r.Failed), "err", err, "retry", retry, "attempt", j.Attempts+1)
 	if ctx.Err() != nil {
-		return // cancelled at shutdown: the next start replays the trigger
+		return errors.Join(err, ctx.Err()) // cancelled at shutdown: the next start replays the trigger
+	}
+	switch {
+	case retry && (j.Told || quietRetry(err)):
+		return err // told at the first failure, or a digest not served yet
+	case retry:
+		r.Retrying = true
+	case j.Told && err == nil:
+		r.Recovered, r.Since = j.Attempts, j.FirstFail
 	}
 	if r.worthTelling() {
 		d.notifier.notify(r)
 	}
+	return err
 }
 
 func (d *deployer) run(ctx context.Context, j job) report {
 	r := report{Node: d.node, Repo: j.Repo}
 	repo, err := resolveRepo(j.Repo, d.registry)
 	if err != nil {
-		r.Failed = append(r.Failed, err.Error())
+		r.Failed = append(r.Failed, fmt.Errorf("%w: %w", errBadReference, err))
 		return r
 	}
 	r.Repo = reference.FamiliarName(repo)
-	before, err := d.puller.localTags(ctx, repo)
+	before, _, err := d.puller.localImages(ctx, repo)
 	if err != nil {
-		r.Failed = append(r.Failed, err.Error())
+		r.Failed = append(r.Failed, err)
 		return r
 	}
 	var tags []string
@@ -96,7 +113,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	for _, t := range tags {
 		ref, err := reference.WithTag(repo, t)
 		if err != nil {
-			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], PullErr: err})
+			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], PullErr: fmt.Errorf("%w: %w", errBadReference, err)})
 			continue
 		}
 		if err := d.puller.pull(ctx, ref); err != nil {
@@ -108,27 +125,38 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if len(pulled) == 0 {
 		return r
 	}
-	after, err := d.puller.localTags(ctx, repo)
+	after, digests, err := d.puller.localImages(ctx, repo)
 	if err != nil {
-		r.Failed = append(r.Failed, err.Error())
+		r.Failed = append(r.Failed, err)
 		return r
 	}
 	// Only tags that pulled are checked: a failed pull leaves the tag
-	// where it was, and pull before stop is the rule.
+	// where it was, and pull before stop is the rule. A tag whose trigger
+	// named a manifest digest that the pull did not bring (the registry
+	// or its CDN still served the previous one) counts as a failed pull.
 	current := map[string]string{}
 	for _, t := range tags {
-		if pulled[t] {
-			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], NewID: after[t]})
-			if id, ok := after[t]; ok {
-				current[t] = id
+		if !pulled[t] {
+			continue
+		}
+		if want := j.Digests[t]; want != "" && !slices.Contains(digests[after[t]], want) {
+			err := fmt.Errorf("%w: %s:%s is %s, pushed %s", errDigestMismatch, r.Repo, t, shortID(after[t]), want)
+			if !j.DigestSince.IsZero() && time.Since(j.DigestSince) >= digestWait {
+				err = fmt.Errorf("%w within %v: %s:%s is %s, pushed %s", errDigestGaveUp, digestWait, r.Repo, t, shortID(after[t]), want)
 			}
+			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], NewID: after[t], PullErr: err})
+			continue
+		}
+		r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], NewID: after[t]})
+		if id, ok := after[t]; ok {
+			current[t] = id
 		}
 	}
 	slices.SortFunc(r.Tags, func(a, b tagReport) int { return cmp.Compare(a.Tag, b.Tag) })
 
 	stale, err := d.restarter.stale(ctx, repo, current)
 	if err != nil {
-		r.Failed = append(r.Failed, err.Error())
+		r.Failed = append(r.Failed, err)
 	}
 	if d.dryRun {
 		r.DryRun, r.Stale = true, stale
@@ -145,7 +173,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
 		case o.err != nil:
-			r.Failed = append(r.Failed, o.err.Error())
+			r.Failed = append(r.Failed, o.err)
 		default:
 			r.Stopped = append(r.Stopped, o.c)
 			rolledOut[o.c.Tag] = o.c.NewID

@@ -600,3 +600,100 @@ func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node str
 		recreator: &recreator{docker: f, stopper: rs, wait: wait, callTimeout: 5 * time.Second, log: log, metrics: m},
 	}
 }
+
+// registryDocker is a fakeDocker whose registry misbehaves the way real
+// ones do: a pull can fail (the daemon answers 500 naming the registry's
+// 503, a rate limit, a timeout) and then succeed once the registry is
+// back; a registry or CDN can keep serving the previous manifest for a few
+// pulls after a push. Every pull that succeeds adds repo@digest of the
+// manifest it got to the image's RepoDigests, as Docker does.
+type registryDocker struct {
+	*fakeDocker
+	rmu         sync.Mutex
+	failures    map[string][]error  // repo:tag -> answers of its next pulls (nil: success)
+	stale       map[string]int      // repo:tag -> pulls that still get the previous manifest
+	digest      map[string]string   // repo:tag -> digest of the manifest the registry serves now
+	oldDigest   map[string]string   // repo:tag -> digest of the previous manifest
+	repoDigests map[string][]string // image ID -> repo@digest
+}
+
+func newRegistryDocker(f *fakeDocker) *registryDocker {
+	return &registryDocker{fakeDocker: f, failures: map[string][]error{}, stale: map[string]int{}, digest: map[string]string{},
+		oldDigest: map[string]string{}, repoDigests: map[string][]string{}}
+}
+
+func (r *registryDocker) PullImage(opts docker.PullImageOptions, auth docker.AuthConfiguration) error {
+	ref := opts.Repository + ":" + opts.Tag
+	r.rmu.Lock()
+	var err error
+	if q := r.failures[ref]; len(q) > 0 {
+		err, r.failures[ref] = q[0], q[1:]
+	}
+	stale := r.stale[ref] > 0
+	if err == nil && stale {
+		r.stale[ref]--
+	}
+	r.rmu.Unlock()
+	if err != nil || stale {
+		r.mu.Lock()
+		r.pulls = append(r.pulls, ref)
+		id := r.local[ref]
+		r.mu.Unlock()
+		if err == nil {
+			r.addRepoDigest(id, opts.Repository, r.oldDigest[ref])
+		}
+		return err
+	}
+	if err := r.fakeDocker.PullImage(opts, auth); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	id := r.local[ref]
+	r.mu.Unlock()
+	r.rmu.Lock()
+	d := r.digest[ref]
+	r.rmu.Unlock()
+	r.addRepoDigest(id, opts.Repository, d)
+	return nil
+}
+
+func (r *registryDocker) addRepoDigest(id, repo, digest string) {
+	if digest == "" {
+		return
+	}
+	r.rmu.Lock()
+	defer r.rmu.Unlock()
+	if rd := repo + "@" + digest; !slices.Contains(r.repoDigests[id], rd) {
+		r.repoDigests[id] = append(r.repoDigests[id], rd)
+	}
+}
+
+func (r *registryDocker) ListImages(opts docker.ListImagesOptions) ([]docker.APIImages, error) {
+	imgs, err := r.fakeDocker.ListImages(opts)
+	r.rmu.Lock()
+	defer r.rmu.Unlock()
+	for i := range imgs {
+		imgs[i].RepoDigests = slices.Clone(r.repoDigests[imgs[i].ID])
+	}
+	return imgs, err
+}
+
+func (r *registryDocker) pullCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.pulls)
+}
+
+// Errors as go-dockerclient returns them for a registry's failures.
+var (
+	// The daemon answers 500 when the registry answered 503.
+	errRegistry503 = &docker.Error{Status: 500, Message: `received unexpected HTTP status: 503 Service Unavailable`}
+	// A rate limit, in the pull's progress stream, with the registry's Retry-After.
+	errRegistry429 = errors.New(`toomanyrequests: too many requests to the registry (Retry-After: 7)`)
+	// The pull's deadline passed while the daemon waited for the registry.
+	errPullTimeout = &url.Error{Op: "Post", URL: "unix:///var/run/docker.sock/images/create", Err: context.DeadlineExceeded}
+	// The registry is down: connection refused, as the daemon reports it.
+	errRegistryDown = &docker.Error{Status: 500, Message: `Get "http://127.0.0.1:5000/v2/": dial tcp 127.0.0.1:5000: connect: connection refused`}
+	// The tag is not in the registry.
+	errManifestUnknown = &docker.Error{Status: 404, Message: `manifest for 127.0.0.1:5000/app:qa not found: manifest unknown: manifest unknown`}
+)

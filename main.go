@@ -215,11 +215,14 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		period: 5 * time.Second, callTimeout: callTimeout, log: log.With("component", "status"),
 		wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
 	}
-	d.queue = newDeployQueue(cfg.MaxThreads, func(ctx context.Context, j job) {
-		dep.deploy(ctx, j)
+	d.queue = newDeployQueue(cfg.MaxThreads, func(ctx context.Context, j job) error {
+		err := dep.deploy(ctx, j)
 		d.status.poke()
+		return err
 	}, d.progress.done)
 	d.queue.queued = m.queued
+	d.queue.retrying = m.retrying
+	d.status.retries = d.queue.pending
 	d.watcher = &watcher{
 		kv: cli, w: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, retryDelay: cfg.EtcdRetryDelay,
 		serializable: !cfg.StrongConsistency, log: log.With("component", "watcher"), progress: d.progress, metrics: m,
@@ -350,7 +353,9 @@ func (d *daemon) run(ctx context.Context) error {
 	g.Go(func() error { return d.status.run(gctx) })
 	err = g.Wait()
 
-	// Let deploys in flight finish their stops, within a bound.
+	// Let deploys in flight finish their stops, within a bound. Failed
+	// deploys waiting for a retry stop waiting: their triggers stay open.
+	d.queue.stopRetries()
 	grace := time.Duration(d.cfg.KillTimeout)*time.Second + 2*time.Second
 	drained := make(chan struct{})
 	go func() { d.queue.wait(); close(drained) }()
@@ -362,7 +367,16 @@ func (d *daemon) run(ctx context.Context) error {
 		<-drained
 	}
 	cancelWork()
-	d.rollout.close()
+	// Revoking the session lease frees our rollout slots at once; with
+	// etcd unreachable the lease expires by itself (sessionTTL), so do not
+	// wait for it longer than a moment.
+	closed := make(chan struct{})
+	go func() { d.rollout.close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(3 * time.Second):
+		d.log.Warn("etcd session not revoked at shutdown; its lease will expire", "ttl_seconds", sessionTTL)
+	}
 	d.webhook.wg.Wait()
 	cancelBg()
 	if berr := bg.Wait(); err == nil {

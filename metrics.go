@@ -21,6 +21,7 @@ type metrics struct {
 	staleFound          prometheus.Counter
 	slackPosts          *prometheus.CounterVec // result
 	queued              prometheus.Gauge       // repositories waiting or deploying
+	retrying            prometheus.Gauge       // repositories whose failed deploy waits for a retry
 	rolloutsHalted      prometheus.Counter
 	containersRecreated prometheus.Counter
 	wouldRestart        prometheus.Counter
@@ -67,6 +68,9 @@ func newMetrics() *metrics {
 		queued: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "deployer_deploy_queue_repositories", Help: "Repositories with a deploy waiting or running on this node.",
 		}),
+		retrying: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "deployer_deploy_retries_pending", Help: "Repositories whose deploy failed with a retryable error and waits to run again.",
+		}),
 		rolloutsHalted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "deployer_rollouts_halted_total", Help: "Rollouts this node halted because a new version did not come up.",
 		}),
@@ -89,7 +93,7 @@ func newMetrics() *metrics {
 			Name: "deployer_unsupervised_containers_total", Help: "Stopped containers nothing replaced; the old container was started again.",
 		}),
 	}
-	m.reg.MustRegister(m.slotsLost, m.slotReleaseFailures, m.unsupervised, m.queued, m.rolloutsHalted, m.containersRecreated, m.wouldRestart, m.imagesRemoved, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
+	m.reg.MustRegister(m.retrying, m.slotsLost, m.slotReleaseFailures, m.unsupervised, m.queued, m.rolloutsHalted, m.containersRecreated, m.wouldRestart, m.imagesRemoved, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
 		m.pulls, m.containersStopped, m.staleFound, m.slackPosts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -18,10 +19,14 @@ type report struct {
 	Repo    string // familiar repository name
 	Tags    []tagReport
 	Stopped []staleContainer
-	Failed  []string // failures other than pulls: listing, inspecting, stopping
+	Failed  []error  // failures other than pulls: listing, inspecting, stopping
 	Held    []string // stale containers left alone, with the reason
 	DryRun  bool     // stale containers were found, not stopped
 	Stale   []staleContainer
+
+	Retrying  bool      // failed, and will be tried again (retry.go)
+	Recovered int       // this deploy succeeded after that many failed attempts
+	Since     time.Time // when the first of those failed
 }
 
 type tagReport struct {
@@ -29,6 +34,17 @@ type tagReport struct {
 	OldID   string
 	NewID   string
 	PullErr error
+}
+
+// err joins every failure, pulls included; nil when nothing failed.
+func (r report) err() error {
+	errs := slices.Clone(r.Failed)
+	for _, t := range r.Tags {
+		if t.PullErr != nil {
+			errs = append(errs, t.PullErr)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // failed reports whether anything went wrong.
@@ -47,7 +63,7 @@ func (r report) failed() bool {
 // worthTelling is false for a deploy that changed nothing and failed at
 // nothing: a pull that found the image up to date.
 func (r report) worthTelling() bool {
-	if r.failed() || len(r.Stopped) > 0 || len(r.Stale) > 0 || len(r.Held) > 0 {
+	if r.failed() || r.Recovered > 0 || len(r.Stopped) > 0 || len(r.Stale) > 0 || len(r.Held) > 0 {
 		return true
 	}
 	for _, t := range r.Tags {
@@ -70,6 +86,12 @@ func (r report) text() string {
 		verb = "Dry run:"
 	}
 	fmt.Fprintf(&b, "%s %s on %s", verb, r.Repo, r.Node)
+	switch {
+	case r.Retrying:
+		b.WriteString(" (will retry until it works; only the recovery will be told)")
+	case r.Recovered > 0:
+		fmt.Fprintf(&b, " (recovered after %d failed attempts since %s)", r.Recovered, r.Since.UTC().Format(time.RFC3339))
+	}
 	for _, t := range r.Tags {
 		switch {
 		case t.PullErr != nil:
@@ -90,7 +112,7 @@ func (r report) text() string {
 		fmt.Fprintf(&b, "\nheld back: %s", strings.Join(r.Held, ", "))
 	}
 	for _, f := range r.Failed {
-		fmt.Fprintf(&b, "\n• failed: %s", f)
+		fmt.Fprintf(&b, "\n• failed: %v", f)
 	}
 	return b.String()
 }

@@ -113,7 +113,7 @@ func TestSlackNotifierNeverBlocks(t *testing.T) {
 	defer cancel()
 	go n.run(ctx)
 	for range cap(n.queue) + 10 {
-		n.notify(report{Node: "n1", Repo: "r", Failed: []string{"x"}})
+		n.notify(report{Node: "n1", Repo: "r", Failed: []error{errors.New("x")}})
 	}
 	// One message may be in flight; the rest fill the queue or are dropped.
 	if got := testutil.ToFloat64(m.slackPosts.WithLabelValues("dropped")); got < 9 {

@@ -49,9 +49,10 @@ func TestDeployQueueCoalesces(t *testing.T) {
 	release := make(chan struct{})
 	var mu sync.Mutex
 	var doneRevs []int64
-	q := newDeployQueue(4, func(ctx context.Context, j job) {
+	q := newDeployQueue(4, func(ctx context.Context, j job) error {
 		started <- j
 		<-release
+		return nil
 	}, func(revs []int64) {
 		mu.Lock()
 		doneRevs = append(doneRevs, revs...)
@@ -86,9 +87,10 @@ func TestDeployQueueSettles(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var starts []time.Duration
 		t0 := time.Now()
-		q := newDeployQueue(1, func(ctx context.Context, j job) {
+		q := newDeployQueue(1, func(ctx context.Context, j job) error {
 			starts = append(starts, time.Since(t0))
 			time.Sleep(50 * time.Millisecond) // a pull
+			return nil
 		}, func([]int64) {})
 		for i := range 50 {
 			q.submit(t.Context(), deployEvent{Repo: "r", Tags: []string{"qa"}, Rev: int64(i + 1)})
@@ -127,7 +129,7 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 	ran := map[string]bool{}
 	gate := make(chan struct{})
 	entered := make(chan struct{}, repos)
-	q := newDeployQueue(slots, func(ctx context.Context, j job) {
+	q := newDeployQueue(slots, func(ctx context.Context, j job) error {
 		mu.Lock()
 		running++
 		peak = max(peak, running)
@@ -138,6 +140,7 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 		mu.Lock()
 		running--
 		mu.Unlock()
+		return nil
 	}, func([]int64) {})
 	for i := range repos {
 		q.submit(t.Context(), deployEvent{Repo: string(rune('a' + i))})
@@ -155,10 +158,11 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 func TestDeployQueueCancelLeavesRevisionsOpen(t *testing.T) {
 	var done []int64
 	block := make(chan struct{})
-	q := newDeployQueue(1, func(ctx context.Context, j job) {
+	q := newDeployQueue(1, func(ctx context.Context, j job) error {
 		if j.Repo == "busy" {
 			<-block
 		}
+		return nil
 	}, func(r []int64) { done = append(done, r...) })
 	ctx, cancel := context.WithCancel(t.Context())
 	q.submit(ctx, deployEvent{Repo: "busy", Rev: 1})

@@ -43,6 +43,9 @@ type nodeStatus struct {
 	Started    time.Time         `json:"started"`
 	Updated    time.Time         `json:"updated"`
 	Containers []containerStatus `json:"containers"`
+	// Retries are this node's deploys that failed with a retryable
+	// error and wait to run again (their triggers stay open).
+	Retries []pendingRetry `json:"retries,omitempty"`
 }
 
 // statusReporter writes this node's record after each deploy and every
@@ -56,7 +59,8 @@ type statusReporter struct {
 	period      time.Duration
 	callTimeout time.Duration
 	log         *slog.Logger
-	wake        chan struct{} // capacity 1
+	wake        chan struct{}         // capacity 1
+	retries     func() []pendingRetry // may be nil
 
 	mu    sync.Mutex
 	cache map[string]containerStatus // container ID -> status; a container's config never changes
@@ -73,15 +77,20 @@ func (s *statusReporter) run(ctx context.Context) error {
 	t := time.NewTicker(s.period)
 	defer t.Stop()
 	var last []containerStatus
+	var lastRetries []pendingRetry
 	var lastLease clientv3.LeaseID
 	for {
 		cs, err := s.containers(ctx)
 		if err == nil {
-			lease, werr := s.write(ctx, cs, last, lastLease)
+			var rs []pendingRetry
+			if s.retries != nil {
+				rs = s.retries()
+			}
+			lease, werr := s.write(ctx, cs, last, rs, lastRetries, lastLease)
 			if werr != nil && ctx.Err() == nil {
 				s.log.Warn("status record not written", "err", werr)
 			} else {
-				last, lastLease = cs, lease
+				last, lastRetries, lastLease = cs, rs, lease
 			}
 		}
 		select {
@@ -93,16 +102,18 @@ func (s *statusReporter) run(ctx context.Context) error {
 	}
 }
 
-// write puts the record when the containers or the lease changed.
-func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, lastLease clientv3.LeaseID) (clientv3.LeaseID, error) {
+// write puts the record when the containers, the retries or the lease
+// changed. Every etcd call, the session's lease grant included, ends with
+// ctx: a stop never waits for an unreachable etcd.
+func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, rs, lastRs []pendingRetry, lastLease clientv3.LeaseID) (clientv3.LeaseID, error) {
 	sess, err := s.rollout.sess(ctx)
 	if err != nil {
 		return lastLease, err
 	}
-	if sess.Lease() == lastLease && slices.Equal(cs, last) {
+	if sess.Lease() == lastLease && slices.Equal(cs, last) && slices.EqualFunc(rs, lastRs, samePending) {
 		return lastLease, nil
 	}
-	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: version, Started: s.started, Updated: time.Now().UTC(), Containers: cs})
+	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs})
 	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
 	defer cancel()
 	if _, err := s.rollout.etcd.Put(ctx, s.prefix+"/"+statusDir+"/"+s.node, string(b), clientv3.WithLease(sess.Lease())); err != nil {
@@ -361,10 +372,31 @@ func printStatus(w io.Writer, st clusterStatus) {
 			}
 		}
 	}
+	var retrying bool
+	for _, n := range st.Nodes {
+		for _, r := range n.Retries {
+			if !retrying {
+				fmt.Fprintln(tw)
+				fmt.Fprintln(tw, "RETRYING\tNODE\tATTEMPTS\tSINCE\tNEXT IN\tLAST ERROR")
+				retrying = true
+			}
+			name := r.Repo
+			if len(r.Tags) > 0 {
+				name += ":" + strings.Join(r.Tags, ",")
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s ago\t%s\t%s\n", name, n.Node, r.Attempts, st.Time.Sub(r.Since).Round(time.Second),
+				max(r.Next.Sub(st.Time), 0).Round(time.Second), truncate(r.Error, 120))
+		}
+	}
 	fmt.Fprintln(tw)
 	fmt.Fprintln(tw, "NODE\tVERSION\tUP\tUPDATED")
 	for _, n := range st.Nodes {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\n", n.Node, n.Version, st.Time.Sub(n.Started).Round(time.Second), st.Time.Sub(n.Updated).Round(time.Second))
 	}
 	tw.Flush()
+}
+
+func samePending(a, b pendingRetry) bool {
+	return a.Repo == b.Repo && a.Attempts == b.Attempts && a.Next.Equal(b.Next) && a.Error == b.Error &&
+		slices.Equal(a.Tags, b.Tags) && slices.Equal(a.Revisions, b.Revisions)
 }

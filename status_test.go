@@ -30,7 +30,7 @@ func TestClusterStatus(t *testing.T) {
 		if len(cs) != 1 || cs[0].Image != "reg:5000/app:qa" || cs[0].ImageID != n.id {
 			t.Fatalf("%s containers = %+v; want only app from its tag", n.node, cs)
 		}
-		if _, err := s.write(t.Context(), cs, nil, 0); err != nil {
+		if _, err := s.write(t.Context(), cs, nil, nil, nil, 0); err != nil {
 			t.Fatal(err)
 		}
 		if n.node == "n3" {

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -48,28 +50,56 @@ type trigger struct {
 	Source string    `json:"source"`         // "dockerhub", "registry", "api", "harbor", "github" or "quay"
 	Node   string    `json:"node,omitempty"` // the node that took the webhook
 	Digest string    `json:"digest,omitempty"`
+	// One registry envelope may push several tags of one repository; its
+	// single write names them all here, with Tag empty (so that a
+	// deployer that predates Tags deploys every local tag: a superset).
+	Tags    []string          `json:"tags,omitempty"`
+	Digests map[string]string `json:"digests,omitempty"` // tag -> manifest digest, with Tags
 }
 
 // parseTrigger reads a trigger value; it returns the tags to deploy, nil
-// meaning every local tag.
-func parseTrigger(value []byte) []string {
+// meaning every local tag, and the manifest digest pushed for each tag,
+// where the trigger gives one.
+func parseTrigger(value []byte) ([]string, map[string]string) {
 	var t trigger
-	if err := json.Unmarshal(value, &t); err != nil || t.Tag == "" {
-		return nil
+	if err := json.Unmarshal(value, &t); err != nil {
+		return nil, nil
 	}
-	return []string{t.Tag}
+	switch {
+	case t.Tag != "":
+		if t.Digest != "" {
+			return []string{t.Tag}, map[string]string{t.Tag: t.Digest}
+		}
+		return []string{t.Tag}, nil
+	case len(t.Tags) > 0:
+		var digests map[string]string
+		for _, tag := range t.Tags {
+			if d := t.Digests[tag]; d != "" {
+				if digests == nil {
+					digests = map[string]string{}
+				}
+				digests[tag] = d
+			}
+		}
+		return slices.Clone(t.Tags), digests
+	}
+	return nil, nil
 }
 
 // deployEvent asks for a deploy of one repository.
 type deployEvent struct {
-	Repo string   // repository name as in the key
-	Tags []string // nil: every local tag
-	Rev  int64    // etcd revision of the trigger; 0 for local (periodic) events
+	Repo    string            // repository name as in the key
+	Tags    []string          // nil: every local tag
+	Digests map[string]string // tag -> manifest digest pushed, when known
+	Rev     int64             // etcd revision of the trigger; 0 for local (periodic) events
 }
 
 // watcher turns etcd trigger keys into deploy events. It reads where it
 // stopped last time from etcd, watches from there, and reconnects with
-// backoff; no event is lost and none is handled twice.
+// backoff. Delivery is at least once: no event is lost (the recorded
+// revision only passes a trigger once its deploy finished or failed for
+// good, see progress and retry.go), and one in flight at a crash is
+// emitted again at the next start; deploys are idempotent.
 type watcher struct {
 	kv           clientv3.KV
 	w            clientv3.Watcher
@@ -180,7 +210,8 @@ func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error
 			if ev.Type != clientv3.EventTypePut {
 				continue // a deleted key deploys nothing
 			}
-			w.handle(ev.Kv.Key, ev.Kv.Value, ev.Kv.ModRevision, parseTrigger(ev.Kv.Value))
+			tags, digests := parseTrigger(ev.Kv.Value)
+			w.handle(ev.Kv.Key, ev.Kv.ModRevision, tags, digests)
 		}
 	}
 	if err := ctx.Err(); err != nil {
@@ -191,7 +222,10 @@ func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error
 
 // catchUp re-reads the prefix after a compaction and emits every trigger
 // modified since next. Intermediate values are gone, so it deploys every
-// local tag of those repositories.
+// local tag of those repositories. Every revision is registered as pending
+// before any is emitted, and they are emitted in revision order: a quick
+// deploy of a later one must not save a watermark past an earlier one
+// still in flight.
 func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -203,10 +237,24 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	if err != nil {
 		return next, fmt.Errorf("re-read %s: %w", w.prefix, err)
 	}
+	type trig struct {
+		repo string
+		rev  int64
+	}
+	var todo []trig
 	for _, kv := range resp.Kvs {
-		if kv.ModRevision >= next {
-			w.handle(kv.Key, nil, kv.ModRevision, nil)
+		if repo, ok := repoFromKey(w.prefix, string(kv.Key)); ok && kv.ModRevision >= next {
+			todo = append(todo, trig{repo, kv.ModRevision})
 		}
+	}
+	slices.SortFunc(todo, func(a, b trig) int { return cmp.Compare(a.rev, b.rev) })
+	for _, t := range todo {
+		w.progress.add(t.rev)
+	}
+	for _, t := range todo {
+		w.metrics.watchEvents.Inc()
+		w.log.Info("etcd trigger", "repo", t.repo, "revision", t.rev, "catch_up", true)
+		w.emit(deployEvent{Repo: t.repo, Rev: t.rev})
 	}
 	if resp.Header.Revision+1 > next {
 		next = resp.Header.Revision + 1
@@ -214,7 +262,7 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	return next, nil
 }
 
-func (w *watcher) handle(key, value []byte, rev int64, tags []string) {
+func (w *watcher) handle(key []byte, rev int64, tags []string, digests map[string]string) {
 	repo, ok := repoFromKey(w.prefix, string(key))
 	if !ok {
 		return
@@ -222,11 +270,12 @@ func (w *watcher) handle(key, value []byte, rev int64, tags []string) {
 	w.metrics.watchEvents.Inc()
 	w.log.Info("etcd trigger", "repo", repo, "tags", tags, "revision", rev)
 	w.progress.add(rev)
-	w.emit(deployEvent{Repo: repo, Tags: tags, Rev: rev})
+	w.emit(deployEvent{Repo: repo, Tags: tags, Digests: digests, Rev: rev})
 }
 
-// progress tracks which trigger revisions are still being deployed, and
-// records in etcd the highest revision below which everything is done.
+// progress tracks which trigger revisions are still being deployed (or
+// wait for a retry), and records in etcd the highest revision below which
+// everything is done: finished, or failed for good.
 type progress struct {
 	kv  clientv3.KV
 	key string

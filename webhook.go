@@ -21,10 +21,19 @@ import (
 
 const maxBody = 1 << 20 // 1 MiB; Docker Hub payloads are a few KiB
 
+// maxEnvelopePushes caps the manifest pushes one registry envelope may
+// carry (after removing duplicates): they are written in one etcd
+// transaction, and etcd refuses more than 128 operations in one
+// (--max-txn-ops). A registry sends one event per envelope (distribution
+// v3) or a small batch; beyond the cap the answer is 413.
+const maxEnvelopePushes = 100
+
 // kvPutter is what the webhook handlers need from etcd.
 type kvPutter interface {
 	// Put writes a trigger key.
 	Put(ctx context.Context, key, val string, opts ...clientv3.OpOption) (*clientv3.PutResponse, error)
+	// Txn writes the triggers of one registry envelope at once.
+	Txn(ctx context.Context) clientv3.Txn
 }
 
 // webhook receives build and push notifications and records each as a
@@ -82,6 +91,10 @@ func (h *webhook) dockerHub(w http.ResponseWriter, r *http.Request) {
 // CNCF distribution notifications. Every manifest push by tag becomes a
 // trigger for host/repository; all other events (blobs, pulls, deletes)
 // are ignored with a 200, so that the registry's queue never backs up.
+// All the triggers of one envelope are written in one etcd transaction:
+// either all are recorded (200) or none is (503, the registry retries the
+// envelope). An envelope with more than maxEnvelopePushes distinct pushes
+// is refused with 413 and writes nothing.
 func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 	body, ok := h.accept(w, r, "registry")
 	if !ok {
@@ -92,17 +105,23 @@ func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, "registry", http.StatusBadRequest, err)
 		return
 	}
+	if len(pushes) > maxEnvelopePushes {
+		h.fail(w, "registry", http.StatusRequestEntityTooLarge,
+			fmt.Errorf("%d manifest pushes in one envelope; at most %d", len(pushes), maxEnvelopePushes))
+		return
+	}
 	out := struct {
 		Triggered []triggered `json:"triggered"`
 	}{Triggered: []triggered{}}
 	for _, p := range pushes {
 		h.log.Info("registry push", "repo", p.Repo, "tag", p.Tag, "digest", p.Digest)
-		t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: "registry"})
+	}
+	if len(pushes) > 0 {
+		out.Triggered, err = h.triggerAll(r.Context(), pushes)
 		if err != nil {
 			h.fail(w, "registry", http.StatusServiceUnavailable, err)
 			return
 		}
-		out.Triggered = append(out.Triggered, t)
 	}
 	result := "ok"
 	if len(pushes) == 0 {
@@ -110,6 +129,59 @@ func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 	}
 	h.metrics.webhooks.WithLabelValues("registry", result).Inc()
 	writeJSON(w, http.StatusOK, out)
+}
+
+// triggerAll writes the triggers of one envelope in one etcd transaction.
+// A key can be written only once in a transaction, so several tags of one
+// repository share one trigger that names them all (trigger.Tags).
+func (h *webhook) triggerAll(ctx context.Context, pushes []registryPush) ([]triggered, error) {
+	now := h.now().UTC()
+	var repos []string
+	byRepo := map[string][]registryPush{}
+	for _, p := range pushes {
+		if byRepo[p.Repo] == nil {
+			repos = append(repos, p.Repo)
+		}
+		byRepo[p.Repo] = append(byRepo[p.Repo], p)
+	}
+	var ops []clientv3.Op
+	for _, repo := range repos {
+		ps := byRepo[repo]
+		t := trigger{Time: now, Source: "registry", Node: h.node}
+		if len(ps) == 1 {
+			t.Tag, t.Digest = ps[0].Tag, ps[0].Digest
+		} else {
+			for _, p := range ps {
+				t.Tags = append(t.Tags, p.Tag)
+				if p.Digest != "" {
+					if t.Digests == nil {
+						t.Digests = map[string]string{}
+					}
+					t.Digests[p.Tag] = p.Digest
+				}
+			}
+		}
+		val, err := json.Marshal(t)
+		if err != nil {
+			return nil, err
+		}
+		ops = append(ops, clientv3.OpPut(triggerKey(h.prefix, repo), string(val)))
+	}
+	ctx, cancel := context.WithTimeout(ctx, h.timeout)
+	defer cancel()
+	resp, err := h.kv.Txn(ctx).Then(ops...).Commit()
+	if err != nil {
+		h.metrics.etcdWrites.WithLabelValues("error").Inc()
+		return nil, fmt.Errorf("etcd txn of %d triggers: %w", len(ops), err)
+	}
+	h.metrics.etcdWrites.WithLabelValues("ok").Inc()
+	out := make([]triggered, 0, len(pushes))
+	for _, p := range pushes {
+		key := triggerKey(h.prefix, p.Repo)
+		out = append(out, triggered{Key: key, Repo: p.Repo, Tag: p.Tag, Revision: resp.Header.Revision})
+	}
+	h.log.Info("triggers written", "keys", len(ops), "pushes", len(pushes), "revision", resp.Header.Revision)
+	return out, nil
 }
 
 // accept checks method, secret and size, and returns the body.

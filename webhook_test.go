@@ -184,6 +184,18 @@ func (f failingKV) Put(context.Context, string, string, ...clientv3.OpOption) (*
 	return nil, f.err
 }
 
+func (f failingKV) Txn(context.Context) clientv3.Txn { return failingTxn(f) }
+
+// failingTxn is a transaction that etcd refuses at commit.
+type failingTxn struct{ err error }
+
+func (t failingTxn) If(...clientv3.Cmp) clientv3.Txn  { return t }
+func (t failingTxn) Then(...clientv3.Op) clientv3.Txn { return t }
+func (t failingTxn) Else(...clientv3.Op) clientv3.Txn { return t }
+func (t failingTxn) Commit() (*clientv3.TxnResponse, error) {
+	return nil, t.err
+}
+
 var _ kvPutter = failingKV{}
 
 func TestWebhookEtcdDownIs503(t *testing.T) {

@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+)
+
+// deadEtcd returns a client of an etcd that is not there: a closed port.
+func deadEtcd(t *testing.T) string {
+	return freePort(t) // nothing listens there any more
+}
+
+// blackHole is an etcd endpoint that accepts connections and never
+// answers (a member hung, or a firewall dropping packets): every call
+// blocks. accepted is signalled at each connection.
+func blackHole(t *testing.T) (endpoint string, accepted <-chan struct{}) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := make(chan struct{}, 100)
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return "http://" + ln.Addr().String(), ch
+}
+
+// TestStatusReporterStopsWithEtcdDown: the status reporter's first write
+// creates the session (a lease grant); with etcd unreachable, that grant
+// must end with the daemon, not wait for etcd.
+func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
+	ep, accepted := blackHole(t)
+	cli := newTestClient(t, ep)
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:1"
+	f.addContainer("app", "reg:5000/app:qa")
+	// Only the daemon's end may stop the grant: no call timeout helps.
+	r := newRollout(cli, testPrefix(t), "n1", 1, time.Hour, time.Hour, testLogger(t), newMetrics())
+	s := &statusReporter{docker: f, rollout: r, prefix: testPrefix(t), node: "n1", started: time.Now(), period: time.Hour,
+		callTimeout: time.Hour, log: testLogger(t), wake: make(chan struct{}, 1), cache: map[string]containerStatus{}}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- s.run(ctx) }()
+	select { // the client is connecting: the grant waits for it
+	case <-accepted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the etcd client never connected")
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("status reporter returned before the stop: %v", err)
+	default:
+	}
+	cancel()
+	select {
+	case <-done:
+		r.close()
+	case <-time.After(3 * time.Second):
+		t.Fatal("status reporter still running 3s after the stop, etcd unreachable")
+	}
+}
+
+// TestDaemonStopsWithEtcdDown: SIGTERM (the end of ctx) stops the whole
+// daemon within the documented bound while etcd is unreachable.
+func TestDaemonStopsWithEtcdDown(t *testing.T) {
+	cli := newTestClient(t, deadEtcd(t))
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:1"
+	f.addContainer("app", "reg:5000/app:qa")
+	cfg, err := parseFlags("deployer", []string{
+		"-listen", "127.0.0.1:0", "-node_name", "n1", "-etcd_prefix", testPrefix(t), "-dockercfg", "",
+		"-registry", "127.0.0.1:5000", "-repull_period", "0", "-etcd_retry_delay", "10ms", "-kill_timeout", "1",
+	}, env(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := newDaemon(cfg, cli, f, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- d.run(ctx) }()
+	<-d.ready
+	// Wait until the status reporter is in its lease grant, stuck (it
+	// holds the session lock meanwhile).
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if !d.rollout.mu.TryLock() {
+			break
+		}
+		d.rollout.mu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatal("the status reporter never reached its lease grant")
+		}
+	}
+	start := time.Now()
+	cancel()
+	// kill_timeout + 2 s for deploys (none here), 2 s for the last
+	// progress save, 3 s for the session: well within 10 s.
+	select {
+	case <-done:
+		t.Logf("stopped in %v with etcd down", time.Since(start).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatal("daemon still running 10s after SIGTERM, etcd unreachable")
+	}
+}
+
+// TestRetryAcrossRestart: a trigger whose deploy failed with a retryable
+// error is still open when the daemon stops; the next start deploys it,
+// without a new trigger.
+func TestRetryAcrossRestart(t *testing.T) {
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	f.local["127.0.0.1:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+	f.remote["127.0.0.1:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
+	f.addContainer("app", "127.0.0.1:5000/app:qa")
+	reg := newRegistryDocker(f)
+	reg.failures["127.0.0.1:5000/app:qa"] = []error{errRegistry503, errRegistry503, errRegistry503, errRegistry503}
+	cfg, err := parseFlags("deployer", []string{
+		"-listen", "127.0.0.1:0", "-node_name", "n1", "-etcd_prefix", testPrefix(t), "-dockercfg", "",
+		"-registry", "127.0.0.1:5000", "-repull_period", "0", "-etcd_retry_delay", "10ms", "-kill_timeout", "1", "-max_unavailable", "0",
+	}, env(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func() (*daemon, func()) {
+		d, err := newDaemon(cfg, cli, reg, testLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- d.run(ctx) }()
+		select {
+		case <-d.watcher.watching:
+		case <-time.After(10 * time.Second):
+			t.Fatal("watcher not started")
+		}
+		return d, func() { cancel(); <-done }
+	}
+	poll := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s within 20s", what)
+			}
+		}
+	}
+
+	d, stop := start()
+	resp, err := cli.Put(t.Context(), triggerKey(cfg.EtcdPrefix, "127.0.0.1:5000/app"), `{"tag":"qa"}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := resp.Header.Revision
+	poll("pending retry", func() bool { return len(d.queue.pending()) == 1 })
+	stop()
+	got, err := cli.Get(t.Context(), progressKey(cfg.EtcdPrefix, "n1"))
+	if err != nil || len(got.Kvs) != 1 {
+		t.Fatalf("progress record: %v %v", got, err)
+	}
+	var saved int64
+	if _, err := fmt.Sscan(string(got.Kvs[0].Value), &saved); err != nil || saved >= rev {
+		t.Fatalf("saved revision %s passes the failed trigger %d", got.Kvs[0].Value, rev)
+	}
+	if n := len(running(f)); n != 1 {
+		t.Fatalf("app stopped while its pull failed")
+	}
+
+	reg.rmu.Lock()
+	reg.failures = map[string][]error{} // the registry is back
+	reg.rmu.Unlock()
+	_, stop = start()
+	defer stop()
+	poll("deploy of the open trigger after the restart", func() bool { return len(running(f)) == 0 })
+}
