@@ -102,7 +102,7 @@ func (p *replacer) replaceOne(ctx context.Context, ref string, c staleContainer,
 		case err != nil:
 			return outcome{c: c, err: err}
 		}
-		defer sl.release()
+		defer sl.release(ctx)
 		guard = func(ctx context.Context) error { return sl.verify(ctx, c.NewID) }
 		lost = sl.lost()
 	}

@@ -206,7 +206,7 @@ func (r *rollout) acquire(ctx context.Context, ref string, c staleContainer) (*s
 			r.log.Warn("etcd session lost while waiting for a rollout slot; queueing again", "ref", ref, "container", c.Name)
 			continue
 		}
-		sl.release()
+		sl.release(ctx)
 		return nil, r.acquireErr(ctx, err)
 	}
 }
@@ -337,13 +337,18 @@ func (sl *slot) verify(ctx context.Context, newID string) error {
 }
 
 // release frees the slot, retrying with backoff; if etcd keeps refusing,
-// it ends the session so that the lease frees the slot.
-func (sl *slot) release() {
+// it ends the session so that the lease frees the slot. Once ctx (the
+// deploy's) has ended, at shutdown, it tries once, briefly: closing the
+// rollout revokes the session anyway.
+func (sl *slot) release(ctx context.Context) {
 	r := sl.r
-	const tries = 4
+	tries, per := 4, min(r.callTimeout, 5*time.Second)
+	if ctx.Err() != nil {
+		tries, per = 1, time.Second
+	}
 	for attempt := 1; ; attempt++ {
-		ctx, cancel := context.WithTimeout(context.Background(), min(r.callTimeout, 5*time.Second))
-		_, err := r.kv.Delete(ctx, sl.key)
+		dctx, cancel := context.WithTimeout(context.Background(), per)
+		_, err := r.kv.Delete(dctx, sl.key)
 		cancel()
 		if err == nil {
 			return
@@ -352,6 +357,10 @@ func (sl *slot) release() {
 			r.metrics.slotReleaseFailures.Inc()
 			r.log.Warn("could not free the rollout slot; ending the etcd session so that its lease frees it",
 				"key", sl.key, "err", err)
+			if ctx.Err() != nil {
+				r.dropSession(sl.sess) // keepalives stop now; close revokes it
+				return
+			}
 			r.endSession(sl.sess)
 			return
 		}

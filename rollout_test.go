@@ -78,7 +78,7 @@ func TestRolloutSlots(t *testing.T) {
 			mu.Lock()
 			inside--
 			mu.Unlock()
-			sl.release()
+			sl.release(t.Context())
 		})
 	}
 	for range holders {
@@ -143,7 +143,7 @@ func TestRolloutSlotOfDeadNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	if sl := mustGet(t, got, "slot of a dead node freed"); sl != nil {
-		sl.release()
+		sl.release(t.Context())
 	}
 }
 
@@ -177,12 +177,12 @@ func TestRolloutLeaseLostWhileQueued(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustWait(t, got, "the waiter took the slot the holder still has")
-	held.release()
+	held.release(t.Context())
 	sl := mustGet(t, got, "the waiter gets the slot once the holder leaves")
 	if sl == nil {
 		t.Fatal("no slot")
 	}
-	defer sl.release()
+	defer sl.release(t.Context())
 	if sl.sess.Lease() == lease {
 		t.Errorf("slot held under the revoked lease %x", lease)
 	}
@@ -418,7 +418,7 @@ func TestSlotRelease(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			sl.release()
+			sl.release(t.Context())
 			if n := countKeys(t, cli, strings.TrimSuffix(slotsDir(r.prefix, "reg/app:qa"), "/")); n != 0 {
 				t.Errorf("%d slot keys left after release; want 0", n)
 			}
@@ -436,7 +436,7 @@ func TestSlotRelease(t *testing.T) {
 			kv.mu.Lock()
 			kv.deleteErrs = 0
 			kv.mu.Unlock()
-			next.release()
+			next.release(t.Context())
 		})
 	}
 }
@@ -450,7 +450,7 @@ func TestAcquireBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer held.release()
+	defer held.release(t.Context())
 	f, c := rolloutFixture(t, false)
 	p := newTestReplacer(t, cli, f, "n1", 1)
 	p.rollout.slotTimeout = 200 * time.Millisecond
