@@ -81,7 +81,10 @@ func TestEtcdTLSFlags(t *testing.T) {
 func TestEmbeddedEtcdRefusesPublicListen(t *testing.T) {
 	for _, flagName := range []string{"-etcd_listen_client", "-etcd_listen_peer"} {
 		var stderr bytes.Buffer
-		err := run(t.Context(), []string{"-etcd_nodes=", "-etcd_data_dir", t.TempDir(), flagName, "http://0.0.0.0:4001"}, io.Discard, &stderr)
+		// Bounded: without the check, the daemon would start.
+		ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
+		err := run(ctx, []string{"-etcd_nodes=", "-etcd_data_dir", t.TempDir(), flagName, "http://0.0.0.0:4001"}, io.Discard, &stderr)
+		cancel()
 		if !errors.Is(err, errInvalidFlag) || !strings.Contains(err.Error(), flagName) {
 			t.Errorf("run(%s=http://0.0.0.0:4001) = %v; want errInvalidFlag naming the flag", flagName, err)
 		}
