@@ -146,7 +146,7 @@ func newEtcdClient(ctx context.Context, cfg config, log *slog.Logger) (*clientv3
 		// one per connection from the files, so a renewed certificate is
 		// used by the next connection. A later WithTransportCredentials
 		// replaces the one clientv3 sets (DialOptions come last).
-		ccfg.DialOptions = append(ccfg.DialOptions, grpc.WithTransportCredentials(&reloadingCreds{files: files}))
+		ccfg.DialOptions = append(ccfg.DialOptions, grpc.WithTransportCredentials(&reloadingCreds{files: files, warn: newTLSWarner(log)}))
 	}
 	cli, err := clientv3.New(ccfg)
 	if err != nil {
@@ -383,9 +383,11 @@ func (f *tlsFiles) keepPair(err error) (*tls.Certificate, error) {
 }
 
 // reloadingCreds are gRPC transport credentials that build the TLS
-// configuration from tlsFiles for every new connection.
+// configuration from tlsFiles for every new connection, and log why a
+// connection failed on TLS (gRPC itself only reports a timeout).
 type reloadingCreds struct {
 	files *tlsFiles
+	warn  *tlsWarner
 }
 
 var _ grpccredentials.TransportCredentials = (*reloadingCreds)(nil)
@@ -393,9 +395,17 @@ var _ grpccredentials.TransportCredentials = (*reloadingCreds)(nil)
 func (r *reloadingCreds) ClientHandshake(ctx context.Context, authority string, conn net.Conn) (net.Conn, grpccredentials.AuthInfo, error) {
 	cfg, err := r.files.config()
 	if err != nil {
+		r.warn.warn(authority, err)
 		return nil, nil, err
 	}
-	return grpccredentials.NewTLS(cfg).ClientHandshake(ctx, authority, conn)
+	c, info, err := grpccredentials.NewTLS(cfg).ClientHandshake(ctx, authority, conn)
+	if err != nil {
+		if terr := classifyTLSError(authority, r.files, err); terr != nil {
+			r.warn.warn(authority, terr)
+		}
+		return nil, nil, err
+	}
+	return &alertConn{Conn: c, authority: authority, creds: r}, info, nil
 }
 
 func (r *reloadingCreds) ServerHandshake(net.Conn) (net.Conn, grpccredentials.AuthInfo, error) {
@@ -407,8 +417,47 @@ func (r *reloadingCreds) Info() grpccredentials.ProtocolInfo {
 }
 
 func (r *reloadingCreds) Clone() grpccredentials.TransportCredentials {
-	return &reloadingCreds{files: r.files}
+	return &reloadingCreds{files: r.files, warn: r.warn}
 }
 
 // OverrideServerName is deprecated in gRPC and unused by it.
 func (r *reloadingCreds) OverrideServerName(string) error { return nil }
+
+// alertConn logs a TLS alert from the server: with TLS 1.3 a refused
+// client certificate arrives on the first read, after the handshake.
+type alertConn struct {
+	net.Conn
+	authority string
+	creds     *reloadingCreds
+}
+
+func (c *alertConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	var opErr *net.OpError
+	if err != nil && errors.As(err, &opErr) && opErr.Op == "remote error" {
+		c.creds.warn.warn(c.authority, classifyTLSError(c.authority, c.creds.files, err))
+	}
+	return n, err
+}
+
+// tlsWarner logs TLS failures, the same one at most every 30 seconds.
+type tlsWarner struct {
+	log  *slog.Logger
+	mu   sync.Mutex
+	last string
+	at   time.Time
+}
+
+func newTLSWarner(log *slog.Logger) *tlsWarner { return &tlsWarner{log: log} }
+
+func (w *tlsWarner) warn(endpoint string, err error) {
+	w.mu.Lock()
+	msg := err.Error()
+	if msg == w.last && time.Since(w.at) < 30*time.Second {
+		w.mu.Unlock()
+		return
+	}
+	w.last, w.at = msg, time.Now()
+	w.mu.Unlock()
+	w.log.Warn("etcd TLS connection failed", "endpoint", endpoint, "err", err)
+}

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -368,7 +369,16 @@ func TestEtcdClientTLS(t *testing.T) {
 	cfg := defaultConfig(env())
 	cfg.EtcdNodes, cfg.EtcdDialTimeout = []string{proxied}, 5*time.Second
 	cfg.EtcdCACert, cfg.EtcdCert, cfg.EtcdKey = e.caFile, e.certFile, e.keyFile
-	cli, err := newEtcdClient(t.Context(), cfg, testLogger(t))
+	var logMu sync.Mutex
+	var warnings []string
+	logger := slog.New(handlerFunc(func(r slog.Record) {
+		line := r.Message
+		r.Attrs(func(a slog.Attr) bool { line += " " + a.Key + "=" + a.Value.String(); return true })
+		logMu.Lock()
+		warnings = append(warnings, line)
+		logMu.Unlock()
+	}))
+	cli, err := newEtcdClient(t.Context(), cfg, logger)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -398,6 +408,13 @@ func TestEtcdClientTLS(t *testing.T) {
 	proxy.cut()
 	if err := get(3 * time.Second); err == nil {
 		t.Fatal("get succeeded with a client certificate etcd does not trust: the client kept the old files")
+	}
+	// The running client says why (gRPC alone says "deadline exceeded").
+	logMu.Lock()
+	logged := strings.Join(warnings, "\n")
+	logMu.Unlock()
+	if !strings.Contains(logged, "etcd TLS connection failed") || !strings.Contains(logged, "refused the client certificate -etcd_cert "+e.certFile) {
+		t.Errorf("log %q; want a warning naming the refused certificate", logged)
 	}
 	// Renewed with a good certificate: the same client gets through again.
 	e.renew(t, e.ca, "client-renewed")
