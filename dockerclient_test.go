@@ -167,11 +167,12 @@ func TestDockerAPINegotiation(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 			defer cancel()
-			dc, err := newDockerClient(ctx, cfg, testLogger(t))
+			client, err := newDockerClient(ctx, cfg, testLogger(t))
 			if err != nil {
 				t.Fatalf("newDockerClient: %v", err)
 			}
-			// The calls the deployer makes.
+			// The calls the deployer makes, through its interface.
+			var dc dockerAPI = client
 			if err := dc.PingWithContext(ctx); err != nil {
 				t.Errorf("ping: %v", err)
 			}
