@@ -106,6 +106,22 @@ func TestE2ETLS(t *testing.T) {
 	if err := os.MkdirAll(certDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
+	ref := s.hub.host() + "/myorg/tlsapp:qa"
+	img := s.build(ref, false)
+	s.supervise(n, "tlsapp", ref, img)
+	deploy := func(t *testing.T, label string) {
+		t.Helper()
+		img = s.build(ref, false)
+		start := time.Now()
+		if code, body := s.webhook(n, "myorg/tlsapp", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage([]*node{n}, "tlsapp", img, 90*time.Second)
+		s.record("%s: webhook → app on the new image: %v", label, time.Since(start).Round(time.Millisecond))
+	}
+	// For comparison: the same deploy through the stack's plain etcd.
+	deploy(t, "tls 0 (plain etcd, for comparison)")
+
 	te := s.startTLSEtcd(certDir)
 	tlsFlags := []string{"-etcd_nodes", te.m.clientURL, "-etcd_cacert", te.caFile, "-etcd_cert", te.certFile, "-etcd_key", te.keyFile}
 
@@ -120,24 +136,10 @@ func TestE2ETLS(t *testing.T) {
 		t.Errorf("deployer log has no negotiated API version 1.41 for dockerd 20.10:\n%s", n.deployer.tail(20))
 	}
 
-	ref := s.hub.host() + "/myorg/tlsapp:qa"
-	img := s.build(ref, false)
-	s.supervise(n, "tlsapp", ref, img)
 	s.record("TLS stack up: 1 node, 1 etcd member with --client-cert-auth, Docker API %s", "1.41")
 
-	deploy := func(t *testing.T, label string) {
-		t.Helper()
-		img = s.build(ref, false)
-		start := time.Now()
-		if code, body := s.webhook(n, "myorg/tlsapp", "qa"); code != 200 {
-			t.Fatalf("webhook: %d %s", code, body)
-		}
-		s.waitImage([]*node{n}, "tlsapp", img, 90*time.Second)
-		s.record("%s: webhook → app on the new image through TLS etcd: %v", label, time.Since(start).Round(time.Millisecond))
-	}
-
 	t.Run("deploy through TLS etcd", func(t *testing.T) {
-		deploy(t, "tls 1")
+		deploy(t, "tls 1 (through TLS etcd)")
 		out, err := exec.Command(s.bin, append([]string{"status", "-etcd_prefix", s.prefix}, tlsFlags...)...).CombinedOutput()
 		if err != nil || !strings.Contains(string(out), "myorg/tlsapp:qa") {
 			t.Errorf("deployer status with the TLS flags: %v\n%s", err, out)
@@ -157,7 +159,7 @@ func TestE2ETLS(t *testing.T) {
 		pid := n.deployer.cmd.Process.Pid
 		s.startEtcdMember(te.m)
 		te.waitHealthy(s)
-		deploy(t, "tls 2 (after renewal)")
+		deploy(t, "tls 2 (through TLS etcd, after a client-certificate renewal)")
 		if n.deployer.cmd.Process.Pid != pid || !n.deployer.running() {
 			t.Error("the deployer restarted")
 		}
