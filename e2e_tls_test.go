@@ -20,6 +20,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
 )
 
 // tlsEtcd is an etcd member with --client-cert-auth.
@@ -165,6 +167,28 @@ func TestE2ETLS(t *testing.T) {
 		}
 	})
 
+	t.Run("docker over TLS", func(t *testing.T) {
+		dn, tcp, certs := s.startTLSDockerd("tlsnode")
+		dn.args = append([]string{s.bin,
+			"-docker", tcp, "-docker_tls_verify", "-docker_cert_path", certs, "-etcd_prefix", s.prefix,
+			"-etcd_retry_delay", "200ms", "-listen", fmt.Sprintf("127.0.0.1:%d", dn.port),
+			"-node_name", dn.name, "-webhook_secret", s.secret, "-registry", s.hub.host(), "-kill_timeout", "3",
+			"-repull_period", "0", "-dockercfg", "", "-log_format", "json", "-restart_timeout", "20s"}, tlsFlags...)
+		s.runDeployer(dn)
+		log, _ := os.ReadFile(dn.deployer.log)
+		if !strings.Contains(string(log), `"msg":"docker API version negotiated","docker":"`+tcp+`","api_version":"1.41","tls":true`) {
+			t.Errorf("deployer log has no negotiation with the TLS dockerd:\n%s", dn.deployer.tail(20))
+		}
+		s.supervise(dn, "tlsapp", ref, img)
+		img = s.build(ref, false)
+		start := time.Now()
+		if code, body := s.webhook(dn, "myorg/tlsapp", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage([]*node{n, dn}, "tlsapp", img, 90*time.Second)
+		s.record("tls 3: webhook → app on the new image on the node of dockerd tcp+--tlsverify and the other node, through TLS etcd: %v", time.Since(start).Round(time.Millisecond))
+	})
+
 	t.Run("no client certificate fails naming it", func(t *testing.T) {
 		base := []string{"-docker", n.host(), "-etcd_prefix", s.prefix, "-listen", fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t)),
 			"-node_name", "nocert", "-webhook_secret", s.secret, "-dockercfg", "", "-etcd_nodes", te.m.clientURL, "-etcd_cacert", te.caFile}
@@ -172,7 +196,7 @@ func TestE2ETLS(t *testing.T) {
 		if code != 1 || !strings.Contains(out, "requires a client certificate and none was given (set -etcd_cert and -etcd_key)") {
 			t.Errorf("without -etcd_cert: exit %d after %v:\n%s", code, d, out)
 		}
-		s.record("tls 3: deployer without a client certificate exits %d after %v: %s", code, d.Round(time.Millisecond), lastLine(out))
+		s.record("tls 4: deployer without a client certificate exits %d after %v: %s", code, d.Round(time.Millisecond), lastLine(out))
 
 		stranger := newTestCA(t, "stranger")
 		sc, sk := stranger.issue(t, "stranger", false, time.Now().Add(time.Hour))
@@ -182,7 +206,7 @@ func TestE2ETLS(t *testing.T) {
 		if code != 1 || !strings.Contains(out, "refused the client certificate -etcd_cert "+scf) {
 			t.Errorf("with a certificate of another CA: exit %d after %v:\n%s", code, d, out)
 		}
-		s.record("tls 4: deployer with a client certificate of another CA exits %d after %v: %s", code, d.Round(time.Millisecond), lastLine(out))
+		s.record("tls 5: deployer with a client certificate of another CA exits %d after %v: %s", code, d.Round(time.Millisecond), lastLine(out))
 
 		code, out, _ = s.runFailing(append(base, "-etcd_cert", filepath.Join(sDir, "missing.pem"), "-etcd_key", skf)...)
 		if code != 1 || !strings.Contains(out, "-etcd_cert "+filepath.Join(sDir, "missing.pem")) {
@@ -193,6 +217,41 @@ func TestE2ETLS(t *testing.T) {
 			t.Errorf("embedded etcd on 0.0.0.0: exit %d:\n%s", code, out)
 		}
 	})
+}
+
+// startTLSDockerd starts a dockerd that listens on a Unix socket (for the
+// supervisor and the test) and on tcp://127.0.0.1 with --tlsverify, as a
+// remote daemon on port 2376 does, and returns it as a node with the
+// DOCKER_CERT_PATH directory of a client.
+func (s *stack) startTLSDockerd(name string) (*node, string, string) {
+	s.t.Helper()
+	ca := newTestCA(s.t, "docker CA")
+	root := filepath.Join(s.dir, name)
+	certs := filepath.Join(root, "client-certs")
+	if err := os.MkdirAll(certs, 0o700); err != nil {
+		s.t.Fatal(err)
+	}
+	sc, sk := ca.issue(s.t, "dockerd", true, time.Now().Add(time.Hour))
+	cc, ck := ca.issue(s.t, "deployer", false, time.Now().Add(time.Hour))
+	writeFile(s.t, certs, "ca.pem", ca.pem)
+	writeFile(s.t, certs, "cert.pem", cc)
+	writeFile(s.t, certs, "key.pem", ck)
+	tcp := fmt.Sprintf("tcp://127.0.0.1:%d", freeTCPPort(s.t))
+	sock := filepath.Join(root, "docker.sock")
+	p := startProc(s.t, s.dir, "dockerd-"+name, nil, "dockerd",
+		"-H", "unix://"+sock, "-H", tcp, "--tlsverify",
+		"--tlscacert", writeFile(s.t, root, "ca.pem", ca.pem),
+		"--tlscert", writeFile(s.t, root, "server.pem", sc), "--tlskey", writeFile(s.t, root, "server-key.pem", sk),
+		"--data-root", filepath.Join(root, "data"), "--exec-root", filepath.Join(root, "exec"),
+		"--pidfile", filepath.Join(root, "pid"), "--bridge=none", "--iptables=false", "--ip-masq=false")
+	cli, err := docker.NewClient("unix://" + sock)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	n := &node{dockerd: &dockerd{name: name, sock: sock, proc: p, cli: cli}, port: freeTCPPort(s.t), sups: map[string]*proc{}}
+	s.nodes = append(s.nodes, n) // torn down with the stack
+	s.waitDockerd(n.dockerd)
+	return n, tcp, certs
 }
 
 func lastLine(s string) string {
