@@ -53,6 +53,17 @@ type config struct {
 	MetricsOpen         bool
 	DryRun              bool
 	Cleanup             bool
+
+	// TLS and authentication to etcd (etcdclient.go) and Docker
+	// (dockerclient.go).
+	EtcdCACert       string
+	EtcdCert         string
+	EtcdKey          string
+	EtcdUsername     string
+	EtcdPasswordFile string
+	EtcdPassword     string // from $DEPLOYER_ETCD_PASSWORD, never a flag
+	DockerTLSVerify  bool   // $DOCKER_TLS_VERIFY
+	DockerCertPath   string // $DOCKER_CERT_PATH, else ~/.docker
 }
 
 // defaultConfig returns the defaults, taking the environment from getenv.
@@ -89,6 +100,9 @@ func defaultConfig(getenv func(string) string) config {
 		RestartTimeout:      2 * time.Minute,
 		SlotTimeout:         10 * time.Minute,
 		RestartStrategy:     strategyStop,
+		EtcdPassword:        getenv("DEPLOYER_ETCD_PASSWORD"),
+		DockerTLSVerify:     getenv("DOCKER_TLS_VERIFY") != "",
+		DockerCertPath:      dockerCertPath(getenv),
 	}
 }
 
@@ -134,6 +148,8 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs.BoolVar(&c.DryRun, "dry_run", c.DryRun, "monitor only: pull and report stale containers (log, metrics, Slack), stop nothing")
 	fs.BoolVar(&c.Cleanup, "cleanup", c.Cleanup, "after a successful deploy, remove the superseded image when no container uses it")
 	fs.StringVar(&c.RestartStrategy, "restart_strategy", c.RestartStrategy, "stop (a supervisor re-creates the container) or recreate (the deployer does); label deployer.strategy overrides per container")
+	addEtcdTLSFlags(fs, &c)
+	addDockerTLSFlags(fs, &c)
 
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -231,6 +247,18 @@ func (c config) validate() error {
 		if err := checkHTTPURL(c.EtcdListenPeer); err != nil {
 			return bad("etcd_listen_peer", "%v", err)
 		}
+		if err := checkLoopbackURL(c.EtcdListenClient); err != nil {
+			return bad("etcd_listen_client", "%v", err)
+		}
+		if err := checkLoopbackURL(c.EtcdListenPeer); err != nil {
+			return bad("etcd_listen_peer", "%v", err)
+		}
+	}
+	if err := c.validateEtcdTLS(); err != nil {
+		return err
+	}
+	if err := c.validateDockerTLS(); err != nil {
+		return err
 	}
 	if c.MaxUnavailable < 0 {
 		return bad("max_unavailable", "must not be negative, got %d", c.MaxUnavailable)

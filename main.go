@@ -23,7 +23,6 @@ import (
 	"syscall"
 	"time"
 
-	docker "github.com/fsouza/go-dockerclient"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
@@ -87,32 +86,22 @@ func newLogger(format string, w io.Writer) *slog.Logger {
 // the HTTP server and the watcher first, deploys in flight within a bound,
 // then the state writers and the etcd client.
 func serve(ctx context.Context, cfg config, log *slog.Logger) error {
-	endpoints := cfg.EtcdNodes
-	if len(endpoints) == 0 {
+	if len(cfg.EtcdNodes) == 0 {
 		etcd, err := startEmbeddedEtcd(cfg, log)
 		if err != nil {
 			return err
 		}
 		defer closeWithin(etcd.Close, 10*time.Second, log)
-		endpoints = []string{cfg.EtcdListenClient}
 	}
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   endpoints,
-		DialTimeout: cfg.EtcdDialTimeout,
-		Logger:      zap.NewNop(),
-		// Keepalives notice a dead member so the client moves to another.
-		DialKeepAliveTime:    5 * time.Second,
-		DialKeepAliveTimeout: 3 * time.Second,
-		DialOptions:          etcdDialOptions(),
-	})
+	cli, err := newEtcdClient(ctx, cfg, log)
 	if err != nil {
-		return fmt.Errorf("etcd client: %w", err)
+		return err
 	}
 	defer cli.Close()
 
-	dockerClient, err := docker.NewClient(cfg.Docker)
+	dockerClient, err := newDockerClient(ctx, cfg, log)
 	if err != nil {
-		return fmt.Errorf("docker client %s: %w", cfg.Docker, err)
+		return err
 	}
 	d, err := newDaemon(cfg, cli, dockerClient, log)
 	if err != nil {

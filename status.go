@@ -12,6 +12,7 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -21,7 +22,6 @@ import (
 	docker "github.com/fsouza/go-dockerclient"
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 )
 
 // Cluster status. Every node keeps a record under <prefix>/_status/<node>,
@@ -314,22 +314,27 @@ func (d *daemon) apiStatus(w http.ResponseWriter, r *http.Request) {
 
 // statusCommand is `deployer status`: the cluster status as a table.
 func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	def := defaultConfig(func(string) string { return "" })
+	def := defaultConfig(os.Getenv)
 	fs := flag.NewFlagSet("deployer status", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	nodes := fs.String("etcd_nodes", strings.Join(def.EtcdNodes, ","), "comma-separated etcd endpoints")
 	prefix := fs.String("etcd_prefix", def.EtcdPrefix, "etcd key prefix")
 	dial := fs.Duration("etcd_dial_timeout", def.EtcdDialTimeout, "timeout for connecting to etcd")
 	asJSON := fs.Bool("json", false, "print JSON instead of a table")
+	addEtcdTLSFlags(fs, &def)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
 		}
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: splitList(*nodes), DialTimeout: *dial, Logger: zap.NewNop(), DialOptions: etcdDialOptions()})
+	def.EtcdNodes, def.EtcdDialTimeout = splitList(*nodes), *dial
+	if err := def.validateEtcdTLS(); err != nil {
+		return err
+	}
+	cli, err := newEtcdClient(ctx, def, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
-		return fmt.Errorf("etcd: %w", err)
+		return err
 	}
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(ctx, *dial+5*time.Second)

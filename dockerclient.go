@@ -1,0 +1,215 @@
+package main
+
+// The Docker client: the endpoint is chosen as the Docker CLI chooses it
+// (-docker, else $DOCKER_HOST, else the default socket; TLS with
+// $DOCKER_TLS_VERIFY and the ca.pem, cert.pem, key.pem of
+// $DOCKER_CERT_PATH), and the Engine API version is negotiated: the daemon
+// says its version on /_ping and every request carries that version,
+// capped at the newest this client library knows. An unversioned client
+// would send unversioned paths (deprecated by Docker), and a fixed version
+// is refused by some daemon: Engine 29 refuses versions below 1.44 and
+// Docker 20.10 knows nothing above 1.41.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+)
+
+// dockerAPIMax is the newest Engine API version go-dockerclient knows:
+// v1.13 is built on github.com/moby/moby/api v1.55.0, whose API is 1.55.
+// Raise it with go-dockerclient.
+const dockerAPIMax = "1.55"
+
+// dockerCertPath is $DOCKER_CERT_PATH, else ~/.docker, as for the CLI.
+func dockerCertPath(getenv func(string) string) string {
+	if p := getenv("DOCKER_CERT_PATH"); p != "" {
+		return p
+	}
+	if home := getenv("HOME"); home != "" {
+		return filepath.Join(home, ".docker")
+	}
+	return ""
+}
+
+// addDockerTLSFlags registers the Docker TLS flags, named as the Docker
+// CLI's and defaulting to its environment variables.
+func addDockerTLSFlags(fs *flag.FlagSet, c *config) {
+	fs.BoolVar(&c.DockerTLSVerify, "docker_tls_verify", c.DockerTLSVerify, "use TLS and verify the daemon for a tcp:// -docker (default: $DOCKER_TLS_VERIFY set)")
+	fs.StringVar(&c.DockerCertPath, "docker_cert_path", c.DockerCertPath, "directory of ca.pem and the optional cert.pem, key.pem for -docker_tls_verify (default $DOCKER_CERT_PATH, else ~/.docker)")
+}
+
+// dockerUsesTLS says whether the endpoint is reached with TLS.
+func (c config) dockerUsesTLS() bool {
+	return c.DockerTLSVerify && !strings.HasPrefix(c.Docker, "unix://")
+}
+
+// validateDockerTLS checks that TLS has a CA to verify the daemon with:
+// go-dockerclient would silently skip verification without one.
+func (c config) validateDockerTLS() error {
+	if !c.dockerUsesTLS() {
+		return nil
+	}
+	bad := func(flagName, format string, args ...any) error {
+		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
+	}
+	if c.DockerCertPath == "" {
+		return bad("docker_cert_path", "must name the directory of ca.pem with -docker_tls_verify")
+	}
+	if _, err := os.Stat(filepath.Join(c.DockerCertPath, "ca.pem")); err != nil {
+		return bad("docker_cert_path", "ca.pem, needed to verify the daemon: %v", err)
+	}
+	_, cerr := os.Stat(filepath.Join(c.DockerCertPath, "cert.pem"))
+	_, kerr := os.Stat(filepath.Join(c.DockerCertPath, "key.pem"))
+	if (cerr == nil) != (kerr == nil) {
+		return bad("docker_cert_path", "%s has only one of cert.pem and key.pem", c.DockerCertPath)
+	}
+	return nil
+}
+
+// dockerTLSFiles reads ca.pem and, when both are present, cert.pem and
+// key.pem, as the Docker CLI does.
+func dockerTLSFiles(dir string) (ca, cert, key []byte, err error) {
+	if ca, err = os.ReadFile(filepath.Join(dir, "ca.pem")); err != nil {
+		return nil, nil, nil, fmt.Errorf("docker TLS: %w", err)
+	}
+	cert, cerr := os.ReadFile(filepath.Join(dir, "cert.pem"))
+	key, kerr := os.ReadFile(filepath.Join(dir, "key.pem"))
+	switch {
+	case cerr == nil && kerr == nil:
+		return ca, cert, key, nil
+	case errors.Is(cerr, os.ErrNotExist) && errors.Is(kerr, os.ErrNotExist):
+		return ca, nil, nil, nil
+	}
+	return nil, nil, nil, fmt.Errorf("docker TLS client certificate in %s: %w", dir, errors.Join(cerr, kerr))
+}
+
+// newDockerClient returns a client at the API version the daemon speaks
+// (capped at dockerAPIMax). It waits for the daemon to answer, backing
+// off, until ctx is done: until then no version is known to be safe.
+func newDockerClient(ctx context.Context, cfg config, log *slog.Logger) (*docker.Client, error) {
+	newClient := func(version string) (*docker.Client, error) {
+		if !cfg.dockerUsesTLS() {
+			return docker.NewVersionedClient(cfg.Docker, version)
+		}
+		ca, cert, key, err := dockerTLSFiles(cfg.DockerCertPath)
+		if err != nil {
+			return nil, err
+		}
+		return docker.NewVersionedTLSClientFromBytes(cfg.Docker, cert, key, ca, version)
+	}
+	// A client without a version, only for its transport (a Unix socket
+	// or TLS) to ask the daemon's version on /_ping.
+	probe, err := newClient("")
+	if err != nil {
+		return nil, fmt.Errorf("docker client %s: %w", cfg.Docker, err)
+	}
+	base := dockerBaseURL(cfg.Docker, cfg.dockerUsesTLS())
+	for attempt := 1; ; attempt++ {
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		version, err := negotiateDockerAPI(pctx, probe.HTTPClient, base)
+		cancel()
+		if err == nil {
+			log.Info("docker API version negotiated", "docker", cfg.Docker, "api_version", version, "tls", cfg.dockerUsesTLS())
+			c, err := newClient(version)
+			if err != nil {
+				return nil, fmt.Errorf("docker client %s: %w", cfg.Docker, err)
+			}
+			return c, nil
+		}
+		if errors.Is(err, errDockerAPI) {
+			return nil, fmt.Errorf("docker %s: %w", cfg.Docker, err)
+		}
+		d := backoff(time.Second, attempt)
+		log.Warn("docker not answering; retrying", "docker", cfg.Docker, "attempt", attempt, "retry_in", d.Round(time.Millisecond), "err", err)
+		if !sleepCtx(ctx, d) {
+			return nil, fmt.Errorf("docker %s: %w (last error: %w)", cfg.Docker, ctx.Err(), err)
+		}
+	}
+}
+
+// dockerBaseURL is the URL prefix of requests to the endpoint through
+// go-dockerclient's transport (which dials the socket itself).
+func dockerBaseURL(endpoint string, useTLS bool) string {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Scheme == "unix" {
+		return "http://unix.sock"
+	}
+	scheme := "http"
+	if useTLS || u.Scheme == "https" {
+		scheme = "https"
+	}
+	return scheme + "://" + u.Host
+}
+
+// errDockerAPI marks a daemon that answers but whose API this client
+// cannot use; waiting does not help.
+var errDockerAPI = errors.New("docker API version")
+
+// negotiateDockerAPI asks the daemon its API version: the API-Version
+// header of /_ping (the one unversioned path every daemon serves), else
+// the ApiVersion of /version for daemons older than that header. It
+// returns the lower of it and dockerAPIMax.
+func negotiateDockerAPI(ctx context.Context, hc *http.Client, base string) (string, error) {
+	get := func(path string) (*http.Response, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path, nil)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return nil, err
+		}
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+			resp.Body.Close()
+			return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(b)))
+		}
+		return resp, nil
+	}
+	resp, err := get("/_ping")
+	if err != nil {
+		return "", err
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1024))
+	resp.Body.Close()
+	v := resp.Header.Get("API-Version")
+	if v == "" {
+		if resp, err = get("/version"); err != nil {
+			return "", err
+		}
+		var body struct{ ApiVersion string }
+		err = json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&body)
+		resp.Body.Close()
+		if err != nil {
+			return "", fmt.Errorf("GET /version: %w", err)
+		}
+		v = body.ApiVersion
+	}
+	return capDockerAPI(v)
+}
+
+// capDockerAPI returns the lower of the daemon's version v and dockerAPIMax.
+func capDockerAPI(v string) (string, error) {
+	got, err := docker.NewAPIVersion(v)
+	if err != nil || !strings.HasPrefix(v, "1.") {
+		return "", fmt.Errorf("%w: the daemon reports %q, not a version like 1.41", errDockerAPI, v)
+	}
+	limit, _ := docker.NewAPIVersion(dockerAPIMax)
+	if got.GreaterThan(limit) {
+		return dockerAPIMax, nil
+	}
+	return got.String(), nil
+}

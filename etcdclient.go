@@ -1,0 +1,463 @@
+package main
+
+// The etcd client of the daemon and of the subcommands (deployer status,
+// and any later one): one constructor, one set of flags, TLS client
+// certificates re-read when they are renewed, and a start-up check that
+// turns a certificate problem into a line naming it (gRPC alone only ever
+// says "context deadline exceeded").
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	grpccredentials "google.golang.org/grpc/credentials"
+)
+
+// errEtcdTLS marks a TLS problem with etcd that retrying cannot fix: a
+// certificate file that cannot be used, a server the CA does not vouch
+// for, or a server that refuses our client certificate.
+var errEtcdTLS = errors.New("etcd TLS")
+
+// addEtcdTLSFlags registers the etcd TLS and authentication flags, with
+// the names etcdctl uses. Every command that talks to etcd calls it.
+func addEtcdTLSFlags(fs *flag.FlagSet, c *config) {
+	fs.StringVar(&c.EtcdCACert, "etcd_cacert", c.EtcdCACert, "PEM file of the CA(s) that sign the etcd servers' certificates; empty: the system's roots (for https:// -etcd_nodes)")
+	fs.StringVar(&c.EtcdCert, "etcd_cert", c.EtcdCert, "PEM file of the client certificate for etcd (with -etcd_key); re-read when it changes")
+	fs.StringVar(&c.EtcdKey, "etcd_key", c.EtcdKey, "PEM file of the private key of -etcd_cert; re-read when it changes")
+	fs.StringVar(&c.EtcdUsername, "etcd_username", c.EtcdUsername, "etcd user; the password comes from $DEPLOYER_ETCD_PASSWORD or -etcd_password_file")
+	fs.StringVar(&c.EtcdPasswordFile, "etcd_password_file", c.EtcdPasswordFile, "file holding the password of -etcd_username (a trailing newline is ignored)")
+}
+
+// validateEtcdTLS checks the etcd TLS and authentication flags.
+func (c config) validateEtcdTLS() error {
+	bad := func(flagName, format string, args ...any) error {
+		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
+	}
+	if (c.EtcdCert == "") != (c.EtcdKey == "") {
+		return bad("etcd_cert", "-etcd_cert and -etcd_key go together")
+	}
+	tlsFlag := ""
+	switch {
+	case c.EtcdCACert != "":
+		tlsFlag = "etcd_cacert"
+	case c.EtcdCert != "":
+		tlsFlag = "etcd_cert"
+	}
+	if tlsFlag != "" {
+		if len(c.EtcdNodes) == 0 {
+			return bad(tlsFlag, "applies to an external etcd (-etcd_nodes https://…); the embedded etcd listens on loopback without TLS")
+		}
+		for _, n := range c.EtcdNodes {
+			if !strings.HasPrefix(n, "https://") {
+				return bad(tlsFlag, "-etcd_nodes %q must be https:// to use TLS", n)
+			}
+		}
+	}
+	if c.EtcdPasswordFile != "" && c.EtcdPassword != "" {
+		return bad("etcd_password_file", "set either -etcd_password_file or $DEPLOYER_ETCD_PASSWORD, not both")
+	}
+	if c.EtcdUsername == "" && (c.EtcdPasswordFile != "" || c.EtcdPassword != "") {
+		return bad("etcd_username", "a password is set (-etcd_password_file or $DEPLOYER_ETCD_PASSWORD) but no -etcd_username")
+	}
+	if c.EtcdUsername != "" && c.EtcdPasswordFile == "" && c.EtcdPassword == "" {
+		return bad("etcd_username", "needs a password: $DEPLOYER_ETCD_PASSWORD or -etcd_password_file")
+	}
+	return nil
+}
+
+// checkLoopbackURL refuses a listen URL that is reachable from other
+// machines: the embedded etcd has neither TLS nor authentication, and
+// whoever can write to it can trigger deploys.
+func checkLoopbackURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("%q: %w", s, err)
+	}
+	host := u.Hostname()
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return fmt.Errorf("%q is not a loopback address (127.0.0.1, [::1] or localhost): the embedded etcd has no TLS or authentication; run an external etcd for a cluster", s)
+}
+
+// etcdEndpoints is where the client connects: -etcd_nodes, or the
+// embedded etcd's client URL.
+func (c config) etcdEndpoints() []string {
+	if len(c.EtcdNodes) > 0 {
+		return c.EtcdNodes
+	}
+	return []string{c.EtcdListenClient}
+}
+
+// newEtcdClient connects to etcd as the flags say. With TLS, it first
+// makes one TLS connection to an endpoint with the same configuration, so
+// that a certificate problem fails at once with an error naming it
+// (errEtcdTLS) instead of timing out in gRPC; an endpoint that does not
+// answer yet is not an error (the client keeps trying).
+func newEtcdClient(ctx context.Context, cfg config, log *slog.Logger) (*clientv3.Client, error) {
+	endpoints := cfg.etcdEndpoints()
+	ccfg := clientv3.Config{
+		Endpoints:   endpoints,
+		DialTimeout: cfg.EtcdDialTimeout,
+		Logger:      zap.NewNop(),
+		// Keepalives notice a dead member so the client moves to another.
+		DialKeepAliveTime:    5 * time.Second,
+		DialKeepAliveTimeout: 3 * time.Second,
+		DialOptions:          etcdDialOptions(),
+	}
+	if cfg.EtcdUsername != "" {
+		pw, err := etcdPassword(cfg)
+		if err != nil {
+			return nil, err
+		}
+		ccfg.Username, ccfg.Password = cfg.EtcdUsername, pw
+		if !strings.HasPrefix(endpoints[0], "https://") {
+			log.Warn("the etcd password travels in clear text: use https:// -etcd_nodes", "etcd_username", cfg.EtcdUsername)
+		}
+	}
+	if strings.HasPrefix(endpoints[0], "https://") {
+		files := &tlsFiles{caFile: cfg.EtcdCACert, certFile: cfg.EtcdCert, keyFile: cfg.EtcdKey}
+		if err := files.check(); err != nil {
+			return nil, err
+		}
+		if err := checkEtcdTLS(ctx, endpoints, files, cfg.EtcdDialTimeout, log); err != nil {
+			return nil, err
+		}
+		// clientv3 only takes a fixed *tls.Config; these credentials build
+		// one per connection from the files, so a renewed certificate is
+		// used by the next connection. A later WithTransportCredentials
+		// replaces the one clientv3 sets (DialOptions come last).
+		ccfg.DialOptions = append(ccfg.DialOptions, grpc.WithTransportCredentials(&reloadingCreds{files: files, warn: newTLSWarner(log)}))
+	}
+	cli, err := clientv3.New(ccfg)
+	if err != nil {
+		return nil, fmt.Errorf("etcd client %s: %w", strings.Join(endpoints, ","), err)
+	}
+	return cli, nil
+}
+
+// etcdPassword reads the password from -etcd_password_file or the
+// environment.
+func etcdPassword(cfg config) (string, error) {
+	if cfg.EtcdPasswordFile == "" {
+		return cfg.EtcdPassword, nil
+	}
+	b, err := os.ReadFile(cfg.EtcdPasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("-etcd_password_file: %w", err)
+	}
+	pw := strings.TrimRight(string(b), "\r\n")
+	if pw == "" {
+		return "", fmt.Errorf("-etcd_password_file %s is empty", cfg.EtcdPasswordFile)
+	}
+	return pw, nil
+}
+
+// checkEtcdTLS makes one HTTPS request (GET /version) to the endpoints in
+// turn with the client's TLS configuration, until one answers. A TLS
+// failure ends it with errEtcdTLS; an endpoint that is down is logged and
+// skipped. A request, not only a handshake: with TLS 1.3 the server
+// rejects a client certificate after the client's handshake is done.
+func checkEtcdTLS(ctx context.Context, endpoints []string, files *tlsFiles, timeout time.Duration, log *slog.Logger) error {
+	for _, ep := range endpoints {
+		u, err := url.Parse(ep)
+		if err != nil {
+			return fmt.Errorf("etcd endpoint %q: %w", ep, err)
+		}
+		tcfg, err := files.config()
+		if err != nil {
+			return err
+		}
+		tcfg.ServerName = u.Hostname()
+		tr := &http.Transport{TLSClientConfig: tcfg, DisableKeepAlives: true, Proxy: nil}
+		rctx, cancel := context.WithTimeout(ctx, timeout)
+		req, _ := http.NewRequestWithContext(rctx, http.MethodGet, strings.TrimRight(ep, "/")+"/version", nil)
+		resp, err := (&http.Client{Transport: tr}).Do(req)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<16))
+			resp.Body.Close()
+		}
+		cancel()
+		tr.CloseIdleConnections()
+		if err == nil {
+			return nil
+		}
+		if terr := classifyTLSError(ep, files, err); terr != nil {
+			return terr
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		log.Warn("etcd endpoint not answering; cannot check its TLS yet", "endpoint", ep, "err", err)
+	}
+	return nil
+}
+
+// classifyTLSError turns the failure of a TLS request into an error
+// naming the certificate problem, or returns nil for a failure that is
+// not about certificates (a refused connection, a timeout).
+func classifyTLSError(ep string, files *tlsFiles, err error) error {
+	var fileErr *certFileError
+	var verr *tls.CertificateVerificationError
+	var uerr x509.UnknownAuthorityError
+	var herr x509.HostnameError
+	var cerr x509.CertificateInvalidError
+	var opErr *net.OpError
+	switch {
+	case errors.As(err, &fileErr):
+		return fmt.Errorf("%w: %w", errEtcdTLS, fileErr)
+	case errors.As(err, &verr), errors.As(err, &uerr), errors.As(err, &herr), errors.As(err, &cerr):
+		ca := "the system's roots (set -etcd_cacert)"
+		if files.caFile != "" {
+			ca = "-etcd_cacert " + files.caFile
+		}
+		return fmt.Errorf("%w: the server certificate of %s is not trusted by %s: %w", errEtcdTLS, ep, ca, err)
+	case errors.As(err, &opErr) && opErr.Op == "remote error":
+		// A TLS alert from the server: it refused our certificate.
+		if files.certFile == "" {
+			return fmt.Errorf("%w: %s requires a client certificate and none was given (set -etcd_cert and -etcd_key): %w", errEtcdTLS, ep, err)
+		}
+		return fmt.Errorf("%w: %s refused the client certificate -etcd_cert %s (not signed by a CA it trusts, expired, or not for client auth?): %w", errEtcdTLS, ep, files.certFile, err)
+	case errors.As(err, new(tls.RecordHeaderError)),
+		// net/http's own error for a plain HTTP answer (not exported).
+		strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"):
+		return fmt.Errorf("%w: %s does not speak TLS (use http:// for a plain etcd): %w", errEtcdTLS, ep, err)
+	}
+	return nil
+}
+
+// certFileError is a certificate or key file that cannot be used.
+type certFileError struct {
+	flag, path string
+	err        error
+}
+
+func (e *certFileError) Error() string {
+	return fmt.Sprintf("-%s %s: %v", e.flag, e.path, e.err)
+}
+
+func (e *certFileError) Unwrap() error { return e.err }
+
+// fileStamp identifies one version of a file.
+type fileStamp struct {
+	mod  time.Time
+	size int64
+}
+
+func stampOf(path string) (fileStamp, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileStamp{}, err
+	}
+	return fileStamp{fi.ModTime(), fi.Size()}, nil
+}
+
+// tlsFiles holds the CA, certificate and key read from files, re-reading
+// each when its modification time or size changes. A renewal that is half
+// written (a new certificate with the old key) keeps the previous pair in
+// use until both files agree.
+type tlsFiles struct {
+	caFile, certFile, keyFile string
+
+	mu        sync.Mutex
+	caStamp   fileStamp
+	pool      *x509.CertPool
+	pairStamp [2]fileStamp
+	pair      *tls.Certificate
+}
+
+// check loads every file once, for an error at start.
+func (f *tlsFiles) check() error {
+	if _, err := f.roots(); err != nil {
+		return fmt.Errorf("%w: %w", errEtcdTLS, err)
+	}
+	if _, err := f.clientCert(); err != nil {
+		return fmt.Errorf("%w: %w", errEtcdTLS, err)
+	}
+	return nil
+}
+
+// config returns a TLS client configuration with the current files.
+func (f *tlsFiles) config() (*tls.Config, error) {
+	pool, err := f.roots()
+	if err != nil {
+		return nil, err
+	}
+	c := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}
+	if f.certFile != "" {
+		c.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return f.clientCert() }
+	}
+	return c, nil
+}
+
+// roots returns the CA pool of caFile, or nil (the system's roots).
+func (f *tlsFiles) roots() (*x509.CertPool, error) {
+	if f.caFile == "" {
+		return nil, nil
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st, err := stampOf(f.caFile)
+	if err != nil {
+		if f.pool != nil {
+			return f.pool, nil
+		}
+		return nil, &certFileError{"etcd_cacert", f.caFile, err}
+	}
+	if f.pool != nil && st == f.caStamp {
+		return f.pool, nil
+	}
+	pem, err := os.ReadFile(f.caFile)
+	if err != nil {
+		return f.keepPool(&certFileError{"etcd_cacert", f.caFile, err})
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return f.keepPool(&certFileError{"etcd_cacert", f.caFile, errors.New("no PEM certificate in it")})
+	}
+	f.pool, f.caStamp = pool, st
+	return pool, nil
+}
+
+func (f *tlsFiles) keepPool(err error) (*x509.CertPool, error) {
+	if f.pool != nil {
+		return f.pool, nil
+	}
+	return nil, err
+}
+
+// clientCert returns the client certificate, re-read when either file
+// changed; nil without -etcd_cert (an empty Certificate message).
+func (f *tlsFiles) clientCert() (*tls.Certificate, error) {
+	if f.certFile == "" {
+		return &tls.Certificate{}, nil
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	cs, err := stampOf(f.certFile)
+	if err != nil {
+		return f.keepPair(&certFileError{"etcd_cert", f.certFile, err})
+	}
+	ks, err := stampOf(f.keyFile)
+	if err != nil {
+		return f.keepPair(&certFileError{"etcd_key", f.keyFile, err})
+	}
+	if f.pair != nil && [2]fileStamp{cs, ks} == f.pairStamp {
+		return f.pair, nil
+	}
+	pair, err := tls.LoadX509KeyPair(f.certFile, f.keyFile)
+	if err != nil {
+		return f.keepPair(&certFileError{"etcd_cert", f.certFile, fmt.Errorf("with -etcd_key %s: %w", f.keyFile, err)})
+	}
+	if pair.Leaf != nil && time.Now().After(pair.Leaf.NotAfter) {
+		return f.keepPair(&certFileError{"etcd_cert", f.certFile, fmt.Errorf("expired on %s", pair.Leaf.NotAfter.UTC().Format(time.RFC3339))})
+	}
+	f.pair, f.pairStamp = &pair, [2]fileStamp{cs, ks}
+	return f.pair, nil
+}
+
+func (f *tlsFiles) keepPair(err error) (*tls.Certificate, error) {
+	if f.pair != nil {
+		return f.pair, nil
+	}
+	return nil, err
+}
+
+// reloadingCreds are gRPC transport credentials that build the TLS
+// configuration from tlsFiles for every new connection, and log why a
+// connection failed on TLS (gRPC itself only reports a timeout).
+type reloadingCreds struct {
+	files *tlsFiles
+	warn  *tlsWarner
+}
+
+var _ grpccredentials.TransportCredentials = (*reloadingCreds)(nil)
+
+func (r *reloadingCreds) ClientHandshake(ctx context.Context, authority string, conn net.Conn) (net.Conn, grpccredentials.AuthInfo, error) {
+	cfg, err := r.files.config()
+	if err != nil {
+		r.warn.warn(authority, err)
+		return nil, nil, err
+	}
+	c, info, err := grpccredentials.NewTLS(cfg).ClientHandshake(ctx, authority, conn)
+	if err != nil {
+		if terr := classifyTLSError(authority, r.files, err); terr != nil {
+			r.warn.warn(authority, terr)
+		}
+		return nil, nil, err
+	}
+	return &alertConn{Conn: c, authority: authority, creds: r}, info, nil
+}
+
+func (r *reloadingCreds) ServerHandshake(net.Conn) (net.Conn, grpccredentials.AuthInfo, error) {
+	return nil, nil, errors.New("etcd client credentials cannot serve")
+}
+
+func (r *reloadingCreds) Info() grpccredentials.ProtocolInfo {
+	return grpccredentials.NewTLS(nil).Info()
+}
+
+func (r *reloadingCreds) Clone() grpccredentials.TransportCredentials {
+	return &reloadingCreds{files: r.files, warn: r.warn}
+}
+
+// OverrideServerName is deprecated in gRPC and unused by it.
+func (r *reloadingCreds) OverrideServerName(string) error { return nil }
+
+// alertConn logs a TLS alert from the server: with TLS 1.3 a refused
+// client certificate arrives on the first read, after the handshake.
+type alertConn struct {
+	net.Conn
+	authority string
+	creds     *reloadingCreds
+}
+
+func (c *alertConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	var opErr *net.OpError
+	if err != nil && errors.As(err, &opErr) && opErr.Op == "remote error" {
+		c.creds.warn.warn(c.authority, classifyTLSError(c.authority, c.creds.files, err))
+	}
+	return n, err
+}
+
+// tlsWarner logs TLS failures, the same one at most every 30 seconds.
+type tlsWarner struct {
+	log  *slog.Logger
+	mu   sync.Mutex
+	last string
+	at   time.Time
+}
+
+func newTLSWarner(log *slog.Logger) *tlsWarner { return &tlsWarner{log: log} }
+
+func (w *tlsWarner) warn(endpoint string, err error) {
+	w.mu.Lock()
+	msg := err.Error()
+	if msg == w.last && time.Since(w.at) < 30*time.Second {
+		w.mu.Unlock()
+		return
+	}
+	w.last, w.at = msg, time.Now()
+	w.mu.Unlock()
+	w.log.Warn("etcd TLS connection failed", "endpoint", endpoint, "err", err)
+}
