@@ -10,6 +10,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -64,6 +65,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "status" {
 		return statusCommand(ctx, args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "secret" {
+		return secretCommand(ctx, args[1:], stdout, stderr)
+	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) || errors.Is(err, errInvalidFlag) {
@@ -73,6 +77,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	log := newLogger(cfg.LogFormat, stderr)
 	log.Info("starting deployer", "version", version, "node", cfg.NodeName, "listen", cfg.Listen)
+	hostname, _ := os.Hostname()
+	warnContainerHostname(log, cfg.NodeName, hostname)
 	return serve(ctx, cfg, log)
 }
 
@@ -167,8 +173,11 @@ type daemon struct {
 	rollout  *rollout
 	status   *statusReporter
 	slack    *slackNotifier // nil when Slack is off
-	listener net.Listener   // set by run; tests read its address
-	ready    chan struct{}  // closed once listening
+	failures *failLimiter   // failed authentications per address
+	health   *healthCache
+	claim    *nodeClaim    // the node name, held while running
+	listener net.Listener  // set by run; tests read its address
+	ready    chan struct{} // closed once listening
 }
 
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
@@ -231,9 +240,10 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		log: log.With("component", "webhook"), metrics: m, now: time.Now, timeout: 5 * time.Second,
 		callback: &http.Client{Timeout: 10 * time.Second},
 	}
-	if cfg.WebhookSecret == "" {
-		log.Warn("no -webhook_secret: anyone who reaches " + cfg.Listen + " can trigger deploys")
-	}
+	d.failures = newFailLimiter()
+	d.webhook.failures = d.failures
+	d.health = &healthCache{ttl: time.Second, now: time.Now, check: d.checkHealth}
+	d.claim = newNodeClaim(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.Listen, log.With("component", "node"))
 	return d, nil
 }
 
@@ -242,34 +252,14 @@ func (d *daemon) handler() http.Handler {
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
 	mux.HandleFunc(d.cfg.RegistryWebhookPath, d.webhook.registry)
 	mux.HandleFunc("GET /healthz", d.healthz)
-	mux.HandleFunc("GET /api/status", d.apiStatus)
+	mux.HandleFunc("GET /api/status", d.requireSecret(d.apiStatus))
 	metrics := promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		if !d.cfg.MetricsOpen && !authorized(r, d.cfg.WebhookSecret) {
-			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "missing or wrong secret"})
-			return
-		}
-		metrics.ServeHTTP(w, r)
-	})
+	if d.cfg.MetricsOpen {
+		mux.Handle("GET /metrics", metrics)
+	} else {
+		mux.HandleFunc("GET /metrics", d.requireSecret(metrics.ServeHTTP))
+	}
 	return mux
-}
-
-// GET /healthz
-//
-// 200 when etcd (a quorum read) and Docker answer; 503 naming the failing
-// part otherwise.
-func (d *daemon) healthz(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
-	defer cancel()
-	status := map[string]string{"etcd": "ok", "docker": "ok", "node": d.cfg.NodeName}
-	code := http.StatusOK
-	if _, err := d.etcd.Get(ctx, progressKey(d.cfg.EtcdPrefix, d.cfg.NodeName)); err != nil {
-		status["etcd"], code = err.Error(), http.StatusServiceUnavailable
-	}
-	if err := d.docker.PingWithContext(ctx); err != nil {
-		status["docker"], code = err.Error(), http.StatusServiceUnavailable
-	}
-	writeJSON(w, code, status)
 }
 
 func (d *daemon) submit(ctx context.Context) func(deployEvent) {
@@ -289,9 +279,39 @@ func (d *daemon) submit(ctx context.Context) func(deployEvent) {
 }
 
 func (d *daemon) run(ctx context.Context) error {
+	var certs *certReloader
+	if d.cfg.TLSCert != "" {
+		var err error
+		if certs, err = newCertReloader(d.cfg.TLSCert, d.cfg.TLSKey, d.log.With("component", "tls")); err != nil {
+			return err
+		}
+	}
+	for attempt := 1; ; attempt++ {
+		err := d.claim.acquire(ctx)
+		if err == nil {
+			break
+		}
+		if errors.Is(err, errNodeNameTaken) || ctx.Err() != nil {
+			return fmt.Errorf("-node_name %s: %w", d.cfg.NodeName, err)
+		}
+		d.log.Warn("cannot claim the node name in etcd yet", "err", err)
+		if !sleepCtx(ctx, backoff(d.cfg.EtcdRetryDelay, attempt)) {
+			return ctx.Err()
+		}
+	}
+	claimCtx, stopClaim := context.WithCancel(context.WithoutCancel(ctx))
+	claimDone := make(chan struct{})
+	go func() { d.claim.keep(claimCtx); close(claimDone) }()
+	defer func() { stopClaim(); <-claimDone }()
+	if err := d.resolveSecret(ctx); err != nil {
+		return err
+	}
 	ln, err := net.Listen("tcp", d.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("-listen: %w", err)
+	}
+	if certs != nil {
+		ln = tls.NewListener(ln, certs.tlsConfig())
 	}
 	d.listener = ln
 	close(d.ready)

@@ -316,7 +316,7 @@ func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 		}
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: splitList(*nodes), DialTimeout: *dial, Logger: zap.NewNop(), DialOptions: etcdDialOptions()})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: commandEndpoints(*nodes), DialTimeout: *dial, Logger: zap.NewNop(), DialOptions: etcdDialOptions()})
 	if err != nil {
 		return fmt.Errorf("etcd: %w", err)
 	}

@@ -32,7 +32,8 @@ type kvPutter interface {
 type webhook struct {
 	kv       kvPutter
 	prefix   string
-	secret   string // empty: no authentication
+	secret   string // never empty once serving: an empty secret lets nothing in
+	failures *failLimiter // rate of failed authentications per address; nil: no limit
 	node     string
 	log      *slog.Logger
 	metrics  *metrics
@@ -120,8 +121,8 @@ func (h *webhook) accept(w http.ResponseWriter, r *http.Request, source string) 
 		return nil, false
 	}
 	if !authorized(r, h.secret) {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="deployer"`)
-		h.fail(w, source, http.StatusUnauthorized, errors.New("missing or wrong secret"))
+		code, err := rejectUnauthorized(w, r, h.failures)
+		h.fail(w, source, code, err)
 		return nil, false
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
@@ -138,10 +139,11 @@ func (h *webhook) accept(w http.ResponseWriter, r *http.Request, source string) 
 }
 
 // authorized checks the secret, given as "Authorization: Bearer <secret>"
-// or as ?token=<secret>, in constant time.
+// or as ?token=<secret>, in constant time. There is no unauthenticated
+// mode: an empty secret matches nothing.
 func authorized(r *http.Request, secret string) bool {
 	if secret == "" {
-		return true
+		return false
 	}
 	got := r.URL.Query().Get("token")
 	if a, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
