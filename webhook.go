@@ -32,7 +32,7 @@ type kvPutter interface {
 type webhook struct {
 	kv       kvPutter
 	prefix   string
-	secret   string // never empty once serving: an empty secret lets nothing in
+	secret   string       // never empty once serving: an empty secret lets nothing in
 	failures *failLimiter // rate of failed authentications per address; nil: no limit
 	node     string
 	log      *slog.Logger
