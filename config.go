@@ -201,7 +201,8 @@ func (c config) validate() error {
 	}
 	if c.SlackWebhookURL != "" {
 		if err := checkHTTPURL(c.SlackWebhookURL); err != nil {
-			return bad("slack_webhook_url", "%v", err)
+			// Not the value: it holds Slack's token.
+			return bad("slack_webhook_url", "is not an http(s) URL")
 		}
 	}
 	if err := checkPlainPath(c.WebhookPath); err != nil {

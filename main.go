@@ -253,13 +253,17 @@ func (d *daemon) handler() http.Handler {
 	mux.HandleFunc(d.cfg.RegistryWebhookPath, d.webhook.registry)
 	mux.HandleFunc("GET /healthz", d.healthz)
 	mux.HandleFunc("GET /api/status", d.requireSecret(d.apiStatus))
+	mux.Handle("GET /metrics", d.metricsHandler())
+	return mux
+}
+
+// GET /metrics: the webhook secret is needed unless -metrics_open.
+func (d *daemon) metricsHandler() http.Handler {
 	metrics := promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
 	if d.cfg.MetricsOpen {
-		mux.Handle("GET /metrics", metrics)
-	} else {
-		mux.HandleFunc("GET /metrics", d.requireSecret(metrics.ServeHTTP))
+		return metrics
 	}
-	return mux
+	return d.requireSecret(metrics.ServeHTTP)
 }
 
 func (d *daemon) submit(ctx context.Context) func(deployEvent) {

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
@@ -40,6 +41,12 @@ type testDaemon struct {
 
 func startTestDaemon(t *testing.T, cli *clientv3.Client, f *fakeDocker, mutate func(*config)) *testDaemon {
 	t.Helper()
+	return startTestDaemonLog(t, cli, f, mutate, testLogger(t))
+}
+
+// startTestDaemonLog is startTestDaemon with the daemon's logger given.
+func startTestDaemonLog(t *testing.T, cli *clientv3.Client, f *fakeDocker, mutate func(*config), log *slog.Logger) *testDaemon {
+	t.Helper()
 	cfg, err := parseFlags("deployer", []string{
 		"-listen", "127.0.0.1:0", "-node_name", "n1", "-etcd_prefix", testPrefix(t), "-dockercfg", "",
 		"-registry", "127.0.0.1:5000", "-repull_period", "0", "-etcd_retry_delay", "10ms",
@@ -50,7 +57,7 @@ func startTestDaemon(t *testing.T, cli *clientv3.Client, f *fakeDocker, mutate f
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	d, err := newDaemon(cfg, cli, f, testLogger(t))
+	d, err := newDaemon(cfg, cli, f, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,6 +70,9 @@ func startTestDaemon(t *testing.T, cli *clientv3.Client, f *fakeDocker, mutate f
 		t.Fatalf("daemon exited: %v", err)
 	}
 	td.base = "http://" + d.listener.Addr().String()
+	if cfg.TLSCert != "" {
+		td.base = "https://" + d.listener.Addr().String()
+	}
 	select {
 	case <-d.watcher.watching:
 	case <-time.After(30 * time.Second):

@@ -301,7 +301,7 @@ func (h *webhook) dockerHubCallback(rawURL, state, description string) {
 	}
 	u, err := url.Parse(rawURL)
 	if err != nil || u.Scheme != "https" || !dockerHubCallbackHosts[u.Hostname()] || u.Port() != "" {
-		h.log.Warn("ignoring callback_url outside Docker Hub", "callback_url", rawURL)
+		h.log.Warn("ignoring callback_url outside Docker Hub", "callback_url", redactURL(rawURL))
 		return
 	}
 	body, _ := json.Marshal(map[string]string{
@@ -319,7 +319,8 @@ func (h *webhook) dockerHubCallback(rawURL, state, description string) {
 		req.Header.Set("Content-Type", "application/json")
 		resp, err := h.callback.Do(req)
 		if err != nil {
-			h.log.Warn("docker hub callback failed", "err", err)
+			// The callback URL is a capability: keep it out of the log.
+			h.log.Warn("docker hub callback failed", "err", redactErr(err, rawURL, u.String()))
 			return
 		}
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
