@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -156,21 +154,4 @@ func (r *restarter) stopOne(ctx context.Context, c staleContainer) error {
 	r.metrics.containersStopped.WithLabelValues("ok").Inc()
 	r.log.Info("stopped stale container", "container", c.Name, "tag", c.Tag, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
 	return nil
-}
-
-var cgroupContainerID = regexp.MustCompile(`(?:/docker/|/containers/|docker-)([0-9a-f]{64})`)
-
-// selfContainerID finds the ID of the container this process runs in, if
-// any, from /proc/self/mountinfo (cgroup v2 hides it from /proc/self/cgroup).
-func selfContainerID() string {
-	for _, f := range []string{"/proc/self/mountinfo", "/proc/self/cgroup"} {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			continue
-		}
-		if m := cgroupContainerID.FindSubmatch(data); m != nil {
-			return string(m[1])
-		}
-	}
-	return ""
 }
