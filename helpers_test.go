@@ -212,7 +212,10 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 	}
 	var out []docker.APIContainers
 	for _, c := range f.containers {
-		if !c.Running {
+		if !c.Running && !opts.All {
+			continue
+		}
+		if anc := opts.Filters["ancestor"]; len(anc) > 0 && !slices.Contains(anc, c.ImageID) {
 			continue
 		}
 		// Like Docker: the reference while it resolves to the
@@ -221,7 +224,11 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 		if ref, ok := containerRef(c.ConfigImage, c.ImageID); ok && f.local[ref.String()] != c.ImageID {
 			image = shortID(c.ImageID)
 		}
-		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: "running"})
+		state := "running"
+		if !c.Running {
+			state = "exited"
+		}
+		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: state})
 	}
 	return out, nil
 }
@@ -384,6 +391,20 @@ func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions)
 		if c.ImageID == id {
 			return &docker.Error{Status: 409, Message: "image is being used by container " + c.ID}
 		}
+	}
+	// Like Docker, an image removed by ID loses its one remaining tag
+	// with it; with several tags it must be forced.
+	var tags []string
+	for ref, tid := range f.local {
+		if tid == id {
+			tags = append(tags, ref)
+		}
+	}
+	if len(tags) > 1 {
+		return &docker.Error{Status: 409, Message: "image is referenced in multiple repositories"}
+	}
+	for _, ref := range tags {
+		delete(f.local, ref)
 	}
 	f.removed = append(f.removed, id)
 	return nil
