@@ -59,6 +59,12 @@ func (o nodeOwner) deadHere(self nodeOwner) bool {
 	return errors.Is(err, syscall.ESRCH)
 }
 
+// sameProcess reports whether o is this very process (its own key).
+func (o nodeOwner) sameProcess(self nodeOwner) bool {
+	return o.BootID != "" && o.BootID == self.BootID && o.PIDNS == self.PIDNS && o.Host == self.Host &&
+		o.PID == self.PID && o.Started.Equal(self.Started)
+}
+
 func (o nodeOwner) String() string {
 	return fmt.Sprintf("host %s, pid %d, listening on %s, since %s", o.Host, o.PID, o.Listen, o.Started.Format(time.RFC3339))
 }
@@ -119,8 +125,12 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 			_ = json.Unmarshal(kvs[0].Value, &holder)
 			modRev = kvs[0].ModRevision
 		}
-		if holder.deadHere(c.self) {
-			c.log.Info("taking over the node name from a previous deployer that is gone", "previous", holder.String())
+		// Our own key from a lease that lapsed (etcd unreachable longer
+		// than the TTL), or a killed predecessor's: take it at once.
+		if own, dead := holder.sameProcess(c.self), holder.deadHere(c.self); own || dead {
+			if dead {
+				c.log.Info("taking over the node name from a previous deployer that is gone", "previous", holder.String())
+			}
 			tctx, cancel := context.WithTimeout(ctx, c.callTO)
 			_, err := c.cli.Txn(tctx).If(clientv3.Compare(clientv3.ModRevision(c.key), "=", modRev)).Then(clientv3.OpDelete(c.key)).Commit()
 			cancel()

@@ -67,13 +67,15 @@ func TestNodeNameAfterKill(t *testing.T) {
 	}
 	tests := []struct {
 		name    string
+		own     bool // the holder is the claiming process itself
 		holder  nodeOwner
 		leaseS  int64
 		atLeast time.Duration
 		atMost  time.Duration
 	}{
-		{"dead process on this machine", nodeOwner{Host: self.Host, BootID: self.BootID, PIDNS: self.PIDNS, PID: cmd.Process.Pid}, 60, 0, 2 * time.Second},
-		{"another machine: the lease expires", nodeOwner{Host: "elsewhere", BootID: "other-boot", PID: cmd.Process.Pid}, 1, 500 * time.Millisecond, 6 * time.Second},
+		{"this process's own key from a lapsed lease", true, nodeOwner{}, 60, 0, 2 * time.Second},
+		{"dead process on this machine", false, nodeOwner{Host: self.Host, BootID: self.BootID, PIDNS: self.PIDNS, PID: cmd.Process.Pid}, 60, 0, 2 * time.Second},
+		{"another machine: the lease expires", false, nodeOwner{Host: "elsewhere", BootID: "other-boot", PID: cmd.Process.Pid}, 1, 500 * time.Millisecond, 6 * time.Second},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -81,8 +83,11 @@ func TestNodeNameAfterKill(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			v, _ := json.Marshal(tt.holder)
 			c := testClaim(t, cli, "n1", 8*time.Second)
+			if tt.own {
+				tt.holder = c.self
+			}
+			v, _ := json.Marshal(tt.holder)
 			if _, err := cli.Put(t.Context(), c.key, string(v), clientv3.WithLease(lease.ID)); err != nil {
 				t.Fatal(err)
 			}
