@@ -102,6 +102,10 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 		fs.PrintDefaults()
 	}
 	etcdNodes := strings.Join(c.EtcdNodes, ",")
+	// The flags that default to secrets from the environment show no
+	// default in -h: that would print the Slack token or the secret.
+	envSlack, envSecret := c.SlackWebhookURL, c.WebhookSecret
+	c.SlackWebhookURL, c.WebhookSecret = "", ""
 
 	fs.StringVar(&c.Docker, "docker", c.Docker, "Docker daemon endpoint (default from $DOCKER_HOST when set)")
 	fs.StringVar(&c.DockerCfg, "dockercfg", c.DockerCfg, "registry credentials: a legacy .dockercfg or a docker config.json; empty for anonymous pulls")
@@ -140,6 +144,14 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("%w: unexpected argument %q", errInvalidFlag, fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if !set["slack_webhook_url"] {
+		c.SlackWebhookURL = envSlack
+	}
+	if !set["webhook_secret"] {
+		c.WebhookSecret = envSecret
 	}
 	c.EtcdNodes = splitList(etcdNodes)
 	if c.DockerCfg != "" && strings.HasPrefix(c.DockerCfg, "~/") {

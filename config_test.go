@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"io"
 	"slices"
 	"strings"
 	"testing"
@@ -179,4 +180,27 @@ func flagHelp(out, name string) string {
 		}
 	}
 	return ""
+}
+
+// TestHelpShowsNoSecretFromTheEnvironment: -h must not print the Slack
+// token or the webhook secret taken from the environment as defaults.
+func TestHelpShowsNoSecretFromTheEnvironment(t *testing.T) {
+	var out bytes.Buffer
+	e := env("SLACK_WEBHOOK_URL", "https://hooks.slack.com/services/T1/B2/slacktoken", "DEPLOYER_WEBHOOK_SECRET", "envsecret")
+	if _, err := parseFlags("deployer", []string{"-h"}, e, &out); !errors.Is(err, flag.ErrHelp) {
+		t.Fatal(err)
+	}
+	for _, leak := range []string{"slacktoken", "envsecret"} {
+		if strings.Contains(out.String(), leak) {
+			t.Errorf("-h shows %q from the environment", leak)
+		}
+	}
+	c, err := parseFlags("deployer", nil, e, io.Discard)
+	if err != nil || c.WebhookSecret != "envsecret" || !strings.HasSuffix(c.SlackWebhookURL, "slacktoken") {
+		t.Errorf("environment defaults lost: %q %q %v", c.WebhookSecret, c.SlackWebhookURL, err)
+	}
+	c, err = parseFlags("deployer", []string{"-webhook_secret", "flag", "-slack_webhook_url", ""}, e, io.Discard)
+	if err != nil || c.WebhookSecret != "flag" || c.SlackWebhookURL != "" {
+		t.Errorf("flags must win over the environment: %q %q %v", c.WebhookSecret, c.SlackWebhookURL, err)
+	}
 }
