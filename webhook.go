@@ -175,7 +175,11 @@ func (h *webhook) trigger(ctx context.Context, repo string, t trigger) (triggere
 
 func (h *webhook) fail(w http.ResponseWriter, source string, code int, err error) {
 	h.metrics.webhooks.WithLabelValues(source, strings.ToLower(strings.ReplaceAll(http.StatusText(code), " ", "_"))).Inc()
-	h.log.Warn("webhook rejected", "source", source, "status", code, "err", err)
+	level := slog.LevelWarn
+	if code == http.StatusTooManyRequests {
+		level = slog.LevelDebug // a flood must not flood the log too
+	}
+	h.log.Log(context.Background(), level, "webhook rejected", "source", source, "status", code, "err", err)
 	writeJSON(w, code, map[string]string{"error": err.Error()})
 }
 
