@@ -295,12 +295,15 @@ func (d *daemon) run(ctx context.Context) error {
 		if err == nil {
 			break
 		}
-		if errors.Is(err, errNodeNameTaken) || ctx.Err() != nil {
+		if errors.Is(err, errNodeNameTaken) {
 			return fmt.Errorf("-node_name %s: %w", d.cfg.NodeName, err)
+		}
+		if ctx.Err() != nil {
+			return nil // stopped while starting
 		}
 		d.log.Warn("cannot claim the node name in etcd yet", "err", err)
 		if !sleepCtx(ctx, backoff(d.cfg.EtcdRetryDelay, attempt)) {
-			return ctx.Err()
+			return nil
 		}
 	}
 	claimCtx, stopClaim := context.WithCancel(context.WithoutCancel(ctx))
@@ -308,6 +311,9 @@ func (d *daemon) run(ctx context.Context) error {
 	go func() { d.claim.keep(claimCtx); close(claimDone) }()
 	defer func() { stopClaim(); <-claimDone }()
 	if err := d.resolveSecret(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil // stopped while starting
+		}
 		return err
 	}
 	ln, err := net.Listen("tcp", d.cfg.Listen)
