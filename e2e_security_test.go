@@ -75,6 +75,9 @@ func TestE2ESecurity(t *testing.T) {
 				t.Errorf("%s's log does not say how to get the secret", n.name)
 			}
 		}
+		if t.Failed() {
+			return
+		}
 		s.record("security 1: 2 nodes without -webhook_secret: 401 without the secret and 200 with `deployer secret`'s on both; webhook to node2 → app on the new image on both nodes in %v",
 			took.Round(time.Millisecond))
 	})
@@ -149,6 +152,9 @@ func TestE2ESecurity(t *testing.T) {
 		if !n.deployer.running() || n.deployer.cmd.Process.Pid != pid {
 			t.Error("the deployer restarted for the renewal")
 		}
+		if t.Failed() {
+			return
+		}
 		s.record("security 2: HTTPS webhook (test CA made with crypto/x509) → app on the new image on both nodes in %v; renewed certificate served at the next handshake, same process",
 			deployed.Round(time.Millisecond))
 	})
@@ -193,6 +199,9 @@ func TestE2ESecurity(t *testing.T) {
 		}
 		if fi, err := os.Stat(filepath.Join(dataDir, "member")); err != nil || !fi.IsDir() {
 			t.Errorf("embedded etcd data not in -etcd_data_dir: %v", err)
+		}
+		if t.Failed() {
+			return
 		}
 		s.record("security 3: no-flags deployer: webhook → app on the new image in %v; `deployer secret` with no flags read the embedded etcd",
 			took.Round(time.Millisecond))
