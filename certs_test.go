@@ -132,3 +132,15 @@ func replaceFile(tb testing.TB, path string, data []byte) {
 		tb.Fatal(err)
 	}
 }
+
+// issueFiles issues a server certificate for 127.0.0.1 and localhost and
+// writes it and its key as dir/name.pem and dir/name-key.pem, replacing
+// them as a renewal tool would; it returns the two paths.
+func (ca *testCA) issueFiles(tb testing.TB, dir, name, cn string) (certFile, keyFile string) {
+	tb.Helper()
+	c, k := ca.issue(tb, cn, true, time.Now().Add(24*time.Hour))
+	certFile, keyFile = filepath.Join(dir, name+".pem"), filepath.Join(dir, name+"-key.pem")
+	replaceFile(tb, certFile, c)
+	replaceFile(tb, keyFile, k)
+	return certFile, keyFile
+}

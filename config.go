@@ -9,7 +9,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"time"
 )
@@ -53,6 +52,8 @@ type config struct {
 	MetricsOpen         bool
 	DryRun              bool
 	Cleanup             bool
+	TLSCert             string // with TLSKey: serve the webhooks over HTTPS
+	TLSKey              string
 
 	// TLS and authentication to etcd (etcdclient.go) and Docker
 	// (dockerclient.go).
@@ -78,13 +79,13 @@ func defaultConfig(getenv func(string) string) config {
 		Docker:              docker,
 		DockerCfg:           home + "/.dockercfg",
 		EtcdDialTimeout:     5 * time.Second,
-		EtcdNodes:           []string{"http://127.0.0.1:4001"},
+		EtcdNodes:           nil, // the embedded etcd
 		EtcdPrefix:          "/deployer",
 		EtcdRetryDelay:      2 * time.Second,
 		KillTimeout:         10,
 		Listen:              ":4500",
-		MaxThreads:          runtime.NumCPU(),
-		Registry:            "https://index.docker.io/v1/",
+		MaxThreads:          4,
+		Registry:            "", // Docker Hub
 		RepullPeriod:        24 * time.Hour,
 		SlackUsername:       "Deployer",
 		SlackWebhookURL:     getenv("SLACK_WEBHOOK_URL"),
@@ -113,21 +114,25 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: %s [flags]\n       %s status [-etcd_nodes …] [-etcd_prefix …] [-json]\n\nFlags:\n", name, name)
+		fmt.Fprintf(stderr, "Usage: %s [flags]\n       %s status [-etcd_nodes …] [-etcd_prefix …] [-json]\n       %s secret [-etcd_nodes …] [-etcd_prefix …]\n\nFlags:\n", name, name, name)
 		fs.PrintDefaults()
 	}
 	etcdNodes := strings.Join(c.EtcdNodes, ",")
+	// The flags that default to secrets from the environment show no
+	// default in -h: that would print the Slack token or the secret.
+	envSlack, envSecret := c.SlackWebhookURL, c.WebhookSecret
+	c.SlackWebhookURL, c.WebhookSecret = "", ""
 
 	fs.StringVar(&c.Docker, "docker", c.Docker, "Docker daemon endpoint (default from $DOCKER_HOST when set)")
 	fs.StringVar(&c.DockerCfg, "dockercfg", c.DockerCfg, "registry credentials: a legacy .dockercfg or a docker config.json; empty for anonymous pulls")
 	fs.DurationVar(&c.EtcdDialTimeout, "etcd_dial_timeout", c.EtcdDialTimeout, "timeout for connecting to etcd")
-	fs.StringVar(&etcdNodes, "etcd_nodes", etcdNodes, "comma-separated etcd endpoints; empty runs an embedded single-member etcd")
+	fs.StringVar(&etcdNodes, "etcd_nodes", etcdNodes, "comma-separated etcd endpoints (the original's was http://127.0.0.1:4001); empty runs an embedded single-member etcd on loopback, its data in -etcd_data_dir")
 	fs.StringVar(&c.EtcdPrefix, "etcd_prefix", c.EtcdPrefix, "etcd key prefix: starts with /, no trailing /")
 	fs.DurationVar(&c.EtcdRetryDelay, "etcd_retry_delay", c.EtcdRetryDelay, "first delay before reconnecting to etcd (doubles up to 30x, with jitter)")
 	fs.IntVar(&c.KillTimeout, "kill_timeout", c.KillTimeout, "seconds a container gets to stop before it is killed")
 	fs.StringVar(&c.Listen, "listen", c.Listen, "HTTP listen address for the webhooks and /healthz")
 	fs.IntVar(&c.MaxThreads, "max_threads", c.MaxThreads, "how many repositories are deployed at once")
-	fs.StringVar(&c.Registry, "registry", c.Registry, "registry that bare repository names (myorg/foo) refer to; host[:port] or URL")
+	fs.StringVar(&c.Registry, "registry", c.Registry, "registry that bare repository names (myorg/foo) refer to; host[:port] or URL; empty means Docker Hub")
 	fs.DurationVar(&c.RepullPeriod, "repull_period", c.RepullPeriod, "re-pull the tags of running containers this often, as a safety net, for repositories with a trigger key and containers labelled deployer.managed=true; 0 disables")
 	fs.StringVar(&c.SlackUsername, "slack_username", c.SlackUsername, "Slack username to post as")
 	fs.StringVar(&c.SlackWebhookURL, "slack_webhook_url", c.SlackWebhookURL, "Slack incoming webhook URL (default $SLACK_WEBHOOK_URL); empty disables Slack")
@@ -135,7 +140,7 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs.StringVar(&c.WebhookPath, "webhook_path", c.WebhookPath, "HTTP path of the Docker Hub webhook")
 
 	fs.StringVar(&c.NodeName, "node_name", c.NodeName, "name of this node in Slack messages and etcd state (default: hostname)")
-	fs.StringVar(&c.WebhookSecret, "webhook_secret", c.WebhookSecret, "secret webhooks must carry as 'Authorization: Bearer <secret>' or '?token=<secret>' (default $DEPLOYER_WEBHOOK_SECRET)")
+	fs.StringVar(&c.WebhookSecret, "webhook_secret", c.WebhookSecret, "secret webhooks must carry as 'Authorization: Bearer <secret>' or '?token=<secret>' (default $DEPLOYER_WEBHOOK_SECRET; empty: the cluster's secret kept in etcd, which 'deployer secret' prints)")
 	fs.StringVar(&c.RegistryWebhookPath, "registry_webhook_path", c.RegistryWebhookPath, "HTTP path of the registry (CNCF distribution) notification endpoint")
 	fs.StringVar(&c.EtcdDataDir, "etcd_data_dir", c.EtcdDataDir, "data directory of the embedded etcd (with -etcd_nodes empty)")
 	fs.StringVar(&c.EtcdListenClient, "etcd_listen_client", c.EtcdListenClient, "client URL of the embedded etcd (with -etcd_nodes empty)")
@@ -147,6 +152,8 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs.BoolVar(&c.MetricsOpen, "metrics_open", c.MetricsOpen, "serve /metrics without the webhook secret (for scrapers on a trusted network)")
 	fs.BoolVar(&c.DryRun, "dry_run", c.DryRun, "monitor only: pull and report stale containers (log, metrics, Slack), stop nothing")
 	fs.BoolVar(&c.Cleanup, "cleanup", c.Cleanup, "after a successful deploy, remove the superseded image when no container uses it")
+	fs.StringVar(&c.TLSCert, "tls_cert", c.TLSCert, "PEM certificate (chain) file: serve the webhooks over HTTPS; re-read when it changes")
+	fs.StringVar(&c.TLSKey, "tls_key", c.TLSKey, "PEM private key file of -tls_cert")
 	fs.StringVar(&c.RestartStrategy, "restart_strategy", c.RestartStrategy, "stop (a supervisor re-creates the container) or recreate (the deployer does); label deployer.strategy overrides per container")
 	addEtcdTLSFlags(fs, &c)
 	addDockerTLSFlags(fs, &c)
@@ -156,6 +163,14 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("%w: unexpected argument %q", errInvalidFlag, fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if !set["slack_webhook_url"] {
+		c.SlackWebhookURL = envSlack
+	}
+	if !set["webhook_secret"] {
+		c.WebhookSecret = envSecret
 	}
 	c.EtcdNodes = splitList(etcdNodes)
 	if c.DockerCfg != "" && strings.HasPrefix(c.DockerCfg, "~/") {
@@ -217,14 +232,15 @@ func (c config) validate() error {
 	}
 	if c.SlackWebhookURL != "" {
 		if err := checkHTTPURL(c.SlackWebhookURL); err != nil {
-			return bad("slack_webhook_url", "%v", err)
+			// Not the value: it holds Slack's token.
+			return bad("slack_webhook_url", "is not an http(s) URL")
 		}
 	}
-	if !strings.HasPrefix(c.WebhookPath, "/") {
-		return bad("webhook_path", "%q must be a path starting with /", c.WebhookPath)
+	if err := checkPlainPath(c.WebhookPath); err != nil {
+		return bad("webhook_path", "%v", err)
 	}
-	if !strings.HasPrefix(c.RegistryWebhookPath, "/") {
-		return bad("registry_webhook_path", "%q must be a path starting with /", c.RegistryWebhookPath)
+	if err := checkPlainPath(c.RegistryWebhookPath); err != nil {
+		return bad("registry_webhook_path", "%v", err)
 	}
 	if c.RegistryWebhookPath == c.WebhookPath {
 		return bad("registry_webhook_path", "must differ from -webhook_path")
@@ -271,6 +287,9 @@ func (c config) validate() error {
 	}
 	if c.RestartStrategy != strategyStop && c.RestartStrategy != strategyRecr {
 		return bad("restart_strategy", "%q must be stop or recreate", c.RestartStrategy)
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		return bad("tls_cert", "-tls_cert and -tls_key go together")
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return bad("log_format", "%q must be text or json", c.LogFormat)

@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"flag"
-	"runtime"
+	"io"
 	"slices"
 	"strings"
 	"testing"
@@ -34,13 +34,17 @@ func TestParseFlagsDefaults(t *testing.T) {
 		{"docker", c.Docker, "unix:///var/run/docker.sock"},
 		{"dockercfg", c.DockerCfg, "/home/u/.dockercfg"},
 		{"etcd_dial_timeout", c.EtcdDialTimeout, 5 * time.Second},
-		{"etcd_nodes", strings.Join(c.EtcdNodes, ","), "http://127.0.0.1:4001"},
+		{"etcd_nodes", strings.Join(c.EtcdNodes, ","), ""},
+		{"etcd_data_dir", c.EtcdDataDir, "/var/lib/deployer/etcd"},
+		{"etcd_listen_client", c.EtcdListenClient, "http://127.0.0.1:4001"},
 		{"etcd_prefix", c.EtcdPrefix, "/deployer"},
 		{"etcd_retry_delay", c.EtcdRetryDelay, 2 * time.Second},
 		{"kill_timeout", c.KillTimeout, 10},
 		{"listen", c.Listen, ":4500"},
-		{"max_threads", c.MaxThreads, runtime.NumCPU()},
-		{"registry", c.Registry, "https://index.docker.io/v1/"},
+		{"max_threads", c.MaxThreads, 4},
+		{"registry", c.Registry, ""},
+		{"webhook_secret", c.WebhookSecret, ""},
+		{"tls_cert", c.TLSCert, ""},
 		{"repull_period", c.RepullPeriod, 24 * time.Hour},
 		{"slack_username", c.SlackUsername, "Deployer"},
 		{"slack_webhook_url", c.SlackWebhookURL, "https://hooks.slack.com/x"},
@@ -114,6 +118,13 @@ func TestParseFlagsInvalid(t *testing.T) {
 		{"bad log format", []string{"-log_format", "xml"}, "-log_format"},
 		{"node with slash", []string{"-node_name", "a/b"}, "-node_name"},
 		{"extra argument", []string{"extra"}, "extra"},
+		{"webhook path with an open brace", []string{"-webhook_path", "/hook/{"}, "-webhook_path"},
+		{"webhook path with a wildcard", []string{"-webhook_path", "/hook/{repo}"}, "-webhook_path"},
+		{"webhook path with a method", []string{"-webhook_path", "/x y"}, "-webhook_path"},
+		{"registry path with a brace", []string{"-registry_webhook_path", "/reg/}"}, "-registry_webhook_path"},
+		{"registry path with a query", []string{"-registry_webhook_path", "/reg?x=1"}, "-registry_webhook_path"},
+		{"tls cert without key", []string{"-tls_cert", "/etc/c.pem"}, "-tls_cert"},
+		{"tls key without cert", []string{"-tls_key", "/etc/k.pem"}, "-tls_cert"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -136,15 +147,60 @@ func TestParseFlagsHelpListsEveryFlag(t *testing.T) {
 	}
 	for _, want := range []string{
 		"-docker", `(default "unix:///var/run/docker.sock")`, "-dockercfg", `(default "/root/.dockercfg")`,
-		"-etcd_dial_timeout", "(default 5s)", "-etcd_nodes", `(default "http://127.0.0.1:4001")`,
+		"-etcd_dial_timeout", "(default 5s)", "-etcd_nodes", "empty runs an embedded single-member etcd", "-etcd_data_dir", `(default "/var/lib/deployer/etcd")`,
 		"-etcd_prefix", `(default "/deployer")`, "-etcd_retry_delay", "(default 2s)", "-kill_timeout", "(default 10)",
-		"-listen", `(default ":4500")`, "-max_threads", "-registry", `(default "https://index.docker.io/v1/")`,
+		"-listen", `(default ":4500")`, "-max_threads", "(default 4)", "-registry", "empty means Docker Hub",
 		"-repull_period", "(default 24h0m0s)", "-slack_username", `(default "Deployer")`, "-slack_webhook_url",
 		"-strong_consistency", "-webhook_path", `(default "/api/dockerhub/webhook")`,
-		"-node_name", "-webhook_secret", "-registry_webhook_path", "-etcd_data_dir", "-log_format",
+		"-node_name", "-webhook_secret", "-registry_webhook_path", "-etcd_data_dir", "-log_format", "-tls_cert", "-tls_key",
+		"deployer secret",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("-h output lacks %s", want)
 		}
+	}
+	// -etcd_nodes and -registry default to empty: no "(default …)" after
+	// them, and max_threads shows 4 on any machine.
+	for _, name := range []string{"etcd_nodes", "registry"} {
+		if help := flagHelp(out.String(), name); help == "" || strings.Contains(help, "(default") {
+			t.Errorf("-h for -%s = %q; want a help text without a default", name, help)
+		}
+	}
+	if help := flagHelp(out.String(), "max_threads"); !strings.HasSuffix(help, "(default 4)") {
+		t.Errorf("-h for -max_threads = %q; want (default 4)", help)
+	}
+}
+
+// flagHelp returns the help text PrintDefaults printed for one flag.
+func flagHelp(out, name string) string {
+	lines := strings.Split(out, "\n")
+	for i, l := range lines {
+		if f := strings.Fields(l); len(f) > 0 && f[0] == "-"+name && i+1 < len(lines) {
+			return strings.TrimSpace(lines[i+1])
+		}
+	}
+	return ""
+}
+
+// TestHelpShowsNoSecretFromTheEnvironment: -h must not print the Slack
+// token or the webhook secret taken from the environment as defaults.
+func TestHelpShowsNoSecretFromTheEnvironment(t *testing.T) {
+	var out bytes.Buffer
+	e := env("SLACK_WEBHOOK_URL", "https://hooks.slack.com/services/T1/B2/slacktoken", "DEPLOYER_WEBHOOK_SECRET", "envsecret")
+	if _, err := parseFlags("deployer", []string{"-h"}, e, &out); !errors.Is(err, flag.ErrHelp) {
+		t.Fatal(err)
+	}
+	for _, leak := range []string{"slacktoken", "envsecret"} {
+		if strings.Contains(out.String(), leak) {
+			t.Errorf("-h shows %q from the environment", leak)
+		}
+	}
+	c, err := parseFlags("deployer", nil, e, io.Discard)
+	if err != nil || c.WebhookSecret != "envsecret" || !strings.HasSuffix(c.SlackWebhookURL, "slacktoken") {
+		t.Errorf("environment defaults lost: %q %q %v", c.WebhookSecret, c.SlackWebhookURL, err)
+	}
+	c, err = parseFlags("deployer", []string{"-webhook_secret", "flag", "-slack_webhook_url", ""}, e, io.Discard)
+	if err != nil || c.WebhookSecret != "flag" || c.SlackWebhookURL != "" {
+		t.Errorf("flags must win over the environment: %q %q %v", c.WebhookSecret, c.SlackWebhookURL, err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/distribution/reference"
@@ -199,8 +200,13 @@ func (d *deployer) run(ctx context.Context, j job) report {
 // imageRemover removes images (-cleanup).
 type imageRemover interface {
 	// RemoveImageExtended removes an image; without Force, Docker refuses
-	// while any container uses it.
+	// while any container uses it, but removes an image by ID that has
+	// one tag left, tag and all.
 	RemoveImageExtended(name string, opts docker.RemoveImageOptions) error
+	// ListImages lists images with their tags.
+	ListImages(docker.ListImagesOptions) ([]docker.APIImages, error)
+	// ListContainers lists containers; All includes stopped ones.
+	ListContainers(docker.ListContainersOptions) ([]docker.APIContainers, error)
 }
 
 // removeSuperseded removes, after a deploy without failures, the images
@@ -214,6 +220,12 @@ func (d *deployer) removeSuperseded(ctx context.Context, r *report) {
 		if t.OldID == "" || t.OldID == t.NewID {
 			continue
 		}
+		// Check first: removing by ID would also drop the image's last
+		// other tag, and a stopped container's image is still needed.
+		if reason := d.imageStillNeeded(ctx, t.OldID); reason != "" {
+			d.log.Info("superseded image kept", "image", shortID(t.OldID), "reason", reason)
+			continue
+		}
 		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err := d.images.RemoveImageExtended(t.OldID, docker.RemoveImageOptions{Context: rctx})
 		cancel()
@@ -224,4 +236,37 @@ func (d *deployer) removeSuperseded(ctx context.Context, r *report) {
 		d.metrics.imagesRemoved.Inc()
 		d.log.Info("removed superseded image", "image", shortID(t.OldID), "tag", r.Repo+":"+t.Tag)
 	}
+}
+
+// imageStillNeeded says why image id must stay: another tag still names
+// it, or a container (running or not) uses it; "" when it may go. When
+// Docker cannot tell, the image stays.
+func (d *deployer) imageStillNeeded(ctx context.Context, id string) string {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	images, err := d.images.ListImages(docker.ListImagesOptions{Context: ctx})
+	if err != nil {
+		return "cannot list images: " + err.Error()
+	}
+	for _, img := range images {
+		if img.ID != id {
+			continue
+		}
+		for _, tag := range img.RepoTags {
+			if tag != "<none>:<none>" {
+				return "still tagged " + tag
+			}
+		}
+	}
+	containers, err := d.images.ListContainers(docker.ListContainersOptions{
+		All: true, Filters: map[string][]string{"ancestor": {id}}, Context: ctx,
+	})
+	if err != nil {
+		return "cannot list containers: " + err.Error()
+	}
+	if len(containers) > 0 {
+		c := containers[0]
+		return fmt.Sprintf("used by container %s (%s)", strings.TrimPrefix(strings.Join(c.Names, ","), "/"), c.State)
+	}
+	return ""
 }

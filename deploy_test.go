@@ -274,11 +274,15 @@ func TestDeployCleanup(t *testing.T) {
 		name        string
 		cleanup     bool
 		oldInUse    bool
+		otherTag    bool // the old image is also tagged reg:5000/app:backup
+		stoppedUser bool // a stopped container was created from the old image
 		wantRemoved []string
 	}{
-		{"cleanup removes the superseded image", true, false, []string{old}},
-		{"an image still in use is kept", true, true, nil},
-		{"off by default", false, false, nil},
+		{"cleanup removes the superseded image", true, false, false, false, []string{old}},
+		{"an image still in use is kept", true, true, false, false, nil},
+		{"an image with another tag is kept", true, false, true, false, nil},
+		{"an image of a stopped container is kept", true, false, false, true, nil},
+		{"off by default", false, false, false, false, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFakeDocker()
@@ -289,12 +293,22 @@ func TestDeployCleanup(t *testing.T) {
 				f.addContainer("other", old[7:19]) // started by image ID: never stopped
 				f.containers[1].ImageID = old
 			}
+			if tt.otherTag {
+				f.local["reg:5000/app:backup"] = old
+			}
+			if tt.stoppedUser {
+				c := f.addContainer("job", old[7:19])
+				c.ImageID, c.Running, c.Exited = old, false, true
+			}
 			f.supervise = true
 			d, _ := newTestDeployer(t, f, "docker.io")
 			d.cleanup = tt.cleanup
 			d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
 			if !slices.Equal(f.removed, tt.wantRemoved) {
 				t.Errorf("removed %q; want %q", f.removed, tt.wantRemoved)
+			}
+			if tt.otherTag && f.local["reg:5000/app:backup"] != old {
+				t.Error("the other tag of the superseded image is gone")
 			}
 		})
 	}

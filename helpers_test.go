@@ -353,6 +353,9 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 		if !c.Running && !opts.All {
 			continue
 		}
+		if anc := opts.Filters["ancestor"]; len(anc) > 0 && !slices.Contains(anc, c.ImageID) {
+			continue
+		}
 		// Like Docker: the reference while it resolves to the
 		// container's image, the short image ID once it does not.
 		image := c.ConfigImage
@@ -577,6 +580,20 @@ func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions)
 		if c.ImageID == id {
 			return &docker.Error{Status: 409, Message: "image is being used by container " + c.ID}
 		}
+	}
+	// Like Docker, an image removed by ID loses its one remaining tag
+	// with it; with several tags it must be forced.
+	var tags []string
+	for ref, tid := range f.local {
+		if tid == id {
+			tags = append(tags, ref)
+		}
+	}
+	if len(tags) > 1 {
+		return &docker.Error{Status: 409, Message: "image is referenced in multiple repositories"}
+	}
+	for _, ref := range tags {
+		delete(f.local, ref)
 	}
 	f.removed = append(f.removed, id)
 	return nil

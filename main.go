@@ -10,6 +10,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -63,6 +64,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "status" {
 		return statusCommand(ctx, args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "secret" {
+		return secretCommand(ctx, args[1:], stdout, stderr)
+	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) || errors.Is(err, errInvalidFlag) {
@@ -72,6 +76,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	log := newLogger(cfg.LogFormat, stderr)
 	log.Info("starting deployer", "version", version, "node", cfg.NodeName, "listen", cfg.Listen)
+	hostname, _ := os.Hostname()
+	warnContainerHostname(log, cfg.NodeName, hostname)
 	return serve(ctx, cfg, log)
 }
 
@@ -158,8 +164,11 @@ type daemon struct {
 	recreator *recreator
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
-	listener  net.Listener   // set by run; tests read its address
-	ready     chan struct{}  // closed once listening
+	failures  *failLimiter   // failed authentications per address
+	health    *healthCache
+	claim     *nodeClaim    // the node name, held while running
+	listener  net.Listener  // set by run; tests read its address
+	ready     chan struct{} // closed once listening
 }
 
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
@@ -226,9 +235,10 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		log: log.With("component", "webhook"), metrics: m, now: time.Now, timeout: 5 * time.Second,
 		callback: &http.Client{Timeout: 10 * time.Second},
 	}
-	if cfg.WebhookSecret == "" {
-		log.Warn("no -webhook_secret: anyone who reaches " + cfg.Listen + " can trigger deploys")
-	}
+	d.failures = newFailLimiter()
+	d.webhook.failures = d.failures
+	d.health = &healthCache{ttl: time.Second, now: time.Now, check: d.checkHealth}
+	d.claim = newNodeClaim(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.Listen, log.With("component", "node"))
 	return d, nil
 }
 
@@ -241,34 +251,18 @@ func (d *daemon) handler() http.Handler {
 	mux.HandleFunc("/api/github/webhook", d.webhook.gitHub)
 	mux.HandleFunc("/api/quay/webhook", d.webhook.quay)
 	mux.HandleFunc("GET /healthz", d.healthz)
-	mux.HandleFunc("GET /api/status", d.apiStatus)
-	metrics := promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		if !d.cfg.MetricsOpen && !authorized(r, d.cfg.WebhookSecret) {
-			writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "missing or wrong secret"})
-			return
-		}
-		metrics.ServeHTTP(w, r)
-	})
+	mux.HandleFunc("GET /api/status", d.requireSecret(d.apiStatus))
+	mux.Handle("GET /metrics", d.metricsHandler())
 	return mux
 }
 
-// GET /healthz
-//
-// 200 when etcd (a quorum read) and Docker answer; 503 naming the failing
-// part otherwise.
-func (d *daemon) healthz(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
-	defer cancel()
-	status := map[string]string{"etcd": "ok", "docker": "ok", "node": d.cfg.NodeName}
-	code := http.StatusOK
-	if _, err := d.etcd.Get(ctx, progressKey(d.cfg.EtcdPrefix, d.cfg.NodeName)); err != nil {
-		status["etcd"], code = err.Error(), http.StatusServiceUnavailable
+// GET /metrics: the webhook secret is needed unless -metrics_open.
+func (d *daemon) metricsHandler() http.Handler {
+	metrics := promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{})
+	if d.cfg.MetricsOpen {
+		return metrics
 	}
-	if err := d.docker.PingWithContext(ctx); err != nil {
-		status["docker"], code = err.Error(), http.StatusServiceUnavailable
-	}
-	writeJSON(w, code, status)
+	return d.requireSecret(metrics.ServeHTTP)
 }
 
 func (d *daemon) submit(ctx context.Context) func(deployEvent) {
@@ -288,9 +282,45 @@ func (d *daemon) submit(ctx context.Context) func(deployEvent) {
 }
 
 func (d *daemon) run(ctx context.Context) error {
+	var certs *certReloader
+	if d.cfg.TLSCert != "" {
+		var err error
+		if certs, err = newCertReloader(d.cfg.TLSCert, d.cfg.TLSKey, d.log.With("component", "tls")); err != nil {
+			return err
+		}
+	}
+	for attempt := 1; ; attempt++ {
+		err := d.claim.acquire(ctx)
+		if err == nil {
+			break
+		}
+		if errors.Is(err, errNodeNameTaken) {
+			return fmt.Errorf("-node_name %s: %w", d.cfg.NodeName, err)
+		}
+		if ctx.Err() != nil {
+			return nil // stopped while starting
+		}
+		d.log.Warn("cannot claim the node name in etcd yet", "err", err)
+		if !sleepCtx(ctx, backoff(d.cfg.EtcdRetryDelay, attempt)) {
+			return nil
+		}
+	}
+	claimCtx, stopClaim := context.WithCancel(context.WithoutCancel(ctx))
+	claimDone := make(chan struct{})
+	go func() { d.claim.keep(claimCtx); close(claimDone) }()
+	defer func() { stopClaim(); <-claimDone }()
+	if err := d.resolveSecret(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil // stopped while starting
+		}
+		return err
+	}
 	ln, err := net.Listen("tcp", d.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("-listen: %w", err)
+	}
+	if certs != nil {
+		ln = tls.NewListener(ln, certs.tlsConfig())
 	}
 	d.listener = ln
 	close(d.ready)

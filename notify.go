@@ -187,7 +187,8 @@ func (s *slackNotifier) run(ctx context.Context) error {
 // up to three times.
 func (s *slackNotifier) post(ctx context.Context, msg slack.WebhookMessage) {
 	for attempt := 1; ; attempt++ {
-		err := slack.PostWebhookCustomHTTPContext(ctx, s.url, s.client, &msg)
+		// The URL is the token: errors (*url.Error) must not carry it.
+		err := redactErr(slack.PostWebhookCustomHTTPContext(ctx, s.url, s.client, &msg), s.url)
 		if err == nil {
 			s.metrics.slackPosts.WithLabelValues("ok").Inc()
 			return

@@ -8,8 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"regexp"
 	"strings"
 	"time"
 
@@ -192,21 +190,4 @@ func (r *restarter) restartOld(ctx context.Context, c staleContainer) error {
 		"image", shortID(c.ImageID), "waited", r.wait.timeout)
 	return fmt.Errorf("nothing restarted %s within %v: is it supervised? The old container runs again on %s (%w)",
 		c.Name, r.wait.timeout, shortID(c.ImageID), errUnsupervised)
-}
-
-var cgroupContainerID = regexp.MustCompile(`(?:/docker/|/containers/|docker-)([0-9a-f]{64})`)
-
-// selfContainerID finds the ID of the container this process runs in, if
-// any, from /proc/self/mountinfo (cgroup v2 hides it from /proc/self/cgroup).
-func selfContainerID() string {
-	for _, f := range []string{"/proc/self/mountinfo", "/proc/self/cgroup"} {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			continue
-		}
-		if m := cgroupContainerID.FindSubmatch(data); m != nil {
-			return string(m[1])
-		}
-	}
-	return ""
 }

@@ -12,7 +12,6 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -314,34 +313,26 @@ func (d *daemon) apiStatus(w http.ResponseWriter, r *http.Request) {
 
 // statusCommand is `deployer status`: the cluster status as a table.
 func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	def := defaultConfig(os.Getenv)
 	fs := flag.NewFlagSet("deployer status", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	nodes := fs.String("etcd_nodes", strings.Join(def.EtcdNodes, ","), "comma-separated etcd endpoints")
-	prefix := fs.String("etcd_prefix", def.EtcdPrefix, "etcd key prefix")
-	dial := fs.Duration("etcd_dial_timeout", def.EtcdDialTimeout, "timeout for connecting to etcd")
+	ce := addCommandEtcdFlags(fs)
 	asJSON := fs.Bool("json", false, "print JSON instead of a table")
-	addEtcdTLSFlags(fs, &def)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
 		}
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
-	def.EtcdNodes, def.EtcdDialTimeout = splitList(*nodes), *dial
-	if err := def.validateEtcdTLS(); err != nil {
-		return err
-	}
-	cli, err := newEtcdClient(ctx, def, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	cli, err := ce.client(ctx, stderr)
 	if err != nil {
 		return err
 	}
 	defer cli.Close()
-	ctx, cancel := context.WithTimeout(ctx, *dial+5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, ce.cfg.EtcdDialTimeout+5*time.Second)
 	defer cancel()
-	st, err := readStatus(ctx, cli, *prefix, time.Now())
+	st, err := readStatus(ctx, cli, ce.cfg.EtcdPrefix, time.Now())
 	if err != nil {
-		return fmt.Errorf("read status from %s: %w", *nodes, err)
+		return fmt.Errorf("read status from %s: %w", strings.Join(ce.cfg.etcdEndpoints(), ","), err)
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)

@@ -147,9 +147,9 @@ func TestAPIDeploy(t *testing.T) {
 
 func TestAPIDeployRecordsDigest(t *testing.T) {
 	cli := testEtcd(t)
-	h, _ := newTestWebhook(t, cli, "")
+	h, _ := newTestWebhook(t, cli, "s")
 	const dg = "sha256:3da1996a8115d7616457760d9920b815241d0a03b34cf5f04e9a0e9d8de37498"
-	w := serveHook(t, h.apiDeploy, hookRequest{target: "/api/deploy", body: `{"image":"reg:5000/app:qa@` + dg + `"}`})
+	w := serveHook(t, h.apiDeploy, hookRequest{target: "/api/deploy?token=s", body: `{"image":"reg:5000/app:qa@` + dg + `"}`})
 	if w.Code != 200 {
 		t.Fatalf("status %d: %s", w.Code, w.Body)
 	}
@@ -159,16 +159,16 @@ func TestAPIDeployRecordsDigest(t *testing.T) {
 }
 
 func TestNewEndpointsEtcdDownIs503(t *testing.T) {
-	h, _ := newTestWebhook(t, failingKV{errors.New("etcdserver: request timed out")}, "")
+	h, _ := newTestWebhook(t, failingKV{errors.New("etcdserver: request timed out")}, "s")
 	for _, tt := range []struct {
 		name    string
 		handler http.HandlerFunc
 		req     hookRequest
 	}{
-		{"api", h.apiDeploy, hookRequest{target: "/api/deploy", body: `{"image":"myorg/foo:qa"}`}},
-		{"harbor", h.harbor, hookRequest{target: "/api/harbor/webhook", body: string(readFixture(t, "harbor-push-default.json"))}},
-		{"github", h.gitHub, hookRequest{target: "/api/github/webhook", headers: map[string]string{"X-GitHub-Event": "registry_package"}, body: string(readFixture(t, "github-registry-package-published.json"))}},
-		{"quay", h.quay, hookRequest{target: "/api/quay/webhook", body: string(readFixture(t, "quay-repository-push.json"))}},
+		{"api", h.apiDeploy, hookRequest{target: "/api/deploy?token=s", body: `{"image":"myorg/foo:qa"}`}},
+		{"harbor", h.harbor, hookRequest{target: "/api/harbor/webhook?token=s", body: string(readFixture(t, "harbor-push-default.json"))}},
+		{"github", h.gitHub, hookRequest{target: "/api/github/webhook?token=s", headers: map[string]string{"X-GitHub-Event": "registry_package"}, body: string(readFixture(t, "github-registry-package-published.json"))}},
+		{"quay", h.quay, hookRequest{target: "/api/quay/webhook?token=s", body: string(readFixture(t, "quay-repository-push.json"))}},
 	} {
 		if w := serveHook(t, tt.handler, tt.req); w.Code != 503 {
 			t.Errorf("%s: status %d; want 503 (%s)", tt.name, w.Code, w.Body)

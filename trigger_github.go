@@ -125,10 +125,16 @@ func (h *webhook) gitHub(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, source, http.StatusBadRequest, fmt.Errorf("read body: %w", err))
 		return
 	}
+	// No secret, no entry (there is no unauthenticated mode); failures
+	// are rate-limited like every other endpoint's.
 	secret := h.secret
-	if secret != "" && !gitHubSignature(r.Header.Get("X-Hub-Signature-256"), raw, secret) && !authorized(r, secret) {
+	if secret == "" || (!gitHubSignature(r.Header.Get("X-Hub-Signature-256"), raw, secret) && !authorized(r, secret)) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="deployer"`)
-		h.fail(w, source, http.StatusUnauthorized, errors.New("missing or wrong X-Hub-Signature-256 (or secret)"))
+		code, err := rejectUnauthorized(w, r, h.failures)
+		if code == http.StatusUnauthorized {
+			err = errors.New("missing or wrong X-Hub-Signature-256 (or secret)")
+		}
+		h.fail(w, source, code, err)
 		return
 	}
 	event := r.Header.Get("X-GitHub-Event")

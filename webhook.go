@@ -41,7 +41,8 @@ type kvPutter interface {
 type webhook struct {
 	kv       kvPutter
 	prefix   string
-	secret   string // empty: no authentication
+	secret   string       // never empty once serving: an empty secret lets nothing in
+	failures *failLimiter // rate of failed authentications per address; nil: no limit
 	node     string
 	log      *slog.Logger
 	metrics  *metrics
@@ -192,8 +193,8 @@ func (h *webhook) accept(w http.ResponseWriter, r *http.Request, source string) 
 		return nil, false
 	}
 	if !authorized(r, h.secret) {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="deployer"`)
-		h.fail(w, source, http.StatusUnauthorized, errors.New("missing or wrong secret"))
+		code, err := rejectUnauthorized(w, r, h.failures)
+		h.fail(w, source, code, err)
 		return nil, false
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
@@ -210,10 +211,11 @@ func (h *webhook) accept(w http.ResponseWriter, r *http.Request, source string) 
 }
 
 // authorized checks the secret, given as "Authorization: Bearer <secret>"
-// or as ?token=<secret>, in constant time.
+// or as ?token=<secret>, in constant time. There is no unauthenticated
+// mode: an empty secret matches nothing.
 func authorized(r *http.Request, secret string) bool {
 	if secret == "" {
-		return true
+		return false
 	}
 	got := r.URL.Query().Get("token")
 	if a, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
@@ -245,7 +247,11 @@ func (h *webhook) trigger(ctx context.Context, repo string, t trigger) (triggere
 
 func (h *webhook) fail(w http.ResponseWriter, source string, code int, err error) {
 	h.metrics.webhooks.WithLabelValues(source, strings.ToLower(strings.ReplaceAll(http.StatusText(code), " ", "_"))).Inc()
-	h.log.Warn("webhook rejected", "source", source, "status", code, "err", err)
+	level := slog.LevelWarn
+	if code == http.StatusTooManyRequests {
+		level = slog.LevelDebug // a flood must not flood the log too
+	}
+	h.log.Log(context.Background(), level, "webhook rejected", "source", source, "status", code, "err", err)
 	writeJSON(w, code, map[string]string{"error": err.Error()})
 }
 
@@ -371,7 +377,7 @@ func (h *webhook) dockerHubCallback(rawURL, state, description string) {
 	}
 	u, err := url.Parse(rawURL)
 	if err != nil || u.Scheme != "https" || !dockerHubCallbackHosts[u.Hostname()] || u.Port() != "" {
-		h.log.Warn("ignoring callback_url outside Docker Hub", "callback_url", rawURL)
+		h.log.Warn("ignoring callback_url outside Docker Hub", "callback_url", redactURL(rawURL))
 		return
 	}
 	body, _ := json.Marshal(map[string]string{
@@ -389,7 +395,8 @@ func (h *webhook) dockerHubCallback(rawURL, state, description string) {
 		req.Header.Set("Content-Type", "application/json")
 		resp, err := h.callback.Do(req)
 		if err != nil {
-			h.log.Warn("docker hub callback failed", "err", err)
+			// The callback URL is a capability: keep it out of the log.
+			h.log.Warn("docker hub callback failed", "err", redactErr(err, rawURL, u.String()))
 			return
 		}
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))

@@ -199,9 +199,9 @@ func (t failingTxn) Commit() (*clientv3.TxnResponse, error) {
 var _ kvPutter = failingKV{}
 
 func TestWebhookEtcdDownIs503(t *testing.T) {
-	h, rt := newTestWebhook(t, failingKV{errors.New("etcdserver: request timed out")}, "")
+	h, rt := newTestWebhook(t, failingKV{errors.New("etcdserver: request timed out")}, "s")
 	w := httptest.NewRecorder()
-	h.dockerHub(w, httptest.NewRequest("POST", "/hook", strings.NewReader(string(readFixture(t, "dockerhub-webhook.json")))))
+	h.dockerHub(w, httptest.NewRequest("POST", "/hook?token=s", strings.NewReader(string(readFixture(t, "dockerhub-webhook.json")))))
 	if w.Code != 503 {
 		t.Errorf("dockerhub status = %d; want 503", w.Code)
 	}
@@ -211,7 +211,7 @@ func TestWebhookEtcdDownIs503(t *testing.T) {
 		t.Errorf("callback bodies %q; want one error state", rt.body)
 	}
 	w = httptest.NewRecorder()
-	h.registry(w, httptest.NewRequest("POST", "/reg", strings.NewReader(string(readFixture(t, "registry-notification-manifest-push.json")))))
+	h.registry(w, httptest.NewRequest("POST", "/reg?token=s", strings.NewReader(string(readFixture(t, "registry-notification-manifest-push.json")))))
 	if w.Code != 503 {
 		t.Errorf("registry status = %d; want 503", w.Code)
 	}

@@ -51,10 +51,10 @@ func envelope(events ...map[string]any) string {
 func TestRegistryEnvelopeOneTxn(t *testing.T) {
 	cli := testEtcd(t)
 	kv := &flakyKV{Client: cli}
-	h, _ := newTestWebhook(t, kv, "")
+	h, _ := newTestWebhook(t, kv, "s")
 	body := envelope(pushEvent("a", "qa", "sha256:1"), pushEvent("b", "qa", "sha256:2"), pushEvent("a", "prod", "sha256:3"))
 	w := httptest.NewRecorder()
-	h.registry(w, httptest.NewRequest("POST", "/reg", strings.NewReader(body)))
+	h.registry(w, httptest.NewRequest("POST", "/reg?token=s", strings.NewReader(body)))
 	if w.Code != 200 {
 		t.Fatalf("status %d (%s); want 200 with every trigger written", w.Code, w.Body)
 	}
@@ -84,10 +84,10 @@ func TestRegistryEnvelopeOneTxn(t *testing.T) {
 
 	// A failing etcd writes nothing of the envelope: 503, and the
 	// registry's retry is the only write.
-	h2, _ := newTestWebhook(t, failingKV{errors.New("etcdserver: request timed out")}, "")
+	h2, _ := newTestWebhook(t, failingKV{errors.New("etcdserver: request timed out")}, "s")
 	h2.prefix = h.prefix + "-failing"
 	w = httptest.NewRecorder()
-	h2.registry(w, httptest.NewRequest("POST", "/reg", strings.NewReader(body)))
+	h2.registry(w, httptest.NewRequest("POST", "/reg?token=s", strings.NewReader(body)))
 	if w.Code != 503 {
 		t.Errorf("etcd down: status %d; want 503", w.Code)
 	}
@@ -97,10 +97,10 @@ func TestRegistryEnvelopeOneTxn(t *testing.T) {
 	for i := range maxEnvelopePushes + 1 {
 		many = append(many, pushEvent(fmt.Sprintf("many/r%d", i), "qa", ""))
 	}
-	h3, _ := newTestWebhook(t, cli, "")
+	h3, _ := newTestWebhook(t, cli, "s")
 	h3.prefix = h.prefix + "-many"
 	w = httptest.NewRecorder()
-	h3.registry(w, httptest.NewRequest("POST", "/reg", strings.NewReader(envelope(many...))))
+	h3.registry(w, httptest.NewRequest("POST", "/reg?token=s", strings.NewReader(envelope(many...))))
 	if w.Code != 413 {
 		t.Errorf("%d pushes in one envelope: status %d; want 413", len(many), w.Code)
 	}
@@ -109,7 +109,7 @@ func TestRegistryEnvelopeOneTxn(t *testing.T) {
 	}
 	// At the cap: accepted, in one transaction.
 	w = httptest.NewRecorder()
-	h3.registry(w, httptest.NewRequest("POST", "/reg", strings.NewReader(envelope(many[:maxEnvelopePushes]...))))
+	h3.registry(w, httptest.NewRequest("POST", "/reg?token=s", strings.NewReader(envelope(many[:maxEnvelopePushes]...))))
 	if w.Code != 200 {
 		t.Errorf("%d pushes: status %d (%s); want 200", maxEnvelopePushes, w.Code, w.Body)
 	}

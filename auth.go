@@ -1,0 +1,212 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/time/rate"
+)
+
+// The cluster's webhook secret lives at <prefix>/_secret/webhook: the first
+// deployer to start creates it, every other node reads it, so that every
+// node of a cluster accepts the same secret with no configuration. Anyone
+// who can read etcd can read it; the embedded etcd listens on loopback only.
+const secretDir = "_secret"
+
+func clusterSecretKey(prefix string) string { return prefix + "/" + secretDir + "/webhook" }
+
+// secretBytes is how much randomness a generated secret carries.
+const secretBytes = 32
+
+// kvTxner is what the cluster secret needs from etcd.
+type kvTxner interface {
+	Txn(ctx context.Context) clientv3.Txn
+}
+
+// clusterSecret returns the cluster's webhook secret, creating a random one
+// if there is none yet (create-if-absent: of two nodes starting at once,
+// both end up with the one that was written first). created says whether
+// this call wrote it.
+func clusterSecret(ctx context.Context, kv kvTxner, prefix string) (secret string, created bool, err error) {
+	b := make([]byte, secretBytes)
+	if _, err := rand.Read(b); err != nil {
+		return "", false, fmt.Errorf("generate the webhook secret: %w", err)
+	}
+	fresh := hex.EncodeToString(b)
+	key := clusterSecretKey(prefix)
+	resp, err := kv.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, fresh)).
+		Else(clientv3.OpGet(key)).
+		Commit()
+	if err != nil {
+		return "", false, fmt.Errorf("etcd: read or create the webhook secret at %s: %w", key, err)
+	}
+	if resp.Succeeded {
+		return fresh, true, nil
+	}
+	kvs := resp.Responses[0].GetResponseRange().GetKvs()
+	if len(kvs) == 0 || len(kvs[0].Value) == 0 {
+		return "", false, fmt.Errorf("etcd: the webhook secret at %s is empty; delete the key to have a new one made", key)
+	}
+	return string(kvs[0].Value), false, nil
+}
+
+// readClusterSecret reads the secret without creating it (`deployer secret`).
+func readClusterSecret(ctx context.Context, kv clientv3.KV, prefix string) (string, error) {
+	key := clusterSecretKey(prefix)
+	resp, err := kv.Get(ctx, key)
+	if err != nil {
+		return "", fmt.Errorf("etcd get %s: %w", key, err)
+	}
+	if len(resp.Kvs) == 0 || len(resp.Kvs[0].Value) == 0 {
+		return "", fmt.Errorf("no webhook secret at %s yet: start a deployer with this -etcd_prefix and no -webhook_secret first", key)
+	}
+	return string(resp.Kvs[0].Value), nil
+}
+
+// failLimiter rate-limits requests that fail authentication, per remote
+// address. Requests with the right secret never consult it.
+type failLimiter struct {
+	every time.Duration // one more failure allowed per every
+	burst int
+	max   int // addresses remembered; the least recently seen go first
+	now   func() time.Time
+
+	mu    sync.Mutex
+	addrs map[string]*addrLimiter
+}
+
+type addrLimiter struct {
+	lim  *rate.Limiter
+	seen time.Time
+}
+
+func newFailLimiter() *failLimiter {
+	return &failLimiter{every: time.Second, burst: 10, max: 4096, now: time.Now, addrs: map[string]*addrLimiter{}}
+}
+
+// allow records a failed request from remoteAddr and reports whether it is
+// within the limit; retry is how long until the next one would be.
+func (l *failLimiter) allow(remoteAddr string) (ok bool, retry time.Duration) {
+	if l == nil {
+		return true, 0
+	}
+	host, _, err := net.SplitHostPort(remoteAddr)
+	if err != nil {
+		host = remoteAddr
+	}
+	now := l.now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	a := l.addrs[host]
+	if a == nil {
+		if len(l.addrs) >= l.max {
+			l.evict(now)
+		}
+		a = &addrLimiter{lim: rate.NewLimiter(rate.Every(l.every), l.burst)}
+		l.addrs[host] = a
+	}
+	a.seen = now
+	r := a.lim.ReserveN(now, 1)
+	if d := r.DelayFrom(now); d > 0 {
+		r.CancelAt(now)
+		return false, d
+	}
+	return true, 0
+}
+
+// evict makes room: first every address whose bucket has refilled (it
+// would start afresh anyway), else the least recently seen one. l.mu is
+// held.
+func (l *failLimiter) evict(now time.Time) {
+	var oldest string
+	for h, a := range l.addrs {
+		if a.lim.TokensAt(now) >= float64(l.burst) {
+			delete(l.addrs, h)
+			continue
+		}
+		if oldest == "" || a.seen.Before(l.addrs[oldest].seen) {
+			oldest = h
+		}
+	}
+	if len(l.addrs) >= l.max && oldest != "" {
+		delete(l.addrs, oldest)
+	}
+}
+
+// rejectUnauthorized answers a request without the right secret: 401, or
+// 429 when its address has failed too often.
+func rejectUnauthorized(w http.ResponseWriter, r *http.Request, l *failLimiter) (code int, err error) {
+	if ok, retry := l.allow(r.RemoteAddr); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(retry.Round(time.Second)/time.Second)+1))
+		return http.StatusTooManyRequests, errTooManyFailures
+	}
+	w.Header().Set("WWW-Authenticate", `Bearer realm="deployer"`)
+	return http.StatusUnauthorized, errWrongSecret
+}
+
+var (
+	errWrongSecret     = errors.New("missing or wrong secret")
+	errTooManyFailures = errors.New("too many requests with a missing or wrong secret")
+)
+
+// requireSecret wraps a handler that needs the webhook secret.
+func (d *daemon) requireSecret(next http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if authorized(r, d.cfg.WebhookSecret) {
+			next(w, r)
+			return
+		}
+		code, err := rejectUnauthorized(w, r, d.failures)
+		writeJSON(w, code, map[string]string{"error": err.Error()})
+	}
+}
+
+// resolveSecret settles the webhook secret before serving: -webhook_secret
+// (or $DEPLOYER_WEBHOOK_SECRET) when set, else the cluster's, created on
+// the first start. The log says how to get it, never what it is.
+func (d *daemon) resolveSecret(ctx context.Context) error {
+	if d.cfg.WebhookSecret != "" {
+		d.webhook.secret = d.cfg.WebhookSecret
+		d.log.Info("webhooks, /api/status and /metrics need the secret given by -webhook_secret")
+		return nil
+	}
+	var (
+		secret  string
+		created bool
+		err     error
+	)
+	for attempt := 1; ; attempt++ {
+		tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		secret, created, err = clusterSecret(tctx, d.etcd, d.cfg.EtcdPrefix)
+		cancel()
+		if err == nil {
+			break
+		}
+		d.log.Warn("cannot read the cluster's webhook secret yet", "err", err)
+		if !sleepCtx(ctx, backoff(d.cfg.EtcdRetryDelay, attempt)) {
+			return ctx.Err()
+		}
+	}
+	d.cfg.WebhookSecret, d.webhook.secret = secret, secret
+	how := "deployer secret -etcd_prefix " + d.cfg.EtcdPrefix
+	if len(d.cfg.EtcdNodes) > 0 {
+		how += " -etcd_nodes " + strings.Join(d.cfg.EtcdNodes, ",")
+	} else if d.cfg.EtcdListenClient != defaultConfig(func(string) string { return "" }).EtcdListenClient {
+		how += " -etcd_nodes " + d.cfg.EtcdListenClient
+	}
+	d.log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with: "+how,
+		"created", created, "key", clusterSecretKey(d.cfg.EtcdPrefix))
+	return nil
+}
