@@ -251,3 +251,31 @@ func TestDockerEventsStream(t *testing.T) {
 		t.Error("subscription to a closed server succeeded")
 	}
 }
+
+// When the record's lease is lost (revoked here; expired after a network
+// partition), the record goes with it: the reporter writes it again under
+// the new session at once, not at the next resync.
+func TestStatusRewrittenWhenLeaseLost(t *testing.T) {
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
+	f.addContainer("app", "reg:5000/app:qa")
+	startReporter(t, cli, f, time.Hour)
+	key := testPrefix(t) + "/" + statusDir + "/n1"
+	var lease int64
+	poll(t, 5*time.Second, "the first record", func() bool {
+		resp, err := cli.Get(t.Context(), key)
+		if err != nil || len(resp.Kvs) == 0 {
+			return false
+		}
+		lease = resp.Kvs[0].Lease
+		return true
+	})
+	if _, err := cli.Revoke(t.Context(), clientv3.LeaseID(lease)); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, 10*time.Second, "the record under a new lease", func() bool {
+		resp, err := cli.Get(t.Context(), key)
+		return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease != lease && fmt.Sprint(recordNames(t, cli)) == "[app]"
+	})
+}
