@@ -98,6 +98,26 @@ func procStats(pid int) (cpu time.Duration, rssKiB int) {
 	return cpu, rssKiB
 }
 
+// procWakeups sums the context switches of all of a process's threads:
+// about how often it woke up.
+func procWakeups(pid int) int {
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	total := 0
+	for _, t := range tasks {
+		status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, t.Name()))
+		for _, line := range strings.Split(string(status), "\n") {
+			if v, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
+				n, _ := strconv.Atoi(strings.TrimSpace(v))
+				total += n
+			} else if v, ok := strings.CutPrefix(line, "nonvoluntary_ctxt_switches:"); ok {
+				n, _ := strconv.Atoi(strings.TrimSpace(v))
+				total += n
+			}
+		}
+	}
+	return total
+}
+
 func mustHook(b *testing.B, s *stack, n *node, repo, tag string) int64 {
 	code, body := s.webhook(n, repo, tag)
 	if code != 200 {
@@ -402,9 +422,12 @@ func BenchmarkIdle(b *testing.B) {
 	reg0 := regLines()
 	dcpu0, _ := procStats(n.deployer.cmd.Process.Pid)
 	kcpu0, _ := procStats(n.dockerd.proc.cmd.Process.Pid)
+	dwake0, kwake0 := procWakeups(n.deployer.cmd.Process.Pid), procWakeups(n.dockerd.proc.cmd.Process.Pid)
 	time.Sleep(idle) // the measurement window itself
 	dcpu1, drss := procStats(n.deployer.cmd.Process.Pid)
 	kcpu1, krss := procStats(n.dockerd.proc.cmd.Process.Pid)
+	perMin := func(w0, w1 int) string { return fmt.Sprintf("%.0f", float64(w1-w0)/idle.Minutes()) }
+	dwake, kwake := perMin(dwake0, procWakeups(n.deployer.cmd.Process.Pid)), perMin(kwake0, procWakeups(n.dockerd.proc.cmd.Process.Pid))
 	reqs := regLines() - reg0
 	if reqs != 0 {
 		b.Errorf("%d registry requests while idle; want 0", reqs)
@@ -416,6 +439,7 @@ func BenchmarkIdle(b *testing.B) {
 			{"registry requests", strconv.Itoa(reqs), "-"},
 			{"CPU time", (dcpu1 - dcpu0).String(), (kcpu1 - kcpu0).String()},
 			{"resident memory", fmt.Sprintf("%.1f MiB", float64(drss)/1024), fmt.Sprintf("%.1f MiB", float64(krss)/1024)},
+			{"context switches per minute, all threads (about the wake-ups)", dwake, kwake},
 		})
 }
 

@@ -156,6 +156,14 @@ type fakeDocker struct {
 	crashAt string
 	dead    bool
 	anon    int // anonymous volumes created
+
+	// The status reporter's view: when each ListContainers happened, how
+	// many event subscriptions were made, and eventsDown, dockerd
+	// unreachable for events: like go-dockerclient, a subscription is
+	// accepted and its channel closed once the connection fails.
+	listedAt   []time.Time
+	subscribes int
+	eventsDown bool
 }
 
 var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
@@ -342,6 +350,7 @@ func (f *fakeDocker) PullImage(opts docker.PullImageOptions, _ docker.AuthConfig
 func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker.APIContainers, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.listedAt = append(f.listedAt, time.Now())
 	if f.listErr != nil {
 		return nil, f.listErr
 	}
@@ -476,6 +485,11 @@ func (f *fakeDocker) emit(action string, c *fakeContainer) {
 func (f *fakeDocker) AddEventListenerWithOptions(_ docker.EventsOptions, l chan<- *docker.APIEvents) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.subscribes++
+	if f.eventsDown {
+		close(l)
+		return nil
+	}
 	f.listeners = append(f.listeners, l)
 	return nil
 }

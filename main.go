@@ -209,8 +209,8 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	m.reg.MustRegister(newSkewCollector(cli, cfg.EtcdPrefix))
 	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
 	d.status = &statusReporter{
-		docker: dc, rollout: d.rollout, prefix: cfg.EtcdPrefix, node: cfg.NodeName, started: time.Now().UTC(),
-		period: 5 * time.Second, callTimeout: callTimeout, log: log.With("component", "status"),
+		docker: dc, events: eventsFor(dc, callTimeout), rollout: d.rollout, prefix: cfg.EtcdPrefix, node: cfg.NodeName, started: time.Now().UTC(),
+		period: statusResync, callTimeout: callTimeout, log: log.With("component", "status"),
 		wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
 	}
 	d.queue = newDeployQueue(cfg.MaxThreads, func(ctx context.Context, j job) error {

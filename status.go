@@ -47,15 +47,35 @@ type nodeStatus struct {
 	Retries []pendingRetry `json:"retries,omitempty"`
 }
 
-// statusReporter writes this node's record after each deploy and every
-// few seconds when the containers changed.
+// statusResync is how often the reporter lists the containers without
+// being told that anything changed: a safety net against a missed event.
+// Docker's event stream and the deploys' pokes do the real work, so that
+// an idle node is not woken every few seconds.
+const statusResync = 5 * time.Minute
+
+// eventAPI is the part of the Docker client the status reporter's event
+// subscription uses (dockerEvents in production, see eventstream.go).
+type eventAPI interface {
+	// AddEventListenerWithOptions subscribes to the daemon's events; the
+	// channel is closed when the event stream ends.
+	AddEventListenerWithOptions(opts docker.EventsOptions, listener chan<- *docker.APIEvents) error
+	// RemoveEventListener ends a subscription.
+	RemoveEventListener(listener chan *docker.APIEvents) error
+}
+
+// statusReporter writes this node's record after each deploy, when
+// Docker reports that a container started, stopped, went or was renamed,
+// when the record's lease was lost, and every period as a safety net.
 type statusReporter struct {
 	docker      containerAPI
+	events      eventAPI // nil: no subscription, the period alone
 	rollout     *rollout // for the session lease
 	prefix      string
 	node        string
 	started     time.Time
-	period      time.Duration
+	period      time.Duration // resync without events (statusResync)
+	settle      time.Duration // coalesces a burst of events into one listing; 0: 250ms
+	retryBase   time.Duration // first delay before subscribing or writing again; 0: 1s
 	callTimeout time.Duration
 	log         *slog.Logger
 	wake        chan struct{}         // capacity 1
@@ -72,31 +92,115 @@ func (s *statusReporter) poke() {
 	}
 }
 
+// statusEvent reports whether a Docker event can change the list of
+// running containers: health checks' execs and the like do not.
+func statusEvent(ev *docker.APIEvents) bool {
+	if ev == nil || (ev.Type != "" && ev.Type != "container") {
+		return false
+	}
+	switch cmp.Or(ev.Action, ev.Status) {
+	case "start", "die", "destroy", "rename":
+		return true
+	}
+	return false
+}
+
 func (s *statusReporter) run(ctx context.Context) error {
-	t := time.NewTicker(s.period)
-	defer t.Stop()
-	var last []containerStatus
-	var lastRetries []pendingRetry
-	var lastLease clientv3.LeaseID
+	settle, retryBase := cmp.Or(s.settle, 250*time.Millisecond), cmp.Or(s.retryBase, time.Second)
+	resync := time.NewTimer(s.period)
+	defer resync.Stop()
+	var (
+		last        []containerStatus
+		lastRetries []pendingRetry
+		lastLease   clientv3.LeaseID
+		leaseGone   <-chan struct{} // closed when the record's lease is lost
+		events      chan *docker.APIEvents
+		resub       <-chan time.Time // when to subscribe again
+		subFails    int
+		settled     <-chan time.Time // a burst of events has settled
+		retry       <-chan time.Time // a failed pass is retried
+		fails       int
+	)
+	defer func() {
+		if events != nil {
+			_ = s.events.RemoveEventListener(events)
+		}
+	}()
+	subscribe := func() {
+		if s.events == nil || events != nil || resub != nil {
+			return
+		}
+		ch := make(chan *docker.APIEvents, 64)
+		opts := docker.EventsOptions{Filters: map[string][]string{"type": {"container"}}}
+		if err := s.events.AddEventListenerWithOptions(opts, ch); err != nil {
+			subFails++
+			s.log.Debug("docker events unavailable, retrying", "err", err, "attempt", subFails)
+			resub = time.After(backoff(retryBase, subFails))
+			return
+		}
+		events = ch
+	}
+	subscribe()
+	pass := true
 	for {
-		cs, err := s.containers(ctx)
-		if err == nil {
-			var rs []pendingRetry
-			if s.retries != nil {
-				rs = s.retries()
+		if pass {
+			pass, settled, retry = false, nil, nil
+			cs, err := s.containers(ctx)
+			if err == nil {
+				var rs []pendingRetry
+				if s.retries != nil {
+					rs = s.retries()
+				}
+				var lease clientv3.LeaseID
+				lease, err = s.write(ctx, cs, last, rs, lastRetries, lastLease)
+				if err == nil {
+					last, lastRetries, lastLease = cs, rs, lease
+					if sess, serr := s.rollout.sess(ctx); serr == nil && sess.Lease() == lease {
+						leaseGone = sess.Done()
+					}
+				}
 			}
-			lease, werr := s.write(ctx, cs, last, rs, lastRetries, lastLease)
-			if werr != nil && ctx.Err() == nil {
-				s.log.Warn("status record not written", "err", werr)
+			if err != nil && ctx.Err() == nil {
+				fails++
+				s.log.Warn("status record not written", "err", err, "attempt", fails)
+				retry = time.After(backoff(retryBase, fails))
 			} else {
-				last, lastRetries, lastLease = cs, rs, lease
+				fails = 0
 			}
+			resync.Reset(s.period)
 		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-t.C:
+		case <-resync.C:
+			pass = true
 		case <-s.wake:
+			pass = true
+		case <-retry:
+			pass = true
+		case <-leaseGone:
+			leaseGone, pass = nil, true // write it again under the new lease
+		case <-settled:
+			pass = true
+		case ev, ok := <-events:
+			if !ok {
+				// The stream ended (dockerd restarted or went away): the
+				// client closed our channel. Subscribe again after a
+				// backoff, and list then: events were missed meanwhile.
+				events = nil
+				subFails++
+				s.log.Debug("docker event stream ended, subscribing again", "attempt", subFails)
+				resub = time.After(backoff(retryBase, subFails))
+				continue
+			}
+			subFails = 0
+			if statusEvent(ev) && settled == nil {
+				settled = time.After(settle)
+			}
+		case <-resub:
+			resub = nil
+			subscribe()
+			pass = events != nil
 		}
 	}
 }

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+)
+
+// dockerEvents streams the Docker daemon's events to listeners with the
+// contract of go-dockerclient's AddEventListenerWithOptions (the channel
+// is closed when the stream ends), for a subscription held for the
+// daemon's whole life. go-dockerclient's own event monitor wakes every
+// 100 ms while any listener is subscribed (event.go, monitorEvents), about
+// half a second of CPU per idle 10 minutes on our test machine; here each
+// subscription is one GET /events whose reader blocks until dockerd
+// writes an event, so an idle node sleeps.
+type dockerEvents struct {
+	client      *docker.Client
+	callTimeout time.Duration // until the response headers arrive
+
+	mu   sync.Mutex
+	subs map[chan<- *docker.APIEvents]context.CancelFunc
+}
+
+func newDockerEvents(c *docker.Client, callTimeout time.Duration) *dockerEvents {
+	return &dockerEvents{client: c, callTimeout: callTimeout, subs: map[chan<- *docker.APIEvents]context.CancelFunc{}}
+}
+
+// eventsFor returns the event source for a long-lived subscription on dc:
+// dockerEvents for a real client, dc itself otherwise (the tests' fake).
+func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
+	if c, ok := dc.(*docker.Client); ok {
+		return newDockerEvents(c, callTimeout)
+	}
+	return dc
+}
+
+// eventsURL is the URL of GET /events on the client's endpoint, for its
+// HTTPClient (which dials the socket itself for unix:// endpoints).
+func (e *dockerEvents) eventsURL(opts docker.EventsOptions) (string, error) {
+	u, err := url.Parse(e.client.Endpoint())
+	if err != nil {
+		return "", fmt.Errorf("docker endpoint: %w", err)
+	}
+	switch u.Scheme {
+	case "unix", "npipe":
+		u.Scheme, u.Host, u.Path = "http", "docker", ""
+	case "https":
+	default: // tcp, http
+		u.Scheme = "http"
+		if e.client.TLSConfig != nil {
+			u.Scheme = "https"
+		}
+	}
+	q := url.Values{}
+	if len(opts.Filters) > 0 {
+		b, err := json.Marshal(opts.Filters)
+		if err != nil {
+			return "", fmt.Errorf("event filters: %w", err)
+		}
+		q.Set("filters", string(b))
+	}
+	if opts.Since != "" {
+		q.Set("since", opts.Since)
+	}
+	if opts.Until != "" {
+		q.Set("until", opts.Until)
+	}
+	u.Path, u.RawQuery = "/events", q.Encode()
+	return u.String(), nil
+}
+
+// AddEventListenerWithOptions opens the stream (within callTimeout) and
+// sends its events to l until the stream ends, when it closes l, or until
+// RemoveEventListener.
+func (e *dockerEvents) AddEventListenerWithOptions(opts docker.EventsOptions, l chan<- *docker.APIEvents) error {
+	u, err := e.eventsURL(opts)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		cancel()
+		return fmt.Errorf("docker events: %w", err)
+	}
+	// A deadline on the connection and the headers only: the body is a
+	// stream that lasts as long as the subscription.
+	deadline := time.AfterFunc(e.callTimeout, cancel)
+	resp, err := e.client.HTTPClient.Do(req)
+	if !deadline.Stop() && err == nil {
+		resp.Body.Close()
+		err = context.DeadlineExceeded
+	}
+	if err != nil {
+		cancel()
+		return fmt.Errorf("docker events: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		cancel()
+		return fmt.Errorf("docker events: %s", resp.Status)
+	}
+	e.mu.Lock()
+	if _, dup := e.subs[l]; dup {
+		e.mu.Unlock()
+		resp.Body.Close()
+		cancel()
+		return docker.ErrListenerAlreadyExists
+	}
+	e.subs[l] = cancel
+	e.mu.Unlock()
+	go func() {
+		defer resp.Body.Close()
+		dec := json.NewDecoder(resp.Body)
+		for {
+			var ev docker.APIEvents
+			if dec.Decode(&ev) != nil {
+				break
+			}
+			select {
+			case l <- &ev:
+			case <-ctx.Done():
+			}
+			if ctx.Err() != nil {
+				break
+			}
+		}
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if ctx.Err() == nil { // the stream ended by itself: tell the listener
+			delete(e.subs, l)
+			cancel()
+			close(l)
+		}
+	}()
+	return nil
+}
+
+// RemoveEventListener ends l's subscription; l is not closed.
+func (e *dockerEvents) RemoveEventListener(l chan *docker.APIEvents) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if cancel, ok := e.subs[l]; ok {
+		delete(e.subs, l)
+		cancel()
+	}
+	return nil
+}

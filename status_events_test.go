@@ -1,0 +1,281 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// poll waits until cond holds, failing after d.
+func poll(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// startReporter runs a status reporter on f until the test ends.
+func startReporter(t *testing.T, cli *clientv3.Client, f *fakeDocker, period time.Duration) *statusReporter {
+	t.Helper()
+	r := newTestReplacer(t, cli, f, "n1", 1).rollout
+	s := &statusReporter{docker: f, events: f, rollout: r, prefix: testPrefix(t), node: "n1", started: time.Now(), period: period,
+		settle: 10 * time.Millisecond, retryBase: 20 * time.Millisecond, callTimeout: 5 * time.Second, log: testLogger(t),
+		wake: make(chan struct{}, 1), cache: map[string]containerStatus{}}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { s.run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return s
+}
+
+// recordNames reads node n1's status record: the names of its containers.
+func recordNames(t *testing.T, cli *clientv3.Client) []string {
+	t.Helper()
+	resp, err := cli.Get(t.Context(), testPrefix(t)+"/"+statusDir+"/n1")
+	if err != nil || len(resp.Kvs) == 0 {
+		return nil
+	}
+	var n nodeStatus
+	json.Unmarshal(resp.Kvs[0].Value, &n)
+	var out []string
+	for _, c := range n.Containers {
+		out = append(out, c.Name)
+	}
+	return out
+}
+
+func (f *fakeDocker) listCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.listedAt)
+}
+
+func (f *fakeDocker) subscribed() (subscribes, listeners int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.subscribes, len(f.listeners)
+}
+
+// A container that starts outside any deploy reaches the record through
+// Docker's event stream, long before the resync period.
+func TestStatusEventWritesRecord(t *testing.T) {
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
+	f.local["reg:5000/web:qa"] = "sha256:" + strings.Repeat("2", 64)
+	f.addContainer("app", "reg:5000/app:qa")
+	startReporter(t, cli, f, time.Hour)
+	poll(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
+	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
+
+	web := f.addContainer("web", "reg:5000/web:qa")
+	f.mu.Lock()
+	f.emit("start", web)
+	f.mu.Unlock()
+	poll(t, 5*time.Second, "web in the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
+
+	f.mu.Lock()
+	web.Running = false
+	f.emit("die", web)
+	f.mu.Unlock()
+	poll(t, 5*time.Second, "web out of the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
+}
+
+// With no event, the reporter lists the containers once at start and then
+// not again before the resync period; events that cannot change the
+// list (a health check's exec) do not make it list either.
+func TestStatusIdleListsOnlyOnResync(t *testing.T) {
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
+	app := f.addContainer("app", "reg:5000/app:qa")
+	const period = 400 * time.Millisecond
+	startReporter(t, cli, f, period)
+	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
+	f.mu.Lock()
+	f.emit("exec_start: /bin/true", app)
+	f.emit("health_status: healthy", app)
+	f.mu.Unlock()
+	poll(t, 5*time.Second, "the resync", func() bool { return f.listCount() >= 2 })
+	f.mu.Lock()
+	gap := f.listedAt[1].Sub(f.listedAt[0])
+	f.mu.Unlock()
+	if gap < period {
+		t.Errorf("second listing %v after the first; want none before the resync period %v", gap, period)
+	}
+
+	// The daemon's own reporter resyncs no more than once a minute.
+	d, err := newDaemon(config{Registry: "reg:5000", NodeName: "n1", EtcdPrefix: testPrefix(t), RestartStrategy: strategyStop}, cli, f, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.status.period < time.Minute || d.status.events == nil {
+		t.Errorf("daemon's status reporter: period %v, events %T; want at least a minute and a subscription", d.status.period, d.status.events)
+	}
+}
+
+// When the event stream ends the client closes the channel: the reporter
+// subscribes again after a growing backoff (not in a loop on the closed
+// channel), and lists once it has, because events were missed.
+func TestStatusEventStreamClosedResubscribes(t *testing.T) {
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
+	f.addContainer("app", "reg:5000/app:qa")
+	startReporter(t, cli, f, time.Hour)
+	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
+	poll(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
+
+	// dockerd goes away: every new subscription is closed at once.
+	f.mu.Lock()
+	f.eventsDown = true
+	f.mu.Unlock()
+	start := time.Now()
+	f.endEvents()
+	poll(t, 10*time.Second, "four more subscriptions", func() bool { s, _ := f.subscribed(); return s >= 5 })
+	// Backoffs of 20ms base: at least 10+20+40+80 ms (half of each, the
+	// jitter's floor) before the fifth; a spin would take microseconds.
+	if took := time.Since(start); took < 150*time.Millisecond {
+		t.Errorf("4 re-subscriptions in %v; want a backoff between them", took)
+	}
+	// While down the reporter does not list in a loop either.
+	if n := f.listCount(); n > 6 {
+		t.Errorf("%d listings while the event stream was down; want one per re-subscription at most", n)
+	}
+
+	// dockerd is back: a subscription holds, the missed change is listed,
+	// and events work again.
+	f.mu.Lock()
+	f.eventsDown = false
+	f.local["reg:5000/web:qa"] = "sha256:" + strings.Repeat("2", 64)
+	f.mu.Unlock()
+	f.addContainer("web", "reg:5000/web:qa")
+	poll(t, 10*time.Second, "a subscription again", func() bool { _, n := f.subscribed(); return n == 1 })
+	poll(t, 5*time.Second, "web listed after re-subscribing", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
+	web := f.containerByName("web")
+	f.mu.Lock()
+	web.Running = false
+	f.emit("die", web)
+	f.mu.Unlock()
+	poll(t, 5*time.Second, "web out of the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
+}
+
+// dockerEvents: one GET /events with the filters; events arrive in order;
+// the channel is closed when the stream ends, not when it is removed.
+func TestDockerEventsStream(t *testing.T) {
+	gotFilters := make(chan string, 4)
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/events" {
+			http.NotFound(w, r)
+			return
+		}
+		gotFilters <- r.URL.Query().Get("filters")
+		w.WriteHeader(200)
+		enc := json.NewEncoder(w)
+		enc.Encode(docker.APIEvents{Type: "container", Action: "start", Actor: docker.APIActor{ID: "c1"}})
+		enc.Encode(docker.APIEvents{Type: "container", Action: "die", Actor: docker.APIActor{ID: "c1"}})
+		w.(http.Flusher).Flush()
+		select {
+		case <-release: // the stream ends
+		case <-r.Context().Done(): // the client went
+		}
+	}))
+	defer srv.Close()
+	defer close(release)
+	c, err := docker.NewClient(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newDockerEvents(c, 5*time.Second)
+	opts := docker.EventsOptions{Filters: map[string][]string{"type": {"container"}}}
+
+	ch := make(chan *docker.APIEvents, 8)
+	if err := e.AddEventListenerWithOptions(opts, ch); err != nil {
+		t.Fatal(err)
+	}
+	if f := <-gotFilters; f != `{"type":["container"]}` {
+		t.Errorf("filters = %q", f)
+	}
+	for _, want := range []string{"start", "die"} {
+		select {
+		case ev := <-ch:
+			if ev.Action != want || ev.Actor.ID != "c1" {
+				t.Errorf("event = %+v; want %s of c1", ev, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no %s event", want)
+		}
+	}
+	// Removed: the stream is closed, the channel is not.
+	e.RemoveEventListener(ch)
+	select {
+	case ev, ok := <-ch:
+		t.Errorf("after remove: %v, %v; want nothing", ev, ok)
+	case <-time.After(100 * time.Millisecond):
+	}
+
+	// Ended by the daemon: the channel is closed.
+	ch2 := make(chan *docker.APIEvents, 8)
+	if err := e.AddEventListenerWithOptions(opts, ch2); err != nil {
+		t.Fatal(err)
+	}
+	<-gotFilters
+	<-ch2
+	<-ch2
+	release <- struct{}{}
+	select {
+	case _, ok := <-ch2:
+		if ok {
+			t.Error("an event after the stream ended")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("channel not closed when the stream ended")
+	}
+
+	// Unreachable: an error, no subscription.
+	srv.Close()
+	if err := e.AddEventListenerWithOptions(opts, make(chan *docker.APIEvents)); err == nil {
+		t.Error("subscription to a closed server succeeded")
+	}
+}
+
+// When the record's lease is lost (revoked here; expired after a network
+// partition), the record goes with it: the reporter writes it again under
+// the new session at once, not at the next resync.
+func TestStatusRewrittenWhenLeaseLost(t *testing.T) {
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
+	f.addContainer("app", "reg:5000/app:qa")
+	startReporter(t, cli, f, time.Hour)
+	key := testPrefix(t) + "/" + statusDir + "/n1"
+	var lease int64
+	poll(t, 5*time.Second, "the first record", func() bool {
+		resp, err := cli.Get(t.Context(), key)
+		if err != nil || len(resp.Kvs) == 0 {
+			return false
+		}
+		lease = resp.Kvs[0].Lease
+		return true
+	})
+	if _, err := cli.Revoke(t.Context(), clientv3.LeaseID(lease)); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, 10*time.Second, "the record under a new lease", func() bool {
+		resp, err := cli.Get(t.Context(), key)
+		return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease != lease && fmt.Sprint(recordNames(t, cli)) == "[app]"
+	})
+}
