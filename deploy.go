@@ -223,14 +223,14 @@ func (d *deployer) removeSuperseded(ctx context.Context, r *report) {
 		// Check first: removing by ID would also drop the image's last
 		// other tag, and a stopped container's image is still needed.
 		if reason := d.imageStillNeeded(ctx, t.OldID); reason != "" {
-			d.log.Info("superseded image kept", "image", shortID(t.OldID), "reason", reason)
+			d.log.Info("superseded image kept", "image", shortID(t.OldID), "needed_by", reason)
 			continue
 		}
 		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err := d.images.RemoveImageExtended(t.OldID, docker.RemoveImageOptions{Context: rctx})
 		cancel()
 		if err != nil {
-			d.log.Info("superseded image kept", "image", shortID(t.OldID), "reason", err)
+			d.log.Info("superseded image kept", "image", shortID(t.OldID), "err", err)
 			continue
 		}
 		d.metrics.imagesRemoved.Inc()

@@ -315,7 +315,7 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 		return err
 	}
-	ln, err := net.Listen("tcp", d.cfg.Listen)
+	ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("-listen: %w", err)
 	}

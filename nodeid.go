@@ -112,7 +112,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 			Commit()
 		cancel()
 		if err != nil {
-			sess.Close()
+			_ = sess.Close() // revoking failed: the lease expires by itself
 			return fmt.Errorf("etcd: claim %s: %w", c.key, err)
 		}
 		if resp.Succeeded {
@@ -135,13 +135,13 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 			_, err := c.cli.Txn(tctx).If(clientv3.Compare(clientv3.ModRevision(c.key), "=", modRev)).Then(clientv3.OpDelete(c.key)).Commit()
 			cancel()
 			if err != nil {
-				sess.Close()
+				_ = sess.Close() // revoking failed: the lease expires by itself
 				return fmt.Errorf("etcd: take over %s: %w", c.key, err)
 			}
 			continue
 		}
 		if time.Now().After(deadline) {
-			sess.Close()
+			_ = sess.Close() // revoking failed: the lease expires by itself
 			return fmt.Errorf("%w: another deployer is running with this -node_name (%s); give every deployer its own -node_name", errNodeNameTaken, holder)
 		}
 		if !logged {
@@ -150,7 +150,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 			logged = true
 		}
 		if !sleepCtx(ctx, c.poll) {
-			sess.Close()
+			_ = sess.Close() // revoking failed: the lease expires by itself
 			return ctx.Err()
 		}
 	}
@@ -170,7 +170,7 @@ func (c *nodeClaim) keep(ctx context.Context) {
 			return
 		}
 		c.log.Warn("lost the etcd lease of the node name; taking it again")
-		c.sess.Close()
+		_ = c.sess.Close() // revoking failed: the lease expires by itself
 		for {
 			err := c.acquire(ctx)
 			if err == nil {
@@ -194,7 +194,7 @@ func (c *nodeClaim) keep(ctx context.Context) {
 // release gives the name up at once (revokes the lease).
 func (c *nodeClaim) release() {
 	if c.sess != nil {
-		c.sess.Close()
+		_ = c.sess.Close() // revoking failed: the lease expires by itself
 	}
 }
 

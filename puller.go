@@ -490,7 +490,7 @@ func (c *credentials) lookup(ctx context.Context, domain string) (docker.AuthCon
 func credentialHelper(ctx context.Context, name, serverURL string) (docker.AuthConfiguration, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "docker-credential-"+name, "get")
+	cmd := exec.CommandContext(ctx, "docker-credential-"+name, "get") //nolint:gosec // the helper named in the operator's docker config, as the docker CLI runs it
 	cmd.Stdin = strings.NewReader(serverURL)
 	out, err := cmd.Output()
 	if err != nil {

@@ -48,7 +48,7 @@ func (p *repuller) run(ctx context.Context) error {
 	}
 	for {
 		// Spread nodes out: each waits 90% to 110% of the period.
-		wait := p.period - p.period/10 + rand.N(p.period/5+1)
+		wait := p.period - p.period/10 + rand.N(p.period/5+1) //nolint:gosec // jitter, not a secret
 		if !sleepCtx(ctx, wait) {
 			return nil
 		}

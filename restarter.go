@@ -183,6 +183,7 @@ func (r *restarter) restartOld(ctx context.Context, c staleContainer) error {
 	var running *docker.ContainerAlreadyRunning
 	if err != nil && !errors.As(err, &running) {
 		r.log.Error("nothing restarted the container, and starting the old one failed", "container", c.Name, "err", err)
+		//nolint:errorlint // %v: the start error must not make an unsupervised container retryable (see retryable)
 		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %v (%w)",
 			c.Name, r.wait.timeout, err, errUnsupervised)
 	}

@@ -57,10 +57,10 @@ func (p retryPolicy) delay(err error, attempt int) time.Duration {
 		d *= 2
 	}
 	d = min(d, p.max)
-	d = d/2 + rand.N(d/2+1)
+	d = d/2 + rand.N(d/2+1) //nolint:gosec // jitter, not a secret
 	if ra, ok := retryAfter(err); ok {
 		ra = min(ra, p.max)
-		d = max(d, ra+rand.N(ra/10+1))
+		d = max(d, ra+rand.N(ra/10+1)) //nolint:gosec // jitter, not a secret
 	}
 	return d
 }

@@ -43,8 +43,8 @@ func TestRetryable(t *testing.T) {
 		{"unsupervised container (started again on the old image)", fmt.Errorf("nothing restarted app within 2m0s: is it supervised? (%w)", errUnsupervised), false},
 		{"rollout slot lost", fmt.Errorf("app not replaced: %w", errSlotLost), true},
 		{"no rollout slot in time", fmt.Errorf("no rollout slot within 10m0s: %w", context.DeadlineExceeded), true},
-		{"replacement vanished (recreate)", fmt.Errorf("%w: app vanished: %v", errReplacement, errNoReplacement), false},
-		{"start refused by the daemon (recreate)", fmt.Errorf("%w: start app: %v", errReplacement, &docker.Error{Status: 500, Message: "OCI runtime create failed"}), false},
+		{"replacement vanished (recreate)", fmt.Errorf("%w: app vanished: %v", errReplacement, errNoReplacement), false},                                                     //nolint:errorlint // as recreate.go builds it
+		{"start refused by the daemon (recreate)", fmt.Errorf("%w: start app: %v", errReplacement, &docker.Error{Status: 500, Message: "OCI runtime create failed"}), false}, //nolint:errorlint // as recreate.go builds it
 		{"nil", nil, false},
 	}
 	for _, tt := range tests {

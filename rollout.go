@@ -129,7 +129,8 @@ func (r *rollout) sess(ctx context.Context) (*concurrency.Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("grant lease: %w", err)
 	}
-	s, err := concurrency.NewSession(r.etcd, concurrency.WithLease(lease.ID), concurrency.WithTTL(sessionTTL), concurrency.WithContext(r.sessCtx))
+	// The keepalives live as long as the rollout (sessCtx), not the call.
+	s, err := concurrency.NewSession(r.etcd, concurrency.WithLease(lease.ID), concurrency.WithTTL(sessionTTL), concurrency.WithContext(r.sessCtx)) //nolint:contextcheck // see above
 	if err != nil {
 		return nil, fmt.Errorf("session: %w", err)
 	}
@@ -347,7 +348,7 @@ func (sl *slot) release(ctx context.Context) {
 		tries, per = 1, time.Second
 	}
 	for attempt := 1; ; attempt++ {
-		dctx, cancel := context.WithTimeout(context.Background(), per)
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), per)
 		_, err := r.kv.Delete(dctx, sl.key)
 		cancel()
 		if err == nil {

@@ -129,13 +129,13 @@ func (h *webhook) apiDeploy(w http.ResponseWriter, r *http.Request) {
 	}
 	p, err := parseDeployRequest(r.Header.Get("Content-Type"), body)
 	if err != nil {
-		h.fail(w, source, http.StatusBadRequest, err)
+		h.fail(w, r, source, http.StatusBadRequest, err)
 		return
 	}
 	h.log.Info("deploy request", "repo", p.Repo, "tag", p.Tag, "digest", p.Digest, "remote", r.RemoteAddr)
 	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source})
 	if err != nil {
-		h.fail(w, source, http.StatusServiceUnavailable, err)
+		h.fail(w, r, source, http.StatusServiceUnavailable, err)
 		return
 	}
 	h.metrics.webhooks.WithLabelValues(source, "ok").Inc()
@@ -153,7 +153,7 @@ func (h *webhook) triggerEach(w http.ResponseWriter, r *http.Request, source str
 		h.log.Info("push notified", "source", source, "repo", p.Repo, "tag", p.Tag, "digest", p.Digest)
 		t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source})
 		if err != nil {
-			h.fail(w, source, http.StatusServiceUnavailable, err)
+			h.fail(w, r, source, http.StatusServiceUnavailable, err)
 			return
 		}
 		out.Triggered = append(out.Triggered, t)

@@ -65,7 +65,7 @@ func (h *webhook) quay(w http.ResponseWriter, r *http.Request) {
 	}
 	pushes, err := parseQuay(body)
 	if err != nil {
-		h.fail(w, source, http.StatusBadRequest, err)
+		h.fail(w, r, source, http.StatusBadRequest, err)
 		return
 	}
 	h.triggerEach(w, r, source, pushes)

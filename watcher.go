@@ -391,7 +391,7 @@ func backoff(base time.Duration, attempt int) time.Duration {
 		d *= 2
 	}
 	d = min(d, 30*base)
-	return d/2 + rand.N(d/2+1)
+	return d/2 + rand.N(d/2+1) //nolint:gosec // jitter, not a secret
 }
 
 // sleepCtx waits for d or until ctx is done; it reports whether d passed.

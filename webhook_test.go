@@ -169,7 +169,7 @@ func TestDockerHubCallbackOnlyToDockerHub(t *testing.T) {
 		"https://registry.hub.docker.com:8443/hook",
 		"https://127.0.0.1/hook",
 	} {
-		h.dockerHubCallback(u, "success", "x")
+		h.dockerHubCallback(t.Context(), u, "success", "x")
 	}
 	h.wg.Wait()
 	if len(rt.reqs) != 0 {
