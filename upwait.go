@@ -50,8 +50,10 @@ func judgeUp(c *docker.Container, newID string, now time.Time) (bool, error) {
 	case st.Restarting || (st.Running && c.RestartCount > 0):
 		return false, fmt.Errorf("%w: %s on %s is crash-looping (%d restarts, last exit code %d)",
 			errReplacement, name, shortID(newID), c.RestartCount, st.ExitCode)
-	case st.Dead || st.OOMKilled:
-		return false, fmt.Errorf("%w: %s on %s died (exit code %d)", errReplacement, name, shortID(newID), st.ExitCode)
+	case st.OOMKilled:
+		return false, fmt.Errorf("%w: %s on %s exited, out of memory (code %d)", errReplacement, name, shortID(newID), st.ExitCode)
+	case st.Dead: // exited and being removed (docker run --rm)
+		return false, fmt.Errorf("%w: %s on %s exited with code %d", errReplacement, name, shortID(newID), st.ExitCode)
 	case !st.Running:
 		if !st.FinishedAt.IsZero() && !st.FinishedAt.Before(st.StartedAt) {
 			return false, fmt.Errorf("%w: %s on %s exited with code %d", errReplacement, name, shortID(newID), st.ExitCode)
