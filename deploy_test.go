@@ -276,13 +276,15 @@ func TestDeployCleanup(t *testing.T) {
 		oldInUse    bool
 		otherTag    bool // the old image is also tagged reg:5000/app:backup
 		stoppedUser bool // a stopped container was created from the old image
+		otherFails  bool // the pull of another tag, reg:5000/app:dev, fails
 		wantRemoved []string
 	}{
-		{"cleanup removes the superseded image", true, false, false, false, []string{old}},
-		{"an image still in use is kept", true, true, false, false, nil},
-		{"an image with another tag is kept", true, false, true, false, nil},
-		{"an image of a stopped container is kept", true, false, false, true, nil},
-		{"off by default", false, false, false, false, nil},
+		{"cleanup removes the superseded image", true, false, false, false, false, []string{old}},
+		{"an image still in use is kept", true, true, false, false, false, nil},
+		{"an image with another tag is kept", true, false, true, false, false, nil},
+		{"an image of a stopped container is kept", true, false, false, true, false, nil},
+		{"a deploy that failed removes nothing", true, false, false, false, true, nil},
+		{"off by default", false, false, false, false, false, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFakeDocker()
@@ -299,6 +301,10 @@ func TestDeployCleanup(t *testing.T) {
 			if tt.stoppedUser {
 				c := f.addContainer("job", old[7:19])
 				c.ImageID, c.Running, c.Exited = old, false, true
+			}
+			if tt.otherFails {
+				f.local["reg:5000/app:dev"] = "sha256:cccccccccccc3333"
+				f.pullErr["reg:5000/app:dev"] = errors.New("registry down")
 			}
 			f.supervise = true
 			d, _ := newTestDeployer(t, f, "docker.io")
