@@ -1,5 +1,8 @@
 package main
 
+// config.go: the daemon's configuration: its flags with their defaults
+// and environment fallbacks, parsed and validated once.
+
 import (
 	"errors"
 	"flag"

@@ -1,5 +1,9 @@
 package main
 
+// deploy.go: one deploy of one repository on this node, from a job to a
+// report: pull the local tags, replace the containers still running the
+// old images, tell Slack, and remove superseded images with -cleanup.
+
 import (
 	"cmp"
 	"context"

@@ -1,5 +1,8 @@
 package main
 
+// health.go: GET /healthz, the daemon's own health (etcd and Docker
+// reachable), checked at most once per ttl.
+
 import (
 	"context"
 	"net/http"

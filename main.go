@@ -29,8 +29,6 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
-	"google.golang.org/grpc"
-	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
 // version is set with -ldflags "-X main.version=…".
@@ -126,15 +124,6 @@ func closeWithin(stop func(), d time.Duration, log *slog.Logger) {
 	case <-time.After(d):
 		log.Warn("gave up waiting for the embedded etcd to stop", "after", d)
 	}
-}
-
-// etcdDialOptions caps gRPC's reconnect backoff (2 minutes by default), so
-// that the client is back within seconds of an etcd member's return.
-func etcdDialOptions() []grpc.DialOption {
-	return []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-		Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 3 * time.Second},
-		MinConnectTimeout: 2 * time.Second,
-	})}
 }
 
 // dockerAPI is everything the daemon's components use from Docker,

@@ -1,5 +1,8 @@
 package main
 
+// nodeid.go: the claim of a node name: one live deployer per -node_name,
+// held by a leased key in etcd.
+
 import (
 	"context"
 	"encoding/json"
@@ -16,15 +19,12 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
-// Node identity. A live deployer holds <prefix>/_owner/<node>, bound to a
-// lease it keeps alive, so that a second deployer with the same -node_name
-// (which would overwrite the first one's progress and status) refuses to
-// start. A deployer that was killed leaves its key until the lease
-// expires; the next incarnation waits for that, or takes over at once when
-// the holder is provably a dead process of the same machine.
-const ownerDir = "_owner"
-
-func ownerKey(prefix, node string) string { return prefix + "/" + ownerDir + "/" + node }
+// Node identity. A live deployer holds ownerKey (<prefix>/_owner/<node>),
+// bound to a lease it keeps alive, so that a second deployer with the same
+// -node_name (which would overwrite the first one's progress and status)
+// refuses to start. A deployer that was killed leaves its key until the
+// lease expires; the next incarnation waits for that, or takes over at
+// once when the holder is provably a dead process of the same machine.
 
 // ownerTTL is the lease of the owner key, in seconds: how long a killed
 // deployer's name stays taken when the takeover cannot prove it dead.
@@ -96,7 +96,18 @@ func newNodeClaim(cli *clientv3.Client, prefix, node, listen string, log *slog.L
 // lease to expire; it fails with errNodeNameTaken while a live deployer
 // holds it.
 func (c *nodeClaim) acquire(ctx context.Context) error {
-	sess, err := concurrency.NewSession(c.cli, concurrency.WithTTL(c.ttl), concurrency.WithContext(ctx))
+	// The grant is bounded by ctx; the keepalives and the revoke at
+	// release are not: a session bound to the daemon's context would end
+	// at shutdown before release, keep would take the name again, and the
+	// revoke of that new lease would fail, leaving the name taken for a
+	// restart in place until the lease expired.
+	gctx, cancel := context.WithTimeout(ctx, c.callTO)
+	lease, err := c.cli.Grant(gctx, int64(c.ttl))
+	cancel()
+	if err != nil {
+		return fmt.Errorf("etcd lease for the node name: %w", err)
+	}
+	sess, err := concurrency.NewSession(c.cli, concurrency.WithLease(lease.ID), concurrency.WithTTL(c.ttl), concurrency.WithContext(context.WithoutCancel(ctx)))
 	if err != nil {
 		return fmt.Errorf("etcd lease for the node name: %w", err)
 	}

@@ -1,5 +1,8 @@
 package main
 
+// repull.go: the periodic re-pull (-repull): every period, with jitter,
+// queue a deploy of every repository in use that this cluster deploys.
+
 import (
 	"context"
 	"fmt"
@@ -110,7 +113,7 @@ func (p *repuller) once(ctx context.Context) error {
 func (p *repuller) deployedRepos(ctx context.Context) (map[string]bool, error) {
 	gctx, cancel := context.WithTimeout(ctx, p.callTimeout)
 	defer cancel()
-	resp, err := p.kv.Get(gctx, p.prefix+"/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	resp, err := p.kv.Get(gctx, triggersPrefix(p.prefix), clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
 		return nil, fmt.Errorf("list trigger keys: %w", err)
 	}

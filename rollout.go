@@ -34,7 +34,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"strconv"
 	"sync"
 	"time"
@@ -46,17 +45,8 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
-const (
-	rolloutDir = "_rollout"
-	sessionTTL = 10 // seconds a dead node's slots outlive it
-)
-
-func rolloutPrefix(prefix, ref string) string {
-	return prefix + "/" + rolloutDir + "/" + url.PathEscape(ref) + "/"
-}
-
-func haltKey(prefix, ref string) string  { return rolloutPrefix(prefix, ref) + "halted" }
-func slotsDir(prefix, ref string) string { return rolloutPrefix(prefix, ref) + "slots/" }
+// sessionTTL is how many seconds a dead node's slots outlive it.
+const sessionTTL = 10
 
 // halt is the record of a version that failed to come up.
 type halt struct {

@@ -1,5 +1,8 @@
 package main
 
+// trigger_api.go: POST /api/deploy, for CI pipelines and people, and the
+// image-push parsing the other webhooks share.
+
 import (
 	"encoding/json"
 	"errors"

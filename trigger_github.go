@@ -1,5 +1,7 @@
 package main
 
+// trigger_github.go: GitHub's package webhook (ghcr.io pushes).
+
 import (
 	"crypto/hmac"
 	"crypto/sha256"

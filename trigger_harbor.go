@@ -1,5 +1,7 @@
 package main
 
+// trigger_harbor.go: Harbor's webhook.
+
 import (
 	"encoding/json"
 	"fmt"

@@ -1,5 +1,7 @@
 package main
 
+// trigger_quay.go: Quay's repository-push notification.
+
 import (
 	"encoding/json"
 	"errors"

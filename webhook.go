@@ -1,5 +1,10 @@
 package main
 
+// webhook.go: the HTTP side of a trigger: the common acceptance of every
+// webhook (method, secret, body size), writing the trigger to etcd, and
+// the Docker Hub and Docker registry webhooks. The other senders are
+// trigger_*.go.
+
 import (
 	"bytes"
 	"context"
