@@ -35,7 +35,6 @@ type deployer struct {
 	restarter *restarter
 	replacer  *replacer
 	notifier  notifier
-	registry  string // domain of bare names
 	node      string
 	dryRun    bool // report stale containers, stop nothing
 	cleanup   bool // remove superseded images no container uses
@@ -92,7 +91,7 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 
 func (d *deployer) run(ctx context.Context, j job) report {
 	r := report{Node: d.node, Repo: j.Repo}
-	repo, err := resolveRepo(j.Repo, d.registry)
+	repo, err := reference.ParseNamed(j.Repo) // canonical: daemon.submit resolved it
 	if err != nil {
 		r.Failed = append(r.Failed, fmt.Errorf("%w: %w", errBadReference, err))
 		return r
@@ -173,7 +172,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		return r
 	}
 	rolledOut := map[string]string{} // tag -> image ID now running
-	for _, o := range d.replacer.replace(ctx, repo.Name(), stale) {
+	for _, o := range d.replacer.replace(ctx, repo, stale) {
 		switch {
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
@@ -185,7 +184,9 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		}
 	}
 	for tag, id := range rolledOut {
-		d.replacer.rollout.clearHalt(ctx, repo.Name()+":"+tag, id)
+		if ref, err := reference.WithTag(repo, tag); err == nil { // a local tag: valid
+			d.replacer.rollout.clearHalt(ctx, ref.String(), id)
+		}
 	}
 	stopped := r.Stopped
 	// A tag that had moved before this pull (pulled by hand, or built

@@ -22,7 +22,7 @@ func (c *captureNotifier) notify(r report) {
 	c.reports = append(c.reports, r)
 }
 
-func newTestDeployer(t *testing.T, f *fakeDocker, registry string) (*deployer, *captureNotifier) {
+func newTestDeployer(t *testing.T, f *fakeDocker) (*deployer, *captureNotifier) {
 	n := &captureNotifier{}
 	m := newMetrics()
 	log := testLogger(t)
@@ -32,7 +32,7 @@ func newTestDeployer(t *testing.T, f *fakeDocker, registry string) (*deployer, *
 		puller:    &puller{docker: f, creds: &credentials{}, pullTimeout: time.Minute, callTimeout: time.Minute, log: log, metrics: m},
 		restarter: rep.restarter,
 		replacer:  rep,
-		notifier:  n, registry: registry, node: "n1", log: log, metrics: m, images: f,
+		notifier:  n, node: "n1", log: log, metrics: m, images: f,
 	}, n
 }
 
@@ -61,7 +61,6 @@ func TestDeploy(t *testing.T) {
 	type ctr struct{ name, image string }
 	tests := []struct {
 		name        string
-		registry    string
 		local       map[string]string
 		remote      map[string]string
 		containers  []ctr
@@ -76,7 +75,6 @@ func TestDeploy(t *testing.T) {
 	}{
 		{
 			name:        "pushed tag restarts only its containers",
-			registry:    "127.0.0.1:5000",
 			local:       map[string]string{"127.0.0.1:5000/app:qa": old, "127.0.0.1:5000/app:prod": old},
 			remote:      map[string]string{"127.0.0.1:5000/app:qa": newer, "127.0.0.1:5000/app:prod": newer},
 			containers:  []ctr{{"qa1", "127.0.0.1:5000/app:qa"}, {"qa2", "127.0.0.1:5000/app:qa"}, {"prod", "127.0.0.1:5000/app:prod"}},
@@ -87,7 +85,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "every local tag when no tag is named",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/foo:prod": old, "docker.io/myorg/foobar:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer, "docker.io/myorg/foo:prod": old},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"prod", "myorg/foo:prod"}, {"foobar", "myorg/foobar:qa"}},
@@ -98,7 +95,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "implicit latest is a tag like any other",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:latest": old},
 			remote:      map[string]string{"docker.io/myorg/foo:latest": newer},
 			containers:  []ctr{{"web", "myorg/foo"}},
@@ -109,7 +105,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "digest and image ID starts are never touched",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"by-digest", "myorg/foo" + digest}, {"by-id", old[7:19]}},
@@ -120,7 +115,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "nothing local, nothing pulled",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/other:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"other", "myorg/other:qa"}},
@@ -130,7 +124,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "up to date: no restart, no message",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": old},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}},
@@ -140,7 +133,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "failed pull stops nothing and is reported",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}},
@@ -153,7 +145,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "failed stop is reported",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"qa-b", "myorg/foo:qa"}},
@@ -166,7 +157,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "never stops itself",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/die-net/deployer:latest": old},
 			remote:      map[string]string{"docker.io/die-net/deployer:latest": newer},
 			containers:  []ctr{{"deployer", "die-net/deployer"}, {"other-deployer", "die-net/deployer"}},
@@ -178,7 +168,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "unrelated stale containers stay (the original stopped them)",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/bar:qa": other},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"bar", "myorg/bar:qa"}},
@@ -210,7 +199,7 @@ func TestDeploy(t *testing.T) {
 			if tt.stopErr != nil {
 				f.stopErr = tt.stopErr
 			}
-			d, n := newTestDeployer(t, f, tt.registry)
+			d, n := newTestDeployer(t, f)
 			for _, c := range f.containers {
 				if c.Name == tt.self {
 					d.restarter.selfID = c.ID[:12]
@@ -239,7 +228,7 @@ func TestDeployReportText(t *testing.T) {
 	f.local["127.0.0.1:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.remote["127.0.0.1:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "127.0.0.1:5000/app:qa")
-	d, n := newTestDeployer(t, f, "docker.io")
+	d, n := newTestDeployer(t, f)
 	d.deploy(t.Context(), job{Repo: "127.0.0.1:5000/app", All: true})
 	if len(n.reports) != 1 {
 		t.Fatalf("%d reports; want 1", len(n.reports))
@@ -257,7 +246,7 @@ func TestDeployDryRun(t *testing.T) {
 	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "reg:5000/app:qa")
-	d, n := newTestDeployer(t, f, "docker.io")
+	d, n := newTestDeployer(t, f)
 	d.dryRun = true
 	d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
 	if got := running(f); !slices.Equal(got, []string{"app"}) {
@@ -307,7 +296,7 @@ func TestDeployCleanup(t *testing.T) {
 				f.pullErr["reg:5000/app:dev"] = errors.New("registry down")
 			}
 			f.supervise = true
-			d, _ := newTestDeployer(t, f, "docker.io")
+			d, _ := newTestDeployer(t, f)
 			d.cleanup = tt.cleanup
 			d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
 			if !slices.Equal(f.removed, tt.wantRemoved) {

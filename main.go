@@ -161,10 +161,6 @@ type daemon struct {
 }
 
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
-	registry, err := registryHost(cfg.Registry)
-	if err != nil {
-		return nil, err
-	}
 	m := newMetrics()
 	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: cli, docker: dc, ready: make(chan struct{})}
 	var note notifier = nopNotifier{}
@@ -175,7 +171,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	const callTimeout = 30 * time.Second
 	wait := newUpWaiter(dc, cfg.RestartTimeout, callTimeout, log.With("component", "rollout"), m)
 	rs := &restarter{
-		docker: dc, wait: wait, killTimeout: cfg.KillTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
+		docker: dc, wait: wait, killTimeout: cfg.killTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
 		log: log.With("component", "restarter"), metrics: m,
 	}
 	d.rollout = newRollout(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, log.With("component", "rollout"), m)
@@ -192,7 +188,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		dryRun:    cfg.DryRun,
 		cleanup:   cfg.Cleanup,
 		images:    dc,
-		notifier:  note, registry: registry, node: cfg.NodeName,
+		notifier:  note, node: cfg.NodeName,
 		log: log.With("component", "deployer"), metrics: m,
 	}
 	m.reg.MustRegister(newSkewCollector(cli, cfg.EtcdPrefix))
@@ -216,7 +212,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		watching: make(chan struct{}),
 	}
 	d.repuller = &repuller{
-		docker: dc, kv: cli, prefix: cfg.EtcdPrefix, registry: registry,
+		docker: dc, kv: cli, prefix: cfg.EtcdPrefix, registry: cfg.registryDomain,
 		period: cfg.RepullPeriod, callTimeout: callTimeout, log: log.With("component", "repuller"),
 	}
 	d.webhook = &webhook{
@@ -255,9 +251,10 @@ func (d *daemon) metricsHandler() http.Handler {
 }
 
 func (d *daemon) submit(ctx context.Context) func(deployEvent) {
-	registry, _ := registryHost(d.cfg.Registry)
 	return func(ev deployEvent) {
-		repo, err := resolveRepo(ev.Repo, registry)
+		// The one place a trigger's repository is resolved: the queue
+		// and the deploy get its canonical name.
+		repo, err := resolveRepo(ev.Repo, d.cfg.registryDomain)
 		if err != nil {
 			d.log.Warn("ignoring trigger for an invalid repository", "repo", ev.Repo, "err", err)
 			if ev.Rev != 0 {
@@ -364,12 +361,11 @@ func (d *daemon) run(ctx context.Context) error {
 	// Let deploys in flight finish their stops, within a bound. Failed
 	// deploys waiting for a retry stop waiting: their triggers stay open.
 	d.queue.stopRetries()
-	grace := time.Duration(d.cfg.KillTimeout)*time.Second + 2*time.Second
 	drained := make(chan struct{})
 	go func() { d.queue.wait(); close(drained) }()
 	select {
 	case <-drained:
-	case <-time.After(grace):
+	case <-time.After(d.cfg.shutdownGrace):
 		d.log.Warn("deploys still running at shutdown, cancelling them")
 		cancelWork()
 		<-drained

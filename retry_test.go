@@ -93,7 +93,7 @@ type retryHarness struct {
 func newRetryHarness(t *testing.T) *retryHarness {
 	f := newFakeDocker()
 	reg := newRegistryDocker(f)
-	d, n := newTestDeployer(t, f, "docker.io")
+	d, n := newTestDeployer(t, f)
 	d.puller.docker = reg
 	h := &retryHarness{f: f, reg: reg, d: d, n: n, p: newProgress(nil, "", testLogger(t)), m: d.metrics, runs: make(chan error, 100)}
 	h.p.init(9)
