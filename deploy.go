@@ -72,8 +72,8 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 	}
 	d.log.Log(ctx, level, "deploy finished", "repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
 		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", len(r.Failed), "err", err, "retry", retry, "attempt", j.Attempts+1)
-	if ctx.Err() != nil {
-		return errors.Join(err, ctx.Err()) // cancelled at shutdown: the next start replays the trigger
+	if cancelledAtShutdown(ctx) {
+		return errors.Join(err, ctx.Err()) // told nobody: the next start replays the trigger
 	}
 	switch {
 	case retry && (j.Told || quietRetry(err)):

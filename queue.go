@@ -217,6 +217,14 @@ func (q *deployQueue) pending() []pendingRetry {
 	return out
 }
 
+// cancelledAtShutdown is the one rule for a deploy the daemon's stop cut
+// short (its ctx ended): it is neither done nor told. Its trigger
+// revisions stay open, so the watermark stays behind them and the next
+// start replays them; nobody hears of a failure that was only the stop.
+// The worker applies it to every wait and to the deploy's outcome, the
+// deploy to its report.
+func cancelledAtShutdown(ctx context.Context) bool { return ctx.Err() != nil }
+
 // worker deploys one repository until no work for it is left.
 func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 	defer q.wg.Done()
@@ -229,8 +237,8 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 	for first, retry := true, false; ; first = false {
 		switch {
 		case retry:
-			// Leave the revisions open on shutdown: the next start
-			// replays them.
+			// At shutdown (cancelledAtShutdown, or stopRetries) the
+			// revisions stay open.
 			ok := q.waitRetry(ctx, st)
 			if !ok {
 				leave()
@@ -242,8 +250,7 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 		}
 		select {
 		case q.sem <- struct{}{}:
-		case <-ctx.Done():
-			// Leave the revisions open: the next start replays them.
+		case <-ctx.Done(): // cancelledAtShutdown
 			leave()
 			return
 		}
@@ -254,9 +261,9 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 
 		err := q.deploy(ctx, *j)
 		<-q.sem
-		if ctx.Err() != nil {
+		if cancelledAtShutdown(ctx) {
 			leave()
-			return // cut short: the revisions stay open
+			return
 		}
 		retry = err != nil && retryable(err)
 		if !retry {
