@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"sort"
@@ -306,5 +307,26 @@ func TestDeployCleanup(t *testing.T) {
 				t.Error("the other tag of the superseded image is gone")
 			}
 		})
+	}
+}
+
+// TestDeployCancelledAtShutdownTellsNobody: a deploy the stop cut short
+// reports nothing (the next start replays it) and says it was cancelled,
+// so that the queue leaves its revisions open.
+func TestDeployCancelledAtShutdownTellsNobody(t *testing.T) {
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+	f.pullErr["reg:5000/app:qa"] = errors.New("context canceled while pulling")
+	d, n := newTestDeployer(t, f)
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	err := d.deploy(ctx, job{Repo: "reg:5000/app", All: true})
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("deploy = %v; want it to say it was cancelled", err)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if len(n.reports) != 0 {
+		t.Errorf("told %d reports of a deploy cut short by the stop; want none", len(n.reports))
 	}
 }

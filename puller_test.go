@@ -174,6 +174,9 @@ func TestDeployQueueCancelLeavesRevisionsOpen(t *testing.T) {
 	if slices.Contains(done, 2) {
 		t.Errorf("revision of a deploy that never ran was marked done: %v", done)
 	}
+	if slices.Contains(done, 1) {
+		t.Errorf("revision of a deploy cut short by the stop was marked done: %v", done)
+	}
 }
 
 func TestCredentials(t *testing.T) {
