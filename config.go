@@ -187,6 +187,10 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	return c, c.validate()
 }
 
+// callTimeout bounds one call to Docker or etcd that has no bound of its
+// own (a pull has pullTimeout).
+const callTimeout = 30 * time.Second
+
 // drainMargin is what a deploy in flight gets at shutdown beyond
 // -kill_timeout to finish its stops and report.
 const drainMargin = 2 * time.Second

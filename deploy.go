@@ -43,6 +43,14 @@ type deployer struct {
 	metrics   *metrics
 }
 
+// newDeployer returns a deployer of this node's containers through the
+// replacer, telling note. It starts nothing.
+func newDeployer(p *puller, rep *replacer, images imageRemover, note notifier, node string, log *slog.Logger, m *metrics) *deployer {
+	return &deployer{
+		puller: p, restarter: rep.restarter, replacer: rep, images: images, notifier: note, node: node, log: log, metrics: m,
+	}
+}
+
 // deploy runs one deploy of a job and reports it. It returns what failed,
 // joined, or nil: the queue retries the job when the error is retryable
 // (retry.go). Slack hears of the first failure of a job and of its

@@ -8,7 +8,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 )
 
 // captureNotifier keeps every report.
@@ -29,12 +28,7 @@ func newTestDeployer(t *testing.T, f *fakeDocker) (*deployer, *captureNotifier) 
 	log := testLogger(t)
 	f.supervise = true // a supervised host: a stop brings the tag back up
 	rep := newTestReplacer(t, nil, f, "n1", 0)
-	return &deployer{
-		puller:    &puller{docker: f, creds: &credentials{}, pullTimeout: time.Minute, callTimeout: time.Minute, log: log, metrics: m},
-		restarter: rep.restarter,
-		replacer:  rep,
-		notifier:  n, node: "n1", log: log, metrics: m, images: f,
-	}, n
+	return newDeployer(newPuller(f, "", log, m), rep, f, n, "n1", log, m), n
 }
 
 // running lists the containers left alone: running and never stopped (a

@@ -24,6 +24,11 @@ type healthCache struct {
 	checks  int // how many checks ran (tests)
 }
 
+// newHealthCache runs check at most once a second.
+func newHealthCache(check func(ctx context.Context) []string) *healthCache {
+	return &healthCache{ttl: time.Second, now: time.Now, check: check}
+}
+
 func (h *healthCache) get(ctx context.Context) []string {
 	h.mu.Lock()
 	defer h.mu.Unlock()

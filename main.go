@@ -168,7 +168,6 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
 		note = d.slack
 	}
-	const callTimeout = 30 * time.Second
 	wait := newUpWaiter(dc, cfg.RestartTimeout, callTimeout, log.With("component", "rollout"), m)
 	rs := &restarter{
 		docker: dc, wait: wait, killTimeout: cfg.killTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
@@ -177,20 +176,8 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.rollout = newRollout(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, log.With("component", "rollout"), m)
 	d.recreator = &recreator{docker: dc, stopper: rs, wait: wait, callTimeout: callTimeout, log: log.With("component", "recreate"), metrics: m}
 	rep := &replacer{rollout: d.rollout, restarter: rs, recreator: d.recreator, strategy: cfg.RestartStrategy, log: log.With("component", "rollout")}
-	dep := &deployer{
-		puller: &puller{
-			docker: dc, creds: &credentials{path: cfg.DockerCfg, log: log},
-			pullTimeout: 10 * time.Minute, callTimeout: callTimeout,
-			log: log.With("component", "puller"), metrics: m,
-		},
-		restarter: rs,
-		replacer:  rep,
-		dryRun:    cfg.DryRun,
-		cleanup:   cfg.Cleanup,
-		images:    dc,
-		notifier:  note, node: cfg.NodeName,
-		log: log.With("component", "deployer"), metrics: m,
-	}
+	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep, dc, note, cfg.NodeName, log.With("component", "deployer"), m)
+	dep.dryRun, dep.cleanup = cfg.DryRun, cfg.Cleanup
 	m.reg.MustRegister(newSkewCollector(cli, cfg.EtcdPrefix))
 	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
 	d.status = &statusReporter{
@@ -206,23 +193,11 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.queue.queued = m.queued
 	d.queue.retrying = m.retrying
 	d.status.retries = d.queue.pending
-	d.watcher = &watcher{
-		kv: cli, w: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, retryDelay: cfg.EtcdRetryDelay,
-		serializable: !cfg.StrongConsistency, log: log.With("component", "watcher"), progress: d.progress, metrics: m,
-		watching: make(chan struct{}),
-	}
-	d.repuller = &repuller{
-		docker: dc, kv: cli, prefix: cfg.EtcdPrefix, registry: cfg.registryDomain,
-		period: cfg.RepullPeriod, callTimeout: callTimeout, log: log.With("component", "repuller"),
-	}
-	d.webhook = &webhook{
-		kv: cli, prefix: cfg.EtcdPrefix, secret: cfg.WebhookSecret, node: cfg.NodeName,
-		log: log.With("component", "webhook"), metrics: m, now: time.Now, timeout: 5 * time.Second,
-		callback: &http.Client{Timeout: 10 * time.Second},
-	}
+	d.watcher = newWatcher(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, log.With("component", "watcher"), m)
+	d.repuller = newRepuller(dc, cli, cfg.EtcdPrefix, cfg.registryDomain, cfg.RepullPeriod, log.With("component", "repuller"))
 	d.failures = newFailLimiter()
-	d.webhook.failures = d.failures
-	d.health = &healthCache{ttl: time.Second, now: time.Now, check: d.checkHealth}
+	d.webhook = newWebhook(cli, cfg.EtcdPrefix, cfg.WebhookSecret, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
+	d.health = newHealthCache(d.checkHealth)
 	d.claim = newNodeClaim(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.Listen, log.With("component", "node"))
 	return d, nil
 }

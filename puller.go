@@ -41,6 +41,18 @@ type puller struct {
 	metrics     *metrics
 }
 
+// pullTimeout bounds a whole pull.
+const pullTimeout = 10 * time.Minute
+
+// newPuller returns a puller that reads registry credentials from
+// dockerCfg (empty: anonymous pulls). It starts nothing.
+func newPuller(dc imageAPI, dockerCfg string, log *slog.Logger, m *metrics) *puller {
+	return &puller{
+		docker: dc, creds: &credentials{path: dockerCfg, log: log},
+		pullTimeout: pullTimeout, callTimeout: callTimeout, log: log, metrics: m,
+	}
+}
+
 // localImages returns tag -> image ID for every local tag of repo, and
 // image ID -> the manifest digests of repo the image was pulled by (its
 // RepoDigests), from one ListImages.

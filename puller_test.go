@@ -247,7 +247,7 @@ func TestPullerPassesCredentialsAndErrors(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte(creds), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p := &puller{docker: pullRecorder{f, &gotAuth}, creds: &credentials{path: cfg, log: testLogger(t)}, pullTimeout: 1e9, callTimeout: 1e9, log: testLogger(t), metrics: newMetrics()}
+	p := newPuller(pullRecorder{f, &gotAuth}, cfg, testLogger(t), newMetrics())
 	ref, _ := reference.ParseNormalizedNamed("127.0.0.1:5000/app:qa")
 	f.pullErr["127.0.0.1:5000/app:qa"] = &docker.Error{Status: 500, Message: "toomanyrequests"}
 	err := p.pull(t.Context(), ref.(reference.NamedTagged))

@@ -45,6 +45,12 @@ type repuller struct {
 	log         *slog.Logger
 }
 
+// newRepuller returns a repuller of the repositories under prefix, every
+// period (0: never). It starts nothing; submit is set before run.
+func newRepuller(dc containerAPI, kv keyLister, prefix, registry string, period time.Duration, log *slog.Logger) *repuller {
+	return &repuller{docker: dc, kv: kv, prefix: prefix, registry: registry, period: period, callTimeout: callTimeout, log: log}
+}
+
 func (p *repuller) run(ctx context.Context) error {
 	if p.period <= 0 {
 		return nil

@@ -374,16 +374,16 @@ func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
 	var mu sync.Mutex
 	var order []int64
 	var marks []int64
-	w := &watcher{kv: cli, prefix: prefix, node: "n1", log: testLogger(t), progress: p, metrics: newMetrics(),
-		emit: func(ev deployEvent) {
-			mu.Lock()
-			defer mu.Unlock()
-			order = append(order, ev.Rev)
-			if ev.Rev == late {
-				p.done([]int64{late}) // a quick deploy
-				marks = append(marks, p.watermark())
-			}
-		}}
+	w := newWatcher(cli, prefix, "n1", time.Second, false, p, testLogger(t), newMetrics())
+	w.emit = func(ev deployEvent) {
+		mu.Lock()
+		defer mu.Unlock()
+		order = append(order, ev.Rev)
+		if ev.Rev == late {
+			p.done([]int64{late}) // a quick deploy
+			marks = append(marks, p.watermark())
+		}
+	}
 	if _, err := w.catchUp(t.Context(), early); err != nil {
 		t.Fatal(err)
 	}

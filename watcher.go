@@ -39,6 +39,21 @@ type watcher struct {
 	watching     chan struct{} // closed once the starting revision is known; may be nil
 }
 
+// watchKV is the part of the etcd client the watcher uses.
+type watchKV interface {
+	clientv3.KV
+	clientv3.Watcher
+}
+
+// newWatcher returns a watcher of the triggers under prefix for node,
+// recording its progress in p. It starts nothing; emit is set before run.
+func newWatcher(cli watchKV, prefix, node string, retryDelay time.Duration, serializable bool, p *progress, log *slog.Logger, m *metrics) *watcher {
+	return &watcher{
+		kv: cli, w: cli, prefix: prefix, node: node, retryDelay: retryDelay, serializable: serializable,
+		log: log, progress: p, metrics: m, watching: make(chan struct{}),
+	}
+}
+
 func (w *watcher) run(ctx context.Context) error {
 	next, err := w.start(ctx)
 	for ctx.Err() == nil && err != nil {

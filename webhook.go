@@ -58,6 +58,16 @@ type webhook struct {
 	wg sync.WaitGroup // callbacks in flight
 }
 
+// newWebhook returns the webhook handlers of a node: they write triggers
+// under prefix and accept secret; failures rate-limits failed
+// authentications (nil: no limit). It starts nothing.
+func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
+	return &webhook{
+		kv: kv, prefix: prefix, secret: secret, failures: failures, node: node, log: log, metrics: m,
+		now: time.Now, timeout: 5 * time.Second, callback: &http.Client{Timeout: 10 * time.Second},
+	}
+}
+
 type triggered struct {
 	Key      string `json:"key"`
 	Repo     string `json:"repository"`
