@@ -161,8 +161,14 @@ func TestDaemonDeploysFromWebhook(t *testing.T) {
 	}
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if !strings.Contains(string(b), `deployer_containers_stopped_total{result="ok"} 1`) {
-		t.Errorf("/metrics lacks the stopped container:\n%s", b)
+	for _, want := range []string{
+		`deployer_containers_stopped_total{result="ok"} 1`,
+		`deployer_deploys_total{result="ok"} 1`, // counted before Slack is told
+		`deployer_pulls_total{result="ok"} 1`,
+	} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("/metrics lacks %s:\n%s", want, b)
+		}
 	}
 
 	// A clean stop returns nil and records the handled revision.
