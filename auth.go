@@ -207,7 +207,7 @@ func (d *daemon) resolveSecret(ctx context.Context) error {
 	} else if d.cfg.EtcdListenClient != defaultConfig(func(string) string { return "" }).EtcdListenClient {
 		how += " -etcd_nodes " + d.cfg.EtcdListenClient
 	}
-	d.log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with: "+how,
-		"created", created, "key", clusterSecretKey(d.cfg.EtcdPrefix))
+	d.log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with the command given",
+		"command", how, "created", created, "key", clusterSecretKey(d.cfg.EtcdPrefix))
 	return nil
 }
