@@ -1,5 +1,8 @@
 package main
 
+// auth.go: authentication of webhooks and of the API: the cluster's
+// webhook secret, kept in etcd, and the rate limit of failed attempts.
+
 import (
 	"context"
 	"crypto/rand"
@@ -17,13 +20,11 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// The cluster's webhook secret lives at <prefix>/_secret/webhook: the first
-// deployer to start creates it, every other node reads it, so that every
-// node of a cluster accepts the same secret with no configuration. Anyone
-// who can read etcd can read it; the embedded etcd listens on loopback only.
-const secretDir = "_secret"
-
-func clusterSecretKey(prefix string) string { return prefix + "/" + secretDir + "/webhook" }
+// The cluster's webhook secret lives at clusterSecretKey
+// (<prefix>/_secret/webhook): the first deployer to start creates it, every
+// other node reads it, so that every node of a cluster accepts the same
+// secret with no configuration. Anyone who can read etcd can read it; the
+// embedded etcd listens on loopback only.
 
 // secretBytes is how much randomness a generated secret carries.
 const secretBytes = 32
@@ -206,7 +207,7 @@ func (d *daemon) resolveSecret(ctx context.Context) error {
 	} else if d.cfg.EtcdListenClient != defaultConfig(func(string) string { return "" }).EtcdListenClient {
 		how += " -etcd_nodes " + d.cfg.EtcdListenClient
 	}
-	d.log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with: "+how,
-		"created", created, "key", clusterSecretKey(d.cfg.EtcdPrefix))
+	d.log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with the command given",
+		"command", how, "created", created, "key", clusterSecretKey(d.cfg.EtcdPrefix))
 	return nil
 }

@@ -1,5 +1,9 @@
 package main
 
+// clone.go: the configuration of a re-created container: the old
+// container's, on the new image, with the image's own defaults left to
+// the new image.
+
 import (
 	"maps"
 	"reflect"

@@ -1,5 +1,8 @@
 package main
 
+// config.go: the daemon's configuration: its flags with their defaults
+// and environment fallbacks, parsed and validated once.
+
 import (
 	"errors"
 	"flag"
@@ -65,6 +68,11 @@ type config struct {
 	EtcdPassword     string // from $DEPLOYER_ETCD_PASSWORD, never a flag
 	DockerTLSVerify  bool   // $DOCKER_TLS_VERIFY
 	DockerCertPath   string // $DOCKER_CERT_PATH, else ~/.docker
+
+	// Derived from the flags above by parseFlags, once.
+	registryDomain string        // -registry's domain ("docker.io", "host:5000"): where bare names live
+	killTimeout    time.Duration // -kill_timeout
+	shutdownGrace  time.Duration // how long a stop waits for deploys in flight: killTimeout + 2 s
 }
 
 // defaultConfig returns the defaults, taking the environment from getenv.
@@ -179,6 +187,14 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	return c, c.validate()
 }
 
+// callTimeout bounds one call to Docker or etcd that has no bound of its
+// own (a pull has pullTimeout).
+const callTimeout = 30 * time.Second
+
+// drainMargin is what a deploy in flight gets at shutdown beyond
+// -kill_timeout to finish its stops and report.
+const drainMargin = 2 * time.Second
+
 // splitList splits a comma-separated list, trimming spaces and dropping
 // empty items (the original broke on "a, b").
 func splitList(s string) []string {
@@ -191,7 +207,9 @@ func splitList(s string) []string {
 	return out
 }
 
-func (c config) validate() error {
+// validate checks the flags and derives their parsed forms
+// (registryDomain, killTimeout, shutdownGrace).
+func (c *config) validate() error {
 	bad := func(flagName, format string, args ...any) error {
 		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
 	}
@@ -218,15 +236,19 @@ func (c config) validate() error {
 	if c.KillTimeout < 0 {
 		return bad("kill_timeout", "must not be negative, got %d", c.KillTimeout)
 	}
+	c.killTimeout = time.Duration(c.KillTimeout) * time.Second
+	c.shutdownGrace = c.killTimeout + drainMargin
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return bad("listen", "%q is not host:port: %v", c.Listen, err)
 	}
 	if c.MaxThreads < 1 {
 		return bad("max_threads", "must be at least 1, got %d", c.MaxThreads)
 	}
-	if _, err := registryHost(c.Registry); err != nil {
+	domain, err := registryHost(c.Registry)
+	if err != nil {
 		return bad("registry", "%v", err)
 	}
+	c.registryDomain = domain
 	if c.RepullPeriod < 0 {
 		return bad("repull_period", "must not be negative, got %s (0 disables)", c.RepullPeriod)
 	}

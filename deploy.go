@@ -1,5 +1,9 @@
 package main
 
+// deploy.go: one deploy of one repository on this node, from a job to a
+// report: pull the local tags, replace the containers still running the
+// old images, tell Slack, and remove superseded images with -cleanup.
+
 import (
 	"cmp"
 	"context"
@@ -31,13 +35,20 @@ type deployer struct {
 	restarter *restarter
 	replacer  *replacer
 	notifier  notifier
-	registry  string // domain of bare names
 	node      string
 	dryRun    bool // report stale containers, stop nothing
 	cleanup   bool // remove superseded images no container uses
 	images    imageRemover
 	log       *slog.Logger
 	metrics   *metrics
+}
+
+// newDeployer returns a deployer of this node's containers through the
+// replacer, telling note. It starts nothing.
+func newDeployer(p *puller, rep *replacer, images imageRemover, note notifier, node string, log *slog.Logger, m *metrics) *deployer {
+	return &deployer{
+		puller: p, restarter: rep.restarter, replacer: rep, images: images, notifier: note, node: node, log: log, metrics: m,
+	}
 }
 
 // deploy runs one deploy of a job and reports it. It returns what failed,
@@ -69,8 +80,8 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 	}
 	d.log.Log(ctx, level, "deploy finished", "repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
 		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", len(r.Failed), "err", err, "retry", retry, "attempt", j.Attempts+1)
-	if ctx.Err() != nil {
-		return errors.Join(err, ctx.Err()) // cancelled at shutdown: the next start replays the trigger
+	if cancelledAtShutdown(ctx) {
+		return errors.Join(err, ctx.Err()) // told nobody: the next start replays the trigger
 	}
 	switch {
 	case retry && (j.Told || quietRetry(err)):
@@ -88,7 +99,7 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 
 func (d *deployer) run(ctx context.Context, j job) report {
 	r := report{Node: d.node, Repo: j.Repo}
-	repo, err := resolveRepo(j.Repo, d.registry)
+	repo, err := reference.ParseNamed(j.Repo) // canonical: daemon.submit resolved it
 	if err != nil {
 		r.Failed = append(r.Failed, fmt.Errorf("%w: %w", errBadReference, err))
 		return r
@@ -169,7 +180,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		return r
 	}
 	rolledOut := map[string]string{} // tag -> image ID now running
-	for _, o := range d.replacer.replace(ctx, repo.Name(), stale) {
+	for _, o := range d.replacer.replace(ctx, repo, stale) {
 		switch {
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
@@ -181,7 +192,9 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		}
 	}
 	for tag, id := range rolledOut {
-		d.replacer.rollout.clearHalt(ctx, repo.Name()+":"+tag, id)
+		if ref, err := reference.WithTag(repo, tag); err == nil { // a local tag: valid
+			d.replacer.rollout.clearHalt(ctx, ref.String(), id)
+		}
 	}
 	stopped := r.Stopped
 	// A tag that had moved before this pull (pulled by hand, or built
@@ -223,14 +236,14 @@ func (d *deployer) removeSuperseded(ctx context.Context, r *report) {
 		// Check first: removing by ID would also drop the image's last
 		// other tag, and a stopped container's image is still needed.
 		if reason := d.imageStillNeeded(ctx, t.OldID); reason != "" {
-			d.log.Info("superseded image kept", "image", shortID(t.OldID), "reason", reason)
+			d.log.Info("superseded image kept", "image", shortID(t.OldID), "needed_by", reason)
 			continue
 		}
 		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err := d.images.RemoveImageExtended(t.OldID, docker.RemoveImageOptions{Context: rctx})
 		cancel()
 		if err != nil {
-			d.log.Info("superseded image kept", "image", shortID(t.OldID), "reason", err)
+			d.log.Info("superseded image kept", "image", shortID(t.OldID), "err", err)
 			continue
 		}
 		d.metrics.imagesRemoved.Inc()

@@ -1,13 +1,13 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"testing"
-	"time"
 )
 
 // captureNotifier keeps every report.
@@ -22,18 +22,13 @@ func (c *captureNotifier) notify(r report) {
 	c.reports = append(c.reports, r)
 }
 
-func newTestDeployer(t *testing.T, f *fakeDocker, registry string) (*deployer, *captureNotifier) {
+func newTestDeployer(t *testing.T, f *fakeDocker) (*deployer, *captureNotifier) {
 	n := &captureNotifier{}
 	m := newMetrics()
 	log := testLogger(t)
 	f.supervise = true // a supervised host: a stop brings the tag back up
 	rep := newTestReplacer(t, nil, f, "n1", 0)
-	return &deployer{
-		puller:    &puller{docker: f, creds: &credentials{}, pullTimeout: time.Minute, callTimeout: time.Minute, log: log, metrics: m},
-		restarter: rep.restarter,
-		replacer:  rep,
-		notifier:  n, registry: registry, node: "n1", log: log, metrics: m, images: f,
-	}, n
+	return newDeployer(newPuller(f, "", log, m), rep, f, n, "n1", log, m), n
 }
 
 // running lists the containers left alone: running and never stopped (a
@@ -61,7 +56,6 @@ func TestDeploy(t *testing.T) {
 	type ctr struct{ name, image string }
 	tests := []struct {
 		name        string
-		registry    string
 		local       map[string]string
 		remote      map[string]string
 		containers  []ctr
@@ -76,7 +70,6 @@ func TestDeploy(t *testing.T) {
 	}{
 		{
 			name:        "pushed tag restarts only its containers",
-			registry:    "127.0.0.1:5000",
 			local:       map[string]string{"127.0.0.1:5000/app:qa": old, "127.0.0.1:5000/app:prod": old},
 			remote:      map[string]string{"127.0.0.1:5000/app:qa": newer, "127.0.0.1:5000/app:prod": newer},
 			containers:  []ctr{{"qa1", "127.0.0.1:5000/app:qa"}, {"qa2", "127.0.0.1:5000/app:qa"}, {"prod", "127.0.0.1:5000/app:prod"}},
@@ -87,7 +80,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "every local tag when no tag is named",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/foo:prod": old, "docker.io/myorg/foobar:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer, "docker.io/myorg/foo:prod": old},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"prod", "myorg/foo:prod"}, {"foobar", "myorg/foobar:qa"}},
@@ -98,7 +90,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "implicit latest is a tag like any other",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:latest": old},
 			remote:      map[string]string{"docker.io/myorg/foo:latest": newer},
 			containers:  []ctr{{"web", "myorg/foo"}},
@@ -109,7 +100,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "digest and image ID starts are never touched",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"by-digest", "myorg/foo" + digest}, {"by-id", old[7:19]}},
@@ -120,7 +110,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "nothing local, nothing pulled",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/other:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"other", "myorg/other:qa"}},
@@ -130,7 +119,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "up to date: no restart, no message",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": old},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}},
@@ -140,7 +128,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "failed pull stops nothing and is reported",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}},
@@ -153,7 +140,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "failed stop is reported",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"qa-b", "myorg/foo:qa"}},
@@ -166,7 +152,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "never stops itself",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/die-net/deployer:latest": old},
 			remote:      map[string]string{"docker.io/die-net/deployer:latest": newer},
 			containers:  []ctr{{"deployer", "die-net/deployer"}, {"other-deployer", "die-net/deployer"}},
@@ -178,7 +163,6 @@ func TestDeploy(t *testing.T) {
 		},
 		{
 			name:        "unrelated stale containers stay (the original stopped them)",
-			registry:    "docker.io",
 			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/bar:qa": other},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"bar", "myorg/bar:qa"}},
@@ -210,7 +194,7 @@ func TestDeploy(t *testing.T) {
 			if tt.stopErr != nil {
 				f.stopErr = tt.stopErr
 			}
-			d, n := newTestDeployer(t, f, tt.registry)
+			d, n := newTestDeployer(t, f)
 			for _, c := range f.containers {
 				if c.Name == tt.self {
 					d.restarter.selfID = c.ID[:12]
@@ -239,7 +223,7 @@ func TestDeployReportText(t *testing.T) {
 	f.local["127.0.0.1:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.remote["127.0.0.1:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "127.0.0.1:5000/app:qa")
-	d, n := newTestDeployer(t, f, "docker.io")
+	d, n := newTestDeployer(t, f)
 	d.deploy(t.Context(), job{Repo: "127.0.0.1:5000/app", All: true})
 	if len(n.reports) != 1 {
 		t.Fatalf("%d reports; want 1", len(n.reports))
@@ -257,7 +241,7 @@ func TestDeployDryRun(t *testing.T) {
 	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "reg:5000/app:qa")
-	d, n := newTestDeployer(t, f, "docker.io")
+	d, n := newTestDeployer(t, f)
 	d.dryRun = true
 	d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
 	if got := running(f); !slices.Equal(got, []string{"app"}) {
@@ -276,13 +260,15 @@ func TestDeployCleanup(t *testing.T) {
 		oldInUse    bool
 		otherTag    bool // the old image is also tagged reg:5000/app:backup
 		stoppedUser bool // a stopped container was created from the old image
+		otherFails  bool // the pull of another tag, reg:5000/app:dev, fails
 		wantRemoved []string
 	}{
-		{"cleanup removes the superseded image", true, false, false, false, []string{old}},
-		{"an image still in use is kept", true, true, false, false, nil},
-		{"an image with another tag is kept", true, false, true, false, nil},
-		{"an image of a stopped container is kept", true, false, false, true, nil},
-		{"off by default", false, false, false, false, nil},
+		{"cleanup removes the superseded image", true, false, false, false, false, []string{old}},
+		{"an image still in use is kept", true, true, false, false, false, nil},
+		{"an image with another tag is kept", true, false, true, false, false, nil},
+		{"an image of a stopped container is kept", true, false, false, true, false, nil},
+		{"a deploy that failed removes nothing", true, false, false, false, true, nil},
+		{"off by default", false, false, false, false, false, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			f := newFakeDocker()
@@ -300,8 +286,12 @@ func TestDeployCleanup(t *testing.T) {
 				c := f.addContainer("job", old[7:19])
 				c.ImageID, c.Running, c.Exited = old, false, true
 			}
+			if tt.otherFails {
+				f.local["reg:5000/app:dev"] = "sha256:cccccccccccc3333"
+				f.pullErr["reg:5000/app:dev"] = errors.New("registry down")
+			}
 			f.supervise = true
-			d, _ := newTestDeployer(t, f, "docker.io")
+			d, _ := newTestDeployer(t, f)
 			d.cleanup = tt.cleanup
 			d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
 			if !slices.Equal(f.removed, tt.wantRemoved) {
@@ -311,5 +301,26 @@ func TestDeployCleanup(t *testing.T) {
 				t.Error("the other tag of the superseded image is gone")
 			}
 		})
+	}
+}
+
+// TestDeployCancelledAtShutdownTellsNobody: a deploy the stop cut short
+// reports nothing (the next start replays it) and says it was cancelled,
+// so that the queue leaves its revisions open.
+func TestDeployCancelledAtShutdownTellsNobody(t *testing.T) {
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+	f.pullErr["reg:5000/app:qa"] = errors.New("context canceled while pulling")
+	d, n := newTestDeployer(t, f)
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	err := d.deploy(ctx, job{Repo: "reg:5000/app", All: true})
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("deploy = %v; want it to say it was cancelled", err)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if len(n.reports) != 0 {
+		t.Errorf("told %d reports of a deploy cut short by the stop; want none", len(n.reports))
 	}
 }

@@ -1,5 +1,8 @@
 package main
 
+// flagcheck.go: the check of the webhook path flags: a literal path
+// ServeMux can register.
+
 import (
 	"fmt"
 	"net/http"

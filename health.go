@@ -1,5 +1,8 @@
 package main
 
+// health.go: GET /healthz, the daemon's own health (etcd and Docker
+// reachable), checked at most once per ttl.
+
 import (
 	"context"
 	"net/http"
@@ -19,6 +22,11 @@ type healthCache struct {
 	at      time.Time
 	failing []string
 	checks  int // how many checks ran (tests)
+}
+
+// newHealthCache runs check at most once a second.
+func newHealthCache(check func(ctx context.Context) []string) *healthCache {
+	return &healthCache{ttl: time.Second, now: time.Now, check: check}
 }
 
 func (h *healthCache) get(ctx context.Context) []string {

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"maps"
 	"net"
@@ -18,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
@@ -115,7 +115,7 @@ func testLogger(tb testing.TB) *slog.Logger {
 	if testing.Verbose() {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
+	return slog.New(slog.DiscardHandler)
 }
 
 // fakeDocker is a small in-memory Docker: local tags, a "remote" registry
@@ -622,7 +622,7 @@ func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node str
 	wait := newUpWaiter(f, 5*time.Second, 5*time.Second, log, m)
 	wait.poll = 10 * time.Millisecond
 	wait.now = f.clock
-	rs := &restarter{docker: f, wait: wait, killTimeout: 1, callTimeout: 5 * time.Second, log: log, metrics: m}
+	rs := &restarter{docker: f, wait: wait, killTimeout: time.Second, callTimeout: 5 * time.Second, log: log, metrics: m}
 	ro := newRollout(cli, testPrefix(t), node, maxUnavailable, time.Minute, 5*time.Second, log, m)
 	ro.releaseBase = time.Millisecond
 	t.Cleanup(ro.close)
@@ -728,3 +728,13 @@ var (
 	// The tag is not in the registry.
 	errManifestUnknown = &docker.Error{Status: 404, Message: `manifest for 127.0.0.1:5000/app:qa not found: manifest unknown: manifest unknown`}
 )
+
+// testRepo is a repository as daemon.submit resolves it.
+func testRepo(t *testing.T, name string) reference.Named {
+	t.Helper()
+	repo, err := reference.ParseNamed(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return repo
+}

@@ -29,8 +29,6 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
-	"google.golang.org/grpc"
-	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
 // version is set with -ldflags "-X main.version=…".
@@ -128,15 +126,6 @@ func closeWithin(stop func(), d time.Duration, log *slog.Logger) {
 	}
 }
 
-// etcdDialOptions caps gRPC's reconnect backoff (2 minutes by default), so
-// that the client is back within seconds of an etcd member's return.
-func etcdDialOptions() []grpc.DialOption {
-	return []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-		Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 3 * time.Second},
-		MinConnectTimeout: 2 * time.Second,
-	})}
-}
-
 // dockerAPI is everything the daemon's components use from Docker,
 // gathered only to build them from one client.
 type dockerAPI interface {
@@ -172,10 +161,6 @@ type daemon struct {
 }
 
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
-	registry, err := registryHost(cfg.Registry)
-	if err != nil {
-		return nil, err
-	}
 	m := newMetrics()
 	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: cli, docker: dc, ready: make(chan struct{})}
 	var note notifier = nopNotifier{}
@@ -183,29 +168,16 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
 		note = d.slack
 	}
-	const callTimeout = 30 * time.Second
 	wait := newUpWaiter(dc, cfg.RestartTimeout, callTimeout, log.With("component", "rollout"), m)
 	rs := &restarter{
-		docker: dc, wait: wait, killTimeout: cfg.KillTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
+		docker: dc, wait: wait, killTimeout: cfg.killTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
 		log: log.With("component", "restarter"), metrics: m,
 	}
 	d.rollout = newRollout(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, log.With("component", "rollout"), m)
 	d.recreator = &recreator{docker: dc, stopper: rs, wait: wait, callTimeout: callTimeout, log: log.With("component", "recreate"), metrics: m}
 	rep := &replacer{rollout: d.rollout, restarter: rs, recreator: d.recreator, strategy: cfg.RestartStrategy, log: log.With("component", "rollout")}
-	dep := &deployer{
-		puller: &puller{
-			docker: dc, creds: &credentials{path: cfg.DockerCfg, log: log},
-			pullTimeout: 10 * time.Minute, callTimeout: callTimeout,
-			log: log.With("component", "puller"), metrics: m,
-		},
-		restarter: rs,
-		replacer:  rep,
-		dryRun:    cfg.DryRun,
-		cleanup:   cfg.Cleanup,
-		images:    dc,
-		notifier:  note, registry: registry, node: cfg.NodeName,
-		log: log.With("component", "deployer"), metrics: m,
-	}
+	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep, dc, note, cfg.NodeName, log.With("component", "deployer"), m)
+	dep.dryRun, dep.cleanup = cfg.DryRun, cfg.Cleanup
 	m.reg.MustRegister(newSkewCollector(cli, cfg.EtcdPrefix))
 	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
 	d.status = &statusReporter{
@@ -221,23 +193,11 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.queue.queued = m.queued
 	d.queue.retrying = m.retrying
 	d.status.retries = d.queue.pending
-	d.watcher = &watcher{
-		kv: cli, w: cli, prefix: cfg.EtcdPrefix, node: cfg.NodeName, retryDelay: cfg.EtcdRetryDelay,
-		serializable: !cfg.StrongConsistency, log: log.With("component", "watcher"), progress: d.progress, metrics: m,
-		watching: make(chan struct{}),
-	}
-	d.repuller = &repuller{
-		docker: dc, kv: cli, prefix: cfg.EtcdPrefix, registry: registry,
-		period: cfg.RepullPeriod, callTimeout: callTimeout, log: log.With("component", "repuller"),
-	}
-	d.webhook = &webhook{
-		kv: cli, prefix: cfg.EtcdPrefix, secret: cfg.WebhookSecret, node: cfg.NodeName,
-		log: log.With("component", "webhook"), metrics: m, now: time.Now, timeout: 5 * time.Second,
-		callback: &http.Client{Timeout: 10 * time.Second},
-	}
+	d.watcher = newWatcher(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, log.With("component", "watcher"), m)
+	d.repuller = newRepuller(dc, cli, cfg.EtcdPrefix, cfg.registryDomain, cfg.RepullPeriod, log.With("component", "repuller"))
 	d.failures = newFailLimiter()
-	d.webhook.failures = d.failures
-	d.health = &healthCache{ttl: time.Second, now: time.Now, check: d.checkHealth}
+	d.webhook = newWebhook(cli, cfg.EtcdPrefix, cfg.WebhookSecret, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
+	d.health = newHealthCache(d.checkHealth)
 	d.claim = newNodeClaim(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.Listen, log.With("component", "node"))
 	return d, nil
 }
@@ -266,9 +226,10 @@ func (d *daemon) metricsHandler() http.Handler {
 }
 
 func (d *daemon) submit(ctx context.Context) func(deployEvent) {
-	registry, _ := registryHost(d.cfg.Registry)
 	return func(ev deployEvent) {
-		repo, err := resolveRepo(ev.Repo, registry)
+		// The one place a trigger's repository is resolved: the queue
+		// and the deploy get its canonical name.
+		repo, err := resolveRepo(ev.Repo, d.cfg.registryDomain)
 		if err != nil {
 			d.log.Warn("ignoring trigger for an invalid repository", "repo", ev.Repo, "err", err)
 			if ev.Rev != 0 {
@@ -315,7 +276,7 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 		return err
 	}
-	ln, err := net.Listen("tcp", d.cfg.Listen)
+	ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("-listen: %w", err)
 	}
@@ -375,12 +336,11 @@ func (d *daemon) run(ctx context.Context) error {
 	// Let deploys in flight finish their stops, within a bound. Failed
 	// deploys waiting for a retry stop waiting: their triggers stay open.
 	d.queue.stopRetries()
-	grace := time.Duration(d.cfg.KillTimeout)*time.Second + 2*time.Second
 	drained := make(chan struct{})
 	go func() { d.queue.wait(); close(drained) }()
 	select {
 	case <-drained:
-	case <-time.After(grace):
+	case <-time.After(d.cfg.shutdownGrace):
 		d.log.Warn("deploys still running at shutdown, cancelling them")
 		cancelWork()
 		<-drained

@@ -3,12 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -121,6 +123,10 @@ func TestDaemonDeploysFromWebhook(t *testing.T) {
 	if code != 200 {
 		t.Fatalf("webhook: %d %s", code, body)
 	}
+	var hook triggered
+	if err := json.Unmarshal([]byte(body), &hook); err != nil || hook.Revision == 0 {
+		t.Fatalf("webhook answered %s (%v); want the trigger's revision", body, err)
+	}
 	select {
 	case name := <-f.stopped:
 		if name != "foo" {
@@ -155,8 +161,14 @@ func TestDaemonDeploysFromWebhook(t *testing.T) {
 	}
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if !strings.Contains(string(b), `deployer_containers_stopped_total{result="ok"} 1`) {
-		t.Errorf("/metrics lacks the stopped container:\n%s", b)
+	for _, want := range []string{
+		`deployer_containers_stopped_total{result="ok"} 1`,
+		`deployer_deploys_total{result="ok"} 1`, // counted before Slack is told
+		`deployer_pulls_total{result="ok"} 1`,
+	} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("/metrics lacks %s:\n%s", want, b)
+		}
 	}
 
 	// A clean stop returns nil and records the handled revision.
@@ -166,8 +178,11 @@ func TestDaemonDeploysFromWebhook(t *testing.T) {
 	}
 	td.done <- nil // for the cleanup
 	resp2, err := testEtcd(t).Get(t.Context(), progressKey(testPrefix(t), "n1"))
-	if err != nil || len(resp2.Kvs) != 1 || string(resp2.Kvs[0].Value) == "0" {
-		t.Errorf("progress after stop = %v, %v; want the handled revision", resp2, err)
+	if err != nil || len(resp2.Kvs) != 1 {
+		t.Fatalf("progress after stop = %v, %v; want the handled revision", resp2, err)
+	}
+	if got, err := strconv.ParseInt(string(resp2.Kvs[0].Value), 10, 64); err != nil || got < hook.Revision {
+		t.Errorf("progress after stop = %s; want at least %d, the revision the webhook wrote", resp2.Kvs[0].Value, hook.Revision)
 	}
 }
 

@@ -1,5 +1,7 @@
 package main
 
+// metrics.go: the Prometheus metrics of the daemon.
+
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"

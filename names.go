@@ -1,5 +1,8 @@
 package main
 
+// names.go: image and repository names: parsing, the registry of bare
+// names, and the local tags containers run.
+
 import (
 	"errors"
 	"fmt"

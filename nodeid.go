@@ -1,5 +1,8 @@
 package main
 
+// nodeid.go: the claim of a node name: one live deployer per -node_name,
+// held by a leased key in etcd.
+
 import (
 	"context"
 	"encoding/json"
@@ -16,15 +19,12 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
-// Node identity. A live deployer holds <prefix>/_owner/<node>, bound to a
-// lease it keeps alive, so that a second deployer with the same -node_name
-// (which would overwrite the first one's progress and status) refuses to
-// start. A deployer that was killed leaves its key until the lease
-// expires; the next incarnation waits for that, or takes over at once when
-// the holder is provably a dead process of the same machine.
-const ownerDir = "_owner"
-
-func ownerKey(prefix, node string) string { return prefix + "/" + ownerDir + "/" + node }
+// Node identity. A live deployer holds ownerKey (<prefix>/_owner/<node>),
+// bound to a lease it keeps alive, so that a second deployer with the same
+// -node_name (which would overwrite the first one's progress and status)
+// refuses to start. A deployer that was killed leaves its key until the
+// lease expires; the next incarnation waits for that, or takes over at
+// once when the holder is provably a dead process of the same machine.
 
 // ownerTTL is the lease of the owner key, in seconds: how long a killed
 // deployer's name stays taken when the takeover cannot prove it dead.
@@ -96,7 +96,18 @@ func newNodeClaim(cli *clientv3.Client, prefix, node, listen string, log *slog.L
 // lease to expire; it fails with errNodeNameTaken while a live deployer
 // holds it.
 func (c *nodeClaim) acquire(ctx context.Context) error {
-	sess, err := concurrency.NewSession(c.cli, concurrency.WithTTL(c.ttl), concurrency.WithContext(ctx))
+	// The grant is bounded by ctx; the keepalives and the revoke at
+	// release are not: a session bound to the daemon's context would end
+	// at shutdown before release, keep would take the name again, and the
+	// revoke of that new lease would fail, leaving the name taken for a
+	// restart in place until the lease expired.
+	gctx, cancel := context.WithTimeout(ctx, c.callTO)
+	lease, err := c.cli.Grant(gctx, int64(c.ttl))
+	cancel()
+	if err != nil {
+		return fmt.Errorf("etcd lease for the node name: %w", err)
+	}
+	sess, err := concurrency.NewSession(c.cli, concurrency.WithLease(lease.ID), concurrency.WithTTL(c.ttl), concurrency.WithContext(context.WithoutCancel(ctx)))
 	if err != nil {
 		return fmt.Errorf("etcd lease for the node name: %w", err)
 	}
@@ -112,7 +123,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 			Commit()
 		cancel()
 		if err != nil {
-			sess.Close()
+			_ = sess.Close() // revoking failed: the lease expires by itself
 			return fmt.Errorf("etcd: claim %s: %w", c.key, err)
 		}
 		if resp.Succeeded {
@@ -135,13 +146,13 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 			_, err := c.cli.Txn(tctx).If(clientv3.Compare(clientv3.ModRevision(c.key), "=", modRev)).Then(clientv3.OpDelete(c.key)).Commit()
 			cancel()
 			if err != nil {
-				sess.Close()
+				_ = sess.Close() // revoking failed: the lease expires by itself
 				return fmt.Errorf("etcd: take over %s: %w", c.key, err)
 			}
 			continue
 		}
 		if time.Now().After(deadline) {
-			sess.Close()
+			_ = sess.Close() // revoking failed: the lease expires by itself
 			return fmt.Errorf("%w: another deployer is running with this -node_name (%s); give every deployer its own -node_name", errNodeNameTaken, holder)
 		}
 		if !logged {
@@ -150,7 +161,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 			logged = true
 		}
 		if !sleepCtx(ctx, c.poll) {
-			sess.Close()
+			_ = sess.Close() // revoking failed: the lease expires by itself
 			return ctx.Err()
 		}
 	}
@@ -170,7 +181,7 @@ func (c *nodeClaim) keep(ctx context.Context) {
 			return
 		}
 		c.log.Warn("lost the etcd lease of the node name; taking it again")
-		c.sess.Close()
+		_ = c.sess.Close() // revoking failed: the lease expires by itself
 		for {
 			err := c.acquire(ctx)
 			if err == nil {
@@ -194,7 +205,7 @@ func (c *nodeClaim) keep(ctx context.Context) {
 // release gives the name up at once (revokes the lease).
 func (c *nodeClaim) release() {
 	if c.sess != nil {
-		c.sess.Close()
+		_ = c.sess.Close() // revoking failed: the lease expires by itself
 	}
 }
 

@@ -1,5 +1,8 @@
 package main
 
+// notify.go: the report of a deploy, its text, and the Slack notifier
+// that posts it without ever blocking a deploy.
+
 import (
 	"context"
 	"errors"

@@ -31,10 +31,6 @@ import (
 
 const parkedInfix = "-deployer-old-"
 
-// parkedMinUp (minUp) is how long <name> must have been running, when it has no
-// healthcheck, to count as up beside a parked container.
-const parkedMinUp = minUp
-
 // errRefused marks a container recreate will not replace. It is final and
 // local to this node: retrying will not help, and the version is not at
 // fault.

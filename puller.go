@@ -1,5 +1,9 @@
 package main
 
+// puller.go: the image side of a deploy: the local tags and digests of a
+// repository, pulling one tag, and the registry credentials a pull uses
+// (a .dockercfg or config.json, credential helpers included).
+
 import (
 	"context"
 	"encoding/json"
@@ -19,344 +23,6 @@ import (
 	docker "github.com/fsouza/go-dockerclient"
 )
 
-// job is one deploy of one repository: the union of the events that came
-// in for it while it waited.
-type job struct {
-	Repo    string
-	All     bool                // every local tag
-	Tags    map[string]struct{} // the tags named by events, when !All
-	Digests map[string]string   // tag -> manifest digest pushed, when the trigger said
-	Revs    []int64             // trigger revisions this job completes
-	Seen    time.Time           // when its first event came
-
-	// Set once an attempt has failed with a retryable error.
-	Attempts    int       // failed attempts so far
-	FirstFail   time.Time // when the first attempt failed
-	LastErr     error     // what the last attempt failed with
-	DigestSince time.Time // when a pushed digest was first found missing
-	Told        bool      // a failure was announced (Slack): its recovery will be
-}
-
-func (j *job) merge(ev deployEvent) {
-	if j.Seen.IsZero() {
-		j.Seen = time.Now()
-	}
-	if ev.Rev != 0 {
-		j.Revs = append(j.Revs, ev.Rev)
-	}
-	for t, d := range ev.Digests { // a later push of a tag wins
-		if j.Digests == nil {
-			j.Digests = map[string]string{}
-		}
-		j.Digests[t] = d
-	}
-	for _, t := range ev.Tags {
-		if _, ok := ev.Digests[t]; !ok {
-			delete(j.Digests, t) // pushed again, digest unknown
-		}
-	}
-	if ev.Tags == nil {
-		j.All, j.Tags, j.Digests = true, nil, nil
-		return
-	}
-	if j.All {
-		return
-	}
-	if j.Tags == nil {
-		j.Tags = map[string]struct{}{}
-	}
-	for _, t := range ev.Tags {
-		j.Tags[t] = struct{}{}
-	}
-}
-
-// absorb merges a failed job into the newer one that waits behind it: the
-// newer events win where they say something (tags, digests), the failed
-// job's revisions and retry state carry over.
-func (j *job) absorb(failed job) {
-	if !failed.Seen.IsZero() && (j.Seen.IsZero() || failed.Seen.Before(j.Seen)) {
-		j.Seen = failed.Seen
-	}
-	j.Revs = append(slices.Clone(failed.Revs), j.Revs...)
-	if failed.All {
-		j.All, j.Tags = true, nil
-	} else if !j.All {
-		if j.Tags == nil {
-			j.Tags = map[string]struct{}{}
-		}
-		for t := range failed.Tags {
-			j.Tags[t] = struct{}{}
-		}
-	}
-	newDigests := len(j.Digests) > 0
-	for t, d := range failed.Digests {
-		if _, newer := j.Tags[t]; newer || j.All {
-			continue // pushed again: the newer event decides
-		}
-		if j.Digests == nil {
-			j.Digests = map[string]string{}
-		}
-		j.Digests[t] = d
-	}
-	j.Attempts, j.FirstFail, j.LastErr, j.Told = failed.Attempts, failed.FirstFail, failed.LastErr, failed.Told
-	if !newDigests {
-		j.DigestSince = failed.DigestSince
-	}
-}
-
-// deployQueue runs at most a fixed number of deploys at once, and
-// coalesces events per repository: while a deploy of a repository waits or
-// runs, further events for it merge into a single follow-up deploy. The
-// first event of a quiet repository deploys at once; a follow-up waits
-// until events have stopped for `quiet` (at most `maxWait`), so a burst of
-// webhooks costs two deploys, whatever its length, and none is lost.
-//
-// A deploy that fails with a retryable error (retry.go) keeps its trigger
-// revisions open and runs again after the retry policy's delay, or as soon
-// as a new event for the repository comes (it merges in). Every other
-// outcome, success or final failure, marks its revisions done.
-type deployQueue struct {
-	deploy func(context.Context, job) error
-	done   func(revs []int64) // called after each deploy that is not retried
-	queued interface {
-		Inc()
-		Dec()
-	}
-	retrying interface { // repositories waiting for a retry
-		Inc()
-		Dec()
-	}
-	retry   retryPolicy
-	sem     chan struct{}
-	quiet   time.Duration
-	maxWait time.Duration
-
-	mu       sync.Mutex
-	repos    map[string]*repoState
-	wg       sync.WaitGroup
-	stopping chan struct{} // closed by stopRetries
-	stopOnce sync.Once
-}
-
-type repoState struct {
-	next      *job          // waiting work; nil when none
-	lastEvent time.Time     // when the latest event merged into next came
-	kick      chan struct{} // capacity 1: an event came during a retry wait
-	retryAt   time.Time     // when the failed job runs again; zero when none waits
-}
-
-const (
-	followUpQuiet   = 500 * time.Millisecond
-	followUpMaxWait = 5 * time.Second
-)
-
-func newDeployQueue(n int, deploy func(context.Context, job) error, done func([]int64)) *deployQueue {
-	return &deployQueue{
-		deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{}, queued: nopGauge{},
-		retrying: nopGauge{}, retry: retryPolicy{min: retryMin, max: retryMax}, stopping: make(chan struct{}),
-		quiet: followUpQuiet, maxWait: followUpMaxWait,
-	}
-}
-
-// submit queues an event. It never blocks. The deploy runs under ctx.
-func (q *deployQueue) submit(ctx context.Context, ev deployEvent) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	st, busy := q.repos[ev.Repo]
-	if !busy {
-		st = &repoState{kick: make(chan struct{}, 1)}
-		q.repos[ev.Repo] = st
-	}
-	if st.next == nil {
-		st.next = &job{Repo: ev.Repo}
-	}
-	st.next.merge(ev)
-	st.lastEvent = time.Now()
-	select {
-	case st.kick <- struct{}{}:
-	default:
-	}
-	if !busy {
-		q.queued.Inc()
-		q.wg.Add(1)
-		go q.worker(ctx, ev.Repo, st)
-	}
-}
-
-// pendingRetry is a repository whose deploy failed and waits to run again.
-type pendingRetry struct {
-	Repo      string    `json:"repo"`
-	Tags      []string  `json:"tags,omitempty"` // empty: every local tag
-	Revisions []int64   `json:"revisions,omitempty"`
-	Attempts  int       `json:"attempts"`
-	Since     time.Time `json:"since"` // first failure
-	Next      time.Time `json:"next"`  // next attempt
-	Error     string    `json:"error"`
-}
-
-// pending lists the repositories waiting for a retry.
-func (q *deployQueue) pending() []pendingRetry {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	var out []pendingRetry
-	for _, st := range q.repos {
-		if st.retryAt.IsZero() || st.next == nil {
-			continue
-		}
-		j := st.next
-		p := pendingRetry{Repo: j.Repo, Tags: slices.Sorted(maps.Keys(j.Tags)), Revisions: slices.Sorted(slices.Values(j.Revs)),
-			Attempts: j.Attempts, Since: j.FirstFail.UTC(), Next: st.retryAt.UTC()}
-		if j.LastErr != nil {
-			p.Error = strings.ReplaceAll(j.LastErr.Error(), "\n", "; ")
-		}
-		out = append(out, p)
-	}
-	slices.SortFunc(out, func(a, b pendingRetry) int { return strings.Compare(a.Repo, b.Repo) })
-	return out
-}
-
-// worker deploys one repository until no work for it is left.
-func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
-	defer q.wg.Done()
-	defer q.queued.Dec()
-	leave := func() {
-		q.mu.Lock()
-		delete(q.repos, repo)
-		q.mu.Unlock()
-	}
-	for first, retry := true, false; ; first = false {
-		switch {
-		case retry:
-			// Leave the revisions open on shutdown: the next start
-			// replays them.
-			ok := q.waitRetry(ctx, st)
-			if !ok {
-				leave()
-				return
-			}
-		case !first && !q.settle(ctx, st):
-			leave()
-			return
-		}
-		select {
-		case q.sem <- struct{}{}:
-		case <-ctx.Done():
-			// Leave the revisions open: the next start replays them.
-			leave()
-			return
-		}
-		q.mu.Lock()
-		j := st.next
-		st.next = nil
-		q.mu.Unlock()
-
-		err := q.deploy(ctx, *j)
-		<-q.sem
-		if ctx.Err() != nil {
-			leave()
-			return // cut short: the revisions stay open
-		}
-		retry = err != nil && retryable(err)
-		if !retry {
-			q.done(j.Revs)
-		}
-
-		q.mu.Lock()
-		if retry {
-			if errors.Is(err, errDigestMismatch) && j.DigestSince.IsZero() {
-				j.DigestSince = time.Now()
-			}
-			j.Attempts++
-			j.Told = j.Told || !quietRetry(err)
-			if j.FirstFail.IsZero() {
-				j.FirstFail = time.Now()
-			}
-			j.LastErr = err
-			if st.next != nil {
-				// Newer events came: one deploy covers both, after
-				// the usual settling.
-				st.next.absorb(*j)
-				retry = false
-			} else {
-				st.next = j
-				st.retryAt = time.Now().Add(q.retry.delay(err, j.Attempts))
-				select { // a kick from events merged before the failure
-				case <-st.kick:
-				default:
-				}
-			}
-			q.mu.Unlock()
-			continue
-		}
-		if st.next == nil {
-			delete(q.repos, repo)
-			q.mu.Unlock()
-			return
-		}
-		q.mu.Unlock()
-	}
-}
-
-// waitRetry waits until the failed job's retry time, or until a new event
-// for the repository came (and then settled). It reports false if ctx
-// ended first.
-func (q *deployQueue) waitRetry(ctx context.Context, st *repoState) bool {
-	q.retrying.Inc()
-	defer q.retrying.Dec()
-	defer func() {
-		q.mu.Lock()
-		st.retryAt = time.Time{}
-		q.mu.Unlock()
-	}()
-	q.mu.Lock()
-	wait := time.Until(st.retryAt)
-	q.mu.Unlock()
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-q.stopping:
-		return false
-	case <-t.C:
-		return true
-	case <-st.kick:
-		return q.settle(ctx, st)
-	}
-}
-
-// stopRetries ends every wait for a retry at once (the daemon is
-// stopping): their revisions stay open and the next start replays them.
-// Deploys in flight and follow-ups are not affected.
-func (q *deployQueue) stopRetries() {
-	q.stopOnce.Do(func() { close(q.stopping) })
-}
-
-// settle waits, before a follow-up deploy, until no event has come for
-// q.quiet, or q.maxWait has passed. It reports false if ctx ended first.
-func (q *deployQueue) settle(ctx context.Context, st *repoState) bool {
-	deadline := time.Now().Add(q.maxWait)
-	for {
-		q.mu.Lock()
-		wait := min(time.Until(st.lastEvent.Add(q.quiet)), time.Until(deadline))
-		q.mu.Unlock()
-		if wait <= 0 {
-			return true
-		}
-		if !sleepCtx(ctx, wait) {
-			return false
-		}
-	}
-}
-
-type nopGauge struct{}
-
-func (nopGauge) Inc() {}
-func (nopGauge) Dec() {}
-
-// wait blocks until every worker has returned.
-func (q *deployQueue) wait() { q.wg.Wait() }
-
 // imageAPI is the part of the Docker client the puller uses.
 type imageAPI interface {
 	// ListImages lists local images with their tags and IDs.
@@ -373,6 +39,18 @@ type puller struct {
 	callTimeout time.Duration // any other Docker call
 	log         *slog.Logger
 	metrics     *metrics
+}
+
+// pullTimeout bounds a whole pull.
+const pullTimeout = 10 * time.Minute
+
+// newPuller returns a puller that reads registry credentials from
+// dockerCfg (empty: anonymous pulls). It starts nothing.
+func newPuller(dc imageAPI, dockerCfg string, log *slog.Logger, m *metrics) *puller {
+	return &puller{
+		docker: dc, creds: &credentials{path: dockerCfg, log: log},
+		pullTimeout: pullTimeout, callTimeout: callTimeout, log: log, metrics: m,
+	}
 }
 
 // localImages returns tag -> image ID for every local tag of repo, and
@@ -490,7 +168,7 @@ func (c *credentials) lookup(ctx context.Context, domain string) (docker.AuthCon
 func credentialHelper(ctx context.Context, name, serverURL string) (docker.AuthConfiguration, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "docker-credential-"+name, "get")
+	cmd := exec.CommandContext(ctx, "docker-credential-"+name, "get") //nolint:gosec // the helper named in the operator's docker config, as the docker CLI runs it
 	cmd.Stdin = strings.NewReader(serverURL)
 	out, err := cmd.Output()
 	if err != nil {

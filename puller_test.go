@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/base64"
+	"errors"
 	"maps"
 	"os"
 	"path/filepath"
@@ -173,6 +174,9 @@ func TestDeployQueueCancelLeavesRevisionsOpen(t *testing.T) {
 	if slices.Contains(done, 2) {
 		t.Errorf("revision of a deploy that never ran was marked done: %v", done)
 	}
+	if slices.Contains(done, 1) {
+		t.Errorf("revision of a deploy cut short by the stop was marked done: %v", done)
+	}
 }
 
 func TestCredentials(t *testing.T) {
@@ -237,14 +241,25 @@ func TestCredentialHelper(t *testing.T) {
 func TestPullerPassesCredentialsAndErrors(t *testing.T) {
 	f := newFakeDocker()
 	var gotAuth docker.AuthConfiguration
-	p := &puller{docker: pullRecorder{f, &gotAuth}, creds: &credentials{}, pullTimeout: 1e9, callTimeout: 1e9, log: testLogger(t), metrics: newMetrics()}
+	cfg := filepath.Join(t.TempDir(), "config.json")
+	creds := `{"auths":{"quay.io":{"auth":"` + base64.StdEncoding.EncodeToString([]byte("other:no")) + `"},
+	           "127.0.0.1:5000":{"auth":"` + base64.StdEncoding.EncodeToString([]byte("ci:s3cret")) + `"}}}`
+	if err := os.WriteFile(cfg, []byte(creds), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := newPuller(pullRecorder{f, &gotAuth}, cfg, testLogger(t), newMetrics())
 	ref, _ := reference.ParseNormalizedNamed("127.0.0.1:5000/app:qa")
 	f.pullErr["127.0.0.1:5000/app:qa"] = &docker.Error{Status: 500, Message: "toomanyrequests"}
-	if err := p.pull(t.Context(), ref.(reference.NamedTagged)); err == nil {
-		t.Fatal("pull error was swallowed")
+	err := p.pull(t.Context(), ref.(reference.NamedTagged))
+	var derr *docker.Error
+	if !errors.As(err, &derr) || derr.Status != 500 {
+		t.Errorf("pull = %v; want the Docker error, wrapped", err)
 	}
 	if got := f.pulls; !slices.Equal(got, []string{"127.0.0.1:5000/app:qa"}) {
 		t.Errorf("pulled %q; want the full name with the registry port kept", got)
+	}
+	if gotAuth.Username != "ci" || gotAuth.Password != "s3cret" {
+		t.Errorf("pulled with %q/%q; want the registry's credentials ci/s3cret", gotAuth.Username, gotAuth.Password)
 	}
 }
 

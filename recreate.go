@@ -124,7 +124,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	case errors.As(err, &refused):
 		// The daemon answered and refused: the new version cannot run
 		// (no such executable, a bad mount of the new image).
-		return restore(created.ID, fmt.Errorf("%w: start %s: %v", errReplacement, name, err))
+		return restore(created.ID, fmt.Errorf("%w: start %s: %v", errReplacement, name, err)) //nolint:errorlint // %v: the inner error must not make a failed replacement retryable (see retryable)
 	case err != nil:
 		return restore(created.ID, fmt.Errorf("start %s: %w", name, err))
 	}
@@ -139,7 +139,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 		}
 		r.log.Info("shutting down while the new container comes up; keeping it", "container", name)
 	case errors.Is(err, errNoReplacement):
-		return restore(created.ID, fmt.Errorf("%w: %s vanished: %v", errReplacement, name, err))
+		return restore(created.ID, fmt.Errorf("%w: %s vanished: %v", errReplacement, name, err)) //nolint:errorlint // %v: the inner error must not make a failed replacement retryable (see retryable)
 	default:
 		return restore(created.ID, err)
 	}

@@ -1,5 +1,8 @@
 package main
 
+// redact.go: keeping secrets in URLs (tokens, capabilities) out of logs
+// and errors.
+
 import (
 	"net/url"
 	"strings"

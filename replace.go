@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/distribution/reference"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -57,14 +58,14 @@ func (p *replacer) strategyOf(c staleContainer) string {
 // slot of its tag; a tag whose new version failed here is not tried again
 // in this deploy. Uncoordinated, everything is replaced at once, as the
 // original did.
-func (p *replacer) replace(ctx context.Context, repo string, stale []staleContainer) []outcome {
+func (p *replacer) replace(ctx context.Context, repo reference.Named, stale []staleContainer) []outcome {
 	out := make([]outcome, len(stale))
 	if !p.rollout.coordinated() {
 		var g errgroup.Group
 		g.SetLimit(maxParallelReplace)
 		for i, c := range stale {
 			g.Go(func() error {
-				out[i] = p.replaceOne(ctx, repo+":"+c.Tag, c, nil)
+				out[i] = p.replaceOne(ctx, repo, c, nil)
 				return nil
 			})
 		}
@@ -77,7 +78,7 @@ func (p *replacer) replace(ctx context.Context, repo string, stale []staleContai
 			out[i] = outcome{c: c, skipped: "rollout halted"}
 			continue
 		}
-		out[i] = p.replaceOne(ctx, repo+":"+c.Tag, c, p.rollout)
+		out[i] = p.replaceOne(ctx, repo, c, p.rollout)
 		if errors.Is(out[i].err, errReplacement) {
 			halted[c.Tag] = true
 		}
@@ -86,11 +87,16 @@ func (p *replacer) replace(ctx context.Context, repo string, stale []staleContai
 }
 
 // replaceOne replaces one container; coord is nil when uncoordinated.
-func (p *replacer) replaceOne(ctx context.Context, ref string, c staleContainer, coord *rollout) outcome {
+func (p *replacer) replaceOne(ctx context.Context, repo reference.Named, c staleContainer, coord *rollout) outcome {
 	strategy := p.strategyOf(c)
 	if strategy == strategySkip {
 		return outcome{c: c, skipped: "label " + strategyKey + "=skip"}
 	}
+	tagged, err := reference.WithTag(repo, c.Tag)
+	if err != nil {
+		return outcome{c: c, err: fmt.Errorf("%w: %w", errBadReference, err)}
+	}
+	ref := tagged.String() // the rollout's name of the tag (its etcd keys)
 	var guard func(context.Context) error
 	var lost <-chan struct{}
 	if coord != nil {
@@ -106,7 +112,6 @@ func (p *replacer) replaceOne(ctx context.Context, ref string, c staleContainer,
 		guard = func(ctx context.Context) error { return sl.verify(ctx, c.NewID) }
 		lost = sl.lost()
 	}
-	var err error
 	if strategy == strategyRecr {
 		err = p.recreator.recreate(ctx, c, guard, lost)
 	} else {

@@ -1,5 +1,8 @@
 package main
 
+// repull.go: the periodic re-pull (-repull): every period, with jitter,
+// queue a deploy of every repository in use that this cluster deploys.
+
 import (
 	"context"
 	"fmt"
@@ -42,13 +45,19 @@ type repuller struct {
 	log         *slog.Logger
 }
 
+// newRepuller returns a repuller of the repositories under prefix, every
+// period (0: never). It starts nothing; submit is set before run.
+func newRepuller(dc containerAPI, kv keyLister, prefix, registry string, period time.Duration, log *slog.Logger) *repuller {
+	return &repuller{docker: dc, kv: kv, prefix: prefix, registry: registry, period: period, callTimeout: callTimeout, log: log}
+}
+
 func (p *repuller) run(ctx context.Context) error {
 	if p.period <= 0 {
 		return nil
 	}
 	for {
 		// Spread nodes out: each waits 90% to 110% of the period.
-		wait := p.period - p.period/10 + rand.N(p.period/5+1)
+		wait := p.period - p.period/10 + rand.N(p.period/5+1) //nolint:gosec // jitter, not a secret
 		if !sleepCtx(ctx, wait) {
 			return nil
 		}
@@ -110,7 +119,7 @@ func (p *repuller) once(ctx context.Context) error {
 func (p *repuller) deployedRepos(ctx context.Context) (map[string]bool, error) {
 	gctx, cancel := context.WithTimeout(ctx, p.callTimeout)
 	defer cancel()
-	resp, err := p.kv.Get(gctx, p.prefix+"/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	resp, err := p.kv.Get(gctx, triggersPrefix(p.prefix), clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
 		return nil, fmt.Errorf("list trigger keys: %w", err)
 	}

@@ -41,10 +41,8 @@ func TestRepullerQueuesOnlyDeployedRepositories(t *testing.T) {
 	other.Config = &docker.Config{Image: "postgres:latest", Labels: map[string]string{managedLabel: "false"}}
 
 	var got []deployEvent
-	p := &repuller{
-		docker: f, kv: cli, prefix: prefix, registry: "docker.io", period: time.Hour, callTimeout: time.Minute,
-		log: testLogger(t), submit: func(ev deployEvent) { got = append(got, ev) },
-	}
+	p := newRepuller(f, cli, prefix, "docker.io", time.Hour, testLogger(t))
+	p.submit = func(ev deployEvent) { got = append(got, ev) }
 	if err := p.once(t.Context()); err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +79,8 @@ func TestRepullerBareNamesBelongToRegistry(t *testing.T) {
 	f.addContainer("ours", "reg:5000/myorg/app:qa")
 	f.addContainer("hub", "myorg/app:qa")
 	var got []deployEvent
-	p := &repuller{docker: f, kv: cli, prefix: prefix, registry: "reg:5000", callTimeout: time.Minute, log: testLogger(t), submit: func(ev deployEvent) { got = append(got, ev) }}
+	p := newRepuller(f, cli, prefix, "reg:5000", 0, testLogger(t))
+	p.submit = func(ev deployEvent) { got = append(got, ev) }
 	if err := p.once(t.Context()); err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +103,8 @@ func TestRepullerEtcdDownQueuesNothing(t *testing.T) {
 	f.local = map[string]string{"docker.io/library/postgres:latest": "sha256:3"}
 	f.addContainer("db", "postgres")
 	var got []deployEvent
-	p := &repuller{docker: f, kv: failingGet{}, prefix: "/x", registry: "docker.io", callTimeout: time.Minute, log: testLogger(t), submit: func(ev deployEvent) { got = append(got, ev) }}
+	p := newRepuller(f, failingGet{}, "/x", "docker.io", 0, testLogger(t))
+	p.submit = func(ev deployEvent) { got = append(got, ev) }
 	if err := p.once(t.Context()); err == nil || len(got) != 0 {
 		t.Errorf("once = %v, queued %+v; want an error and nothing queued", err, got)
 	}

@@ -46,7 +46,7 @@ type staleContainer struct {
 type restarter struct {
 	docker      containerAPI
 	wait        *upWaiter
-	killTimeout int    // seconds
+	killTimeout time.Duration
 	selfID      string // the deployer's own container, never stopped
 	callTimeout time.Duration
 	log         *slog.Logger
@@ -121,7 +121,7 @@ func (r *restarter) isSelf(id string) bool {
 func (r *restarter) stopOne(ctx context.Context, c staleContainer) error {
 	ctx, cancel := context.WithTimeout(ctx, r.stopBudget())
 	defer cancel()
-	err := r.docker.StopContainerWithContext(c.ID, uint(r.killTimeout), ctx)
+	err := r.docker.StopContainerWithContext(c.ID, uint(r.killTimeout/time.Second), ctx) //nolint:gosec // G115: -kill_timeout is validated non-negative
 	var notRunning *docker.ContainerNotRunning
 	var gone *docker.NoSuchContainer
 	switch {
@@ -140,7 +140,7 @@ func (r *restarter) stopOne(ctx context.Context, c staleContainer) error {
 // stopBudget is how long a stop may take: Docker waits killTimeout
 // seconds before SIGKILL, plus the usual call margin.
 func (r *restarter) stopBudget() time.Duration {
-	return time.Duration(r.killTimeout)*time.Second + r.callTimeout
+	return r.killTimeout + r.callTimeout
 }
 
 // stopAndWait is the stop strategy: stop the container and wait for its
@@ -183,6 +183,7 @@ func (r *restarter) restartOld(ctx context.Context, c staleContainer) error {
 	var running *docker.ContainerAlreadyRunning
 	if err != nil && !errors.As(err, &running) {
 		r.log.Error("nothing restarted the container, and starting the old one failed", "container", c.Name, "err", err)
+		//nolint:errorlint // %v: the start error must not make an unsupervised container retryable (see retryable)
 		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %v (%w)",
 			c.Name, r.wait.timeout, err, errUnsupervised)
 	}

@@ -43,8 +43,8 @@ func TestRetryable(t *testing.T) {
 		{"unsupervised container (started again on the old image)", fmt.Errorf("nothing restarted app within 2m0s: is it supervised? (%w)", errUnsupervised), false},
 		{"rollout slot lost", fmt.Errorf("app not replaced: %w", errSlotLost), true},
 		{"no rollout slot in time", fmt.Errorf("no rollout slot within 10m0s: %w", context.DeadlineExceeded), true},
-		{"replacement vanished (recreate)", fmt.Errorf("%w: app vanished: %v", errReplacement, errNoReplacement), false},
-		{"start refused by the daemon (recreate)", fmt.Errorf("%w: start app: %v", errReplacement, &docker.Error{Status: 500, Message: "OCI runtime create failed"}), false},
+		{"replacement vanished (recreate)", fmt.Errorf("%w: app vanished: %v", errReplacement, errNoReplacement), false},                                                     //nolint:errorlint // as recreate.go builds it
+		{"start refused by the daemon (recreate)", fmt.Errorf("%w: start app: %v", errReplacement, &docker.Error{Status: 500, Message: "OCI runtime create failed"}), false}, //nolint:errorlint // as recreate.go builds it
 		{"nil", nil, false},
 	}
 	for _, tt := range tests {
@@ -93,7 +93,7 @@ type retryHarness struct {
 func newRetryHarness(t *testing.T) *retryHarness {
 	f := newFakeDocker()
 	reg := newRegistryDocker(f)
-	d, n := newTestDeployer(t, f, "docker.io")
+	d, n := newTestDeployer(t, f)
 	d.puller.docker = reg
 	h := &retryHarness{f: f, reg: reg, d: d, n: n, p: newProgress(nil, "", testLogger(t)), m: d.metrics, runs: make(chan error, 100)}
 	h.p.init(9)
@@ -374,16 +374,16 @@ func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
 	var mu sync.Mutex
 	var order []int64
 	var marks []int64
-	w := &watcher{kv: cli, prefix: prefix, node: "n1", log: testLogger(t), progress: p, metrics: newMetrics(),
-		emit: func(ev deployEvent) {
-			mu.Lock()
-			defer mu.Unlock()
-			order = append(order, ev.Rev)
-			if ev.Rev == late {
-				p.done([]int64{late}) // a quick deploy
-				marks = append(marks, p.watermark())
-			}
-		}}
+	w := newWatcher(cli, prefix, "n1", time.Second, false, p, testLogger(t), newMetrics())
+	w.emit = func(ev deployEvent) {
+		mu.Lock()
+		defer mu.Unlock()
+		order = append(order, ev.Rev)
+		if ev.Rev == late {
+			p.done([]int64{late}) // a quick deploy
+			marks = append(marks, p.watermark())
+		}
+	}
 	if _, err := w.catchUp(t.Context(), early); err != nil {
 		t.Fatal(err)
 	}

@@ -34,7 +34,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"strconv"
 	"sync"
 	"time"
@@ -46,17 +45,8 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
-const (
-	rolloutDir = "_rollout"
-	sessionTTL = 10 // seconds a dead node's slots outlive it
-)
-
-func rolloutPrefix(prefix, ref string) string {
-	return prefix + "/" + rolloutDir + "/" + url.PathEscape(ref) + "/"
-}
-
-func haltKey(prefix, ref string) string  { return rolloutPrefix(prefix, ref) + "halted" }
-func slotsDir(prefix, ref string) string { return rolloutPrefix(prefix, ref) + "slots/" }
+// sessionTTL is how many seconds a dead node's slots outlive it.
+const sessionTTL = 10
 
 // halt is the record of a version that failed to come up.
 type halt struct {
@@ -129,7 +119,8 @@ func (r *rollout) sess(ctx context.Context) (*concurrency.Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("grant lease: %w", err)
 	}
-	s, err := concurrency.NewSession(r.etcd, concurrency.WithLease(lease.ID), concurrency.WithTTL(sessionTTL), concurrency.WithContext(r.sessCtx))
+	// The keepalives live as long as the rollout (sessCtx), not the call.
+	s, err := concurrency.NewSession(r.etcd, concurrency.WithLease(lease.ID), concurrency.WithTTL(sessionTTL), concurrency.WithContext(r.sessCtx)) //nolint:contextcheck // see above
 	if err != nil {
 		return nil, fmt.Errorf("session: %w", err)
 	}
@@ -347,7 +338,7 @@ func (sl *slot) release(ctx context.Context) {
 		tries, per = 1, time.Second
 	}
 	for attempt := 1; ; attempt++ {
-		dctx, cancel := context.WithTimeout(context.Background(), per)
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), per)
 		_, err := r.kv.Delete(dctx, sl.key)
 		cancel()
 		if err == nil {

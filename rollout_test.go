@@ -216,7 +216,7 @@ func TestRolloutReplaceWaitsForReplacement(t *testing.T) {
 	cli := testEtcd(t)
 	f, c := rolloutFixture(t, false)
 	p := newTestReplacer(t, cli, f, "n1", 1)
-	out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+	out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 	if len(out) != 1 || out[0].err != nil || out[0].skipped != "" {
 		t.Fatalf("replace = %+v; want success", out)
 	}
@@ -237,7 +237,7 @@ func TestRolloutHalts(t *testing.T) {
 			f1.crashLoop = mode == "crash-loops"
 			f1.rmOnExit = mode == "exits, run with --rm"
 			p1 := newTestReplacer(t, cli, f1, "n1", 1)
-			out := p1.replace(t.Context(), "reg:5000/app", []staleContainer{c1})
+			out := p1.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c1})
 			if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {
 				t.Fatalf("replace of a broken version = %+v; want errReplacement", out)
 			}
@@ -248,7 +248,7 @@ func TestRolloutHalts(t *testing.T) {
 
 			f2, c2 := rolloutFixture(t, false)
 			p2 := newTestReplacer(t, cli, f2, "n2", 1)
-			out = p2.replace(t.Context(), "reg:5000/app", []staleContainer{c2})
+			out = p2.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c2})
 			if len(out) != 1 || out[0].err != nil || !strings.Contains(out[0].skipped, "halted by n1") {
 				t.Fatalf("other node = %+v; want it held back", out)
 			}
@@ -261,7 +261,7 @@ func TestRolloutHalts(t *testing.T) {
 			f2.mu.Lock()
 			f2.local["reg:5000/app:qa"] = c2.NewID
 			f2.mu.Unlock()
-			out = p2.replace(t.Context(), "reg:5000/app", []staleContainer{c2})
+			out = p2.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c2})
 			if len(out) != 1 || out[0].err != nil || out[0].skipped != "" {
 				t.Fatalf("newer image = %+v; want a normal rollout", out)
 			}
@@ -278,7 +278,7 @@ func TestRolloutSkipLabel(t *testing.T) {
 	c.Labels = map[string]string{strategyKey: strategySkip}
 	for _, max := range []int{0, 1} {
 		p := newTestReplacer(t, testEtcd(t), f, "n1", max)
-		out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+		out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 		if len(out) != 1 || out[0].skipped == "" {
 			t.Errorf("max_unavailable %d: %+v; want skipped", max, out)
 		}
@@ -319,7 +319,7 @@ func TestRecreate(t *testing.T) {
 			} else {
 				p.strategy = strategyRecr
 			}
-			out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+			out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 			ctr, err := f.InspectContainerWithContext("app", t.Context())
 			if err != nil {
 				t.Fatalf("no container called app: %v", err)
@@ -454,7 +454,7 @@ func TestAcquireBounded(t *testing.T) {
 	f, c := rolloutFixture(t, false)
 	p := newTestReplacer(t, cli, f, "n1", 1)
 	p.rollout.slotTimeout = 200 * time.Millisecond
-	out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+	out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 	if len(out) != 1 || out[0].err == nil || errors.Is(out[0].err, errReplacement) || !strings.Contains(out[0].err.Error(), "no rollout slot within") {
 		t.Fatalf("replace while the slot is held = %+v; want a slot timeout", out)
 	}
@@ -513,7 +513,7 @@ func TestNodeLocalErrorsDoNotHalt(t *testing.T) {
 			tt.fault(f)
 			p := newTestReplacer(t, testEtcd(t), f, "n1", 1)
 			p.strategy = tt.strategy
-			out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+			out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 			if len(out) != 1 || out[0].err == nil || errors.Is(out[0].err, errReplacement) {
 				t.Fatalf("replace = %+v; want a node-local error", out)
 			}
@@ -535,7 +535,7 @@ func TestUnsupervised(t *testing.T) {
 		f.supervise = false
 		p := newTestReplacer(t, testEtcd(t), f, "n1", max)
 		p.restarter.wait.timeout = 100 * time.Millisecond
-		out := p.replace(t.Context(), "reg:5000/app", []staleContainer{c})
+		out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 		if len(out) != 1 || !errors.Is(out[0].err, errUnsupervised) || errors.Is(out[0].err, errReplacement) ||
 			!strings.Contains(out[0].err.Error(), "nothing restarted app") || !strings.Contains(out[0].err.Error(), "is it supervised?") {
 			t.Errorf("max_unavailable %d: replace = %+v; want 'nothing restarted app …: is it supervised?'", max, out)

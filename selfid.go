@@ -1,5 +1,8 @@
 package main
 
+// selfid.go: the ID of the container the deployer runs in, if any, so
+// that it never stops itself.
+
 import (
 	"bytes"
 	"os"

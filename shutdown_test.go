@@ -10,11 +10,6 @@ import (
 	"time"
 )
 
-// deadEtcd returns a client of an etcd that is not there: a closed port.
-func deadEtcd(t *testing.T) string {
-	return freePort(t) // nothing listens there any more
-}
-
 // blackHole is an etcd endpoint that accepts connections and never
 // answers (a member hung, or a firewall dropping packets): every call
 // blocks. accepted is signalled at each connection.

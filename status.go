@@ -27,7 +27,6 @@ import (
 // bound to its session lease (it goes when the node does), listing the
 // containers it runs from tags. GET /api/status and `deployer status`
 // gather the records and the rollout state into one view per tag.
-const statusDir = "_status"
 
 type containerStatus struct {
 	Name    string    `json:"name"`
@@ -219,7 +218,7 @@ func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, 
 	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs})
 	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
 	defer cancel()
-	if _, err := s.rollout.etcd.Put(ctx, s.prefix+"/"+statusDir+"/"+s.node, string(b), clientv3.WithLease(sess.Lease())); err != nil {
+	if _, err := s.rollout.etcd.Put(ctx, statusKey(s.prefix, s.node), string(b), clientv3.WithLease(sess.Lease())); err != nil {
 		return lastLease, err
 	}
 	return sess.Lease(), nil
@@ -291,7 +290,7 @@ type versionInfo struct {
 // readStatus gathers the node records and the rollout state.
 func readStatus(ctx context.Context, kv clientv3.KV, prefix string, now time.Time) (clusterStatus, error) {
 	out := clusterStatus{Time: now.UTC(), Nodes: []nodeStatus{}, Tags: []tagStatus{}}
-	nodes, err := kv.Get(ctx, prefix+"/"+statusDir+"/", clientv3.WithPrefix())
+	nodes, err := kv.Get(ctx, statusPrefix(prefix), clientv3.WithPrefix())
 	if err != nil {
 		return out, err
 	}
@@ -328,24 +327,24 @@ func readStatus(ctx context.Context, kv clientv3.KV, prefix string, now time.Tim
 			}
 		}
 	}
-	rolls, err := kv.Get(ctx, prefix+"/"+rolloutDir+"/", clientv3.WithPrefix())
+	rolls, err := kv.Get(ctx, rolloutsPrefix(prefix), clientv3.WithPrefix())
 	if err != nil {
 		return out, err
 	}
 	for _, kv := range rolls.Kvs {
-		rest := strings.TrimPrefix(string(kv.Key), prefix+"/"+rolloutDir+"/")
+		rest := strings.TrimPrefix(string(kv.Key), rolloutsPrefix(prefix))
 		esc, what, ok := strings.Cut(rest, "/")
 		ref, err := url.PathUnescape(esc)
 		if !ok || err != nil {
 			continue
 		}
 		switch {
-		case what == "halted":
+		case what == haltLeaf:
 			var h halt
 			if json.Unmarshal(kv.Value, &h) == nil {
 				tag(ref).Halted = &h
 			}
-		case strings.HasPrefix(what, "slots/"):
+		case strings.HasPrefix(what, slotsLeaf):
 			t := tag(ref)
 			t.Rolling = append(t.Rolling, string(kv.Value))
 		}

@@ -1,5 +1,8 @@
 package main
 
+// tlsreload.go: the HTTPS listener's certificate, read again when its
+// files change.
+
 import (
 	"crypto/tls"
 	"fmt"

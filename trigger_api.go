@@ -1,5 +1,8 @@
 package main
 
+// trigger_api.go: POST /api/deploy, for CI pipelines and people, and the
+// image-push parsing the other webhooks share.
+
 import (
 	"encoding/json"
 	"errors"
@@ -129,13 +132,13 @@ func (h *webhook) apiDeploy(w http.ResponseWriter, r *http.Request) {
 	}
 	p, err := parseDeployRequest(r.Header.Get("Content-Type"), body)
 	if err != nil {
-		h.fail(w, source, http.StatusBadRequest, err)
+		h.fail(w, r, source, http.StatusBadRequest, err)
 		return
 	}
 	h.log.Info("deploy request", "repo", p.Repo, "tag", p.Tag, "digest", p.Digest, "remote", r.RemoteAddr)
 	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source})
 	if err != nil {
-		h.fail(w, source, http.StatusServiceUnavailable, err)
+		h.fail(w, r, source, http.StatusServiceUnavailable, err)
 		return
 	}
 	h.metrics.webhooks.WithLabelValues(source, "ok").Inc()
@@ -153,7 +156,7 @@ func (h *webhook) triggerEach(w http.ResponseWriter, r *http.Request, source str
 		h.log.Info("push notified", "source", source, "repo", p.Repo, "tag", p.Tag, "digest", p.Digest)
 		t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source})
 		if err != nil {
-			h.fail(w, source, http.StatusServiceUnavailable, err)
+			h.fail(w, r, source, http.StatusServiceUnavailable, err)
 			return
 		}
 		out.Triggered = append(out.Triggered, t)

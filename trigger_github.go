@@ -1,5 +1,7 @@
 package main
 
+// trigger_github.go: GitHub's package webhook (ghcr.io pushes).
+
 import (
 	"crypto/hmac"
 	"crypto/sha256"
@@ -111,18 +113,18 @@ func (h *webhook) gitHub(w http.ResponseWriter, r *http.Request) {
 	const source = "github"
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		h.fail(w, source, http.StatusMethodNotAllowed, errors.New("only POST is allowed"))
+		h.fail(w, r, source, http.StatusMethodNotAllowed, errors.New("only POST is allowed"))
 		return
 	}
 	// The signature covers the raw body, so it is read first.
 	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
-		h.fail(w, source, http.StatusRequestEntityTooLarge, fmt.Errorf("body larger than %d bytes", maxBody))
+		h.fail(w, r, source, http.StatusRequestEntityTooLarge, fmt.Errorf("body larger than %d bytes", maxBody))
 		return
 	}
 	if err != nil {
-		h.fail(w, source, http.StatusBadRequest, fmt.Errorf("read body: %w", err))
+		h.fail(w, r, source, http.StatusBadRequest, fmt.Errorf("read body: %w", err))
 		return
 	}
 	// No secret, no entry (there is no unauthenticated mode); failures
@@ -134,26 +136,26 @@ func (h *webhook) gitHub(w http.ResponseWriter, r *http.Request) {
 		if code == http.StatusUnauthorized {
 			err = errors.New("missing or wrong X-Hub-Signature-256 (or secret)")
 		}
-		h.fail(w, source, code, err)
+		h.fail(w, r, source, code, err)
 		return
 	}
 	event := r.Header.Get("X-GitHub-Event")
 	if event == "" {
-		h.fail(w, source, http.StatusBadRequest, errors.New("no X-GitHub-Event header"))
+		h.fail(w, r, source, http.StatusBadRequest, errors.New("no X-GitHub-Event header"))
 		return
 	}
 	body := raw
 	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt == "application/x-www-form-urlencoded" {
 		form, err := url.ParseQuery(string(raw))
 		if err != nil {
-			h.fail(w, source, http.StatusBadRequest, fmt.Errorf("invalid form: %w", err))
+			h.fail(w, r, source, http.StatusBadRequest, fmt.Errorf("invalid form: %w", err))
 			return
 		}
 		body = []byte(form.Get("payload"))
 	}
 	pushes, err := parseGitHub(event, body)
 	if err != nil {
-		h.fail(w, source, http.StatusBadRequest, err)
+		h.fail(w, r, source, http.StatusBadRequest, err)
 		return
 	}
 	if len(pushes) == 0 {

@@ -1,5 +1,7 @@
 package main
 
+// trigger_harbor.go: Harbor's webhook.
+
 import (
 	"encoding/json"
 	"fmt"
@@ -90,7 +92,7 @@ func (h *webhook) harbor(w http.ResponseWriter, r *http.Request) {
 	}
 	pushes, err := parseHarbor(body)
 	if err != nil {
-		h.fail(w, source, http.StatusBadRequest, err)
+		h.fail(w, r, source, http.StatusBadRequest, err)
 		return
 	}
 	h.triggerEach(w, r, source, pushes)

@@ -1,5 +1,7 @@
 package main
 
+// trigger_quay.go: Quay's repository-push notification.
+
 import (
 	"encoding/json"
 	"errors"
@@ -65,7 +67,7 @@ func (h *webhook) quay(w http.ResponseWriter, r *http.Request) {
 	}
 	pushes, err := parseQuay(body)
 	if err != nil {
-		h.fail(w, source, http.StatusBadRequest, err)
+		h.fail(w, r, source, http.StatusBadRequest, err)
 		return
 	}
 	h.triggerEach(w, r, source, pushes)

@@ -1,98 +1,23 @@
 package main
 
+// watcher.go: the etcd watch of the triggers. It resumes from the node's
+// recorded revision, catches up after a compaction, turns trigger keys
+// into deploy events, and records progress: the revision below which
+// every deploy is finished.
+
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
-
-// The etcd layout. A deploy trigger is the key <prefix>/<repository>, as in
-// the original, so `etcdctl put /deployer/myorg/foo x` still deploys every
-// local tag of myorg/foo. Names under the prefix that begin with "_" hold
-// the daemon's own state and are never repositories.
-const (
-	reservedMark = "_"
-	nodesDir     = "_nodes" // <prefix>/_nodes/<node>/revision: last handled revision
-)
-
-func triggerKey(prefix, repo string) string { return prefix + "/" + repo }
-
-func progressKey(prefix, node string) string {
-	return prefix + "/" + nodesDir + "/" + node + "/revision"
-}
-
-// repoFromKey returns the repository a trigger key names, or false for keys
-// outside the prefix and for reserved ones.
-func repoFromKey(prefix, key string) (string, bool) {
-	name, ok := strings.CutPrefix(key, prefix+"/")
-	if !ok || name == "" || strings.HasPrefix(name, reservedMark) {
-		return "", false
-	}
-	return name, true
-}
-
-// trigger is the JSON value the daemon writes at a trigger key. Any other
-// value is accepted and means "every local tag".
-type trigger struct {
-	Time   time.Time `json:"time"`
-	Tag    string    `json:"tag,omitempty"`
-	Source string    `json:"source"`         // "dockerhub", "registry", "api", "harbor", "github" or "quay"
-	Node   string    `json:"node,omitempty"` // the node that took the webhook
-	Digest string    `json:"digest,omitempty"`
-	// One registry envelope may push several tags of one repository; its
-	// single write names them all here, with Tag empty (so that a
-	// deployer that predates Tags deploys every local tag: a superset).
-	Tags    []string          `json:"tags,omitempty"`
-	Digests map[string]string `json:"digests,omitempty"` // tag -> manifest digest, with Tags
-}
-
-// parseTrigger reads a trigger value; it returns the tags to deploy, nil
-// meaning every local tag, and the manifest digest pushed for each tag,
-// where the trigger gives one.
-func parseTrigger(value []byte) ([]string, map[string]string) {
-	var t trigger
-	if err := json.Unmarshal(value, &t); err != nil {
-		return nil, nil
-	}
-	switch {
-	case t.Tag != "":
-		if t.Digest != "" {
-			return []string{t.Tag}, map[string]string{t.Tag: t.Digest}
-		}
-		return []string{t.Tag}, nil
-	case len(t.Tags) > 0:
-		var digests map[string]string
-		for _, tag := range t.Tags {
-			if d := t.Digests[tag]; d != "" {
-				if digests == nil {
-					digests = map[string]string{}
-				}
-				digests[tag] = d
-			}
-		}
-		return slices.Clone(t.Tags), digests
-	}
-	return nil, nil
-}
-
-// deployEvent asks for a deploy of one repository.
-type deployEvent struct {
-	Repo    string            // repository name as in the key
-	Tags    []string          // nil: every local tag
-	Digests map[string]string // tag -> manifest digest pushed, when known
-	Rev     int64             // etcd revision of the trigger; 0 for local (periodic) events
-}
 
 // watcher turns etcd trigger keys into deploy events. It reads where it
 // stopped last time from etcd, watches from there, and reconnects with
@@ -112,6 +37,21 @@ type watcher struct {
 	progress     *progress
 	metrics      *metrics
 	watching     chan struct{} // closed once the starting revision is known; may be nil
+}
+
+// watchKV is the part of the etcd client the watcher uses.
+type watchKV interface {
+	clientv3.KV
+	clientv3.Watcher
+}
+
+// newWatcher returns a watcher of the triggers under prefix for node,
+// recording its progress in p. It starts nothing; emit is set before run.
+func newWatcher(cli watchKV, prefix, node string, retryDelay time.Duration, serializable bool, p *progress, log *slog.Logger, m *metrics) *watcher {
+	return &watcher{
+		kv: cli, w: cli, prefix: prefix, node: node, retryDelay: retryDelay, serializable: serializable,
+		log: log, progress: p, metrics: m, watching: make(chan struct{}),
+	}
 }
 
 func (w *watcher) run(ctx context.Context) error {
@@ -187,7 +127,7 @@ func (w *watcher) start(ctx context.Context) (int64, error) {
 func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	ch := w.w.Watch(wctx, w.prefix+"/", clientv3.WithPrefix(), clientv3.WithRev(next), clientv3.WithProgressNotify())
+	ch := w.w.Watch(wctx, triggersPrefix(w.prefix), clientv3.WithPrefix(), clientv3.WithRev(next), clientv3.WithProgressNotify())
 	healthy := false
 	for resp := range ch {
 		if resp.CompactRevision != 0 {
@@ -233,7 +173,7 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	if w.serializable {
 		opts = append(opts, clientv3.WithSerializable())
 	}
-	resp, err := w.kv.Get(ctx, w.prefix+"/", opts...)
+	resp, err := w.kv.Get(ctx, triggersPrefix(w.prefix), opts...)
 	if err != nil {
 		return next, fmt.Errorf("re-read %s: %w", w.prefix, err)
 	}
@@ -318,10 +258,7 @@ func (p *progress) done(revs []int64) {
 		}
 	}
 	p.mu.Unlock()
-	select {
-	case p.wake <- struct{}{}:
-	default:
-	}
+	wake(p.wake)
 }
 
 // watermark is the highest revision with nothing open at or below it.
@@ -353,10 +290,7 @@ func (p *progress) run(ctx context.Context) error {
 			if err := p.save(sctx); err != nil && ctx.Err() == nil {
 				p.log.Warn("saving progress failed", "err", err)
 				// Try again soon; the wake-up is level-triggered.
-				select {
-				case p.wake <- struct{}{}:
-				default:
-				}
+				wake(p.wake)
 				sleepCtx(ctx, time.Second)
 			}
 			cancel()
@@ -381,27 +315,4 @@ func (p *progress) save(ctx context.Context) error {
 	}
 	p.mu.Unlock()
 	return nil
-}
-
-// backoff returns a capped exponential delay with jitter: base, 2*base, ...
-// up to 30*base, each between 50% and 100% of its nominal value.
-func backoff(base time.Duration, attempt int) time.Duration {
-	d := base
-	for i := 1; i < attempt && d < 30*base; i++ {
-		d *= 2
-	}
-	d = min(d, 30*base)
-	return d/2 + rand.N(d/2+1)
-}
-
-// sleepCtx waits for d or until ctx is done; it reports whether d passed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }

@@ -20,11 +20,8 @@ type watchHarness struct {
 func newWatchHarness(t *testing.T, cli *clientv3.Client, prefix string) *watchHarness {
 	h := &watchHarness{t: t, cli: cli, prefix: prefix, events: make(chan deployEvent, 100)}
 	log := testLogger(t)
-	h.w = &watcher{
-		kv: cli, w: cli, prefix: prefix, node: "n1", retryDelay: 10 * time.Millisecond, log: log,
-		emit:     func(ev deployEvent) { h.events <- ev },
-		progress: newProgress(cli, progressKey(prefix, "n1"), log), metrics: newMetrics(),
-	}
+	h.w = newWatcher(cli, prefix, "n1", 10*time.Millisecond, false, newProgress(cli, progressKey(prefix, "n1"), log), log, newMetrics())
+	h.w.emit = func(ev deployEvent) { h.events <- ev }
 	return h
 }
 

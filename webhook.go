@@ -1,5 +1,10 @@
 package main
 
+// webhook.go: the HTTP side of a trigger: the common acceptance of every
+// webhook (method, secret, body size), writing the trigger to etcd, and
+// the Docker Hub and Docker registry webhooks. The other senders are
+// trigger_*.go.
+
 import (
 	"bytes"
 	"context"
@@ -53,6 +58,16 @@ type webhook struct {
 	wg sync.WaitGroup // callbacks in flight
 }
 
+// newWebhook returns the webhook handlers of a node: they write triggers
+// under prefix and accept secret; failures rate-limits failed
+// authentications (nil: no limit). It starts nothing.
+func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
+	return &webhook{
+		kv: kv, prefix: prefix, secret: secret, failures: failures, node: node, log: log, metrics: m,
+		now: time.Now, timeout: 5 * time.Second, callback: &http.Client{Timeout: 10 * time.Second},
+	}
+}
+
 type triggered struct {
 	Key      string `json:"key"`
 	Repo     string `json:"repository"`
@@ -72,18 +87,18 @@ func (h *webhook) dockerHub(w http.ResponseWriter, r *http.Request) {
 	}
 	p, err := parseDockerHub(body)
 	if err != nil {
-		h.fail(w, "dockerhub", http.StatusBadRequest, err)
+		h.fail(w, r, "dockerhub", http.StatusBadRequest, err)
 		return
 	}
 	h.log.Info("docker hub webhook", "repo", p.Repo, "tag", p.Tag, "remote", r.RemoteAddr)
 	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Source: "dockerhub"})
 	if err != nil {
-		h.fail(w, "dockerhub", http.StatusServiceUnavailable, err)
-		h.dockerHubCallback(p.CallbackURL, "error", "etcd write failed: "+err.Error())
+		h.fail(w, r, "dockerhub", http.StatusServiceUnavailable, err)
+		h.dockerHubCallback(r.Context(), p.CallbackURL, "error", "etcd write failed: "+err.Error())
 		return
 	}
 	h.metrics.webhooks.WithLabelValues("dockerhub", "ok").Inc()
-	h.dockerHubCallback(p.CallbackURL, "success", "Triggered etcd "+t.Key)
+	h.dockerHubCallback(r.Context(), p.CallbackURL, "success", "Triggered etcd "+t.Key)
 	writeJSON(w, http.StatusOK, t)
 }
 
@@ -103,11 +118,11 @@ func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 	}
 	pushes, err := parseRegistryEnvelope(body)
 	if err != nil {
-		h.fail(w, "registry", http.StatusBadRequest, err)
+		h.fail(w, r, "registry", http.StatusBadRequest, err)
 		return
 	}
 	if len(pushes) > maxEnvelopePushes {
-		h.fail(w, "registry", http.StatusRequestEntityTooLarge,
+		h.fail(w, r, "registry", http.StatusRequestEntityTooLarge,
 			fmt.Errorf("%d manifest pushes in one envelope; at most %d", len(pushes), maxEnvelopePushes))
 		return
 	}
@@ -120,7 +135,7 @@ func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 	if len(pushes) > 0 {
 		out.Triggered, err = h.triggerAll(r.Context(), pushes)
 		if err != nil {
-			h.fail(w, "registry", http.StatusServiceUnavailable, err)
+			h.fail(w, r, "registry", http.StatusServiceUnavailable, err)
 			return
 		}
 	}
@@ -189,22 +204,22 @@ func (h *webhook) triggerAll(ctx context.Context, pushes []registryPush) ([]trig
 func (h *webhook) accept(w http.ResponseWriter, r *http.Request, source string) ([]byte, bool) {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		h.fail(w, source, http.StatusMethodNotAllowed, errors.New("only POST is allowed"))
+		h.fail(w, r, source, http.StatusMethodNotAllowed, errors.New("only POST is allowed"))
 		return nil, false
 	}
 	if !authorized(r, h.secret) {
 		code, err := rejectUnauthorized(w, r, h.failures)
-		h.fail(w, source, code, err)
+		h.fail(w, r, source, code, err)
 		return nil, false
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
-		h.fail(w, source, http.StatusRequestEntityTooLarge, fmt.Errorf("body larger than %d bytes", maxBody))
+		h.fail(w, r, source, http.StatusRequestEntityTooLarge, fmt.Errorf("body larger than %d bytes", maxBody))
 		return nil, false
 	}
 	if err != nil {
-		h.fail(w, source, http.StatusBadRequest, fmt.Errorf("read body: %w", err))
+		h.fail(w, r, source, http.StatusBadRequest, fmt.Errorf("read body: %w", err))
 		return nil, false
 	}
 	return body, true
@@ -245,13 +260,13 @@ func (h *webhook) trigger(ctx context.Context, repo string, t trigger) (triggere
 	return triggered{Key: key, Repo: repo, Tag: t.Tag, Revision: resp.Header.Revision}, nil
 }
 
-func (h *webhook) fail(w http.ResponseWriter, source string, code int, err error) {
+func (h *webhook) fail(w http.ResponseWriter, r *http.Request, source string, code int, err error) {
 	h.metrics.webhooks.WithLabelValues(source, strings.ToLower(strings.ReplaceAll(http.StatusText(code), " ", "_"))).Inc()
 	level := slog.LevelWarn
 	if code == http.StatusTooManyRequests {
 		level = slog.LevelDebug // a flood must not flood the log too
 	}
-	h.log.Log(context.Background(), level, "webhook rejected", "source", source, "status", code, "err", err)
+	h.log.Log(r.Context(), level, "webhook rejected", "source", source, "status", code, "err", err)
 	writeJSON(w, code, map[string]string{"error": err.Error()})
 }
 
@@ -371,7 +386,7 @@ var dockerHubCallbackHosts = map[string]bool{"registry.hub.docker.com": true, "h
 
 // dockerHubCallback posts the result to Docker Hub's callback_url, in the
 // background, best-effort; it never affects the deploy.
-func (h *webhook) dockerHubCallback(rawURL, state, description string) {
+func (h *webhook) dockerHubCallback(ctx context.Context, rawURL, state, description string) {
 	if rawURL == "" {
 		return
 	}
@@ -386,7 +401,8 @@ func (h *webhook) dockerHubCallback(rawURL, state, description string) {
 		"context":     truncate("deployer on "+h.node, 100),
 	})
 	h.wg.Go(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		// The request is answered before the callback: it must outlive it.
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(body))
 		if err != nil {
@@ -400,7 +416,7 @@ func (h *webhook) dockerHubCallback(rawURL, state, description string) {
 			return
 		}
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		if resp.StatusCode/100 != 2 {
 			h.log.Warn("docker hub callback refused", "status", resp.StatusCode)
 		}

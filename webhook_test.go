@@ -47,11 +47,10 @@ func (rt *recordingTransport) RoundTrip(r *http.Request) (*http.Response, error)
 
 func newTestWebhook(t *testing.T, kv kvPutter, secret string) (*webhook, *recordingTransport) {
 	rt := &recordingTransport{got: make(chan struct{}, 10)}
-	return &webhook{
-		kv: kv, prefix: testPrefix(t), secret: secret, node: "n1", log: testLogger(t), metrics: newMetrics(),
-		now: func() time.Time { return time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC) }, timeout: 5 * time.Second,
-		callback: &http.Client{Transport: rt},
-	}, rt
+	h := newWebhook(kv, testPrefix(t), secret, "n1", nil, testLogger(t), newMetrics())
+	h.now = func() time.Time { return time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC) }
+	h.callback = &http.Client{Transport: rt}
+	return h, rt
 }
 
 func countKeys(t *testing.T, cli *clientv3.Client, prefix string) int64 {
@@ -169,7 +168,7 @@ func TestDockerHubCallbackOnlyToDockerHub(t *testing.T) {
 		"https://registry.hub.docker.com:8443/hook",
 		"https://127.0.0.1/hook",
 	} {
-		h.dockerHubCallback(u, "success", "x")
+		h.dockerHubCallback(t.Context(), u, "success", "x")
 	}
 	h.wg.Wait()
 	if len(rt.reqs) != 0 {
