@@ -93,9 +93,9 @@ func (e *dockerEvents) AddEventListenerWithOptions(opts docker.EventsOptions, l 
 	// A deadline on the connection and the headers only: the body is a
 	// stream that lasts as long as the subscription.
 	deadline := time.AfterFunc(e.callTimeout, cancel)
-	resp, err := e.client.HTTPClient.Do(req)
+	resp, err := e.client.HTTPClient.Do(req) //nolint:bodyclose // closed below on every path, by the reader goroutine once subscribed
 	if !deadline.Stop() && err == nil {
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		err = context.DeadlineExceeded
 	}
 	if err != nil {
@@ -103,21 +103,21 @@ func (e *dockerEvents) AddEventListenerWithOptions(opts docker.EventsOptions, l 
 		return fmt.Errorf("docker events: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		cancel()
 		return fmt.Errorf("docker events: %s", resp.Status)
 	}
 	e.mu.Lock()
 	if _, dup := e.subs[l]; dup {
 		e.mu.Unlock()
-		resp.Body.Close()
+		_ = resp.Body.Close()
 		cancel()
 		return docker.ErrListenerAlreadyExists
 	}
 	e.subs[l] = cancel
 	e.mu.Unlock()
 	go func() {
-		defer resp.Body.Close()
+		defer func() { _ = resp.Body.Close() }()
 		dec := json.NewDecoder(resp.Body)
 		for {
 			var ev docker.APIEvents
