@@ -78,8 +78,12 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 	if r.failed() {
 		level = slog.LevelWarn
 	}
-	d.log.Log(ctx, level, "deploy finished", "repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
-		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", len(r.Failed), "err", err, "retry", retry, "attempt", j.Attempts+1)
+	attrs := []any{"repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
+		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", len(r.Failed), "attempt", j.Attempts + 1}
+	if err != nil {
+		attrs = append(attrs, "err", err, "retry", retry)
+	}
+	d.log.Log(ctx, level, "deploy finished", attrs...)
 	if cancelledAtShutdown(ctx) {
 		return errors.Join(err, ctx.Err()) // told nobody: the next start replays the trigger
 	}
