@@ -52,15 +52,24 @@ type recreator struct {
 // failed; any other error is node-local. Either way the old container is
 // put back and started.
 func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(context.Context) error, lost <-chan struct{}) error {
-	// (parked.go) Settle a re-create of this container a crash interrupted.
-	if err := r.settleParked(ctx, c); err != nil {
-		return err
+	// The stale scan's inspect and list, when just made (scan.go).
+	old, noParked := c.scan.fresh(time.Now())
+	if !noParked {
+		// (parked.go) Settle a re-create of this container a crash
+		// interrupted; that may rename c, so inspect it again after.
+		if err := r.settleParked(ctx, c); err != nil {
+			return err
+		}
+		old = nil
 	}
-	ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	old, err := r.docker.InspectContainerWithContext(c.ID, ictx)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("inspect %s: %w", c.Name, err)
+	if old == nil {
+		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
+		var err error
+		old, err = r.docker.InspectContainerWithContext(c.ID, ictx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("inspect %s: %w", c.Name, err)
+		}
 	}
 	// (parked.go) Refuse --rm containers.
 	if err := checkRecreatable(old); err != nil {

@@ -38,6 +38,11 @@ type staleContainer struct {
 	ImageID string // the image it runs
 	NewID   string // the image the tag points at now
 	Labels  map[string]string
+
+	// What the stale scan saw, so that recreate need not ask Docker
+	// again right after it (scan.go). The zero value means "not known":
+	// recreate inspects and looks for parked containers itself.
+	scan scanned
 }
 
 // restarter finds the containers of a repository that run an image their
@@ -60,13 +65,17 @@ type restarter struct {
 func (r *restarter) stale(ctx context.Context, repo reference.Named, current map[string]string) ([]staleContainer, error) {
 	lctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	defer cancel()
-	list, err := r.docker.ListContainers(docker.ListContainersOptions{Context: lctx})
+	// All: the stopped containers show whether a parked one exists
+	// (scan.go); only running ones can be stale.
+	list, err := r.docker.ListContainers(docker.ListContainersOptions{All: true, Context: lctx})
 	if err != nil {
 		return nil, fmt.Errorf("list containers: %w", err)
 	}
+	at := time.Now()
+	parked := parkedBases(list)
 	var out []staleContainer
 	for _, c := range list {
-		if !r.candidate(c, repo) || r.isSelf(c.ID) {
+		if !listedRunning(c) || !r.candidate(c, repo) || r.isSelf(c.ID) {
 			continue
 		}
 		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
@@ -92,7 +101,7 @@ func (r *restarter) stale(ctx context.Context, repo reference.Named, current map
 		}
 		out = append(out, staleContainer{
 			ID: ctr.ID, Name: strings.TrimPrefix(ctr.Name, "/"), Tag: ref.Tag(), ImageID: ctr.Image, NewID: newID,
-			Labels: ctr.Config.Labels,
+			Labels: ctr.Config.Labels, scan: newScanned(ctr, at, parked),
 		})
 	}
 	r.metrics.staleFound.Add(float64(len(out)))

@@ -1,0 +1,72 @@
+package main
+
+// scan.go: what the stale scan already knows about a container, carried
+// to recreate, so that re-creating a container found a moment ago costs no
+// second container listing (for parked containers) and no second inspect.
+
+import (
+	"strings"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+)
+
+// scanFresh is how old the stale scan's view of a container may be for
+// recreate to act on it. A deploy goes from the scan to the re-create in
+// milliseconds unless it waited (for a rollout slot, or for the
+// replacements before it); after such a wait recreate asks Docker again.
+const scanFresh = 5 * time.Second
+
+// scanned is the stale scan's view of one container.
+type scanned struct {
+	ctr *docker.Container // its inspect
+	at  time.Time         // when the containers were listed
+	// noParked: the scan's list, stopped containers included, had no
+	// parked container of this name, and this one is not parked itself.
+	// Only a re-create parks a container, and deploys of one repository
+	// do not overlap; a crash that leaves one behind restarts the
+	// deployer, whose recovery at start settles it.
+	noParked bool
+}
+
+// newScanned records the inspect ctr of a stale container, from a list
+// made at at, in which parked holds the names parked containers had.
+func newScanned(ctr *docker.Container, at time.Time, parked map[string]bool) scanned {
+	name := strings.TrimPrefix(ctr.Name, "/")
+	_, isParked := parkedBase(name, ctr.ID)
+	return scanned{ctr: ctr, at: at, noParked: !isParked && !parked[name]}
+}
+
+// fresh returns the scan's inspect when it is recent enough to stand for
+// a new one, and whether no parked container of the name existed then;
+// nil when recreate must ask Docker itself.
+func (s scanned) fresh(now time.Time) (ctr *docker.Container, noParked bool) {
+	if s.ctr == nil || now.Sub(s.at) > scanFresh || now.Before(s.at) {
+		return nil, false
+	}
+	return s.ctr, s.noParked
+}
+
+// parkedBases returns the names of the containers parked in list.
+func parkedBases(list []docker.APIContainers) map[string]bool {
+	out := map[string]bool{}
+	for _, c := range list {
+		for _, n := range c.Names {
+			if base, ok := parkedBase(n, c.ID); ok {
+				out[base] = true
+			}
+		}
+	}
+	return out
+}
+
+// listedRunning tells whether a listed container would be listed without
+// All: Docker's running, restarting and paused states. A list without
+// states (an old API) counts it as running; the inspect decides then.
+func listedRunning(c docker.APIContainers) bool {
+	switch c.State {
+	case "created", "exited", "dead", "removing":
+		return false
+	}
+	return true
+}
