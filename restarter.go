@@ -17,7 +17,7 @@ import (
 
 // containerAPI is the part of the Docker client the restarter uses.
 type containerAPI interface {
-	// ListContainers lists the running containers.
+	// ListContainers lists containers; All includes stopped ones.
 	ListContainers(docker.ListContainersOptions) ([]docker.APIContainers, error)
 	// InspectContainerWithContext returns a container's configuration,
 	// including the image reference it was started with.
@@ -65,13 +65,13 @@ type restarter struct {
 func (r *restarter) stale(ctx context.Context, repo reference.Named, current map[string]string) ([]staleContainer, error) {
 	lctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	defer cancel()
+	at := time.Now() // the scan's age counts from before the list
 	// All: the stopped containers show whether a parked one exists
 	// (scan.go); only running ones can be stale.
 	list, err := r.docker.ListContainers(docker.ListContainersOptions{All: true, Context: lctx})
 	if err != nil {
 		return nil, fmt.Errorf("list containers: %w", err)
 	}
-	at := time.Now()
 	parked := parkedBases(list)
 	var out []staleContainer
 	for _, c := range list {
