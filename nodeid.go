@@ -16,7 +16,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
 // Node identity. A live deployer holds ownerKey (<prefix>/_owner/<node>),
@@ -81,7 +80,7 @@ type nodeClaim struct {
 	wait   time.Duration // how long to wait for a previous holder's lease
 	poll   time.Duration
 	log    *slog.Logger
-	sess   *concurrency.Session
+	sess   *session
 	callTO time.Duration
 }
 
@@ -107,10 +106,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("etcd lease for the node name: %w", err)
 	}
-	sess, err := concurrency.NewSession(c.cli, concurrency.WithLease(lease.ID), concurrency.WithTTL(c.ttl), concurrency.WithContext(context.WithoutCancel(ctx)))
-	if err != nil {
-		return fmt.Errorf("etcd lease for the node name: %w", err)
-	}
+	sess := newSession(context.WithoutCancel(ctx), c.cli, lease.ID, c.ttl)
 	val, _ := json.Marshal(c.self)
 	deadline := time.Now().Add(c.wait)
 	logged := false

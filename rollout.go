@@ -42,7 +42,6 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
 // sessionTTL is how many seconds a dead node's slots outlive it.
@@ -80,7 +79,7 @@ type rollout struct {
 	metrics        *metrics
 
 	mu          sync.Mutex
-	session     *concurrency.Session
+	session     *session
 	sessCtx     context.Context // outlives every deploy; ends at close
 	sessCancel  context.CancelFunc
 	releaseBase time.Duration // first release retry delay
@@ -99,7 +98,7 @@ func (r *rollout) coordinated() bool { return r.maxUnavailable > 0 }
 // sess returns the node's etcd session, creating it again if its lease
 // was lost. The lease grant is bounded by ctx; the keepalives run until
 // close.
-func (r *rollout) sess(ctx context.Context) (*concurrency.Session, error) {
+func (r *rollout) sess(ctx context.Context) (*session, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.session != nil {
@@ -120,10 +119,7 @@ func (r *rollout) sess(ctx context.Context) (*concurrency.Session, error) {
 		return nil, fmt.Errorf("grant lease: %w", err)
 	}
 	// The keepalives live as long as the rollout (sessCtx), not the call.
-	s, err := concurrency.NewSession(r.etcd, concurrency.WithLease(lease.ID), concurrency.WithTTL(sessionTTL), concurrency.WithContext(r.sessCtx)) //nolint:contextcheck // see above
-	if err != nil {
-		return nil, fmt.Errorf("session: %w", err)
-	}
+	s := newSession(r.sessCtx, r.etcd, lease.ID, sessionTTL) //nolint:contextcheck // see above
 	r.session = s
 	return s, nil
 }
@@ -131,7 +127,7 @@ func (r *rollout) sess(ctx context.Context) (*concurrency.Session, error) {
 // endSession gives up a session whose slot could not be freed: its
 // keepalives stop at once, so the lease (and every key under it) expires
 // within sessionTTL even if the revoke cannot reach etcd.
-func (r *rollout) endSession(s *concurrency.Session) {
+func (r *rollout) endSession(s *session) {
 	r.mu.Lock()
 	if r.session == s {
 		r.session = nil
@@ -142,7 +138,7 @@ func (r *rollout) endSession(s *concurrency.Session) {
 
 // dropSession forgets a session whose lease is gone, so that the next
 // slot is taken under a new one.
-func (r *rollout) dropSession(s *concurrency.Session) {
+func (r *rollout) dropSession(s *session) {
 	r.mu.Lock()
 	if r.session == s {
 		r.session = nil
@@ -167,7 +163,7 @@ type slot struct {
 	r    *rollout
 	ref  string
 	key  string
-	sess *concurrency.Session
+	sess *session
 }
 
 // lost is closed when the slot's session ends.

@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// fakeLeases is etcd's lease API: refreshes succeed until fail says
+// otherwise.
+type fakeLeases struct {
+	mu       sync.Mutex
+	fail     error // returned by KeepAliveOnce while set
+	refresh  int
+	revoked  []clientv3.LeaseID
+	lastCall time.Time
+}
+
+func (f *fakeLeases) KeepAliveOnce(_ context.Context, id clientv3.LeaseID) (*clientv3.LeaseKeepAliveResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.refresh++
+	f.lastCall = time.Now()
+	if f.fail != nil {
+		return nil, f.fail
+	}
+	return &clientv3.LeaseKeepAliveResponse{ID: id, TTL: 10}, nil
+}
+
+func (f *fakeLeases) Revoke(_ context.Context, id clientv3.LeaseID) (*clientv3.LeaseRevokeResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.revoked = append(f.revoked, id)
+	return &clientv3.LeaseRevokeResponse{}, nil
+}
+
+func (f *fakeLeases) set(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.fail = err
+}
+
+func (f *fakeLeases) refreshes() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.refresh
+}
+
+func lost(s *session) bool {
+	select {
+	case <-s.Done():
+		return true
+	default:
+		return false
+	}
+}
+
+// TestSessionRefreshesOnItsOwnTimer: an idle session wakes once every
+// third of its TTL, no more, and keeps its lease.
+func TestSessionRefreshesOnItsOwnTimer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeLeases{}
+		s := newSession(t.Context(), f, 7, 10)
+		time.Sleep(10 * time.Minute)
+		synctest.Wait()
+		if lost(s) {
+			t.Fatal("session lost while every refresh succeeded")
+		}
+		// 600 s / (10 s / 3) = 180 refreshes.
+		if n := f.refreshes(); n < 175 || n > 181 {
+			t.Errorf("%d refreshes in 10 minutes with a 10s TTL; want about 180", n)
+		}
+		if err := s.Close(); err != nil || len(f.revoked) != 1 || f.revoked[0] != 7 {
+			t.Errorf("Close = %v, revoked %v; want lease 7 revoked", err, f.revoked)
+		}
+		n := f.refreshes()
+		time.Sleep(time.Minute)
+		if f.refreshes() != n {
+			t.Error("refreshes went on after Close")
+		}
+	})
+}
+
+// TestSessionLost: the session is lost when etcd says the lease is gone
+// (at the next refresh), or when no refresh succeeded for a whole TTL; a
+// shorter outage is survived.
+func TestSessionLost(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		err      error
+		outage   time.Duration
+		wantLost bool
+		within   time.Duration
+	}{
+		{"lease revoked or expired", rpctypes.ErrLeaseNotFound, time.Hour, true, 4 * time.Second},
+		{"etcd unreachable for a whole TTL", context.DeadlineExceeded, time.Hour, true, 11 * time.Second},
+		{"etcd unreachable for less than a TTL", errors.New("connection refused"), 5 * time.Second, false, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				f := &fakeLeases{}
+				s := newSession(t.Context(), f, 7, 10)
+				time.Sleep(time.Minute) // healthy for a while
+				start := time.Now()
+				f.set(tt.err)
+				if !tt.wantLost {
+					time.Sleep(tt.outage)
+					f.set(nil)
+					time.Sleep(time.Minute)
+					if lost(s) {
+						t.Fatalf("session lost after a %v outage (TTL 10s)", tt.outage)
+					}
+					return
+				}
+				select {
+				case <-s.Done():
+				case <-time.After(time.Hour): // virtual time: a failure bound
+					t.Fatal("session never lost")
+				}
+				if took := time.Since(start); took > tt.within {
+					t.Errorf("lost %v after the fault; want within %v", took, tt.within)
+				}
+			})
+		})
+	}
+}
+
+// TestSessionOnEtcd: on a real etcd, the lease outlives several TTLs, and
+// a revoke is noticed.
+func TestSessionOnEtcd(t *testing.T) {
+	t.Parallel()
+	cli := testEtcd(t)
+	lease, err := cli.Grant(t.Context(), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newSession(t.Context(), cli, lease.ID, 2)
+	defer s.Orphan()
+	deadline := time.Now().Add(3 * time.Second) // one and a half TTLs
+	for time.Now().Before(deadline) {
+		ttl, err := cli.TimeToLive(t.Context(), lease.ID)
+		if err != nil || ttl.TTL <= 0 {
+			t.Fatalf("lease TTL %v, %v; want it kept alive", ttl, err)
+		}
+		time.Sleep(200 * time.Millisecond) // pacing the observer, not synchronising
+	}
+	if _, err := cli.Revoke(t.Context(), lease.ID); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-s.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("a revoked lease was not noticed")
+	}
+}
