@@ -488,7 +488,9 @@ func BenchmarkScale(b *testing.B) {
 		wg.Go(func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			s.dockerCLI(n.dockerd, "run", "-d", "--network", "none", "--name", fmt.Sprintf("other%d", i), refs[i%len(refs)])
+			// Labelled: the periodic re-pull covers only repositories
+			// with a trigger key and containers labelled managed.
+			s.dockerCLI(n.dockerd, "run", "-d", "--network", "none", "-l", managedLabel+"=true", "--name", fmt.Sprintf("other%d", i), refs[i%len(refs)])
 		})
 	}
 	wg.Wait()
