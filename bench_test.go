@@ -205,6 +205,11 @@ func BenchmarkClusterLatency(b *testing.B) {
 			s.restartDeployers("-max_unavailable=" + maxUnavailable)
 			var ds []time.Duration
 			for range benchRuns() {
+				// A push onto an idle cluster: the previous run's deploys
+				// (which end once the replacement is confirmed up) are
+				// over, so this one is not queued behind them as a
+				// follow-up.
+				s.barrier(s.nodes[:nNodes])
 				id = s.build(ref, false)
 				start := time.Now()
 				mustHook(b, s, s.nodes[0], "bench/app", "qa")
