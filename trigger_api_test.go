@@ -201,3 +201,19 @@ func checkPushSafe(t *testing.T, p imagePush) {
 		t.Fatalf("accepted invalid digest %q", p.Digest)
 	}
 }
+
+// checkPushes compares a parser's pushes and error with a table row's.
+func checkPushes(t *testing.T, got []imagePush, err error, want []imagePush, wantErr bool) {
+	t.Helper()
+	if (err != nil) != wantErr {
+		t.Fatalf("err = %v; want error %v", err, wantErr)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %+v; want %+v", got, want)
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Errorf("push %d = %+v; want %+v", i, got[i], want[i])
+		}
+	}
+}

@@ -28,17 +28,7 @@ func TestParseQuay(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := parseQuay([]byte(tt.body))
-			if (err != nil) != tt.wantErr {
-				t.Fatalf("err = %v; want error %v", err, tt.wantErr)
-			}
-			if len(got) != len(tt.want) {
-				t.Fatalf("got %+v; want %+v", got, tt.want)
-			}
-			for i := range got {
-				if got[i] != tt.want[i] {
-					t.Errorf("push %d = %+v; want %+v", i, got[i], tt.want[i])
-				}
-			}
+			checkPushes(t, got, err, tt.want, tt.wantErr)
 		})
 	}
 }
