@@ -38,13 +38,13 @@ type kvTxner interface {
 // if there is none yet (create-if-absent: of two nodes starting at once,
 // both end up with the one that was written first). created says whether
 // this call wrote it.
-func clusterSecret(ctx context.Context, kv kvTxner, prefix string) (secret string, created bool, err error) {
+func clusterSecret(ctx context.Context, kv kvTxner) (secret string, created bool, err error) {
 	b := make([]byte, secretBytes)
 	if _, err := rand.Read(b); err != nil {
 		return "", false, fmt.Errorf("generate the webhook secret: %w", err)
 	}
 	fresh := hex.EncodeToString(b)
-	key := clusterSecretKey(prefix)
+	key := clusterSecretKey
 	resp, err := kv.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
 		Then(clientv3.OpPut(key, fresh)).
@@ -64,8 +64,8 @@ func clusterSecret(ctx context.Context, kv kvTxner, prefix string) (secret strin
 }
 
 // readClusterSecret reads the secret without creating it (`deployer secret`).
-func readClusterSecret(ctx context.Context, kv clientv3.KV, prefix string) (string, error) {
-	key := clusterSecretKey(prefix)
+func readClusterSecret(ctx context.Context, kv clientv3.KV) (string, error) {
+	key := clusterSecretKey
 	resp, err := kv.Get(ctx, key)
 	if err != nil {
 		return "", fmt.Errorf("etcd get %s: %w", key, err)
@@ -190,7 +190,7 @@ func (d *daemon) resolveSecret(ctx context.Context) error {
 	)
 	for attempt := 1; ; attempt++ {
 		tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		secret, created, err = clusterSecret(tctx, d.etcd, d.cfg.EtcdPrefix)
+		secret, created, err = clusterSecret(tctx, d.etcd)
 		cancel()
 		if err == nil {
 			break
@@ -208,6 +208,6 @@ func (d *daemon) resolveSecret(ctx context.Context) error {
 		how += " -etcd_nodes " + d.cfg.EtcdListenClient
 	}
 	d.log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with the command given",
-		"command", how, "created", created, "key", clusterSecretKey(d.cfg.EtcdPrefix))
+		"command", how, "created", created, "key", d.cfg.EtcdPrefix+clusterSecretKey)
 	return nil
 }

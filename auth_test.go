@@ -22,8 +22,7 @@ import (
 )
 
 func TestClusterSecretCreatedOnceAndShared(t *testing.T) {
-	cli := testEtcd(t)
-	prefix := testPrefix(t)
+	cli := testNS(t)
 	const n = 8
 	var (
 		wg      sync.WaitGroup
@@ -33,7 +32,7 @@ func TestClusterSecretCreatedOnceAndShared(t *testing.T) {
 	)
 	for range n {
 		wg.Go(func() {
-			s, c, err := clusterSecret(t.Context(), cli, prefix)
+			s, c, err := clusterSecret(t.Context(), cli)
 			if err != nil {
 				t.Error(err)
 				return
@@ -54,12 +53,12 @@ func TestClusterSecretCreatedOnceAndShared(t *testing.T) {
 		if b, err := hex.DecodeString(s); err != nil || len(b) != secretBytes {
 			t.Errorf("secret %q is not %d random bytes in hex", s, secretBytes)
 		}
-		got, err := readClusterSecret(t.Context(), cli, prefix)
+		got, err := readClusterSecret(t.Context(), cli)
 		if err != nil || got != s {
 			t.Errorf("readClusterSecret = %q, %v; want the created one", got, err)
 		}
 	}
-	if _, err := readClusterSecret(t.Context(), cli, prefix+"-none"); err == nil || !strings.Contains(err.Error(), "no webhook secret") {
+	if _, err := readClusterSecret(t.Context(), inPrefix(testEtcd(t), testPrefix(t)+"-none")); err == nil || !strings.Contains(err.Error(), "no webhook secret") {
 		t.Errorf("readClusterSecret of a prefix without one = %v; want a 'no webhook secret' error", err)
 	}
 }

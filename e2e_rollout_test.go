@@ -32,7 +32,7 @@ func TestE2ERollout(t *testing.T) {
 			s.supervise(n, "frozen", ref, v1)
 		}
 		v2 := s.build(ref, false)
-		dir := slotsDir(s.prefix, ref)
+		dir := s.prefix + slotsDir(ref)
 		stop := s.sampler("frozen")
 		if code, body := s.webhook(all[0], "myorg/frozen", "qa"); code != 200 {
 			t.Fatalf("webhook: %d %s", code, body)
@@ -271,7 +271,7 @@ func (s *stack) slotKeys(dir string) []string {
 
 // haltOf reads the halt record of a tag reference, if any.
 func (s *stack) haltOf(ref string) *halt {
-	resp, err := s.cli.Get(s.t.Context(), haltKey(s.prefix, ref))
+	resp, err := s.cli.Get(s.t.Context(), s.prefix+haltKey(ref))
 	if err != nil {
 		s.t.Fatal(err)
 	}

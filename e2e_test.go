@@ -237,7 +237,7 @@ func TestE2E(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, kv := range resp.Kvs {
-			if _, ok := repoFromKey(s.prefix, string(kv.Key)); ok {
+			if _, ok := repoFromKey(strings.TrimPrefix(string(kv.Key), s.prefix)); ok {
 				t.Errorf("bad input wrote trigger %s", kv.Key)
 			}
 		}

@@ -1,10 +1,13 @@
 package main
 
-// etcd.go: the etcd keyspace, one function per key, and the client's
-// connection options. Every key the daemon reads or writes is built here.
-// (The client itself, its flags and TLS, is etcdclient.go.)
+// etcd.go: the etcd keyspace, one function per key, the client's view of
+// it under -etcd_prefix, and the client's connection options. Every key
+// the daemon reads or writes is built here. (The client itself, its flags
+// and TLS, is etcdclient.go.)
 //
-// Layout under -etcd_prefix (<prefix>):
+// Every component gets a client confined to -etcd_prefix (inPrefix): the
+// keys below are relative to it, and etcd's namespace package adds and
+// strips the prefix. Layout under -etcd_prefix (<prefix>):
 //
 //	<prefix>/<repository>                     a deploy trigger (trigger.go)
 //	<prefix>/_nodes/<node>/revision           the last revision the node handled
@@ -24,6 +27,8 @@ import (
 	"strings"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/namespace"
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
 )
@@ -40,17 +45,31 @@ const (
 	slotsLeaf = "slots/" // under a rollout's directory
 )
 
+// inPrefix returns a client that sees only the keys under prefix, as
+// relative keys: reads, writes, transactions, watches and leases go
+// through etcd's namespace package. It shares cli's connection and ends
+// with it; it must not be closed itself (closing it would close cli's
+// watcher and lessor).
+func inPrefix(cli *clientv3.Client, prefix string) *clientv3.Client {
+	ns := clientv3.NewCtxClient(cli.Ctx())
+	ns.KV = namespace.NewKV(cli.KV, prefix)
+	ns.Watcher = namespace.NewWatcher(cli.Watcher, prefix)
+	ns.Lease = namespace.NewLease(cli.Lease, prefix)
+	ns.Cluster, ns.Maintenance, ns.Auth = cli.Cluster, cli.Maintenance, cli.Auth
+	return ns
+}
+
 // triggersPrefix is where the triggers are: every key under it that
 // repoFromKey accepts.
-func triggersPrefix(prefix string) string { return prefix + "/" }
+const triggersPrefix = "/"
 
 // triggerKey is the trigger of one repository.
-func triggerKey(prefix, repo string) string { return triggersPrefix(prefix) + repo }
+func triggerKey(repo string) string { return triggersPrefix + repo }
 
 // repoFromKey returns the repository a trigger key names, or false for keys
-// outside the prefix and for reserved ones.
-func repoFromKey(prefix, key string) (string, bool) {
-	name, ok := strings.CutPrefix(key, triggersPrefix(prefix))
+// outside the triggers and for reserved ones.
+func repoFromKey(key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, triggersPrefix)
 	if !ok || name == "" || strings.HasPrefix(name, reservedMark) {
 		return "", false
 	}
@@ -58,36 +77,32 @@ func repoFromKey(prefix, key string) (string, bool) {
 }
 
 // progressKey is the last revision a node handled (watcher.go).
-func progressKey(prefix, node string) string {
-	return prefix + "/" + nodesDir + "/" + node + "/revision"
-}
+func progressKey(node string) string { return "/" + nodesDir + "/" + node + "/revision" }
 
 // ownerKey is held, under a lease, by the live deployer of a node name
 // (nodeid.go).
-func ownerKey(prefix, node string) string { return prefix + "/" + ownerDir + "/" + node }
+func ownerKey(node string) string { return "/" + ownerDir + "/" + node }
 
 // clusterSecretKey is the cluster's webhook secret (auth.go).
-func clusterSecretKey(prefix string) string { return prefix + "/" + secretDir + "/webhook" }
+const clusterSecretKey = "/" + secretDir + "/webhook"
 
 // statusPrefix holds every node's status; statusKey one node's (status.go).
-func statusPrefix(prefix string) string { return prefix + "/" + statusDir + "/" }
+const statusPrefix = "/" + statusDir + "/"
 
-func statusKey(prefix, node string) string { return statusPrefix(prefix) + node }
+func statusKey(node string) string { return statusPrefix + node }
 
 // rolloutsPrefix holds the coordination of every image tag's rollout
 // (rollout.go); rolloutPrefix one tag's.
-func rolloutsPrefix(prefix string) string { return prefix + "/" + rolloutDir + "/" }
+const rolloutsPrefix = "/" + rolloutDir + "/"
 
-func rolloutPrefix(prefix, ref string) string {
-	return rolloutsPrefix(prefix) + url.PathEscape(ref) + "/"
-}
+func rolloutPrefix(ref string) string { return rolloutsPrefix + url.PathEscape(ref) + "/" }
 
 // haltKey records that a version of ref failed to come up.
-func haltKey(prefix, ref string) string { return rolloutPrefix(prefix, ref) + haltLeaf }
+func haltKey(ref string) string { return rolloutPrefix(ref) + haltLeaf }
 
 // slotsDir holds the rollout slots of ref, one leased key per container
 // being replaced.
-func slotsDir(prefix, ref string) string { return rolloutPrefix(prefix, ref) + slotsLeaf }
+func slotsDir(ref string) string { return rolloutPrefix(ref) + slotsLeaf }
 
 // etcdDialOptions caps gRPC's reconnect backoff (2 minutes by default), so
 // that the client is back within seconds of an etcd member's return.

@@ -49,7 +49,7 @@ func (d *daemon) checkHealth(ctx context.Context) []string {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
 	defer cancel()
 	var failing []string
-	if _, err := d.etcd.Get(ctx, progressKey(d.cfg.EtcdPrefix, d.cfg.NodeName)); err != nil {
+	if _, err := d.etcd.Get(ctx, progressKey(d.cfg.NodeName)); err != nil {
 		failing = append(failing, "etcd")
 	}
 	if err := d.docker.PingWithContext(ctx); err != nil {

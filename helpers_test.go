@@ -106,6 +106,22 @@ func newTestClient(tb testing.TB, endpoints ...string) *clientv3.Client {
 	return cli
 }
 
+// testNS returns a client of the shared embedded etcd confined to the
+// test's own prefix (testPrefix), as newDaemon confines its components to
+// -etcd_prefix.
+func testNS(tb testing.TB) *clientv3.Client {
+	tb.Helper()
+	return inPrefix(testEtcd(tb), testPrefix(tb))
+}
+
+// testLeases returns a node's session source on cli, closed at the end of
+// the test.
+func testLeases(tb testing.TB, cli *clientv3.Client) *nodeLease {
+	l := newNodeLease(cli, sessionTTL, 5*time.Second)
+	tb.Cleanup(func() { _ = l.Close() })
+	return l
+}
+
 // testPrefix gives each test its own etcd prefix.
 func testPrefix(tb testing.TB) string {
 	return "/t/" + strings.NewReplacer("/", "-", " ", "-").Replace(tb.Name())
@@ -614,7 +630,8 @@ func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions)
 }
 
 // newTestReplacer builds the replacement machinery on f as newDaemon does,
-// with short timeouts; cli may be nil when maxUnavailable is 0.
+// with short timeouts; cli (confined to the test's prefix, see testNS) may
+// be nil when maxUnavailable is 0.
 func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node string, maxUnavailable int) *replacer {
 	t.Helper()
 	log := testLogger(t)
@@ -622,14 +639,10 @@ func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node str
 	wait := newUpWaiter(f, 5*time.Second, 5*time.Second, log, m)
 	wait.poll = 10 * time.Millisecond
 	wait.now = f.clock
-	rs := &restarter{docker: f, wait: wait, killTimeout: time.Second, callTimeout: 5 * time.Second, log: log, metrics: m}
-	ro := newRollout(cli, testPrefix(t), node, maxUnavailable, time.Minute, 5*time.Second, log, m)
+	rs := newRestarter(f, wait, time.Second, "", log, m)
+	ro := newRollout(cli, testLeases(t, cli), node, maxUnavailable, time.Minute, 5*time.Second, log, m)
 	ro.releaseBase = time.Millisecond
-	t.Cleanup(ro.close)
-	return &replacer{
-		rollout: ro, restarter: rs, strategy: strategyStop, log: log,
-		recreator: &recreator{docker: f, stopper: rs, wait: wait, callTimeout: 5 * time.Second, log: log, metrics: m},
-	}
+	return newReplacer(ro, rs, newRecreator(f, rs, wait, log, m), strategyStop, log)
 }
 
 // registryDocker is a fakeDocker whose registry misbehaves the way real

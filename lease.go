@@ -1,7 +1,9 @@
 package main
 
-// lease.go: an etcd lease kept alive on a timer of our own, for the node
-// name, the status record and the rollout slots.
+// lease.go: etcd leases kept alive on a timer of our own: a session keeps
+// one lease alive (the node name's, in nodeid.go), and nodeLease is the
+// node's current session, shared by the rollout slots and the status
+// record, granted again after it is lost.
 //
 // clientv3's KeepAlive (which concurrency.Session uses) starts two loops in
 // the client's lessor that wake every 500 ms for as long as the client
@@ -14,6 +16,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -106,4 +109,106 @@ func (s *session) keep(ctx context.Context, last time.Time) {
 			t.Reset(min(every, time.Second))
 		}
 	}
+}
+
+// leaseGranter is the part of the etcd client a nodeLease uses.
+type leaseGranter interface {
+	leaseAPI
+	// Grant makes a lease of ttl seconds.
+	Grant(ctx context.Context, ttl int64) (*clientv3.LeaseGrantResponse, error)
+}
+
+// nodeLease is the node's current session: the lease under which it holds
+// its rollout slots (rollout.go) and its status record (status.go). It is
+// granted when first needed, again after it was lost, and revoked by
+// Close.
+type nodeLease struct {
+	cli         leaseGranter
+	ttl         int // seconds
+	callTimeout time.Duration
+	revokeWait  time.Duration // how long Close tries to revoke
+
+	mu      sync.Mutex
+	session *session
+	life    context.Context // the keepalives'; ends at Close
+	cancel  context.CancelFunc
+}
+
+// newNodeLease returns the node's session source, with leases of ttl
+// seconds. It grants nothing until asked.
+func newNodeLease(cli leaseGranter, ttl int, callTimeout time.Duration) *nodeLease {
+	life, cancel := context.WithCancel(context.Background())
+	return &nodeLease{cli: cli, ttl: ttl, callTimeout: callTimeout, revokeWait: 3 * time.Second, life: life, cancel: cancel}
+}
+
+// current returns the live session, granting a new lease if there is none
+// or the last one was lost. The grant is bounded by ctx; the keepalives
+// run until Close.
+func (l *nodeLease) current(ctx context.Context) (*session, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.session != nil {
+		select {
+		case <-l.session.Done():
+			l.session = nil
+		default:
+			return l.session, nil
+		}
+	}
+	if l.life.Err() != nil {
+		return nil, errors.New("the node's etcd session is closed")
+	}
+	gctx, cancel := context.WithTimeout(ctx, l.callTimeout)
+	lease, err := l.cli.Grant(gctx, int64(l.ttl))
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("grant lease: %w", err)
+	}
+	// The keepalives live until Close, not as long as the call.
+	l.session = newSession(l.life, l.cli, lease.ID, l.ttl) //nolint:contextcheck // see above
+	return l.session, nil
+}
+
+// drop forgets a session whose lease is gone, so that the next caller
+// gets a new one.
+func (l *nodeLease) drop(s *session) {
+	l.forget(s)
+	s.Orphan()
+}
+
+// end gives up a session whose keys could not be deleted: its keepalives
+// stop at once, so the lease (and every key under it) expires within its
+// TTL even if the revoke cannot reach etcd.
+func (l *nodeLease) end(s *session) {
+	l.forget(s)
+	_ = s.Close() // orphans, then revokes within the TTL
+}
+
+func (l *nodeLease) forget(s *session) {
+	l.mu.Lock()
+	if l.session == s {
+		l.session = nil
+	}
+	l.mu.Unlock()
+}
+
+// Close revokes the current lease, so that the node's slots and status
+// record go at once. With etcd unreachable it gives up after revokeWait:
+// the lease then expires by itself within its TTL.
+func (l *nodeLease) Close() error {
+	l.mu.Lock()
+	s := l.session
+	l.session = nil
+	l.mu.Unlock()
+	defer l.cancel()
+	if s == nil {
+		return nil
+	}
+	s.Orphan()
+	ctx, cancel := context.WithTimeout(context.Background(), l.revokeWait)
+	defer cancel()
+	if _, err := l.cli.Revoke(ctx, s.Lease()); err != nil {
+		return fmt.Errorf("revoke the node's lease (it expires within %ds): %w", l.ttl, err)
+	}
+	return nil
 }

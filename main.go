@@ -142,14 +142,14 @@ type daemon struct {
 	cfg       config
 	log       *slog.Logger
 	metrics   *metrics
-	etcd      *clientv3.Client
+	etcd      *clientv3.Client // confined to -etcd_prefix
 	docker    dockerAPI
 	webhook   *webhook
 	watcher   *watcher
 	progress  *progress
 	queue     *deployQueue
 	repuller  *repuller
-	rollout   *rollout
+	leases    *nodeLease
 	recreator *recreator
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
@@ -160,45 +160,46 @@ type daemon struct {
 	ready     chan struct{} // closed once listening
 }
 
+// newDaemon builds every component of the daemon on cli (an etcd client;
+// the daemon sees only -etcd_prefix of it) and dc. It starts nothing.
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
 	m := newMetrics()
-	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: cli, docker: dc, ready: make(chan struct{})}
+	etcd := inPrefix(cli, cfg.EtcdPrefix)
+	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, ready: make(chan struct{})}
 	var note notifier = nopNotifier{}
 	if cfg.SlackWebhookURL != "" {
 		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
 		note = d.slack
 	}
-	wait := newUpWaiter(dc, cfg.RestartTimeout, callTimeout, log.With("component", "rollout"), m)
-	rs := &restarter{
-		docker: dc, wait: wait, killTimeout: cfg.killTimeout, selfID: selfContainerID(), callTimeout: callTimeout,
-		log: log.With("component", "restarter"), metrics: m,
-	}
-	d.rollout = newRollout(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, log.With("component", "rollout"), m)
-	d.recreator = &recreator{docker: dc, stopper: rs, wait: wait, callTimeout: callTimeout, log: log.With("component", "recreate"), metrics: m}
-	rep := &replacer{rollout: d.rollout, restarter: rs, recreator: d.recreator, strategy: cfg.RestartStrategy, log: log.With("component", "rollout")}
+	d.leases = newNodeLease(etcd, sessionTTL, callTimeout)
+
+	rolloutLog := log.With("component", "rollout")
+	wait := newUpWaiter(dc, cfg.RestartTimeout, callTimeout, rolloutLog, m)
+	rs := newRestarter(dc, wait, cfg.killTimeout, selfContainerID(), log.With("component", "restarter"), m)
+	d.recreator = newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
+	ro := newRollout(etcd, d.leases, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, rolloutLog, m)
+	rep := newReplacer(ro, rs, d.recreator, cfg.RestartStrategy, rolloutLog)
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep, dc, note, cfg.NodeName, log.With("component", "deployer"), m)
 	dep.dryRun, dep.cleanup = cfg.DryRun, cfg.Cleanup
-	m.reg.MustRegister(newSkewCollector(cli, cfg.EtcdPrefix))
-	d.progress = newProgress(cli, progressKey(cfg.EtcdPrefix, cfg.NodeName), log.With("component", "progress"))
-	d.status = &statusReporter{
-		docker: dc, events: eventsFor(dc, callTimeout), rollout: d.rollout, prefix: cfg.EtcdPrefix, node: cfg.NodeName, started: time.Now().UTC(),
-		period: statusResync, callTimeout: callTimeout, log: log.With("component", "status"),
-		wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
-	}
-	d.queue = newDeployQueue(cfg.MaxThreads, func(ctx context.Context, j job) error {
+
+	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
+	var status *statusReporter
+	d.queue = newDeployQueue(cfg.MaxThreads, cfg.shutdownGrace, func(ctx context.Context, j job) error {
 		err := dep.deploy(ctx, j)
-		d.status.poke()
+		status.poke()
 		return err
-	}, d.progress.done)
-	d.queue.queued = m.queued
-	d.queue.retrying = m.retrying
-	d.status.retries = d.queue.pending
-	d.watcher = newWatcher(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, log.With("component", "watcher"), m)
-	d.repuller = newRepuller(dc, cli, cfg.EtcdPrefix, cfg.registryDomain, cfg.RepullPeriod, log.With("component", "repuller"))
+	}, d.progress.done, log.With("component", "queue"))
+	d.queue.queued, d.queue.retrying = m.queued, m.retrying
+	status = newStatusReporter(dc, eventsFor(dc, callTimeout), etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
+	d.status = status
+	m.reg.MustRegister(newSkewCollector(etcd))
+
+	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
+	d.repuller = newRepuller(dc, etcd, cfg.registryDomain, cfg.RepullPeriod, d.submit, log.With("component", "repuller"))
 	d.failures = newFailLimiter()
-	d.webhook = newWebhook(cli, cfg.EtcdPrefix, cfg.WebhookSecret, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
+	d.webhook = newWebhook(etcd, cfg.EtcdPrefix, cfg.WebhookSecret, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
 	d.health = newHealthCache(d.checkHealth)
-	d.claim = newNodeClaim(cli, cfg.EtcdPrefix, cfg.NodeName, cfg.Listen, log.With("component", "node"))
+	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, log.With("component", "node"))
 	return d, nil
 }
 
@@ -225,23 +226,27 @@ func (d *daemon) metricsHandler() http.Handler {
 	return d.requireSecret(metrics.ServeHTTP)
 }
 
-func (d *daemon) submit(ctx context.Context) func(deployEvent) {
-	return func(ev deployEvent) {
-		// The one place a trigger's repository is resolved: the queue
-		// and the deploy get its canonical name.
-		repo, err := resolveRepo(ev.Repo, d.cfg.registryDomain)
-		if err != nil {
-			d.log.Warn("ignoring trigger for an invalid repository", "repo", ev.Repo, "err", err)
-			if ev.Rev != 0 {
-				d.progress.done([]int64{ev.Rev})
-			}
-			return
+// submit queues a deploy event from the watcher or the periodic re-pull.
+// It is the one place a trigger's repository is resolved: the queue and
+// the deploy get its canonical name.
+func (d *daemon) submit(ev deployEvent) {
+	repo, err := resolveRepo(ev.Repo, d.cfg.registryDomain)
+	if err != nil {
+		d.log.Warn("ignoring trigger for an invalid repository", "repo", ev.Repo, "err", err)
+		if ev.Rev != 0 {
+			d.progress.done([]int64{ev.Rev})
 		}
-		ev.Repo = repo.Name()
-		d.queue.submit(ctx, ev)
+		return
 	}
+	ev.Repo = repo.Name()
+	d.queue.submit(ev)
 }
 
+// run serves until ctx is done, then stops in order: the HTTP server, the
+// watcher, the re-pull and the status reporter at once, and the queue
+// once its deploys in flight have finished (within -shutdown_grace);
+// then the node's lease is revoked, and the state writers (progress,
+// Slack) flush last.
 func (d *daemon) run(ctx context.Context) error {
 	var certs *certReloader
 	if d.cfg.TLSCert != "" {
@@ -286,16 +291,15 @@ func (d *daemon) run(ctx context.Context) error {
 	d.listener = ln
 	close(d.ready)
 
-	// Deploys run under workCtx, which outlives ctx by a bound so that a
-	// stop in flight can finish; state writers run under bgCtx, which
-	// ends last.
-	workCtx, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelWork()
+	// The state writers run under bgCtx, which ends last: the progress
+	// of the last deploys is saved and Slack hears of them.
 	bgCtx, cancelBg := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelBg()
-
-	d.watcher.emit = d.submit(workCtx)
-	d.repuller.submit = d.submit(workCtx)
+	var bg errgroup.Group
+	bg.Go(func() error { return d.progress.run(bgCtx) })
+	if d.slack != nil {
+		bg.Go(func() error { return d.slack.run(bgCtx) })
+	}
 
 	srv := &http.Server{
 		Handler: d.handler(),
@@ -306,12 +310,6 @@ func (d *daemon) run(ctx context.Context) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
-	var bg errgroup.Group
-	bg.Go(func() error { return d.progress.run(bgCtx) })
-	if d.slack != nil {
-		bg.Go(func() error { return d.slack.run(bgCtx) })
-	}
-
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -325,6 +323,7 @@ func (d *daemon) run(ctx context.Context) error {
 		defer cancel()
 		return srv.Shutdown(sctx)
 	})
+	g.Go(func() error { return d.queue.run(gctx) })
 	// (parked.go) Put back or finish re-creates a crash interrupted,
 	// before any trigger is acted on; bounded inside.
 	d.recreator.recoverAtStart(gctx)
@@ -333,30 +332,12 @@ func (d *daemon) run(ctx context.Context) error {
 	g.Go(func() error { return d.status.run(gctx) })
 	err = g.Wait()
 
-	// Let deploys in flight finish their stops, within a bound. Failed
-	// deploys waiting for a retry stop waiting: their triggers stay open.
-	d.queue.stopRetries()
-	drained := make(chan struct{})
-	go func() { d.queue.wait(); close(drained) }()
-	select {
-	case <-drained:
-	case <-time.After(d.cfg.shutdownGrace):
-		d.log.Warn("deploys still running at shutdown, cancelling them")
-		cancelWork()
-		<-drained
+	// No deploy runs any more: revoking the lease frees our rollout slots
+	// and status record at once (bounded inside; otherwise it expires).
+	if lerr := d.leases.Close(); lerr != nil {
+		d.log.Warn("etcd session not revoked at shutdown", "err", lerr)
 	}
-	cancelWork()
-	// Revoking the session lease frees our rollout slots at once; with
-	// etcd unreachable the lease expires by itself (sessionTTL), so do not
-	// wait for it longer than a moment.
-	closed := make(chan struct{})
-	go func() { d.rollout.close(); close(closed) }()
-	select {
-	case <-closed:
-	case <-time.After(3 * time.Second):
-		d.log.Warn("etcd session not revoked at shutdown; its lease will expire", "ttl_seconds", sessionTTL)
-	}
-	d.webhook.wg.Wait()
+	d.webhook.Close()
 	cancelBg()
 	if berr := bg.Wait(); err == nil {
 		err = berr

@@ -177,7 +177,7 @@ func TestDaemonDeploysFromWebhook(t *testing.T) {
 		t.Errorf("run after cancel = %v; want nil", err)
 	}
 	td.done <- nil // for the cleanup
-	resp2, err := testEtcd(t).Get(t.Context(), progressKey(testPrefix(t), "n1"))
+	resp2, err := testEtcd(t).Get(t.Context(), testPrefix(t)+progressKey("n1"))
 	if err != nil || len(resp2.Kvs) != 1 {
 		t.Fatalf("progress after stop = %v, %v; want the handled revision", resp2, err)
 	}
@@ -243,7 +243,7 @@ func TestEmbeddedEtcdServe(t *testing.T) {
 	// from revision 1 sees the write whenever it happened.
 	wctx, wcancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer wcancel()
-	if _, ok := <-cli.Watch(wctx, progressKey("/deployer", "solo"), clientv3.WithRev(1)); !ok {
+	if _, ok := <-cli.Watch(wctx, "/deployer"+progressKey("solo"), clientv3.WithRev(1)); !ok {
 		t.Fatal("embedded etcd never got the progress key within 30s")
 	}
 	cli.Close() // an open client would hold up the server's graceful stop

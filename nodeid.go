@@ -84,9 +84,9 @@ type nodeClaim struct {
 	callTO time.Duration
 }
 
-func newNodeClaim(cli *clientv3.Client, prefix, node, listen string, log *slog.Logger) *nodeClaim {
+func newNodeClaim(cli *clientv3.Client, node, listen string, log *slog.Logger) *nodeClaim {
 	return &nodeClaim{
-		cli: cli, key: ownerKey(prefix, node), self: thisProcess(listen), ttl: ownerTTL,
+		cli: cli, key: ownerKey(node), self: thisProcess(listen), ttl: ownerTTL,
 		wait: ownerTTL*time.Second + 3*time.Second, poll: 500 * time.Millisecond, log: log, callTO: 5 * time.Second,
 	}
 }

@@ -16,7 +16,7 @@ import (
 )
 
 func testClaim(t *testing.T, cli *clientv3.Client, node string, wait time.Duration) *nodeClaim {
-	c := newNodeClaim(cli, testPrefix(t), node, "127.0.0.1:4500", testLogger(t))
+	c := newNodeClaim(inPrefix(cli, testPrefix(t)), node, "127.0.0.1:4500", testLogger(t))
 	c.wait, c.poll = wait, 50*time.Millisecond
 	return c
 }
@@ -88,7 +88,7 @@ func TestNodeNameAfterKill(t *testing.T) {
 				tt.holder = c.self
 			}
 			v, _ := json.Marshal(tt.holder)
-			if _, err := cli.Put(t.Context(), c.key, string(v), clientv3.WithLease(lease.ID)); err != nil {
+			if _, err := cli.Put(t.Context(), testPrefix(t)+c.key, string(v), clientv3.WithLease(lease.ID)); err != nil {
 				t.Fatal(err)
 			}
 			start := time.Now()

@@ -50,7 +50,7 @@ func TestDeployQueueCoalesces(t *testing.T) {
 	release := make(chan struct{})
 	var mu sync.Mutex
 	var doneRevs []int64
-	q := newDeployQueue(4, func(ctx context.Context, j job) error {
+	q := newDeployQueue(4, time.Minute, func(ctx context.Context, j job) error {
 		started <- j
 		<-release
 		return nil
@@ -58,13 +58,12 @@ func TestDeployQueueCoalesces(t *testing.T) {
 		mu.Lock()
 		doneRevs = append(doneRevs, revs...)
 		mu.Unlock()
-	})
+	}, testLogger(t))
 	q.quiet = 0
-	ctx := t.Context()
-	q.submit(ctx, deployEvent{Repo: "r", Tags: []string{"t0"}, Rev: 1})
+	q.submit(deployEvent{Repo: "r", Tags: []string{"t0"}, Rev: 1})
 	first := <-started
 	for i := range 100 {
-		q.submit(ctx, deployEvent{Repo: "r", Tags: []string{"t" + string(rune('a'+i%3))}, Rev: int64(i + 2)})
+		q.submit(deployEvent{Repo: "r", Tags: []string{"t" + string(rune('a'+i%3))}, Rev: int64(i + 2)})
 	}
 	release <- struct{}{}
 	second := <-started
@@ -88,13 +87,13 @@ func TestDeployQueueSettles(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var starts []time.Duration
 		t0 := time.Now()
-		q := newDeployQueue(1, func(ctx context.Context, j job) error {
+		q := newDeployQueue(1, 0, func(ctx context.Context, j job) error {
 			starts = append(starts, time.Since(t0))
 			time.Sleep(50 * time.Millisecond) // a pull
 			return nil
-		}, func([]int64) {})
+		}, func([]int64) {}, testLogger(t))
 		for i := range 50 {
-			q.submit(t.Context(), deployEvent{Repo: "r", Tags: []string{"qa"}, Rev: int64(i + 1)})
+			q.submit(deployEvent{Repo: "r", Tags: []string{"qa"}, Rev: int64(i + 1)})
 			time.Sleep(20 * time.Millisecond)
 		}
 		q.wait()
@@ -106,7 +105,7 @@ func TestDeployQueueSettles(t *testing.T) {
 		starts = nil
 		t0 = time.Now()
 		for i := range 1000 { // 20s of events every 20ms
-			q.submit(t.Context(), deployEvent{Repo: "r", Rev: int64(i + 1)})
+			q.submit(deployEvent{Repo: "r", Rev: int64(i + 1)})
 			time.Sleep(20 * time.Millisecond)
 		}
 		q.wait()
@@ -130,7 +129,7 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 	ran := map[string]bool{}
 	gate := make(chan struct{})
 	entered := make(chan struct{}, repos)
-	q := newDeployQueue(slots, func(ctx context.Context, j job) error {
+	q := newDeployQueue(slots, time.Minute, func(ctx context.Context, j job) error {
 		mu.Lock()
 		running++
 		peak = max(peak, running)
@@ -142,9 +141,9 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 		running--
 		mu.Unlock()
 		return nil
-	}, func([]int64) {})
+	}, func([]int64) {}, testLogger(t))
 	for i := range repos {
-		q.submit(t.Context(), deployEvent{Repo: string(rune('a' + i))})
+		q.submit(deployEvent{Repo: string(rune('a' + i))})
 	}
 	for range repos {
 		<-entered
@@ -158,24 +157,36 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 
 func TestDeployQueueCancelLeavesRevisionsOpen(t *testing.T) {
 	var done []int64
-	block := make(chan struct{})
-	q := newDeployQueue(1, func(ctx context.Context, j job) error {
+	block, busy := make(chan struct{}), make(chan struct{})
+	q := newDeployQueue(1, 0, func(ctx context.Context, j job) error {
 		if j.Repo == "busy" {
+			close(busy)
 			<-block
 		}
 		return nil
-	}, func(r []int64) { done = append(done, r...) })
+	}, func(r []int64) { done = append(done, r...) }, testLogger(t))
 	ctx, cancel := context.WithCancel(t.Context())
-	q.submit(ctx, deployEvent{Repo: "busy", Rev: 1})
-	q.submit(ctx, deployEvent{Repo: "waiting", Rev: 2})
+	stopped := make(chan error)
+	go func() { stopped <- q.run(ctx) }()
+	q.submit(deployEvent{Repo: "busy", Rev: 1})
+	<-busy // holds the only deploy slot
+	q.submit(deployEvent{Repo: "waiting", Rev: 2})
 	cancel()
+	<-q.work.Done() // no grace: the stop cancels the deploys at once
 	close(block)
+	if err := <-stopped; err != nil {
+		t.Errorf("run = %v; want nil", err)
+	}
+	q.submit(deployEvent{Repo: "late", Rev: 3})
 	q.wait()
 	if slices.Contains(done, 2) {
 		t.Errorf("revision of a deploy that never ran was marked done: %v", done)
 	}
 	if slices.Contains(done, 1) {
 		t.Errorf("revision of a deploy cut short by the stop was marked done: %v", done)
+	}
+	if slices.Contains(done, 3) {
+		t.Errorf("revision of an event submitted after the stop was marked done: %v", done)
 	}
 }
 

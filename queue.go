@@ -9,6 +9,7 @@ package main
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"maps"
 	"slices"
 	"strings"
@@ -120,6 +121,10 @@ func (j *job) absorb(failed job) {
 // revisions open and runs again after the retry policy's delay, or as soon
 // as a new event for the repository comes (it merges in). Every other
 // outcome, success or final failure, marks its revisions done.
+//
+// Deploys run under the queue's own context, not the caller's: at the
+// daemon's stop (run's ctx ends) they get a grace period to finish their
+// stops before they are cancelled.
 type deployQueue struct {
 	deploy func(context.Context, job) error
 	done   func(revs []int64) // called after each deploy that is not retried
@@ -135,8 +140,14 @@ type deployQueue struct {
 	sem     chan struct{}
 	quiet   time.Duration
 	maxWait time.Duration
+	grace   time.Duration // for deploys in flight at the stop
+	log     *slog.Logger
+
+	work       context.Context // every deploy's; ends at the stop, after grace
+	cancelWork context.CancelFunc
 
 	mu       sync.Mutex
+	closing  bool // the stop began: no new worker starts
 	repos    map[string]*repoState
 	wg       sync.WaitGroup
 	stopping chan struct{} // closed by stopRetries
@@ -155,18 +166,53 @@ const (
 	followUpMaxWait = 5 * time.Second
 )
 
-func newDeployQueue(n int, deploy func(context.Context, job) error, done func([]int64)) *deployQueue {
+// newDeployQueue returns a queue that runs at most n deploys at once, and
+// calls done with the trigger revisions of every deploy that is not
+// retried. Deploys in flight when run's ctx ends get grace to finish. It
+// starts nothing: a submitted event starts its repository's worker.
+func newDeployQueue(n int, grace time.Duration, deploy func(context.Context, job) error, done func([]int64), log *slog.Logger) *deployQueue {
+	work, cancel := context.WithCancel(context.Background())
 	return &deployQueue{
 		deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{}, queued: nopGauge{},
 		retrying: nopGauge{}, retry: retryPolicy{min: retryMin, max: retryMax}, stopping: make(chan struct{}),
-		quiet: followUpQuiet, maxWait: followUpMaxWait,
+		quiet: followUpQuiet, maxWait: followUpMaxWait, grace: grace, log: log, work: work, cancelWork: cancel,
 	}
 }
 
-// submit queues an event. It never blocks. The deploy runs under ctx.
-func (q *deployQueue) submit(ctx context.Context, ev deployEvent) {
+// run returns once ctx has ended and the queue has stopped: waits for a
+// retry end at once, deploys in flight get the grace period to finish and
+// are cancelled after it. Every trigger whose deploy did not finish stays
+// open (cancelledAtShutdown), and so does every event submitted after the
+// stop began: the next start replays them.
+func (q *deployQueue) run(ctx context.Context) error {
+	<-ctx.Done()
+	q.mu.Lock()
+	q.closing = true // no wg.Add after this: wait below is final
+	q.mu.Unlock()
+	q.stopRetries()
+	drained := make(chan struct{})
+	go func() { q.wg.Wait(); close(drained) }()
+	grace := time.NewTimer(q.grace)
+	defer grace.Stop()
+	select {
+	case <-drained:
+	case <-grace.C:
+		q.log.Warn("deploys still running at shutdown, cancelling them", "grace", q.grace)
+		q.cancelWork()
+		<-drained
+	}
+	q.cancelWork()
+	return nil
+}
+
+// submit queues an event. It never blocks. After the stop began, the
+// event is left for the next start (its revision stays open).
+func (q *deployQueue) submit(ev deployEvent) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if q.closing {
+		return
+	}
 	st, busy := q.repos[ev.Repo]
 	if !busy {
 		st = &repoState{kick: make(chan struct{}, 1)}
@@ -181,7 +227,7 @@ func (q *deployQueue) submit(ctx context.Context, ev deployEvent) {
 	if !busy {
 		q.queued.Inc()
 		q.wg.Add(1)
-		go q.worker(ctx, ev.Repo, st)
+		go q.worker(q.work, ev.Repo, st)
 	}
 }
 

@@ -46,6 +46,12 @@ type recreator struct {
 	metrics     *metrics
 }
 
+// newRecreator returns the recreate strategy on dc: stopper stops the old
+// container, wait judges the new one. It starts nothing.
+func newRecreator(dc recreateAPI, stopper *restarter, wait *upWaiter, log *slog.Logger, m *metrics) *recreator {
+	return &recreator{docker: dc, stopper: stopper, wait: wait, callTimeout: callTimeout, log: log, metrics: m}
+}
+
 // recreate replaces container c by a new one on c.NewID. guard, called
 // just before the first change, may refuse it (the rollout slot was
 // lost). Errors wrapping errReplacement mean the new version ran and

@@ -36,6 +36,13 @@ type replacer struct {
 	log       *slog.Logger
 }
 
+// newReplacer returns the replacement of stale containers with strategy
+// (-restart_strategy; a container's label may override it), coordinated
+// by ro. It starts nothing.
+func newReplacer(ro *rollout, rs *restarter, rc *recreator, strategy string, log *slog.Logger) *replacer {
+	return &replacer{rollout: ro, restarter: rs, recreator: rc, strategy: strategy, log: log}
+}
+
 // outcome is what happened to one stale container.
 type outcome struct {
 	c       staleContainer

@@ -22,7 +22,7 @@ const managedLabel = "deployer.managed"
 
 // keyLister is what the re-pull needs from etcd.
 type keyLister interface {
-	// Get lists the trigger keys under the prefix (keys only).
+	// Get lists the trigger keys (keys only).
 	Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error)
 }
 
@@ -37,7 +37,6 @@ type keyLister interface {
 type repuller struct {
 	docker      containerAPI
 	kv          keyLister
-	prefix      string
 	registry    string // domain of bare names in trigger keys (-registry)
 	period      time.Duration
 	callTimeout time.Duration
@@ -45,10 +44,10 @@ type repuller struct {
 	log         *slog.Logger
 }
 
-// newRepuller returns a repuller of the repositories under prefix, every
-// period (0: never). It starts nothing; submit is set before run.
-func newRepuller(dc containerAPI, kv keyLister, prefix, registry string, period time.Duration, log *slog.Logger) *repuller {
-	return &repuller{docker: dc, kv: kv, prefix: prefix, registry: registry, period: period, callTimeout: callTimeout, log: log}
+// newRepuller returns a repuller of the repositories with a trigger, every
+// period (0: never), handing each deploy to submit. It starts nothing.
+func newRepuller(dc containerAPI, kv keyLister, registry string, period time.Duration, submit func(deployEvent), log *slog.Logger) *repuller {
+	return &repuller{docker: dc, kv: kv, registry: registry, period: period, callTimeout: callTimeout, submit: submit, log: log}
 }
 
 func (p *repuller) run(ctx context.Context) error {
@@ -119,13 +118,13 @@ func (p *repuller) once(ctx context.Context) error {
 func (p *repuller) deployedRepos(ctx context.Context) (map[string]bool, error) {
 	gctx, cancel := context.WithTimeout(ctx, p.callTimeout)
 	defer cancel()
-	resp, err := p.kv.Get(gctx, triggersPrefix(p.prefix), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	resp, err := p.kv.Get(gctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
 		return nil, fmt.Errorf("list trigger keys: %w", err)
 	}
 	out := map[string]bool{}
 	for _, kv := range resp.Kvs {
-		name, ok := repoFromKey(p.prefix, string(kv.Key))
+		name, ok := repoFromKey(string(kv.Key))
 		if !ok {
 			continue
 		}

@@ -41,8 +41,7 @@ func TestRepullerQueuesOnlyDeployedRepositories(t *testing.T) {
 	other.Config = &docker.Config{Image: "postgres:latest", Labels: map[string]string{managedLabel: "false"}}
 
 	var got []deployEvent
-	p := newRepuller(f, cli, prefix, "docker.io", time.Hour, testLogger(t))
-	p.submit = func(ev deployEvent) { got = append(got, ev) }
+	p := newRepuller(f, inPrefix(cli, prefix), "docker.io", time.Hour, func(ev deployEvent) { got = append(got, ev) }, testLogger(t))
 	if err := p.once(t.Context()); err != nil {
 		t.Fatal(err)
 	}
@@ -79,8 +78,7 @@ func TestRepullerBareNamesBelongToRegistry(t *testing.T) {
 	f.addContainer("ours", "reg:5000/myorg/app:qa")
 	f.addContainer("hub", "myorg/app:qa")
 	var got []deployEvent
-	p := newRepuller(f, cli, prefix, "reg:5000", 0, testLogger(t))
-	p.submit = func(ev deployEvent) { got = append(got, ev) }
+	p := newRepuller(f, inPrefix(cli, prefix), "reg:5000", 0, func(ev deployEvent) { got = append(got, ev) }, testLogger(t))
 	if err := p.once(t.Context()); err != nil {
 		t.Fatal(err)
 	}
@@ -103,8 +101,7 @@ func TestRepullerEtcdDownQueuesNothing(t *testing.T) {
 	f.local = map[string]string{"docker.io/library/postgres:latest": "sha256:3"}
 	f.addContainer("db", "postgres")
 	var got []deployEvent
-	p := newRepuller(f, failingGet{}, "/x", "docker.io", 0, testLogger(t))
-	p.submit = func(ev deployEvent) { got = append(got, ev) }
+	p := newRepuller(f, failingGet{}, "docker.io", 0, func(ev deployEvent) { got = append(got, ev) }, testLogger(t))
 	if err := p.once(t.Context()); err == nil || len(got) != 0 {
 		t.Errorf("once = %v, queued %+v; want an error and nothing queued", err, got)
 	}

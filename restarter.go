@@ -58,6 +58,14 @@ type restarter struct {
 	metrics     *metrics
 }
 
+// newRestarter returns the stop strategy on dc: stops give killTimeout of
+// grace, wait judges the replacements, and container selfID (the
+// deployer's own, "" outside a container) is never stopped. It starts
+// nothing.
+func newRestarter(dc containerAPI, wait *upWaiter, killTimeout time.Duration, selfID string, log *slog.Logger, m *metrics) *restarter {
+	return &restarter{docker: dc, wait: wait, killTimeout: killTimeout, selfID: selfID, callTimeout: callTimeout, log: log, metrics: m}
+}
+
 // stale returns the running containers of repo started by one of the tags
 // in current (tag -> image ID it points at now) that run another image.
 // Only containers started by repo:tag count; those started by digest or by

@@ -97,18 +97,18 @@ func newRetryHarness(t *testing.T) *retryHarness {
 	d.puller.docker = reg
 	h := &retryHarness{f: f, reg: reg, d: d, n: n, p: newProgress(nil, "", testLogger(t)), m: d.metrics, runs: make(chan error, 100)}
 	h.p.init(9)
-	h.q = newDeployQueue(2, func(ctx context.Context, j job) error {
+	h.q = newDeployQueue(2, time.Minute, func(ctx context.Context, j job) error {
 		err := d.deploy(ctx, j)
 		h.runs <- err
 		return err
-	}, h.p.done)
+	}, h.p.done, testLogger(t))
 	h.q.retrying = h.m.retrying
 	return h
 }
 
-func (h *retryHarness) submit(ctx context.Context, ev deployEvent) {
+func (h *retryHarness) submit(ev deployEvent) {
 	h.p.add(ev.Rev)
-	h.q.submit(ctx, ev)
+	h.q.submit(ev)
 }
 
 // TestFailedPullIsRetried: a pull that fails with an error that passes
@@ -136,7 +136,7 @@ func TestFailedPullIsRetried(t *testing.T) {
 				h.f.addContainer("app", "reg:5000/app:qa")
 				h.reg.failures["reg:5000/app:qa"] = slices.Clone(tt.failures)
 				start := time.Now()
-				h.submit(t.Context(), deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+				h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
 				for i := range tt.failures {
 					if err := <-h.runs; !retryable(err) {
 						t.Fatalf("attempt %d: %v; want a retryable failure", i+1, err)
@@ -187,7 +187,7 @@ func TestFinalFailureIsDone(t *testing.T) {
 		h := newRetryHarness(t)
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errManifestUnknown, errManifestUnknown}
-		h.submit(t.Context(), deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
 		if err := <-h.runs; err == nil || retryable(err) {
 			t.Fatalf("deploy: %v; want a final failure", err)
 		}
@@ -216,10 +216,10 @@ func TestRetryMergesNewEvent(t *testing.T) {
 		h.f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503}
 		start := time.Now()
-		h.submit(t.Context(), deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
 		<-h.runs
 		synctest.Wait()
-		h.submit(t.Context(), deployEvent{Repo: "reg:5000/app", Tags: []string{"prod"}, Rev: 11})
+		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"prod"}, Rev: 11})
 		if err := <-h.runs; err != nil {
 			t.Fatal(err)
 		}
@@ -244,7 +244,7 @@ func TestRetryStopsAtShutdown(t *testing.T) {
 		h.q.retry = retryPolicy{min: time.Hour, max: time.Hour}
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503}
-		h.submit(t.Context(), deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
 		<-h.runs
 		synctest.Wait()
 		start := time.Now()
@@ -296,7 +296,7 @@ func TestDigestCheck(t *testing.T) {
 				if tt.digest != "" {
 					ev.Digests = map[string]string{"qa": tt.digest}
 				}
-				h.submit(t.Context(), ev)
+				h.submit(ev)
 				h.q.wait()
 				if n := h.reg.pullCount(); tt.wantPulls > 0 && n != tt.wantPulls {
 					t.Errorf("%d pulls; want %d", n, tt.wantPulls)
@@ -358,10 +358,9 @@ func TestParseTriggerDigests(t *testing.T) {
 // trigger whose deploy finishes at once must not move the watermark past
 // an earlier one still in flight, whatever the key order.
 func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
-	cli := testEtcd(t)
-	prefix := testPrefix(t)
+	cli := testNS(t)
 	put := func(key string) int64 {
-		resp, err := cli.Put(t.Context(), prefix+"/"+key, `{"tag":"qa"}`)
+		resp, err := cli.Put(t.Context(), triggerKey(key), `{"tag":"qa"}`)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -374,8 +373,7 @@ func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
 	var mu sync.Mutex
 	var order []int64
 	var marks []int64
-	w := newWatcher(cli, prefix, "n1", time.Second, false, p, testLogger(t), newMetrics())
-	w.emit = func(ev deployEvent) {
+	w := newWatcher(cli, "n1", time.Second, false, p, func(ev deployEvent) {
 		mu.Lock()
 		defer mu.Unlock()
 		order = append(order, ev.Rev)
@@ -383,7 +381,7 @@ func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
 			p.done([]int64{late}) // a quick deploy
 			marks = append(marks, p.watermark())
 		}
-	}
+	}, testLogger(t), newMetrics())
 	if _, err := w.catchUp(t.Context(), early); err != nil {
 		t.Fatal(err)
 	}
@@ -400,18 +398,15 @@ func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
 // TestStatusShowsRetries: a node's pending retries reach its status
 // record, GET /api/status and `deployer status`.
 func TestStatusShowsRetries(t *testing.T) {
-	cli := testEtcd(t)
-	prefix := testPrefix(t)
+	cli := testNS(t)
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:1"
 	f.addContainer("app", "reg:5000/app:qa")
-	r := newTestReplacer(t, cli, f, "n1", 1).rollout
 	now := time.Now().UTC()
 	pending := []pendingRetry{{Repo: "reg:5000/app", Tags: []string{"qa"}, Revisions: []int64{10}, Attempts: 3, Since: now.Add(-time.Minute),
 		Next: now.Add(30 * time.Second), Error: "pull reg:5000/app:qa: received unexpected HTTP status: 503 Service Unavailable"}}
-	s := &statusReporter{docker: f, rollout: r, prefix: prefix, node: "n1", started: now, period: time.Hour,
-		callTimeout: 5 * time.Second, log: testLogger(t), wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
-		retries: func() []pendingRetry { return pending }}
+	s := newStatusReporter(f, nil, cli, testLeases(t, cli), "n1", func() []pendingRetry { return pending }, testLogger(t))
+	s.started, s.period = now, time.Hour
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- s.run(ctx) }()
@@ -419,7 +414,7 @@ func TestStatusShowsRetries(t *testing.T) {
 	var st clusterStatus
 	for deadline := time.Now().Add(10 * time.Second); ; {
 		var err error
-		if st, err = readStatus(t.Context(), cli, prefix, time.Now()); err != nil {
+		if st, err = readStatus(t.Context(), cli, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 		if len(st.Nodes) == 1 || time.Now().After(deadline) {
@@ -446,7 +441,7 @@ func TestFinalFailureAfterRetries(t *testing.T) {
 		h := newRetryHarness(t)
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503, errManifestUnknown}
-		h.submit(t.Context(), deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
 		h.q.wait()
 		if w := h.p.watermark(); w != 10 {
 			t.Errorf("watermark = %d; want 10", w)

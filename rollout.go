@@ -35,7 +35,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
-	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -66,11 +65,27 @@ func (e *haltedError) Error() string {
 // errSlotLost: the node's lease, and with it the slot, went away.
 var errSlotLost = errors.New("rollout slot lost with the etcd session")
 
+// sessions is the node's session source (nodeLease) as the rollout uses it.
+type sessions interface {
+	// current returns the live session, granting a new lease if needed.
+	current(ctx context.Context) (*session, error)
+	// drop forgets a session whose lease is gone.
+	drop(s *session)
+	// end gives up a session whose keys could not be deleted.
+	end(s *session)
+}
+
+// rolloutEtcd is the part of the etcd client the rollout uses.
+type rolloutEtcd interface {
+	clientv3.KV
+	clientv3.Watcher
+}
+
 // rollout coordinates replacements across the cluster.
 type rollout struct {
-	etcd           *clientv3.Client // sessions, watches
+	leases         sessions
+	etcd           clientv3.Watcher // slot queue watches
 	kv             clientv3.KV      // slot and halt reads and writes (etcd, unless a test injects faults)
-	prefix         string
 	node           string
 	maxUnavailable int           // 0: no coordination, everything at once
 	slotTimeout    time.Duration // bound on waiting for a slot
@@ -78,85 +93,20 @@ type rollout struct {
 	log            *slog.Logger
 	metrics        *metrics
 
-	mu          sync.Mutex
-	session     *session
-	sessCtx     context.Context // outlives every deploy; ends at close
-	sessCancel  context.CancelFunc
 	releaseBase time.Duration // first release retry delay
 }
 
-func newRollout(cli *clientv3.Client, prefix, node string, maxUnavailable int, slotTimeout, callTimeout time.Duration, log *slog.Logger, m *metrics) *rollout {
-	ctx, cancel := context.WithCancel(context.Background())
+// newRollout returns the coordination of node's replacements through cli
+// (confined to -etcd_prefix), its slots held under leases' sessions. It
+// starts nothing; leases is closed by its owner after the last deploy.
+func newRollout(cli rolloutEtcd, leases sessions, node string, maxUnavailable int, slotTimeout, callTimeout time.Duration, log *slog.Logger, m *metrics) *rollout {
 	return &rollout{
-		etcd: cli, kv: cli, prefix: prefix, node: node, maxUnavailable: maxUnavailable, slotTimeout: slotTimeout,
-		callTimeout: callTimeout, log: log, metrics: m, sessCtx: ctx, sessCancel: cancel, releaseBase: 200 * time.Millisecond,
+		leases: leases, etcd: cli, kv: cli, node: node, maxUnavailable: maxUnavailable, slotTimeout: slotTimeout,
+		callTimeout: callTimeout, log: log, metrics: m, releaseBase: 200 * time.Millisecond,
 	}
 }
 
 func (r *rollout) coordinated() bool { return r.maxUnavailable > 0 }
-
-// sess returns the node's etcd session, creating it again if its lease
-// was lost. The lease grant is bounded by ctx; the keepalives run until
-// close.
-func (r *rollout) sess(ctx context.Context) (*session, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.session != nil {
-		select {
-		case <-r.session.Done():
-			r.session = nil
-		default:
-			return r.session, nil
-		}
-	}
-	if r.sessCtx.Err() != nil {
-		return nil, errors.New("rollout closed")
-	}
-	gctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	lease, err := r.etcd.Grant(gctx, sessionTTL)
-	cancel()
-	if err != nil {
-		return nil, fmt.Errorf("grant lease: %w", err)
-	}
-	// The keepalives live as long as the rollout (sessCtx), not the call.
-	s := newSession(r.sessCtx, r.etcd, lease.ID, sessionTTL) //nolint:contextcheck // see above
-	r.session = s
-	return s, nil
-}
-
-// endSession gives up a session whose slot could not be freed: its
-// keepalives stop at once, so the lease (and every key under it) expires
-// within sessionTTL even if the revoke cannot reach etcd.
-func (r *rollout) endSession(s *session) {
-	r.mu.Lock()
-	if r.session == s {
-		r.session = nil
-	}
-	r.mu.Unlock()
-	_ = s.Close() // orphans, then revokes within sessionTTL
-}
-
-// dropSession forgets a session whose lease is gone, so that the next
-// slot is taken under a new one.
-func (r *rollout) dropSession(s *session) {
-	r.mu.Lock()
-	if r.session == s {
-		r.session = nil
-	}
-	r.mu.Unlock()
-	s.Orphan()
-}
-
-func (r *rollout) close() {
-	r.mu.Lock()
-	s := r.session
-	r.session = nil
-	r.mu.Unlock()
-	if s != nil {
-		_ = s.Close() // revokes the lease: our slots go at once
-	}
-	r.sessCancel()
-}
 
 // slot is a held rollout slot.
 type slot struct {
@@ -177,18 +127,18 @@ func (r *rollout) acquire(ctx context.Context, ref string, c staleContainer) (*s
 	ctx, cancel := context.WithTimeout(ctx, r.slotTimeout)
 	defer cancel()
 	for {
-		s, err := r.sess(ctx)
+		s, err := r.leases.current(ctx)
 		if err != nil {
 			return nil, r.acquireErr(ctx, err)
 		}
 		sl := &slot{r: r, ref: ref, sess: s,
-			key: slotsDir(r.prefix, ref) + strconv.FormatInt(int64(s.Lease()), 16) + "-" + r.node + "-" + shortID(c.ID)}
+			key: slotsDir(ref) + strconv.FormatInt(int64(s.Lease()), 16) + "-" + r.node + "-" + shortID(c.ID)}
 		err = sl.queue(ctx, c)
 		switch {
 		case err == nil:
 			return sl, nil
 		case errors.Is(err, errSlotLost):
-			r.dropSession(s)
+			r.leases.drop(s)
 			r.metrics.slotsLost.Inc()
 			r.log.Warn("etcd session lost while waiting for a rollout slot; queueing again", "ref", ref, "container", c.Name)
 			continue
@@ -217,9 +167,9 @@ func (r *rollout) acquireErr(ctx context.Context, err error) error {
 func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 	r := sl.r
 	lease := sl.sess.Lease()
-	dir := slotsDir(r.prefix, sl.ref)
+	dir := slotsDir(sl.ref)
 	reads := []clientv3.Op{
-		clientv3.OpGet(haltKey(r.prefix, sl.ref)),
+		clientv3.OpGet(haltKey(sl.ref)),
 		clientv3.OpGet(dir, clientv3.WithPrefix(), clientv3.WithKeysOnly()),
 	}
 	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
@@ -310,7 +260,7 @@ func (sl *slot) verify(ctx context.Context, newID string) error {
 	defer cancel()
 	resp, err := r.kv.Txn(tctx).
 		If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", sl.sess.Lease())).
-		Then(clientv3.OpGet(haltKey(r.prefix, sl.ref))).Commit()
+		Then(clientv3.OpGet(haltKey(sl.ref))).Commit()
 	if err != nil {
 		return fmt.Errorf("verify the rollout slot: %w", err)
 	}
@@ -345,10 +295,10 @@ func (sl *slot) release(ctx context.Context) {
 			r.log.Warn("could not free the rollout slot; ending the etcd session so that its lease frees it",
 				"key", sl.key, "err", err)
 			if ctx.Err() != nil {
-				r.dropSession(sl.sess) // keepalives stop now; close revokes it
+				r.leases.drop(sl.sess) // keepalives stop now; close revokes it
 				return
 			}
-			r.endSession(sl.sess)
+			r.leases.end(sl.sess)
 			return
 		}
 		time.Sleep(backoff(r.releaseBase, attempt))
@@ -370,7 +320,7 @@ func decodeHalt(kvs []*mvccpb.KeyValue) *halt {
 func (r *rollout) halted(ctx context.Context, ref string) (*halt, int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	defer cancel()
-	resp, err := r.kv.Get(ctx, haltKey(r.prefix, ref))
+	resp, err := r.kv.Get(ctx, haltKey(ref))
 	if err != nil || len(resp.Kvs) == 0 {
 		return nil, 0, err
 	}
@@ -382,7 +332,7 @@ func (r *rollout) recordHalt(ctx context.Context, ref string, c staleContainer, 
 	b, _ := json.Marshal(h)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
 	defer cancel()
-	if _, err := r.kv.Put(ctx, haltKey(r.prefix, ref), string(b)); err != nil {
+	if _, err := r.kv.Put(ctx, haltKey(ref), string(b)); err != nil {
 		r.log.Error("could not record the halted rollout", "ref", ref, "err", err)
 		return
 	}
@@ -404,7 +354,7 @@ func (r *rollout) clearHalt(ctx context.Context, ref, imageID string) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	defer cancel()
-	key := haltKey(r.prefix, ref)
+	key := haltKey(ref)
 	resp, err := r.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).Then(clientv3.OpDelete(key)).Commit()
 	switch {
 	case err != nil:

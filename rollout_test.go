@@ -52,7 +52,7 @@ func testStale(id string) staleContainer {
 // TestRolloutSlots: with maxUnavailable 2, five holders take turns, never
 // more than two at once, and all get one.
 func TestRolloutSlots(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	const holders, slots = 5, 2
 	var mu sync.Mutex
 	var order []int
@@ -129,7 +129,7 @@ func mustGet[T any](t *testing.T, ch <-chan T, what string) T {
 // TestRolloutSlotOfDeadNode: a holder whose lease ends (a crashed node)
 // frees its slot.
 func TestRolloutSlotOfDeadNode(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	dead := newTestReplacer(t, cli, newFakeDocker(), "dead", 1).rollout
 	sl, err := dead.acquire(t.Context(), "reg/app:qa", testStale("a"))
 	if err != nil {
@@ -152,7 +152,7 @@ func TestRolloutSlotOfDeadNode(t *testing.T) {
 // still held: it queues again under a new session, and gets the slot only
 // when the holder leaves.
 func TestRolloutLeaseLostWhileQueued(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	holder := newTestReplacer(t, cli, newFakeDocker(), "holder", 1).rollout
 	held, err := holder.acquire(t.Context(), "reg/app:qa", testStale("a"))
 	if err != nil {
@@ -165,12 +165,10 @@ func TestRolloutLeaseLostWhileQueued(t *testing.T) {
 	got := acquireAsync(t, waiter, "b")
 	var lease clientv3.LeaseID
 	waitUntil(t, "the waiter to queue", func() bool {
-		waiter.mu.Lock()
-		defer waiter.mu.Unlock()
-		if waiter.session != nil {
-			lease = waiter.session.Lease()
+		if s := heldSession(waiter); s != nil {
+			lease = s.Lease()
 		}
-		return lease != 0 && countKeys(t, cli, strings.TrimSuffix(slotsDir(waiter.prefix, "reg/app:qa"), "/")) == 2
+		return lease != 0 && countKeys(t, cli, strings.TrimSuffix(slotsDir("reg/app:qa"), "/")) == 2
 	})
 	// Its lease expires (revoked here, as etcd does after the TTL).
 	if _, err := cli.Revoke(t.Context(), lease); err != nil {
@@ -213,7 +211,7 @@ func rolloutFixture(t *testing.T, crash bool) (*fakeDocker, staleContainer) {
 }
 
 func TestRolloutReplaceWaitsForReplacement(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	f, c := rolloutFixture(t, false)
 	p := newTestReplacer(t, cli, f, "n1", 1)
 	out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
@@ -232,7 +230,7 @@ func TestRolloutReplaceWaitsForReplacement(t *testing.T) {
 func TestRolloutHalts(t *testing.T) {
 	for _, mode := range []string{"exits", "exits, run with --rm", "crash-loops"} {
 		t.Run(mode, func(t *testing.T) {
-			cli := testEtcd(t)
+			cli := testNS(t)
 			f1, c1 := rolloutFixture(t, mode != "crash-loops")
 			f1.crashLoop = mode == "crash-loops"
 			f1.rmOnExit = mode == "exits, run with --rm"
@@ -277,7 +275,7 @@ func TestRolloutSkipLabel(t *testing.T) {
 	f, c := rolloutFixture(t, false)
 	c.Labels = map[string]string{strategyKey: strategySkip}
 	for _, max := range []int{0, 1} {
-		p := newTestReplacer(t, testEtcd(t), f, "n1", max)
+		p := newTestReplacer(t, testNS(t), f, "n1", max)
 		out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 		if len(out) != 1 || out[0].skipped == "" {
 			t.Errorf("max_unavailable %d: %+v; want skipped", max, out)
@@ -313,7 +311,7 @@ func TestRecreate(t *testing.T) {
 			if tt.crash == "start refused" {
 				f.startErr = &docker.Error{Status: 400, Message: `exec: "/app": stat /app: no such file or directory`}
 			}
-			p := newTestReplacer(t, testEtcd(t), f, "n1", tt.max)
+			p := newTestReplacer(t, testNS(t), f, "n1", tt.max)
 			if tt.byLabel {
 				c.Labels = map[string]string{strategyKey: strategyRecr}
 			} else {
@@ -410,7 +408,7 @@ func TestSlotRelease(t *testing.T) {
 		{"delete keeps failing", 100, true},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			cli := testEtcd(t)
+			cli := testNS(t)
 			r := newTestReplacer(t, cli, newFakeDocker(), "n1", 1).rollout
 			kv := &faultKV{KV: cli, deleteErrs: tt.deleteErrs}
 			r.kv = kv
@@ -419,12 +417,10 @@ func TestSlotRelease(t *testing.T) {
 				t.Fatal(err)
 			}
 			sl.release(t.Context())
-			if n := countKeys(t, cli, strings.TrimSuffix(slotsDir(r.prefix, "reg/app:qa"), "/")); n != 0 {
+			if n := countKeys(t, cli, strings.TrimSuffix(slotsDir("reg/app:qa"), "/")); n != 0 {
 				t.Errorf("%d slot keys left after release; want 0", n)
 			}
-			r.mu.Lock()
-			ended := r.session != sl.sess
-			r.mu.Unlock()
+			ended := heldSession(r) != sl.sess
 			if ended != tt.wantEndSess {
 				t.Errorf("session ended = %v; want %v", ended, tt.wantEndSess)
 			}
@@ -444,7 +440,7 @@ func TestSlotRelease(t *testing.T) {
 // TestAcquireBounded: waiting for a slot ends at -slot_timeout with a
 // node-local error: no halt, the container untouched.
 func TestAcquireBounded(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	holder := newTestReplacer(t, cli, newFakeDocker(), "holder", 1).rollout
 	held, err := holder.acquire(t.Context(), "reg:5000/app:qa", testStale("x"))
 	if err != nil {
@@ -469,7 +465,7 @@ func TestAcquireBounded(t *testing.T) {
 // TestSlotLostBeforeStop: a node whose lease expired after it got its slot
 // stops nothing.
 func TestSlotLostBeforeStop(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	f, c := rolloutFixture(t, false)
 	p := newTestReplacer(t, cli, f, "n1", 1)
 	sl, err := p.rollout.acquire(t.Context(), "reg:5000/app:qa", c)
@@ -511,7 +507,7 @@ func TestNodeLocalErrorsDoNotHalt(t *testing.T) {
 			f, c := rolloutFixture(t, false)
 			f.supervise = tt.strategy == strategyStop
 			tt.fault(f)
-			p := newTestReplacer(t, testEtcd(t), f, "n1", 1)
+			p := newTestReplacer(t, testNS(t), f, "n1", 1)
 			p.strategy = tt.strategy
 			out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 			if len(out) != 1 || out[0].err == nil || errors.Is(out[0].err, errReplacement) {
@@ -533,7 +529,7 @@ func TestUnsupervised(t *testing.T) {
 	for _, max := range []int{0, 1} {
 		f, c := rolloutFixture(t, false)
 		f.supervise = false
-		p := newTestReplacer(t, testEtcd(t), f, "n1", max)
+		p := newTestReplacer(t, testNS(t), f, "n1", max)
 		p.restarter.wait.timeout = 100 * time.Millisecond
 		out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
 		if len(out) != 1 || !errors.Is(out[0].err, errUnsupervised) || errors.Is(out[0].err, errReplacement) ||
@@ -552,7 +548,7 @@ func TestUnsupervised(t *testing.T) {
 // TestClearHaltKeepsNewerHalt: a halt of a newer version recorded between
 // clearHalt's read and its delete stays.
 func TestClearHaltKeepsNewerHalt(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	p := newTestReplacer(t, cli, newFakeDocker(), "n1", 1)
 	r := p.rollout
 	const ref = "reg:5000/app:qa"
@@ -607,4 +603,12 @@ func TestWaitSurvivesEventStreamEnd(t *testing.T) {
 	if n > 15 {
 		t.Errorf("%d inspects in a 500ms wait with a 50ms poll; want at most 15 (no spin, none per unrelated event)", n)
 	}
+}
+
+// heldSession is the session r's node holds now (nil: none).
+func heldSession(r *rollout) *session {
+	l := r.leases.(*nodeLease)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.session
 }

@@ -65,7 +65,7 @@ func secretCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(ctx, ce.cfg.EtcdDialTimeout+5*time.Second)
 	defer cancel()
-	secret, err := readClusterSecret(ctx, cli, ce.cfg.EtcdPrefix)
+	secret, err := readClusterSecret(ctx, inPrefix(cli, ce.cfg.EtcdPrefix))
 	if err != nil {
 		return fmt.Errorf("read the webhook secret from %s: %w", strings.Join(ce.cfg.etcdEndpoints(), ","), err)
 	}

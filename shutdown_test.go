@@ -57,9 +57,9 @@ func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
 	f.local["reg:5000/app:qa"] = "sha256:1"
 	f.addContainer("app", "reg:5000/app:qa")
 	// Only the daemon's end may stop the grant: no call timeout helps.
-	r := newRollout(cli, testPrefix(t), "n1", 1, time.Hour, time.Hour, testLogger(t), newMetrics())
-	s := &statusReporter{docker: f, rollout: r, prefix: testPrefix(t), node: "n1", started: time.Now(), period: time.Hour,
-		callTimeout: time.Hour, log: testLogger(t), wake: make(chan struct{}, 1), cache: map[string]containerStatus{}}
+	leases := newNodeLease(inPrefix(cli, testPrefix(t)), sessionTTL, time.Hour)
+	s := newStatusReporter(f, nil, inPrefix(cli, testPrefix(t)), leases, "n1", nil, testLogger(t))
+	s.period, s.callTimeout = time.Hour, time.Hour
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- s.run(ctx) }()
@@ -76,7 +76,7 @@ func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
 	cancel()
 	select {
 	case <-done:
-		r.close()
+		_ = leases.Close()
 	case <-time.After(3 * time.Second):
 		t.Fatal("status reporter still running 3s after the stop, etcd unreachable")
 	}
@@ -167,14 +167,14 @@ func TestRetryAcrossRestart(t *testing.T) {
 	}
 
 	d, stop := start()
-	resp, err := cli.Put(t.Context(), triggerKey(cfg.EtcdPrefix, "127.0.0.1:5000/app"), `{"tag":"qa"}`)
+	resp, err := cli.Put(t.Context(), cfg.EtcdPrefix+triggerKey("127.0.0.1:5000/app"), `{"tag":"qa"}`)
 	if err != nil {
 		t.Fatal(err)
 	}
 	rev := resp.Header.Revision
 	poll("pending retry", func() bool { return len(d.queue.pending()) == 1 })
 	stop()
-	got, err := cli.Get(t.Context(), progressKey(cfg.EtcdPrefix, "n1"))
+	got, err := cli.Get(t.Context(), cfg.EtcdPrefix+progressKey("n1"))
 	if err != nil || len(got.Kvs) != 1 {
 		t.Fatalf("progress record: %v %v", got, err)
 	}

@@ -1,5 +1,12 @@
 package main
 
+// status.go: the cluster status. Every node keeps a record under
+// _status/<node>, bound to its session lease (it goes when the node does),
+// listing the containers it runs from tags; statusReporter writes this
+// node's. GET /api/status and `deployer status` gather the records and the
+// rollout state into one view per tag, and /metrics exports the version
+// skew from it.
+
 import (
 	"cmp"
 	"context"
@@ -22,11 +29,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
-
-// Cluster status. Every node keeps a record under <prefix>/_status/<node>,
-// bound to its session lease (it goes when the node does), listing the
-// containers it runs from tags. GET /api/status and `deployer status`
-// gather the records and the rollout state into one view per tag.
 
 type containerStatus struct {
 	Name    string    `json:"name"`
@@ -62,19 +64,30 @@ type eventAPI interface {
 	RemoveEventListener(listener chan *docker.APIEvents) error
 }
 
+// leaseSource is the node's session (nodeLease) as the status reporter
+// uses it: the record lives under the current lease.
+type leaseSource interface {
+	current(ctx context.Context) (*session, error)
+}
+
+// statusPutter writes the node's record.
+type statusPutter interface {
+	Put(ctx context.Context, key, val string, opts ...clientv3.OpOption) (*clientv3.PutResponse, error)
+}
+
 // statusReporter writes this node's record after each deploy, when
 // Docker reports that a container started, stopped, went or was renamed,
 // when the record's lease was lost, and every period as a safety net.
 type statusReporter struct {
 	docker      containerAPI
 	events      eventAPI // nil: no subscription, the period alone
-	rollout     *rollout // for the session lease
-	prefix      string
+	kv          statusPutter
+	leases      leaseSource
 	node        string
 	started     time.Time
 	period      time.Duration // resync without events (statusResync)
-	settle      time.Duration // coalesces a burst of events into one listing; 0: 250ms
-	retryBase   time.Duration // first delay before subscribing or writing again; 0: 1s
+	settle      time.Duration // coalesces a burst of events into one listing
+	retryBase   time.Duration // first delay before subscribing or writing again
 	callTimeout time.Duration
 	log         *slog.Logger
 	wake        chan struct{}         // capacity 1
@@ -84,12 +97,22 @@ type statusReporter struct {
 	cache map[string]containerStatus // container ID -> status; a container's config never changes
 }
 
-func (s *statusReporter) poke() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
+// newStatusReporter returns the reporter of node's record, written
+// through kv (confined to -etcd_prefix) under leases' current lease, from
+// the containers dc runs and the events it reports (events nil: the resync
+// alone). retries lists the deploys waiting for a retry (nil: none). It
+// starts nothing.
+func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases leaseSource, node string, retries func() []pendingRetry, log *slog.Logger) *statusReporter {
+	return &statusReporter{
+		docker: dc, events: events, kv: kv, leases: leases, node: node, retries: retries, started: time.Now().UTC(),
+		period: statusResync, settle: 250 * time.Millisecond, retryBase: time.Second, callTimeout: callTimeout, log: log,
+		wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
 	}
 }
+
+// poke asks for the record to be written again (a deploy finished). It
+// never blocks.
+func (s *statusReporter) poke() { wake(s.wake) }
 
 // statusEvent reports whether a Docker event can change the list of
 // running containers: health checks' execs and the like do not.
@@ -105,7 +128,7 @@ func statusEvent(ev *docker.APIEvents) bool {
 }
 
 func (s *statusReporter) run(ctx context.Context) error {
-	settle, retryBase := cmp.Or(s.settle, 250*time.Millisecond), cmp.Or(s.retryBase, time.Second)
+	settle, retryBase := s.settle, s.retryBase
 	resync := time.NewTimer(s.period)
 	defer resync.Stop()
 	var (
@@ -154,7 +177,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 				lease, err = s.write(ctx, cs, last, rs, lastRetries, lastLease)
 				if err == nil {
 					last, lastRetries, lastLease = cs, rs, lease
-					if sess, serr := s.rollout.sess(ctx); serr == nil && sess.Lease() == lease {
+					if sess, serr := s.leases.current(ctx); serr == nil && sess.Lease() == lease {
 						leaseGone = sess.Done()
 					}
 				}
@@ -208,7 +231,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 // changed. Every etcd call, the session's lease grant included, ends with
 // ctx: a stop never waits for an unreachable etcd.
 func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, rs, lastRs []pendingRetry, lastLease clientv3.LeaseID) (clientv3.LeaseID, error) {
-	sess, err := s.rollout.sess(ctx)
+	sess, err := s.leases.current(ctx)
 	if err != nil {
 		return lastLease, err
 	}
@@ -218,7 +241,7 @@ func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, 
 	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs})
 	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
 	defer cancel()
-	if _, err := s.rollout.etcd.Put(ctx, statusKey(s.prefix, s.node), string(b), clientv3.WithLease(sess.Lease())); err != nil {
+	if _, err := s.kv.Put(ctx, statusKey(s.node), string(b), clientv3.WithLease(sess.Lease())); err != nil {
 		return lastLease, err
 	}
 	return sess.Lease(), nil
@@ -288,9 +311,9 @@ type versionInfo struct {
 }
 
 // readStatus gathers the node records and the rollout state.
-func readStatus(ctx context.Context, kv clientv3.KV, prefix string, now time.Time) (clusterStatus, error) {
+func readStatus(ctx context.Context, kv clientv3.KV, now time.Time) (clusterStatus, error) {
 	out := clusterStatus{Time: now.UTC(), Nodes: []nodeStatus{}, Tags: []tagStatus{}}
-	nodes, err := kv.Get(ctx, statusPrefix(prefix), clientv3.WithPrefix())
+	nodes, err := kv.Get(ctx, statusPrefix, clientv3.WithPrefix())
 	if err != nil {
 		return out, err
 	}
@@ -327,12 +350,12 @@ func readStatus(ctx context.Context, kv clientv3.KV, prefix string, now time.Tim
 			}
 		}
 	}
-	rolls, err := kv.Get(ctx, rolloutsPrefix(prefix), clientv3.WithPrefix())
+	rolls, err := kv.Get(ctx, rolloutsPrefix, clientv3.WithPrefix())
 	if err != nil {
 		return out, err
 	}
 	for _, kv := range rolls.Kvs {
-		rest := strings.TrimPrefix(string(kv.Key), rolloutsPrefix(prefix))
+		rest := strings.TrimPrefix(string(kv.Key), rolloutsPrefix)
 		esc, what, ok := strings.Cut(rest, "/")
 		ref, err := url.PathUnescape(esc)
 		if !ok || err != nil {
@@ -369,13 +392,12 @@ func readStatus(ctx context.Context, kv clientv3.KV, prefix string, now time.Tim
 // the cluster view when /metrics is scraped: the view is cluster-wide, so
 // no node keeps reading it between scrapes.
 type skewCollector struct {
-	kv     clientv3.KV
-	prefix string
-	desc   *prometheus.Desc
+	kv   clientv3.KV
+	desc *prometheus.Desc
 }
 
-func newSkewCollector(kv clientv3.KV, prefix string) *skewCollector {
-	return &skewCollector{kv: kv, prefix: prefix, desc: prometheus.NewDesc("deployer_version_skew_seconds",
+func newSkewCollector(kv clientv3.KV) *skewCollector {
+	return &skewCollector{kv: kv, desc: prometheus.NewDesc("deployer_version_skew_seconds",
 		"How long two image IDs of one tag have run at once across the cluster (0: one version).", []string{"image"}, nil)}
 }
 
@@ -384,7 +406,7 @@ func (c *skewCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 func (c *skewCollector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	st, err := readStatus(ctx, c.kv, c.prefix, time.Now())
+	st, err := readStatus(ctx, c.kv, time.Now())
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(c.desc, err)
 		return
@@ -406,7 +428,7 @@ func (d *daemon) apiStatus(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
-	st, err := readStatus(ctx, d.etcd, d.cfg.EtcdPrefix, time.Now())
+	st, err := readStatus(ctx, d.etcd, time.Now())
 	if err != nil {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": err.Error()})
 		return
@@ -433,7 +455,7 @@ func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(ctx, ce.cfg.EtcdDialTimeout+5*time.Second)
 	defer cancel()
-	st, err := readStatus(ctx, cli, ce.cfg.EtcdPrefix, time.Now())
+	st, err := readStatus(ctx, inPrefix(cli, ce.cfg.EtcdPrefix), time.Now())
 	if err != nil {
 		return fmt.Errorf("read status from %s: %w", strings.Join(ce.cfg.etcdEndpoints(), ","), err)
 	}

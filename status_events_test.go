@@ -29,10 +29,8 @@ func poll(t *testing.T, d time.Duration, what string, cond func() bool) {
 // startReporter runs a status reporter on f until the test ends.
 func startReporter(t *testing.T, cli *clientv3.Client, f *fakeDocker, period time.Duration) *statusReporter {
 	t.Helper()
-	r := newTestReplacer(t, cli, f, "n1", 1).rollout
-	s := &statusReporter{docker: f, events: f, rollout: r, prefix: testPrefix(t), node: "n1", started: time.Now(), period: period,
-		settle: 10 * time.Millisecond, retryBase: 20 * time.Millisecond, callTimeout: 5 * time.Second, log: testLogger(t),
-		wake: make(chan struct{}, 1), cache: map[string]containerStatus{}}
+	s := newStatusReporter(f, f, cli, testLeases(t, cli), "n1", nil, testLogger(t))
+	s.period, s.settle, s.retryBase = period, 10*time.Millisecond, 20*time.Millisecond
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan struct{})
 	go func() { s.run(ctx); close(done) }()
@@ -43,7 +41,7 @@ func startReporter(t *testing.T, cli *clientv3.Client, f *fakeDocker, period tim
 // recordNames reads node n1's status record: the names of its containers.
 func recordNames(t *testing.T, cli *clientv3.Client) []string {
 	t.Helper()
-	resp, err := cli.Get(t.Context(), testPrefix(t)+"/"+statusDir+"/n1")
+	resp, err := cli.Get(t.Context(), statusKey("n1"))
 	if err != nil || len(resp.Kvs) == 0 {
 		return nil
 	}
@@ -71,7 +69,7 @@ func (f *fakeDocker) subscribed() (subscribes, listeners int) {
 // A container that starts outside any deploy reaches the record through
 // Docker's event stream, long before the resync period.
 func TestStatusEventWritesRecord(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
 	f.local["reg:5000/web:qa"] = "sha256:" + strings.Repeat("2", 64)
@@ -97,7 +95,7 @@ func TestStatusEventWritesRecord(t *testing.T) {
 // not again before the resync period; events that cannot change the
 // list (a health check's exec) do not make it list either.
 func TestStatusIdleListsOnlyOnResync(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
 	app := f.addContainer("app", "reg:5000/app:qa")
@@ -130,7 +128,7 @@ func TestStatusIdleListsOnlyOnResync(t *testing.T) {
 // subscribes again after a growing backoff (not in a loop on the closed
 // channel), and lists once it has, because events were missed.
 func TestStatusEventStreamClosedResubscribes(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
 	f.addContainer("app", "reg:5000/app:qa")
@@ -256,12 +254,12 @@ func TestDockerEventsStream(t *testing.T) {
 // partition), the record goes with it: the reporter writes it again under
 // the new session at once, not at the next resync.
 func TestStatusRewrittenWhenLeaseLost(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
 	f.addContainer("app", "reg:5000/app:qa")
 	startReporter(t, cli, f, time.Hour)
-	key := testPrefix(t) + "/" + statusDir + "/n1"
+	key := statusKey("n1")
 	var lease int64
 	poll(t, 5*time.Second, "the first record", func() bool {
 		resp, err := cli.Get(t.Context(), key)

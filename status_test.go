@@ -12,17 +12,15 @@ import (
 )
 
 func TestClusterStatus(t *testing.T) {
-	cli := testEtcd(t)
+	cli := testNS(t)
 	const v1, v2 = "sha256:1111111111111111111111111111111111111111111111111111111111111111", "sha256:2222222222222222222222222222222222222222222222222222222222222222"
-	prefix := testPrefix(t)
 	for _, n := range []struct{ node, id string }{{"n1", v1}, {"n2", v1}, {"n3", v2}} {
 		f := newFakeDocker()
 		f.local["reg:5000/app:qa"] = n.id
 		f.addContainer("app", "reg:5000/app:qa")
 		f.addContainer("pinned", "reg:5000/app@sha256:4444444444444444444444444444444444444444444444444444444444444444")
 		r := newTestReplacer(t, cli, f, n.node, 1).rollout
-		s := &statusReporter{docker: f, rollout: r, prefix: prefix, node: n.node, started: time.Now(), period: time.Hour,
-			callTimeout: 5 * time.Second, log: testLogger(t), wake: make(chan struct{}, 1), cache: map[string]containerStatus{}}
+		s := newStatusReporter(f, nil, cli, r.leases, n.node, nil, testLogger(t))
 		cs, err := s.containers(t.Context())
 		if err != nil {
 			t.Fatal(err)
@@ -40,7 +38,7 @@ func TestClusterStatus(t *testing.T) {
 			}
 		}
 	}
-	st, err := readStatus(t.Context(), cli, prefix, time.Now())
+	st, err := readStatus(t.Context(), cli, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,7 +61,7 @@ func TestClusterStatus(t *testing.T) {
 	}
 	// The same view as a metric, read at scrape time.
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(newSkewCollector(cli, prefix))
+	reg.MustRegister(newSkewCollector(cli))
 	mfs, err := reg.Gather()
 	if err != nil || len(mfs) != 1 || len(mfs[0].Metric) != 1 || mfs[0].Metric[0].GetGauge().GetValue() <= 0 ||
 		mfs[0].Metric[0].Label[0].GetValue() != "reg:5000/app:qa" {

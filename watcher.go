@@ -28,7 +28,6 @@ import (
 type watcher struct {
 	kv           clientv3.KV
 	w            clientv3.Watcher
-	prefix       string
 	node         string
 	retryDelay   time.Duration
 	serializable bool // !-strong_consistency
@@ -45,11 +44,12 @@ type watchKV interface {
 	clientv3.Watcher
 }
 
-// newWatcher returns a watcher of the triggers under prefix for node,
-// recording its progress in p. It starts nothing; emit is set before run.
-func newWatcher(cli watchKV, prefix, node string, retryDelay time.Duration, serializable bool, p *progress, log *slog.Logger, m *metrics) *watcher {
+// newWatcher returns a watcher of the triggers in cli (confined to
+// -etcd_prefix) for node, recording its progress in p and handing each
+// trigger to emit, which must not block. It starts nothing.
+func newWatcher(cli watchKV, node string, retryDelay time.Duration, serializable bool, p *progress, emit func(deployEvent), log *slog.Logger, m *metrics) *watcher {
 	return &watcher{
-		kv: cli, w: cli, prefix: prefix, node: node, retryDelay: retryDelay, serializable: serializable,
+		kv: cli, w: cli, node: node, emit: emit, retryDelay: retryDelay, serializable: serializable,
 		log: log, progress: p, metrics: m, watching: make(chan struct{}),
 	}
 }
@@ -100,7 +100,7 @@ func (w *watcher) loop(ctx context.Context, next int64) error {
 func (w *watcher) start(ctx context.Context) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	resp, err := w.kv.Get(ctx, progressKey(w.prefix, w.node))
+	resp, err := w.kv.Get(ctx, progressKey(w.node))
 	if err != nil {
 		return 0, fmt.Errorf("read progress: %w", err)
 	}
@@ -114,7 +114,7 @@ func (w *watcher) start(ctx context.Context) (int64, error) {
 		w.log.Warn("ignoring unreadable progress record", "value", string(resp.Kvs[0].Value))
 	}
 	rev := resp.Header.Revision
-	if _, err := w.kv.Put(ctx, progressKey(w.prefix, w.node), strconv.FormatInt(rev, 10)); err != nil {
+	if _, err := w.kv.Put(ctx, progressKey(w.node), strconv.FormatInt(rev, 10)); err != nil {
 		return 0, fmt.Errorf("record progress: %w", err)
 	}
 	w.progress.init(rev)
@@ -127,7 +127,7 @@ func (w *watcher) start(ctx context.Context) (int64, error) {
 func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	ch := w.w.Watch(wctx, triggersPrefix(w.prefix), clientv3.WithPrefix(), clientv3.WithRev(next), clientv3.WithProgressNotify())
+	ch := w.w.Watch(wctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(next), clientv3.WithProgressNotify())
 	healthy := false
 	for resp := range ch {
 		if resp.CompactRevision != 0 {
@@ -173,9 +173,9 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	if w.serializable {
 		opts = append(opts, clientv3.WithSerializable())
 	}
-	resp, err := w.kv.Get(ctx, triggersPrefix(w.prefix), opts...)
+	resp, err := w.kv.Get(ctx, triggersPrefix, opts...)
 	if err != nil {
-		return next, fmt.Errorf("re-read %s: %w", w.prefix, err)
+		return next, fmt.Errorf("re-read the triggers: %w", err)
 	}
 	type trig struct {
 		repo string
@@ -183,7 +183,7 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	}
 	var todo []trig
 	for _, kv := range resp.Kvs {
-		if repo, ok := repoFromKey(w.prefix, string(kv.Key)); ok && kv.ModRevision >= next {
+		if repo, ok := repoFromKey(string(kv.Key)); ok && kv.ModRevision >= next {
 			todo = append(todo, trig{repo, kv.ModRevision})
 		}
 	}
@@ -203,7 +203,7 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 }
 
 func (w *watcher) handle(key []byte, rev int64, tags []string, digests map[string]string) {
-	repo, ok := repoFromKey(w.prefix, string(key))
+	repo, ok := repoFromKey(string(key))
 	if !ok {
 		return
 	}

@@ -20,8 +20,8 @@ type watchHarness struct {
 func newWatchHarness(t *testing.T, cli *clientv3.Client, prefix string) *watchHarness {
 	h := &watchHarness{t: t, cli: cli, prefix: prefix, events: make(chan deployEvent, 100)}
 	log := testLogger(t)
-	h.w = newWatcher(cli, prefix, "n1", 10*time.Millisecond, false, newProgress(cli, progressKey(prefix, "n1"), log), log, newMetrics())
-	h.w.emit = func(ev deployEvent) { h.events <- ev }
+	ns := inPrefix(cli, prefix) // as newDaemon confines it; h.put writes whole keys
+	h.w = newWatcher(ns, "n1", 10*time.Millisecond, false, newProgress(ns, progressKey("n1"), log), func(ev deployEvent) { h.events <- ev }, log, newMetrics())
 	return h
 }
 

@@ -44,8 +44,8 @@ type kvPutter interface {
 // webhook receives build and push notifications and records each as a
 // trigger key in etcd, which every node watches. It never deploys inline.
 type webhook struct {
-	kv       kvPutter
-	prefix   string
+	kv       kvPutter     // confined to -etcd_prefix (inPrefix)
+	prefix   string       // -etcd_prefix, only to show the full key in replies and logs
 	secret   string       // never empty once serving: an empty secret lets nothing in
 	failures *failLimiter // rate of failed authentications per address; nil: no limit
 	node     string
@@ -59,7 +59,7 @@ type webhook struct {
 }
 
 // newWebhook returns the webhook handlers of a node: they write triggers
-// under prefix and accept secret; failures rate-limits failed
+// through kv (confined to prefix) and accept secret; failures rate-limits failed
 // authentications (nil: no limit). It starts nothing.
 func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
 	return &webhook{
@@ -67,6 +67,10 @@ func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter,
 		now: time.Now, timeout: 5 * time.Second, callback: &http.Client{Timeout: 10 * time.Second},
 	}
 }
+
+// Close waits for the Docker Hub callbacks in flight, each bounded by the
+// callback client's timeout.
+func (h *webhook) Close() { h.wg.Wait() }
 
 type triggered struct {
 	Key      string `json:"key"`
@@ -181,7 +185,7 @@ func (h *webhook) triggerAll(ctx context.Context, pushes []registryPush) ([]trig
 		if err != nil {
 			return nil, err
 		}
-		ops = append(ops, clientv3.OpPut(triggerKey(h.prefix, repo), string(val)))
+		ops = append(ops, clientv3.OpPut(triggerKey(repo), string(val)))
 	}
 	ctx, cancel := context.WithTimeout(ctx, h.timeout)
 	defer cancel()
@@ -193,7 +197,7 @@ func (h *webhook) triggerAll(ctx context.Context, pushes []registryPush) ([]trig
 	h.metrics.etcdWrites.WithLabelValues("ok").Inc()
 	out := make([]triggered, 0, len(pushes))
 	for _, p := range pushes {
-		key := triggerKey(h.prefix, p.Repo)
+		key := h.prefix + triggerKey(p.Repo)
 		out = append(out, triggered{Key: key, Repo: p.Repo, Tag: p.Tag, Revision: resp.Header.Revision})
 	}
 	h.log.Info("triggers written", "keys", len(ops), "pushes", len(pushes), "revision", resp.Header.Revision)
@@ -247,17 +251,17 @@ func (h *webhook) trigger(ctx context.Context, repo string, t trigger) (triggere
 	if err != nil {
 		return triggered{}, err
 	}
-	key := triggerKey(h.prefix, repo)
+	key := triggerKey(repo)
 	ctx, cancel := context.WithTimeout(ctx, h.timeout)
 	defer cancel()
 	resp, err := h.kv.Put(ctx, key, string(val))
 	if err != nil {
 		h.metrics.etcdWrites.WithLabelValues("error").Inc()
-		return triggered{}, fmt.Errorf("etcd put %s: %w", key, err)
+		return triggered{}, fmt.Errorf("etcd put %s: %w", h.prefix+key, err)
 	}
 	h.metrics.etcdWrites.WithLabelValues("ok").Inc()
-	h.log.Info("trigger written", "key", key, "tag", t.Tag, "revision", resp.Header.Revision)
-	return triggered{Key: key, Repo: repo, Tag: t.Tag, Revision: resp.Header.Revision}, nil
+	h.log.Info("trigger written", "key", h.prefix+key, "tag", t.Tag, "revision", resp.Header.Revision)
+	return triggered{Key: h.prefix + key, Repo: repo, Tag: t.Tag, Revision: resp.Header.Revision}, nil
 }
 
 func (h *webhook) fail(w http.ResponseWriter, r *http.Request, source string, code int, err error) {

@@ -45,9 +45,19 @@ func (rt *recordingTransport) RoundTrip(r *http.Request) (*http.Response, error)
 	return &http.Response{StatusCode: 200, Body: io.NopCloser(strings.NewReader("")), Header: http.Header{}}, nil
 }
 
+// newTestWebhook returns the webhook handlers writing through kv: an etcd
+// client is confined to the test's prefix (as newDaemon confines it), so
+// that the test reads whole keys through it; a fake is used as it is.
 func newTestWebhook(t *testing.T, kv kvPutter, secret string) (*webhook, *recordingTransport) {
+	return newTestWebhookUnder(t, kv, testPrefix(t), secret)
+}
+
+func newTestWebhookUnder(t *testing.T, kv kvPutter, prefix, secret string) (*webhook, *recordingTransport) {
+	if cli, ok := kv.(*clientv3.Client); ok {
+		kv = inPrefix(cli, prefix)
+	}
 	rt := &recordingTransport{got: make(chan struct{}, 10)}
-	h := newWebhook(kv, testPrefix(t), secret, "n1", nil, testLogger(t), newMetrics())
+	h := newWebhook(kv, prefix, secret, "n1", nil, testLogger(t), newMetrics())
 	h.now = func() time.Time { return time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC) }
 	h.callback = &http.Client{Transport: rt}
 	return h, rt
@@ -277,7 +287,7 @@ func checkTriggerSafe(t *testing.T, repo string) {
 	if err := checkRepoName(repo); err != nil {
 		t.Fatalf("accepted invalid repository %q: %v", repo, err)
 	}
-	got, ok := repoFromKey("/deployer", triggerKey("/deployer", repo))
+	got, ok := repoFromKey(triggerKey(repo))
 	if !ok || got != repo {
 		t.Fatalf("repository %q does not round-trip through its key (%q, %v)", repo, got, ok)
 	}

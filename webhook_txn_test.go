@@ -50,7 +50,7 @@ func envelope(events ...map[string]any) string {
 // failure writes none; an envelope beyond the cap is refused with 413.
 func TestRegistryEnvelopeOneTxn(t *testing.T) {
 	cli := testEtcd(t)
-	kv := &flakyKV{Client: cli}
+	kv := &flakyKV{Client: inPrefix(cli, testPrefix(t))}
 	h, _ := newTestWebhook(t, kv, "s")
 	body := envelope(pushEvent("a", "qa", "sha256:1"), pushEvent("b", "qa", "sha256:2"), pushEvent("a", "prod", "sha256:3"))
 	w := httptest.NewRecorder()
@@ -70,7 +70,7 @@ func TestRegistryEnvelopeOneTxn(t *testing.T) {
 			t.Errorf("triggers written at revisions %+v; want one transaction", got.Triggered)
 		}
 	}
-	resp, err := cli.Get(t.Context(), triggerKey(h.prefix, "r:5000/a"))
+	resp, err := cli.Get(t.Context(), h.prefix+triggerKey("r:5000/a"))
 	if err != nil || len(resp.Kvs) != 1 {
 		t.Fatalf("get a: %v %v", resp, err)
 	}
@@ -85,7 +85,6 @@ func TestRegistryEnvelopeOneTxn(t *testing.T) {
 	// A failing etcd writes nothing of the envelope: 503, and the
 	// registry's retry is the only write.
 	h2, _ := newTestWebhook(t, failingKV{errors.New("etcdserver: request timed out")}, "s")
-	h2.prefix = h.prefix + "-failing"
 	w = httptest.NewRecorder()
 	h2.registry(w, httptest.NewRequest("POST", "/reg?token=s", strings.NewReader(body)))
 	if w.Code != 503 {
@@ -97,8 +96,7 @@ func TestRegistryEnvelopeOneTxn(t *testing.T) {
 	for i := range maxEnvelopePushes + 1 {
 		many = append(many, pushEvent(fmt.Sprintf("many/r%d", i), "qa", ""))
 	}
-	h3, _ := newTestWebhook(t, cli, "s")
-	h3.prefix = h.prefix + "-many"
+	h3, _ := newTestWebhookUnder(t, cli, h.prefix+"-many", "s")
 	w = httptest.NewRecorder()
 	h3.registry(w, httptest.NewRequest("POST", "/reg?token=s", strings.NewReader(envelope(many...))))
 	if w.Code != 413 {
