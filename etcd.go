@@ -50,6 +50,8 @@ const (
 // through etcd's namespace package. It shares cli's connection and ends
 // with it; it must not be closed itself (closing it would close cli's
 // watcher and lessor).
+//
+//nolint:contextcheck // the view lives as long as cli (cli.Ctx), not a call
 func inPrefix(cli *clientv3.Client, prefix string) *clientv3.Client {
 	ns := clientv3.NewCtxClient(cli.Ctx())
 	ns.KV = namespace.NewKV(cli.KV, prefix)

@@ -195,6 +195,8 @@ func (l *nodeLease) forget(s *session) {
 // Close revokes the current lease, so that the node's slots and status
 // record go at once. With etcd unreachable it gives up after revokeWait:
 // the lease then expires by itself within its TTL.
+//
+//nolint:contextcheck // at the stop: bounded by revokeWait, not by a caller
 func (l *nodeLease) Close() error {
 	l.mu.Lock()
 	s := l.session
