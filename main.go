@@ -188,8 +188,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		err := dep.deploy(ctx, j)
 		status.poke()
 		return err
-	}, d.progress.done, log.With("component", "queue"))
-	d.queue.queued, d.queue.retrying = m.queued, m.retrying
+	}, d.progress.done, log.With("component", "queue"), m)
 	status = newStatusReporter(dc, eventsFor(dc, callTimeout), etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
 	d.status = status
 	m.reg.MustRegister(newSkewCollector(etcd))

@@ -58,7 +58,7 @@ func TestDeployQueueCoalesces(t *testing.T) {
 		mu.Lock()
 		doneRevs = append(doneRevs, revs...)
 		mu.Unlock()
-	}, testLogger(t))
+	}, testLogger(t), newMetrics())
 	q.quiet = 0
 	q.submit(deployEvent{Repo: "r", Tags: []string{"t0"}, Rev: 1})
 	first := <-started
@@ -91,7 +91,7 @@ func TestDeployQueueSettles(t *testing.T) {
 			starts = append(starts, time.Since(t0))
 			time.Sleep(50 * time.Millisecond) // a pull
 			return nil
-		}, func([]int64) {}, testLogger(t))
+		}, func([]int64) {}, testLogger(t), newMetrics())
 		for i := range 50 {
 			q.submit(deployEvent{Repo: "r", Tags: []string{"qa"}, Rev: int64(i + 1)})
 			time.Sleep(20 * time.Millisecond)
@@ -141,7 +141,7 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 		running--
 		mu.Unlock()
 		return nil
-	}, func([]int64) {}, testLogger(t))
+	}, func([]int64) {}, testLogger(t), newMetrics())
 	for i := range repos {
 		q.submit(deployEvent{Repo: string(rune('a' + i))})
 	}
@@ -164,7 +164,7 @@ func TestDeployQueueCancelLeavesRevisionsOpen(t *testing.T) {
 			<-block
 		}
 		return nil
-	}, func(r []int64) { done = append(done, r...) }, testLogger(t))
+	}, func(r []int64) { done = append(done, r...) }, testLogger(t), newMetrics())
 	ctx, cancel := context.WithCancel(t.Context())
 	stopped := make(chan error)
 	go func() { stopped <- q.run(ctx) }()

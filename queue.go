@@ -15,6 +15,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // deployEvent asks for a deploy of one repository.
@@ -128,14 +130,8 @@ func (j *job) absorb(failed job) {
 type deployQueue struct {
 	deploy func(context.Context, job) error
 	done   func(revs []int64) // called after each deploy that is not retried
-	queued interface {
-		Inc()
-		Dec()
-	}
-	retrying interface { // repositories waiting for a retry
-		Inc()
-		Dec()
-	}
+	queued   prometheus.Gauge // repositories waiting or deploying
+	retrying prometheus.Gauge // repositories waiting for a retry
 	retry   retryPolicy
 	sem     chan struct{}
 	quiet   time.Duration
@@ -170,11 +166,11 @@ const (
 // calls done with the trigger revisions of every deploy that is not
 // retried. Deploys in flight when run's ctx ends get grace to finish. It
 // starts nothing: a submitted event starts its repository's worker.
-func newDeployQueue(n int, grace time.Duration, deploy func(context.Context, job) error, done func([]int64), log *slog.Logger) *deployQueue {
+func newDeployQueue(n int, grace time.Duration, deploy func(context.Context, job) error, done func([]int64), log *slog.Logger, m *metrics) *deployQueue {
 	work, cancel := context.WithCancel(context.Background())
 	return &deployQueue{
-		deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{}, queued: nopGauge{},
-		retrying: nopGauge{}, retry: retryPolicy{min: retryMin, max: retryMax}, stopping: make(chan struct{}),
+		deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{}, queued: m.queued,
+		retrying: m.retrying, retry: retryPolicy{min: retryMin, max: retryMax}, stopping: make(chan struct{}),
 		quiet: followUpQuiet, maxWait: followUpMaxWait, grace: grace, log: log, work: work, cancelWork: cancel,
 	}
 }
@@ -403,12 +399,6 @@ func (q *deployQueue) settle(ctx context.Context, st *repoState) bool {
 		}
 	}
 }
-
-type nopGauge struct{}
-
-func (nopGauge) Inc() {}
-
-func (nopGauge) Dec() {}
 
 // wait blocks until every worker has returned.
 func (q *deployQueue) wait() { q.wg.Wait() }

@@ -101,8 +101,7 @@ func newRetryHarness(t *testing.T) *retryHarness {
 		err := d.deploy(ctx, j)
 		h.runs <- err
 		return err
-	}, h.p.done, testLogger(t))
-	h.q.retrying = h.m.retrying
+	}, h.p.done, testLogger(t), h.m)
 	return h
 }
 
