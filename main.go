@@ -183,14 +183,12 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	dep.dryRun, dep.cleanup = cfg.DryRun, cfg.Cleanup
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
-	var status *statusReporter
 	d.queue = newDeployQueue(cfg.MaxThreads, cfg.shutdownGrace, func(ctx context.Context, j job) error {
 		err := dep.deploy(ctx, j)
-		status.poke()
+		d.status.poke() // the record shows the outcome at once
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
-	status = newStatusReporter(dc, eventsFor(dc, callTimeout), etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
-	d.status = status
+	d.status = newStatusReporter(dc, eventsFor(dc, callTimeout), etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
