@@ -1,5 +1,9 @@
 package main
 
+// eventstream.go: Docker's event stream for a subscription held for the
+// daemon's whole life (the status reporter's), read without a timer so
+// that an idle node sleeps.
+
 import (
 	"context"
 	"encoding/json"

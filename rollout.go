@@ -8,7 +8,7 @@ package main
 // once the replacement is up. A replacement that ran and failed halts the
 // rollout of that image ID on every node.
 //
-// etcd keys, under the reserved namespace:
+// etcd keys (etcd.go), under -etcd_prefix:
 //
 //	<prefix>/_rollout/<tag ref, path-escaped>/slots/<lease>-<node>-<container>  slot holders (lease-bound)
 //	<prefix>/_rollout/<tag ref, path-escaped>/halted                           {"image_id",…} of a failed version
