@@ -159,3 +159,74 @@ func TestSessionOnEtcd(t *testing.T) {
 		t.Fatal("a revoked lease was not noticed")
 	}
 }
+
+// TestNodeLease: the node's session is shared until it is lost, a lost
+// one is replaced by a new lease, and Close revokes the lease, so that
+// every key under it (slots, the status record) goes at once; nothing is
+// granted after Close.
+func TestNodeLease(t *testing.T) {
+	cli := testNS(t)
+	ctx := t.Context()
+	l := newNodeLease(cli, sessionTTL, 5*time.Second)
+	s1, err := l.current(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, err := l.current(ctx); err != nil || again != s1 {
+		t.Fatalf("second current = %v, %v; want the same session", again, err)
+	}
+	// The lease goes (revoked here, as it expires after a partition).
+	if _, err := cli.Revoke(ctx, s1.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	l.drop(s1)
+	s2, err := l.current(ctx)
+	if err != nil || s2 == s1 || s2.Lease() == s1.Lease() {
+		t.Fatalf("current after the loss = %v, %v; want a new lease", s2, err)
+	}
+	if _, err := cli.Put(ctx, "/held", "x", clientv3.WithLease(s2.Lease())); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatalf("Close = %v", err)
+	}
+	if resp, err := cli.Get(ctx, "/held"); err != nil || len(resp.Kvs) != 0 {
+		t.Errorf("key under the lease after Close: %v, %v; want it gone at once", resp, err)
+	}
+	if s, err := l.current(ctx); err == nil {
+		t.Errorf("current after Close = lease %x; want an error", s.Lease())
+	}
+}
+
+// stuckEtcd grants leases but never answers a revoke: etcd unreachable at
+// the stop.
+type stuckEtcd struct{ fakeLeases }
+
+func (*stuckEtcd) Grant(context.Context, int64) (*clientv3.LeaseGrantResponse, error) {
+	return &clientv3.LeaseGrantResponse{ID: 7, TTL: sessionTTL}, nil
+}
+
+func (*stuckEtcd) Revoke(ctx context.Context, _ clientv3.LeaseID) (*clientv3.LeaseRevokeResponse, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// TestNodeLeaseCloseEtcdDown: with etcd unreachable, Close gives up after
+// revokeWait (the lease then expires by itself) and says so.
+func TestNodeLeaseCloseEtcdDown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := newNodeLease(&stuckEtcd{}, sessionTTL, time.Second)
+		s, err := l.current(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		err = l.Close()
+		if took := time.Since(start); err == nil || took != l.revokeWait {
+			t.Errorf("Close = %v after %v; want an error after revokeWait %v", err, took, l.revokeWait)
+		}
+		if !lost(s) {
+			t.Error("keepalives still running after Close")
+		}
+	})
+}
