@@ -128,16 +128,16 @@ func (j *job) absorb(failed job) {
 // daemon's stop (run's ctx ends) they get a grace period to finish their
 // stops before they are cancelled.
 type deployQueue struct {
-	deploy func(context.Context, job) error
-	done   func(revs []int64) // called after each deploy that is not retried
-	queued   prometheus.Gauge // repositories waiting or deploying
-	retrying prometheus.Gauge // repositories waiting for a retry
-	retry   retryPolicy
-	sem     chan struct{}
-	quiet   time.Duration
-	maxWait time.Duration
-	grace   time.Duration // for deploys in flight at the stop
-	log     *slog.Logger
+	deploy   func(context.Context, job) error
+	done     func(revs []int64) // called after each deploy that is not retried
+	queued   prometheus.Gauge   // repositories waiting or deploying
+	retrying prometheus.Gauge   // repositories waiting for a retry
+	retry    retryPolicy
+	sem      chan struct{}
+	quiet    time.Duration
+	maxWait  time.Duration
+	grace    time.Duration // for deploys in flight at the stop
+	log      *slog.Logger
 
 	work       context.Context // every deploy's; ends at the stop, after grace
 	cancelWork context.CancelFunc
