@@ -190,6 +190,64 @@ func TestDeployQueueCancelLeavesRevisionsOpen(t *testing.T) {
 	}
 }
 
+// TestDeployQueueStopGrace: at the stop, a deploy in flight gets the
+// grace period to finish (its trigger is done), one still running after it
+// is cancelled (its trigger stays open), and a wait for a retry ends at
+// once (its trigger stays open).
+func TestDeployQueueStopGrace(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		deploy    func(ctx context.Context) error // the first attempt; later ones succeed
+		wantStop  time.Duration                   // from the stop until run returns
+		wantDone  bool
+		wantCtxOK bool // the deploy's context was not cancelled
+	}{
+		{"finishes within the grace", func(ctx context.Context) error { time.Sleep(2 * time.Second); return ctx.Err() }, 2 * time.Second, true, true},
+		{"cancelled after the grace", func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }, 5 * time.Second, false, false},
+		{"waiting for a retry", func(ctx context.Context) error { return errRegistry503 }, 0, false, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				var done []int64
+				var ctxErr error
+				attempts := 0
+				q := newDeployQueue(1, 5*time.Second, func(ctx context.Context, j job) error {
+					attempts++
+					if attempts > 1 {
+						return nil
+					}
+					err := tt.deploy(ctx)
+					ctxErr = ctx.Err()
+					return err
+				}, func(r []int64) { done = append(done, r...) }, testLogger(t), newMetrics())
+				q.retry = retryPolicy{min: time.Hour, max: time.Hour}
+				ctx, stop := context.WithCancel(t.Context())
+				stopped := make(chan error)
+				go func() { stopped <- q.run(ctx) }()
+				q.submit(deployEvent{Repo: "r", Rev: 7})
+				synctest.Wait() // the deploy runs (or waits for its retry)
+				start := time.Now()
+				stop()
+				if err := <-stopped; err != nil {
+					t.Errorf("run = %v", err)
+				}
+				if took := time.Since(start); took != tt.wantStop {
+					t.Errorf("run returned %v after the stop; want %v", took, tt.wantStop)
+				}
+				if got := slices.Contains(done, 7); got != tt.wantDone {
+					t.Errorf("trigger done = %v; want %v", got, tt.wantDone)
+				}
+				if (ctxErr == nil) != tt.wantCtxOK {
+					t.Errorf("deploy context error = %v; want cancelled %v", ctxErr, !tt.wantCtxOK)
+				}
+				if attempts != 1 {
+					t.Errorf("%d attempts; want 1: nothing runs after the stop", attempts)
+				}
+			})
+		})
+	}
+}
+
 func TestCredentials(t *testing.T) {
 	dir := t.TempDir()
 	b64 := func(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
