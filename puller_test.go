@@ -250,7 +250,7 @@ func TestPullerPassesCredentialsAndErrors(t *testing.T) {
 	p := newPuller(pullRecorder{f, &gotAuth}, cfg, testLogger(t), newMetrics())
 	ref, _ := reference.ParseNormalizedNamed("127.0.0.1:5000/app:qa")
 	f.pullErr["127.0.0.1:5000/app:qa"] = &docker.Error{Status: 500, Message: "toomanyrequests"}
-	err := p.pull(t.Context(), ref.(reference.NamedTagged))
+	_, err := p.pull(t.Context(), ref.(reference.NamedTagged))
 	var derr *docker.Error
 	if !errors.As(err, &derr) || derr.Status != 500 {
 		t.Errorf("pull = %v; want the Docker error, wrapped", err)
