@@ -141,8 +141,10 @@ type pulled struct {
 	// ("Digest: sha256:…"); "" when the stream did not say.
 	digest string
 	// upToDate: "Status: Image is up to date for …": the tag names the
-	// image it named before the pull. False when the stream said
-	// "Downloaded newer image" or nothing known.
+	// image it named before the pull. dockerd 20.10 says "Downloaded
+	// newer image" whenever the tag moved, even to an image it already
+	// had without downloading a layer (checked on it). False too when the
+	// stream said nothing known.
 	upToDate bool
 }
 
