@@ -379,3 +379,24 @@ func TestDeployImageCalls(t *testing.T) {
 		})
 	}
 }
+
+// TestDeployInspectFails: when Docker cannot say what a moved tag names
+// now, nothing is stopped and the deploy fails, to be retried.
+func TestDeployInspectFails(t *testing.T) {
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
+	f.addContainer("app", "reg:5000/app:qa")
+	f.imageErr = errRegistryDown
+	d, n := newTestDeployer(t, f)
+	err := d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+	if err == nil || !retryable(err) {
+		t.Errorf("deploy = %v; want a retryable failure", err)
+	}
+	if got := running(f); !slices.Equal(got, []string{"app"}) {
+		t.Errorf("running %q; want app left alone", got)
+	}
+	if len(n.reports) != 1 || !n.reports[0].failed() {
+		t.Errorf("reports %+v; want one failure", n.reports)
+	}
+}

@@ -175,6 +175,7 @@ type fakeDocker struct {
 	imageLists  int                 // ListImages calls
 	listFilters map[string][]string // of the last ListImages
 	imageReads  int                 // InspectImage calls
+	imageErr    error               // returned by InspectImage of a tag
 }
 
 var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
@@ -664,17 +665,24 @@ func (f *fakeDocker) InspectImage(name string) (*docker.Image, error) {
 		if err != nil {
 			return nil, &docker.Error{Status: 400, Message: err.Error()}
 		}
+		if f.imageErr != nil {
+			return nil, f.imageErr
+		}
 		if id = f.local[reference.TagNameOnly(ref).String()]; id == "" {
 			return nil, docker.ErrNoSuchImage
 		}
 	}
 	img := &docker.Image{ID: id, Config: &docker.Config{Env: []string{"PATH=/bin"}, Cmd: []string{"/app"}}}
 	for tag, tid := range f.local {
-		if tid == id {
-			img.RepoTags = append(img.RepoTags, tag)
+		if ref, err := reference.ParseNormalizedNamed(tag); err == nil && tid == id {
+			img.RepoTags = append(img.RepoTags, reference.FamiliarString(ref))
 		}
 	}
-	img.RepoDigests = slices.Clone(f.repoDigests[id])
+	for _, rd := range f.repoDigests[id] {
+		if ref, err := reference.ParseNormalizedNamed(rd); err == nil {
+			img.RepoDigests = append(img.RepoDigests, reference.FamiliarString(ref))
+		}
+	}
 	return img, nil
 }
 
