@@ -109,7 +109,10 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		return r
 	}
 	r.Repo = reference.FamiliarName(repo)
-	before, _, err := d.puller.localImages(ctx, repo)
+	// One listing before the pulls; after each pull, what its progress
+	// stream said: up to date, the tag names what the listing said;
+	// otherwise one inspect of the tag.
+	before, digests, err := d.puller.localImages(ctx, repo)
 	if err != nil {
 		r.Failed = append(r.Failed, err)
 		return r
@@ -125,49 +128,56 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		return r
 	}
 
-	pulled := map[string]bool{}
+	// Only tags that pulled are checked: a failed pull leaves the tag
+	// where it was, and pull before stop is the rule. A tag whose trigger
+	// named a manifest digest that the pull did not bring (the registry
+	// or its CDN still served the previous one) counts as a failed pull.
+	var (
+		pulledTags int
+		checked    []tagReport
+		current    = map[string]string{}
+		inspectErr error
+	)
 	for _, t := range tags {
 		ref, err := reference.WithTag(repo, t)
 		if err != nil {
 			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], PullErr: fmt.Errorf("%w: %w", errBadReference, err)})
 			continue
 		}
-		if err := d.puller.pull(ctx, ref); err != nil {
+		p, err := d.puller.pull(ctx, ref)
+		if err != nil {
 			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], NewID: before[t], PullErr: err})
 			continue
 		}
-		pulled[t] = true
-	}
-	if len(pulled) == 0 {
-		return r
-	}
-	after, digests, err := d.puller.localImages(ctx, repo)
-	if err != nil {
-		r.Failed = append(r.Failed, err)
-		return r
-	}
-	// Only tags that pulled are checked: a failed pull leaves the tag
-	// where it was, and pull before stop is the rule. A tag whose trigger
-	// named a manifest digest that the pull did not bring (the registry
-	// or its CDN still served the previous one) counts as a failed pull.
-	current := map[string]string{}
-	for _, t := range tags {
-		if !pulled[t] {
-			continue
-		}
-		if want := j.Digests[t]; want != "" && !slices.Contains(digests[after[t]], want) {
-			err := fmt.Errorf("%w: %s:%s is %s, pushed %s", errDigestMismatch, r.Repo, t, shortID(after[t]), want)
-			if !j.DigestSince.IsZero() && time.Since(j.DigestSince) >= digestWait {
-				err = fmt.Errorf("%w within %v: %s:%s is %s, pushed %s", errDigestGaveUp, digestWait, r.Repo, t, shortID(after[t]), want)
+		pulledTags++
+		id, known := before[t], digests[before[t]]
+		if !p.upToDate {
+			if id, known, err = d.puller.image(ctx, ref); err != nil {
+				inspectErr = cmp.Or(inspectErr, err)
+				continue
 			}
-			r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], NewID: after[t], PullErr: err})
+		}
+		if want := j.Digests[t]; want != "" && want != p.digest && !slices.Contains(known, want) {
+			err := fmt.Errorf("%w: %s:%s is %s, pushed %s", errDigestMismatch, r.Repo, t, shortID(id), want)
+			if !j.DigestSince.IsZero() && time.Since(j.DigestSince) >= digestWait {
+				err = fmt.Errorf("%w within %v: %s:%s is %s, pushed %s", errDigestGaveUp, digestWait, r.Repo, t, shortID(id), want)
+			}
+			checked = append(checked, tagReport{Tag: t, OldID: before[t], NewID: id, PullErr: err})
 			continue
 		}
-		r.Tags = append(r.Tags, tagReport{Tag: t, OldID: before[t], NewID: after[t]})
-		if id, ok := after[t]; ok {
+		checked = append(checked, tagReport{Tag: t, OldID: before[t], NewID: id})
+		if id != "" {
 			current[t] = id
 		}
 	}
+	if pulledTags == 0 {
+		return r
+	}
+	if inspectErr != nil { // as a failed listing: nothing is stopped
+		r.Failed = append(r.Failed, inspectErr)
+		return r
+	}
+	r.Tags = append(r.Tags, checked...)
 	slices.SortFunc(r.Tags, func(a, b tagReport) int { return cmp.Compare(a.Tag, b.Tag) })
 
 	stale, err := d.restarter.stale(ctx, repo, current)

@@ -324,3 +324,79 @@ func TestDeployCancelledAtShutdownTellsNobody(t *testing.T) {
 		t.Errorf("told %d reports of a deploy cut short by the stop; want none", len(n.reports))
 	}
 }
+
+// TestDeployImageCalls: a deploy lists the repository's images once,
+// narrowed by the reference filter; a pulled tag the pull said is up to
+// date costs no further call, a tag that moved one InspectImage.
+func TestDeployImageCalls(t *testing.T) {
+	const old, newer = "sha256:aaaaaaaaaaaa1111", "sha256:bbbbbbbbbbbb2222"
+	for _, tt := range []struct {
+		name         string
+		repo         string
+		remote       map[string]string // tag -> image ID the registry serves
+		digests      map[string]string // named in the trigger
+		wantFilter   string
+		wantInspects int
+		wantStopped  []string
+	}{
+		{"one tag moved", "127.0.0.1:5000/app", map[string]string{"qa": newer, "prod": old}, nil, "127.0.0.1:5000/app", 1, []string{"qa"}},
+		{"both tags moved", "127.0.0.1:5000/app", map[string]string{"qa": newer, "prod": newer}, nil, "127.0.0.1:5000/app", 2, []string{"prod", "qa"}},
+		{"up to date", "127.0.0.1:5000/app", map[string]string{"qa": old, "prod": old}, nil, "127.0.0.1:5000/app", 0, nil},
+		{"pushed digest served", "127.0.0.1:5000/app", map[string]string{"qa": newer, "prod": old}, map[string]string{"qa": "sha256:4444444444444444444444444444444444444444444444444444444444444444"}, "127.0.0.1:5000/app", 1, []string{"qa"}},
+		{"Docker Hub library image: familiar name", "docker.io/library/nginx", map[string]string{"qa": newer, "prod": old}, nil, "nginx", 1, []string{"qa"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFakeDocker()
+			for _, tag := range []string{"qa", "prod"} {
+				f.local[tt.repo+":"+tag] = old
+				f.remote[tt.repo+":"+tag] = tt.remote[tag]
+				if d := tt.digests[tag]; d != "" {
+					f.digests[tt.repo+":"+tag] = d
+				}
+				f.addContainer(tag, tt.repo+":"+tag)
+			}
+			f.local["docker.io/myorg/other:qa"] = old // another repository
+			d, _ := newTestDeployer(t, f)
+			j := job{Repo: tt.repo, All: true, Digests: tt.digests}
+			for range 2 { // the second deploy finds everything up to date
+				f.mu.Lock()
+				f.imageLists, f.imageReads, f.stops = 0, 0, nil
+				f.mu.Unlock()
+				if err := d.deploy(t.Context(), j); err != nil {
+					t.Fatal(err)
+				}
+				f.mu.Lock()
+				lists, reads, filter, stops := f.imageLists, f.imageReads, f.listFilters["reference"], slices.Sorted(slices.Values(f.stops))
+				f.mu.Unlock()
+				if lists != 1 || reads != tt.wantInspects || !slices.Equal(filter, []string{tt.wantFilter}) {
+					t.Errorf("%d ListImages (reference %q), %d InspectImage; want 1 (reference %q), %d", lists, filter, reads, tt.wantFilter, tt.wantInspects)
+				}
+				if !slices.Equal(stops, tt.wantStopped) {
+					t.Errorf("stopped %q; want %q", stops, tt.wantStopped)
+				}
+				tt.wantInspects, tt.wantStopped = 0, nil
+			}
+		})
+	}
+}
+
+// TestDeployInspectFails: when Docker cannot say what a moved tag names
+// now, nothing is stopped and the deploy fails, to be retried.
+func TestDeployInspectFails(t *testing.T) {
+	f := newFakeDocker()
+	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
+	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
+	f.addContainer("app", "reg:5000/app:qa")
+	f.imageErr = errRegistryDown
+	d, n := newTestDeployer(t, f)
+	err := d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+	if err == nil || !retryable(err) {
+		t.Errorf("deploy = %v; want a retryable failure", err)
+	}
+	if got := running(f); !slices.Equal(got, []string{"app"}) {
+		t.Errorf("running %q; want app left alone", got)
+	}
+	if len(n.reports) != 1 || !n.reports[0].failed() {
+		t.Errorf("reports %+v; want one failure", n.reports)
+	}
+}

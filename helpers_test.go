@@ -4,8 +4,10 @@ import (
 	"cmp"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
@@ -180,6 +182,16 @@ type fakeDocker struct {
 	listedAt   []time.Time
 	subscribes int
 	eventsDown bool
+
+	// digests is the manifest digest the registry serves for repo:tag
+	// (default: one derived from the image ID); repoDigests, image ID ->
+	// repo@digest of every manifest it was pulled by, as Docker keeps it.
+	digests     map[string]string
+	repoDigests map[string][]string
+	imageLists  int                 // ListImages calls
+	listFilters map[string][]string // of the last ListImages
+	imageReads  int                 // InspectImage calls
+	imageErr    error               // returned by InspectImage of a tag
 }
 
 var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
@@ -312,7 +324,8 @@ var (
 )
 
 func newFakeDocker() *fakeDocker {
-	return &fakeDocker{local: map[string]string{}, remote: map[string]string{}, pullErr: map[string]error{}, stopErr: map[string]error{}}
+	return &fakeDocker{local: map[string]string{}, remote: map[string]string{}, pullErr: map[string]error{}, stopErr: map[string]error{},
+		digests: map[string]string{}, repoDigests: map[string][]string{}}
 }
 
 func (f *fakeDocker) addContainer(name, configImage string) *fakeContainer {
@@ -328,22 +341,150 @@ func (f *fakeDocker) addContainer(name, configImage string) *fakeContainer {
 	return c
 }
 
+// ListImages lists the local images as dockerd 20.10 does: familiar
+// names, and with a "reference" filter (matched with
+// reference.FamiliarMatch against each tag and digest) only the matching
+// tags and digests of the images that have one, and no dangling image.
 func (f *fakeDocker) ListImages(opts docker.ListImagesOptions) ([]docker.APIImages, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.imageLists++
+	f.listFilters = opts.Filters
 	if f.listErr != nil {
 		return nil, f.listErr
 	}
-	byID := map[string][]string{}
+	patterns := opts.Filters["reference"]
+	keep := func(name string) (string, bool) {
+		ref, err := reference.ParseNormalizedNamed(name)
+		if err != nil {
+			return strings.TrimPrefix(name, "docker.io/"), len(patterns) == 0
+		}
+		if len(patterns) == 0 {
+			return reference.FamiliarString(ref), true
+		}
+		for _, p := range patterns {
+			if ok, _ := reference.FamiliarMatch(p, ref); ok {
+				return reference.FamiliarString(ref), true
+			}
+		}
+		return "", false
+	}
+	byID := map[string]*docker.APIImages{}
+	get := func(id string) *docker.APIImages {
+		if byID[id] == nil {
+			byID[id] = &docker.APIImages{ID: id}
+		}
+		return byID[id]
+	}
 	for tag, id := range f.local {
-		byID[id] = append(byID[id], strings.TrimPrefix(tag, "docker.io/"))
+		if name, ok := keep(tag); ok {
+			get(id).RepoTags = append(get(id).RepoTags, name)
+		}
+	}
+	for id, rds := range f.repoDigests {
+		for _, rd := range rds {
+			if name, ok := keep(rd); ok {
+				get(id).RepoDigests = append(get(id).RepoDigests, name)
+			}
+		}
 	}
 	var out []docker.APIImages
-	for id, tags := range byID {
-		out = append(out, docker.APIImages{ID: id, RepoTags: tags})
+	for _, img := range byID {
+		out = append(out, *img)
 	}
-	out = append(out, docker.APIImages{ID: "sha256:dangling", RepoTags: []string{"<none>:<none>"}})
+	if len(patterns) == 0 {
+		out = append(out, docker.APIImages{ID: "sha256:dangling", RepoTags: []string{"<none>:<none>"}})
+	}
 	return out, nil
+}
+
+// pullInStream says whether dockerd reports a pull's failure inside the
+// progress stream, after answering 200 (a rate limit or a missing blob
+// met mid-pull), rather than as its HTTP answer (a *docker.Error: the
+// manifest unknown, the registry unreachable) or as a failed connection.
+func pullInStream(err error) bool {
+	var de *docker.Error
+	var ue *url.Error
+	return !errors.As(err, &de) && !errors.As(err, &ue) && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
+}
+
+// writePull writes a pull's progress stream as dockerd 20.10 does (one
+// JSON message a line, captured from it): "Pulling from", the layers of a
+// new image, "Digest: …" and the final status, or an error message that
+// ends the stream. Like go-dockerclient, it copies the stream raw to
+// OutputStream with RawJSONStream (in small chunks, as a connection gives
+// it); otherwise it decodes it: the text goes to OutputStream and an
+// error message becomes PullImage's error.
+func writePull(opts docker.PullImageOptions, digest string, changed bool, failure error) error {
+	ref, err := reference.WithTag(must(reference.ParseNormalizedNamed(opts.Repository)), opts.Tag)
+	if err != nil {
+		return &docker.Error{Status: 400, Message: err.Error()}
+	}
+	msgs := []map[string]any{{"status": "Pulling from " + reference.Path(ref), "id": opts.Tag}}
+	switch {
+	case failure != nil:
+		msgs = append(msgs, map[string]any{"errorDetail": map[string]any{"message": failure.Error()}, "error": failure.Error()})
+	case changed:
+		layer := fmt.Sprintf("%x", sha256.Sum256([]byte(digest)))[:12]
+		msgs = append(msgs,
+			map[string]any{"status": "Pulling fs layer", "progressDetail": map[string]any{}, "id": layer},
+			map[string]any{"status": "Downloading", "progressDetail": map[string]any{"current": 128, "total": 128}, "progress": "[==================================================>]     128B/128B", "id": layer},
+			map[string]any{"status": "Pull complete", "progressDetail": map[string]any{}, "id": layer},
+		)
+		fallthrough
+	default:
+		status := "Status: Image is up to date for "
+		if changed {
+			status = "Status: Downloaded newer image for "
+		}
+		msgs = append(msgs, map[string]any{"status": "Digest: " + digest}, map[string]any{"status": status + reference.FamiliarString(ref)})
+	}
+	w := opts.OutputStream
+	if w == nil {
+		w = io.Discard
+	}
+	for _, m := range msgs {
+		if !opts.RawJSONStream {
+			if m["error"] != nil {
+				return errors.New(failure.Error())
+			}
+			fmt.Fprintln(w, m["status"])
+			continue
+		}
+		b, _ := json.Marshal(m)
+		for b = append(b, "\r\n"...); len(b) > 0; {
+			n, _ := w.Write(b[:min(7, len(b))])
+			b = b[n:]
+		}
+	}
+	return nil
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
+// manifestDigest is the digest of the manifest the registry serves for
+// ref now; f.mu is held.
+func (f *fakeDocker) manifestDigest(ref, id string) string {
+	if d := f.digests[ref]; d != "" {
+		return d
+	}
+	return fmt.Sprintf("sha256:%x", sha256.Sum256([]byte(id)))
+}
+
+// addRepoDigest records that image id was pulled by repo@digest, as
+// Docker does; f.mu is held.
+func (f *fakeDocker) addRepoDigest(id, repo, digest string) {
+	if id == "" || digest == "" {
+		return
+	}
+	if rd := repo + "@" + digest; !slices.Contains(f.repoDigests[id], rd) {
+		f.repoDigests[id] = append(f.repoDigests[id], rd)
+	}
 }
 
 func (f *fakeDocker) PullImage(opts docker.PullImageOptions, _ docker.AuthConfiguration) error {
@@ -352,15 +493,26 @@ func (f *fakeDocker) PullImage(opts docker.PullImageOptions, _ docker.AuthConfig
 		f.pullHook(ref)
 	}
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	f.pulls = append(f.pulls, ref)
 	if err := f.pullErr[ref]; err != nil {
+		f.mu.Unlock()
+		if pullInStream(err) {
+			return writePull(opts, "", false, err)
+		}
 		return err
 	}
-	if id, ok := f.remote[ref]; ok {
+	old := f.local[ref]
+	id, ok := f.remote[ref]
+	if !ok {
+		id = old // the registry serves what we have
+	}
+	if id != "" {
 		f.local[ref] = id
 	}
-	return nil
+	digest := f.manifestDigest(ref, id)
+	f.addRepoDigest(id, opts.Repository, digest)
+	f.mu.Unlock()
+	return writePull(opts, digest, id != old, nil)
 }
 
 func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker.APIContainers, error) {
@@ -517,8 +669,37 @@ func (f *fakeDocker) RemoveEventListener(l chan *docker.APIEvents) error {
 	return nil
 }
 
+// InspectImage reads an image by ID, or by a reference to a local tag
+// (docker.ErrNoSuchImage when there is none), with its tags and digests.
 func (f *fakeDocker) InspectImage(name string) (*docker.Image, error) {
-	return &docker.Image{ID: name, Config: &docker.Config{Env: []string{"PATH=/bin"}, Cmd: []string{"/app"}}}, nil
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.imageReads++
+	id := name
+	if !hexID.MatchString(name) && !strings.HasPrefix(name, "sha256:") {
+		ref, err := reference.ParseNormalizedNamed(name)
+		if err != nil {
+			return nil, &docker.Error{Status: 400, Message: err.Error()}
+		}
+		if f.imageErr != nil {
+			return nil, f.imageErr
+		}
+		if id = f.local[reference.TagNameOnly(ref).String()]; id == "" {
+			return nil, docker.ErrNoSuchImage
+		}
+	}
+	img := &docker.Image{ID: id, Config: &docker.Config{Env: []string{"PATH=/bin"}, Cmd: []string{"/app"}}}
+	for tag, tid := range f.local {
+		if ref, err := reference.ParseNormalizedNamed(tag); err == nil && tid == id {
+			img.RepoTags = append(img.RepoTags, reference.FamiliarString(ref))
+		}
+	}
+	for _, rd := range f.repoDigests[id] {
+		if ref, err := reference.ParseNormalizedNamed(rd); err == nil {
+			img.RepoDigests = append(img.RepoDigests, reference.FamiliarString(ref))
+		}
+	}
+	return img, nil
 }
 
 func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docker.Container, error) {
@@ -625,6 +806,7 @@ func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions)
 	for _, ref := range tags {
 		delete(f.local, ref)
 	}
+	delete(f.repoDigests, id)
 	f.removed = append(f.removed, id)
 	return nil
 }
@@ -656,14 +838,14 @@ type registryDocker struct {
 	rmu         sync.Mutex
 	failures    map[string][]error  // repo:tag -> answers of its next pulls (nil: success)
 	stale       map[string]int      // repo:tag -> pulls that still get the previous manifest
-	digest      map[string]string   // repo:tag -> digest of the manifest the registry serves now
+	digest      map[string]string   // repo:tag -> digest of the manifest the registry serves now (the fake's digests)
 	oldDigest   map[string]string   // repo:tag -> digest of the previous manifest
-	repoDigests map[string][]string // image ID -> repo@digest
+	repoDigests map[string][]string // image ID -> repo@digest (the fake's repoDigests; set before the deploys)
 }
 
 func newRegistryDocker(f *fakeDocker) *registryDocker {
-	return &registryDocker{fakeDocker: f, failures: map[string][]error{}, stale: map[string]int{}, digest: map[string]string{},
-		oldDigest: map[string]string{}, repoDigests: map[string][]string{}}
+	return &registryDocker{fakeDocker: f, failures: map[string][]error{}, stale: map[string]int{}, digest: f.digests,
+		oldDigest: map[string]string{}, repoDigests: f.repoDigests}
 }
 
 func (r *registryDocker) PullImage(opts docker.PullImageOptions, auth docker.AuthConfiguration) error {
@@ -677,49 +859,25 @@ func (r *registryDocker) PullImage(opts docker.PullImageOptions, auth docker.Aut
 	if err == nil && stale {
 		r.stale[ref]--
 	}
+	old := r.oldDigest[ref]
 	r.rmu.Unlock()
-	if err != nil || stale {
-		r.mu.Lock()
-		r.pulls = append(r.pulls, ref)
-		id := r.local[ref]
-		r.mu.Unlock()
-		if err == nil {
-			r.addRepoDigest(id, opts.Repository, r.oldDigest[ref])
-		}
-		return err
-	}
-	if err := r.fakeDocker.PullImage(opts, auth); err != nil {
-		return err
+	if err == nil && !stale {
+		return r.fakeDocker.PullImage(opts, auth)
 	}
 	r.mu.Lock()
-	id := r.local[ref]
+	r.pulls = append(r.pulls, ref)
+	if err == nil {
+		old = cmp.Or(old, r.manifestDigest(ref, r.local[ref]))
+		r.addRepoDigest(r.local[ref], opts.Repository, old)
+	}
 	r.mu.Unlock()
-	r.rmu.Lock()
-	d := r.digest[ref]
-	r.rmu.Unlock()
-	r.addRepoDigest(id, opts.Repository, d)
-	return nil
-}
-
-func (r *registryDocker) addRepoDigest(id, repo, digest string) {
-	if digest == "" {
-		return
+	switch {
+	case err != nil && !pullInStream(err):
+		return err
+	case err != nil:
+		return writePull(opts, "", false, err)
 	}
-	r.rmu.Lock()
-	defer r.rmu.Unlock()
-	if rd := repo + "@" + digest; !slices.Contains(r.repoDigests[id], rd) {
-		r.repoDigests[id] = append(r.repoDigests[id], rd)
-	}
-}
-
-func (r *registryDocker) ListImages(opts docker.ListImagesOptions) ([]docker.APIImages, error) {
-	imgs, err := r.fakeDocker.ListImages(opts)
-	r.rmu.Lock()
-	defer r.rmu.Unlock()
-	for i := range imgs {
-		imgs[i].RepoDigests = slices.Clone(r.repoDigests[imgs[i].ID])
-	}
-	return imgs, err
+	return writePull(opts, old, false, nil) // the previous manifest: what we have
 }
 
 func (r *registryDocker) pullCount() int {

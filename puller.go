@@ -5,11 +5,12 @@ package main
 // (a .dockercfg or config.json, credential helpers included).
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"maps"
 	"os"
@@ -29,6 +30,9 @@ type imageAPI interface {
 	ListImages(docker.ListImagesOptions) ([]docker.APIImages, error)
 	// PullImage pulls one tag, reading the progress stream to its end.
 	PullImage(docker.PullImageOptions, docker.AuthConfiguration) error
+	// InspectImage reads one image, by ID or reference. It has no
+	// context variant.
+	InspectImage(name string) (*docker.Image, error)
 }
 
 // puller finds the local tags of a repository and pulls them.
@@ -55,11 +59,18 @@ func newPuller(dc imageAPI, dockerCfg string, log *slog.Logger, m *metrics) *pul
 
 // localImages returns tag -> image ID for every local tag of repo, and
 // image ID -> the manifest digests of repo the image was pulled by (its
-// RepoDigests), from one ListImages.
+// RepoDigests), from one ListImages narrowed to repo by the Engine's
+// reference filter. dockerd matches the filter against the familiar name
+// (path.Match, so every tag of "host:5000/app" or "nginx"; never
+// "docker.io/library/nginx") and lists only the matching tags and digests.
 func (p *puller) localImages(ctx context.Context, repo reference.Named) (map[string]string, map[string][]string, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.callTimeout)
 	defer cancel()
-	imgs, err := p.docker.ListImages(docker.ListImagesOptions{Context: ctx})
+	opts := docker.ListImagesOptions{Context: ctx}
+	if name := reference.FamiliarName(repo); !strings.ContainsAny(name, `*?[\`) { // an IPv6 host would be a pattern
+		opts.Filters = map[string][]string{"reference": {name}}
+	}
+	imgs, err := p.docker.ListImages(opts)
 	if err != nil {
 		return nil, nil, fmt.Errorf("list images: %w", err)
 	}
@@ -71,21 +82,152 @@ func (p *puller) localImages(ctx context.Context, repo reference.Named) (map[str
 				tags[t.Tag()] = img.ID
 			}
 		}
-		for _, rd := range img.RepoDigests {
-			named, err := reference.ParseNormalizedNamed(rd)
-			if err != nil || named.Name() != repo.Name() {
-				continue
-			}
-			if c, ok := named.(reference.Canonical); ok {
-				digests[img.ID] = append(digests[img.ID], c.Digest().String())
-			}
+		if ds := repoDigests(repo, img.RepoDigests); len(ds) > 0 {
+			digests[img.ID] = append(digests[img.ID], ds...)
 		}
 	}
 	return tags, digests, nil
 }
 
-// pull pulls one tag. Errors inside the progress stream count as failures.
-func (p *puller) pull(ctx context.Context, ref reference.NamedTagged) error {
+// repoDigests returns the manifest digests of repo among an image's
+// RepoDigests (repo@digest of every manifest it was pulled by).
+func repoDigests(repo reference.Named, rds []string) []string {
+	var out []string
+	for _, rd := range rds {
+		named, err := reference.ParseNormalizedNamed(rd)
+		if err != nil || named.Name() != repo.Name() {
+			continue
+		}
+		if c, ok := named.(reference.Canonical); ok {
+			out = append(out, c.Digest().String())
+		}
+	}
+	return out
+}
+
+// image returns the image ID ref names and the manifest digests of ref's
+// repository that image was pulled by, from one InspectImage. A tag that
+// no longer exists gives "" and no error.
+func (p *puller) image(ctx context.Context, ref reference.NamedTagged) (string, []string, error) {
+	ctx, cancel := context.WithTimeout(ctx, p.callTimeout)
+	defer cancel()
+	type answer struct {
+		img *docker.Image
+		err error
+	}
+	ch := make(chan answer, 1) // the call outlives a deadline: it must not block
+	go func() {
+		img, err := p.docker.InspectImage(ref.String())
+		ch <- answer{img, err}
+	}()
+	var a answer
+	select {
+	case a = <-ch:
+	case <-ctx.Done():
+		a.err = ctx.Err()
+	}
+	switch {
+	case errors.Is(a.err, docker.ErrNoSuchImage):
+		return "", nil, nil
+	case a.err != nil:
+		return "", nil, fmt.Errorf("inspect %s: %w", reference.FamiliarString(ref), a.err)
+	}
+	return a.img.ID, repoDigests(ref, a.img.RepoDigests), nil
+}
+
+// pulled is what a pull's progress stream said at its end.
+type pulled struct {
+	// digest is the manifest digest the tag was pulled by
+	// ("Digest: sha256:…"); "" when the stream did not say.
+	digest string
+	// upToDate: "Status: Image is up to date for …": the tag names the
+	// image it named before the pull. dockerd 20.10 says "Downloaded
+	// newer image" whenever the tag moved, even to an image it already
+	// had without downloading a layer (checked on it). False too when the
+	// stream said nothing known.
+	upToDate bool
+}
+
+// pullStreamError is an error the daemon reported inside a pull's
+// progress stream, after answering 200 (a missing blob, a rate limit met
+// mid-pull): {"errorDetail":{"message":"unknown blob"},"error":"unknown blob"}.
+type pullStreamError struct {
+	Code    int
+	Message string
+}
+
+func (e *pullStreamError) Error() string { return e.Message }
+
+// pullStream reads a pull's raw progress stream as go-dockerclient copies
+// it (RawJSONStream: one JSON message a line, in chunks of any size): it
+// keeps the digest, the final status and the first error, and drops the
+// progress lines as they come.
+type pullStream struct {
+	line   []byte // the incomplete last line
+	digest string
+	status string // "Status: …"
+	err    error
+}
+
+// maxPullLine bounds one message of the stream; a longer one is dropped.
+const maxPullLine = 1 << 20
+
+func (s *pullStream) Write(b []byte) (int, error) {
+	n := len(b)
+	for len(b) > 0 {
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			if len(s.line)+len(b) <= maxPullLine {
+				s.line = append(s.line, b...)
+			}
+			break
+		}
+		s.message(append(s.line, b[:i]...))
+		s.line, b = s.line[:0], b[i+1:]
+	}
+	return n, nil
+}
+
+// end reads a last message not ended by a newline.
+func (s *pullStream) end() {
+	s.message(s.line)
+	s.line = nil
+}
+
+func (s *pullStream) message(line []byte) {
+	line = bytes.TrimSpace(line)
+	if len(line) == 0 {
+		return
+	}
+	var m struct {
+		Status      string `json:"status"`
+		Error       string `json:"error"`
+		ErrorDetail *struct {
+			Code    int    `json:"code"`
+			Message string `json:"message"`
+		} `json:"errorDetail"`
+	}
+	if json.Unmarshal(line, &m) != nil {
+		return // not a message: the outcome stays unknown
+	}
+	if (m.ErrorDetail != nil || m.Error != "") && s.err == nil {
+		e := &pullStreamError{Message: m.Error}
+		if m.ErrorDetail != nil {
+			e.Code, e.Message = m.ErrorDetail.Code, cmp.Or(m.ErrorDetail.Message, m.Error)
+		}
+		s.err = e
+	}
+	if d, ok := strings.CutPrefix(m.Status, "Digest: "); ok {
+		s.digest = d
+	}
+	if strings.HasPrefix(m.Status, "Status: ") {
+		s.status = m.Status
+	}
+}
+
+// pull pulls one tag and says what the pull's progress stream said at its
+// end. Errors inside the stream count as failures.
+func (p *puller) pull(ctx context.Context, ref reference.NamedTagged) (pulled, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.pullTimeout)
 	defer cancel()
 	auth, err := p.creds.lookup(ctx, reference.Domain(ref))
@@ -93,20 +235,26 @@ func (p *puller) pull(ctx context.Context, ref reference.NamedTagged) error {
 		p.log.Warn("no registry credentials, pulling anonymously", "registry", reference.Domain(ref), "err", err)
 	}
 	start := time.Now()
+	var s pullStream
 	err = p.docker.PullImage(docker.PullImageOptions{
 		Repository:        ref.Name(),
 		Tag:               ref.Tag(),
-		OutputStream:      io.Discard,
+		OutputStream:      &s,
+		RawJSONStream:     true, // go-dockerclient copies it undecoded: s reads the errors
 		InactivityTimeout: time.Minute,
 		Context:           ctx,
 	}, auth)
+	s.end()
+	if err == nil {
+		err = s.err
+	}
 	if err != nil {
 		p.metrics.pulls.WithLabelValues("error").Inc()
-		return fmt.Errorf("pull %s: %w", reference.FamiliarString(ref), err)
+		return pulled{}, fmt.Errorf("pull %s: %w", reference.FamiliarString(ref), err)
 	}
 	p.metrics.pulls.WithLabelValues("ok").Inc()
-	p.log.Debug("pulled", "image", reference.FamiliarString(ref), "duration", time.Since(start))
-	return nil
+	p.log.Debug("pulled", "image", reference.FamiliarString(ref), "duration", time.Since(start), "status", s.status, "digest", s.digest)
+	return pulled{digest: s.digest, upToDate: strings.HasPrefix(s.status, "Status: Image is up to date for ")}, nil
 }
 
 // credentials reads registry credentials from a legacy .dockercfg or a
