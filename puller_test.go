@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,32 +15,6 @@ import (
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 )
-
-func TestJobMerge(t *testing.T) {
-	tests := []struct {
-		name     string
-		events   []deployEvent
-		wantAll  bool
-		wantTags []string
-		wantRevs []int64
-	}{
-		{"tags unite", []deployEvent{{Tags: []string{"qa"}, Rev: 1}, {Tags: []string{"prod"}, Rev: 2}, {Tags: []string{"qa"}, Rev: 3}}, false, []string{"prod", "qa"}, []int64{1, 2, 3}},
-		{"all wins", []deployEvent{{Tags: []string{"qa"}, Rev: 1}, {Rev: 2}, {Tags: []string{"x"}, Rev: 3}}, true, nil, []int64{1, 2, 3}},
-		{"local events have no revision", []deployEvent{{Tags: []string{"qa"}}}, false, []string{"qa"}, nil},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			var j job
-			for _, ev := range tt.events {
-				j.merge(ev)
-			}
-			tags := slices.Sorted(maps.Keys(j.Tags))
-			if j.All != tt.wantAll || !slices.Equal(tags, tt.wantTags) || !slices.Equal(j.Revs, tt.wantRevs) {
-				t.Errorf("merged = all %v tags %q revs %v; want all %v tags %q revs %v", j.All, tags, j.Revs, tt.wantAll, tt.wantTags, tt.wantRevs)
-			}
-		})
-	}
-}
 
 func TestCredentials(t *testing.T) {
 	dir := t.TempDir()
