@@ -51,14 +51,14 @@ func clusterSecret(ctx context.Context, kv kvTxner) (secret string, created bool
 		Else(clientv3.OpGet(key)).
 		Commit()
 	if err != nil {
-		return "", false, fmt.Errorf("etcd: read or create the webhook secret at %s: %w", key, err)
+		return "", false, fmt.Errorf("etcd: read or create the webhook secret: %w", err)
 	}
 	if resp.Succeeded {
 		return fresh, true, nil
 	}
 	kvs := resp.Responses[0].GetResponseRange().GetKvs()
 	if len(kvs) == 0 || len(kvs[0].Value) == 0 {
-		return "", false, fmt.Errorf("etcd: the webhook secret at %s is empty; delete the key to have a new one made", key)
+		return "", false, errors.New("etcd: the webhook secret is empty; delete its key to have a new one made")
 	}
 	return string(kvs[0].Value), false, nil
 }
@@ -68,10 +68,10 @@ func readClusterSecret(ctx context.Context, kv clientv3.KV) (string, error) {
 	key := clusterSecretKey
 	resp, err := kv.Get(ctx, key)
 	if err != nil {
-		return "", fmt.Errorf("etcd get %s: %w", key, err)
+		return "", fmt.Errorf("etcd: %w", err)
 	}
 	if len(resp.Kvs) == 0 || len(resp.Kvs[0].Value) == 0 {
-		return "", fmt.Errorf("no webhook secret at %s yet: start a deployer with this -etcd_prefix and no -webhook_secret first", key)
+		return "", errors.New("no webhook secret yet: start a deployer with this -etcd_prefix and no -webhook_secret first")
 	}
 	return string(resp.Kvs[0].Value), nil
 }
@@ -195,7 +195,7 @@ func (d *daemon) resolveSecret(ctx context.Context) error {
 		if err == nil {
 			break
 		}
-		d.log.Warn("cannot read the cluster's webhook secret yet", "err", err)
+		d.log.Warn("cannot read the cluster's webhook secret yet", "key", d.cfg.EtcdPrefix+clusterSecretKey, "err", err)
 		if !sleepCtx(ctx, backoff(d.cfg.EtcdRetryDelay, attempt)) {
 			return ctx.Err()
 		}

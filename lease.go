@@ -193,23 +193,24 @@ func (l *nodeLease) forget(s *session) {
 }
 
 // Close revokes the current lease, so that the node's slots and status
-// record go at once. With etcd unreachable it gives up after revokeWait:
-// the lease then expires by itself within its TTL.
+// record go at once; nothing is granted after it. With etcd unreachable it
+// gives up after revokeWait: the lease then expires by itself within its
+// TTL. A lease already gone (expired during a partition) is no error.
 //
 //nolint:contextcheck // at the stop: bounded by revokeWait, not by a caller
 func (l *nodeLease) Close() error {
 	l.mu.Lock()
 	s := l.session
 	l.session = nil
+	l.cancel() // under mu: current grants nothing from now on
 	l.mu.Unlock()
-	defer l.cancel()
 	if s == nil {
 		return nil
 	}
 	s.Orphan()
 	ctx, cancel := context.WithTimeout(context.Background(), l.revokeWait)
 	defer cancel()
-	if _, err := l.cli.Revoke(ctx, s.Lease()); err != nil {
+	if _, err := l.cli.Revoke(ctx, s.Lease()); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return fmt.Errorf("revoke the node's lease (it expires within %ds): %w", l.ttl, err)
 	}
 	return nil

@@ -196,6 +196,20 @@ func TestNodeLease(t *testing.T) {
 	if s, err := l.current(ctx); err == nil {
 		t.Errorf("current after Close = lease %x; want an error", s.Lease())
 	}
+
+	// A lease that expired meanwhile (a partition): Close has nothing to
+	// revoke and says nothing.
+	l2 := newNodeLease(cli, sessionTTL, 5*time.Second)
+	s3, err := l2.current(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Revoke(ctx, s3.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	if err := l2.Close(); err != nil {
+		t.Errorf("Close of an expired lease = %v; want nil", err)
+	}
 }
 
 // stuckEtcd grants leases but never answers a revoke: etcd unreachable at

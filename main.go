@@ -73,7 +73,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
 	log := newLogger(cfg.LogFormat, stderr)
-	log.Info("starting deployer", "version", version, "node", cfg.NodeName, "listen", cfg.Listen)
+	log.Info("starting deployer", "version", version, "node", cfg.NodeName, "listen", cfg.Listen, "etcd_prefix", cfg.EtcdPrefix)
 	hostname, _ := os.Hostname()
 	warnContainerHostname(log, cfg.NodeName, hostname)
 	return serve(ctx, cfg, log)

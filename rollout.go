@@ -295,7 +295,11 @@ func (sl *slot) release(ctx context.Context) {
 			r.log.Warn("could not free the rollout slot; ending the etcd session so that its lease frees it",
 				"key", sl.key, "err", err)
 			if ctx.Err() != nil {
-				r.leases.drop(sl.sess) // keepalives stop now; close revokes it
+				// At the stop (or past the slot timeout) there is no time
+				// for a revoke: the keepalives stop now, so the lease
+				// expires within its TTL, and nodeLease.Close, which still
+				// holds the session, revokes it at the stop.
+				sl.sess.Orphan()
 				return
 			}
 			r.leases.end(sl.sess)

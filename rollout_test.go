@@ -397,15 +397,18 @@ func TestJudgeUp(t *testing.T) {
 }
 
 // TestSlotRelease: a delete that fails once is retried; one that keeps
-// failing ends the session, so that the lease frees the slot.
+// failing ends the session, so that the lease frees the slot; at the stop,
+// the keepalives stop at once and the stop's revoke frees it.
 func TestSlotRelease(t *testing.T) {
 	for _, tt := range []struct {
 		name        string
 		deleteErrs  int
+		atStop      bool
 		wantEndSess bool
 	}{
-		{"delete fails once", 1, false},
-		{"delete keeps failing", 100, true},
+		{"delete fails once", 1, false, false},
+		{"delete keeps failing", 100, false, true},
+		{"delete keeps failing at the stop", 100, true, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			cli := testNS(t)
@@ -416,13 +419,28 @@ func TestSlotRelease(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			sl.release(t.Context())
+			if tt.atStop {
+				stopped, cancel := context.WithCancel(t.Context())
+				cancel()
+				sl.release(stopped)
+				if !lost(sl.sess) {
+					t.Error("keepalives still running after a failed release at the stop")
+				}
+				if err := r.leases.(*nodeLease).Close(); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				sl.release(t.Context())
+				ended := heldSession(r) != sl.sess
+				if ended != tt.wantEndSess {
+					t.Errorf("session ended = %v; want %v", ended, tt.wantEndSess)
+				}
+			}
 			if n := countKeys(t, cli, strings.TrimSuffix(slotsDir("reg/app:qa"), "/")); n != 0 {
 				t.Errorf("%d slot keys left after release; want 0", n)
 			}
-			ended := heldSession(r) != sl.sess
-			if ended != tt.wantEndSess {
-				t.Errorf("session ended = %v; want %v", ended, tt.wantEndSess)
+			if tt.atStop {
+				return
 			}
 			// The next slot is taken at once, under a live session.
 			next, err := r.acquire(t.Context(), "reg/app:qa", testStale("b"))

@@ -67,7 +67,7 @@ func secretCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 	defer cancel()
 	secret, err := readClusterSecret(ctx, inPrefix(cli, ce.cfg.EtcdPrefix))
 	if err != nil {
-		return fmt.Errorf("read the webhook secret from %s: %w", strings.Join(ce.cfg.etcdEndpoints(), ","), err)
+		return fmt.Errorf("read the webhook secret %s from %s: %w", ce.cfg.EtcdPrefix+clusterSecretKey, strings.Join(ce.cfg.etcdEndpoints(), ","), err)
 	}
 	_, err = fmt.Fprintln(stdout, secret)
 	return err

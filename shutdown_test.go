@@ -5,9 +5,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // blackHole is an etcd endpoint that accepts connections and never
@@ -192,4 +196,75 @@ func TestRetryAcrossRestart(t *testing.T) {
 	_, stop = start()
 	defer stop()
 	poll("deploy of the open trigger after the restart", func() bool { return len(running(f)) == 0 })
+}
+
+// TestStopKeepsLeaseUntilDeploysEnd: at the stop, the node's lease (its
+// rollout slot and status record) lives as long as a deploy in flight, so
+// the slot keeps guarding the container it took down; it is revoked as
+// soon as that deploy is over, not left to expire.
+func TestStopKeepsLeaseUntilDeploysEnd(t *testing.T) {
+	const old, newer = "sha256:1111111111111111111111111111111111111111111111111111111111111111", "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	f.local["127.0.0.1:5000/app:qa"] = old
+	f.remote["127.0.0.1:5000/app:qa"] = newer
+	f.addContainer("app", "127.0.0.1:5000/app:qa")
+	f.stopped = make(chan string, 1)
+	td := startTestDaemon(t, cli, f, func(c *config) {
+		c.WebhookSecret, c.MaxUnavailable, c.RestartTimeout, c.shutdownGrace = "s", 1, time.Minute, time.Minute
+	})
+	held := func() (slots, status int64) {
+		t.Helper()
+		resp, err := cli.Get(t.Context(), td.cfg.EtcdPrefix+rolloutsPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, kv := range resp.Kvs {
+			if strings.Contains(string(kv.Key), "/"+slotsLeaf) {
+				slots++
+			}
+		}
+		resp, err = cli.Get(t.Context(), td.cfg.EtcdPrefix+statusKey("n1"), clientv3.WithCountOnly())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return slots, resp.Count
+	}
+	if code, body := td.post(t, "/api/dockerhub/webhook", "Bearer s", hubBody("app", "qa")); code != 200 {
+		t.Fatalf("webhook: %d %s", code, body)
+	}
+	select {
+	case <-f.stopped: // down, under its slot, waiting for a replacement
+	case <-time.After(10 * time.Second):
+		t.Fatal("container not stopped within 10s")
+	}
+	if slots, status := held(); slots != 1 || status != 1 {
+		t.Fatalf("before the stop: %d slots, %d status records; want 1 and 1", slots, status)
+	}
+	td.stop()
+	// For a second of the deploy's grace, the slot and the record stay.
+	for end := time.Now().Add(time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if slots, status := held(); slots != 1 || status != 1 {
+			t.Fatalf("while a deploy runs at the stop: %d slots, %d status records; want 1 and 1", slots, status)
+		}
+	}
+	// Its supervisor brings the replacement up: the deploy ends, then the
+	// daemon, and the lease goes with it at once.
+	f.mu.Lock()
+	n := &fakeContainer{ID: "replacement", Name: "app", ConfigImage: "127.0.0.1:5000/app:qa", ImageID: newer, Running: true}
+	f.containers = append(slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c.Name == "app" }), n) // as a unit's rm + run
+	f.emit("start", n)
+	f.mu.Unlock()
+	select {
+	case err := <-td.done:
+		if err != nil {
+			t.Errorf("run = %v", err)
+		}
+		td.done <- nil // for the cleanup
+	case <-time.After(20 * time.Second):
+		t.Fatal("daemon still running 20s after the replacement came up")
+	}
+	if slots, status := held(); slots != 0 || status != 0 {
+		t.Errorf("after the stop: %d slots, %d status records; want none (lease revoked)", slots, status)
+	}
 }

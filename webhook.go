@@ -55,12 +55,15 @@ type webhook struct {
 	timeout  time.Duration // for the etcd write
 	callback *http.Client  // for Docker Hub callbacks
 
-	wg sync.WaitGroup // callbacks in flight
+	mu     sync.Mutex
+	closed bool           // Close began: no new callback
+	wg     sync.WaitGroup // callbacks in flight
 }
 
 // newWebhook returns the webhook handlers of a node: they write triggers
-// through kv (confined to prefix) and accept secret; failures rate-limits failed
-// authentications (nil: no limit). It starts nothing.
+// through kv (confined to -etcd_prefix, which prefix names) and accept
+// secret; failures rate-limits failed authentications (nil: no limit). It
+// starts nothing.
 func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
 	return &webhook{
 		kv: kv, prefix: prefix, secret: secret, failures: failures, node: node, log: log, metrics: m,
@@ -69,8 +72,25 @@ func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter,
 }
 
 // Close waits for the Docker Hub callbacks in flight, each bounded by the
-// callback client's timeout.
-func (h *webhook) Close() { h.wg.Wait() }
+// callback client's timeout. A handler still running (the HTTP server's
+// shutdown gave up on it) sends no callback after Close began.
+func (h *webhook) Close() {
+	h.mu.Lock()
+	h.closed = true
+	h.mu.Unlock()
+	h.wg.Wait()
+}
+
+// background runs f, a callback, unless Close began.
+func (h *webhook) background(f func()) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		h.log.Warn("stopping: docker hub callback not sent")
+		return
+	}
+	h.wg.Go(f)
+}
 
 type triggered struct {
 	Key      string `json:"key"`
@@ -404,7 +424,7 @@ func (h *webhook) dockerHubCallback(ctx context.Context, rawURL, state, descript
 		"description": truncate(description, 255),
 		"context":     truncate("deployer on "+h.node, 100),
 	})
-	h.wg.Go(func() {
+	h.background(func() {
 		// The request is answered before the callback: it must outlive it.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
