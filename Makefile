@@ -35,11 +35,16 @@ clean:
 	rm -f deployer
 
 # make bench: the benchmarks on the real stack (about 25 minutes with the
-# 10-minute idle test; BENCH_IDLE=1m BENCH_RUNS=3 for a quick look).
-# Prints each table and writes BENCHMARKS.md.
+# 10-minute idle test; BENCH_IDLE=1m BENCH_RUNS=3 for a quick look;
+# BENCH=FanOut for some of them). Prints each table and merges it into
+# BENCHMARKS.md (scripts/benchmarks-md.sh bench-results.md BENCHMARKS.md,
+# which can also be run by hand): each section of a benchmark that ran
+# replaces that benchmark's section, stamped with the date and commit; the
+# sections of benchmarks that did not run stay; everything below the marker
+# line (hand-written analysis) is kept as it is.
 bench:
 	./scripts/install-deps.sh
 	rm -f bench-results.md
 	BENCH_OUT=$(CURDIR)/bench-results.md $(GO) test -tags bench -run '^$$' -bench '$(or $(BENCH),.)' -benchtime 1x -timeout 90m .
-	./scripts/benchmarks-md.sh bench-results.md > BENCHMARKS.md
-	@echo "wrote BENCHMARKS.md"
+	./scripts/benchmarks-md.sh bench-results.md BENCHMARKS.md
+	@echo "updated BENCHMARKS.md"
