@@ -43,6 +43,19 @@ func (c *commandEtcd) client(ctx context.Context, stderr io.Writer) (*clientv3.C
 	return newEtcdClient(ctx, c.cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 }
 
+// read connects as the daemon would and runs f on the keys under
+// -etcd_prefix, within the dial timeout and 5 s more.
+func (c *commandEtcd) read(ctx context.Context, stderr io.Writer, f func(ctx context.Context, kv clientv3.KV) error) error {
+	cli, err := c.client(ctx, stderr)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.EtcdDialTimeout+5*time.Second)
+	defer cancel()
+	return f(ctx, inPrefix(cli, c.cfg.EtcdPrefix))
+}
+
 // secretCommand is `deployer secret`: it prints the cluster's webhook
 // secret, which every deployer started without -webhook_secret accepts.
 func secretCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -58,14 +71,11 @@ func secretCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if fs.NArg() > 0 {
 		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	}
-	cli, err := ce.client(ctx, stderr)
-	if err != nil {
+	var secret string
+	err := ce.read(ctx, stderr, func(ctx context.Context, kv clientv3.KV) (err error) {
+		secret, err = readClusterSecret(ctx, kv)
 		return err
-	}
-	defer cli.Close()
-	ctx, cancel := context.WithTimeout(ctx, ce.cfg.EtcdDialTimeout+5*time.Second)
-	defer cancel()
-	secret, err := readClusterSecret(ctx, inPrefix(cli, ce.cfg.EtcdPrefix))
+	})
 	if err != nil {
 		return fmt.Errorf("read the webhook secret %s from %s: %w", ce.cfg.EtcdPrefix+clusterSecretKey, strings.Join(ce.cfg.etcdEndpoints(), ","), err)
 	}

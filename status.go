@@ -448,14 +448,11 @@ func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 		}
 		return fmt.Errorf("%w: %w", errUsage, err)
 	}
-	cli, err := ce.client(ctx, stderr)
-	if err != nil {
+	var st clusterStatus
+	err := ce.read(ctx, stderr, func(ctx context.Context, kv clientv3.KV) (err error) {
+		st, err = readStatus(ctx, kv, time.Now())
 		return err
-	}
-	defer cli.Close()
-	ctx, cancel := context.WithTimeout(ctx, ce.cfg.EtcdDialTimeout+5*time.Second)
-	defer cancel()
-	st, err := readStatus(ctx, inPrefix(cli, ce.cfg.EtcdPrefix), time.Now())
+	})
 	if err != nil {
 		return fmt.Errorf("read status from %s: %w", strings.Join(ce.cfg.etcdEndpoints(), ","), err)
 	}
