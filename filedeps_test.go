@@ -115,9 +115,9 @@ func fileGraph(dir string) (graph, error) {
 		}
 		files[filepath.Base(p)] = f
 	}
-	defs := map[string]string{}              // top-level name → its file
+	defs := map[string]string{}             // top-level name → its file
 	methods := map[string]map[string]bool{} // method name → the files declaring one
-	fields := map[string]bool{}              // field names of the package's structs
+	fields := map[string]bool{}             // field names of the package's structs
 	for name, f := range files {
 		for _, d := range f.Decls {
 			switch d := d.(type) {
