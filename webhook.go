@@ -128,9 +128,14 @@ func (h *webhook) dockerHub(w http.ResponseWriter, r *http.Request) {
 
 // POST /api/registry/webhook (-registry_webhook_path)
 //
-// CNCF distribution notifications. Every manifest push by tag becomes a
+// CNCF distribution notifications, and Azure Container Registry's webhook
+// (one event of the same shape). Every manifest push by tag becomes a
 // trigger for host/repository; all other events (blobs, pulls, deletes)
-// are ignored with a 200, so that the registry's queue never backs up.
+// are ignored with a 200, so that the registry's queue never backs up. A
+// body that is neither an envelope nor one event, and a push by tag whose
+// host and repository name no valid repository, are a 400, like every
+// trigger's (a registry then retries: it cannot deploy either way, and
+// its log shows why).
 // All the triggers of one envelope are written in one etcd transaction:
 // either all are recorded (200) or none is (503, the registry retries the
 // envelope). An envelope with more than maxEnvelopePushes distinct pushes
@@ -174,10 +179,10 @@ func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 // triggerAll writes the triggers of one envelope in one etcd transaction.
 // A key can be written only once in a transaction, so several tags of one
 // repository share one trigger that names them all (trigger.Tags).
-func (h *webhook) triggerAll(ctx context.Context, pushes []registryPush) ([]triggered, error) {
+func (h *webhook) triggerAll(ctx context.Context, pushes []imagePush) ([]triggered, error) {
 	now := h.now().UTC()
 	var repos []string
-	byRepo := map[string][]registryPush{}
+	byRepo := map[string][]imagePush{}
 	for _, p := range pushes {
 		if byRepo[p.Repo] == nil {
 			repos = append(repos, p.Repo)
@@ -344,13 +349,6 @@ func checkTag(tag string) error {
 	return nil
 }
 
-// registryPush is one manifest push by tag from a registry notification.
-type registryPush struct {
-	Repo   string // host/repository
-	Tag    string
-	Digest string
-}
-
 var manifestTypes = map[string]bool{
 	"application/vnd.docker.distribution.manifest.v2+json":      true,
 	"application/vnd.docker.distribution.manifest.list.v2+json": true,
@@ -360,41 +358,69 @@ var manifestTypes = map[string]bool{
 	"application/vnd.docker.distribution.manifest.v1+prettyjws": true,
 }
 
-// parseRegistryEnvelope reads a distribution notification envelope and
-// returns the manifest pushes by tag it holds, without duplicates. Events
-// it cannot use are skipped, not refused.
-func parseRegistryEnvelope(body []byte) ([]registryPush, error) {
+// registryEvent is one event of a distribution notification envelope, and
+// the whole body of an Azure Container Registry webhook (ACR sends one
+// event of the same shape, not an envelope).
+type registryEvent struct {
+	Action string `json:"action"`
+	Target struct {
+		MediaType  string `json:"mediaType"`
+		Digest     string `json:"digest"`
+		Repository string `json:"repository"`
+		Tag        string `json:"tag"`
+	} `json:"target"`
+	Request struct {
+		Host string `json:"host"`
+	} `json:"request"`
+}
+
+// errNoEnvelope is the answer to a body that is neither an envelope nor
+// one event: another sender (JFrog Artifactory, a Docker Hub or Harbor
+// webhook) pointed at the registry endpoint.
+var errNoEnvelope = errors.New(`no "events": the registry endpoint reads a CNCF distribution notification envelope {"events":[…]} or one Azure Container Registry event {"action","target","request"}; other senders have their own endpoints (README, Triggers)`)
+
+// parseRegistryEnvelope reads a distribution notification envelope, or the
+// single event of an Azure Container Registry webhook, and returns the
+// manifest pushes by tag it holds, without duplicates. Other events (blobs,
+// pulls, deletes, pushes by digest, ACR's ping) give none; a push by tag
+// whose request.host and target.repository break checkPush's rule is an
+// error, as is a body that is neither (errNoEnvelope).
+func parseRegistryEnvelope(body []byte) ([]imagePush, error) {
 	var env struct {
-		Events []struct {
-			Action string `json:"action"`
-			Target struct {
-				MediaType  string `json:"mediaType"`
-				Digest     string `json:"digest"`
-				Repository string `json:"repository"`
-				Tag        string `json:"tag"`
-			} `json:"target"`
-			Request struct {
-				Host string `json:"host"`
-			} `json:"request"`
-		} `json:"events"`
+		Events json.RawMessage `json:"events"`
+		registryEvent
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if err := dec.Decode(&env); err != nil {
 		return nil, fmt.Errorf("invalid JSON: %w", err)
 	}
-	var out []registryPush
-	seen := map[registryPush]bool{}
-	for _, e := range env.Events {
+	var events []registryEvent
+	field := "events"
+	switch {
+	case len(env.Events) > 0 && string(env.Events) != "null":
+		if err := json.Unmarshal(env.Events, &events); err != nil {
+			return nil, fmt.Errorf("events: %w", err)
+		}
+	case env.Action != "":
+		events, field = []registryEvent{env.registryEvent}, "event"
+	default:
+		return nil, errNoEnvelope
+	}
+	var out []imagePush
+	seen := map[imagePush]bool{}
+	for i, e := range events {
 		t := e.Target
-		if e.Action != "push" || t.Tag == "" || !manifestTypes[t.MediaType] || checkTag(t.Tag) != nil {
+		if e.Action != "push" || t.Tag == "" || !manifestTypes[t.MediaType] {
 			continue
 		}
 		host := strings.ToLower(e.Request.Host)
-		repo := host + "/" + t.Repository
-		if !hasDomain(repo) || checkRepoName(repo) != nil {
-			continue
+		p, err := checkPush(imagePush{Repo: host + "/" + t.Repository, Tag: t.Tag, Digest: t.Digest}, true)
+		if err != nil {
+			if field == "events" {
+				field = fmt.Sprintf("events[%d]", i)
+			}
+			return nil, fmt.Errorf("%s: request.host %q, target.repository %q, target.tag %q: %w", field, e.Request.Host, t.Repository, t.Tag, err)
 		}
-		p := registryPush{Repo: repo, Tag: t.Tag, Digest: t.Digest}
 		if !seen[p] {
 			seen[p] = true
 			out = append(out, p)
