@@ -112,6 +112,9 @@ func FuzzParseHarbor(f *testing.F) {
 	f.Add(readFixture(f, "harbor-push-default.json"))
 	f.Add(readFixture(f, "harbor-push-cloudevents.json"))
 	f.Add(readFixture(f, "harbor-pull-cloudevents.json"))
+	f.Add(readFixture(f, "peer/goharbor/v1.10-pushimage-alpine.json"))
+	f.Add(readFixture(f, "peer/goharbor/default-push-by-digest.json"))
+	f.Add(readFixture(f, "peer/keel/harbor-pushimage-no-host.json"))
 	f.Add([]byte(`{"type":"PUSH_ARTIFACT","event_data":{"resources":[{"tag":"a","resource_url":"h.io/_x/r:a"}]}}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		pushes, err := parseHarbor(body)

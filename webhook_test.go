@@ -320,6 +320,8 @@ func FuzzParseDockerHub(f *testing.F) {
 func FuzzParseRegistryEnvelope(f *testing.F) {
 	f.Add(readFixture(f, "registry-notification-manifest-push.json"))
 	f.Add(readFixture(f, "registry-notification-blob-push.json"))
+	f.Add(readFixture(f, "peer/keel/azure-acr-push.json"))
+	f.Add(readFixture(f, "peer/keel/jfrog-docker-pushed.json"))
 	f.Add([]byte(`{"events":[{"action":"push","target":{"mediaType":"application/vnd.oci.image.index.v1+json","repository":"a/b","tag":"t"},"request":{"host":"h:1"}}]}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		pushes, err := parseRegistryEnvelope(body)
