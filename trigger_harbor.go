@@ -3,6 +3,7 @@ package main
 // trigger_harbor.go: Harbor's webhook.
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -89,11 +90,12 @@ func harborPush(r harborResource) (imagePush, bool, error) {
 	if !ok {
 		return imagePush{}, false, fmt.Errorf("resource_url %q names no repository", r.ResourceURL)
 	}
-	tag := r.Tag
-	if t, ok := ref.(reference.Tagged); ok && tag == "" {
-		tag = t.Tag()
+	var urlTag string
+	if t, ok := ref.(reference.Tagged); ok {
+		urlTag = t.Tag()
 	}
-	if _, tagged := ref.(reference.Tagged); !tagged && (tag == "" || checkDigest(tag) == nil) {
+	tag := cmp.Or(r.Tag, urlTag) // the tag field wins; Harbor makes both agree
+	if urlTag == "" && (tag == "" || checkDigest(tag) == nil) {
 		return imagePush{}, false, nil
 	}
 	push, err := checkPush(imagePush{Repo: named.Name(), Tag: tag, Digest: r.Digest}, true)

@@ -327,13 +327,13 @@ func parseDockerHub(body []byte) (dockerHubPush, error) {
 	if err := json.Unmarshal(body, &p); err != nil {
 		return dockerHubPush{}, fmt.Errorf("invalid JSON: %w", err)
 	}
-	if err := checkRepoName(p.Repository.RepoName); err != nil {
-		return dockerHubPush{}, fmt.Errorf("repository.repo_name: %w", err)
+	// Docker Hub's names are bare (they belong to -registry) and its tag
+	// may be empty (every local tag).
+	push, err := checkPush(imagePush{Repo: p.Repository.RepoName, Tag: p.PushData.Tag}, false)
+	if err != nil {
+		return dockerHubPush{}, fmt.Errorf("repository.repo_name %q, push_data.tag %q: %w", p.Repository.RepoName, p.PushData.Tag, err)
 	}
-	if err := checkTag(p.PushData.Tag); err != nil {
-		return dockerHubPush{}, fmt.Errorf("push_data.tag: %w", err)
-	}
-	return dockerHubPush{Repo: p.Repository.RepoName, Tag: p.PushData.Tag, CallbackURL: p.CallbackURL}, nil
+	return dockerHubPush{Repo: push.Repo, Tag: push.Tag, CallbackURL: p.CallbackURL}, nil
 }
 
 var tagCheckRepo, _ = reference.WithName("x")
