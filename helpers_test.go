@@ -204,6 +204,7 @@ type fakeDocker struct {
 	inspectHook func(c *docker.Container) error
 	daemonGone  bool
 	pings       int              // PingWithContext calls
+	goneCalls   int              // calls that failed because dockerd was down
 	diedWith    []*fakeContainer // the containers the last stopDaemon stopped
 }
 
@@ -218,6 +219,7 @@ var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
 // down reports the crash injected by crashAt; f.mu is held.
 func (f *fakeDocker) down(op string) error {
 	if f.daemonGone {
+		f.goneCalls++
 		return errDockerGone
 	}
 	if op == f.crashAt {
@@ -828,6 +830,7 @@ func (f *fakeDocker) PingWithContext(context.Context) error {
 	defer f.mu.Unlock()
 	f.pings++
 	if f.daemonGone {
+		f.goneCalls++
 		return errDockerGone
 	}
 	return f.pingErr
