@@ -233,15 +233,16 @@ func TestE2ERollout(t *testing.T) {
 		s.restartDeployers("-restart_timeout=30s")
 		ref := s.hub.host() + "/myorg/bounce:qa"
 		v1 := s.build(ref, false)
-		// A healthcheck that passes at its fourth run, a second apart:
-		// each replacement is "starting" for about 4 s, the moment dockerd
-		// restarts. --health-cmd runs /bin/sh -c; the image has only
-		// /bin/busybox.
+		// A healthcheck that passes at its fourth run, a second apart
+		// (the failures before count for nothing within the start
+		// period): each replacement is "starting" for about 4 s, the
+		// moment dockerd restarts. --health-cmd runs /bin/sh -c; the
+		// image has only /bin/busybox.
 		bb, err := exec.LookPath("busybox")
 		if err != nil {
 			t.Fatal(err)
 		}
-		health := []string{"-v", bb + ":/bin/sh:ro", "--health-interval", "1s",
+		health := []string{"-v", bb + ":/bin/sh:ro", "--health-interval", "1s", "--health-start-period", "20s",
 			"--health-cmd", "echo >>/checks; test $(/bin/busybox wc -l </checks) -ge 4"}
 		for _, n := range all {
 			s.supervise(n, "bounce", ref, v1, health...)
