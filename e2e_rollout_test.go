@@ -287,7 +287,7 @@ func TestE2ERollout(t *testing.T) {
 		s.waitDockerd(d)
 		first.dockerd = d
 		down := time.Since(restartAt)
-		s.waitImage(all, "bounce", v2, 120*time.Second)
+		s.waitImage(all, "bounce", v2, 60*time.Second)
 		took := time.Since(start)
 		s.barrier(all)
 		if h := s.haltOf(ref); h != nil {
