@@ -523,7 +523,9 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			p.callTimeout, p.pullTimeout = to, to
 			done := make(chan error, 1)
 			start := time.Now()
-			go func() { done <- tt.call(t.Context(), parts{p: p, rs: rs, r: r, ev: newDockerEvents(c, to), w: w, e: e}) }()
+			go func() {
+				done <- tt.call(t.Context(), parts{p: p, rs: rs, r: r, ev: newDockerEvents(c, to), w: w, e: e})
+			}()
 			select {
 			case err := <-done:
 				if err == nil {
