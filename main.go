@@ -415,7 +415,7 @@ func (d *daemon) run(ctx context.Context) error {
 	// of the stop's bound.
 	cctx, cancel := context.WithDeadline(context.WithoutCancel(ctx), stopBy)
 	defer cancel()
-	d.webhook.Close(cctx)
+	d.webhook.Shutdown(cctx)
 	d.log.Info("deployer stopped")
 	return err
 }

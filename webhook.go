@@ -78,10 +78,13 @@ func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter,
 }
 
 // Close waits for the Docker Hub callbacks in flight, each bounded by the
-// callback client's timeout, until ctx ends: then it cancels them and
-// returns once they have. A handler still running (the HTTP server's
+// callback client's timeout. A handler still running (the HTTP server's
 // shutdown gave up on it) sends no callback after Close began.
-func (h *webhook) Close(ctx context.Context) {
+func (h *webhook) Close() { h.Shutdown(context.Background()) }
+
+// Shutdown is Close until ctx ends: then it cancels the callbacks in
+// flight and returns once they have.
+func (h *webhook) Shutdown(ctx context.Context) {
 	h.mu.Lock()
 	h.closed = true
 	h.mu.Unlock()
