@@ -287,10 +287,11 @@ func (c *config) validate() error {
 	if c.RegistryWebhookPath == c.WebhookPath {
 		return bad("registry_webhook_path", "must differ from -webhook_path")
 	}
-	for _, p := range []string{c.WebhookPath, c.RegistryWebhookPath} {
-		if p == "/healthz" || p == "/metrics" || p == "/api/status" {
-			return bad("webhook_path", "%q is reserved", p)
-		}
+	if err := checkFreeRoute(c.WebhookPath); err != nil {
+		return bad("webhook_path", "%v", err)
+	}
+	if err := checkFreeRoute(c.RegistryWebhookPath, c.WebhookPath); err != nil {
+		return bad("registry_webhook_path", "%v", err)
 	}
 	if c.NodeName == "" || strings.ContainsAny(c.NodeName, "/ \t\n") {
 		return bad("node_name", "%q must be non-empty, without spaces or /", c.NodeName)

@@ -711,9 +711,13 @@ func (f *fakeDocker) RemoveEventListener(l chan *docker.APIEvents) error {
 	return nil
 }
 
-// InspectImage reads an image by ID, or by a reference to a local tag
-// (docker.ErrNoSuchImage when there is none), with its tags and digests.
-func (f *fakeDocker) InspectImage(name string) (*docker.Image, error) {
+// InspectImageWithContext reads an image by ID, or by a reference to a
+// local tag (docker.ErrNoSuchImage when there is none), with its tags and
+// digests.
+func (f *fakeDocker) InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.imageReads++

@@ -35,6 +35,42 @@ func TestRunRejectsBadFlags(t *testing.T) {
 	}
 }
 
+// TestRunRefusesBuiltinRouteAsWebhookPath: run refuses a built-in route
+// as a webhook path before it starts anything (exit 2 in main); every
+// path it accepts is served without a panic.
+func TestRunRefusesBuiltinRouteAsWebhookPath(t *testing.T) {
+	// Cancelled, with an etcd nobody serves: if the flag passed, run
+	// would return at its first outside call.
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	err := run(ctx, []string{"-etcd_nodes", "http://127.0.0.1:1", "-webhook_path", "/api/deploy"}, io.Discard, io.Discard)
+	if !errors.Is(err, errInvalidFlag) || !strings.Contains(err.Error(), "-webhook_path") {
+		t.Errorf("run(-webhook_path /api/deploy) = %v; want errInvalidFlag naming -webhook_path", err)
+	}
+	for _, args := range [][]string{
+		{"-webhook_path", "/api/deploy/"},
+		{"-webhook_path", "/hooks/hub", "-registry_webhook_path", "/hooks/registry"},
+		{"-registry_webhook_path", "/api/status/x"},
+	} {
+		cfg, err := parseFlags("deployer", append([]string{"-node_name", "n1", "-dockercfg", ""}, args...), env(), io.Discard)
+		if err != nil {
+			t.Fatalf("parseFlags(%q) = %v", args, err)
+		}
+		d, err := newDaemon(cfg, testEtcd(t), newFakeDocker(), testLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					t.Errorf("handler with %q panics: %v", args, r)
+				}
+			}()
+			d.handler()
+		}()
+	}
+}
+
 type testDaemon struct {
 	*daemon
 	base string

@@ -58,6 +58,10 @@ type webhook struct {
 	mu     sync.Mutex
 	closed bool           // Close began: no new callback
 	wg     sync.WaitGroup // callbacks in flight
+	// cut ends when Close stops waiting: the callbacks in flight are
+	// cancelled.
+	cut       context.Context
+	cancelCut context.CancelFunc
 }
 
 // newWebhook returns the webhook handlers of a node: they write triggers
@@ -65,20 +69,35 @@ type webhook struct {
 // secret; failures rate-limits failed authentications (nil: no limit). It
 // starts nothing.
 func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
+	cut, cancelCut := context.WithCancel(context.Background())
 	return &webhook{
 		kv: kv, prefix: prefix, secret: secret, failures: failures, node: node, log: log, metrics: m,
 		now: time.Now, timeout: 5 * time.Second, callback: &http.Client{Timeout: 10 * time.Second},
+		cut: cut, cancelCut: cancelCut,
 	}
 }
 
 // Close waits for the Docker Hub callbacks in flight, each bounded by the
 // callback client's timeout. A handler still running (the HTTP server's
 // shutdown gave up on it) sends no callback after Close began.
-func (h *webhook) Close() {
+func (h *webhook) Close() { h.Shutdown(context.Background()) }
+
+// Shutdown is Close until ctx ends: then it cancels the callbacks in
+// flight and returns once they have.
+func (h *webhook) Shutdown(ctx context.Context) {
 	h.mu.Lock()
 	h.closed = true
 	h.mu.Unlock()
-	h.wg.Wait()
+	done := make(chan struct{})
+	go func() { h.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		h.log.Warn("stopping: docker hub callbacks in flight cancelled")
+		h.cancelCut()
+		<-done // a cancelled request returns at once
+	}
+	h.cancelCut()
 }
 
 // background runs f, a callback, unless Close began.
@@ -454,6 +473,7 @@ func (h *webhook) dockerHubCallback(ctx context.Context, rawURL, state, descript
 		// The request is answered before the callback: it must outlive it.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
+		defer context.AfterFunc(h.cut, cancel)() // Close gave up waiting
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(body))
 		if err != nil {
 			return
