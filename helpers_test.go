@@ -192,6 +192,75 @@ type fakeDocker struct {
 	listFilters map[string][]string // of the last ListImages
 	imageReads  int                 // InspectImage calls
 	imageErr    error               // returned by InspectImage of a tag
+
+	// faults are the answers of the next calls of an operation, as
+	// "Op" or "Op:name" (the container's name when called), one popped
+	// per call: dockerd failing a step for a while ("device or resource
+	// busy" on a remove, a start that fails once).
+	faults map[string][]error
+	// createLate: a create whose answer is lost (its deadline passed)
+	// although dockerd created the container.
+	createLate error
+	updates    []string // "name=policy" of each UpdateContainer
+}
+
+// fault pops the next injected failure of op on container name; f.mu is
+// held.
+func (f *fakeDocker) fault(op, name string) error {
+	for _, k := range []string{op + ":" + name, op} {
+		if q := f.faults[k]; len(q) > 0 {
+			f.faults[k] = q[1:]
+			return q[0]
+		}
+	}
+	return nil
+}
+
+// failNext makes the next calls of op (see faults) fail with errs.
+func (f *fakeDocker) failNext(op string, errs ...error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.faults == nil {
+		f.faults = map[string][]error{}
+	}
+	f.faults[op] = append(f.faults[op], errs...)
+}
+
+// Errors as dockerd 20.10 answers them.
+var (
+	// A forced remove while the container's mounts are still busy.
+	errRemoveBusy = &docker.Error{Status: 500, Message: "container 1f2e: driver \"overlay2\" failed to remove root filesystem: unlinkat /var/lib/docker/overlay2/abc/merged: device or resource busy"}
+	// A start that the runtime refused for the moment.
+	errStartFailed = &docker.Error{Status: 500, Message: "failed to create shim task: context deadline exceeded: unknown"}
+)
+
+// restartDaemon is a dockerd restart (without live-restore): every
+// running container is stopped, the event stream ends, and at the
+// daemon's start every container whose restart policy says so is started
+// again: "always", and "unless-stopped" unless it was stopped through the
+// API.
+func (f *fakeDocker) restartDaemon() {
+	f.mu.Lock()
+	for _, c := range f.containers {
+		if c.Running {
+			c.Running, c.Exited = false, true
+			f.emit("die", c)
+		}
+	}
+	for _, l := range f.listeners {
+		close(l)
+	}
+	f.listeners = nil
+	for _, c := range f.containers {
+		pol := docker.RestartUnlessStopped()
+		if c.HostConfig != nil {
+			pol = c.HostConfig.RestartPolicy
+		}
+		if pol.Name == "always" || pol.Name == "unless-stopped" && !c.manualStop {
+			c.Running, c.Exited = true, false
+		}
+	}
+	f.mu.Unlock()
 }
 
 var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
@@ -283,6 +352,18 @@ type fakeContainer struct {
 	Config                         *docker.Config
 	HostConfig                     *docker.HostConfig
 	Mounts                         []docker.Mount // nil: the default bind /srv:/data
+	manualStop                     bool           // stopped through the API, not started since
+	unit                           string         // the name its supervisor runs it as ("" : Name)
+}
+
+// unitName is the name c's supervisor (a systemd unit) knows it by, which
+// a rename does not change.
+func (c *fakeContainer) unitName() string { return cmp.Or(c.unit, c.Name) }
+
+// defaultHost is the host configuration of a container added without
+// one.
+func defaultHost() *docker.HostConfig {
+	return &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}}
 }
 
 // crashed makes c crash as the fake's mode says; f.mu is held.
@@ -336,7 +417,7 @@ func (f *fakeDocker) addContainer(name, configImage string) *fakeContainer {
 	if ref != nil {
 		id = f.local[ref.String()]
 	}
-	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(name))), Name: name, ConfigImage: configImage, ImageID: id, Running: true}
+	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(name))), Name: name, ConfigImage: configImage, ImageID: id, Running: true, unit: name}
 	f.containers = append(f.containers, c)
 	return c
 }
@@ -571,7 +652,7 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 			}
 			host := c.HostConfig
 			if host == nil {
-				host = &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}}
+				host = defaultHost()
 			}
 			mounts := c.Mounts
 			if mounts == nil {
@@ -595,7 +676,7 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 	var stopped *fakeContainer
 	for _, c := range f.containers {
 		if c.ID == id {
-			if err := cmp.Or(f.stopErr[c.Name], f.stopAll); err != nil {
+			if err := cmp.Or(f.stopErr[c.unitName()], f.stopAll); err != nil {
 				f.mu.Unlock()
 				return err
 			}
@@ -603,9 +684,9 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 				f.mu.Unlock()
 				return &docker.ContainerNotRunning{ID: id}
 			}
-			c.Running = false
+			c.Running, c.manualStop = false, true
 			stopped = c
-			f.stops = append(f.stops, c.Name)
+			f.stops = append(f.stops, c.unitName())
 		}
 	}
 	if stopped != nil && stopped.HostConfig != nil && stopped.HostConfig.AutoRemove {
@@ -617,8 +698,8 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 		f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == stopped })
 		f.created++
 		ref, _ := containerRef(stopped.ConfigImage, "")
-		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(stopped.Name, f.created)))), Name: stopped.Name,
-			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: true}
+		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(stopped.unitName(), f.created)))), Name: stopped.unitName(),
+			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: true, unit: stopped.unitName()}
 		f.containers = append(f.containers, n)
 		f.emit("start", n)
 		if f.crash || f.crashLoop {
@@ -634,7 +715,7 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 		return &docker.NoSuchContainer{ID: id}
 	}
 	if f.stopped != nil {
-		f.stopped <- stopped.Name
+		f.stopped <- stopped.unitName()
 	}
 	return nil
 }
@@ -717,6 +798,9 @@ func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docke
 	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(opts.Name, "created", f.created)))), Name: opts.Name,
 		ConfigImage: opts.Config.Image, Config: opts.Config, HostConfig: opts.HostConfig, Mounts: f.mountsFor(opts.Config, opts.HostConfig)}
 	f.containers = append(f.containers, c)
+	if f.createLate != nil {
+		return nil, f.createLate
+	}
 	return &docker.Container{ID: c.ID}, nil
 }
 
@@ -731,6 +815,10 @@ func (f *fakeDocker) StartContainerWithContext(id string, _ *docker.HostConfig, 
 			if c.Running {
 				return &docker.ContainerAlreadyRunning{ID: id}
 			}
+			if err := f.fault("StartContainer", c.Name); err != nil {
+				return err
+			}
+			c.manualStop = false
 			ref, _ := containerRef(c.ConfigImage, "")
 			if c.ImageID == "" && ref != nil {
 				c.ImageID = f.local[ref.String()]
@@ -754,7 +842,14 @@ func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 	if err := f.down("RenameContainer"); err != nil {
 		return err
 	}
+	if err := f.fault("RenameContainer", ""); err != nil {
+		return err
+	}
 	for _, c := range f.containers {
+		if c.Name == opts.Name && c.ID == opts.ID {
+			// dockerd 20.10 refuses a rename to the current name.
+			return &docker.Error{Status: 400, Message: "Error when allocating new name: Renaming a container with the same name as its current name"}
+		}
 		if c.Name == opts.Name && c.ID != opts.ID {
 			return &docker.Error{Status: 409, Message: "name in use"}
 		}
@@ -774,12 +869,51 @@ func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
 	if err := f.down("RemoveContainer"); err != nil {
 		return err
 	}
-	n := len(f.containers)
-	f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c.ID == opts.ID && (opts.Force || !c.Running) })
-	if len(f.containers) == n {
+	i := slices.IndexFunc(f.containers, func(c *fakeContainer) bool { return c.ID == opts.ID })
+	if i < 0 {
 		return &docker.NoSuchContainer{ID: opts.ID}
 	}
+	c := f.containers[i]
+	if err := f.fault("RemoveContainer", c.Name); err != nil {
+		return err
+	}
+	if c.Running && !opts.Force {
+		// As dockerd 20.10 answers it.
+		return &docker.Error{Status: 409, Message: "You cannot remove a running container " + c.ID + ". Stop the container before attempting removal or force remove"}
+	}
+	f.containers = slices.Delete(f.containers, i, i+1)
 	return nil
+}
+
+// UpdateContainer changes a container's restart policy, as dockerd does
+// for a non-empty policy name (resources are not modelled).
+func (f *fakeDocker) UpdateContainer(id string, opts docker.UpdateContainerOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.down("UpdateContainer"); err != nil {
+		return err
+	}
+	for _, c := range f.containers {
+		if c.ID != id {
+			continue
+		}
+		if err := f.fault("UpdateContainer", c.Name); err != nil {
+			return err
+		}
+		if opts.RestartPolicy.Name == "" {
+			return nil
+		}
+		if c.HostConfig == nil {
+			c.HostConfig = defaultHost()
+		}
+		if c.HostConfig.AutoRemove && opts.RestartPolicy.Name != "no" {
+			return &docker.Error{Status: 409, Message: "Restart policy cannot be updated because AutoRemove is enabled for the container"}
+		}
+		c.HostConfig.RestartPolicy = opts.RestartPolicy
+		f.updates = append(f.updates, c.Name+"="+opts.RestartPolicy.Name)
+		return nil
+	}
+	return &docker.NoSuchContainer{ID: id}
 }
 
 func (f *fakeDocker) PingWithContext(context.Context) error { return f.pingErr }
