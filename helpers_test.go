@@ -194,8 +194,8 @@ type fakeDocker struct {
 	imageErr    error               // returned by InspectImage of a tag
 
 	// faults are the answers of the next calls of an operation, as
-	// "Op" or "Op:name" (the container's name when called), one popped
-	// per call: dockerd failing a step for a while ("device or resource
+	// "Op", "Op:name" (the container's name when called) or "Op:ID", one
+	// popped per call: dockerd failing a step for a while ("device or resource
 	// busy" on a remove, a start that fails once).
 	faults map[string][]error
 	// createLate: a create whose answer is lost (its deadline passed)
@@ -204,10 +204,14 @@ type fakeDocker struct {
 	updates    []string // "name=policy" of each UpdateContainer
 }
 
-// fault pops the next injected failure of op on container name; f.mu is
-// held.
-func (f *fakeDocker) fault(op, name string) error {
-	for _, k := range []string{op + ":" + name, op} {
+// fault pops the next injected failure of op on container c (nil: none
+// named); f.mu is held.
+func (f *fakeDocker) fault(op string, c *fakeContainer) error {
+	keys := []string{op}
+	if c != nil {
+		keys = []string{op + ":" + c.ID, op + ":" + c.Name, op}
+	}
+	for _, k := range keys {
 		if q := f.faults[k]; len(q) > 0 {
 			f.faults[k] = q[1:]
 			return q[0]
@@ -815,7 +819,7 @@ func (f *fakeDocker) StartContainerWithContext(id string, _ *docker.HostConfig, 
 			if c.Running {
 				return &docker.ContainerAlreadyRunning{ID: id}
 			}
-			if err := f.fault("StartContainer", c.Name); err != nil {
+			if err := f.fault("StartContainer", c); err != nil {
 				return err
 			}
 			c.manualStop = false
@@ -842,7 +846,7 @@ func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 	if err := f.down("RenameContainer"); err != nil {
 		return err
 	}
-	if err := f.fault("RenameContainer", ""); err != nil {
+	if err := f.fault("RenameContainer", nil); err != nil {
 		return err
 	}
 	for _, c := range f.containers {
@@ -874,7 +878,7 @@ func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
 		return &docker.NoSuchContainer{ID: opts.ID}
 	}
 	c := f.containers[i]
-	if err := f.fault("RemoveContainer", c.Name); err != nil {
+	if err := f.fault("RemoveContainer", c); err != nil {
 		return err
 	}
 	if c.Running && !opts.Force {
@@ -897,7 +901,7 @@ func (f *fakeDocker) UpdateContainer(id string, opts docker.UpdateContainerOptio
 		if c.ID != id {
 			continue
 		}
-		if err := f.fault("UpdateContainer", c.Name); err != nil {
+		if err := f.fault("UpdateContainer", c); err != nil {
 			return err
 		}
 		if opts.RestartPolicy.Name == "" {
@@ -956,6 +960,7 @@ func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node str
 	wait.poll = 10 * time.Millisecond
 	wait.now = f.clock
 	rs := newRestarter(f, wait, time.Second, "", log, m)
+	rs.retryBase = time.Millisecond
 	ro := newRollout(cli, testLeases(t, cli), node, maxUnavailable, time.Minute, 5*time.Second, log, m)
 	ro.releaseBase = time.Millisecond
 	return newReplacer(ro, rs, newRecreator(f, rs, wait, log, m), strategyStop, log)
