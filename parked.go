@@ -204,7 +204,8 @@ func (r *restarter) park(ctx context.Context, id, name string, pol docker.Restar
 		return nil
 	}
 	err = fmt.Errorf("set the restart policy of %s to no: %w", parked, err)
-	if perr := r.putBack(ctx, name, id, pol); perr != nil {
+	// The policy is unchanged: only the name goes back.
+	if perr := r.putBack(ctx, name, id, docker.RestartPolicy{}); perr != nil {
 		return fmt.Errorf("%w; putting it back failed too: %w", err, perr)
 	}
 	return err
