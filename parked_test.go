@@ -403,3 +403,22 @@ func TestParkedNamePolicy(t *testing.T) {
 		}
 	}
 }
+
+// TestParkUpdateFails: when dockerd refuses to set the restart policy to
+// no, nothing stays parked and nothing is stopped.
+func TestParkUpdateFails(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	f.containerByName("app").HostConfig = &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.AlwaysRestart()}
+	f.failNext("UpdateContainer", &docker.Error{Status: 500, Message: "Cannot update container"})
+	r := newTestReplacer(t, nil, f, "n1", 0).recreator
+	if err := r.recreate(t.Context(), c, nil, nil); err == nil || !strings.Contains(err.Error(), "restart policy") {
+		t.Fatalf("recreate = %v; want the failed update", err)
+	}
+	if app := f.containerByName("app"); app == nil || app.ID != c.ID || !app.Running || app.HostConfig.RestartPolicy.Name != "always" {
+		t.Errorf("app after a failed park: %+v; want the old container running, --restart always", app)
+	}
+	if p := parkedLeft(f); len(p) != 0 || len(f.stops) != 0 {
+		t.Errorf("parked %v, stopped %v; want neither", p, f.stops)
+	}
+}
