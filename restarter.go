@@ -198,7 +198,7 @@ func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard fun
 	}
 	defer release()
 	pol, err := r.settleBeforeStop(ctx, &c)
-	if err != nil || c.ID == "" {
+	if err != nil {
 		return err
 	}
 	ev := r.wait.watch()
@@ -237,9 +237,8 @@ func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard fun
 }
 
 // settleBeforeStop settles a parked container of c's name that a crash
-// left (c may be one itself, running between the rename and the stop), and
-// returns c's restart policy. c is updated to what it is now; its ID is ""
-// when nothing is left to stop.
+// left (c may be one itself, running between the rename and the stop;
+// c.Name becomes its name), and returns c's restart policy.
 func (r *restarter) settleBeforeStop(ctx context.Context, c *staleContainer) (docker.RestartPolicy, error) {
 	ctr, noParked := c.scan.fresh(time.Now())
 	if !noParked {
@@ -254,16 +253,8 @@ func (r *restarter) settleBeforeStop(ctx context.Context, c *staleContainer) (do
 		var err error
 		ctr, err = r.docker.InspectContainerWithContext(c.ID, ictx)
 		cancel()
-		if isNoSuchContainer(err) {
-			c.ID = ""
-			return docker.RestartPolicy{}, nil
-		}
 		if err != nil {
 			return docker.RestartPolicy{}, fmt.Errorf("inspect %s: %w", c.Name, err)
-		}
-		if !ctr.State.Running {
-			c.ID = ""
-			return docker.RestartPolicy{}, nil
 		}
 	}
 	return restartPolicy(ctr), nil

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 )
@@ -60,5 +61,31 @@ func TestStopDuringUnsupervisedWait(t *testing.T) {
 				t.Errorf("parked containers left: %v", p)
 			}
 		})
+	}
+}
+
+// TestStopOfARunningParkedContainer: a crash between the rename and the
+// stop leaves the container running under its parked name, where the next
+// deploy finds it stale; it is put back first, then stopped as app.
+func TestStopOfARunningParkedContainer(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.crashAt = "StopContainer"
+	rs := newTestReplacer(t, nil, f, "n1", 0).restarter
+	if err := rs.stopAndWait(t.Context(), c, nil, nil); !errors.Is(err, errFakeCrashed) {
+		t.Fatalf("stopAndWait = %v; want the crash", err)
+	}
+	f.revive()
+	if p := parkedLeft(f); len(p) != 1 {
+		t.Fatalf("parked after the crash: %v; want 1", p)
+	}
+	c.Name = parkedName("app", c.ID) // as stale() finds it
+	if err := rs.stopAndWait(t.Context(), c, nil, nil); err != nil {
+		t.Fatalf("stopAndWait of the parked container = %v", err)
+	}
+	if app := f.containerByName("app"); app == nil || !app.Running || app.ImageID != c.NewID {
+		t.Errorf("app: %+v; want the supervisor's replacement running %s", app, shortID(c.NewID))
+	}
+	if p := parkedLeft(f); len(p) != 0 {
+		t.Errorf("parked containers left: %v", p)
 	}
 }
