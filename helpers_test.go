@@ -846,8 +846,15 @@ func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 	if err := f.down("RenameContainer"); err != nil {
 		return err
 	}
-	if err := f.fault("RenameContainer", nil); err != nil {
-		return err
+	var late error // renamed, but the answer is lost
+	if i := slices.IndexFunc(f.containers, func(c *fakeContainer) bool { return c.ID == opts.ID }); i >= 0 {
+		err := f.fault("RenameContainer", f.containers[i])
+		var l lateAnswer
+		if errors.As(err, &l) {
+			late = l.err
+		} else if err != nil {
+			return err
+		}
 	}
 	for _, c := range f.containers {
 		if c.Name == opts.Name && c.ID == opts.ID {
@@ -861,11 +868,17 @@ func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 	for _, c := range f.containers {
 		if c.ID == opts.ID {
 			c.Name = opts.Name
-			return nil
+			return late
 		}
 	}
 	return &docker.NoSuchContainer{ID: opts.ID}
 }
+
+// lateAnswer, as an injected fault, is a call that dockerd carries out
+// but whose answer the client never gets: it sees err (its deadline).
+type lateAnswer struct{ err error }
+
+func (l lateAnswer) Error() string { return l.err.Error() }
 
 func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
 	f.mu.Lock()

@@ -279,17 +279,20 @@ func (r *restarter) putBackSteps(ctx context.Context, name, parkedID string, pol
 	yielded := false
 	err := r.retryStep(ctx, "rename the old container back", func(ctx context.Context) error {
 		err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: parkedID, Name: name, Context: ctx})
-		if !isConflict(err) {
-			return err
+		if err == nil {
+			return nil
 		}
-		// Something took the name after the removal above: a create
-		// that dockerd finished late, or a supervisor's container.
+		// Found by name: an earlier try renamed it but its answer was
+		// lost, or something took the name after the removal above (a
+		// create that dockerd finished late, a supervisor's container).
 		c, ierr := r.docker.InspectContainerWithContext(name, ctx)
 		switch {
+		case ierr == nil && c.ID == parkedID:
+			return nil
+		case !isConflict(err):
+			return err
 		case ierr != nil:
 			return errors.Join(err, ierr)
-		case c.ID == parkedID:
-			return nil
 		case c.State.Running:
 			yielded = true
 			return nil

@@ -273,6 +273,10 @@ func TestRestoreFailsHalfWay(t *testing.T) {
 			f.crash = true
 			f.failNext("StartContainer:"+oldID, errStartFailed)
 		}, false},
+		{"rename back done but its answer lost", func(f *fakeDocker, oldID string) {
+			f.crash = true
+			f.failNext("RenameContainer:"+oldID, nil, lateAnswer{context.DeadlineExceeded}) // the park, then the rename back
+		}, false},
 		{"every start of the old container fails, then the deployer restarts", func(f *fakeDocker, oldID string) {
 			f.crash = true
 			f.failNext("StartContainer:"+oldID, slices.Repeat([]error{errStartFailed}, putBackAttempts)...)
@@ -288,6 +292,9 @@ func TestRestoreFailsHalfWay(t *testing.T) {
 				t.Fatal("recreate = nil; want the failure")
 			}
 			t.Logf("recreate = %v", err)
+			if !tt.restart && strings.Contains(err.Error(), "failed too") {
+				t.Errorf("recreate = %v; want the old container restored", err)
+			}
 			if tt.restart {
 				if !strings.Contains(err.Error(), "restoring app failed too") {
 					t.Errorf("recreate = %v; want the failed restore told", err)
