@@ -387,8 +387,10 @@ func (e *silentEngine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, `[]`)
 	case req == "GET /containers/json":
 		io.WriteString(w, `[{"Id":"old1","Image":"reg:5000/app:qa","ImageID":"sha256:old","Names":["/app"],"State":"running"}]`)
+	case req == "GET /containers/app/json": // by name: what holds the name once the old one is parked
+		io.WriteString(w, `{"Id":"new1","Name":"/app","Image":"sha256:new","Config":{"Image":"reg:5000/app:qa"},"HostConfig":{},"State":{"Running":false}}`)
 	case strings.HasPrefix(req, "GET /containers/") && strings.HasSuffix(req, "/json"):
-		io.WriteString(w, `{"Id":"old1","Name":"/app","Image":"sha256:old","Config":{"Image":"reg:5000/app:qa"},"HostConfig":{},"State":{"Running":true}}`)
+		io.WriteString(w, `{"Id":"old1","Name":"/app","Image":"sha256:old","Config":{"Image":"reg:5000/app:qa"},"HostConfig":{"RestartPolicy":{"Name":"always"}},"State":{"Running":true}}`)
 	case strings.HasPrefix(req, "GET /images/"):
 		w.WriteHeader(http.StatusNotFound)
 		io.WriteString(w, `{"message":"No such image"}`)
@@ -422,7 +424,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 	}
 	ref := named.(reference.NamedTagged)
 	old := &docker.Container{ID: "old1", Name: "/app", Image: "sha256:old", Config: &docker.Config{Image: "reg:5000/app:qa"},
-		HostConfig: &docker.HostConfig{}, State: docker.State{Running: true}}
+		HostConfig: &docker.HostConfig{RestartPolicy: docker.AlwaysRestart()}, State: docker.State{Running: true}}
 	stale := func() staleContainer {
 		return staleContainer{ID: "old1", Name: "app", Tag: "qa", ImageID: "sha256:old", NewID: "sha256:new",
 			scan: newScanned(old, time.Now(), map[string]bool{})}
@@ -464,12 +466,15 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			return c.rs.stopOne(ctx, stale())
 		}},
 		{"start the old container again", []string{"POST /containers/old1/start"}, func(ctx context.Context, c parts) error {
-			return c.rs.restartOld(ctx, stale())
+			return c.rs.restartOld(ctx, stale(), docker.RestartPolicy{})
 		}},
 		{"inspect image (recreate)", []string{"GET /images/sha256:old/json", "POST /containers/old1/rename"}, func(ctx context.Context, c parts) error {
 			return c.r.recreate(ctx, stale(), nil, nil)
 		}},
 		{"rename", []string{"POST /containers/old1/rename"}, func(ctx context.Context, c parts) error {
+			return c.r.recreate(ctx, stale(), nil, nil)
+		}},
+		{"update the restart policy", []string{"POST /containers/old1/update"}, func(ctx context.Context, c parts) error {
 			return c.r.recreate(ctx, stale(), nil, nil)
 		}},
 		{"create", []string{"POST /containers/create"}, func(ctx context.Context, c parts) error {
