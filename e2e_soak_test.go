@@ -47,7 +47,7 @@ func TestE2ESoak(t *testing.T) {
 		s.retag(repo, tag, versions[0])
 		ref := s.hub.host() + "/" + repo + ":" + tag
 		for _, n := range all {
-			s.supervise(n, name, ref, versions[0].id)
+			s.supervise(n, name, ref, versions[0].id, healthy(t)...)
 		}
 		deploy := func(i int) {
 			v := versions[i%len(versions)]
@@ -67,6 +67,18 @@ func TestE2ESoak(t *testing.T) {
 		after := s.settledUsage(all, before, 3)
 		s.reportUsage(t, fmt.Sprintf("%d deploys of one repository (-max_unavailable 0, stop strategy) in %v", n, took.Round(time.Second)), all, before, after, 3)
 	})
+}
+
+// healthy returns the docker run options of a healthcheck that passes
+// from the first probe, 100 ms after the start: a replacement is up then,
+// not a second after it started (minUp), which keeps the soak short. The
+// images are FROM scratch: busybox is mounted as the check's /bin/sh.
+func healthy(t *testing.T) []string {
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []string{"-v", bb + ":/bin/sh:ro", "--health-cmd", "true", "--health-interval", "100ms"}
 }
 
 // imageVersion is an image pushed to the hub under its own tag.
@@ -280,6 +292,9 @@ func fdSummary(pid int) string {
 	return strings.Join(lines, "\n") + "\nsockets (ss):\n" + strings.Join(mine, "\n")
 }
 
+// frameArgs is a frame's argument list in a goroutine dump.
+var frameArgs = regexp.MustCompile(`\(.*\)( fp=.*)?$`)
+
 // goroutineDump ends node n's deployer with SIGQUIT and returns its
 // goroutines grouped by stack, largest group first.
 func (s *stack) goroutineDump(n *node) string {
@@ -296,11 +311,10 @@ func (s *stack) goroutineDump(n *node) string {
 		}
 		var frames []string
 		for _, line := range strings.Split(g, "\n")[1:] {
-			if !strings.HasPrefix(line, "\t") && !strings.HasPrefix(line, "created by") {
-				frames = append(frames, line)
-			} else if strings.HasPrefix(line, "created by") {
-				frames = append(frames, line)
+			if strings.HasPrefix(line, "\t") || strings.HasPrefix(line, "runtime.") {
+				continue // file lines; the runtime's own frames
 			}
+			frames = append(frames, frameArgs.ReplaceAllString(line, "(…)"))
 		}
 		counts[strings.Join(frames, "\n  ")]++
 	}
