@@ -67,6 +67,119 @@ func TestE2ESoak(t *testing.T) {
 		after := s.settledUsage(all, before, 3)
 		s.reportUsage(t, fmt.Sprintf("%d deploys of one repository (-max_unavailable 0, stop strategy) in %v", n, took.Round(time.Second)), all, before, after, 3)
 	})
+
+	// The other long-lived paths, a few times each, on the same
+	// containers: what each costs must come back too.
+	const name, repo, tag = "soak", "myorg/soak", "qa"
+	ref := s.hub.host() + "/" + repo + ":" + tag
+	t.Run("retries: pulls that fail and are retried", func(t *testing.T) {
+		s.leakCheck(t, "2 outages of the registry, each with failed and retried pulls", func() {
+			for range 2 {
+				v := s.build(ref, false)
+				s.hub.proc.stop(syscall.SIGTERM, 10*time.Second)
+				if code, body := s.webhook(all[0], repo, tag); code != 200 {
+					t.Fatalf("webhook: %d %s", code, body)
+				}
+				waitFor(t, 30*time.Second, "a retry pending on every node", func() bool {
+					for _, n := range all {
+						if s.metric(n, "deployer_deploy_retries_pending", "") != 1 {
+							return false
+						}
+					}
+					return true
+				})
+				s.startRegistryProc(s.hub, "hub")
+				s.waitImage(all, name, v, 60*time.Second)
+			}
+		})
+	})
+	t.Run("dockerd restarts: the event streams end and are subscribed again", func(t *testing.T) {
+		s.leakCheck(t, "2 restarts of every node's dockerd", func() {
+			for range 2 {
+				for _, n := range all {
+					_, img := s.containerImage(n, name)
+					n.dockerd.proc.stop(syscall.SIGTERM, 20*time.Second)
+					d := s.startDockerd(n.name)
+					s.waitDockerd(d)
+					n.dockerd = d
+					s.waitImage([]*node{n}, name, img, 60*time.Second)
+				}
+			}
+			// A deploy after: its wait subscribes on the new daemons.
+			v := s.build(ref, false)
+			s.deployAndWait(all, repo, tag, name, v)
+		})
+	})
+	t.Run("etcd reconnects", func(t *testing.T) {
+		s.leakCheck(t, "3 restarts of etcd, each a watch reconnect", func() {
+			for range 3 {
+				before := map[*node]float64{}
+				for _, n := range all {
+					before[n] = s.metric(n, "deployer_watch_reconnects_total", "")
+				}
+				m := s.etcd[0]
+				m.proc.stop(syscall.SIGTERM, 10*time.Second)
+				s.startEtcdMember(m)
+				s.waitEtcdHealthy()
+				waitFor(t, 30*time.Second, "every watch to reconnect", func() bool {
+					for _, n := range all {
+						if s.metric(n, "deployer_watch_reconnects_total", "") <= before[n] {
+							return false
+						}
+					}
+					return true
+				})
+			}
+		})
+	})
+	t.Run("recreate and halts", func(t *testing.T) {
+		// recreate: the deployer creates the replacement itself.
+		s.restartDeployers("-restart_strategy=recreate", "-max_unavailable=1")
+		const rc = "soakrc"
+		rcRef := s.hub.host() + "/myorg/soakrc:qa"
+		v := s.build(rcRef, false)
+		for _, n := range all {
+			s.dockerCLI(n.dockerd, "pull", "-q", rcRef)
+			s.dockerCLI(n.dockerd, append(append([]string{"run", "-d", "--name", rc, "--network", "none", "--restart", "unless-stopped"}, healthy(t)...), rcRef)...)
+			s.waitImage([]*node{n}, rc, v, 30*time.Second)
+		}
+		v = s.build(rcRef, false)
+		s.deployAndWait(all, "myorg/soakrc", "qa", rc, v) // warm-up
+		s.leakCheck(t, "10 re-creates", func() {
+			for range 10 {
+				v = s.build(rcRef, false)
+				s.deployAndWait(all, "myorg/soakrc", "qa", rc, v)
+			}
+		})
+		s.leakCheck(t, "3 halts of a version that never comes up (recreate: the old container restored), each followed by a good version", func() {
+			for range 3 {
+				s.buildKind(rcRef, "broken")
+				halts := s.metric(all[0], "deployer_rollouts_halted_total", "") + s.metric(all[1], "deployer_rollouts_halted_total", "")
+				if code, body := s.webhook(all[0], "myorg/soakrc", "qa"); code != 200 {
+					t.Fatalf("webhook: %d %s", code, body)
+				}
+				waitFor(t, 60*time.Second, "the halt", func() bool {
+					return s.metric(all[0], "deployer_rollouts_halted_total", "")+s.metric(all[1], "deployer_rollouts_halted_total", "") > halts
+				})
+				s.barrier(all)
+				v = s.build(rcRef, false)
+				s.deployAndWait(all, "myorg/soakrc", "qa", rc, v)
+			}
+		})
+	})
+}
+
+// leakCheck measures every node's usage with the stack quiet, runs what,
+// waits until the stack is quiet again, and reports the usage after (±3).
+func (s *stack) leakCheck(t *testing.T, what string, run func()) {
+	t.Helper()
+	s.barrier(s.nodes)
+	before := s.usage(s.nodes)
+	start := time.Now()
+	run()
+	s.barrier(s.nodes)
+	after := s.settledUsage(s.nodes, before, 3)
+	s.reportUsage(t, fmt.Sprintf("%s (%v)", what, time.Since(start).Round(time.Second)), s.nodes, before, after, 3)
 }
 
 // healthy returns the docker run options of a healthcheck that passes
