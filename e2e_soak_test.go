@@ -148,6 +148,20 @@ func TestE2ESoak(t *testing.T) {
 				deploy(i)
 			}
 		})
+		s.leakCheck(t, "3 parked-container recoveries (a parked old container found beside the running one and removed before the re-create)", func() {
+			for i := range 3 {
+				for _, n := range all {
+					id := s.dockerCLI(n.dockerd, "create", "--network", "none", rcRef)
+					s.dockerCLI(n.dockerd, "rename", id, parkedName(rc, id))
+				}
+				deploy(i)
+				for _, n := range all {
+					if out := s.dockerCLI(n.dockerd, "ps", "-aq", "--filter", "name="+rc+parkedInfix); out != "" {
+						t.Errorf("%s: parked container %s left", n.name, out)
+					}
+				}
+			}
+		})
 		var v string
 		s.leakCheck(t, "3 halts of a version that never comes up (recreate: the old container restored), each followed by a good version", func() {
 			for range 3 {
