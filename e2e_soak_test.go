@@ -418,7 +418,7 @@ func fdSummary(pid int) string {
 }
 
 // frameArgs is a frame's argument list in a goroutine dump.
-var frameArgs = regexp.MustCompile(`\(.*\)( fp=.*)?$`)
+var frameArgs = regexp.MustCompile(`\([^()]*\)( fp=.*)?$| in goroutine \d+$`)
 
 // goroutineDump ends node n's deployer with SIGQUIT and returns its
 // goroutines grouped by stack, largest group first.
@@ -442,7 +442,7 @@ func (s *stack) goroutineDump(n *node) string {
 			if strings.HasPrefix(line, "\t") || strings.HasPrefix(line, "runtime.") {
 				continue // file lines; the runtime's own frames
 			}
-			frames = append(frames, frameArgs.ReplaceAllString(line, "(…)"))
+			frames = append(frames, frameArgs.ReplaceAllString(line, ""))
 		}
 		counts[strings.Join(frames, "\n  ")]++
 	}
