@@ -1076,7 +1076,7 @@ func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node str
 	t.Helper()
 	log := testLogger(t)
 	m := newMetrics()
-	wait := newUpWaiter(f, 5*time.Second, 5*time.Second, log, m)
+	wait := newUpWaiter(f, f, 5*time.Second, 5*time.Second, log, m)
 	wait.poll = 10 * time.Millisecond
 	wait.now = f.clock
 	rs := newRestarter(f, wait, time.Second, "", log, m)
