@@ -23,6 +23,7 @@ import (
 )
 
 func TestE2ERollout(t *testing.T) {
+	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
 	s := newStackWith(t, 3, 1)
 	all := s.nodes
 
