@@ -331,14 +331,33 @@ func (r *rollout) halted(ctx context.Context, ref string) (*halt, int64, error) 
 	return decodeHalt(resp.Kvs), resp.Kvs[0].ModRevision, nil
 }
 
+// recordHalt writes the halt record of c's new image. It is called while
+// the node still holds the tag's slot, and the slot is freed only after it
+// returns: a node waiting for the slot reads the halt in the transaction
+// that would grant it, and so never rolls the failed version out. A write
+// that fails (etcd electing a leader, a timeout) is retried with capped
+// backoff for as long as the deploy runs, the slot kept meanwhile; only a
+// stop of the daemon ends the retries (the stop revokes the slot's lease).
 func (r *rollout) recordHalt(ctx context.Context, ref string, c staleContainer, cause error) {
 	h := halt{ImageID: c.NewID, Node: r.node, Container: c.Name, Reason: cause.Error(), Time: time.Now().UTC()}
 	b, _ := json.Marshal(h)
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
-	defer cancel()
-	if _, err := r.kv.Put(ctx, haltKey(ref), string(b)); err != nil {
-		r.log.Error("could not record the halted rollout", "ref", ref, "err", err)
-		return
+	for attempt := 1; ; attempt++ {
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+		_, err := r.kv.Put(pctx, haltKey(ref), string(b))
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			r.log.Error("could not record the halted rollout before the stop", "ref", ref, "image", shortID(c.NewID), "err", err)
+			return
+		}
+		r.log.Warn("could not record the halted rollout; keeping the slot and retrying", "ref", ref, "image", shortID(c.NewID),
+			"attempt", attempt, "err", err)
+		if !sleepCtx(ctx, backoff(r.releaseBase, attempt)) {
+			r.log.Error("could not record the halted rollout before the stop", "ref", ref, "image", shortID(c.NewID), "err", err)
+			return
+		}
 	}
 	r.metrics.rolloutsHalted.Inc()
 	r.log.Warn("rollout halted", "ref", ref, "image", shortID(c.NewID), "container", c.Name, "err", cause)

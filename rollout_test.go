@@ -10,6 +10,7 @@ import (
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -20,7 +21,23 @@ type faultKV struct {
 	mu         sync.Mutex
 	deleteErrs int // the next deleteErrs deletes fail
 	deletes    int
+	putErrs    int // the next putErrs puts fail, as etcd's do while it elects a leader
+	puts       int
 	afterGet   func(key string)
+}
+
+func (k *faultKV) Put(ctx context.Context, key, val string, opts ...clientv3.OpOption) (*clientv3.PutResponse, error) {
+	k.mu.Lock()
+	k.puts++
+	fail := k.putErrs > 0
+	if fail {
+		k.putErrs--
+	}
+	k.mu.Unlock()
+	if fail {
+		return nil, rpctypes.ErrLeaderChanged
+	}
+	return k.KV.Put(ctx, key, val, opts...)
 }
 
 func (k *faultKV) Delete(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.DeleteResponse, error) {
@@ -629,4 +646,55 @@ func heldSession(r *rollout) *session {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.session
+}
+
+// TestHaltWriteRetriedBeforeSlotFreed: the halt record's write fails a few
+// times (etcd electing a leader); the node keeps its slot and retries, so
+// the node queued behind it reads the halt instead of being granted the
+// slot and rolling the broken version out.
+func TestHaltWriteRetriedBeforeSlotFreed(t *testing.T) {
+	const ref = "reg:5000/app:qa"
+	cli := testNS(t)
+	f1, c1 := rolloutFixture(t, true)
+	f1.stopped = make(chan string) // holds n1 right after its stop
+	p1 := newTestReplacer(t, cli, f1, "n1", 1)
+	kv := &faultKV{KV: cli, putErrs: 3}
+	p1.rollout.kv = kv
+	done := make(chan []outcome, 1)
+	go func() { done <- p1.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c1}) }()
+	slots := strings.TrimSuffix(slotsDir(ref), "/")
+	waitUntil(t, "n1 to hold the slot", func() bool { return countKeys(t, cli, slots) == 1 })
+
+	n2 := newTestReplacer(t, cli, newFakeDocker(), "n2", 1).rollout
+	type result struct {
+		sl  *slot
+		err error
+	}
+	got := make(chan result, 1)
+	go func() {
+		sl, err := n2.acquire(t.Context(), ref, staleContainer{ID: "b", Name: "app", Tag: "qa", NewID: c1.NewID})
+		got <- result{sl, err}
+	}()
+	waitUntil(t, "n2 to queue", func() bool { return countKeys(t, cli, slots) == 2 })
+	<-f1.stopped // n1's replacement now crashes; its halt write fails 3 times
+
+	out := mustGet(t, done, "n1's replace")
+	if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {
+		t.Fatalf("n1 replace = %+v; want errReplacement", out)
+	}
+	r := mustGet(t, got, "n2's acquire")
+	var h *haltedError
+	if r.sl != nil || !errors.As(r.err, &h) || h.h.ImageID != c1.NewID {
+		if r.sl != nil {
+			r.sl.release(t.Context())
+		}
+		t.Fatalf("n2 acquire = slot %v, %v; want no slot and the halt of %s (n1's halt write failed, then the slot was freed)",
+			r.sl != nil, r.err, shortID(c1.NewID))
+	}
+	kv.mu.Lock()
+	puts := kv.puts
+	kv.mu.Unlock()
+	if puts != 4 {
+		t.Errorf("%d halt writes; want 4 (3 failed, then one that etcd took)", puts)
+	}
 }
