@@ -279,6 +279,7 @@ type fakeContainer struct {
 	Running, Exited                bool
 	Restarting                     bool
 	RestartCount                   int
+	Health                         string // "", "starting", "healthy", "unhealthy"
 	StartedAt                      time.Time
 	Config                         *docker.Config
 	HostConfig                     *docker.HostConfig
@@ -539,11 +540,20 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 		if ref, ok := containerRef(c.ConfigImage, c.ImageID); ok && f.local[ref.String()] != c.ImageID {
 			image = shortID(c.ImageID)
 		}
-		state := "running"
-		if !c.Running {
-			state = "exited"
+		// Like Docker: a crash loop is listed as restarting, the health
+		// in the status line.
+		state, status := "running", "Up 2 minutes"
+		switch {
+		case !c.Running:
+			state, status = "exited", "Exited (1) 1 second ago"
+		case c.Restarting:
+			state, status = "restarting", "Restarting (1) 1 second ago"
+		case c.Health == "starting":
+			status += " (health: starting)"
+		case c.Health != "":
+			status += " (" + c.Health + ")"
 		}
-		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: state})
+		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: state, Status: status})
 	}
 	return out, nil
 }
@@ -565,7 +575,7 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 			if started.IsZero() {
 				started = time.Unix(100, 0)
 			}
-			st := docker.State{Running: c.Running, Restarting: c.Restarting, StartedAt: started}
+			st := docker.State{Running: c.Running, Restarting: c.Restarting, StartedAt: started, Health: docker.Health{Status: c.Health}}
 			if c.Exited || c.Restarting {
 				st.FinishedAt, st.ExitCode = started.Add(10*time.Millisecond), 1
 			}

@@ -93,7 +93,9 @@ func TestStatusEventWritesRecord(t *testing.T) {
 
 // With no event, the reporter lists the containers once at start and then
 // not again before the resync period; events that cannot change the
-// list (a health check's exec) do not make it list either.
+// list or what is down (a health check's exec) do not make it list
+// either. (A health status event does: Docker sends one only when the
+// status changes.)
 func TestStatusIdleListsOnlyOnResync(t *testing.T) {
 	cli := testNS(t)
 	f := newFakeDocker()
@@ -104,7 +106,7 @@ func TestStatusIdleListsOnlyOnResync(t *testing.T) {
 	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
 	f.mu.Lock()
 	f.emit("exec_start: /bin/true", app)
-	f.emit("health_status: healthy", app)
+	f.emit("exec_die", app)
 	f.mu.Unlock()
 	poll(t, 5*time.Second, "the resync", func() bool { return f.listCount() >= 2 })
 	f.mu.Lock()
