@@ -698,3 +698,127 @@ func TestHaltWriteRetriedBeforeSlotFreed(t *testing.T) {
 		t.Errorf("%d halt writes; want 4 (3 failed, then one that etcd took)", puts)
 	}
 }
+
+// downNode is a node whose status reporter has written its down records
+// from what its Docker shows.
+func downNode(t *testing.T, cli *clientv3.Client, name string, max int, health string) (*rollout, *fakeDocker, *statusReporter, staleContainer) {
+	t.Helper()
+	f, c := rolloutFixture(t, false)
+	f.containerByName("app").Health = health // nothing else runs on f yet
+	r := newTestReplacer(t, cli, f, name, max).rollout
+	s := newStatusReporter(f, nil, cli, r.leases, name, nil, testLogger(t))
+	reportDown(t, s)
+	return r, f, s, c
+}
+
+// reportDown makes one pass of the reporter's down records, as its run
+// does on a Docker event.
+func reportDown(t *testing.T, s *statusReporter) {
+	t.Helper()
+	if _, err := s.containers(t.Context()); err != nil {
+		s.unreachable(time.Now())
+	}
+	if err := s.writeDown(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRolloutCountsDownContainers: -max_unavailable counts containers that
+// are down, not only slots. With one allowed, a node whose container is
+// unhealthy (a halted version its supervisor keeps running) or whose
+// Docker does not answer holds back the healthy nodes; the node whose
+// container is down replaces it first, even behind them in the queue, and
+// the next node goes once it is up again.
+func TestRolloutCountsDownContainers(t *testing.T) {
+	const ref = "reg:5000/app:qa"
+	for _, tt := range []struct {
+		name  string
+		fault func(f *fakeDocker, app *fakeContainer) // f.mu is held
+	}{
+		{"unhealthy", func(_ *fakeDocker, app *fakeContainer) { app.Health = "unhealthy" }},
+		{"crash-looping", func(_ *fakeDocker, app *fakeContainer) { app.Restarting = true }},
+		{"docker unreachable", func(f *fakeDocker, _ *fakeContainer) { f.listErr = errors.New("cannot connect to the Docker daemon") }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cli := testNS(t)
+			down, fd, sd, cd := downNode(t, cli, "down", 1, "healthy")
+			app := fd.containerByName("app")
+			fd.mu.Lock()
+			tt.fault(fd, app)
+			fd.mu.Unlock()
+			reportDown(t, sd)
+			healthy, _, _, ch := downNode(t, cli, "healthy", 1, "healthy")
+
+			type result struct {
+				sl  *slot
+				err error
+			}
+			got := make(chan result, 1)
+			go func() {
+				sl, err := healthy.acquire(t.Context(), ref, ch)
+				got <- result{sl, err}
+			}()
+			waitUntil(t, "the healthy node to queue", func() bool { return countKeys(t, cli, strings.TrimSuffix(slotsDir(ref), "/")) == 1 })
+			mustWait(t, got, "a healthy node took a slot while another node's container is down (-max_unavailable 1)")
+
+			if tt.name == "docker unreachable" {
+				// Docker answers again and shows the container unhealthy.
+				fd.mu.Lock()
+				fd.listErr = nil
+				app.Health = "unhealthy"
+				fd.mu.Unlock()
+				reportDown(t, sd)
+			}
+			// The node whose container is down goes first, though
+			// queued behind.
+			sl, err := down.acquire(t.Context(), ref, cd)
+			if err != nil {
+				t.Fatalf("node with its container down: %v; want a slot at once", err)
+			}
+			mustWait(t, got, "the healthy node took a slot while the down node replaces")
+			// Its replacement is up: the record clears, the slot goes,
+			// and the healthy node's turn comes.
+			fd.mu.Lock()
+			app.Health, app.Restarting = "healthy", false
+			fd.mu.Unlock()
+			reportDown(t, sd)
+			sl.release(t.Context())
+			r := mustGet(t, got, "the healthy node's slot")
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			r.sl.release(t.Context())
+		})
+	}
+}
+
+// TestRolloutDownCountedOnce: a container that holds a slot and is listed
+// in its node's down record counts once; with -max_unavailable 2 another
+// node still gets the second slot.
+func TestRolloutDownCountedOnce(t *testing.T) {
+	const ref = "reg:5000/app:qa"
+	cli := testNS(t)
+	n1, _, _, c1 := downNode(t, cli, "n1", 2, "unhealthy")
+	sl, err := n1.acquire(t.Context(), ref, c1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sl.release(t.Context())
+	n2, _, _, c2 := downNode(t, cli, "n2", 2, "healthy")
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	sl2, err := n2.acquire(ctx, ref, c2)
+	if err != nil {
+		t.Fatalf("second slot with one container down and -max_unavailable 2: %v", err)
+	}
+	sl2.release(t.Context())
+	// A third node's container is unhealthy too: now two are down, and
+	// a healthy node waits.
+	downNode(t, cli, "n3", 2, "unhealthy")
+	n4, _, _, c4 := downNode(t, cli, "n4", 2, "healthy")
+	n4.slotTimeout = 300 * time.Millisecond
+	if sl4, err := n4.acquire(t.Context(), ref, c4); err == nil {
+		sl4.release(t.Context())
+		t.Fatal("a healthy node got a slot with two containers down (-max_unavailable 2)")
+	}
+}

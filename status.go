@@ -153,6 +153,7 @@ type statusReporter struct {
 	period      time.Duration // resync without events (statusResync)
 	settle      time.Duration // coalesces a burst of events into one listing
 	retryBase   time.Duration // first delay before subscribing or writing again
+	downGrace   time.Duration // how long a container no longer running counts as down
 	callTimeout time.Duration
 	log         *slog.Logger
 	wake        chan struct{}         // capacity 1
@@ -174,7 +175,7 @@ type statusReporter struct {
 func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases leaseSource, node string, retries func() []pendingRetry, log *slog.Logger) *statusReporter {
 	return &statusReporter{
 		docker: dc, events: events, kv: kv, leases: leases, node: node, retries: retries, started: time.Now().UTC(),
-		period: statusResync, settle: 250 * time.Millisecond, retryBase: time.Second, callTimeout: callTimeout, log: log,
+		period: statusResync, settle: 250 * time.Millisecond, retryBase: time.Second, downGrace: downGrace, callTimeout: callTimeout, log: log,
 		wake: make(chan struct{}, 1), cache: map[string]containerStatus{}, seen: map[string]*seenContainer{},
 	}
 }
@@ -414,7 +415,7 @@ func (s *statusReporter) observe(name, ref, down string, now time.Time) {
 	if sc.ref != ref || sc.down != down {
 		sc.ref, sc.down, sc.downSince = ref, down, now
 	}
-	if down == downNotRunning && now.Sub(sc.downSince) >= downGrace {
+	if down == downNotRunning && now.Sub(sc.downSince) >= s.downGrace {
 		delete(s.seen, name)
 	}
 }
@@ -439,7 +440,7 @@ func (s *statusReporter) nextExpiry(now time.Time) (time.Duration, bool) {
 	found := false
 	for _, sc := range s.seen {
 		if sc.down == downNotRunning {
-			d := max(sc.downSince.Add(downGrace).Sub(now), 0)
+			d := max(sc.downSince.Add(s.downGrace).Sub(now), 0)
 			if !found || d < next {
 				next, found = d, true
 			}
@@ -532,6 +533,10 @@ type tagStatus struct {
 	Versions []versionInfo `json:"versions"` // newest first
 	Rolling  []string      `json:"rolling,omitempty"`
 	Halted   *halt         `json:"halted,omitempty"`
+	// Down lists the containers of the tag that are down, as
+	// "<node> <container> (<reason>)": they count against
+	// -max_unavailable.
+	Down []string `json:"down,omitempty"`
 	// SkewSeconds is how long two image IDs of this tag have been
 	// running at once: since the newest one's first container started.
 	SkewSeconds float64 `json:"skew_seconds"`
@@ -604,6 +609,14 @@ func readStatus(ctx context.Context, kv clientv3.KV, now time.Time) (clusterStat
 		case strings.HasPrefix(what, slotsLeaf):
 			t := tag(ref)
 			t.Rolling = append(t.Rolling, string(kv.Value))
+		case strings.HasPrefix(what, downLeaf):
+			var d downRecord
+			if json.Unmarshal(kv.Value, &d) == nil {
+				t := tag(ref)
+				for _, c := range d.Containers {
+					t.Down = append(t.Down, fmt.Sprintf("%s %s (%s)", d.Node, c.Name, c.Reason))
+				}
+			}
 		}
 	}
 	for ref, t := range tags {
@@ -709,6 +722,8 @@ func printStatus(w io.Writer, st clusterStatus) {
 			state = fmt.Sprintf("HALTED: %s on %s: %s", shortID(t.Halted.ImageID), t.Halted.Node, t.Halted.Reason)
 		case len(t.Rolling) > 0:
 			state = "rolling: " + strings.Join(t.Rolling, ", ")
+		case len(t.Down) > 0:
+			state = "down: " + strings.Join(t.Down, ", ")
 		case len(t.Versions) > 1:
 			state = fmt.Sprintf("skew %s", (time.Duration(t.SkewSeconds) * time.Second).String())
 		}
