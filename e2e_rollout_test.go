@@ -341,7 +341,7 @@ func (s *stack) buildHealth(ref string, healthy bool) string {
 		check = "false"
 	}
 	dockerfile := fmt.Sprintf("FROM scratch\nCOPY busybox /bin/busybox\nCOPY version /version\n"+
-		"HEALTHCHECK --interval=1s --timeout=1s --start-period=0s --retries=1 CMD [\"/bin/busybox\",%q]\n"+
+		"HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/bin/busybox\",%q]\n"+
 		"CMD [\"/bin/busybox\",\"sh\",\"-c\",\"trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done\"]\n", check)
 	files := map[string]string{"Dockerfile": dockerfile, "version": fmt.Sprintf("%s build %d %d\n", ref, n, time.Now().UnixNano())}
 	for name, body := range files {
