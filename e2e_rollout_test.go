@@ -4,7 +4,7 @@ package main
 
 // Rollout safety under faults, on the real stack: a queued node frozen past
 // its lease, crash-looping versions under a restart policy, recreate
-// without coordination, unsupervised containers, a dockerd restart during
+// without coordination, unsupervised containers, dockerd restarts during
 // a wait, and a node left down by a halted version counted against
 // -max_unavailable.
 
@@ -230,7 +230,86 @@ func TestE2ERollout(t *testing.T) {
 		s.record("scenario R-E: dockerd restarted during a %v wait for a replacement: %d container inspects in its debug log (%.1f/s)", waited.Round(time.Millisecond), inspects, rate)
 	})
 
-	t.Run("F after a halt under stop, the next push never has two nodes without a healthy app", func(t *testing.T) {
+	t.Run("F a dockerd restart during the wait for a good version halts nothing", func(t *testing.T) {
+		// Room for a dockerd restart and a new run of the replacement
+		// within one wait: the replacement is judged once dockerd is back.
+		s.restartDeployers("-restart_timeout=30s")
+		ref := s.hub.host() + "/myorg/bounce:qa"
+		v1 := s.build(ref, false)
+		// A healthcheck that passes at its fourth run, a second apart
+		// (the failures before count for nothing within the start
+		// period): each replacement is "starting" for about 4 s, the
+		// moment dockerd restarts. --health-cmd runs /bin/sh -c; the
+		// image has only /bin/busybox.
+		bb, err := exec.LookPath("busybox")
+		if err != nil {
+			t.Fatal(err)
+		}
+		health := []string{"-v", bb + ":/bin/sh:ro", "--health-interval", "1s", "--health-start-period", "20s",
+			"--health-cmd", "echo >>/checks; test $(/bin/busybox wc -l </checks) -ge 4"}
+		for _, n := range all {
+			s.supervise(n, "bounce", ref, v1, health...)
+		}
+		v2 := s.build(ref, false)
+		offsets := map[*node]int64{}
+		for _, n := range all {
+			offsets[n] = fileSize(t, n.deployer.log)
+		}
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/bounce", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		var first *node
+		waitFor(t, 60*time.Second, "a node to stop bounce", func() bool {
+			for _, n := range all {
+				if logHas(n.deployer.log, offsets[n], `"msg":"stopped stale container"`, `"container":"bounce"`) {
+					first = n
+					return true
+				}
+			}
+			return false
+		})
+		// Its supervisor runs the new version; dockerd restarts before
+		// it is healthy, stopping it (exit code 0: the app exits on
+		// SIGTERM) and everything else.
+		var health0 string
+		waitFor(t, 30*time.Second, "the replacement on "+first.name+" to run "+shortID(v2), func() bool {
+			c, err := first.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: "bounce"})
+			if err != nil || c.Image != v2 || !c.State.Running {
+				return false
+			}
+			health0 = c.State.Health.Status
+			return true
+		})
+		if health0 == "healthy" {
+			t.Fatalf("the replacement on %s was healthy before dockerd restarted: the wait was over", first.name)
+		}
+		restartAt := time.Now()
+		first.dockerd.proc.stop(syscall.SIGTERM, 20*time.Second)
+		d := s.startDockerd(first.name)
+		s.waitDockerd(d)
+		first.dockerd = d
+		down := time.Since(restartAt)
+		s.waitImage(all, "bounce", v2, 60*time.Second)
+		took := time.Since(start)
+		s.barrier(all)
+		if h := s.haltOf(ref); h != nil {
+			t.Errorf("halt record %+v; a dockerd restart must not halt a good version", h)
+		}
+		for _, n := range all {
+			if _, img := s.containerImage(n, "bounce"); img != v2 {
+				t.Errorf("%s: bounce runs %s; want %s", n.name, shortID(img), shortID(v2))
+			}
+		}
+		if !logHas(first.deployer.log, offsets[first], "the docker daemon answers again", `"container":"bounce"`) ||
+			!logHas(first.deployer.log, offsets[first], `"msg":"replacement up"`, `"container":"bounce"`) {
+			t.Errorf("%s's log does not show the wait judging bounce once dockerd was back", first.name)
+		}
+		s.record("scenario R-F: dockerd on %s restarted (%v) while the replacement of a good version was %q: no halt, all 3 nodes on %s %v after the webhook",
+			first.name, down.Round(time.Millisecond), health0, shortID(v2), took.Round(time.Millisecond))
+	})
+
+	t.Run("G after a halt under stop, the next push never has two nodes without a healthy app", func(t *testing.T) {
 		s.restartDeployers("-max_unavailable=1", "-restart_strategy=stop", "-restart_timeout=20s")
 		ref := s.hub.host() + "/myorg/hc:qa"
 		v1 := s.buildHealth(ref, true)
@@ -312,7 +391,7 @@ func TestE2ERollout(t *testing.T) {
 		if got.maxDown > 1 {
 			t.Errorf("up to %d nodes without a healthy hc at once (samples by nodes down: %v); want at most 1 (-max_unavailable=1)", got.maxDown, got.byDown)
 		}
-		s.record("scenario R-F: after %s halted a never-healthy version under stop (kept running it, unhealthy), the next push converged on %s in %v; nodes without a healthy app, sampled every 50ms on each node's Engine API: at most %d at once (%d samples: %d with none down, %d with one, %d with two or more)",
+		s.record("scenario R-G: after %s halted a never-healthy version under stop (kept running it, unhealthy), the next push converged on %s in %v; nodes without a healthy app, sampled every 50ms on each node's Engine API: at most %d at once (%d samples: %d with none down, %d with one, %d with two or more)",
 			halter.name, shortID(v3), took.Round(time.Millisecond), got.maxDown, got.samples, got.byDown[0], got.byDown[1], got.samples-got.byDown[0]-got.byDown[1])
 	})
 }

@@ -39,8 +39,8 @@ func newDockerEvents(c *docker.Client, callTimeout time.Duration) *dockerEvents 
 // eventsFor returns the event source for a long-lived subscription on dc:
 // dockerEvents for a real client, dc itself otherwise (the tests' fake).
 func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
-	if c, ok := dc.(*docker.Client); ok {
-		return newDockerEvents(c, callTimeout)
+	if c, ok := dc.(*dockerClient); ok {
+		return newDockerEvents(c.Client, callTimeout)
 	}
 	return dc
 }

@@ -14,8 +14,10 @@ import (
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -192,12 +194,34 @@ type fakeDocker struct {
 	listFilters map[string][]string // of the last ListImages
 	imageReads  int                 // InspectImage calls
 	imageErr    error               // returned by InspectImage of a tag
+
+	// health is the health status new replacements report ("": no
+	// healthcheck); inspectHook, when set, sees every container an
+	// inspect is about to return (f.mu is held) and may fail the inspect
+	// instead. daemonGone is dockerd stopped or restarting (stopDaemon,
+	// startDaemon): every call fails as go-dockerclient fails then.
+	health      string
+	inspectHook func(c *docker.Container) error
+	daemonGone  bool
+	pings       int              // PingWithContext calls
+	goneCalls   int              // calls that failed because dockerd was down
+	diedWith    []*fakeContainer // the containers the last stopDaemon stopped
 }
+
+// errDockerGone is what go-dockerclient returns while dockerd is down: its
+// socket is gone.
+var errDockerGone = &url.Error{Op: "Get", URL: "http://unix.sock/_ping", Err: &net.OpError{
+	Op: "dial", Net: "unix", Err: os.NewSyscallError("connect", syscall.ENOENT),
+}}
 
 var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
 
 // down reports the crash injected by crashAt; f.mu is held.
 func (f *fakeDocker) down(op string) error {
+	if f.daemonGone {
+		f.goneCalls++
+		return errDockerGone
+	}
 	if op == f.crashAt {
 		f.dead = true
 	}
@@ -279,8 +303,10 @@ type fakeContainer struct {
 	Running, Exited                bool
 	Restarting                     bool
 	RestartCount                   int
-	Health                         string // "", "starting", "healthy", "unhealthy"
 	StartedAt                      time.Time
+	ExitCode                       int       // with FinishedAt: how the last run ended
+	FinishedAt                     time.Time // zero: as the fake says (exited or crashing: code 1)
+	Health                         string    // health status; "": no healthcheck
 	Config                         *docker.Config
 	HostConfig                     *docker.HostConfig
 	Mounts                         []docker.Mount // nil: the default bind /srv:/data
@@ -296,6 +322,7 @@ func (f *fakeDocker) crashed(c *fakeContainer) {
 	case f.crash:
 		c.Running, c.Exited = false, true
 	}
+	c.ExitCode, c.FinishedAt = 0, time.Time{} // a crash: as the fake says
 }
 
 func (f *fakeDocker) clock() time.Time {
@@ -575,10 +602,14 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 			if started.IsZero() {
 				started = time.Unix(100, 0)
 			}
-			st := docker.State{Running: c.Running, Restarting: c.Restarting, StartedAt: started, Health: docker.Health{Status: c.Health}}
+			st := docker.State{Running: c.Running, Restarting: c.Restarting, StartedAt: started}
 			if c.Exited || c.Restarting {
 				st.FinishedAt, st.ExitCode = started.Add(10*time.Millisecond), 1
 			}
+			if !c.FinishedAt.IsZero() {
+				st.FinishedAt, st.ExitCode = c.FinishedAt, c.ExitCode
+			}
+			st.Health.Status = c.Health
 			host := c.HostConfig
 			if host == nil {
 				host = &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}}
@@ -587,10 +618,16 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 			if mounts == nil {
 				mounts = []docker.Mount{{Source: "/srv", Destination: "/data", RW: true}}
 			}
-			return &docker.Container{
+			out := &docker.Container{
 				ID: c.ID, Name: "/" + c.Name, Image: c.ImageID, Config: cfg, State: st, RestartCount: c.RestartCount,
 				HostConfig: host, Mounts: mounts,
-			}, nil
+			}
+			if f.inspectHook != nil {
+				if err := f.inspectHook(out); err != nil {
+					return nil, err
+				}
+			}
+			return out, nil
 		}
 	}
 	return nil, &docker.NoSuchContainer{ID: id}
@@ -628,7 +665,7 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 		f.created++
 		ref, _ := containerRef(stopped.ConfigImage, "")
 		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(stopped.Name, f.created)))), Name: stopped.Name,
-			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: true}
+			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: true, Health: f.health}
 		f.containers = append(f.containers, n)
 		f.emit("start", n)
 		if f.crash || f.crashLoop {
@@ -651,7 +688,11 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 
 // emit sends an event to the listeners; f.mu is held.
 func (f *fakeDocker) emit(action string, c *fakeContainer) {
-	ev := &docker.APIEvents{Action: action, Type: "container", Actor: docker.APIActor{ID: c.ID, Attributes: map[string]string{"name": c.Name, "exitCode": "1"}}}
+	code := "1"
+	if !c.FinishedAt.IsZero() {
+		code = strconv.Itoa(c.ExitCode)
+	}
+	ev := &docker.APIEvents{Action: action, Type: "container", Actor: docker.APIActor{ID: c.ID, Attributes: map[string]string{"name": c.Name, "exitCode": code}}}
 	for _, l := range f.listeners {
 		select {
 		case l <- ev:
@@ -664,7 +705,7 @@ func (f *fakeDocker) AddEventListenerWithOptions(_ docker.EventsOptions, l chan<
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.subscribes++
-	if f.eventsDown {
+	if f.eventsDown || f.daemonGone {
 		close(l)
 		return nil
 	}
@@ -679,9 +720,13 @@ func (f *fakeDocker) RemoveEventListener(l chan *docker.APIEvents) error {
 	return nil
 }
 
-// InspectImage reads an image by ID, or by a reference to a local tag
-// (docker.ErrNoSuchImage when there is none), with its tags and digests.
-func (f *fakeDocker) InspectImage(name string) (*docker.Image, error) {
+// InspectImageWithContext reads an image by ID, or by a reference to a
+// local tag (docker.ErrNoSuchImage when there is none), with its tags and
+// digests.
+func (f *fakeDocker) InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.imageReads++
@@ -725,7 +770,8 @@ func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docke
 	}
 	f.created++
 	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(opts.Name, "created", f.created)))), Name: opts.Name,
-		ConfigImage: opts.Config.Image, Config: opts.Config, HostConfig: opts.HostConfig, Mounts: f.mountsFor(opts.Config, opts.HostConfig)}
+		ConfigImage: opts.Config.Image, Config: opts.Config, HostConfig: opts.HostConfig, Mounts: f.mountsFor(opts.Config, opts.HostConfig),
+		Health: f.health}
 	f.containers = append(f.containers, c)
 	return &docker.Container{ID: c.ID}, nil
 }
@@ -792,7 +838,89 @@ func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
 	return nil
 }
 
-func (f *fakeDocker) PingWithContext(context.Context) error { return f.pingErr }
+func (f *fakeDocker) PingWithContext(context.Context) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pings++
+	if f.daemonGone {
+		f.goneCalls++
+		return errDockerGone
+	}
+	return f.pingErr
+}
+
+// stopDaemon stops dockerd as a restart does: its socket goes first (every
+// call fails), then every running container is stopped, the app exiting
+// on SIGTERM with code 0, with its kill and die events on the event stream
+// still open, and one run with --rm (or, with rmOnExit, a supervisor's
+// `docker run --rm`) is removed; then dockerd exits, which ends the event
+// stream.
+func (f *fakeDocker) stopDaemon() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.daemonGone, f.diedWith = true, nil
+	for _, c := range slices.Clone(f.containers) {
+		if !c.Running {
+			continue
+		}
+		c.Running, c.Restarting, c.Exited = false, false, true
+		c.ExitCode, c.FinishedAt = 0, f.clock()
+		f.diedWith = append(f.diedWith, c)
+		f.emit("kill", c)
+		f.emit("die", c)
+		if (c.HostConfig != nil && c.HostConfig.AutoRemove) || f.rmOnExit {
+			f.containers = slices.DeleteFunc(f.containers, func(x *fakeContainer) bool { return x == c })
+			f.emit("destroy", c)
+		}
+	}
+	for _, l := range f.listeners {
+		close(l)
+	}
+	f.listeners = nil
+}
+
+// startDaemon starts dockerd again: calls succeed again; a container whose
+// restart policy is always, or unless-stopped and the daemon stopped it,
+// runs again (RestartCount 0, as Docker shows it after a daemon restart);
+// with supervise, the supervisor runs every other container the daemon
+// stopped again from its tag, as a new container (which crashes if crash
+// says so).
+func (f *fakeDocker) startDaemon() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.daemonGone = false
+	restarted := map[string]bool{}
+	for _, c := range f.containers {
+		if c.Running || c.HostConfig == nil {
+			continue
+		}
+		switch p := c.HostConfig.RestartPolicy.Name; {
+		case p == "always", p == "unless-stopped" && slices.Contains(f.diedWith, c):
+			c.Running, c.Exited, c.RestartCount, c.StartedAt, c.Health = true, false, 0, f.clock(), f.health
+			restarted[c.Name] = true
+			f.emit("start", c)
+		}
+	}
+	if !f.supervise {
+		return
+	}
+	for _, old := range f.diedWith {
+		if restarted[old.Name] {
+			continue
+		}
+		f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c.Name == old.Name }) // docker rm -f
+		f.created++
+		ref, _ := containerRef(old.ConfigImage, "")
+		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(old.Name, f.created)))), Name: old.Name,
+			ConfigImage: old.ConfigImage, ImageID: f.local[ref.String()], Running: true, Health: f.health}
+		f.containers = append(f.containers, n)
+		f.emit("start", n)
+		if f.crash || f.crashLoop {
+			f.crashed(n)
+			f.emit("die", n)
+		}
+	}
+}
 
 func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions) error {
 	f.mu.Lock()

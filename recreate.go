@@ -22,8 +22,9 @@ type recreateAPI interface {
 	ListContainers(docker.ListContainersOptions) ([]docker.APIContainers, error)
 	// InspectContainerWithContext reads the old container's configuration.
 	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
-	// InspectImage reads the old image's defaults, left out of the copy.
-	InspectImage(name string) (*docker.Image, error)
+	// InspectImageWithContext reads the old image's defaults, left out
+	// of the copy.
+	InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error)
 	// CreateContainer creates the new container.
 	CreateContainer(opts docker.CreateContainerOptions) (*docker.Container, error)
 	// StartContainerWithContext starts the new container (or the old one
@@ -83,9 +84,12 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	}
 	// The old image's defaults (env, labels, command) were merged into
 	// the container's configuration; leave them out so that the new
-	// image's own defaults apply. InspectImage has no context variant.
+	// image's own defaults apply.
 	var defaults *docker.Config
-	if img, err := r.docker.InspectImage(old.Image); err == nil {
+	ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	img, err := r.docker.InspectImageWithContext(ictx, old.Image)
+	cancel()
+	if err == nil {
 		defaults = img.Config
 	}
 	cfg, host, netcfg := cloneConfig(old, defaults, c.NewID)
@@ -95,7 +99,10 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	if err := callGuard(ctx, guard); err != nil {
 		return err
 	}
-	if err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: old.ID, Name: parked, Context: ctx}); err != nil {
+	pctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	err = r.docker.RenameContainer(docker.RenameContainerOptions{ID: old.ID, Name: parked, Context: pctx})
+	cancel()
+	if err != nil {
 		return fmt.Errorf("rename %s: %w", name, err)
 	}
 	restore := func(newID string, cause error) error {

@@ -14,7 +14,6 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -22,6 +21,7 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -685,25 +685,22 @@ func (d *daemon) apiStatus(w http.ResponseWriter, r *http.Request) {
 
 // statusCommand is `deployer status`: the cluster status as a table.
 func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("deployer status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	ce := addCommandEtcdFlags(fs)
-	asJSON := fs.Bool("json", false, "print JSON instead of a table")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %w", errUsage, err)
+	var asJSON bool
+	ce, err := parseCommand("deployer status", args, os.Getenv, stderr, func(fs *flag.FlagSet) {
+		fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
+	})
+	if err != nil {
+		return err
 	}
 	var st clusterStatus
-	err := ce.read(ctx, stderr, func(ctx context.Context, kv clientv3.KV) (err error) {
+	err = ce.read(ctx, stderr, func(ctx context.Context, kv clientv3.KV) (err error) {
 		st, err = readStatus(ctx, kv, time.Now())
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("read status from %s: %w", strings.Join(ce.cfg.etcdEndpoints(), ","), err)
 	}
-	if *asJSON {
+	if asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(st)
