@@ -390,11 +390,13 @@ func TestStatusDownRecords(t *testing.T) {
 		return err == nil && len(r.Kvs) == 1 && r.Kvs[0].Lease != resp.Kvs[0].Lease
 	})
 
-	// A container removed for good counts as down for the grace only.
-	s.mu.Lock()
-	s.downGrace = 100 * time.Millisecond
-	s.mu.Unlock()
+	// A container removed for good counts as down for the grace only
+	// (shortened here once it counts, and the reporter woken).
 	change(w, "destroy", func() { f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == w }) })
 	poll(t, 5*time.Second, "web removed", func() bool { return downString(readDown(t, cli, web, "n1")) == "web:not running" })
+	s.mu.Lock()
+	s.downGrace = time.Millisecond
+	s.mu.Unlock()
+	s.poke()
 	poll(t, 5*time.Second, "web forgotten after the grace", func() bool { return readDown(t, cli, web, "n1") == nil })
 }
