@@ -387,8 +387,10 @@ func (e *silentEngine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, `[]`)
 	case req == "GET /containers/json":
 		io.WriteString(w, `[{"Id":"old1","Image":"reg:5000/app:qa","ImageID":"sha256:old","Names":["/app"],"State":"running"}]`)
+	case req == "GET /containers/app/json": // by name: what holds the name once the old one is parked
+		io.WriteString(w, `{"Id":"new1","Name":"/app","Image":"sha256:new","Config":{"Image":"reg:5000/app:qa"},"HostConfig":{},"State":{"Running":false}}`)
 	case strings.HasPrefix(req, "GET /containers/") && strings.HasSuffix(req, "/json"):
-		io.WriteString(w, `{"Id":"old1","Name":"/app","Image":"sha256:old","Config":{"Image":"reg:5000/app:qa"},"HostConfig":{},"State":{"Running":true}}`)
+		io.WriteString(w, `{"Id":"old1","Name":"/app","Image":"sha256:old","Config":{"Image":"reg:5000/app:qa"},"HostConfig":{"RestartPolicy":{"Name":"always"}},"State":{"Running":true}}`)
 	case strings.HasPrefix(req, "GET /images/"):
 		w.WriteHeader(http.StatusNotFound)
 		io.WriteString(w, `{"message":"No such image"}`)
@@ -422,7 +424,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 	}
 	ref := named.(reference.NamedTagged)
 	old := &docker.Container{ID: "old1", Name: "/app", Image: "sha256:old", Config: &docker.Config{Image: "reg:5000/app:qa"},
-		HostConfig: &docker.HostConfig{}, State: docker.State{Running: true}}
+		HostConfig: &docker.HostConfig{RestartPolicy: docker.AlwaysRestart()}, State: docker.State{Running: true}}
 	stale := func() staleContainer {
 		return staleContainer{ID: "old1", Name: "app", Tag: "qa", ImageID: "sha256:old", NewID: "sha256:new",
 			scan: newScanned(old, time.Now(), map[string]bool{})}
@@ -464,12 +466,15 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			return c.rs.stopOne(ctx, stale())
 		}},
 		{"start the old container again", []string{"POST /containers/old1/start"}, func(ctx context.Context, c parts) error {
-			return c.rs.restartOld(ctx, stale())
+			return c.rs.restartOld(ctx, stale(), docker.RestartPolicy{})
 		}},
 		{"inspect image (recreate)", []string{"GET /images/sha256:old/json", "POST /containers/old1/rename"}, func(ctx context.Context, c parts) error {
 			return c.r.recreate(ctx, stale(), nil, nil)
 		}},
 		{"rename", []string{"POST /containers/old1/rename"}, func(ctx context.Context, c parts) error {
+			return c.r.recreate(ctx, stale(), nil, nil)
+		}},
+		{"update the restart policy", []string{"POST /containers/old1/update"}, func(ctx context.Context, c parts) error {
 			return c.r.recreate(ctx, stale(), nil, nil)
 		}},
 		{"create", []string{"POST /containers/create"}, func(ctx context.Context, c parts) error {
@@ -485,16 +490,12 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			return c.ev.AddEventListenerWithOptions(docker.EventsOptions{}, make(chan *docker.APIEvents, 1))
 		}},
 		{"events (wait for the replacement)", []string{"GET /events"}, func(ctx context.Context, c parts) error {
-			// go-dockerclient subscribes in the background: watch
-			// returns at once, and so does close.
-			ev := c.w.watch()
-			for deadline := time.Now().Add(5 * time.Second); !slices.Contains(c.e.heldRequests(), "GET /events"); time.Sleep(10 * time.Millisecond) {
-				if time.Now().After(deadline) {
-					break
-				}
+			ev := c.w.watch() // subscribes within the call timeout, or polls
+			defer ev.close()
+			if ev.events() != nil {
+				return nil
 			}
-			ev.close()
-			return errors.New("subscribed in the background")
+			return errors.New("not subscribed: dockerd did not answer")
 		}},
 	}
 	for _, tt := range tests {
@@ -514,7 +515,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			}
 			dc := newDockerClientFor(c, "unix://"+sock, "1.44")
 			m, lg := newMetrics(), testLogger(t)
-			w := newUpWaiter(dc, time.Minute, to, lg, m)
+			w := newUpWaiter(dc, eventsFor(dc, to), time.Minute, to, lg, m)
 			rs := newRestarter(dc, w, 0, "", lg, m)
 			rs.callTimeout = to
 			r := newRecreator(dc, rs, w, lg, m)

@@ -144,6 +144,7 @@ type dockerAPI interface {
 	containerAPI
 	recreateAPI
 	upAPI
+	eventAPI
 	imageRemover
 	PingWithContext(ctx context.Context) error
 }
@@ -185,8 +186,13 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	}
 	d.leases = newNodeLease(etcd, sessionTTL, callTimeout)
 
+	// One source of Docker events for every subscription: each is a
+	// stream of its own, closed when it ends (go-dockerclient's own
+	// monitor leaves a goroutine and a connection behind per
+	// subscription, eventstream.go).
+	events := eventsFor(dc, callTimeout)
 	rolloutLog := log.With("component", "rollout")
-	wait := newUpWaiter(dc, cfg.RestartTimeout, callTimeout, rolloutLog, m)
+	wait := newUpWaiter(dc, events, cfg.RestartTimeout, callTimeout, rolloutLog, m)
 	rs := newRestarter(dc, wait, cfg.killTimeout, selfContainerID(), log.With("component", "restarter"), m)
 	d.recreator = newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
 	ro := newRollout(etcd, d.leases, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, rolloutLog, m)
@@ -200,7 +206,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		d.status.poke() // the record shows the outcome at once
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
-	d.status = newStatusReporter(dc, eventsFor(dc, callTimeout), etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
+	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)

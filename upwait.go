@@ -79,11 +79,6 @@ func judgeUp(c *docker.Container, newID string, now time.Time) (bool, error) {
 type upAPI interface {
 	// InspectContainerWithContext reads a container by ID or name.
 	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
-	// AddEventListenerWithOptions subscribes to the daemon's events; the
-	// client closes the channel when the event stream ends.
-	AddEventListenerWithOptions(opts docker.EventsOptions, listener chan<- *docker.APIEvents) error
-	// RemoveEventListener ends a subscription.
-	RemoveEventListener(listener chan *docker.APIEvents) error
 	// PingWithContext asks whether the daemon answers: a replacement's
 	// death counts against the version only while it does.
 	PingWithContext(ctx context.Context) error
@@ -92,6 +87,7 @@ type upAPI interface {
 // upWaiter waits for replacements to come up.
 type upWaiter struct {
 	docker      upAPI
+	events      eventAPI      // the daemon's one event source (eventsFor), never the client's own monitor
 	timeout     time.Duration // -restart_timeout
 	poll        time.Duration // inspect interval while waiting
 	callTimeout time.Duration
@@ -100,8 +96,8 @@ type upWaiter struct {
 	metrics     *metrics
 }
 
-func newUpWaiter(d upAPI, timeout, callTimeout time.Duration, log *slog.Logger, m *metrics) *upWaiter {
-	return &upWaiter{docker: d, timeout: timeout, poll: 250 * time.Millisecond, callTimeout: callTimeout, now: time.Now, log: log, metrics: m}
+func newUpWaiter(d upAPI, events eventAPI, timeout, callTimeout time.Duration, log *slog.Logger, m *metrics) *upWaiter {
+	return &upWaiter{docker: d, events: events, timeout: timeout, poll: 250 * time.Millisecond, callTimeout: callTimeout, now: time.Now, log: log, metrics: m}
 }
 
 // target says which container replaces which.
@@ -113,18 +109,19 @@ type target struct {
 }
 
 // eventWatch is a subscription to container events that survives the end
-// of Docker's event stream (a dockerd restart): go-dockerclient closes the
-// channel then, and the watch subscribes again on the next poll.
+// of Docker's event stream (a dockerd restart): the source closes the
+// channel then, and the watch subscribes again on the next poll. Each
+// subscription is a stream of its own (dockerEvents), closed with it.
 type eventWatch struct {
-	docker upAPI
-	ch     chan *docker.APIEvents // nil while not subscribed
-	log    *slog.Logger
+	src eventAPI
+	ch  chan *docker.APIEvents // nil while not subscribed
+	log *slog.Logger
 }
 
 // watch subscribes to container events. Subscribe before the stop, so
 // that nothing the stop causes is missed.
 func (w *upWaiter) watch() *eventWatch {
-	e := &eventWatch{docker: w.docker, log: w.log}
+	e := &eventWatch{src: w.events, log: w.log}
 	e.subscribe()
 	return e
 }
@@ -132,7 +129,7 @@ func (w *upWaiter) watch() *eventWatch {
 func (e *eventWatch) subscribe() {
 	ch := make(chan *docker.APIEvents, 64)
 	opts := docker.EventsOptions{Filters: map[string][]string{"type": {"container"}}}
-	if err := e.docker.AddEventListenerWithOptions(opts, ch); err != nil {
+	if err := e.src.AddEventListenerWithOptions(opts, ch); err != nil {
 		e.log.Debug("docker events unavailable, polling", "err", err)
 		return
 	}
@@ -155,7 +152,7 @@ func (e *eventWatch) ended() {
 
 func (e *eventWatch) close() {
 	if e.ch != nil {
-		_ = e.docker.RemoveEventListener(e.ch)
+		_ = e.src.RemoveEventListener(e.ch)
 		e.ch = nil
 	}
 }

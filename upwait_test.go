@@ -107,6 +107,16 @@ func TestDockerTroubleDoesNotHalt(t *testing.T) {
 				t.Fatalf("replace = %+v; want one outcome", out)
 			}
 			err := out[0].err
+			if tt.fault == "hang" {
+				// dockerd answers again: what the deploy could not put
+				// back (its record, the parked name, stays) is settled.
+				f.mu.Lock()
+				f.inspectHook = nil
+				f.mu.Unlock()
+				if err := p.restarter.recoverParked(t.Context(), ""); err != nil {
+					t.Fatal(err)
+				}
+			}
 			h, _, herr := p.rollout.halted(t.Context(), "reg:5000/app:qa")
 			if herr != nil {
 				t.Fatal(herr)
