@@ -629,11 +629,20 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 		if ref, ok := containerRef(c.ConfigImage, c.ImageID); ok && f.local[ref.String()] != c.ImageID {
 			image = shortID(c.ImageID)
 		}
-		state := "running"
-		if !c.Running {
-			state = "exited"
+		// Like Docker: a crash loop is listed as restarting, the health
+		// in the status line.
+		state, status := "running", "Up 2 minutes"
+		switch {
+		case !c.Running:
+			state, status = "exited", "Exited (1) 1 second ago"
+		case c.Restarting:
+			state, status = "restarting", "Restarting (1) 1 second ago"
+		case c.Health == "starting":
+			status += " (health: starting)"
+		case c.Health != "":
+			status += " (" + c.Health + ")"
 		}
-		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: state})
+		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: state, Status: status})
 	}
 	return out, nil
 }
