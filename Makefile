@@ -16,7 +16,7 @@ unit:
 
 e2e:
 	./scripts/install-deps.sh
-	$(GO) test -tags e2e -count=1 -run '^TestE2E' -v -timeout 20m .
+	$(GO) test -tags e2e -count=1 -run '^TestE2E' -parallel 2 -v -timeout 25m .
 
 # golangci-lint v2, pinned; .golangci.yml lists the linters and runs them
 # with the e2e and bench tags (staticcheck is one of them).

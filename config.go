@@ -118,23 +118,47 @@ func defaultConfig(getenv func(string) string) config {
 // parseFlags parses args into a config. It returns flag.ErrHelp for -h, and
 // an error wrapping errInvalidFlag for values that cannot work.
 func parseFlags(name string, args []string, getenv func(string) string, stderr io.Writer) (config, error) {
+	b := bindFlags(name, getenv, stderr)
+	fs := b.fs
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: %s [flags]\n       %s status [-json] [flags]\n       %s secret [flags]\n\nFlags:\n", name, name, name)
+		fs.PrintDefaults()
+	}
+	if err := b.parse(args); err != nil {
+		return *b.c, err
+	}
+	if fs.NArg() > 0 {
+		return *b.c, fmt.Errorf("%w: unexpected argument %q", errInvalidFlag, fs.Arg(0))
+	}
+	return *b.c, b.c.validate()
+}
+
+// boundFlags is every flag of the daemon bound to a config: the one
+// definition of the flags, which the daemon and its subcommands parse
+// (`deployer secret` and `deployer status` take the daemon's command line).
+type boundFlags struct {
+	fs        *flag.FlagSet
+	c         *config
+	getenv    func(string) string
+	etcdNodes string
+	// The flags that default to secrets from the environment show no
+	// default in -h: that would print the Slack token or the secret.
+	envSlack, envSecret string
+}
+
+// bindFlags defines the daemon's flags on a new flag set named name,
+// with their defaults (defaultConfig) and help; it parses nothing.
+func bindFlags(name string, getenv func(string) string, stderr io.Writer) *boundFlags {
 	c := defaultConfig(getenv)
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: %s [flags]\n       %s status [-etcd_nodes …] [-etcd_prefix …] [-json]\n       %s secret [-etcd_nodes …] [-etcd_prefix …]\n\nFlags:\n", name, name, name)
-		fs.PrintDefaults()
-	}
-	etcdNodes := strings.Join(c.EtcdNodes, ",")
-	// The flags that default to secrets from the environment show no
-	// default in -h: that would print the Slack token or the secret.
-	envSlack, envSecret := c.SlackWebhookURL, c.WebhookSecret
+	b := &boundFlags{fs: fs, c: &c, getenv: getenv, etcdNodes: strings.Join(c.EtcdNodes, ","), envSlack: c.SlackWebhookURL, envSecret: c.WebhookSecret}
 	c.SlackWebhookURL, c.WebhookSecret = "", ""
 
 	fs.StringVar(&c.Docker, "docker", c.Docker, "Docker daemon endpoint (default from $DOCKER_HOST when set)")
 	fs.StringVar(&c.DockerCfg, "dockercfg", c.DockerCfg, "registry credentials: a legacy .dockercfg or a docker config.json; empty for anonymous pulls")
 	fs.DurationVar(&c.EtcdDialTimeout, "etcd_dial_timeout", c.EtcdDialTimeout, "timeout for connecting to etcd")
-	fs.StringVar(&etcdNodes, "etcd_nodes", etcdNodes, "comma-separated etcd endpoints (the original's was http://127.0.0.1:4001); empty runs an embedded single-member etcd on loopback, its data in -etcd_data_dir")
+	fs.StringVar(&b.etcdNodes, "etcd_nodes", b.etcdNodes, "comma-separated etcd endpoints (the original's was http://127.0.0.1:4001); empty runs an embedded single-member etcd on loopback, its data in -etcd_data_dir")
 	fs.StringVar(&c.EtcdPrefix, "etcd_prefix", c.EtcdPrefix, "etcd key prefix: starts with /, no trailing /")
 	fs.DurationVar(&c.EtcdRetryDelay, "etcd_retry_delay", c.EtcdRetryDelay, "first delay before reconnecting to etcd (doubles up to 30x, with jitter)")
 	fs.IntVar(&c.KillTimeout, "kill_timeout", c.KillTimeout, "seconds a container gets to stop before it is killed")
@@ -165,26 +189,30 @@ func parseFlags(name string, args []string, getenv func(string) string, stderr i
 	fs.StringVar(&c.RestartStrategy, "restart_strategy", c.RestartStrategy, "stop (a supervisor re-creates the container) or recreate (the deployer does); label deployer.strategy overrides per container")
 	addEtcdTLSFlags(fs, &c)
 	addDockerTLSFlags(fs, &c)
+	return b
+}
 
-	if err := fs.Parse(args); err != nil {
-		return c, err
+// parse parses args and completes the config: the environment's secrets
+// where no flag set them, the list of -etcd_nodes, a ~/ -dockercfg. It
+// validates nothing and leaves arguments after the flags to the caller.
+func (b *boundFlags) parse(args []string) error {
+	if err := b.fs.Parse(args); err != nil {
+		return err
 	}
-	if fs.NArg() > 0 {
-		return c, fmt.Errorf("%w: unexpected argument %q", errInvalidFlag, fs.Arg(0))
-	}
+	c := b.c
 	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	b.fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if !set["slack_webhook_url"] {
-		c.SlackWebhookURL = envSlack
+		c.SlackWebhookURL = b.envSlack
 	}
 	if !set["webhook_secret"] {
-		c.WebhookSecret = envSecret
+		c.WebhookSecret = b.envSecret
 	}
-	c.EtcdNodes = splitList(etcdNodes)
+	c.EtcdNodes = splitList(b.etcdNodes)
 	if c.DockerCfg != "" && strings.HasPrefix(c.DockerCfg, "~/") {
-		c.DockerCfg = filepath.Join(getenv("HOME"), c.DockerCfg[2:])
+		c.DockerCfg = filepath.Join(b.getenv("HOME"), c.DockerCfg[2:])
 	}
-	return c, c.validate()
+	return nil
 }
 
 // callTimeout bounds one call to Docker or etcd that has no bound of its
@@ -219,16 +247,8 @@ func (c *config) validate() error {
 	if _, err := url.Parse(c.Docker); err != nil || !strings.Contains(c.Docker, "://") {
 		return bad("docker", "%q is not an endpoint URL such as unix:///var/run/docker.sock", c.Docker)
 	}
-	if c.EtcdDialTimeout <= 0 {
-		return bad("etcd_dial_timeout", "must be positive, got %s", c.EtcdDialTimeout)
-	}
-	for _, n := range c.EtcdNodes {
-		if err := checkHTTPURL(n); err != nil {
-			return bad("etcd_nodes", "%v", err)
-		}
-	}
-	if !strings.HasPrefix(c.EtcdPrefix, "/") || strings.HasSuffix(c.EtcdPrefix, "/") || strings.Contains(c.EtcdPrefix, "//") {
-		return bad("etcd_prefix", "%q must start with / and not end with /", c.EtcdPrefix)
+	if err := c.validateEtcd(); err != nil {
+		return err
 	}
 	if c.EtcdRetryDelay <= 0 {
 		return bad("etcd_retry_delay", "must be positive, got %s", c.EtcdRetryDelay)
@@ -267,10 +287,11 @@ func (c *config) validate() error {
 	if c.RegistryWebhookPath == c.WebhookPath {
 		return bad("registry_webhook_path", "must differ from -webhook_path")
 	}
-	for _, p := range []string{c.WebhookPath, c.RegistryWebhookPath} {
-		if p == "/healthz" || p == "/metrics" || p == "/api/status" {
-			return bad("webhook_path", "%q is reserved", p)
-		}
+	if err := checkFreeRoute(c.WebhookPath); err != nil {
+		return bad("webhook_path", "%v", err)
+	}
+	if err := checkFreeRoute(c.RegistryWebhookPath, c.WebhookPath); err != nil {
+		return bad("registry_webhook_path", "%v", err)
 	}
 	if c.NodeName == "" || strings.ContainsAny(c.NodeName, "/ \t\n") {
 		return bad("node_name", "%q must be non-empty, without spaces or /", c.NodeName)
@@ -279,21 +300,12 @@ func (c *config) validate() error {
 		if c.EtcdDataDir == "" {
 			return bad("etcd_data_dir", "must not be empty when -etcd_nodes is empty")
 		}
-		if err := checkHTTPURL(c.EtcdListenClient); err != nil {
-			return bad("etcd_listen_client", "%v", err)
-		}
 		if err := checkHTTPURL(c.EtcdListenPeer); err != nil {
 			return bad("etcd_listen_peer", "%v", err)
-		}
-		if err := checkLoopbackURL(c.EtcdListenClient); err != nil {
-			return bad("etcd_listen_client", "%v", err)
 		}
 		if err := checkLoopbackURL(c.EtcdListenPeer); err != nil {
 			return bad("etcd_listen_peer", "%v", err)
 		}
-	}
-	if err := c.validateEtcdTLS(); err != nil {
-		return err
 	}
 	if err := c.validateDockerTLS(); err != nil {
 		return err
@@ -317,6 +329,36 @@ func (c *config) validate() error {
 		return bad("log_format", "%q must be text or json", c.LogFormat)
 	}
 	return nil
+}
+
+// validateEtcd checks the flags that say how to reach etcd: the daemon's
+// validate and its subcommands' (which take the daemon's command line and
+// check only these) share it.
+func (c *config) validateEtcd() error {
+	bad := func(flagName, format string, args ...any) error {
+		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
+	}
+	if c.EtcdDialTimeout <= 0 {
+		return bad("etcd_dial_timeout", "must be positive, got %s", c.EtcdDialTimeout)
+	}
+	for _, n := range c.EtcdNodes {
+		if err := checkHTTPURL(n); err != nil {
+			return bad("etcd_nodes", "%v", err)
+		}
+	}
+	if !strings.HasPrefix(c.EtcdPrefix, "/") || strings.HasSuffix(c.EtcdPrefix, "/") || strings.Contains(c.EtcdPrefix, "//") {
+		return bad("etcd_prefix", "%q must start with / and not end with /", c.EtcdPrefix)
+	}
+	if len(c.EtcdNodes) == 0 {
+		// The embedded etcd: its client URL is where it is reached.
+		if err := checkHTTPURL(c.EtcdListenClient); err != nil {
+			return bad("etcd_listen_client", "%v", err)
+		}
+		if err := checkLoopbackURL(c.EtcdListenClient); err != nil {
+			return bad("etcd_listen_client", "%v", err)
+		}
+	}
+	return c.validateEtcdTLS()
 }
 
 func checkHTTPURL(s string) error {

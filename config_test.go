@@ -204,3 +204,41 @@ func TestHelpShowsNoSecretFromTheEnvironment(t *testing.T) {
 		t.Errorf("flags must win over the environment: %q %q %v", c.WebhookSecret, c.SlackWebhookURL, err)
 	}
 }
+
+// TestWebhookPathsRefuseBuiltinRoutes: a flag path that names a route the
+// daemon serves itself (or spells one %-escaped, which the mux takes as
+// the same) is refused with the flag error, for both path flags; served,
+// it would make the daemon panic at its start or shadow the route.
+func TestWebhookPathsRefuseBuiltinRoutes(t *testing.T) {
+	taken := []string{"/api/deploy", "/api/harbor/webhook", "/api/github/webhook", "/api/quay/webhook",
+		"/healthz", "/api/status", "/metrics", "/api/%64eploy"}
+	for _, r := range builtinRoutes { // every route added later too
+		_, p, _ := strings.Cut(r.pattern, "/")
+		taken = append(taken, "/"+p)
+	}
+	type row struct {
+		name string
+		args []string
+		flag string
+	}
+	var tests []row
+	for _, p := range taken {
+		tests = append(tests,
+			row{"webhook_path " + p, []string{"-webhook_path", p}, "-webhook_path"},
+			row{"registry_webhook_path " + p, []string{"-registry_webhook_path", p}, "-registry_webhook_path"})
+	}
+	tests = append(tests, row{"the other flag's path, escaped", []string{"-webhook_path", "/hook", "-registry_webhook_path", "/%68ook"}, "-registry_webhook_path"})
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseFlags("deployer", tt.args, env(), &bytes.Buffer{})
+			if !errors.Is(err, errInvalidFlag) || !strings.Contains(err.Error(), tt.flag+":") || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("parseFlags(%q) = %v; want one line of errInvalidFlag naming %s", tt.args, err, tt.flag)
+			}
+		})
+	}
+	for _, ok := range [][]string{{"-webhook_path", "/api/deploy/"}, {"-registry_webhook_path", "/healthz/x"}, {"-webhook_path", "/hooks/dockerhub"}} {
+		if _, err := parseFlags("deployer", ok, env(), &bytes.Buffer{}); err != nil {
+			t.Errorf("parseFlags(%q) = %v; want it accepted", ok, err)
+		}
+	}
+}

@@ -98,10 +98,61 @@ func dockerTLSFiles(dir string) (ca, cert, key []byte, err error) {
 	return nil, nil, nil, fmt.Errorf("docker TLS client certificate in %s: %w", dir, errors.Join(cerr, kerr))
 }
 
+// dockerClient is go-dockerclient's client with the one call the deploy
+// makes that it offers no context for: InspectImage (v1.13). Without a
+// deadline, a daemon that accepts the request and never answers would
+// hold the deploy, its rollout slot and the daemon's stop for good.
+type dockerClient struct {
+	*docker.Client
+	base    string // URL prefix of requests through the client's transport
+	version string // the Engine API version of every request; "" for none
+}
+
+// newDockerClientFor wraps c, whose requests go to endpoint at API
+// version (as c was built with it).
+func newDockerClientFor(c *docker.Client, endpoint, version string) *dockerClient {
+	return &dockerClient{Client: c, base: dockerBaseURL(endpoint, c.TLSConfig != nil), version: version}
+}
+
+// InspectImageWithContext is InspectImage (GET /images/{name}/json) ended
+// by ctx: docker.ErrNoSuchImage when the daemon has no such image, a
+// *docker.Error for any other refusal.
+func (c *dockerClient) InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error) {
+	path := "/images/" + name + "/json"
+	if c.version != "" {
+		path = "/v" + c.version + path
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.HTTPClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	switch {
+	case resp.StatusCode == http.StatusNotFound:
+		return nil, docker.ErrNoSuchImage
+	case resp.StatusCode/100 != 2:
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		var m struct{ Message string }
+		if json.Unmarshal(b, &m) == nil && m.Message != "" {
+			b = []byte(m.Message)
+		}
+		return nil, &docker.Error{Status: resp.StatusCode, Message: string(b)}
+	}
+	var img docker.Image
+	if err := json.NewDecoder(resp.Body).Decode(&img); err != nil {
+		return nil, fmt.Errorf("inspect image %s: %w", name, err)
+	}
+	return &img, nil
+}
+
 // newDockerClient returns a client at the API version the daemon speaks
 // (capped at dockerAPIMax). It waits for the daemon to answer, backing
 // off, until ctx is done: until then no version is known to be safe.
-func newDockerClient(ctx context.Context, cfg config, log *slog.Logger) (*docker.Client, error) {
+func newDockerClient(ctx context.Context, cfg config, log *slog.Logger) (*dockerClient, error) {
 	newClient := func(version string) (*docker.Client, error) {
 		if !cfg.dockerUsesTLS() {
 			return docker.NewVersionedClient(cfg.Docker, version)
@@ -129,7 +180,7 @@ func newDockerClient(ctx context.Context, cfg config, log *slog.Logger) (*docker
 			if err != nil {
 				return nil, fmt.Errorf("docker client %s: %w", cfg.Docker, err)
 			}
-			return c, nil
+			return newDockerClientFor(c, cfg.Docker, version), nil
 		}
 		if errors.Is(err, errDockerAPI) {
 			return nil, fmt.Errorf("docker %s: %w", cfg.Docker, err)

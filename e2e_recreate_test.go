@@ -2,7 +2,9 @@
 
 package main
 
-// Real-stack scenarios of -restart_strategy=recreate (issue 9, points 7–9):
+// Real-stack scenarios of -restart_strategy=recreate (issue 9, points 7–9),
+// and of parking (issue 17: dockerd restarting while a container is
+// parked, a SIGTERM during the wait for an unsupervised container):
 //
 //	/work/e2e-slot.sh go test -tags e2e -count=1 -run '^TestE2ERecreate$' -v -timeout 15m .
 //
@@ -174,6 +176,93 @@ func TestE2ERecreate(t *testing.T) {
 		s.record("recreate: deployer SIGKILLed with the old container parked; crash running again (%s image) %v after the kill (%v after the restarted deployer was ready), on the new image with no parked container left %v after the kill",
 			which, recovered.Round(time.Millisecond), up.Round(time.Millisecond), time.Since(killed).Round(time.Millisecond))
 	})
+
+	t.Run("dockerd restarts while the old container is parked", func(t *testing.T) {
+		ref := s.hub.host() + "/myorg/always:v1"
+		s.build(ref, false)
+		s.dockerCLI(n.dockerd, "pull", "-q", ref)
+		s.dockerCLI(n.dockerd, "run", "-d", "--name", "always", "--network", "none", "--restart", "always",
+			"-l", "deployer.strategy=recreate", "-v", "/var/lib/db", ref)
+		t.Setenv("DEPLOYER_E2E_PARKED_DELAY", "2m")
+		s.restartDeployers()
+		img := s.build(ref, false)
+		deploy(t, "myorg/always", "v1")
+		waitFor(t, 60*time.Second, "the old always container to be parked and stopped", func() bool {
+			parked, named := crashContainers(t, n, "always")
+			return len(parked) == 1 && !parked[0].running && !named
+		})
+		if pol := s.dockerCLI(n.dockerd, "inspect", "-f", "{{.HostConfig.RestartPolicy.Name}}", parkedOf(t, n, "always")); pol != "no" {
+			t.Errorf("restart policy of the parked container: %q; want no", pol)
+		}
+		n.dockerd.proc.stop(syscall.SIGTERM, 20*time.Second)
+		d := s.startDockerd(n.name)
+		s.waitDockerd(d)
+		n.dockerd = d
+		parked, named := crashContainers(t, n, "always")
+		if len(parked) != 1 || parked[0].running || named {
+			t.Errorf("after a dockerd restart: parked %v, always present %v; want the parked container still stopped", parked, named)
+		}
+		// The deployer dies in the window and starts again: the parked
+		// container is put back, and the replayed trigger re-creates it.
+		n.deployer.stop(syscall.SIGKILL, time.Second)
+		t.Setenv("DEPLOYER_E2E_PARKED_DELAY", "")
+		s.runDeployer(n)
+		s.waitImage(one, "always", img, 90*time.Second)
+		waitFor(t, 30*time.Second, "the parked always container to be removed", func() bool {
+			parked, _ := crashContainers(t, n, "always")
+			return len(parked) == 0
+		})
+		if pol := s.dockerCLI(n.dockerd, "inspect", "-f", "{{.HostConfig.RestartPolicy.Name}}", "always"); pol != "always" {
+			t.Errorf("restart policy of the re-created container: %q; want always", pol)
+		}
+		s.record("recreate: dockerd restarted while the old container (--restart always) was parked: it stayed stopped (policy no while parked); put back and re-created on %s after the deployer's restart, no parked container left",
+			shortID(img))
+	})
+
+	t.Run("SIGTERM during the wait for an unsupervised stop-strategy container", func(t *testing.T) {
+		ref := s.hub.host() + "/myorg/alone:v1"
+		v1 := s.build(ref, false)
+		s.dockerCLI(n.dockerd, "pull", "-q", ref)
+		s.dockerCLI(n.dockerd, "run", "-d", "--name", "alone", "--network", "none", "--restart", "always",
+			"-l", "deployer.strategy=stop", ref)
+		oldID, _ := s.containerImage(n, "alone")
+		s.build(ref, false)
+		offset := fileSize(t, n.deployer.log)
+		deploy(t, "myorg/alone", "v1")
+		waitFor(t, 60*time.Second, "the deployer to stop alone", func() bool {
+			return logHas(n.deployer.log, offset, `"msg":"stopped stale container"`, `"container":"alone"`)
+		})
+		stopped := time.Now()
+		n.deployer.stop(syscall.SIGTERM, 30*time.Second) // inside -restart_timeout (20s)
+		exited := time.Since(stopped)
+		if id, img := s.containerImage(n, "alone"); id != oldID || img != v1 {
+			t.Errorf("alone after the deployer's SIGTERM = %s on %s; want the old container %s running %s", shortID(id), shortID(img), shortID(oldID), shortID(v1))
+		}
+		// Started again (shorter wait), the replayed trigger stops it
+		// again; nothing replaces it, so it runs again.
+		n.args = append(n.args[:len(n.args):len(n.args)], "-restart_timeout=5s")
+		offset = fileSize(t, n.deployer.log)
+		s.runDeployer(n)
+		waitFor(t, 60*time.Second, "the replayed deploy to start alone again", func() bool {
+			return logHas(n.deployer.log, offset, "nothing restarted the container", `"container":"alone"`)
+		})
+		parked, _ := crashContainers(t, n, "alone")
+		if id, img := s.containerImage(n, "alone"); id != oldID || img != v1 || len(parked) != 0 {
+			t.Errorf("alone after the restart = %s on %s, parked %v; want the old container %s running %s, nothing parked", shortID(id), shortID(img), parked, shortID(oldID), shortID(v1))
+		}
+		s.record("stop strategy: deployer SIGTERMed during the wait for unsupervised 'alone': it exited in %v with alone running again on the old image; after its restart the replayed trigger left it running too, nothing parked",
+			exited.Round(time.Millisecond))
+	})
+}
+
+// parkedOf returns the name of the one parked container of name.
+func parkedOf(t *testing.T, n *node, name string) string {
+	t.Helper()
+	parked, _ := crashContainers(t, n, name)
+	if len(parked) != 1 {
+		t.Fatalf("parked containers of %s: %v; want one", name, parked)
+	}
+	return parked[0].name
 }
 
 type parkedCtr struct {

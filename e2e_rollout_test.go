@@ -4,12 +4,16 @@ package main
 
 // Rollout safety under faults, on the real stack: a queued node frozen past
 // its lease, crash-looping versions under a restart policy, recreate
-// without coordination, unsupervised containers, and a dockerd restart
-// during a wait.
+// without coordination, unsupervised containers, dockerd restarts during
+// a wait, and a node left down by a halted version counted against
+// -max_unavailable.
 
 import (
 	"bytes"
+	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -22,6 +26,7 @@ import (
 )
 
 func TestE2ERollout(t *testing.T) {
+	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
 	s := newStackWith(t, 3, 1)
 	all := s.nodes
 
@@ -225,6 +230,259 @@ func TestE2ERollout(t *testing.T) {
 		}
 		s.record("scenario R-E: dockerd restarted during a %v wait for a replacement: %d container inspects in its debug log (%.1f/s)", waited.Round(time.Millisecond), inspects, rate)
 	})
+
+	t.Run("F a dockerd restart during the wait for a good version halts nothing", func(t *testing.T) {
+		// Room for a dockerd restart and a new run of the replacement
+		// within one wait: the replacement is judged once dockerd is back.
+		s.restartDeployers("-restart_timeout=30s")
+		ref := s.hub.host() + "/myorg/bounce:qa"
+		v1 := s.build(ref, false)
+		// A healthcheck that passes at its fourth run, a second apart
+		// (the failures before count for nothing within the start
+		// period): each replacement is "starting" for about 4 s, the
+		// moment dockerd restarts. --health-cmd runs /bin/sh -c; the
+		// image has only /bin/busybox.
+		bb, err := exec.LookPath("busybox")
+		if err != nil {
+			t.Fatal(err)
+		}
+		health := []string{"-v", bb + ":/bin/sh:ro", "--health-interval", "1s", "--health-start-period", "20s",
+			"--health-cmd", "echo >>/checks; test $(/bin/busybox wc -l </checks) -ge 4"}
+		for _, n := range all {
+			s.supervise(n, "bounce", ref, v1, health...)
+		}
+		v2 := s.build(ref, false)
+		offsets := map[*node]int64{}
+		for _, n := range all {
+			offsets[n] = fileSize(t, n.deployer.log)
+		}
+		start := time.Now()
+		if code, body := s.webhook(all[0], "myorg/bounce", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		var first *node
+		waitFor(t, 60*time.Second, "a node to stop bounce", func() bool {
+			for _, n := range all {
+				if logHas(n.deployer.log, offsets[n], `"msg":"stopped stale container"`, `"container":"bounce"`) {
+					first = n
+					return true
+				}
+			}
+			return false
+		})
+		// Its supervisor runs the new version; dockerd restarts before
+		// it is healthy, stopping it (exit code 0: the app exits on
+		// SIGTERM) and everything else.
+		var health0 string
+		waitFor(t, 30*time.Second, "the replacement on "+first.name+" to run "+shortID(v2), func() bool {
+			c, err := first.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: "bounce"})
+			if err != nil || c.Image != v2 || !c.State.Running {
+				return false
+			}
+			health0 = c.State.Health.Status
+			return true
+		})
+		if health0 == "healthy" {
+			t.Fatalf("the replacement on %s was healthy before dockerd restarted: the wait was over", first.name)
+		}
+		restartAt := time.Now()
+		first.dockerd.proc.stop(syscall.SIGTERM, 20*time.Second)
+		d := s.startDockerd(first.name)
+		s.waitDockerd(d)
+		first.dockerd = d
+		down := time.Since(restartAt)
+		s.waitImage(all, "bounce", v2, 60*time.Second)
+		took := time.Since(start)
+		s.barrier(all)
+		if h := s.haltOf(ref); h != nil {
+			t.Errorf("halt record %+v; a dockerd restart must not halt a good version", h)
+		}
+		for _, n := range all {
+			if _, img := s.containerImage(n, "bounce"); img != v2 {
+				t.Errorf("%s: bounce runs %s; want %s", n.name, shortID(img), shortID(v2))
+			}
+		}
+		if !logHas(first.deployer.log, offsets[first], "the docker daemon answers again", `"container":"bounce"`) ||
+			!logHas(first.deployer.log, offsets[first], `"msg":"replacement up"`, `"container":"bounce"`) {
+			t.Errorf("%s's log does not show the wait judging bounce once dockerd was back", first.name)
+		}
+		s.record("scenario R-F: dockerd on %s restarted (%v) while the replacement of a good version was %q: no halt, all 3 nodes on %s %v after the webhook",
+			first.name, down.Round(time.Millisecond), health0, shortID(v2), took.Round(time.Millisecond))
+	})
+
+	t.Run("G after a halt under stop, the next push never has two nodes without a healthy app", func(t *testing.T) {
+		s.restartDeployers("-max_unavailable=1", "-restart_strategy=stop", "-restart_timeout=20s")
+		ref := s.hub.host() + "/myorg/hc:qa"
+		v1 := s.buildHealth(ref, true)
+		for _, n := range all {
+			s.supervise(n, "hc", ref, v1)
+		}
+		waitFor(t, 30*time.Second, "hc healthy everywhere", func() bool {
+			for _, n := range all {
+				if !s.healthy(n, "hc") {
+					return false
+				}
+			}
+			return true
+		})
+		// A version that never turns healthy halts on the first node;
+		// its supervisor keeps running it there, unhealthy.
+		broken := s.buildHealth(ref, false)
+		if code, body := s.webhook(all[0], "myorg/hc", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		var h *halt
+		waitFor(t, 60*time.Second, "the rollout to halt", func() bool {
+			h = s.haltOf(ref)
+			return h != nil && h.ImageID == broken
+		})
+		halter := nodeByName(all, h.Node)
+		s.barrier(all)
+		if _, img := s.containerImage(halter, "hc"); img != broken || s.healthy(halter, "hc") {
+			t.Fatalf("%s runs %s, healthy %v; want the broken version, unhealthy", halter.name, shortID(img), s.healthy(halter, "hc"))
+		}
+		waitFor(t, 30*time.Second, halter.name+"'s down record of hc", func() bool {
+			resp, err := s.cli.Get(t.Context(), s.prefix+downKey(ref, halter.name))
+			return err == nil && len(resp.Kvs) == 1 && strings.Contains(string(resp.Kvs[0].Value), `"name":"hc"`)
+		})
+		var others []*node
+		for _, n := range all {
+			if n != halter {
+				others = append(others, n)
+			}
+		}
+
+		// The next push. The halting node's deployer is held until both
+		// healthy nodes wait for the tag's slot: the old code, counting
+		// slots only, granted the first of them one at once, and it
+		// stopped a healthy app while the halting node had none.
+		stop := s.healthSampler("hc")
+		if err := syscall.Kill(halter.deployer.cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		resumed := false
+		defer func() {
+			if !resumed {
+				_ = syscall.Kill(halter.deployer.cmd.Process.Pid, syscall.SIGCONT)
+			}
+		}()
+		v3 := s.buildHealth(ref, true)
+		start := time.Now()
+		if code, body := s.webhook(others[0], "myorg/hc", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		dir := s.prefix + slotsDir(ref)
+		// Bounded well inside the halting node's 10 s lease, which its
+		// frozen deployer does not refresh.
+		waitFor(t, 6*time.Second, "both healthy nodes in the slot queue", func() bool { return len(s.slotKeys(dir)) >= 2 })
+		if err := syscall.Kill(halter.deployer.cmd.Process.Pid, syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		resumed = true
+		waitFor(t, 120*time.Second, "hc healthy on "+shortID(v3)+" everywhere", func() bool {
+			for _, n := range all {
+				if _, img := s.containerImage(n, "hc"); img != v3 || !s.healthy(n, "hc") {
+					return false
+				}
+			}
+			return true
+		})
+		took := time.Since(start)
+		got := stop()
+		if got.maxDown > 1 {
+			t.Errorf("up to %d nodes without a healthy hc at once (samples by nodes down: %v); want at most 1 (-max_unavailable=1)", got.maxDown, got.byDown)
+		}
+		s.record("scenario R-G: after %s halted a never-healthy version under stop (kept running it, unhealthy), the next push converged on %s in %v; nodes without a healthy app, sampled every 50ms on each node's Engine API: at most %d at once (%d samples: %d with none down, %d with one, %d with two or more)",
+			halter.name, shortID(v3), took.Round(time.Millisecond), got.maxDown, got.samples, got.byDown[0], got.byDown[1], got.samples-got.byDown[0]-got.byDown[1])
+	})
+}
+
+// buildHealth builds a version of an image with a HEALTHCHECK (every
+// second) that passes, or that never does, and pushes it.
+func (s *stack) buildHealth(ref string, healthy bool) string {
+	s.t.Helper()
+	s.mu.Lock()
+	s.builds++
+	n := s.builds
+	s.mu.Unlock()
+	ctxDir := filepath.Join(s.dir, fmt.Sprintf("build-%d", n))
+	if err := os.MkdirAll(ctxDir, 0o755); err != nil {
+		s.t.Fatal(err)
+	}
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	if out, err := exec.Command("cp", bb, filepath.Join(ctxDir, "busybox")).CombinedOutput(); err != nil {
+		s.t.Fatalf("cp busybox: %v %s", err, out)
+	}
+	check := "true"
+	if !healthy {
+		check = "false"
+	}
+	dockerfile := fmt.Sprintf("FROM scratch\nCOPY busybox /bin/busybox\nCOPY version /version\n"+
+		"HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/bin/busybox\",%q]\n"+
+		"CMD [\"/bin/busybox\",\"sh\",\"-c\",\"trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done\"]\n", check)
+	files := map[string]string{"Dockerfile": dockerfile, "version": fmt.Sprintf("%s build %d %d\n", ref, n, time.Now().UnixNano())}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(ctxDir, name), []byte(body), 0o644); err != nil {
+			s.t.Fatal(err)
+		}
+	}
+	s.dockerCLI(s.builder, "build", "-q", "-t", ref, ctxDir)
+	s.dockerCLI(s.builder, "push", "-q", ref)
+	img, err := s.builder.cli.InspectImage(ref)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return img.ID
+}
+
+// healthy reports whether container name on n runs, not restarting, and
+// healthy, as the Engine API shows it.
+func (s *stack) healthy(n *node, name string) bool {
+	c, err := n.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: name})
+	return err == nil && c.State.Running && !c.State.Restarting && c.State.Health.Status == "healthy"
+}
+
+// healthSample is what healthSampler saw.
+type healthSample struct {
+	samples int
+	maxDown int         // most nodes without a healthy container at once
+	byDown  map[int]int // samples by the number of nodes without one
+}
+
+// healthSampler counts, every 50 ms, the nodes where container name is not
+// running healthy (inspected on each node's Engine API).
+func (s *stack) healthSampler(name string) (stop func() healthSample) {
+	done := make(chan struct{})
+	result := make(chan healthSample)
+	go func() {
+		h := healthSample{byDown: map[int]int{}}
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			down := 0
+			for _, n := range s.nodes {
+				if !s.healthy(n, name) {
+					down++
+				}
+			}
+			h.samples++
+			h.maxDown = max(h.maxDown, down)
+			h.byDown[down]++
+			select {
+			case <-done:
+				result <- h
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() healthSample {
+		close(done)
+		return <-result
+	}
 }
 
 var inspectCall = regexp.MustCompile(`Calling GET /(v[0-9.]+/)?containers/[^/"?]+/json[?"]`)

@@ -23,6 +23,7 @@ import (
 )
 
 func TestE2ESecurity(t *testing.T) {
+	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
 	s := newStackWith(t, 2, 1)
 	all := s.nodes
 	ref := s.hub.host() + "/sec/app:qa"
@@ -165,17 +166,23 @@ func TestE2ESecurity(t *testing.T) {
 		// Only -docker and a data dir in the test's directory; -listen on
 		// a free loopback port because the default :4500 listens on
 		// every interface and may be taken by another stack on this box.
+		// The embedded etcd on free ports too (not the default 4001, for
+		// the same reason), which the subcommands must find from the
+		// daemon's own command line.
 		dataDir := filepath.Join(s.dir, "solo-etcd")
 		port := freeTCPPort(t)
-		n.args = []string{s.bin, "-docker", n.host(), "-etcd_data_dir", dataDir, "-listen", fmt.Sprintf("127.0.0.1:%d", port)}
+		n.args = []string{s.bin, "-docker", n.host(), "-etcd_data_dir", dataDir, "-listen", fmt.Sprintf("127.0.0.1:%d", port),
+			"-etcd_listen_client", fmt.Sprintf("http://127.0.0.1:%d", freeTCPPort(t)), "-etcd_listen_peer", fmt.Sprintf("http://127.0.0.1:%d", freeTCPPort(t))}
 		n.port = port
 		start := time.Now()
 		s.runDeployer(n)
-		s.record("security 3: `deployer -docker … -etcd_data_dir … -listen …` up (embedded etcd, watch started) in %v", time.Since(start).Round(time.Millisecond))
-		// `deployer secret` with no flags reads the embedded etcd.
-		out, err := exec.Command(s.bin, "secret").Output()
+		s.record("security 3: `deployer -docker … -etcd_data_dir … -listen … -etcd_listen_client …` up (embedded etcd, watch started) in %v", time.Since(start).Round(time.Millisecond))
+		// `deployer secret` in front of the daemon's command line reads
+		// its embedded etcd (-etcd_listen_client; every other flag is
+		// accepted and ignored).
+		out, err := exec.Command(s.bin, append([]string{"secret"}, n.args[1:]...)...).Output()
 		if err != nil {
-			t.Fatalf("deployer secret (no flags): %v", err)
+			t.Fatalf("deployer secret <the daemon's flags>: %v", err)
 		}
 		secret := strings.TrimSpace(string(out))
 		if secret == s.secret || len(secret) != 64 {
@@ -200,10 +207,24 @@ func TestE2ESecurity(t *testing.T) {
 		if fi, err := os.Stat(filepath.Join(dataDir, "member")); err != nil || !fi.IsDir() {
 			t.Errorf("embedded etcd data not in -etcd_data_dir: %v", err)
 		}
+		// `deployer status` in front of the same command line shows the
+		// app on the new version (the record follows within a second).
+		var status []byte
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			status, err = exec.Command(s.bin, append([]string{"status"}, n.args[1:]...)...).CombinedOutput()
+			if err == nil && strings.Contains(string(status), ref) && strings.Contains(string(status), shortID(v4)) || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(200 * time.Millisecond) // polling an outside process: no event to wait on
+		}
+		if err != nil || !strings.Contains(string(status), ref) || !strings.Contains(string(status), shortID(v4)) {
+			t.Errorf("deployer status <the daemon's flags>: %v\n%s\nwant %s on the new image", err, status, ref)
+		}
 		if t.Failed() {
 			return
 		}
-		s.record("security 3: no-flags deployer: webhook → app on the new image in %v; `deployer secret` with no flags read the embedded etcd",
+		s.record("security 3: minimal-flags deployer: webhook → app on the new image in %v; `deployer secret` and `deployer status` in front of its command line read its embedded etcd at -etcd_listen_client",
 			took.Round(time.Millisecond))
 	})
 }

@@ -25,6 +25,7 @@ import (
 )
 
 func TestE2E(t *testing.T) {
+	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
 	s := newStack(t, 3)
 	all := s.nodes
 	qaRef := s.hub.host() + "/myorg/app:qa"

@@ -16,6 +16,7 @@ package main
 //	<prefix>/_status/<node>                   what the node runs, leased
 //	<prefix>/_rollout/<image ref>/halted      a version whose rollout is halted
 //	<prefix>/_rollout/<image ref>/slots/<id>  a node replacing a container, leased
+//	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -43,6 +44,7 @@ const (
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
+	downLeaf  = "down/"  // under a rollout's directory
 )
 
 // inPrefix returns a client that sees only the keys under prefix, as
@@ -105,6 +107,13 @@ func haltKey(ref string) string { return rolloutPrefix(ref) + haltLeaf }
 // slotsDir holds the rollout slots of ref, one leased key per container
 // being replaced.
 func slotsDir(ref string) string { return rolloutPrefix(ref) + slotsLeaf }
+
+// downDir holds, one leased key per node, the containers of ref that are
+// down on that node (status.go writes them, rollout.go counts them).
+func downDir(ref string) string { return rolloutPrefix(ref) + downLeaf }
+
+// downKey lists node's containers of ref that are down.
+func downKey(ref, node string) string { return downDir(ref) + node }
 
 // etcdDialOptions caps gRPC's reconnect backoff (2 minutes by default), so
 // that the client is back within seconds of an etcd member's return.

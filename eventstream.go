@@ -1,8 +1,9 @@
 package main
 
-// eventstream.go: Docker's event stream for a subscription held for the
-// daemon's whole life (the status reporter's), read without a timer so
-// that an idle node sleeps.
+// eventstream.go: Docker's event stream, the daemon's one way to subscribe
+// to Docker events: the status reporter's subscription, held for the
+// daemon's whole life and read without a timer so that an idle node
+// sleeps, and each wait for a replacement's, closed when the wait ends.
 
 import (
 	"context"
@@ -18,12 +19,16 @@ import (
 
 // dockerEvents streams the Docker daemon's events to listeners with the
 // contract of go-dockerclient's AddEventListenerWithOptions (the channel
-// is closed when the stream ends), for a subscription held for the
-// daemon's whole life. go-dockerclient's own event monitor wakes every
-// 100 ms while any listener is subscribed (event.go, monitorEvents), about
-// half a second of CPU per idle 10 minutes on our test machine; here each
-// subscription is one GET /events whose reader blocks until dockerd
-// writes an event, so an idle node sleeps.
+// is closed when the stream ends). Each subscription is one GET /events
+// whose reader blocks until dockerd writes an event, so an idle node
+// sleeps, and RemoveEventListener closes its connection and ends its
+// reader. go-dockerclient's own event monitor (event.go) does neither: it
+// wakes every 100 ms while any listener is subscribed (monitorEvents),
+// about half a second of CPU per idle 10 minutes on our test machine, and
+// when the last listener goes it only flags its reader to stop, which then
+// drains the endless stream in res.Body.Close (eventHijack) and never
+// closes the connection: one goroutine and one descriptor left per
+// subscription.
 type dockerEvents struct {
 	client      *docker.Client
 	callTimeout time.Duration // until the response headers arrive
@@ -36,11 +41,11 @@ func newDockerEvents(c *docker.Client, callTimeout time.Duration) *dockerEvents 
 	return &dockerEvents{client: c, callTimeout: callTimeout, subs: map[chan<- *docker.APIEvents]context.CancelFunc{}}
 }
 
-// eventsFor returns the event source for a long-lived subscription on dc:
+// eventsFor returns the event source for every subscription on dc:
 // dockerEvents for a real client, dc itself otherwise (the tests' fake).
 func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
-	if c, ok := dc.(*docker.Client); ok {
-		return newDockerEvents(c, callTimeout)
+	if c, ok := dc.(*dockerClient); ok {
+		return newDockerEvents(c.Client, callTimeout)
 	}
 	return dc
 }

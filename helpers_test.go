@@ -14,8 +14,10 @@ import (
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -192,12 +194,84 @@ type fakeDocker struct {
 	listFilters map[string][]string // of the last ListImages
 	imageReads  int                 // InspectImage calls
 	imageErr    error               // returned by InspectImage of a tag
+
+	// health is the health status new replacements report ("": no
+	// healthcheck); inspectHook, when set, sees every container an
+	// inspect is about to return (f.mu is held) and may fail the inspect
+	// instead. daemonGone is dockerd stopped or restarting (stopDaemon,
+	// startDaemon): every call fails as go-dockerclient fails then.
+	health      string
+	inspectHook func(c *docker.Container) error
+	daemonGone  bool
+	pings       int              // PingWithContext calls
+	goneCalls   int              // calls that failed because dockerd was down
+	diedWith    []*fakeContainer // the containers the last stopDaemon stopped
+	// faults are the answers of the next calls of an operation, as
+	// "Op", "Op:name" (the container's name when called) or "Op:ID", one
+	// popped per call: dockerd failing a step for a while ("device or resource
+	// busy" on a remove, a start that fails once).
+	faults map[string][]error
+	// createLate: a create whose answer is lost (its deadline passed)
+	// although dockerd created the container.
+	createLate error
+	updates    []string // "name=policy" of each UpdateContainer
 }
+
+// fault pops the next injected failure of op on container c (nil: none
+// named); f.mu is held.
+func (f *fakeDocker) fault(op string, c *fakeContainer) error {
+	keys := []string{op}
+	if c != nil {
+		keys = []string{op + ":" + c.ID, op + ":" + c.Name, op}
+	}
+	for _, k := range keys {
+		if q := f.faults[k]; len(q) > 0 {
+			f.faults[k] = q[1:]
+			return q[0]
+		}
+	}
+	return nil
+}
+
+// failNext makes the next calls of op (see faults) fail with errs.
+func (f *fakeDocker) failNext(op string, errs ...error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.faults == nil {
+		f.faults = map[string][]error{}
+	}
+	f.faults[op] = append(f.faults[op], errs...)
+}
+
+// Errors as dockerd 20.10 answers them.
+var (
+	// A forced remove while the container's mounts are still busy.
+	errRemoveBusy = &docker.Error{Status: 500, Message: "container 1f2e: driver \"overlay2\" failed to remove root filesystem: unlinkat /var/lib/docker/overlay2/abc/merged: device or resource busy"}
+	// A start that the runtime refused for the moment.
+	errStartFailed = &docker.Error{Status: 500, Message: "failed to create shim task: context deadline exceeded: unknown"}
+)
+
+// restartDaemon is a dockerd restart (without live-restore): stopDaemon,
+// then startDaemon.
+func (f *fakeDocker) restartDaemon() {
+	f.stopDaemon()
+	f.startDaemon()
+}
+
+// errDockerGone is what go-dockerclient returns while dockerd is down: its
+// socket is gone.
+var errDockerGone = &url.Error{Op: "Get", URL: "http://unix.sock/_ping", Err: &net.OpError{
+	Op: "dial", Net: "unix", Err: os.NewSyscallError("connect", syscall.ENOENT),
+}}
 
 var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
 
 // down reports the crash injected by crashAt; f.mu is held.
 func (f *fakeDocker) down(op string) error {
+	if f.daemonGone {
+		f.goneCalls++
+		return errDockerGone
+	}
 	if op == f.crashAt {
 		f.dead = true
 	}
@@ -280,9 +354,24 @@ type fakeContainer struct {
 	Restarting                     bool
 	RestartCount                   int
 	StartedAt                      time.Time
+	ExitCode                       int       // with FinishedAt: how the last run ended
+	FinishedAt                     time.Time // zero: as the fake says (exited or crashing: code 1)
+	Health                         string    // health status; "": no healthcheck
 	Config                         *docker.Config
 	HostConfig                     *docker.HostConfig
 	Mounts                         []docker.Mount // nil: the default bind /srv:/data
+	manualStop                     bool           // stopped through the API, not started since
+	unit                           string         // the name its supervisor runs it as ("" : Name)
+}
+
+// unitName is the name c's supervisor (a systemd unit) knows it by, which
+// a rename does not change.
+func (c *fakeContainer) unitName() string { return cmp.Or(c.unit, c.Name) }
+
+// defaultHost is the host configuration of a container added without
+// one.
+func defaultHost() *docker.HostConfig {
+	return &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}}
 }
 
 // crashed makes c crash as the fake's mode says; f.mu is held.
@@ -295,6 +384,7 @@ func (f *fakeDocker) crashed(c *fakeContainer) {
 	case f.crash:
 		c.Running, c.Exited = false, true
 	}
+	c.ExitCode, c.FinishedAt = 0, time.Time{} // a crash: as the fake says
 }
 
 func (f *fakeDocker) clock() time.Time {
@@ -336,7 +426,7 @@ func (f *fakeDocker) addContainer(name, configImage string) *fakeContainer {
 	if ref != nil {
 		id = f.local[ref.String()]
 	}
-	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(name))), Name: name, ConfigImage: configImage, ImageID: id, Running: true}
+	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(name))), Name: name, ConfigImage: configImage, ImageID: id, Running: true, unit: name}
 	f.containers = append(f.containers, c)
 	return c
 }
@@ -539,11 +629,20 @@ func (f *fakeDocker) ListContainers(opts docker.ListContainersOptions) ([]docker
 		if ref, ok := containerRef(c.ConfigImage, c.ImageID); ok && f.local[ref.String()] != c.ImageID {
 			image = shortID(c.ImageID)
 		}
-		state := "running"
-		if !c.Running {
-			state = "exited"
+		// Like Docker: a crash loop is listed as restarting, the health
+		// in the status line.
+		state, status := "running", "Up 2 minutes"
+		switch {
+		case !c.Running:
+			state, status = "exited", "Exited (1) 1 second ago"
+		case c.Restarting:
+			state, status = "restarting", "Restarting (1) 1 second ago"
+		case c.Health == "starting":
+			status += " (health: starting)"
+		case c.Health != "":
+			status += " (" + c.Health + ")"
 		}
-		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: state})
+		out = append(out, docker.APIContainers{ID: c.ID, Image: image, Names: []string{"/" + c.Name}, State: state, Status: status})
 	}
 	return out, nil
 }
@@ -569,18 +668,28 @@ func (f *fakeDocker) InspectContainerWithContext(id string, _ context.Context) (
 			if c.Exited || c.Restarting {
 				st.FinishedAt, st.ExitCode = started.Add(10*time.Millisecond), 1
 			}
+			if !c.FinishedAt.IsZero() {
+				st.FinishedAt, st.ExitCode = c.FinishedAt, c.ExitCode
+			}
+			st.Health.Status = c.Health
 			host := c.HostConfig
 			if host == nil {
-				host = &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.RestartUnlessStopped(), Binds: []string{"/srv:/data"}}
+				host = defaultHost()
 			}
 			mounts := c.Mounts
 			if mounts == nil {
 				mounts = []docker.Mount{{Source: "/srv", Destination: "/data", RW: true}}
 			}
-			return &docker.Container{
+			out := &docker.Container{
 				ID: c.ID, Name: "/" + c.Name, Image: c.ImageID, Config: cfg, State: st, RestartCount: c.RestartCount,
 				HostConfig: host, Mounts: mounts,
-			}, nil
+			}
+			if f.inspectHook != nil {
+				if err := f.inspectHook(out); err != nil {
+					return nil, err
+				}
+			}
+			return out, nil
 		}
 	}
 	return nil, &docker.NoSuchContainer{ID: id}
@@ -595,7 +704,7 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 	var stopped *fakeContainer
 	for _, c := range f.containers {
 		if c.ID == id {
-			if err := cmp.Or(f.stopErr[c.Name], f.stopAll); err != nil {
+			if err := cmp.Or(f.stopErr[c.unitName()], f.stopAll); err != nil {
 				f.mu.Unlock()
 				return err
 			}
@@ -603,9 +712,9 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 				f.mu.Unlock()
 				return &docker.ContainerNotRunning{ID: id}
 			}
-			c.Running = false
+			c.Running, c.manualStop = false, true
 			stopped = c
-			f.stops = append(f.stops, c.Name)
+			f.stops = append(f.stops, c.unitName())
 		}
 	}
 	if stopped != nil && stopped.HostConfig != nil && stopped.HostConfig.AutoRemove {
@@ -617,8 +726,8 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 		f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == stopped })
 		f.created++
 		ref, _ := containerRef(stopped.ConfigImage, "")
-		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(stopped.Name, f.created)))), Name: stopped.Name,
-			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: true}
+		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(stopped.unitName(), f.created)))), Name: stopped.unitName(),
+			ConfigImage: stopped.ConfigImage, ImageID: f.local[ref.String()], Running: true, unit: stopped.unitName(), Health: f.health}
 		f.containers = append(f.containers, n)
 		f.emit("start", n)
 		if f.crash || f.crashLoop {
@@ -634,14 +743,18 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 		return &docker.NoSuchContainer{ID: id}
 	}
 	if f.stopped != nil {
-		f.stopped <- stopped.Name
+		f.stopped <- stopped.unitName()
 	}
 	return nil
 }
 
 // emit sends an event to the listeners; f.mu is held.
 func (f *fakeDocker) emit(action string, c *fakeContainer) {
-	ev := &docker.APIEvents{Action: action, Type: "container", Actor: docker.APIActor{ID: c.ID, Attributes: map[string]string{"name": c.Name, "exitCode": "1"}}}
+	code := "1"
+	if !c.FinishedAt.IsZero() {
+		code = strconv.Itoa(c.ExitCode)
+	}
+	ev := &docker.APIEvents{Action: action, Type: "container", Actor: docker.APIActor{ID: c.ID, Attributes: map[string]string{"name": c.Name, "exitCode": code}}}
 	for _, l := range f.listeners {
 		select {
 		case l <- ev:
@@ -654,7 +767,7 @@ func (f *fakeDocker) AddEventListenerWithOptions(_ docker.EventsOptions, l chan<
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.subscribes++
-	if f.eventsDown {
+	if f.eventsDown || f.daemonGone {
 		close(l)
 		return nil
 	}
@@ -669,9 +782,13 @@ func (f *fakeDocker) RemoveEventListener(l chan *docker.APIEvents) error {
 	return nil
 }
 
-// InspectImage reads an image by ID, or by a reference to a local tag
-// (docker.ErrNoSuchImage when there is none), with its tags and digests.
-func (f *fakeDocker) InspectImage(name string) (*docker.Image, error) {
+// InspectImageWithContext reads an image by ID, or by a reference to a
+// local tag (docker.ErrNoSuchImage when there is none), with its tags and
+// digests.
+func (f *fakeDocker) InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.imageReads++
@@ -715,8 +832,12 @@ func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docke
 	}
 	f.created++
 	c := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(opts.Name, "created", f.created)))), Name: opts.Name,
-		ConfigImage: opts.Config.Image, Config: opts.Config, HostConfig: opts.HostConfig, Mounts: f.mountsFor(opts.Config, opts.HostConfig)}
+		ConfigImage: opts.Config.Image, Config: opts.Config, HostConfig: opts.HostConfig, Mounts: f.mountsFor(opts.Config, opts.HostConfig),
+		Health: f.health}
 	f.containers = append(f.containers, c)
+	if f.createLate != nil {
+		return nil, f.createLate
+	}
 	return &docker.Container{ID: c.ID}, nil
 }
 
@@ -731,6 +852,10 @@ func (f *fakeDocker) StartContainerWithContext(id string, _ *docker.HostConfig, 
 			if c.Running {
 				return &docker.ContainerAlreadyRunning{ID: id}
 			}
+			if err := f.fault("StartContainer", c); err != nil {
+				return err
+			}
+			c.manualStop = false
 			ref, _ := containerRef(c.ConfigImage, "")
 			if c.ImageID == "" && ref != nil {
 				c.ImageID = f.local[ref.String()]
@@ -754,7 +879,21 @@ func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 	if err := f.down("RenameContainer"); err != nil {
 		return err
 	}
+	var late error // renamed, but the answer is lost
+	if i := slices.IndexFunc(f.containers, func(c *fakeContainer) bool { return c.ID == opts.ID }); i >= 0 {
+		err := f.fault("RenameContainer", f.containers[i])
+		var l lateAnswer
+		if errors.As(err, &l) {
+			late = l.err
+		} else if err != nil {
+			return err
+		}
+	}
 	for _, c := range f.containers {
+		if c.Name == opts.Name && c.ID == opts.ID {
+			// dockerd 20.10 refuses a rename to the current name.
+			return &docker.Error{Status: 400, Message: "Error when allocating new name: Renaming a container with the same name as its current name"}
+		}
 		if c.Name == opts.Name && c.ID != opts.ID {
 			return &docker.Error{Status: 409, Message: "name in use"}
 		}
@@ -762,11 +901,17 @@ func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 	for _, c := range f.containers {
 		if c.ID == opts.ID {
 			c.Name = opts.Name
-			return nil
+			return late
 		}
 	}
 	return &docker.NoSuchContainer{ID: opts.ID}
 }
+
+// lateAnswer, as an injected fault, is a call that dockerd carries out
+// but whose answer the client never gets: it sees err (its deadline).
+type lateAnswer struct{ err error }
+
+func (l lateAnswer) Error() string { return l.err.Error() }
 
 func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
 	f.mu.Lock()
@@ -774,15 +919,137 @@ func (f *fakeDocker) RemoveContainer(opts docker.RemoveContainerOptions) error {
 	if err := f.down("RemoveContainer"); err != nil {
 		return err
 	}
-	n := len(f.containers)
-	f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c.ID == opts.ID && (opts.Force || !c.Running) })
-	if len(f.containers) == n {
+	i := slices.IndexFunc(f.containers, func(c *fakeContainer) bool { return c.ID == opts.ID })
+	if i < 0 {
 		return &docker.NoSuchContainer{ID: opts.ID}
 	}
+	c := f.containers[i]
+	if err := f.fault("RemoveContainer", c); err != nil {
+		return err
+	}
+	if c.Running && !opts.Force {
+		// As dockerd 20.10 answers it.
+		return &docker.Error{Status: 409, Message: "You cannot remove a running container " + c.ID + ". Stop the container before attempting removal or force remove"}
+	}
+	f.containers = slices.Delete(f.containers, i, i+1)
 	return nil
 }
 
-func (f *fakeDocker) PingWithContext(context.Context) error { return f.pingErr }
+func (f *fakeDocker) PingWithContext(context.Context) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pings++
+	if f.daemonGone {
+		f.goneCalls++
+		return errDockerGone
+	}
+	return f.pingErr
+}
+
+// stopDaemon stops dockerd as a restart does: its socket goes first (every
+// call fails), then every running container is stopped, the app exiting
+// on SIGTERM with code 0, with its kill and die events on the event stream
+// still open, and one run with --rm (or, with rmOnExit, a supervisor's
+// `docker run --rm`) is removed; then dockerd exits, which ends the event
+// stream.
+func (f *fakeDocker) stopDaemon() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.daemonGone, f.diedWith = true, nil
+	for _, c := range slices.Clone(f.containers) {
+		if !c.Running {
+			continue
+		}
+		c.Running, c.Restarting, c.Exited = false, false, true
+		c.ExitCode, c.FinishedAt = 0, f.clock()
+		f.diedWith = append(f.diedWith, c)
+		f.emit("kill", c)
+		f.emit("die", c)
+		if (c.HostConfig != nil && c.HostConfig.AutoRemove) || f.rmOnExit {
+			f.containers = slices.DeleteFunc(f.containers, func(x *fakeContainer) bool { return x == c })
+			f.emit("destroy", c)
+		}
+	}
+	for _, l := range f.listeners {
+		close(l)
+	}
+	f.listeners = nil
+}
+
+// startDaemon starts dockerd again: calls succeed again; a container whose
+// restart policy is always, or unless-stopped and the daemon stopped it,
+// runs again (RestartCount 0, as Docker shows it after a daemon restart);
+// with supervise, the supervisor runs every other container the daemon
+// stopped again from its tag, as a new container (which crashes if crash
+// says so).
+func (f *fakeDocker) startDaemon() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.daemonGone = false
+	restarted := map[string]bool{}
+	for _, c := range f.containers {
+		if c.Running || c.HostConfig == nil { // a supervisor's container: docker run, no policy
+			continue
+		}
+		switch p := c.HostConfig.RestartPolicy.Name; {
+		case p == "always", p == "unless-stopped" && slices.Contains(f.diedWith, c):
+			c.Running, c.Exited, c.RestartCount, c.StartedAt, c.Health = true, false, 0, f.clock(), f.health
+			restarted[c.Name] = true
+			f.emit("start", c)
+		}
+	}
+	if !f.supervise {
+		return
+	}
+	for _, old := range f.diedWith {
+		unit := old.unitName()
+		if restarted[old.Name] {
+			continue
+		}
+		f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c.Name == unit }) // docker rm -f
+		f.created++
+		ref, _ := containerRef(old.ConfigImage, "")
+		n := &fakeContainer{ID: fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(unit, f.created)))), Name: unit,
+			ConfigImage: old.ConfigImage, ImageID: f.local[ref.String()], Running: true, unit: unit, Health: f.health}
+		f.containers = append(f.containers, n)
+		f.emit("start", n)
+		if f.crash || f.crashLoop {
+			f.crashed(n)
+			f.emit("die", n)
+		}
+	}
+}
+
+// UpdateContainer changes a container's restart policy, as dockerd does
+// for a non-empty policy name (resources are not modelled).
+func (f *fakeDocker) UpdateContainer(id string, opts docker.UpdateContainerOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.down("UpdateContainer"); err != nil {
+		return err
+	}
+	for _, c := range f.containers {
+		if c.ID != id {
+			continue
+		}
+		if err := f.fault("UpdateContainer", c); err != nil {
+			return err
+		}
+		if opts.RestartPolicy.Name == "" {
+			return nil
+		}
+		if c.HostConfig == nil {
+			c.HostConfig = defaultHost()
+		}
+		if c.HostConfig.AutoRemove && opts.RestartPolicy.Name != "no" {
+			return &docker.Error{Status: 409, Message: "Restart policy cannot be updated because AutoRemove is enabled for the container"}
+		}
+		c.HostConfig.RestartPolicy = opts.RestartPolicy
+		f.updates = append(f.updates, c.Name+"="+opts.RestartPolicy.Name)
+		return nil
+	}
+	return &docker.NoSuchContainer{ID: id}
+}
 
 func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions) error {
 	f.mu.Lock()
@@ -818,10 +1085,11 @@ func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node str
 	t.Helper()
 	log := testLogger(t)
 	m := newMetrics()
-	wait := newUpWaiter(f, 5*time.Second, 5*time.Second, log, m)
+	wait := newUpWaiter(f, f, 5*time.Second, 5*time.Second, log, m)
 	wait.poll = 10 * time.Millisecond
 	wait.now = f.clock
 	rs := newRestarter(f, wait, time.Second, "", log, m)
+	rs.retryBase = time.Millisecond
 	ro := newRollout(cli, testLeases(t, cli), node, maxUnavailable, time.Minute, 5*time.Second, log, m)
 	ro.releaseBase = time.Millisecond
 	return newReplacer(ro, rs, newRecreator(f, rs, wait, log, m), strategyStop, log)

@@ -21,6 +21,8 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -114,6 +116,15 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) error {
 	return d.run(ctx)
 }
 
+// stopBound is how long the daemon's stop takes at most, from the signal:
+// the grace of deploys in flight (-kill_timeout + 2 s) and the queue's
+// wait for those it cut (cutWait), then at once the lease's revocation
+// (3 s), the last progress save (2 s) and Slack's flush (3 s); Docker
+// Hub callbacks get what is left. -kill_timeout + 7 s.
+func stopBound(cfg config) time.Duration {
+	return cfg.shutdownGrace + cutWait + 4*time.Second
+}
+
 // closeWithin runs stop, giving up after d: a stop must not hang on a
 // component that cannot shut down (an embedded etcd whose disk is gone).
 func closeWithin(stop func(), d time.Duration, log *slog.Logger) {
@@ -133,6 +144,7 @@ type dockerAPI interface {
 	containerAPI
 	recreateAPI
 	upAPI
+	eventAPI
 	imageRemover
 	PingWithContext(ctx context.Context) error
 }
@@ -156,6 +168,7 @@ type daemon struct {
 	failures  *failLimiter   // failed authentications per address
 	health    *healthCache
 	claim     *nodeClaim    // the node name, held while running
+	stopBound time.Duration // from the signal to run's return
 	listener  net.Listener  // set by run; tests read its address
 	ready     chan struct{} // closed once listening
 }
@@ -165,7 +178,7 @@ type daemon struct {
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
 	m := newMetrics()
 	etcd := inPrefix(cli, cfg.EtcdPrefix)
-	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, ready: make(chan struct{})}
+	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, ready: make(chan struct{}), stopBound: stopBound(cfg)}
 	var note notifier = nopNotifier{}
 	if cfg.SlackWebhookURL != "" {
 		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
@@ -173,8 +186,13 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	}
 	d.leases = newNodeLease(etcd, sessionTTL, callTimeout)
 
+	// One source of Docker events for every subscription: each is a
+	// stream of its own, closed when it ends (go-dockerclient's own
+	// monitor leaves a goroutine and a connection behind per
+	// subscription, eventstream.go).
+	events := eventsFor(dc, callTimeout)
 	rolloutLog := log.With("component", "rollout")
-	wait := newUpWaiter(dc, cfg.RestartTimeout, callTimeout, rolloutLog, m)
+	wait := newUpWaiter(dc, events, cfg.RestartTimeout, callTimeout, rolloutLog, m)
 	rs := newRestarter(dc, wait, cfg.killTimeout, selfContainerID(), log.With("component", "restarter"), m)
 	d.recreator = newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
 	ro := newRollout(etcd, d.leases, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, rolloutLog, m)
@@ -188,7 +206,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		d.status.poke() // the record shows the outcome at once
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
-	d.status = newStatusReporter(dc, eventsFor(dc, callTimeout), etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
+	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
@@ -204,14 +222,62 @@ func (d *daemon) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
 	mux.HandleFunc(d.cfg.RegistryWebhookPath, d.webhook.registry)
-	mux.HandleFunc("/api/deploy", d.webhook.apiDeploy)
-	mux.HandleFunc("/api/harbor/webhook", d.webhook.harbor)
-	mux.HandleFunc("/api/github/webhook", d.webhook.gitHub)
-	mux.HandleFunc("/api/quay/webhook", d.webhook.quay)
-	mux.HandleFunc("GET /healthz", d.healthz)
-	mux.HandleFunc("GET /api/status", d.requireSecret(d.apiStatus))
-	mux.Handle("GET /metrics", d.metricsHandler())
+	for _, r := range builtinRoutes {
+		mux.Handle(r.pattern, r.handler(d))
+	}
 	return mux
+}
+
+// builtinRoutes are the routes the daemon serves besides the two paths
+// its flags name (-webhook_path, -registry_webhook_path). handler
+// registers them and validate refuses them as a flag's path: one list,
+// so that a route added here can never be named by a flag (the mux would
+// panic on the duplicate).
+var builtinRoutes = []struct {
+	pattern string
+	handler func(*daemon) http.Handler
+}{
+	{"/api/deploy", func(d *daemon) http.Handler { return http.HandlerFunc(d.webhook.apiDeploy) }},
+	{"/api/harbor/webhook", func(d *daemon) http.Handler { return http.HandlerFunc(d.webhook.harbor) }},
+	{"/api/github/webhook", func(d *daemon) http.Handler { return http.HandlerFunc(d.webhook.gitHub) }},
+	{"/api/quay/webhook", func(d *daemon) http.Handler { return http.HandlerFunc(d.webhook.quay) }},
+	{"GET /healthz", func(d *daemon) http.Handler { return http.HandlerFunc(d.healthz) }},
+	{"GET /api/status", func(d *daemon) http.Handler { return d.requireSecret(d.apiStatus) }},
+	{"GET /metrics", func(d *daemon) http.Handler { return d.metricsHandler() }},
+}
+
+// checkFreeRoute refuses p, a flag's path (a plain path, checkPlainPath),
+// when it names a built-in route or one of the paths in also (the other
+// flag's), or collides with one as the mux sees it (a %-escaped spelling
+// of the same path): served, it would make the daemon panic or shadow
+// the route.
+func checkFreeRoute(p string, also ...string) (err error) {
+	paths := make([]string, 0, len(builtinRoutes)+len(also))
+	for _, r := range builtinRoutes {
+		_, path, _ := strings.Cut(r.pattern, "/")
+		paths = append(paths, "/"+path)
+	}
+	paths = append(paths, also...)
+	taken := func() error {
+		return fmt.Errorf("%q is taken by a route the daemon serves (%s)", p, strings.Join(paths, ", "))
+	}
+	if slices.Contains(paths, p) {
+		return taken()
+	}
+	defer func() {
+		if recover() != nil {
+			err = taken()
+		}
+	}()
+	mux := http.NewServeMux()
+	for _, r := range builtinRoutes {
+		mux.Handle(r.pattern, http.NotFoundHandler())
+	}
+	for _, a := range also {
+		mux.Handle(a, http.NotFoundHandler())
+	}
+	mux.Handle(p, http.NotFoundHandler())
+	return nil
 }
 
 // GET /metrics: the webhook secret is needed unless -metrics_open.
@@ -307,6 +373,9 @@ func (d *daemon) run(ctx context.Context) error {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
+	// The stop's bound (-kill_timeout + 7 s) counts from the signal.
+	began := make(chan time.Time, 1)
+	defer context.AfterFunc(ctx, func() { began <- time.Now() })()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
@@ -316,7 +385,9 @@ func (d *daemon) run(ctx context.Context) error {
 	})
 	g.Go(func() error {
 		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		// No longer than the queue's stop: handlers' etcd writes have
+		// their own deadline.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), min(5*time.Second, d.cfg.shutdownGrace+cutWait))
 		defer cancel()
 		return srv.Shutdown(sctx)
 	})
@@ -328,17 +399,29 @@ func (d *daemon) run(ctx context.Context) error {
 	g.Go(func() error { return d.repuller.run(gctx) })
 	g.Go(func() error { return d.status.run(gctx) })
 	err = g.Wait()
+	stopBy := time.Now()
+	select {
+	case stopBy = <-began:
+	default: // a component failed: the stop begins now
+	}
+	stopBy = stopBy.Add(d.stopBound)
 
-	// No deploy runs any more: revoking the lease frees our rollout slots
-	// and status record at once (bounded inside; otherwise it expires).
+	// No deploy runs any more. At once, each bounded inside: the state
+	// writers save the handled revision (2 s) and flush Slack (3 s), and
+	// revoking the lease frees our rollout slots and status record (3 s;
+	// otherwise it expires).
+	cancelBg()
 	if lerr := d.leases.Close(); lerr != nil {
 		d.log.Warn("etcd session not revoked at shutdown", "err", lerr)
 	}
-	d.webhook.Close()
-	cancelBg()
 	if berr := bg.Wait(); err == nil {
 		err = berr
 	}
+	// Progress is saved: Docker Hub callbacks in flight get what is left
+	// of the stop's bound.
+	cctx, cancel := context.WithDeadline(context.WithoutCancel(ctx), stopBy)
+	defer cancel()
+	d.webhook.Shutdown(cctx)
 	d.log.Info("deployer stopped")
 	return err
 }

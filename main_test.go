@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -31,6 +32,42 @@ func TestRunRejectsBadFlags(t *testing.T) {
 	err = run(t.Context(), []string{"-h"}, io.Discard, &stderr)
 	if !errors.Is(err, flag.ErrHelp) {
 		t.Errorf("run(-h) = %v; want flag.ErrHelp", err)
+	}
+}
+
+// TestRunRefusesBuiltinRouteAsWebhookPath: run refuses a built-in route
+// as a webhook path before it starts anything (exit 2 in main); every
+// path it accepts is served without a panic.
+func TestRunRefusesBuiltinRouteAsWebhookPath(t *testing.T) {
+	// Cancelled, with an etcd nobody serves: if the flag passed, run
+	// would return at its first outside call.
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	err := run(ctx, []string{"-etcd_nodes", "http://127.0.0.1:1", "-webhook_path", "/api/deploy"}, io.Discard, io.Discard)
+	if !errors.Is(err, errInvalidFlag) || !strings.Contains(err.Error(), "-webhook_path") {
+		t.Errorf("run(-webhook_path /api/deploy) = %v; want errInvalidFlag naming -webhook_path", err)
+	}
+	for _, args := range [][]string{
+		{"-webhook_path", "/api/deploy/"},
+		{"-webhook_path", "/hooks/hub", "-registry_webhook_path", "/hooks/registry"},
+		{"-registry_webhook_path", "/api/status/x"},
+	} {
+		cfg, err := parseFlags("deployer", append([]string{"-node_name", "n1", "-dockercfg", ""}, args...), env(), io.Discard)
+		if err != nil {
+			t.Fatalf("parseFlags(%q) = %v", args, err)
+		}
+		d, err := newDaemon(cfg, testEtcd(t), newFakeDocker(), testLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					t.Errorf("handler with %q panics: %v", args, r)
+				}
+			}()
+			d.handler()
+		}()
 	}
 }
 
@@ -265,6 +302,103 @@ func TestMetricsOpen(t *testing.T) {
 		resp.Body.Close()
 		if want := map[bool]int{false: 401, true: 200}[open]; resp.StatusCode != want {
 			t.Errorf("-metrics_open=%v: /metrics without secret = %d; want %d", open, resp.StatusCode, want)
+		}
+	}
+}
+
+// daemonCommandLine is a command line that sets every flag of the daemon,
+// with a non-default embedded etcd whose client URL is etcdURL.
+func daemonCommandLine(t *testing.T, etcdURL string) []string {
+	return []string{
+		"-cleanup", "-docker", "unix:///run/other-docker.sock", "-docker_cert_path", t.TempDir(), "-docker_tls_verify=false",
+		"-dockercfg", "/root/.docker/config.json", "-dry_run",
+		"-etcd_cacert=", "-etcd_cert=", "-etcd_key=", "-etcd_username=", "-etcd_password_file=",
+		"-etcd_nodes=", "-etcd_data_dir", t.TempDir(), "-etcd_listen_client", etcdURL, "-etcd_listen_peer", freePort(t),
+		"-etcd_dial_timeout", "3s", "-etcd_prefix", testPrefix(t), "-etcd_retry_delay", "1s",
+		"-kill_timeout", "5", "-listen", "127.0.0.1:4600", "-log_format", "json", "-max_threads", "2", "-max_unavailable", "0",
+		"-metrics_open", "-node_name", "solo", "-registry", "127.0.0.1:5000", "-registry_webhook_path", "/hooks/registry",
+		"-repull_period", "1h", "-restart_strategy", "recreate", "-restart_timeout", "1m", "-slack_username", "bot",
+		"-slack_webhook_url=", "-slot_timeout", "5m", "-strong_consistency", "-tls_cert=", "-tls_key=",
+		"-webhook_path", "/hooks/hub", "-webhook_secret=",
+	}
+}
+
+// TestSubcommandsTakeTheDaemonsCommandLine: an operator who started the
+// daemon with a non-default embedded etcd reaches it by putting `secret`
+// or `status` in front of the same command line: every daemon flag is
+// accepted, and -etcd_listen_client names the etcd when -etcd_nodes is
+// empty.
+func TestSubcommandsTakeTheDaemonsCommandLine(t *testing.T) {
+	cli := testEtcd(t)
+	secret, _, err := clusterSecret(t.Context(), inPrefix(cli, testPrefix(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	line := daemonCommandLine(t, sharedEtcdURL)
+	if _, err := parseFlags("deployer", line, env(), io.Discard); err != nil {
+		t.Fatalf("the daemon refuses its own command line: %v", err)
+	}
+	var help bytes.Buffer
+	if _, err := parseFlags("deployer", []string{"-h"}, env(), &help); !errors.Is(err, flag.ErrHelp) {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(help.String(), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(l, "  -") && !slices.ContainsFunc(line, func(a string) bool {
+			return a == f[0] || strings.HasPrefix(a, f[0]+"=")
+		}) {
+			t.Errorf("daemonCommandLine lacks the daemon flag %s", f[0])
+		}
+	}
+
+	var out, stderr bytes.Buffer
+	if err := run(t.Context(), append([]string{"secret"}, line...), &out, &stderr); err != nil {
+		t.Fatalf("deployer secret <daemon flags>: %v (%s)", err, stderr.String())
+	}
+	if got := strings.TrimSpace(out.String()); got != secret {
+		t.Errorf("deployer secret <daemon flags> printed %q; want the cluster secret %q", got, secret)
+	}
+	out.Reset()
+	if err := run(t.Context(), append([]string{"status"}, line...), &out, &stderr); err != nil {
+		t.Fatalf("deployer status <daemon flags>: %v (%s)", err, stderr.String())
+	}
+	if !strings.Contains(out.String(), "IMAGE") {
+		t.Errorf("deployer status <daemon flags> printed %q; want the table", out.String())
+	}
+	out.Reset()
+	if err := run(t.Context(), append([]string{"status", "-json"}, line...), &out, &stderr); err != nil || !json.Valid(out.Bytes()) {
+		t.Errorf("deployer status -json <daemon flags>: %v, %q; want JSON", err, out.String())
+	}
+
+	// A daemon started with -webhook_secret accepts that secret, not the
+	// cluster's: `secret` in front of its command line prints it.
+	out.Reset()
+	if err := run(t.Context(), append([]string{"secret"}, append(line, "-webhook_secret", "mine")...), &out, &stderr); err != nil || strings.TrimSpace(out.String()) != "mine" {
+		t.Errorf("deployer secret -webhook_secret mine = %q, %v; want mine", out.String(), err)
+	}
+}
+
+// TestSubcommandsRejectBadEtcdFlags: the etcd flags are checked as the
+// daemon checks them (exit 2 naming the flag); the others are not the
+// subcommands' business, and an unknown flag is still a usage error.
+func TestSubcommandsRejectBadEtcdFlags(t *testing.T) {
+	for _, cmd := range []string{"secret", "status"} {
+		for _, tt := range []struct {
+			args []string
+			want error
+			flag string
+		}{
+			{[]string{"-etcd_nodes=", "-etcd_listen_client", "http://example.com:4001"}, errInvalidFlag, "-etcd_listen_client"},
+			{[]string{"-etcd_listen_client", "4001"}, errInvalidFlag, "-etcd_listen_client"},
+			{[]string{"-etcd_prefix", "nope/"}, errInvalidFlag, "-etcd_prefix"},
+			{[]string{"-etcd_dial_timeout", "0s"}, errInvalidFlag, "-etcd_dial_timeout"},
+			{[]string{"-etcd_nodes", "ftp://x"}, errInvalidFlag, "-etcd_nodes"},
+			{[]string{"-no_such_flag"}, errUsage, "no_such_flag"},
+			{[]string{"extra"}, errUsage, "extra"},
+		} {
+			err := run(t.Context(), append([]string{cmd}, tt.args...), io.Discard, io.Discard)
+			if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.flag) {
+				t.Errorf("deployer %s %q = %v; want %v naming %s", cmd, tt.args, err, tt.want, tt.flag)
+			}
 		}
 	}
 }

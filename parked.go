@@ -1,28 +1,45 @@
 package main
 
-// Recovery of re-creates a crash interrupted.
+// parked.go: parking, the deployer's record of a container it took down,
+// and the recovery that settles it.
 //
-// recreate parks the old container as <name>-deployer-old-<short ID>
-// (renamed, then stopped) before the new <name> exists. A crash (SIGKILL,
-// power loss, OOM) in that window leaves the service down with nothing
-// called <name> for a later deploy to act on. recoverParked repairs it, at
-// daemon start and before each re-create of <name>:
+// Both strategies park the old container before they stop it: it is
+// renamed <name>-deployer-old-<short ID> and, when its restart policy
+// would let dockerd start it again at a daemon restart (beside its
+// replacement, on the same volumes), that policy is set to "no" and kept
+// in the parked name as a suffix (.always, .unless-stopped,
+// .on-failure-3) to be restored if it is put back.
 //
-//   - parked, no <name>: the parked container is renamed back and started.
-//     The trigger that was being deployed is replayed (the watermark did
-//     not pass it), so the re-create is then done again from the start.
+// The parked name is the record. It lives in Docker, with the container
+// it describes, so it survives a stop, crash or SIGKILL of the deployer
+// and a dockerd restart, needs no etcd (a node-scoped etcd key would need
+// etcd at every stop and settle, and could disagree with what Docker has:
+// a key written but the stop never made, a container removed by hand),
+// and goes away with the container. It stays until the service runs
+// again under <name>: a put-back starts the parked container before it
+// renames it back, so even a put-back that fails half way leaves it.
+//
+// The process holds the names it is working on (hold); any other parked
+// container is a leftover (a crash, a put-back that failed) and is
+// settled at start, before a re-create or stop of its name, and by the
+// settle loop, which every deploy that lists one wakes:
+//
+//   - parked, no <name>: the parked container is put back (started, then
+//     renamed back). A trigger being deployed then is replayed (the
+//     watermark did not pass it), so the deploy is then done again.
 //   - parked and <name> up (running, not restarting, healthy or without a
-//     healthcheck, for at least parkedMinUp): the re-create had got that
-//     far; the parked container is removed, which finishes it.
+//     healthcheck, for at least minUp): the replacement got that far; the
+//     parked container is removed (with force), which finishes it.
 //   - parked and <name> not up (created but never started, exited, crash
-//     looping, unhealthy, or still starting after -restart_timeout): the
-//     re-create failed or never finished; <name> is removed and the parked
-//     container is put back, as recreate's own restore would have done.
+//     looping, unhealthy, or still starting after -restart_timeout): <name>
+//     is removed and the parked container is put back, as recreate's own
+//     restore would have done.
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -40,17 +57,73 @@ var errRefused = errors.New("recreate refused")
 // build tag) use it to crash the deployer at a chosen point.
 var recreateHook = func(ctx context.Context, stage string) {}
 
-// parkedName is the name recreate gives the old container while the new
-// one comes up.
+// putBackAttempts bounds the tries of each step of a put-back; between
+// them the restarter waits backoff(retryBase, attempt).
+const putBackAttempts = 5
+
+// parkedName is the name a container with no restart policy to restore
+// has while parked.
 func parkedName(name, id string) string { return name + parkedInfix + shortID(id) }
 
-// parkedBase returns the name a parked container had: only a name that
-// ends in the container's own short ID counts. Names with another slash
-// are legacy link aliases (/other/alias), not the container's name.
-func parkedBase(name, id string) (string, bool) {
+// parkedNameWith is the name a container with restart policy pol has
+// while parked: the policy it gets back is the suffix.
+func parkedNameWith(name, id string, pol docker.RestartPolicy) string {
+	if !restarts(pol) {
+		return parkedName(name, id)
+	}
+	s := pol.Name
+	if pol.Name == "on-failure" && pol.MaximumRetryCount > 0 {
+		s += "-" + strconv.Itoa(pol.MaximumRetryCount)
+	}
+	return parkedName(name, id) + "." + s
+}
+
+// restarts tells whether dockerd may start a container with policy pol by
+// itself.
+func restarts(pol docker.RestartPolicy) bool {
+	return pol.Name != "" && pol.Name != "no"
+}
+
+// parseParked splits a parked container's name: the name it had, and the
+// restart policy to give it back (zero when none). Only a name with the
+// container's own short ID counts. Names with another slash are legacy
+// link aliases (/other/alias), not the container's name.
+func parseParked(name, id string) (base string, pol docker.RestartPolicy, ok bool) {
 	name = strings.TrimPrefix(name, "/")
-	base, ok := strings.CutSuffix(name, parkedInfix+shortID(id))
-	return base, ok && base != "" && !strings.Contains(name, "/")
+	mark := parkedInfix + shortID(id)
+	i := strings.LastIndex(name, mark)
+	if i <= 0 || strings.Contains(name, "/") {
+		return "", pol, false
+	}
+	base, rest := name[:i], name[i+len(mark):]
+	switch {
+	case rest == "":
+	case rest == ".always", rest == ".unless-stopped", rest == ".on-failure":
+		pol.Name = rest[1:]
+	case strings.HasPrefix(rest, ".on-failure-"):
+		n, err := strconv.Atoi(strings.TrimPrefix(rest, ".on-failure-"))
+		if err != nil || n <= 0 {
+			return "", pol, false
+		}
+		pol = docker.RestartOnFailure(n)
+	default:
+		return "", pol, false
+	}
+	return base, pol, true
+}
+
+// parkedBase returns the name a parked container had.
+func parkedBase(name, id string) (string, bool) {
+	base, _, ok := parseParked(name, id)
+	return base, ok
+}
+
+// restartPolicy returns a container's restart policy (zero when unknown).
+func restartPolicy(c *docker.Container) docker.RestartPolicy {
+	if c == nil || c.HostConfig == nil {
+		return docker.RestartPolicy{}
+	}
+	return c.HostConfig.RestartPolicy
 }
 
 // checkRecreatable refuses containers recreate cannot replace safely.
@@ -71,47 +144,302 @@ func checkRecreatable(old *docker.Container) error {
 	return nil
 }
 
-// recoverAtStart runs recoverParked for every parked container before the
-// daemon acts on any trigger, within the restart timeout (a replacement
-// may still be coming up) plus a call timeout. When Docker does not
-// answer, it retries in the background until ctx ends, so that the daemon
-// does not wait for Docker to start; deploys cannot act meanwhile either.
-func (r *recreator) recoverAtStart(ctx context.Context) {
+// hold marks name as being parked, replaced or put back by this process
+// until release is called: the settle of leftovers leaves it alone, and
+// another hold of it waits.
+func (r *restarter) hold(ctx context.Context, name string) (release func(), err error) {
+	for {
+		r.mu.Lock()
+		busy, held := r.held[name]
+		if !held {
+			done := make(chan struct{})
+			r.held[name] = done
+			r.mu.Unlock()
+			return func() {
+				r.mu.Lock()
+				delete(r.held, name)
+				r.mu.Unlock()
+				close(done)
+			}, nil
+		}
+		r.mu.Unlock()
+		select {
+		case <-busy:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// tryHold is hold without the wait: ok is false when name is held.
+func (r *restarter) tryHold(name string) (release func(), ok bool) {
+	r.mu.Lock()
+	_, held := r.held[name]
+	r.mu.Unlock()
+	if held {
+		return nil, false
+	}
+	release, err := r.hold(context.Background(), name)
+	return release, err == nil
+}
+
+// park renames container id (called name, with restart policy pol) to its
+// parked name and sets its restart policy to "no" when it has another. On
+// failure nothing stays parked.
+func (r *restarter) park(ctx context.Context, id, name string, pol docker.RestartPolicy) error {
+	parked := parkedNameWith(name, id, pol)
+	rctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: id, Name: parked, Context: rctx})
+	cancel()
+	if err != nil {
+		return fmt.Errorf("rename %s: %w", name, err)
+	}
+	if !restarts(pol) {
+		return nil
+	}
+	uctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	err = r.docker.UpdateContainer(id, docker.UpdateContainerOptions{RestartPolicy: docker.NeverRestart(), Context: uctx})
+	cancel()
+	if err == nil {
+		return nil
+	}
+	err = fmt.Errorf("set the restart policy of %s to no: %w", parked, err)
+	// The policy is unchanged: only the name goes back.
+	if perr := r.putBack(ctx, name, id, docker.RestartPolicy{}); perr != nil {
+		return fmt.Errorf("%w; putting it back failed too: %w", err, perr)
+	}
+	return err
+}
+
+// retryStep runs one step of a put-back or removal, up to putBackAttempts
+// times with backoff; a container that is gone ends it at once.
+func (r *restarter) retryStep(ctx context.Context, what string, step func(context.Context) error) error {
+	for attempt := 1; ; attempt++ {
+		cctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+		err := step(cctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if isNoSuchContainer(err) || attempt >= putBackAttempts || !sleepCtx(ctx, backoff(r.retryBase, attempt)) {
+			return fmt.Errorf("%s (attempt %d): %w", what, attempt, err)
+		}
+		r.log.Debug("retrying", "step", what, "attempt", attempt, "err", err)
+	}
+}
+
+// putBackBudget bounds a put-back: a few calls and a stop's worth of
+// backoff, whatever the caller's context (a shutdown must not leave a
+// service half put back).
+func (r *restarter) putBackBudget() time.Duration {
+	return 2*r.callTimeout + r.stopBudget()
+}
+
+// putBack makes the parked container parkedID the service called name
+// again: whatever else is called name (a replacement that failed, or one
+// whose create timed out but happened) is removed, the restart policy pol
+// is restored, the container is started and renamed back, in that order,
+// so that the record (the parked name) stays until the service runs. Each
+// step is retried with backoff. If a running container took the name
+// meanwhile (a supervisor's), it stays and the parked one is removed. On
+// failure the settle loop tries again.
+func (r *restarter) putBack(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.putBackBudget())
+	defer cancel()
+	err := r.putBackSteps(ctx, name, parkedID, pol)
+	if err != nil {
+		wake(r.settle) // the record stays: settle it again later
+	}
+	return err
+}
+
+func (r *restarter) putBackSteps(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
+	if err := r.retryStep(ctx, "remove the container called "+name, func(ctx context.Context) error {
+		return r.removeOther(ctx, name, parkedID)
+	}); err != nil {
+		return err
+	}
+	if restarts(pol) {
+		if err := r.retryStep(ctx, "restore the restart policy", func(ctx context.Context) error {
+			return r.docker.UpdateContainer(parkedID, docker.UpdateContainerOptions{RestartPolicy: pol, Context: ctx})
+		}); err != nil {
+			return err
+		}
+	}
+	if err := r.retryStep(ctx, "start the old container", func(ctx context.Context) error {
+		err := r.docker.StartContainerWithContext(parkedID, nil, ctx)
+		var running *docker.ContainerAlreadyRunning
+		if errors.As(err, &running) {
+			return nil
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	yielded := false
+	err := r.retryStep(ctx, "rename the old container back", func(ctx context.Context) error {
+		err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: parkedID, Name: name, Context: ctx})
+		if err == nil {
+			return nil
+		}
+		// Found by name: an earlier try renamed it but its answer was
+		// lost, or something took the name after the removal above (a
+		// create that dockerd finished late, a supervisor's container).
+		c, ierr := r.docker.InspectContainerWithContext(name, ctx)
+		switch {
+		case ierr == nil && c.ID == parkedID:
+			return nil
+		case !isConflict(err):
+			return err
+		case ierr != nil:
+			return errors.Join(err, ierr)
+		case c.State.Running:
+			yielded = true
+			return nil
+		}
+		if rerr := r.removeOther(ctx, name, parkedID); rerr != nil {
+			return errors.Join(err, rerr)
+		}
+		return err // renamed on the next attempt
+	})
+	if err != nil {
+		return err
+	}
+	if yielded {
+		r.log.Warn("a container took the name while the old one was put back; keeping it", "container", name)
+		return r.removeParked(ctx, name, parkedID)
+	}
+	return nil
+}
+
+// removeOther force-removes the container called name unless it is keep.
+func (r *restarter) removeOther(ctx context.Context, name, keep string) error {
+	c, err := r.docker.InspectContainerWithContext(name, ctx)
+	if isNoSuchContainer(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if c.ID == keep {
+		return nil
+	}
+	err = r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: c.ID, Force: true, Context: ctx})
+	if isNoSuchContainer(err) {
+		return nil
+	}
+	return err
+}
+
+// removeParked removes a parked container once its replacement runs, with
+// force: dockerd may have started it again. On failure the record stays
+// and the settle loop removes it later.
+func (r *restarter) removeParked(ctx context.Context, name, parkedID string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.putBackBudget())
+	defer cancel()
+	err := r.retryStep(ctx, "remove the parked container", func(ctx context.Context) error {
+		err := r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: parkedID, Force: true, Context: ctx})
+		if isNoSuchContainer(err) {
+			return nil // gone with --rm, or by hand
+		}
+		return err
+	})
+	if err != nil {
+		wake(r.settle)
+		r.log.Warn("could not remove the parked container; will try again", "container", name, "id", shortID(parkedID), "err", err)
+	}
+	return err
+}
+
+func isConflict(err error) bool {
+	var de *docker.Error
+	return errors.As(err, &de) && de.Status == 409
+}
+
+// recoverAtStart settles every parked container before the daemon acts on
+// any trigger, within the restart timeout (a replacement may still be
+// coming up) plus a call timeout, then keeps settling leftovers in the
+// background until ctx ends: at once when Docker did not answer (retried
+// with backoff), and whenever a put-back or a removal failed or a deploy
+// saw a leftover.
+func (r *recreator) recoverAtStart(ctx context.Context) { r.stopper.recoverAtStart(ctx) }
+
+func (r *restarter) recoverAtStart(ctx context.Context) {
 	sctx, cancel := context.WithTimeout(ctx, r.wait.timeout+r.callTimeout)
 	err := r.recoverParked(sctx, "")
 	cancel()
-	if err == nil || ctx.Err() != nil {
+	if ctx.Err() != nil {
 		return
 	}
-	r.log.Warn("could not recover parked containers at start; retrying in the background", "err", err)
-	go func() {
-		for attempt := 1; sleepCtx(ctx, backoff(time.Second, attempt)); attempt++ {
-			err := r.recoverParked(ctx, "")
-			if err == nil {
-				r.log.Info("recovered parked containers", "attempt", attempt+1)
-				return
-			}
-			r.log.Debug("recovering parked containers", "attempt", attempt+1, "err", err)
-		}
-	}()
+	if err != nil {
+		r.log.Warn("could not recover parked containers at start; retrying in the background", "err", err)
+	}
+	go r.settleLoop(ctx, err != nil)
 }
 
-// settleParked runs recoverParked for the container recreate is about to
-// replace. A stale container may itself be a parked one that a crash left
+// settleLoop settles leftovers whenever woken, and again with backoff
+// while that fails.
+func (r *restarter) settleLoop(ctx context.Context, failing bool) {
+	for attempt := 1; ; attempt++ {
+		if !failing {
+			attempt = 1
+			select {
+			case <-ctx.Done():
+				return
+			case <-r.settle:
+			}
+		} else {
+			t := time.NewTimer(backoff(time.Second, attempt))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			case <-r.settle:
+				t.Stop()
+			}
+		}
+		err := r.recoverParked(ctx, "")
+		switch {
+		case err == nil && failing:
+			r.log.Info("settled parked containers", "attempt", attempt)
+		case err != nil:
+			r.log.Debug("settling parked containers", "attempt", attempt, "err", err)
+		}
+		failing = err != nil
+	}
+}
+
+// noteLeftovers wakes the settle loop when list has a parked container
+// this process is not working on.
+func (r *restarter) noteLeftovers(list []docker.APIContainers) {
+	for base := range parkedBases(list) {
+		r.mu.Lock()
+		_, held := r.held[base]
+		r.mu.Unlock()
+		if !held {
+			wake(r.settle)
+			return
+		}
+	}
+}
+
+// settleParked settles the parked containers of the container c names,
+// which the caller holds. c may itself be a parked one that a crash left
 // running (between the rename and the stop): it is put back under its
-// name first, and re-created as that.
-func (r *recreator) settleParked(ctx context.Context, c staleContainer) error {
+// name first. It returns that name.
+func (r *restarter) settleParked(ctx context.Context, c staleContainer) (string, error) {
 	name := strings.TrimPrefix(c.Name, "/")
 	if base, ok := parkedBase(name, c.ID); ok {
 		name = base
 	}
-	return r.recoverParked(ctx, name)
+	return name, r.recoverParked(ctx, name)
 }
 
-// recoverParked puts back or finishes the re-creates a crash interrupted:
-// those of the container called only, or of every container when only is
-// "".
-func (r *recreator) recoverParked(ctx context.Context, only string) error {
+// recoverParked settles the parked containers of the container called
+// only, which the caller holds, or, when only is "", every parked
+// container whose name this process does not hold.
+func (r *restarter) recoverParked(ctx context.Context, only string) error {
 	lctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	list, err := r.docker.ListContainers(docker.ListContainersOptions{All: true, Context: lctx})
 	cancel()
@@ -121,11 +449,21 @@ func (r *recreator) recoverParked(ctx context.Context, only string) error {
 	var errs []error
 	for _, c := range list {
 		for _, n := range c.Names {
-			base, ok := parkedBase(n, c.ID)
+			base, pol, ok := parseParked(n, c.ID)
 			if !ok || (only != "" && base != only) {
 				continue
 			}
-			if err := r.recoverOne(ctx, base, c.ID); err != nil {
+			if only == "" {
+				release, ok := r.tryHold(base)
+				if !ok {
+					continue // in flight here: its own deploy settles it
+				}
+				err = r.recoverOne(ctx, base, c.ID, pol)
+				release()
+			} else {
+				err = r.recoverOne(ctx, base, c.ID, pol)
+			}
+			if err != nil {
 				errs = append(errs, fmt.Errorf("recover %s: %w", base, err))
 			}
 		}
@@ -135,44 +473,29 @@ func (r *recreator) recoverParked(ctx context.Context, only string) error {
 
 // recoverOne settles one parked container beside name (see the top of the
 // file).
-func (r *recreator) recoverOne(ctx context.Context, name, parkedID string) error {
+func (r *restarter) recoverOne(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
 	up, curID, err := r.settled(ctx, name, parkedID)
 	if err != nil {
 		return err
 	}
-	// The rest must not be cut short by a shutdown: a rename without the
-	// start leaves the service down.
-	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*r.callTimeout+r.stopper.stopBudget())
-	defer cancel()
 	if up {
-		if err := r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: parkedID, Force: true, Context: wctx}); err != nil && !isNoSuchContainer(err) {
-			return fmt.Errorf("remove the parked container: %w", err)
+		if err := r.removeParked(ctx, name, parkedID); err != nil {
+			return err
 		}
-		r.log.Warn("finished an interrupted re-create: removed the parked container", "container", name, "parked", parkedName(name, parkedID))
+		r.log.Warn("finished an interrupted replacement: removed the parked container", "container", name, "parked", shortID(parkedID))
 		return nil
 	}
-	if curID != "" {
-		if err := r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: curID, Force: true, Context: wctx}); err != nil && !isNoSuchContainer(err) {
-			return fmt.Errorf("remove the replacement that is not up: %w", err)
-		}
+	if err := r.putBack(ctx, name, parkedID, pol); err != nil {
+		return fmt.Errorf("put the parked container back: %w", err)
 	}
-	if err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: parkedID, Name: name, Context: wctx}); err != nil {
-		return fmt.Errorf("rename the parked container back: %w", err)
-	}
-	if err := r.docker.StartContainerWithContext(parkedID, nil, wctx); err != nil {
-		var running *docker.ContainerAlreadyRunning
-		if !errors.As(err, &running) {
-			return fmt.Errorf("start the parked container: %w", err)
-		}
-	}
-	r.log.Warn("put back a container an interrupted re-create had parked", "container", name, "id", shortID(parkedID), "replacement_removed", shortID(curID))
+	r.log.Warn("put back a container an interrupted replacement had parked", "container", name, "id", shortID(parkedID), "replacement_removed", shortID(curID))
 	return nil
 }
 
 // settled inspects the container called name until it is up or has
 // failed, within the restart timeout. It returns whether it is up and its
 // ID ("" when there is none).
-func (r *recreator) settled(ctx context.Context, name, parkedID string) (bool, string, error) {
+func (r *restarter) settled(ctx context.Context, name, parkedID string) (bool, string, error) {
 	deadline := time.Now().Add(r.wait.timeout)
 	for {
 		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -249,5 +251,181 @@ func TestParkedBase(t *testing.T) {
 	}
 	if n := parkedName("app", id); n != "app-deployer-old-0123456789ab" {
 		t.Errorf("parkedName = %q", n)
+	}
+}
+
+// TestRestoreFailsHalfWay: putting the old container back fails at a
+// step, as dockerd does under load; the restore tries again, and whatever
+// it cannot finish the record (the parked name) keeps for the settle: in
+// every case the old container ends up running as app, alone.
+func TestRestoreFailsHalfWay(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		fault   func(f *fakeDocker, oldID string)
+		restart bool // the restore gives up: the deployer's next start settles it
+	}{
+		{"create timed out but created", func(f *fakeDocker, _ string) { f.createLate = context.DeadlineExceeded }, false},
+		{"forced removal of the new container busy", func(f *fakeDocker, _ string) {
+			f.startErr = &docker.Error{Status: 500, Message: "OCI runtime create failed: exec: \"/app\": not found"}
+			f.failNext("RemoveContainer:app", errRemoveBusy, errRemoveBusy)
+		}, false},
+		{"first start of the old container fails", func(f *fakeDocker, oldID string) {
+			f.crash = true
+			f.failNext("StartContainer:"+oldID, errStartFailed)
+		}, false},
+		{"rename back done but its answer lost", func(f *fakeDocker, oldID string) {
+			f.crash = true
+			f.failNext("RenameContainer:"+oldID, nil, lateAnswer{context.DeadlineExceeded}) // the park, then the rename back
+		}, false},
+		{"every start of the old container fails, then the deployer restarts", func(f *fakeDocker, oldID string) {
+			f.crash = true
+			f.failNext("StartContainer:"+oldID, slices.Repeat([]error{errStartFailed}, putBackAttempts)...)
+		}, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f, c := rolloutFixture(t, false)
+			f.supervise = false
+			tt.fault(f, c.ID)
+			r := newTestReplacer(t, nil, f, "n1", 0).recreator
+			err := r.recreate(t.Context(), c, nil, nil)
+			if err == nil {
+				t.Fatal("recreate = nil; want the failure")
+			}
+			t.Logf("recreate = %v", err)
+			if !tt.restart && strings.Contains(err.Error(), "failed too") {
+				t.Errorf("recreate = %v; want the old container restored", err)
+			}
+			if tt.restart {
+				if !strings.Contains(err.Error(), "restoring app failed too") {
+					t.Errorf("recreate = %v; want the failed restore told", err)
+				}
+				if p := parkedLeft(f); len(p) != 1 {
+					t.Fatalf("parked after a failed restore: %v; want the record kept", p)
+				}
+				newTestReplacer(t, nil, f, "n1", 0).recreator.recoverAtStart(t.Context())
+			}
+			app := f.containerByName("app")
+			if app == nil || !app.Running || app.ID != c.ID {
+				t.Fatalf("app: %+v; want the old container running", app)
+			}
+			if p := parkedLeft(f); len(p) != 0 {
+				t.Errorf("parked containers left: %v", p)
+			}
+			f.mu.Lock()
+			n := len(f.containers)
+			f.mu.Unlock()
+			if n != 1 {
+				t.Errorf("%d containers; want 1", n)
+			}
+		})
+	}
+}
+
+// TestFailedRestoreSettledByTheNextDeploy: a restore that gives up leaves
+// the record; the next deploy's stale scan (of any repository) wakes the
+// settle, which puts the old container back without a restart.
+func TestFailedRestoreSettledByTheNextDeploy(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise, f.crash = false, true
+	f.local["reg:5000/other:qa"] = "sha256:9999999999999999999999999999999999999999999999999999999999999999"
+	f.failNext("StartContainer:"+c.ID, slices.Repeat([]error{errStartFailed}, putBackAttempts)...)
+	p := newTestReplacer(t, nil, f, "n1", 0)
+	p.recreator.recoverAtStart(t.Context()) // nothing to settle yet; starts the settle loop
+	if err := p.recreator.recreate(t.Context(), c, nil, nil); err == nil {
+		t.Fatal("recreate = nil; want a failed restore")
+	}
+	// A deploy of another repository lists the containers.
+	if _, err := p.restarter.stale(t.Context(), testRepo(t, "reg:5000/other"), map[string]string{"qa": "sha256:9999999999999999999999999999999999999999999999999999999999999999"}); err != nil {
+		t.Fatal(err)
+	}
+	bound := time.After(10 * time.Second)
+	for app := f.containerByName("app"); app == nil || !app.Running || app.ID != c.ID; app = f.containerByName("app") {
+		select {
+		case <-bound:
+			t.Fatalf("app %+v not put back within 10s of the next deploy", app)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// TestParkedStaysDownAcrossDockerdRestart: dockerd restarts while the old
+// container is parked (its policy --restart always): it is not started
+// beside app, gets its policy back when it is put back, and is removed
+// (with force) when app is up.
+func TestParkedStaysDownAcrossDockerdRestart(t *testing.T) {
+	for _, tt := range []struct {
+		crashAt string // where the deployer died, leaving it parked
+		onNew   bool   // the settle keeps the new container
+	}{
+		{"CreateContainer", false}, // parked and stopped, no app
+		{"RemoveContainer", true},  // the new app up beside it
+	} {
+		t.Run(tt.crashAt, func(t *testing.T) {
+			f, c := rolloutFixture(t, false)
+			f.supervise = false
+			old := f.containerByName("app")
+			old.HostConfig = &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.AlwaysRestart()}
+			f.crashAt = tt.crashAt
+			r := newTestReplacer(t, nil, f, "n1", 0).recreator
+			_ = r.recreate(t.Context(), c, nil, nil)
+			f.revive()
+			f.restartDaemon()
+			f.mu.Lock()
+			running := old.Running
+			f.mu.Unlock()
+			if running {
+				t.Errorf("the parked container %s runs after a dockerd restart", old.Name)
+			}
+			newTestReplacer(t, nil, f, "n1", 0).recreator.recoverAtStart(t.Context())
+			app, err := f.InspectContainerWithContext("app", t.Context())
+			if err != nil || !app.State.Running || (app.ID != c.ID) == !tt.onNew {
+				t.Fatalf("app after the settle: %+v, %v; want running, the new container: %v", app, err, tt.onNew)
+			}
+			if pol := app.HostConfig.RestartPolicy; pol.Name != "always" {
+				t.Errorf("app's restart policy %+v; want always", pol)
+			}
+			if p := parkedLeft(f); len(p) != 0 {
+				t.Errorf("parked containers left: %v", p)
+			}
+		})
+	}
+}
+
+func TestParkedNamePolicy(t *testing.T) {
+	const id = "0123456789abcdef"
+	for _, pol := range []docker.RestartPolicy{{}, {Name: "no"}, docker.AlwaysRestart(), docker.RestartUnlessStopped(), docker.RestartOnFailure(0), docker.RestartOnFailure(3)} {
+		n := parkedNameWith("my-app", id, pol)
+		base, got, ok := parseParked("/"+n, id)
+		want := pol
+		if !restarts(pol) {
+			want = docker.RestartPolicy{}
+		}
+		if !ok || base != "my-app" || got != want {
+			t.Errorf("parseParked(%q) = %q, %+v, %v; want my-app, %+v", n, base, got, ok, want)
+		}
+	}
+	for _, n := range []string{"app-deployer-old-0123456789ab.sometimes", "app-deployer-old-0123456789ab.on-failure-x", "app-deployer-old-0123456789abc"} {
+		if _, _, ok := parseParked(n, id); ok {
+			t.Errorf("parseParked(%q) ok; want not a parked name", n)
+		}
+	}
+}
+
+// TestParkUpdateFails: when dockerd refuses to set the restart policy to
+// no, nothing stays parked and nothing is stopped.
+func TestParkUpdateFails(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	f.containerByName("app").HostConfig = &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.AlwaysRestart()}
+	f.failNext("UpdateContainer", &docker.Error{Status: 500, Message: "Cannot update container"})
+	r := newTestReplacer(t, nil, f, "n1", 0).recreator
+	if err := r.recreate(t.Context(), c, nil, nil); err == nil || !strings.Contains(err.Error(), "restart policy") {
+		t.Fatalf("recreate = %v; want the failed update", err)
+	}
+	if app := f.containerByName("app"); app == nil || app.ID != c.ID || !app.Running || app.HostConfig.RestartPolicy.Name != "always" {
+		t.Errorf("app after a failed park: %+v; want the old container running, --restart always", app)
+	}
+	if p := parkedLeft(f); len(p) != 0 || len(f.stops) != 0 {
+		t.Errorf("parked %v, stopped %v; want neither", p, f.stops)
 	}
 }

@@ -30,9 +30,8 @@ type imageAPI interface {
 	ListImages(docker.ListImagesOptions) ([]docker.APIImages, error)
 	// PullImage pulls one tag, reading the progress stream to its end.
 	PullImage(docker.PullImageOptions, docker.AuthConfiguration) error
-	// InspectImage reads one image, by ID or reference. It has no
-	// context variant.
-	InspectImage(name string) (*docker.Image, error)
+	// InspectImageWithContext reads one image, by ID or reference.
+	InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error)
 }
 
 // puller finds the local tags of a repository and pulls them.
@@ -111,28 +110,14 @@ func repoDigests(repo reference.Named, rds []string) []string {
 func (p *puller) image(ctx context.Context, ref reference.NamedTagged) (string, []string, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.callTimeout)
 	defer cancel()
-	type answer struct {
-		img *docker.Image
-		err error
-	}
-	ch := make(chan answer, 1) // the call outlives a deadline: it must not block
-	go func() {
-		img, err := p.docker.InspectImage(ref.String())
-		ch <- answer{img, err}
-	}()
-	var a answer
-	select {
-	case a = <-ch:
-	case <-ctx.Done():
-		a.err = ctx.Err()
-	}
+	img, err := p.docker.InspectImageWithContext(ctx, ref.String())
 	switch {
-	case errors.Is(a.err, docker.ErrNoSuchImage):
+	case errors.Is(err, docker.ErrNoSuchImage):
 		return "", nil, nil
-	case a.err != nil:
-		return "", nil, fmt.Errorf("inspect %s: %w", reference.FamiliarString(ref), a.err)
+	case err != nil:
+		return "", nil, fmt.Errorf("inspect %s: %w", reference.FamiliarString(ref), err)
 	}
-	return a.img.ID, repoDigests(ref, a.img.RepoDigests), nil
+	return img.ID, repoDigests(ref, img.RepoDigests), nil
 }
 
 // pulled is what a pull's progress stream said at its end.

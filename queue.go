@@ -30,41 +30,42 @@ type deployEvent struct {
 // job is one deploy of one repository: the union of the events that came
 // in for it while it waited.
 type job struct {
-	Repo    string
-	All     bool                // every local tag
-	Tags    map[string]struct{} // the tags named by events, when !All
-	Digests map[string]string   // tag -> manifest digest pushed, when the trigger said
-	Revs    []int64             // trigger revisions this job completes
-	Seen    time.Time           // when its first event came
+	Repo string
+	All  bool                // every local tag
+	Tags map[string]struct{} // the tags named by events, when !All
+	// Digests: tag -> manifest digest pushed, as the latest trigger of
+	// the tag said; "" when it said none (pushed again, digest unknown).
+	// Only triggers change it, never a local (re-pull) event.
+	Digests map[string]string
+	// PushedAll: a trigger for every tag came, so no digest of an older
+	// job applies (absorb).
+	PushedAll bool
+	Revs      []int64   // trigger revisions this job completes
+	Seen      time.Time // when its first event came
 
 	// Set once an attempt has failed with a retryable error.
 	Attempts    int       // failed attempts so far
+	Tries       int       // failed attempts since the latest trigger: the backoff's exponent
 	FirstFail   time.Time // when the first attempt failed
 	LastErr     error     // what the last attempt failed with
-	DigestSince time.Time // when a pushed digest was first found missing
+	DigestSince time.Time // when a pushed digest was first found missing since the latest trigger
 	Told        bool      // a failure was announced (Slack): its recovery will be
 }
 
+// merge adds an event to the job. A trigger (an event with a revision:
+// a newer push) decides the digests of the tags it names and restarts
+// the wait for a pushed digest and the backoff; a local event (the
+// periodic re-pull) only adds its tags.
 func (j *job) merge(ev deployEvent) {
 	if j.Seen.IsZero() {
 		j.Seen = time.Now()
 	}
 	if ev.Rev != 0 {
 		j.Revs = append(j.Revs, ev.Rev)
-	}
-	for t, d := range ev.Digests { // a later push of a tag wins
-		if j.Digests == nil {
-			j.Digests = map[string]string{}
-		}
-		j.Digests[t] = d
-	}
-	for _, t := range ev.Tags {
-		if _, ok := ev.Digests[t]; !ok {
-			delete(j.Digests, t) // pushed again, digest unknown
-		}
+		j.pushed(ev)
 	}
 	if ev.Tags == nil {
-		j.All, j.Tags, j.Digests = true, nil, nil
+		j.All, j.Tags = true, nil
 		return
 	}
 	if j.All {
@@ -78,9 +79,35 @@ func (j *job) merge(ev deployEvent) {
 	}
 }
 
+// pushed records a trigger's digests: a later push of a tag wins, a tag
+// pushed without a digest has none known any more. A newer push restarts
+// the wait for its digest and the backoff: the registry serves a new
+// manifest, whatever it did with the previous one.
+func (j *job) pushed(ev deployEvent) {
+	j.DigestSince, j.Tries = time.Time{}, 0
+	if ev.Tags == nil {
+		j.Digests, j.PushedAll = nil, true
+	}
+	for t, d := range ev.Digests {
+		if j.Digests == nil {
+			j.Digests = map[string]string{}
+		}
+		j.Digests[t] = d
+	}
+	for _, t := range ev.Tags {
+		if _, ok := ev.Digests[t]; !ok {
+			if j.Digests == nil {
+				j.Digests = map[string]string{}
+			}
+			j.Digests[t] = "" // pushed again, digest unknown
+		}
+	}
+}
+
 // absorb merges a failed job into the newer one that waits behind it: the
-// newer events win where they say something (tags, digests), the failed
-// job's revisions and retry state carry over.
+// newer triggers win where they say something (digests), the failed
+// job's tags, revisions and retry state carry over; a newer trigger
+// restarts the digest wait and the backoff (pushed).
 func (j *job) absorb(failed job) {
 	if !failed.Seen.IsZero() && (j.Seen.IsZero() || failed.Seen.Before(j.Seen)) {
 		j.Seen = failed.Seen
@@ -96,10 +123,10 @@ func (j *job) absorb(failed job) {
 			j.Tags[t] = struct{}{}
 		}
 	}
-	newDigests := len(j.Digests) > 0
+	newPush := len(j.Revs) > len(failed.Revs) // the newer job's own revisions come after the failed job's
 	for t, d := range failed.Digests {
-		if _, newer := j.Tags[t]; newer || j.All {
-			continue // pushed again: the newer event decides
+		if _, newer := j.Digests[t]; newer || j.PushedAll {
+			continue // pushed again: the newer trigger decides
 		}
 		if j.Digests == nil {
 			j.Digests = map[string]string{}
@@ -107,8 +134,8 @@ func (j *job) absorb(failed job) {
 		j.Digests[t] = d
 	}
 	j.Attempts, j.FirstFail, j.LastErr, j.Told = failed.Attempts, failed.FirstFail, failed.LastErr, failed.Told
-	if !newDigests {
-		j.DigestSince = failed.DigestSince
+	if !newPush {
+		j.DigestSince, j.Tries = failed.DigestSince, failed.Tries
 	}
 }
 
@@ -137,6 +164,7 @@ type deployQueue struct {
 	quiet    time.Duration
 	maxWait  time.Duration
 	grace    time.Duration // for deploys in flight at the stop
+	cutWait  time.Duration // for deploys cancelled after grace to return
 	log      *slog.Logger
 
 	work       context.Context // every deploy's; ends at the stop, after grace
@@ -160,6 +188,9 @@ type repoState struct {
 const (
 	followUpQuiet   = 500 * time.Millisecond
 	followUpMaxWait = 5 * time.Second
+	// cutWait bounds the queue's last wait at the stop: deploys still
+	// running after the grace are cancelled, and get this long to return.
+	cutWait = time.Second
 )
 
 // newDeployQueue returns a queue that runs at most n deploys at once, and
@@ -171,13 +202,14 @@ func newDeployQueue(n int, grace time.Duration, deploy func(context.Context, job
 	return &deployQueue{
 		deploy: deploy, done: done, sem: make(chan struct{}, n), repos: map[string]*repoState{}, queued: m.queued,
 		retrying: m.retrying, retry: retryPolicy{min: retryMin, max: retryMax}, stopping: make(chan struct{}),
-		quiet: followUpQuiet, maxWait: followUpMaxWait, grace: grace, log: log, work: work, cancelWork: cancel,
+		quiet: followUpQuiet, maxWait: followUpMaxWait, grace: grace, cutWait: cutWait, log: log, work: work, cancelWork: cancel,
 	}
 }
 
 // run returns once ctx has ended and the queue has stopped: waits for a
-// retry end at once, deploys in flight get the grace period to finish and
-// are cancelled after it. Every trigger whose deploy did not finish stays
+// retry or a deploy slot end at once (no deploy starts once the stop
+// began), deploys in flight get the grace period to finish and are
+// cancelled after it; run waits cutWait more for them, no longer. Every trigger whose deploy did not finish stays
 // open (cancelledAtShutdown), and so does every event submitted after the
 // stop began: the next start replays them.
 func (q *deployQueue) run(ctx context.Context) error {
@@ -195,7 +227,16 @@ func (q *deployQueue) run(ctx context.Context) error {
 	case <-grace.C:
 		q.log.Warn("deploys still running at shutdown, cancelling them", "grace", q.grace)
 		q.cancelWork()
-		<-drained
+		// Every Docker and etcd call of a deploy has a deadline and
+		// honours the cancellation; a deploy that still does not return
+		// must not hold the stop: the rest of the stop goes on.
+		cut := time.NewTimer(q.cutWait)
+		defer cut.Stop()
+		select {
+		case <-drained:
+		case <-cut.C:
+			q.log.Warn("deploys still running after their cancellation; stopping without them", "waited", q.cutWait)
+		}
 	}
 	q.cancelWork()
 	return nil
@@ -290,9 +331,7 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 			leave()
 			return
 		}
-		select {
-		case q.sem <- struct{}{}:
-		case <-ctx.Done(): // cancelledAtShutdown
+		if !q.acquire(ctx) { // the stop began: the revisions stay open
 			leave()
 			return
 		}
@@ -318,6 +357,7 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 				j.DigestSince = time.Now()
 			}
 			j.Attempts++
+			j.Tries++
 			j.Told = j.Told || !quietRetry(err)
 			if j.FirstFail.IsZero() {
 				j.FirstFail = time.Now()
@@ -330,7 +370,7 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 				retry = false
 			} else {
 				st.next = j
-				st.retryAt = time.Now().Add(q.retry.delay(err, j.Attempts))
+				st.retryAt = time.Now().Add(q.retry.delay(err, j.Tries))
 				select { // a kick from events merged before the failure
 				case <-st.kick:
 				default:
@@ -345,6 +385,27 @@ func (q *deployQueue) worker(ctx context.Context, repo string, st *repoState) {
 			return
 		}
 		q.mu.Unlock()
+	}
+}
+
+// acquire takes a deploy slot. It reports false, holding none, once the
+// stop has begun: a deploy that has not started by then does not start
+// (its revisions stay open for the next start), even if a slot frees
+// during the grace given to the deploys in flight.
+func (q *deployQueue) acquire(ctx context.Context) bool {
+	select {
+	case q.sem <- struct{}{}:
+	case <-q.stopping:
+		return false
+	case <-ctx.Done(): // cancelledAtShutdown
+		return false
+	}
+	select {
+	case <-q.stopping: // both were ready: the stop wins
+		<-q.sem
+		return false
+	default:
+		return true
 	}
 }
 
@@ -376,15 +437,17 @@ func (q *deployQueue) waitRetry(ctx context.Context, st *repoState) bool {
 	}
 }
 
-// stopRetries ends every wait for a retry at once (the daemon is
-// stopping): their revisions stay open and the next start replays them.
-// Deploys in flight and follow-ups are not affected.
+// stopRetries ends every wait for a retry, a follow-up's settling or a
+// deploy slot at once (the daemon is stopping): their revisions stay
+// open and the next start replays them. Deploys in flight are not
+// affected.
 func (q *deployQueue) stopRetries() {
 	q.stopOnce.Do(func() { close(q.stopping) })
 }
 
 // settle waits, before a follow-up deploy, until no event has come for
-// q.quiet, or q.maxWait has passed. It reports false if ctx ended first.
+// q.quiet, or q.maxWait has passed. It reports false if ctx ended or the
+// stop began first.
 func (q *deployQueue) settle(ctx context.Context, st *repoState) bool {
 	deadline := time.Now().Add(q.maxWait)
 	for {
@@ -394,8 +457,15 @@ func (q *deployQueue) settle(ctx context.Context, st *repoState) bool {
 		if wait <= 0 {
 			return true
 		}
-		if !sleepCtx(ctx, wait) {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
 			return false
+		case <-q.stopping:
+			t.Stop()
+			return false
+		case <-t.C:
 		}
 	}
 }

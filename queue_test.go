@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"maps"
 	"slices"
 	"sync"
@@ -243,4 +244,226 @@ func TestJobMerge(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestNoDeployStartsAfterStop: a worker waiting for a deploy slot when
+// the stop begins does not start its deploy when a slot frees during the
+// grace; its trigger stays open.
+func TestNoDeployStartsAfterStop(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var started []string
+		var done []int64
+		q := newDeployQueue(1, time.Hour, func(ctx context.Context, j job) error {
+			started = append(started, j.Repo)
+			if j.Repo == "a" {
+				<-release
+			}
+			return nil
+		}, func(revs []int64) { done = append(done, revs...) }, testLogger(t), newMetrics())
+		ctx, stop := context.WithCancel(t.Context())
+		stopped := make(chan error)
+		go func() { stopped <- q.run(ctx) }()
+		q.submit(deployEvent{Repo: "a", Rev: 1})
+		synctest.Wait() // a deploys, in the only slot
+		q.submit(deployEvent{Repo: "b", Rev: 2})
+		synctest.Wait() // b waits for the slot
+		stop()
+		<-q.stopping // the stop began
+		close(release)
+		if err := <-stopped; err != nil {
+			t.Errorf("run = %v", err)
+		}
+		if !slices.Equal(started, []string{"a"}) {
+			t.Errorf("deploys started: %q; want only a: nothing starts once the stop began", started)
+		}
+		if !slices.Equal(done, []int64{1}) {
+			t.Errorf("done revisions %v; want [1]: b's trigger stays open for the next start", done)
+		}
+	})
+}
+
+// TestQueueStopIsBounded: a deploy that does not return when cancelled
+// (a call without a deadline) does not hold the stop: run returns
+// cutWait after the grace.
+func TestQueueStopIsBounded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		hung := make(chan struct{})
+		q := newDeployQueue(1, time.Minute, func(ctx context.Context, j job) error {
+			<-hung // ignores ctx
+			return nil
+		}, func([]int64) {}, testLogger(t), newMetrics())
+		ctx, stop := context.WithCancel(t.Context())
+		stopped := make(chan error)
+		go func() { stopped <- q.run(ctx) }()
+		q.submit(deployEvent{Repo: "a", Rev: 1})
+		synctest.Wait()
+		start := time.Now()
+		stop()
+		<-stopped
+		if took := time.Since(start); took != time.Minute+cutWait {
+			t.Errorf("run returned %v after the stop; want the grace plus %v", took, cutWait)
+		}
+		close(hung)
+		q.wait()
+	})
+}
+
+// TestJobMergeDigests: only a trigger changes a pushed digest; a local
+// (re-pull) event naming the same tag keeps it. A newer trigger restarts
+// the digest wait and the backoff.
+func TestJobMergeDigests(t *testing.T) {
+	since := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	failed := func() job {
+		return job{Repo: "r", Tags: map[string]struct{}{"qa": {}}, Digests: map[string]string{"qa": "sha256:1"}, Revs: []int64{1},
+			Attempts: 3, Tries: 3, DigestSince: since}
+	}
+	tests := []struct {
+		name        string
+		events      []deployEvent
+		absorb      bool // events form a newer job that absorbs the failed one; else they merge into it
+		wantDigest  string
+		wantTries   int
+		wantWaiting bool // DigestSince kept
+	}{
+		{"re-pull naming the tag", []deployEvent{{Tags: []string{"qa"}}}, false, "sha256:1", 3, true},
+		{"re-pull of every tag", []deployEvent{{}}, false, "sha256:1", 3, true},
+		{"newer push with a digest", []deployEvent{{Tags: []string{"qa"}, Digests: map[string]string{"qa": "sha256:2"}, Rev: 2}}, false, "sha256:2", 0, false},
+		{"newer push without a digest", []deployEvent{{Tags: []string{"qa"}, Rev: 2}}, false, "", 0, false},
+		{"newer push of another tag", []deployEvent{{Tags: []string{"prod"}, Digests: map[string]string{"prod": "sha256:3"}, Rev: 2}}, false, "sha256:1", 0, false},
+		{"newer push of every tag", []deployEvent{{Rev: 2}}, false, "", 0, false},
+		{"absorbed by a re-pull", []deployEvent{{Tags: []string{"qa"}}}, true, "sha256:1", 3, true},
+		{"absorbed by a re-pull of every tag", []deployEvent{{}}, true, "sha256:1", 3, true},
+		{"absorbed by a newer push", []deployEvent{{Tags: []string{"qa"}, Digests: map[string]string{"qa": "sha256:2"}, Rev: 2}}, true, "sha256:2", 0, false},
+		{"absorbed by a newer push without a digest", []deployEvent{{Tags: []string{"qa"}, Rev: 2}}, true, "", 0, false},
+		{"absorbed by a newer push of every tag", []deployEvent{{Rev: 2}}, true, "", 0, false},
+		{"absorbed by a newer push of another tag", []deployEvent{{Tags: []string{"prod"}, Rev: 2}}, true, "sha256:1", 0, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			j := failed()
+			if tt.absorb {
+				var newer job
+				for _, ev := range tt.events {
+					newer.merge(ev)
+				}
+				newer.absorb(j)
+				j = newer
+			} else {
+				for _, ev := range tt.events {
+					j.merge(ev)
+				}
+			}
+			if got := j.Digests["qa"]; got != tt.wantDigest {
+				t.Errorf("digest of qa = %q; want %q", got, tt.wantDigest)
+			}
+			if j.Tries != tt.wantTries || j.Attempts != 3 {
+				t.Errorf("tries %d, attempts %d; want %d, 3", j.Tries, j.Attempts, tt.wantTries)
+			}
+			if waiting := !j.DigestSince.IsZero(); waiting != tt.wantWaiting {
+				t.Errorf("digest wait kept = %v; want %v", waiting, tt.wantWaiting)
+			}
+			if !slices.Contains(j.Revs, 1) {
+				t.Errorf("revisions %v lost the failed job's", j.Revs)
+			}
+		})
+	}
+}
+
+// TestNewPushRestartsDigestWait: a push that comes while a job has waited
+// more than digestWait for a previous push's digest gets its own wait and
+// the first step of the backoff; it does not give up at once.
+func TestNewPushRestartsDigestWait(t *testing.T) {
+	const (
+		old, newer = "sha256:aaaaaaaaaaaa1111", "sha256:bbbbbbbbbbbb2222"
+		dOld       = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
+		dNew       = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+		dNewer     = "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+	)
+	synctest.Test(t, func(t *testing.T) {
+		h := newRetryHarness(t)
+		h.q.retry = retryPolicy{min: 5 * time.Minute, max: time.Hour} // first retry after 2.5-5 min, the second after 5-10
+		h.f.local["reg:5000/app:qa"] = old
+		h.f.remote["reg:5000/app:qa"] = newer
+		h.reg.repoDigests[old] = []string{"reg:5000/app@" + dOld}
+		h.reg.oldDigest["reg:5000/app:qa"] = dOld
+		h.reg.digest["reg:5000/app:qa"] = dNew
+		h.reg.stale["reg:5000/app:qa"] = 1000 // the first push's manifest is never served
+		h.f.addContainer("app", "reg:5000/app:qa")
+		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Digests: map[string]string{"qa": dNew}, Rev: 10})
+		if err := <-h.runs; !errors.Is(err, errDigestMismatch) {
+			t.Fatalf("first attempt = %v; want %v", err, errDigestMismatch)
+		}
+		synctest.Wait()
+		time.Sleep(digestWait + time.Second) // the fake clock: the retry is not due yet
+		h.f.mu.Lock()
+		h.reg.digest["reg:5000/app:qa"] = dNewer // pushed again; served after one more stale pull
+		h.f.mu.Unlock()
+		h.reg.rmu.Lock()
+		h.reg.stale["reg:5000/app:qa"] = 1
+		h.reg.rmu.Unlock()
+		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Digests: map[string]string{"qa": dNewer}, Rev: 11})
+		err := <-h.runs
+		if !errors.Is(err, errDigestMismatch) || errors.Is(err, errDigestGaveUp) {
+			t.Fatalf("attempt after the newer push = %v; want %v, retried: the new push's digest has its own wait", err, errDigestMismatch)
+		}
+		synctest.Wait()
+		p := h.q.pending()
+		if len(p) != 1 || p[0].Next.Sub(time.Now()) > 5*time.Minute {
+			t.Fatalf("pending %+v; want one retry within 5 min: the newer push restarts the backoff", p)
+		}
+		if err := <-h.runs; err != nil {
+			t.Fatalf("attempt once the newer digest is served = %v", err)
+		}
+		h.q.wait()
+		if w := h.p.watermark(); w != 11 {
+			t.Errorf("watermark = %d; want 11", w)
+		}
+		if n := len(running(h.f)); n != 0 {
+			t.Errorf("app still on the old version")
+		}
+		for _, r := range h.n.reports {
+			if r.failed() {
+				t.Errorf("failure reported: %s", r.text())
+			}
+		}
+	})
+}
+
+// TestRepullKeepsPushedDigest: the periodic re-pull of a tag whose pushed
+// digest is not served yet does not erase the digest: the deploy goes on
+// waiting for it instead of closing the trigger on the old manifest.
+func TestRepullKeepsPushedDigest(t *testing.T) {
+	const (
+		old, newer = "sha256:aaaaaaaaaaaa1111", "sha256:bbbbbbbbbbbb2222"
+		dOld       = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
+		dNew       = "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+	)
+	synctest.Test(t, func(t *testing.T) {
+		h := newRetryHarness(t)
+		h.q.retry = retryPolicy{min: time.Minute, max: time.Minute}
+		h.f.local["reg:5000/app:qa"] = old
+		h.f.remote["reg:5000/app:qa"] = newer
+		h.reg.repoDigests[old] = []string{"reg:5000/app@" + dOld}
+		h.reg.oldDigest["reg:5000/app:qa"] = dOld
+		h.reg.digest["reg:5000/app:qa"] = dNew
+		h.reg.stale["reg:5000/app:qa"] = 2 // the push's attempt and the re-pull's get the previous manifest
+		h.f.addContainer("app", "reg:5000/app:qa")
+		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Digests: map[string]string{"qa": dNew}, Rev: 10})
+		if err := <-h.runs; !errors.Is(err, errDigestMismatch) {
+			t.Fatalf("first attempt = %v; want %v", err, errDigestMismatch)
+		}
+		synctest.Wait()
+		h.q.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}}) // the periodic re-pull
+		if err := <-h.runs; !errors.Is(err, errDigestMismatch) {
+			t.Fatalf("attempt after the re-pull = %v; want %v: the pushed digest is still awaited", err, errDigestMismatch)
+		}
+		h.q.wait()
+		if n := len(running(h.f)); n != 0 {
+			t.Errorf("app still on the old version: the trigger was closed on the previous manifest")
+		}
+		if w := h.p.watermark(); w != 10 {
+			t.Errorf("watermark = %d; want 10", w)
+		}
+	})
 }

@@ -18,28 +18,21 @@ import (
 
 // recreateAPI is the part of the Docker client the recreate strategy uses.
 type recreateAPI interface {
-	// ListContainers lists containers, to find parked ones.
-	ListContainers(docker.ListContainersOptions) ([]docker.APIContainers, error)
 	// InspectContainerWithContext reads the old container's configuration.
 	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
-	// InspectImage reads the old image's defaults, left out of the copy.
-	InspectImage(name string) (*docker.Image, error)
+	// InspectImageWithContext reads the old image's defaults, left out
+	// of the copy.
+	InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error)
 	// CreateContainer creates the new container.
 	CreateContainer(opts docker.CreateContainerOptions) (*docker.Container, error)
-	// StartContainerWithContext starts the new container (or the old one
-	// again).
+	// StartContainerWithContext starts the new container.
 	StartContainerWithContext(id string, hostConfig *docker.HostConfig, ctx context.Context) error
-	// RenameContainer parks the old container under another name.
-	RenameContainer(opts docker.RenameContainerOptions) error
-	// RemoveContainer removes the old container once the new one is up
-	// (or the new one, on failure).
-	RemoveContainer(opts docker.RemoveContainerOptions) error
 }
 
 // recreator re-creates containers on their new image.
 type recreator struct {
 	docker      recreateAPI
-	stopper     *restarter // stops the old container
+	stopper     *restarter // parks, stops and puts back the old container (parked.go)
 	wait        *upWaiter
 	callTimeout time.Duration
 	log         *slog.Logger
@@ -56,14 +49,24 @@ func newRecreator(dc recreateAPI, stopper *restarter, wait *upWaiter, log *slog.
 // just before the first change, may refuse it (the rollout slot was
 // lost). Errors wrapping errReplacement mean the new version ran and
 // failed; any other error is node-local. Either way the old container is
-// put back and started.
+// put back and started; if that fails, its parked name stays as the
+// record, settled later (parked.go).
 func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(context.Context) error, lost <-chan struct{}) error {
+	held := c.Name
+	if base, ok := parkedBase(held, c.ID); ok {
+		held = base
+	}
+	release, err := r.stopper.hold(ctx, held)
+	if err != nil {
+		return err
+	}
+	defer release()
 	// The stale scan's inspect and list, when just made (scan.go).
 	old, noParked := c.scan.fresh(time.Now())
 	if !noParked {
 		// (parked.go) Settle a re-create of this container a crash
 		// interrupted; that may rename c, so inspect it again after.
-		if err := r.settleParked(ctx, c); err != nil {
+		if _, err := r.stopper.settleParked(ctx, c); err != nil {
 			return err
 		}
 		old = nil
@@ -83,35 +86,30 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	}
 	// The old image's defaults (env, labels, command) were merged into
 	// the container's configuration; leave them out so that the new
-	// image's own defaults apply. InspectImage has no context variant.
+	// image's own defaults apply.
 	var defaults *docker.Config
-	if img, err := r.docker.InspectImage(old.Image); err == nil {
+	ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	img, err := r.docker.InspectImageWithContext(ictx, old.Image)
+	cancel()
+	if err == nil {
 		defaults = img.Config
 	}
 	cfg, host, netcfg := cloneConfig(old, defaults, c.NewID)
 
 	name := strings.TrimPrefix(old.Name, "/")
-	parked := parkedName(name, old.ID)
+	pol := restartPolicy(old)
 	if err := callGuard(ctx, guard); err != nil {
 		return err
 	}
-	if err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: old.ID, Name: parked, Context: ctx}); err != nil {
-		return fmt.Errorf("rename %s: %w", name, err)
+	if err := r.stopper.park(ctx, old.ID, name, pol); err != nil {
+		return err
 	}
-	restore := func(newID string, cause error) error {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout+r.stopper.stopBudget())
-		defer cancel()
-		if newID != "" {
-			_ = r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: newID, Force: true, Context: rctx})
-		}
-		if err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: old.ID, Name: name, Context: rctx}); err != nil {
+	// restore puts the old container back: whatever is called name now
+	// (the new container, or one whose create timed out but happened) is
+	// found by name and removed, each step retried (parked.go putBack).
+	restore := func(cause error) error {
+		if err := r.stopper.putBack(ctx, name, old.ID, pol); err != nil {
 			return fmt.Errorf("%w; restoring %s failed too: %w", cause, name, err)
-		}
-		if err := r.docker.StartContainerWithContext(old.ID, nil, rctx); err != nil {
-			var running *docker.ContainerAlreadyRunning
-			if !errors.As(err, &running) {
-				return fmt.Errorf("%w; restarting the old %s failed too: %w", cause, name, err)
-			}
 		}
 		r.log.Warn("restored the old container", "container", name, "err", cause)
 		return cause
@@ -120,7 +118,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	ev := r.wait.watch()
 	defer ev.close()
 	if err := r.stopper.stopOne(ctx, c); err != nil {
-		return restore("", err)
+		return restore(err)
 	}
 	recreateHook(ctx, "parked") // (parked.go) tests crash here
 	cctx, cancel := context.WithTimeout(ctx, r.callTimeout)
@@ -129,7 +127,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	})
 	cancel()
 	if err != nil {
-		return restore("", fmt.Errorf("create %s: %w", name, err))
+		return restore(fmt.Errorf("create %s: %w", name, err))
 	}
 	sctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	err = r.docker.StartContainerWithContext(created.ID, nil, sctx)
@@ -139,9 +137,9 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	case errors.As(err, &refused):
 		// The daemon answered and refused: the new version cannot run
 		// (no such executable, a bad mount of the new image).
-		return restore(created.ID, fmt.Errorf("%w: start %s: %v", errReplacement, name, err)) //nolint:errorlint // %v: the inner error must not make a failed replacement retryable (see retryable)
+		return restore(fmt.Errorf("%w: start %s: %v", errReplacement, name, err)) //nolint:errorlint // %v: the inner error must not make a failed replacement retryable (see retryable)
 	case err != nil:
-		return restore(created.ID, fmt.Errorf("start %s: %w", name, err))
+		return restore(fmt.Errorf("start %s: %w", name, err))
 	}
 	err = r.wait.wait(ctx, ev, target{name: name, id: created.ID, oldID: old.ID, newID: c.NewID}, lost)
 	switch {
@@ -150,19 +148,17 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 		// Shutting down while the new container comes up: keep it
 		// unless it has already failed, and finish.
 		if ferr := r.judgeNow(ctx, created.ID, c.NewID); ferr != nil {
-			return restore(created.ID, ferr)
+			return restore(ferr)
 		}
 		r.log.Info("shutting down while the new container comes up; keeping it", "container", name)
 	case errors.Is(err, errNoReplacement):
-		return restore(created.ID, fmt.Errorf("%w: %s vanished: %v", errReplacement, name, err)) //nolint:errorlint // %v: the inner error must not make a failed replacement retryable (see retryable)
+		return restore(fmt.Errorf("%w: %s vanished: %v", errReplacement, name, err)) //nolint:errorlint // %v: the inner error must not make a failed replacement retryable (see retryable)
 	default:
-		return restore(created.ID, err)
+		return restore(err)
 	}
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
-	defer cancel()
-	if err := r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: old.ID, Context: rctx}); err != nil {
-		r.log.Warn("could not remove the old container", "container", parked, "err", err)
-	}
+	// With force: a dockerd restart may have started it again. A failure
+	// is logged, and the settle removes it later.
+	_ = r.stopper.removeParked(ctx, name, old.ID)
 	r.metrics.containersRecreated.Inc()
 	r.log.Info("recreated container", "container", name, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
 	return ctx.Err()

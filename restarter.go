@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/distribution/reference"
@@ -27,6 +28,14 @@ type containerAPI interface {
 	StopContainerWithContext(id string, timeout uint, ctx context.Context) error
 	// StartContainerWithContext starts a stopped container again.
 	StartContainerWithContext(id string, hostConfig *docker.HostConfig, ctx context.Context) error
+	// RenameContainer parks a container, and puts it back (parked.go).
+	RenameContainer(opts docker.RenameContainerOptions) error
+	// UpdateContainer sets a parked container's restart policy to "no",
+	// and restores it (parked.go).
+	UpdateContainer(id string, opts docker.UpdateContainerOptions) error
+	// RemoveContainer removes a parked container once its replacement
+	// runs, or what holds its name when it is put back (parked.go).
+	RemoveContainer(opts docker.RemoveContainerOptions) error
 }
 
 // staleContainer is a running container whose tag now points at another
@@ -54,8 +63,13 @@ type restarter struct {
 	killTimeout time.Duration
 	selfID      string // the deployer's own container, never stopped
 	callTimeout time.Duration
+	retryBase   time.Duration // backoff between the tries of a put-back step
 	log         *slog.Logger
 	metrics     *metrics
+
+	mu     sync.Mutex
+	held   map[string]chan struct{} // names being parked, replaced or put back here (parked.go hold)
+	settle chan struct{}            // capacity 1: wakes the settle of leftovers (parked.go)
 }
 
 // newRestarter returns the stop strategy on dc: stops give killTimeout of
@@ -63,7 +77,10 @@ type restarter struct {
 // deployer's own, "" outside a container) is never stopped. It starts
 // nothing.
 func newRestarter(dc containerAPI, wait *upWaiter, killTimeout time.Duration, selfID string, log *slog.Logger, m *metrics) *restarter {
-	return &restarter{docker: dc, wait: wait, killTimeout: killTimeout, selfID: selfID, callTimeout: callTimeout, log: log, metrics: m}
+	return &restarter{
+		docker: dc, wait: wait, killTimeout: killTimeout, selfID: selfID, callTimeout: callTimeout, retryBase: 500 * time.Millisecond,
+		log: log, metrics: m, held: map[string]chan struct{}{}, settle: make(chan struct{}, 1),
+	}
 }
 
 // stale returns the running containers of repo started by one of the tags
@@ -81,6 +98,7 @@ func (r *restarter) stale(ctx context.Context, repo reference.Named, current map
 		return nil, fmt.Errorf("list containers: %w", err)
 	}
 	parked := parkedBases(list)
+	r.noteLeftovers(list) // (parked.go) every deploy settles what a crash or a failed put-back left
 	var out []staleContainer
 	for _, c := range list {
 		if !listedRunning(c) || !r.candidate(c, repo) || r.isSelf(c.ID) {
@@ -160,46 +178,116 @@ func (r *restarter) stopBudget() time.Duration {
 	return r.killTimeout + r.callTimeout
 }
 
-// stopAndWait is the stop strategy: stop the container and wait for its
-// supervisor to start the replacement on the new image. guard, called
-// just before the stop, may refuse it (the rollout slot was lost). When
-// nothing at all replaced the container within the bound, the host does
-// not supervise it: the old container is started again, and the error
-// wraps errUnsupervised (not a failure of the version).
+// stopAndWait is the stop strategy: park the container (parked.go), stop
+// it and wait for its supervisor to start the replacement on the new
+// image. guard, called just before the first change, may refuse it (the
+// rollout slot was lost). When nothing at all replaced the container
+// within the bound, the host does not supervise it: the old container is
+// put back and started again, and the error wraps errUnsupervised (not a
+// failure of the version). When the wait ends otherwise (a shutdown, Docker
+// not answering) and nothing replaced it, it is put back too: a container
+// the deployer stopped never stays down because the deployer stopped.
 func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard func(context.Context) error, lost <-chan struct{}) error {
+	name := c.Name
+	if base, ok := parkedBase(name, c.ID); ok {
+		name = base
+	}
+	release, err := r.hold(ctx, name)
+	if err != nil {
+		return err
+	}
+	defer release()
+	pol, err := r.settleBeforeStop(ctx, &c)
+	if err != nil {
+		return err
+	}
 	ev := r.wait.watch()
 	defer ev.close()
 	if err := callGuard(ctx, guard); err != nil {
 		return err
 	}
 	start := time.Now()
-	if err := r.stopOne(ctx, c); err != nil {
+	if err := r.park(ctx, c.ID, c.Name, pol); err != nil {
 		return err
 	}
-	err := r.wait.wait(ctx, ev, target{name: c.Name, oldID: c.ID, newID: c.NewID}, lost)
+	if err := r.stopOne(ctx, c); err != nil {
+		if perr := r.putBack(ctx, c.Name, c.ID, pol); perr != nil {
+			return fmt.Errorf("%w; putting %s back failed too: %w", err, c.Name, perr)
+		}
+		return err
+	}
+	err = r.wait.wait(ctx, ev, target{name: c.Name, oldID: c.ID, newID: c.NewID}, lost)
 	switch {
 	case err == nil:
 		r.log.Info("replacement up", "container", c.Name, "image", shortID(c.NewID), "took", time.Since(start).Round(time.Millisecond))
+		_ = r.removeParked(ctx, c.Name, c.ID) // as the supervisor's `docker rm -f` would have; logged inside
 	case errors.Is(err, errNoReplacement):
-		return r.restartOld(ctx, c)
+		return r.restartOld(ctx, c, pol)
+	case errors.Is(err, errReplacement):
+		// The supervisor's replacement holds the name: the old
+		// container is its business, as it would be unparked.
+		_ = r.removeParked(ctx, c.Name, c.ID)
+	default:
+		// Cut short (a shutdown) or Docker not answering: put it back
+		// unless something replaced it; otherwise leave the record to
+		// the settle, which judges the replacement.
+		r.settleNow(ctx, c, pol)
 	}
 	return err
+}
+
+// settleBeforeStop settles a parked container of c's name that a crash
+// left (c may be one itself, running between the rename and the stop;
+// c.Name becomes its name), and returns c's restart policy.
+func (r *restarter) settleBeforeStop(ctx context.Context, c *staleContainer) (docker.RestartPolicy, error) {
+	ctr, noParked := c.scan.fresh(time.Now())
+	if !noParked {
+		name, err := r.settleParked(ctx, *c)
+		if err != nil {
+			return docker.RestartPolicy{}, err
+		}
+		c.Name, ctr = name, nil
+	}
+	if ctr == nil {
+		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
+		var err error
+		ctr, err = r.docker.InspectContainerWithContext(c.ID, ictx)
+		cancel()
+		if err != nil {
+			return docker.RestartPolicy{}, fmt.Errorf("inspect %s: %w", c.Name, err)
+		}
+	}
+	return restartPolicy(ctr), nil
+}
+
+// settleNow puts the parked container c back at once when nothing is
+// called c.Name; otherwise the settle loop judges what is.
+func (r *restarter) settleNow(ctx context.Context, c staleContainer, pol docker.RestartPolicy) {
+	ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+	_, err := r.docker.InspectContainerWithContext(c.Name, ictx)
+	cancel()
+	if !isNoSuchContainer(err) {
+		wake(r.settle)
+		return
+	}
+	if err := r.putBack(ctx, c.Name, c.ID, pol); err != nil {
+		r.log.Error("could not put back the stopped container; will try again", "container", c.Name, "err", err)
+		return
+	}
+	r.log.Warn("the wait for a replacement was cut short and nothing replaced the container: started the old one again",
+		"container", c.Name, "image", shortID(c.ImageID))
 }
 
 // errUnsupervised: nothing replaced a stopped container; the old one was
 // started again. Not a failure of the version: it does not halt.
 var errUnsupervised = errors.New("unsupervised")
 
-// restartOld starts the stopped container again, on its old image, when
-// no supervisor replaced it.
-func (r *restarter) restartOld(ctx context.Context, c staleContainer) error {
+// restartOld puts the stopped container back and starts it again, on its
+// old image, when no supervisor replaced it.
+func (r *restarter) restartOld(ctx context.Context, c staleContainer, pol docker.RestartPolicy) error {
 	r.metrics.unsupervised.Inc()
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
-	defer cancel()
-	err := r.docker.StartContainerWithContext(c.ID, nil, ctx)
-	var running *docker.ContainerAlreadyRunning
-	if err != nil && !errors.As(err, &running) {
-		r.log.Error("nothing restarted the container, and starting the old one failed", "container", c.Name, "err", err)
+	if err := r.putBack(ctx, c.Name, c.ID, pol); err != nil {
+		r.log.Error("nothing restarted the container, and starting the old one failed; will try again", "container", c.Name, "err", err)
 		//nolint:errorlint // %v: the start error must not make an unsupervised container retryable (see retryable)
 		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %v (%w)",
 			c.Name, r.wait.timeout, err, errUnsupervised)

@@ -153,6 +153,8 @@ func retryable(err error) bool {
 		return false // nothing would replace it next time either: retrying only stops it again
 	case errors.Is(err, errDigestMismatch):
 		return true
+	case errors.Is(err, errDockerAway):
+		return true // node-local: the replacement could not be judged (upwait.go)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, docker.ErrConnectionRefused),
 		errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET):
 		return true

@@ -8,9 +8,20 @@ package main
 // once the replacement is up. A replacement that ran and failed halts the
 // rollout of that image ID on every node.
 //
+// What counts against maxUnavailable is what is down, as Kubernetes
+// counts it, not only the slots: every node's status reporter keeps a
+// down record per tag (status.go) listing its containers of the tag that
+// are restarting, paused, unhealthy or not yet healthy, no longer running,
+// or on a Docker daemon that does not answer. A slot is granted while the
+// containers in the slot keys ahead of it and in the down records, each
+// container once, number fewer than maxUnavailable; a node whose own
+// container is already down is granted at once: replacing it costs no
+// more downtime, and it goes before the healthy nodes that wait.
+//
 // etcd keys (etcd.go), under -etcd_prefix:
 //
-//	<prefix>/_rollout/<tag ref, path-escaped>/slots/<lease>-<node>-<container>  slot holders (lease-bound)
+//	<prefix>/_rollout/<tag ref, path-escaped>/slots/<lease>-<node>-<container>  slot holders (lease-bound), value "<node> <container>"
+//	<prefix>/_rollout/<tag ref, path-escaped>/down/<node>                      the node's containers of the tag that are down (lease-bound)
 //	<prefix>/_rollout/<tag ref, path-escaped>/halted                           {"image_id",…} of a failed version
 //
 // The guarantees, and the faults they hold under:
@@ -35,6 +46,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
@@ -160,17 +172,18 @@ func (r *rollout) acquireErr(ctx context.Context, err error) error {
 }
 
 // queue enters the queue of ref's slots and waits until fewer than
-// maxUnavailable keys are ahead of this one. Every count is made in a
-// transaction that first checks this node's key still exists under its
-// lease: a key that went with an expired lease is errSlotLost, never a
-// grant.
+// maxUnavailable containers other than c are unavailable (see read), or
+// c itself is down. Every count is made in a transaction that first
+// checks this node's key still exists under its lease: a key that went
+// with an expired lease is errSlotLost, never a grant.
 func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 	r := sl.r
 	lease := sl.sess.Lease()
 	dir := slotsDir(sl.ref)
 	reads := []clientv3.Op{
 		clientv3.OpGet(haltKey(sl.ref)),
-		clientv3.OpGet(dir, clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+		clientv3.OpGet(dir, clientv3.WithPrefix()),
+		clientv3.OpGet(downDir(sl.ref), clientv3.WithPrefix()),
 	}
 	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	resp, err := r.kv.Txn(tctx).Then(append([]clientv3.Op{clientv3.OpPut(sl.key, r.node+" "+c.Name, clientv3.WithLease(lease))}, reads...)...).Commit()
@@ -183,19 +196,30 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 	}
 	myRev := resp.Header.Revision // our key's create revision
 	watchFrom := myRev + 1
-	halted, ahead := sl.read(resp.Responses[1:], myRev)
+	u := sl.read(resp.Responses[1:], myRev, c.Name)
+	told := ""
 	for {
-		if halted != nil && halted.ImageID == c.NewID {
-			return &haltedError{halted}
+		if u.halted != nil && u.halted.ImageID == c.NewID {
+			return &haltedError{u.halted}
 		}
-		if ahead < r.maxUnavailable {
+		if u.selfDown || len(u.others) < r.maxUnavailable {
+			if u.selfDown {
+				r.log.Info("container already down: replacing it costs no more downtime, slot granted", "ref", sl.ref,
+					"container", c.Name, "unavailable", u.others)
+			}
 			return nil
 		}
-		// Wait for a holder to leave (or its lease to expire), then
-		// count again. Watching from the revision we counted at misses
-		// nothing; the timer is a safety net, the count is the truth.
+		if s := strings.Join(u.others, ", "); s != told {
+			told = s
+			r.log.Info("waiting for a rollout slot", "ref", sl.ref, "container", c.Name, "max_unavailable", r.maxUnavailable,
+				"unavailable", u.others)
+		}
+		// Wait for a holder to leave (or its lease to expire), or a
+		// down record to change, then count again. Watching from the
+		// revision we counted at misses nothing; the timer is a safety
+		// net, the count is the truth.
 		wctx, cancel := context.WithCancel(ctx)
-		ch := r.etcd.Watch(clientv3.WithRequireLeader(wctx), dir, clientv3.WithPrefix(), clientv3.WithRev(watchFrom), clientv3.WithFilterPut())
+		ch := r.etcd.Watch(clientv3.WithRequireLeader(wctx), rolloutPrefix(sl.ref), clientv3.WithPrefix(), clientv3.WithRev(watchFrom))
 		timer := time.NewTimer(sessionTTL * time.Second)
 		select {
 		case <-ch:
@@ -230,20 +254,52 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 			return errSlotLost
 		}
 		watchFrom = resp.Header.Revision + 1
-		halted, ahead = sl.read(resp.Responses, myRev)
+		u = sl.read(resp.Responses, myRev, c.Name)
 	}
 }
 
-// read decodes a halt record and counts the slot keys created before rev.
-func (sl *slot) read(rs []*etcdserverpb.ResponseOp, rev int64) (*halt, int) {
-	h := decodeHalt(rs[0].GetResponseRange().Kvs)
-	ahead := 0
-	for _, kv := range rs[1].GetResponseRange().Kvs {
-		if kv.CreateRevision < rev {
-			ahead++
+// unavailability is one count of a tag's unavailable containers.
+type unavailability struct {
+	halted   *halt
+	others   []string // "<node>/<container>" unavailable, besides the one to replace
+	selfDown bool     // the container to replace is down already
+}
+
+// read decodes, from the reads of queue (the halt record, the slot keys,
+// the down records), the halt and the containers of the tag unavailable
+// besides this node's container name: those of the slot keys created
+// before rev (replacements under way, or queued ahead) and those the
+// down records list, each container once.
+func (sl *slot) read(rs []*etcdserverpb.ResponseOp, rev int64, name string) unavailability {
+	u := unavailability{halted: decodeHalt(rs[0].GetResponseRange().Kvs)}
+	self := sl.r.node + "/" + name
+	seen := map[string]bool{self: true}
+	add := func(unit string) {
+		if !seen[unit] {
+			seen[unit] = true
+			u.others = append(u.others, unit)
 		}
 	}
-	return h, ahead
+	for _, kv := range rs[1].GetResponseRange().Kvs {
+		if kv.CreateRevision < rev {
+			node, ctr, _ := strings.Cut(string(kv.Value), " ")
+			add(node + "/" + ctr)
+		}
+	}
+	for _, kv := range rs[2].GetResponseRange().Kvs {
+		var d downRecord
+		if json.Unmarshal(kv.Value, &d) != nil {
+			continue
+		}
+		for _, c := range d.Containers {
+			if unit := d.Node + "/" + c.Name; unit == self {
+				u.selfDown = true
+			} else {
+				add(unit)
+			}
+		}
+	}
+	return u
 }
 
 // verify checks, in one etcd round trip, that the slot is still held under
@@ -331,14 +387,33 @@ func (r *rollout) halted(ctx context.Context, ref string) (*halt, int64, error) 
 	return decodeHalt(resp.Kvs), resp.Kvs[0].ModRevision, nil
 }
 
+// recordHalt writes the halt record of c's new image. It is called while
+// the node still holds the tag's slot, and the slot is freed only after it
+// returns: a node waiting for the slot reads the halt in the transaction
+// that would grant it, and so never rolls the failed version out. A write
+// that fails (etcd electing a leader, a timeout) is retried with capped
+// backoff for as long as the deploy runs, the slot kept meanwhile; only a
+// stop of the daemon ends the retries (the stop revokes the slot's lease).
 func (r *rollout) recordHalt(ctx context.Context, ref string, c staleContainer, cause error) {
 	h := halt{ImageID: c.NewID, Node: r.node, Container: c.Name, Reason: cause.Error(), Time: time.Now().UTC()}
 	b, _ := json.Marshal(h)
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
-	defer cancel()
-	if _, err := r.kv.Put(ctx, haltKey(ref), string(b)); err != nil {
-		r.log.Error("could not record the halted rollout", "ref", ref, "err", err)
-		return
+	for attempt := 1; ; attempt++ {
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+		_, err := r.kv.Put(pctx, haltKey(ref), string(b))
+		cancel()
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			r.log.Error("could not record the halted rollout before the stop", "ref", ref, "image", shortID(c.NewID), "err", err)
+			return
+		}
+		r.log.Warn("could not record the halted rollout; keeping the slot and retrying", "ref", ref, "image", shortID(c.NewID),
+			"attempt", attempt, "err", err)
+		if !sleepCtx(ctx, backoff(r.releaseBase, attempt)) {
+			r.log.Error("could not record the halted rollout before the stop", "ref", ref, "image", shortID(c.NewID), "err", err)
+			return
+		}
 	}
 	r.metrics.rolloutsHalted.Inc()
 	r.log.Warn("rollout halted", "ref", ref, "image", shortID(c.NewID), "container", c.Name, "err", cause)

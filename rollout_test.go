@@ -10,6 +10,7 @@ import (
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -20,7 +21,23 @@ type faultKV struct {
 	mu         sync.Mutex
 	deleteErrs int // the next deleteErrs deletes fail
 	deletes    int
+	putErrs    int // the next putErrs puts fail, as etcd's do while it elects a leader
+	puts       int
 	afterGet   func(key string)
+}
+
+func (k *faultKV) Put(ctx context.Context, key, val string, opts ...clientv3.OpOption) (*clientv3.PutResponse, error) {
+	k.mu.Lock()
+	k.puts++
+	fail := k.putErrs > 0
+	if fail {
+		k.putErrs--
+	}
+	k.mu.Unlock()
+	if fail {
+		return nil, rpctypes.ErrLeaderChanged
+	}
+	return k.KV.Put(ctx, key, val, opts...)
 }
 
 func (k *faultKV) Delete(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.DeleteResponse, error) {
@@ -629,4 +646,179 @@ func heldSession(r *rollout) *session {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.session
+}
+
+// TestHaltWriteRetriedBeforeSlotFreed: the halt record's write fails a few
+// times (etcd electing a leader); the node keeps its slot and retries, so
+// the node queued behind it reads the halt instead of being granted the
+// slot and rolling the broken version out.
+func TestHaltWriteRetriedBeforeSlotFreed(t *testing.T) {
+	const ref = "reg:5000/app:qa"
+	cli := testNS(t)
+	f1, c1 := rolloutFixture(t, true)
+	f1.stopped = make(chan string) // holds n1 right after its stop
+	p1 := newTestReplacer(t, cli, f1, "n1", 1)
+	kv := &faultKV{KV: cli, putErrs: 3}
+	p1.rollout.kv = kv
+	done := make(chan []outcome, 1)
+	go func() { done <- p1.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c1}) }()
+	slots := strings.TrimSuffix(slotsDir(ref), "/")
+	waitUntil(t, "n1 to hold the slot", func() bool { return countKeys(t, cli, slots) == 1 })
+
+	n2 := newTestReplacer(t, cli, newFakeDocker(), "n2", 1).rollout
+	type result struct {
+		sl  *slot
+		err error
+	}
+	got := make(chan result, 1)
+	go func() {
+		sl, err := n2.acquire(t.Context(), ref, staleContainer{ID: "b", Name: "app", Tag: "qa", NewID: c1.NewID})
+		got <- result{sl, err}
+	}()
+	waitUntil(t, "n2 to queue", func() bool { return countKeys(t, cli, slots) == 2 })
+	<-f1.stopped // n1's replacement now crashes; its halt write fails 3 times
+
+	out := mustGet(t, done, "n1's replace")
+	if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {
+		t.Fatalf("n1 replace = %+v; want errReplacement", out)
+	}
+	r := mustGet(t, got, "n2's acquire")
+	var h *haltedError
+	if r.sl != nil || !errors.As(r.err, &h) || h.h.ImageID != c1.NewID {
+		if r.sl != nil {
+			r.sl.release(t.Context())
+		}
+		t.Fatalf("n2 acquire = slot %v, %v; want no slot and the halt of %s (n1's halt write failed, then the slot was freed)",
+			r.sl != nil, r.err, shortID(c1.NewID))
+	}
+	kv.mu.Lock()
+	puts := kv.puts
+	kv.mu.Unlock()
+	if puts != 4 {
+		t.Errorf("%d halt writes; want 4 (3 failed, then one that etcd took)", puts)
+	}
+}
+
+// downNode is a node whose status reporter has written its down records
+// from what its Docker shows.
+func downNode(t *testing.T, cli *clientv3.Client, name string, max int, health string) (*rollout, *fakeDocker, *statusReporter, staleContainer) {
+	t.Helper()
+	f, c := rolloutFixture(t, false)
+	f.containerByName("app").Health = health // nothing else runs on f yet
+	r := newTestReplacer(t, cli, f, name, max).rollout
+	s := newStatusReporter(f, nil, cli, r.leases, name, nil, testLogger(t))
+	reportDown(t, s)
+	return r, f, s, c
+}
+
+// reportDown makes one pass of the reporter's down records, as its run
+// does on a Docker event.
+func reportDown(t *testing.T, s *statusReporter) {
+	t.Helper()
+	if _, err := s.containers(t.Context()); err != nil {
+		s.unreachable(time.Now())
+	}
+	if err := s.writeDown(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestRolloutCountsDownContainers: -max_unavailable counts containers that
+// are down, not only slots. With one allowed, a node whose container is
+// unhealthy (a halted version its supervisor keeps running) or whose
+// Docker does not answer holds back the healthy nodes; the node whose
+// container is down replaces it first, even behind them in the queue, and
+// the next node goes once it is up again.
+func TestRolloutCountsDownContainers(t *testing.T) {
+	const ref = "reg:5000/app:qa"
+	for _, tt := range []struct {
+		name  string
+		fault func(f *fakeDocker, app *fakeContainer) // f.mu is held
+	}{
+		{"unhealthy", func(_ *fakeDocker, app *fakeContainer) { app.Health = "unhealthy" }},
+		{"crash-looping", func(_ *fakeDocker, app *fakeContainer) { app.Restarting = true }},
+		{"docker unreachable", func(f *fakeDocker, _ *fakeContainer) { f.listErr = errors.New("cannot connect to the Docker daemon") }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cli := testNS(t)
+			down, fd, sd, cd := downNode(t, cli, "down", 1, "healthy")
+			app := fd.containerByName("app")
+			fd.mu.Lock()
+			tt.fault(fd, app)
+			fd.mu.Unlock()
+			reportDown(t, sd)
+			healthy, _, _, ch := downNode(t, cli, "healthy", 1, "healthy")
+
+			type result struct {
+				sl  *slot
+				err error
+			}
+			got := make(chan result, 1)
+			go func() {
+				sl, err := healthy.acquire(t.Context(), ref, ch)
+				got <- result{sl, err}
+			}()
+			waitUntil(t, "the healthy node to queue", func() bool { return countKeys(t, cli, strings.TrimSuffix(slotsDir(ref), "/")) == 1 })
+			mustWait(t, got, "a healthy node took a slot while another node's container is down (-max_unavailable 1)")
+
+			if tt.name == "docker unreachable" {
+				// Docker answers again and shows the container unhealthy.
+				fd.mu.Lock()
+				fd.listErr = nil
+				app.Health = "unhealthy"
+				fd.mu.Unlock()
+				reportDown(t, sd)
+			}
+			// The node whose container is down goes first, though
+			// queued behind.
+			sl, err := down.acquire(t.Context(), ref, cd)
+			if err != nil {
+				t.Fatalf("node with its container down: %v; want a slot at once", err)
+			}
+			mustWait(t, got, "the healthy node took a slot while the down node replaces")
+			// Its replacement is up: the record clears, the slot goes,
+			// and the healthy node's turn comes.
+			fd.mu.Lock()
+			app.Health, app.Restarting = "healthy", false
+			fd.mu.Unlock()
+			reportDown(t, sd)
+			sl.release(t.Context())
+			r := mustGet(t, got, "the healthy node's slot")
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			r.sl.release(t.Context())
+		})
+	}
+}
+
+// TestRolloutDownCountedOnce: a container that holds a slot and is listed
+// in its node's down record counts once; with -max_unavailable 2 another
+// node still gets the second slot.
+func TestRolloutDownCountedOnce(t *testing.T) {
+	const ref = "reg:5000/app:qa"
+	cli := testNS(t)
+	n1, _, _, c1 := downNode(t, cli, "n1", 2, "unhealthy")
+	sl, err := n1.acquire(t.Context(), ref, c1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sl.release(t.Context())
+	n2, _, _, c2 := downNode(t, cli, "n2", 2, "healthy")
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	sl2, err := n2.acquire(ctx, ref, c2)
+	if err != nil {
+		t.Fatalf("second slot with one container down and -max_unavailable 2: %v", err)
+	}
+	sl2.release(t.Context())
+	// A third node's container is unhealthy too: now two are down, and
+	// a healthy node waits.
+	downNode(t, cli, "n3", 2, "unhealthy")
+	n4, _, _, c4 := downNode(t, cli, "n4", 2, "healthy")
+	n4.slotTimeout = 300 * time.Millisecond
+	if sl4, err := n4.acquire(t.Context(), ref, c4); err == nil {
+		sl4.release(t.Context())
+		t.Fatal("a healthy node got a slot with two containers down (-max_unavailable 2)")
+	}
 }

@@ -23,9 +23,10 @@ type scanned struct {
 	at  time.Time         // when the containers were listed
 	// noParked: the scan's list, stopped containers included, had no
 	// parked container of this name, and this one is not parked itself.
-	// Only a re-create parks a container, and deploys of one repository
-	// do not overlap; a crash that leaves one behind restarts the
-	// deployer, whose recovery at start settles it.
+	// Only a replacement (either strategy) parks a container, and
+	// deploys of one repository do not overlap; a crash that leaves one
+	// behind restarts the deployer, whose recovery at start settles it,
+	// and a put-back that gave up wakes the settle (parked.go).
 	noParked bool
 }
 

@@ -2,10 +2,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -266,5 +270,102 @@ func TestStopKeepsLeaseUntilDeploysEnd(t *testing.T) {
 	}
 	if slots, status := held(); slots != 0 || status != 0 {
 		t.Errorf("after the stop: %d slots, %d status records; want none (lease revoked)", slots, status)
+	}
+}
+
+// hangingCallback is a Docker Hub that accepts a callback and never
+// answers: each request signals started and returns only when its
+// context ends, with the context's error on cancelled.
+type hangingCallback struct {
+	started   chan struct{}
+	cancelled chan error
+}
+
+func (h *hangingCallback) RoundTrip(req *http.Request) (*http.Response, error) {
+	h.started <- struct{}{}
+	<-req.Context().Done()
+	h.cancelled <- req.Context().Err()
+	return nil, req.Context().Err()
+}
+
+// TestStopBoundsDockerHubCallbacks: a Docker Hub callback that never
+// answers does not hold the stop past its bound: the progress is saved
+// first, and the callback is cancelled when the bound is reached.
+func TestStopBoundsDockerHubCallbacks(t *testing.T) {
+	cli := testEtcd(t)
+	f := newFakeDocker()
+	cfg, err := parseFlags("deployer", []string{
+		"-listen", "127.0.0.1:0", "-node_name", "n1", "-etcd_prefix", testPrefix(t), "-dockercfg", "", "-webhook_secret", "s",
+		"-registry", "127.0.0.1:5000", "-repull_period", "0", "-etcd_retry_delay", "10ms", "-kill_timeout", "0",
+	}, env(), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := newDaemon(cfg, cli, f, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hub := &hangingCallback{started: make(chan struct{}, 1), cancelled: make(chan error, 1)}
+	d.webhook.callback = &http.Client{Transport: hub}
+	if want := cfg.killTimeout + 7*time.Second; d.stopBound != want {
+		t.Errorf("stop bound = %v; want -kill_timeout + 7 s = %v", d.stopBound, want)
+	}
+	d.stopBound = 500 * time.Millisecond // what the test waits for
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- d.run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-d.watcher.watching:
+	case <-time.After(30 * time.Second):
+		t.Fatal("watcher not started within 30s")
+	}
+	body := `{"callback_url":"https://registry.hub.docker.com/u/myorg/app/hook/abc/","push_data":{"tag":"qa"},"repository":{"repo_name":"myorg/app"}}`
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodPost, "http://"+d.listener.Addr().String()+"/api/dockerhub/webhook", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer s")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hook triggered
+	err = json.NewDecoder(resp.Body).Decode(&hook)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || err != nil {
+		t.Fatalf("webhook: %d %v", resp.StatusCode, err)
+	}
+	select {
+	case <-hub.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no callback within 10s")
+	}
+	// The trigger's deploy (nothing local to pull) is done and saved.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if d.progress.watermark() >= hook.Revision {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("watermark %d; want %d within 10s", d.progress.watermark(), hook.Revision)
+		}
+	}
+	start := time.Now()
+	cancel()
+	select {
+	case err := <-done:
+		done <- err // for the cleanup
+		t.Logf("stopped in %v with a callback hanging", time.Since(start).Round(time.Millisecond))
+	case <-time.After(5 * time.Second):
+		t.Fatal("daemon still running 5s after SIGTERM (bound 500ms) with a Docker Hub callback hanging")
+	}
+	select {
+	case err := <-hub.cancelled:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("callback ended with %v; want cancelled at the bound", err)
+		}
+	default:
+		t.Error("the callback still runs after the stop")
+	}
+	got, err := cli.Get(t.Context(), cfg.EtcdPrefix+progressKey("n1"))
+	if err != nil || len(got.Kvs) != 1 || string(got.Kvs[0].Value) != strconv.FormatInt(hook.Revision, 10) {
+		t.Errorf("saved progress %v (%v); want revision %d", got.Kvs, err, hook.Revision)
 	}
 }

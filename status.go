@@ -2,16 +2,18 @@ package main
 
 // status.go: the cluster status. Every node keeps a record under
 // _status/<node>, bound to its session lease (it goes when the node does),
-// listing the containers it runs from tags; statusReporter writes this
-// node's. GET /api/status and `deployer status` gather the records and the
-// rollout state into one view per tag, and /metrics exports the version
-// skew from it.
+// listing the containers it runs from tags, and, per tag, a down record
+// under _rollout/<tag>/down/<node> (same lease) listing its containers of
+// that tag that are down: the rollout counts those against
+// -max_unavailable (rollout.go). statusReporter writes this node's. GET
+// /api/status and `deployer status` gather the records and the rollout
+// state into one view per tag, and /metrics exports the version skew from
+// it.
 
 import (
 	"cmp"
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -19,6 +21,7 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -70,9 +73,71 @@ type leaseSource interface {
 	current(ctx context.Context) (*session, error)
 }
 
-// statusPutter writes the node's record.
+// statusPutter writes the node's records.
 type statusPutter interface {
+	// Put writes the status record.
 	Put(ctx context.Context, key, val string, opts ...clientv3.OpOption) (*clientv3.PutResponse, error)
+	// Txn writes and deletes the down records that changed, at once.
+	Txn(ctx context.Context) clientv3.Txn
+}
+
+// downGrace is how long a container of a tag that was seen running and
+// then no longer runs (exited, removed, renamed away) counts as down: long
+// enough for its supervisor to run it again or a deploy to replace it,
+// short enough that a container taken out of service on purpose stops
+// holding back the rollouts of its tag. A container on a Docker daemon
+// that does not answer counts as down for as long as it does not.
+const downGrace = time.Minute
+
+// Why a container counts as down (downContainer.Reason).
+const (
+	downRestarting  = "restarting"  // crash loop under a restart policy
+	downPaused      = "paused"      // docker pause
+	downUnhealthy   = "unhealthy"   // its healthcheck fails
+	downStarting    = "starting"    // its healthcheck has not passed yet
+	downNotRunning  = "not running" // seen running, then exited or gone
+	downUnreachable = "unreachable" // Docker does not answer
+)
+
+// downRecord lists a node's containers of one tag that are down, as
+// Kubernetes counts an unavailable pod: restarting, paused, unhealthy or
+// not yet healthy, exited or gone (for downGrace), or on a Docker daemon
+// that does not answer. It lives under downKey, bound to the node's
+// session lease, so a dead node's record goes with its lease.
+type downRecord struct {
+	Node       string          `json:"node"`
+	Containers []downContainer `json:"containers"`
+}
+
+type downContainer struct {
+	Name   string    `json:"name"`
+	Reason string    `json:"reason"`
+	Since  time.Time `json:"since"`
+}
+
+// seenContainer is what the reporter remembers of a container name it has
+// seen running from a tag.
+type seenContainer struct {
+	ref       string    // the tag
+	down      string    // why it is down now ("" while up)
+	downSince time.Time // since when
+}
+
+// listedDown says why a running container, as Docker lists it, is down,
+// or "": Docker lists a crash loop as State "restarting", and the health
+// in Status ("Up 3 minutes (unhealthy)", "(health: starting)").
+func listedDown(c docker.APIContainers) string {
+	switch {
+	case c.State == "restarting":
+		return downRestarting
+	case c.State == "paused":
+		return downPaused
+	case strings.Contains(c.Status, "(unhealthy)"):
+		return downUnhealthy
+	case strings.Contains(c.Status, "(health: starting)"):
+		return downStarting
+	}
+	return ""
 }
 
 // statusReporter writes this node's record after each deploy, when
@@ -88,6 +153,7 @@ type statusReporter struct {
 	period      time.Duration // resync without events (statusResync)
 	settle      time.Duration // coalesces a burst of events into one listing
 	retryBase   time.Duration // first delay before subscribing or writing again
+	downGrace   time.Duration // how long a container no longer running counts as down
 	callTimeout time.Duration
 	log         *slog.Logger
 	wake        chan struct{}         // capacity 1
@@ -95,6 +161,10 @@ type statusReporter struct {
 
 	mu    sync.Mutex
 	cache map[string]containerStatus // container ID -> status; a container's config never changes
+	seen  map[string]*seenContainer  // container name -> what it ran and whether it is down
+
+	lastDown  map[string]string // tag -> the down record written (run's goroutine only)
+	downLease clientv3.LeaseID  // the lease lastDown was written under
 }
 
 // newStatusReporter returns the reporter of node's record, written
@@ -105,8 +175,8 @@ type statusReporter struct {
 func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases leaseSource, node string, retries func() []pendingRetry, log *slog.Logger) *statusReporter {
 	return &statusReporter{
 		docker: dc, events: events, kv: kv, leases: leases, node: node, retries: retries, started: time.Now().UTC(),
-		period: statusResync, settle: 250 * time.Millisecond, retryBase: time.Second, callTimeout: callTimeout, log: log,
-		wake: make(chan struct{}, 1), cache: map[string]containerStatus{},
+		period: statusResync, settle: 250 * time.Millisecond, retryBase: time.Second, downGrace: downGrace, callTimeout: callTimeout, log: log,
+		wake: make(chan struct{}, 1), cache: map[string]containerStatus{}, seen: map[string]*seenContainer{},
 	}
 }
 
@@ -115,16 +185,18 @@ func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases
 func (s *statusReporter) poke() { wake(s.wake) }
 
 // statusEvent reports whether a Docker event can change the list of
-// running containers: health checks' execs and the like do not.
+// running containers or whether one is down: health checks' execs and the
+// like do not (Docker reports a health status only when it changes).
 func statusEvent(ev *docker.APIEvents) bool {
 	if ev == nil || (ev.Type != "" && ev.Type != "container") {
 		return false
 	}
-	switch cmp.Or(ev.Action, ev.Status) {
-	case "start", "die", "destroy", "rename":
+	switch a := cmp.Or(ev.Action, ev.Status); a {
+	case "start", "die", "destroy", "rename", "pause", "unpause":
 		return true
+	default:
+		return strings.HasPrefix(a, "health_status")
 	}
-	return false
 }
 
 func (s *statusReporter) run(ctx context.Context) error {
@@ -137,10 +209,12 @@ func (s *statusReporter) run(ctx context.Context) error {
 		lastLease   clientv3.LeaseID
 		leaseGone   <-chan struct{} // closed when the record's lease is lost
 		events      chan *docker.APIEvents
+		subscribed  time.Time        // when events was subscribed
 		resub       <-chan time.Time // when to subscribe again
 		subFails    int
 		settled     <-chan time.Time // a burst of events has settled
 		retry       <-chan time.Time // a failed pass is retried
+		expire      <-chan time.Time // a container stops counting as down (downGrace)
 		fails       int
 	)
 	defer func() {
@@ -160,7 +234,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 			resub = time.After(backoff(retryBase, subFails))
 			return
 		}
-		events = ch
+		events, subscribed = ch, time.Now()
 	}
 	subscribe()
 	pass := true
@@ -168,6 +242,10 @@ func (s *statusReporter) run(ctx context.Context) error {
 		if pass {
 			pass, settled, retry = false, nil, nil
 			cs, err := s.containers(ctx)
+			if err != nil {
+				s.unreachable(time.Now())
+			}
+			derr := s.writeDown(ctx)
 			if err == nil {
 				var rs []pendingRetry
 				if s.retries != nil {
@@ -181,6 +259,11 @@ func (s *statusReporter) run(ctx context.Context) error {
 						leaseGone = sess.Done()
 					}
 				}
+			}
+			err = cmp.Or(err, derr)
+			expire = nil
+			if d, ok := s.nextExpiry(time.Now()); ok {
+				expire = time.After(d)
 			}
 			if err != nil && ctx.Err() == nil {
 				fails++
@@ -204,15 +287,22 @@ func (s *statusReporter) run(ctx context.Context) error {
 			leaseGone, pass = nil, true // write it again under the new lease
 		case <-settled:
 			pass = true
+		case <-expire:
+			expire, pass = nil, true
 		case ev, ok := <-events:
 			if !ok {
 				// The stream ended (dockerd restarted or went away): the
-				// client closed our channel. Subscribe again after a
-				// backoff, and list then: events were missed meanwhile.
+				// client closed our channel. A stream that had worked
+				// (not one refused at once while dockerd is away) is
+				// listed now: if Docker does not answer, its containers
+				// are down, and the down records say so at once.
+				// Subscribe again after a backoff, and list then: events
+				// were missed meanwhile.
 				events = nil
 				subFails++
 				s.log.Debug("docker event stream ended, subscribing again", "attempt", subFails)
 				resub = time.After(backoff(retryBase, subFails))
+				pass = time.Since(subscribed) >= retryBase
 				continue
 			}
 			subFails = 0
@@ -255,9 +345,11 @@ func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, err
 	if err != nil {
 		return nil, err
 	}
+	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	seen := map[string]bool{}
+	running := map[string]bool{} // names running from a tag
 	var out []containerStatus
 	for _, c := range list {
 		seen[c.ID] = true
@@ -277,6 +369,15 @@ func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, err
 		}
 		if st.Image != "" {
 			out = append(out, st)
+			if name, ok := listedName(c); ok {
+				running[name] = true
+				s.observe(name, st.Image, listedDown(c), now)
+			}
+		}
+	}
+	for name, sc := range s.seen {
+		if !running[name] {
+			s.observe(name, sc.ref, downNotRunning, now)
 		}
 	}
 	maps.DeleteFunc(s.cache, func(id string, _ containerStatus) bool { return !seen[id] })
@@ -284,6 +385,140 @@ func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, err
 		return cmp.Or(cmp.Compare(a.Image, b.Image), cmp.Compare(a.Name, b.Name))
 	})
 	return out, nil
+}
+
+// listedName is a listed container's name now (a rename leaves the
+// cached one behind); false for a container parked by a re-create, which
+// is the old version on its way out, never the service.
+func listedName(c docker.APIContainers) (string, bool) {
+	for _, n := range c.Names {
+		n = strings.TrimPrefix(n, "/")
+		if n == "" || strings.Contains(n, "/") { // a legacy link alias
+			continue
+		}
+		if _, parked := parkedBase(n, c.ID); parked {
+			return "", false
+		}
+		return n, true
+	}
+	return "", false
+}
+
+// observe records what a listing showed of container name of tag ref;
+// s.mu is held. A container not running for downGrace is forgotten.
+func (s *statusReporter) observe(name, ref, down string, now time.Time) {
+	sc := s.seen[name]
+	if sc == nil {
+		sc = &seenContainer{}
+		s.seen[name] = sc
+	}
+	if sc.ref != ref || sc.down != down {
+		sc.ref, sc.down, sc.downSince = ref, down, now
+	}
+	if down == downNotRunning && now.Sub(sc.downSince) >= s.downGrace {
+		delete(s.seen, name)
+	}
+}
+
+// unreachable marks every container seen running as down: Docker does
+// not answer, so nothing says they serve.
+func (s *statusReporter) unreachable(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sc := range s.seen {
+		if sc.down != downUnreachable {
+			sc.down, sc.downSince = downUnreachable, now
+		}
+	}
+}
+
+// nextExpiry says when the next container stops counting as down.
+func (s *statusReporter) nextExpiry(now time.Time) (time.Duration, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var next time.Duration
+	found := false
+	for _, sc := range s.seen {
+		if sc.down == downNotRunning {
+			d := max(sc.downSince.Add(s.downGrace).Sub(now), 0)
+			if !found || d < next {
+				next, found = d, true
+			}
+		}
+	}
+	return next, found
+}
+
+// downRecords returns the down record of each tag with a container down
+// here, encoded.
+func (s *statusReporter) downRecords() map[string]string {
+	s.mu.Lock()
+	byRef := map[string]*downRecord{}
+	for name, sc := range s.seen {
+		if sc.down == "" {
+			continue
+		}
+		r := byRef[sc.ref]
+		if r == nil {
+			r = &downRecord{Node: s.node}
+			byRef[sc.ref] = r
+		}
+		r.Containers = append(r.Containers, downContainer{Name: name, Reason: sc.down, Since: sc.downSince.UTC()})
+	}
+	s.mu.Unlock()
+	out := map[string]string{}
+	for ref, r := range byRef {
+		slices.SortFunc(r.Containers, func(a, b downContainer) int { return cmp.Compare(a.Name, b.Name) })
+		b, _ := json.Marshal(r)
+		out[ref] = string(b)
+	}
+	return out
+}
+
+// writeDown writes the down records that changed since the last write
+// and deletes those of tags with nothing down any more, in transactions
+// under the node's current lease (all of them again when the lease
+// changed).
+func (s *statusReporter) writeDown(ctx context.Context) error {
+	recs := s.downRecords()
+	sess, err := s.leases.current(ctx)
+	if err != nil {
+		return err
+	}
+	lease := sess.Lease()
+	var ops []clientv3.Op
+	for _, ref := range slices.Sorted(maps.Keys(recs)) {
+		if lease != s.downLease || s.lastDown[ref] != recs[ref] {
+			ops = append(ops, clientv3.OpPut(downKey(ref, s.node), recs[ref], clientv3.WithLease(lease)))
+		}
+	}
+	for _, ref := range slices.Sorted(maps.Keys(s.lastDown)) {
+		if _, ok := recs[ref]; !ok {
+			ops = append(ops, clientv3.OpDelete(downKey(ref, s.node)))
+		}
+	}
+	const perTxn = 64 // etcd refuses a transaction of more than 128 operations by default
+	for len(ops) > 0 {
+		n := min(len(ops), perTxn)
+		tctx, cancel := context.WithTimeout(ctx, s.callTimeout)
+		_, err := s.kv.Txn(tctx).Then(ops[:n]...).Commit()
+		cancel()
+		if err != nil {
+			// Some may have been written: write them all again, and
+			// delete those no longer down.
+			if s.lastDown == nil {
+				s.lastDown = map[string]string{}
+			}
+			for ref := range recs {
+				s.lastDown[ref] = ""
+			}
+			s.downLease = 0
+			return fmt.Errorf("write the down records: %w", err)
+		}
+		ops = ops[n:]
+	}
+	s.lastDown, s.downLease = recs, lease
+	return nil
 }
 
 // clusterStatus is the view GET /api/status returns.
@@ -298,6 +533,10 @@ type tagStatus struct {
 	Versions []versionInfo `json:"versions"` // newest first
 	Rolling  []string      `json:"rolling,omitempty"`
 	Halted   *halt         `json:"halted,omitempty"`
+	// Down lists the containers of the tag that are down, as
+	// "<node> <container> (<reason>)": they count against
+	// -max_unavailable.
+	Down []string `json:"down,omitempty"`
 	// SkewSeconds is how long two image IDs of this tag have been
 	// running at once: since the newest one's first container started.
 	SkewSeconds float64 `json:"skew_seconds"`
@@ -370,6 +609,14 @@ func readStatus(ctx context.Context, kv clientv3.KV, now time.Time) (clusterStat
 		case strings.HasPrefix(what, slotsLeaf):
 			t := tag(ref)
 			t.Rolling = append(t.Rolling, string(kv.Value))
+		case strings.HasPrefix(what, downLeaf):
+			var d downRecord
+			if json.Unmarshal(kv.Value, &d) == nil {
+				t := tag(ref)
+				for _, c := range d.Containers {
+					t.Down = append(t.Down, fmt.Sprintf("%s %s (%s)", d.Node, c.Name, c.Reason))
+				}
+			}
 		}
 	}
 	for ref, t := range tags {
@@ -438,25 +685,22 @@ func (d *daemon) apiStatus(w http.ResponseWriter, r *http.Request) {
 
 // statusCommand is `deployer status`: the cluster status as a table.
 func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("deployer status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	ce := addCommandEtcdFlags(fs)
-	asJSON := fs.Bool("json", false, "print JSON instead of a table")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %w", errUsage, err)
+	var asJSON bool
+	ce, err := parseCommand("deployer status", args, os.Getenv, stderr, func(fs *flag.FlagSet) {
+		fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
+	})
+	if err != nil {
+		return err
 	}
 	var st clusterStatus
-	err := ce.read(ctx, stderr, func(ctx context.Context, kv clientv3.KV) (err error) {
+	err = ce.read(ctx, stderr, func(ctx context.Context, kv clientv3.KV) (err error) {
 		st, err = readStatus(ctx, kv, time.Now())
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("read status from %s: %w", strings.Join(ce.cfg.etcdEndpoints(), ","), err)
 	}
-	if *asJSON {
+	if asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(st)
@@ -475,6 +719,8 @@ func printStatus(w io.Writer, st clusterStatus) {
 			state = fmt.Sprintf("HALTED: %s on %s: %s", shortID(t.Halted.ImageID), t.Halted.Node, t.Halted.Reason)
 		case len(t.Rolling) > 0:
 			state = "rolling: " + strings.Join(t.Rolling, ", ")
+		case len(t.Down) > 0:
+			state = "down: " + strings.Join(t.Down, ", ")
 		case len(t.Versions) > 1:
 			state = fmt.Sprintf("skew %s", (time.Duration(t.SkewSeconds) * time.Second).String())
 		}

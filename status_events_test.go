@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -93,7 +95,9 @@ func TestStatusEventWritesRecord(t *testing.T) {
 
 // With no event, the reporter lists the containers once at start and then
 // not again before the resync period; events that cannot change the
-// list (a health check's exec) do not make it list either.
+// list or what is down (a health check's exec) do not make it list
+// either. (A health status event does: Docker sends one only when the
+// status changes.)
 func TestStatusIdleListsOnlyOnResync(t *testing.T) {
 	cli := testNS(t)
 	f := newFakeDocker()
@@ -104,7 +108,7 @@ func TestStatusIdleListsOnlyOnResync(t *testing.T) {
 	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
 	f.mu.Lock()
 	f.emit("exec_start: /bin/true", app)
-	f.emit("health_status: healthy", app)
+	f.emit("exec_die", app)
 	f.mu.Unlock()
 	poll(t, 5*time.Second, "the resync", func() bool { return f.listCount() >= 2 })
 	f.mu.Lock()
@@ -276,4 +280,123 @@ func TestStatusRewrittenWhenLeaseLost(t *testing.T) {
 		resp, err := cli.Get(t.Context(), key)
 		return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease != lease && fmt.Sprint(recordNames(t, cli)) == "[app]"
 	})
+}
+
+// readDown reads node's down record of ref (nil: none).
+func readDown(t *testing.T, cli *clientv3.Client, ref, node string) *downRecord {
+	t.Helper()
+	resp, err := cli.Get(t.Context(), downKey(ref, node))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil
+	}
+	var d downRecord
+	if err := json.Unmarshal(resp.Kvs[0].Value, &d); err != nil {
+		t.Fatal(err)
+	}
+	return &d
+}
+
+// downString renders a down record as "name:reason …" ("" for none).
+func downString(d *downRecord) string {
+	if d == nil {
+		return ""
+	}
+	var parts []string
+	for _, c := range d.Containers {
+		parts = append(parts, c.Name+":"+c.Reason)
+	}
+	return strings.Join(parts, " ")
+}
+
+// The node's down record of a tag follows what Docker reports, through
+// its events: unhealthy, starting, crash-looping (listed as restarting)
+// and no longer running count as down; healthy again clears it; a daemon
+// that stops answering makes every container it ran down; a container
+// gone for good stops counting after the grace; and the record is bound
+// to the node's lease.
+func TestStatusDownRecords(t *testing.T) {
+	const app, web = "reg:5000/app:qa", "reg:5000/web:qa"
+	cli := testNS(t)
+	f := newFakeDocker()
+	f.local[app] = "sha256:" + strings.Repeat("1", 64)
+	f.local[web] = "sha256:" + strings.Repeat("2", 64)
+	a := f.addContainer("app", app)
+	w := f.addContainer("web", web)
+	a.Health, w.Health = "healthy", "healthy"
+	s := startReporter(t, cli, f, time.Hour)
+	poll(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
+	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
+	if d := readDown(t, cli, app, "n1"); d != nil {
+		t.Fatalf("down record %+v with every container healthy; want none", d)
+	}
+	change := func(c *fakeContainer, action string, mutate func()) {
+		f.mu.Lock()
+		mutate()
+		f.emit(action, c)
+		f.mu.Unlock()
+	}
+	steps := []struct {
+		name     string
+		c        *fakeContainer
+		action   string
+		mutate   func()
+		ref      string
+		wantDown string
+	}{
+		{"turns unhealthy", a, "health_status: unhealthy", func() { a.Health = "unhealthy" }, app, "app:unhealthy"},
+		{"healthy again", a, "health_status: healthy", func() { a.Health = "healthy" }, app, ""},
+		{"restarted, health starting", a, "start", func() { a.Health = "starting" }, app, "app:starting"},
+		{"crash-loops", a, "die", func() { a.Health, a.Running, a.Restarting = "", true, true }, app, "app:restarting"},
+		{"runs again", a, "start", func() { a.Restarting = false }, app, ""},
+		{"web exits", w, "die", func() { w.Running = false }, web, "web:not running"},
+		{"web runs again", w, "start", func() { w.Running = true }, web, ""},
+	}
+	for _, st := range steps {
+		change(st.c, st.action, st.mutate)
+		poll(t, 5*time.Second, st.name+": down record "+st.wantDown, func() bool { return downString(readDown(t, cli, st.ref, "n1")) == st.wantDown })
+	}
+
+	// dockerd goes away: the event stream ends, the listing fails, and
+	// every container it ran is down until it answers again.
+	f.mu.Lock()
+	f.listErr = errors.New("cannot connect to the Docker daemon")
+	f.mu.Unlock()
+	f.endEvents()
+	poll(t, 5*time.Second, "app unreachable", func() bool { return downString(readDown(t, cli, app, "n1")) == "app:unreachable" })
+	poll(t, 5*time.Second, "web unreachable", func() bool { return downString(readDown(t, cli, web, "n1")) == "web:unreachable" })
+	f.mu.Lock()
+	f.listErr = nil
+	f.mu.Unlock()
+	poll(t, 10*time.Second, "records cleared once Docker answers", func() bool {
+		return readDown(t, cli, app, "n1") == nil && readDown(t, cli, web, "n1") == nil
+	})
+
+	// The record is bound to the node's lease: it goes with it, and is
+	// written again under the next one.
+	change(a, "health_status: unhealthy", func() { a.Health = "unhealthy" })
+	poll(t, 5*time.Second, "app unhealthy", func() bool { return downString(readDown(t, cli, app, "n1")) == "app:unhealthy" })
+	resp, err := cli.Get(t.Context(), downKey(app, "n1"))
+	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
+		t.Fatalf("down record %v, %v; want one bound to a lease", resp, err)
+	}
+	if _, err := cli.Revoke(t.Context(), clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, 10*time.Second, "the record under a new lease", func() bool {
+		r, err := cli.Get(t.Context(), downKey(app, "n1"))
+		return err == nil && len(r.Kvs) == 1 && r.Kvs[0].Lease != resp.Kvs[0].Lease
+	})
+
+	// A container removed for good counts as down for the grace only
+	// (shortened here once it counts, and the reporter woken).
+	change(w, "destroy", func() { f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == w }) })
+	poll(t, 5*time.Second, "web removed", func() bool { return downString(readDown(t, cli, web, "n1")) == "web:not running" })
+	s.mu.Lock()
+	s.downGrace = time.Millisecond
+	s.mu.Unlock()
+	s.poke()
+	poll(t, 5*time.Second, "web forgotten after the grace", func() bool { return readDown(t, cli, web, "n1") == nil })
 }

@@ -19,7 +19,7 @@ func TestClusterStatus(t *testing.T) {
 		f.local["reg:5000/app:qa"] = n.id
 		f.addContainer("app", "reg:5000/app:qa")
 		f.addContainer("pinned", "reg:5000/app@sha256:4444444444444444444444444444444444444444444444444444444444444444")
-		r := newTestReplacer(t, cli, f, n.node, 1).rollout
+		r := newTestReplacer(t, cli, f, n.node, 2).rollout // 2: n2's app is down, n3 still gets a slot
 		s := newStatusReporter(f, nil, cli, r.leases, n.node, nil, testLogger(t))
 		cs, err := s.containers(t.Context())
 		if err != nil {
@@ -30,6 +30,16 @@ func TestClusterStatus(t *testing.T) {
 		}
 		if _, err := s.write(t.Context(), cs, nil, nil, nil, 0); err != nil {
 			t.Fatal(err)
+		}
+		if n.node == "n2" {
+			// n2's app is unhealthy.
+			f.containerByName("app").Health = "unhealthy"
+			if _, err := s.containers(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.writeDown(t.Context()); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if n.node == "n3" {
 			// n3 holds a rollout slot.
@@ -48,6 +58,9 @@ func TestClusterStatus(t *testing.T) {
 	tag := st.Tags[0]
 	if len(tag.Versions) != 2 || len(tag.Rolling) != 1 || !strings.Contains(tag.Rolling[0], "n3") {
 		t.Errorf("tag = %+v; want 2 versions and n3 rolling", tag)
+	}
+	if len(tag.Down) != 1 || tag.Down[0] != "n2 app (unhealthy)" {
+		t.Errorf("tag down = %q; want n2's app, unhealthy", tag.Down)
 	}
 	nodes := map[string]string{}
 	for _, v := range tag.Versions {

@@ -85,18 +85,9 @@ func parseGitHub(event string, body []byte) ([]imagePush, error) {
 			image = image[:slash+i]
 		}
 	}
-	if !hasDomain(image) {
-		return nil, fmt.Errorf("package_version.package_url %q: %w: no registry host", v.PackageURL, errBadRepo)
-	}
-	if err := checkRepoName(image); err != nil {
-		return nil, fmt.Errorf("package_version.package_url: %w", err)
-	}
-	if err := checkTag(tag.Name); err != nil {
-		return nil, fmt.Errorf("container_metadata.tag.name: %w", err)
-	}
-	push := imagePush{Repo: image, Tag: tag.Name}
-	if checkDigest(tag.Digest) == nil {
-		push.Digest = tag.Digest
+	push, err := checkPush(imagePush{Repo: image, Tag: tag.Name, Digest: tag.Digest}, true)
+	if err != nil {
+		return nil, fmt.Errorf("package_version.package_url %q, container_metadata.tag.name %q: %w", v.PackageURL, tag.Name, err)
 	}
 	return []imagePush{push}, nil
 }

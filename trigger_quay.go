@@ -16,6 +16,10 @@ import (
 // host of a Red Hat Quay install). updated_tags is a list of tags; early
 // Quay sent a map of tag to image ID, which is accepted too (its image IDs
 // are not manifest digests and are not recorded). Quay gives no digest.
+// Every Quay notification names docker_url, so a body without one is an
+// error; one without updated_tags (a build, mirror or vulnerability
+// notification) is not a push and gives none; a push whose docker_url or
+// tag breaks checkPush's rule is an error.
 func parseQuay(body []byte) ([]imagePush, error) {
 	var p struct {
 		DockerURL   string          `json:"docker_url"`
@@ -24,11 +28,8 @@ func parseQuay(body []byte) ([]imagePush, error) {
 	if err := json.Unmarshal(body, &p); err != nil {
 		return nil, fmt.Errorf("invalid JSON: %w", err)
 	}
-	if !hasDomain(p.DockerURL) {
-		return nil, fmt.Errorf("docker_url %q: %w: no registry host", p.DockerURL, errBadRepo)
-	}
-	if err := checkRepoName(p.DockerURL); err != nil {
-		return nil, fmt.Errorf("docker_url: %w", err)
+	if p.DockerURL == "" {
+		return nil, errors.New(`no "docker_url": not a Quay notification`)
 	}
 	var tags []string
 	if len(p.UpdatedTags) > 0 && string(p.UpdatedTags) != "null" {
@@ -45,10 +46,11 @@ func parseQuay(body []byte) ([]imagePush, error) {
 		if t == "" {
 			continue
 		}
-		if err := checkTag(t); err != nil {
-			return nil, fmt.Errorf("updated_tags: %w", err)
+		push, err := checkPush(imagePush{Repo: p.DockerURL, Tag: t}, true)
+		if err != nil {
+			return nil, fmt.Errorf("docker_url %q, updated_tags %q: %w", p.DockerURL, t, err)
 		}
-		out = append(out, imagePush{Repo: p.DockerURL, Tag: t})
+		out = append(out, push)
 	}
 	return dedupe(out), nil
 }
@@ -57,8 +59,9 @@ func parseQuay(body []byte) ([]imagePush, error) {
 //
 // Quay's Repository Push notification (method "Webhook POST"). Quay sends
 // no authentication header, so the secret goes in the URL. Every updated
-// tag becomes a trigger; a push that names no tag answers 200 and writes
-// nothing.
+// tag becomes a trigger; a notification that names no updated tag (not a
+// push) answers 200 and writes nothing; a push whose docker_url or tag is
+// not valid is a 400, like every trigger's.
 func (h *webhook) quay(w http.ResponseWriter, r *http.Request) {
 	const source = "quay"
 	body, ok := h.accept(w, r, source)

@@ -18,6 +18,7 @@ func TestParseQuay(t *testing.T) {
 		{"several tags", `{"docker_url":"quay.example.com:8443/ns/app","updated_tags":["v2","latest","v2"]}`, []imagePush{{Repo: "quay.example.com:8443/ns/app", Tag: "v2"}, {Repo: "quay.example.com:8443/ns/app", Tag: "latest"}}, false},
 		{"no tags", `{"docker_url":"quay.io/ns/app","updated_tags":[]}`, nil, false},
 		{"no docker_url", `{"repository":"ns/app","updated_tags":["x"]}`, nil, true},
+		{"not a push: docker_url not checked", `{"docker_url":"ns/app","tags":["x"],"vulnerability":{}}`, nil, false},
 		{"docker_url without host", `{"docker_url":"ns/app","updated_tags":["x"]}`, nil, true},
 		{"docker_url with tag", `{"docker_url":"quay.io/ns/app:x","updated_tags":["x"]}`, nil, true},
 		{"upper case", `{"docker_url":"quay.io/NS/app","updated_tags":["x"]}`, nil, true},

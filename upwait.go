@@ -24,6 +24,10 @@ var (
 	// within the bound. The host does not supervise it; the version is
 	// not to blame.
 	errNoReplacement = errors.New("no replacement appeared")
+	// errDockerAway: the Docker daemon stopped answering or restarted
+	// during the wait, so the wait could not judge the replacement.
+	// Node-local: the deploy is retried, the version never halted.
+	errDockerAway = errors.New("the docker daemon went away")
 )
 
 // minUp is how long a replacement without a healthcheck must have been
@@ -75,16 +79,15 @@ func judgeUp(c *docker.Container, newID string, now time.Time) (bool, error) {
 type upAPI interface {
 	// InspectContainerWithContext reads a container by ID or name.
 	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
-	// AddEventListenerWithOptions subscribes to the daemon's events; the
-	// client closes the channel when the event stream ends.
-	AddEventListenerWithOptions(opts docker.EventsOptions, listener chan<- *docker.APIEvents) error
-	// RemoveEventListener ends a subscription.
-	RemoveEventListener(listener chan *docker.APIEvents) error
+	// PingWithContext asks whether the daemon answers: a replacement's
+	// death counts against the version only while it does.
+	PingWithContext(ctx context.Context) error
 }
 
 // upWaiter waits for replacements to come up.
 type upWaiter struct {
 	docker      upAPI
+	events      eventAPI      // the daemon's one event source (eventsFor), never the client's own monitor
 	timeout     time.Duration // -restart_timeout
 	poll        time.Duration // inspect interval while waiting
 	callTimeout time.Duration
@@ -93,8 +96,8 @@ type upWaiter struct {
 	metrics     *metrics
 }
 
-func newUpWaiter(d upAPI, timeout, callTimeout time.Duration, log *slog.Logger, m *metrics) *upWaiter {
-	return &upWaiter{docker: d, timeout: timeout, poll: 250 * time.Millisecond, callTimeout: callTimeout, now: time.Now, log: log, metrics: m}
+func newUpWaiter(d upAPI, events eventAPI, timeout, callTimeout time.Duration, log *slog.Logger, m *metrics) *upWaiter {
+	return &upWaiter{docker: d, events: events, timeout: timeout, poll: 250 * time.Millisecond, callTimeout: callTimeout, now: time.Now, log: log, metrics: m}
 }
 
 // target says which container replaces which.
@@ -106,18 +109,19 @@ type target struct {
 }
 
 // eventWatch is a subscription to container events that survives the end
-// of Docker's event stream (a dockerd restart): go-dockerclient closes the
-// channel then, and the watch subscribes again on the next poll.
+// of Docker's event stream (a dockerd restart): the source closes the
+// channel then, and the watch subscribes again on the next poll. Each
+// subscription is a stream of its own (dockerEvents), closed with it.
 type eventWatch struct {
-	docker upAPI
-	ch     chan *docker.APIEvents // nil while not subscribed
-	log    *slog.Logger
+	src eventAPI
+	ch  chan *docker.APIEvents // nil while not subscribed
+	log *slog.Logger
 }
 
 // watch subscribes to container events. Subscribe before the stop, so
 // that nothing the stop causes is missed.
 func (w *upWaiter) watch() *eventWatch {
-	e := &eventWatch{docker: w.docker, log: w.log}
+	e := &eventWatch{src: w.events, log: w.log}
 	e.subscribe()
 	return e
 }
@@ -125,7 +129,7 @@ func (w *upWaiter) watch() *eventWatch {
 func (e *eventWatch) subscribe() {
 	ch := make(chan *docker.APIEvents, 64)
 	opts := docker.EventsOptions{Filters: map[string][]string{"type": {"container"}}}
-	if err := e.docker.AddEventListenerWithOptions(opts, ch); err != nil {
+	if err := e.src.AddEventListenerWithOptions(opts, ch); err != nil {
 		e.log.Debug("docker events unavailable, polling", "err", err)
 		return
 	}
@@ -148,7 +152,7 @@ func (e *eventWatch) ended() {
 
 func (e *eventWatch) close() {
 	if e.ch != nil {
-		_ = e.docker.RemoveEventListener(e.ch)
+		_ = e.src.RemoveEventListener(e.ch)
 		e.ch = nil
 	}
 }
@@ -157,10 +161,12 @@ func (e *eventWatch) close() {
 // inspects on the poll tick and on events about the container it waits
 // for, never on unrelated events. It returns nil once up; an error
 // wrapping errReplacement when a replacement appeared and failed or did
-// not come up in time; errNoReplacement when none appeared at all; the
-// context's error when ctx ended first. lost, when not nil, is closed if
-// the rollout slot is lost meanwhile: the wait goes on (the container is
-// already stopped), and the loss is logged.
+// not come up in time while the daemon answered; errNoReplacement when
+// none appeared at all; errDockerAway when the daemon went away and the
+// replacement could not be judged (daemonTrouble); the context's error
+// when ctx ended first. lost, when not nil, is closed if the rollout slot
+// is lost meanwhile: the wait goes on (the container is already stopped),
+// and the loss is logged.
 func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-chan struct{}) error {
 	deadline := time.NewTimer(w.timeout)
 	defer deadline.Stop()
@@ -169,16 +175,46 @@ func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-ch
 	var (
 		seen    string                // the replacement seen last, if any
 		images  = map[string]string{} // replacement ID -> its image, as inspected
-		lastErr error                 // the last inspect error
+		lastErr error                 // the last inspect's error; nil once one succeeds
+		trouble = daemonTrouble{excused: map[string]time.Time{}}
 	)
+	// judge judges a replacement; its failure counts only if the daemon
+	// still answers: a death the daemon's going away explains is excused.
+	judge := func(c *docker.Container) (bool, error) {
+		up, err := judgeUp(c, t.newID, w.now())
+		if !errors.Is(err, errReplacement) {
+			return up, err
+		}
+		if trouble.excuses(c) {
+			return false, nil
+		}
+		if perr := w.ping(ctx); perr != nil {
+			if trouble.gone(c) {
+				w.log.Warn("the docker daemon went away as the replacement stopped; judging it once the daemon is back",
+					"container", t.name, "verdict", err.Error(), "err", perr)
+			}
+			return false, nil
+		}
+		return false, err
+	}
 	check := func() (bool, error) {
 		c, err := w.inspect(ctx, t)
-		if err != nil || c == nil {
+		if err != nil {
 			lastErr = err
-			return false, nil // the daemon may be busy; the deadline bounds us
+			if trouble.gone(nil) {
+				w.log.Warn("the docker daemon does not answer; waiting for it", "container", t.name, "err", err)
+			}
+			return false, nil // the deadline bounds us
+		}
+		lastErr = nil
+		if trouble.back(c) {
+			w.log.Info("the docker daemon answers again; judging the replacement from now on", "container", t.name)
+		}
+		if c == nil {
+			return false, nil
 		}
 		seen, images[c.ID] = c.ID, c.Image
-		return judgeUp(c, t.newID, w.now())
+		return judge(c)
 	}
 	inspect := true
 	for {
@@ -199,10 +235,15 @@ func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-ch
 			inspect = true
 		case <-deadline.C:
 			switch {
-			case seen == "" && lastErr != nil:
-				return fmt.Errorf("inspect %s: %w", t.name, lastErr) // node-local: Docker did not answer
+			case lastErr != nil:
+				// Docker hung, overloaded or restarting: whatever was
+				// seen before, the version is not to blame.
+				return fmt.Errorf("%w: inspect %s: %w", errDockerAway, t.name, lastErr)
 			case seen == "":
 				return fmt.Errorf("%w: nothing started %s again within %v", errNoReplacement, t.name, w.timeout)
+			case trouble.seen:
+				return fmt.Errorf("%w: %s on %s not up within %v, the daemon having gone away meanwhile",
+					errDockerAway, t.name, shortID(t.newID), w.timeout)
 			}
 			return fmt.Errorf("%w: %s on %s not up within %v", errReplacement, t.name, shortID(t.newID), w.timeout)
 		case <-tick.C:
@@ -219,16 +260,71 @@ func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-ch
 			if !t.concerns(e, seen) {
 				continue
 			}
-			if e.Action != "die" {
-				inspect = true
+			if e.Action != "die" || trouble.away {
+				inspect = true // while the daemon is away, only an inspect tells it is back
 				continue
 			}
 			seen = e.Actor.ID
-			if up, err := judgeUp(w.died(ctx, e, t, images[e.Actor.ID]), t.newID, w.now()); up || err != nil {
+			if up, err := judge(w.died(ctx, e, t, images[e.Actor.ID])); up || err != nil {
 				return err
 			}
 		}
 	}
+}
+
+// daemonTrouble is what a wait knows of its daemon going away. A dockerd
+// that stops (a restart, an upgrade, a crash) first closes its API socket,
+// then stops every container (exit code 0 for an app that exits on
+// SIGTERM), then exits, which ends the event stream; at start it runs
+// again the containers whose restart policy says so, and a supervisor runs
+// its own again. So a replacement's death counts against the version only
+// if the daemon answers right after it; a death seen while the daemon was
+// away, or on the first answer after it, is the daemon's, not the
+// version's: the wait goes on, judges what runs once the daemon is back,
+// and if nothing comes up in time ends node-local (errDockerAway).
+type daemonTrouble struct {
+	away    bool                 // no answer since the last failure
+	seen    bool                 // away at least once during the wait
+	excused map[string]time.Time // container ID -> the FinishedAt of a death the daemon explains
+}
+
+// gone records that the daemon did not answer; c, when not nil and not
+// running, died with it. It reports whether the daemon was answering
+// until now.
+func (d *daemonTrouble) gone(c *docker.Container) bool {
+	if c != nil && !c.State.Running {
+		d.excused[c.ID] = c.State.FinishedAt
+	}
+	was := !d.away
+	d.away, d.seen = true, true
+	return was
+}
+
+// back records that the daemon answered with c (nil: no replacement): a
+// death it shows now happened while the daemon was away. It reports
+// whether the daemon was away until now.
+func (d *daemonTrouble) back(c *docker.Container) bool {
+	if !d.away {
+		return false
+	}
+	d.away = false
+	if c != nil && !c.State.Running {
+		d.excused[c.ID] = c.State.FinishedAt
+	}
+	return true
+}
+
+// excuses reports whether c's failure is a death the daemon explains.
+func (d *daemonTrouble) excuses(c *docker.Container) bool {
+	at, ok := d.excused[c.ID]
+	return ok && !c.State.Running && c.State.FinishedAt.Equal(at)
+}
+
+// ping reports whether the daemon answers.
+func (w *upWaiter) ping(ctx context.Context) error {
+	pctx, cancel := context.WithTimeout(ctx, w.callTimeout)
+	defer cancel()
+	return w.docker.PingWithContext(pctx)
 }
 
 // died returns the state of a replacement Docker reported dead: as

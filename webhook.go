@@ -58,6 +58,10 @@ type webhook struct {
 	mu     sync.Mutex
 	closed bool           // Close began: no new callback
 	wg     sync.WaitGroup // callbacks in flight
+	// cut ends when Close stops waiting: the callbacks in flight are
+	// cancelled.
+	cut       context.Context
+	cancelCut context.CancelFunc
 }
 
 // newWebhook returns the webhook handlers of a node: they write triggers
@@ -65,20 +69,35 @@ type webhook struct {
 // secret; failures rate-limits failed authentications (nil: no limit). It
 // starts nothing.
 func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
+	cut, cancelCut := context.WithCancel(context.Background())
 	return &webhook{
 		kv: kv, prefix: prefix, secret: secret, failures: failures, node: node, log: log, metrics: m,
 		now: time.Now, timeout: 5 * time.Second, callback: &http.Client{Timeout: 10 * time.Second},
+		cut: cut, cancelCut: cancelCut,
 	}
 }
 
 // Close waits for the Docker Hub callbacks in flight, each bounded by the
 // callback client's timeout. A handler still running (the HTTP server's
 // shutdown gave up on it) sends no callback after Close began.
-func (h *webhook) Close() {
+func (h *webhook) Close() { h.Shutdown(context.Background()) }
+
+// Shutdown is Close until ctx ends: then it cancels the callbacks in
+// flight and returns once they have.
+func (h *webhook) Shutdown(ctx context.Context) {
 	h.mu.Lock()
 	h.closed = true
 	h.mu.Unlock()
-	h.wg.Wait()
+	done := make(chan struct{})
+	go func() { h.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		h.log.Warn("stopping: docker hub callbacks in flight cancelled")
+		h.cancelCut()
+		<-done // a cancelled request returns at once
+	}
+	h.cancelCut()
 }
 
 // background runs f, a callback, unless Close began.
@@ -128,9 +147,14 @@ func (h *webhook) dockerHub(w http.ResponseWriter, r *http.Request) {
 
 // POST /api/registry/webhook (-registry_webhook_path)
 //
-// CNCF distribution notifications. Every manifest push by tag becomes a
+// CNCF distribution notifications, and Azure Container Registry's webhook
+// (one event of the same shape). Every manifest push by tag becomes a
 // trigger for host/repository; all other events (blobs, pulls, deletes)
-// are ignored with a 200, so that the registry's queue never backs up.
+// are ignored with a 200, so that the registry's queue never backs up. A
+// body that is neither an envelope nor one event, and a push by tag whose
+// host and repository name no valid repository, are a 400, like every
+// trigger's (a registry then retries: it cannot deploy either way, and
+// its log shows why).
 // All the triggers of one envelope are written in one etcd transaction:
 // either all are recorded (200) or none is (503, the registry retries the
 // envelope). An envelope with more than maxEnvelopePushes distinct pushes
@@ -174,10 +198,10 @@ func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 // triggerAll writes the triggers of one envelope in one etcd transaction.
 // A key can be written only once in a transaction, so several tags of one
 // repository share one trigger that names them all (trigger.Tags).
-func (h *webhook) triggerAll(ctx context.Context, pushes []registryPush) ([]triggered, error) {
+func (h *webhook) triggerAll(ctx context.Context, pushes []imagePush) ([]triggered, error) {
 	now := h.now().UTC()
 	var repos []string
-	byRepo := map[string][]registryPush{}
+	byRepo := map[string][]imagePush{}
 	for _, p := range pushes {
 		if byRepo[p.Repo] == nil {
 			repos = append(repos, p.Repo)
@@ -322,13 +346,13 @@ func parseDockerHub(body []byte) (dockerHubPush, error) {
 	if err := json.Unmarshal(body, &p); err != nil {
 		return dockerHubPush{}, fmt.Errorf("invalid JSON: %w", err)
 	}
-	if err := checkRepoName(p.Repository.RepoName); err != nil {
-		return dockerHubPush{}, fmt.Errorf("repository.repo_name: %w", err)
+	// Docker Hub's names are bare (they belong to -registry) and its tag
+	// may be empty (every local tag).
+	push, err := checkPush(imagePush{Repo: p.Repository.RepoName, Tag: p.PushData.Tag}, false)
+	if err != nil {
+		return dockerHubPush{}, fmt.Errorf("repository.repo_name %q, push_data.tag %q: %w", p.Repository.RepoName, p.PushData.Tag, err)
 	}
-	if err := checkTag(p.PushData.Tag); err != nil {
-		return dockerHubPush{}, fmt.Errorf("push_data.tag: %w", err)
-	}
-	return dockerHubPush{Repo: p.Repository.RepoName, Tag: p.PushData.Tag, CallbackURL: p.CallbackURL}, nil
+	return dockerHubPush{Repo: push.Repo, Tag: push.Tag, CallbackURL: p.CallbackURL}, nil
 }
 
 var tagCheckRepo, _ = reference.WithName("x")
@@ -344,13 +368,6 @@ func checkTag(tag string) error {
 	return nil
 }
 
-// registryPush is one manifest push by tag from a registry notification.
-type registryPush struct {
-	Repo   string // host/repository
-	Tag    string
-	Digest string
-}
-
 var manifestTypes = map[string]bool{
 	"application/vnd.docker.distribution.manifest.v2+json":      true,
 	"application/vnd.docker.distribution.manifest.list.v2+json": true,
@@ -360,41 +377,69 @@ var manifestTypes = map[string]bool{
 	"application/vnd.docker.distribution.manifest.v1+prettyjws": true,
 }
 
-// parseRegistryEnvelope reads a distribution notification envelope and
-// returns the manifest pushes by tag it holds, without duplicates. Events
-// it cannot use are skipped, not refused.
-func parseRegistryEnvelope(body []byte) ([]registryPush, error) {
+// registryEvent is one event of a distribution notification envelope, and
+// the whole body of an Azure Container Registry webhook (ACR sends one
+// event of the same shape, not an envelope).
+type registryEvent struct {
+	Action string `json:"action"`
+	Target struct {
+		MediaType  string `json:"mediaType"`
+		Digest     string `json:"digest"`
+		Repository string `json:"repository"`
+		Tag        string `json:"tag"`
+	} `json:"target"`
+	Request struct {
+		Host string `json:"host"`
+	} `json:"request"`
+}
+
+// errNoEnvelope is the answer to a body that is neither an envelope nor
+// one event: another sender (JFrog Artifactory, a Docker Hub or Harbor
+// webhook) pointed at the registry endpoint.
+var errNoEnvelope = errors.New(`no "events": the registry endpoint reads a CNCF distribution notification envelope {"events":[…]} or one Azure Container Registry event {"action","target","request"}; other senders have their own endpoints (README, Triggers)`)
+
+// parseRegistryEnvelope reads a distribution notification envelope, or the
+// single event of an Azure Container Registry webhook, and returns the
+// manifest pushes by tag it holds, without duplicates. Other events (blobs,
+// pulls, deletes, pushes by digest, ACR's ping) give none; a push by tag
+// whose request.host and target.repository break checkPush's rule is an
+// error, as is a body that is neither (errNoEnvelope).
+func parseRegistryEnvelope(body []byte) ([]imagePush, error) {
 	var env struct {
-		Events []struct {
-			Action string `json:"action"`
-			Target struct {
-				MediaType  string `json:"mediaType"`
-				Digest     string `json:"digest"`
-				Repository string `json:"repository"`
-				Tag        string `json:"tag"`
-			} `json:"target"`
-			Request struct {
-				Host string `json:"host"`
-			} `json:"request"`
-		} `json:"events"`
+		Events json.RawMessage `json:"events"`
+		registryEvent
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if err := dec.Decode(&env); err != nil {
 		return nil, fmt.Errorf("invalid JSON: %w", err)
 	}
-	var out []registryPush
-	seen := map[registryPush]bool{}
-	for _, e := range env.Events {
+	var events []registryEvent
+	field := "events"
+	switch {
+	case len(env.Events) > 0 && string(env.Events) != "null":
+		if err := json.Unmarshal(env.Events, &events); err != nil {
+			return nil, fmt.Errorf("events: %w", err)
+		}
+	case env.Action != "":
+		events, field = []registryEvent{env.registryEvent}, "event"
+	default:
+		return nil, errNoEnvelope
+	}
+	var out []imagePush
+	seen := map[imagePush]bool{}
+	for i, e := range events {
 		t := e.Target
-		if e.Action != "push" || t.Tag == "" || !manifestTypes[t.MediaType] || checkTag(t.Tag) != nil {
+		if e.Action != "push" || t.Tag == "" || !manifestTypes[t.MediaType] {
 			continue
 		}
 		host := strings.ToLower(e.Request.Host)
-		repo := host + "/" + t.Repository
-		if !hasDomain(repo) || checkRepoName(repo) != nil {
-			continue
+		p, err := checkPush(imagePush{Repo: host + "/" + t.Repository, Tag: t.Tag, Digest: t.Digest}, true)
+		if err != nil {
+			if field == "events" {
+				field = fmt.Sprintf("events[%d]", i)
+			}
+			return nil, fmt.Errorf("%s: request.host %q, target.repository %q, target.tag %q: %w", field, e.Request.Host, t.Repository, t.Tag, err)
 		}
-		p := registryPush{Repo: repo, Tag: t.Tag, Digest: t.Digest}
 		if !seen[p] {
 			seen[p] = true
 			out = append(out, p)
@@ -428,6 +473,7 @@ func (h *webhook) dockerHubCallback(ctx context.Context, rawURL, state, descript
 		// The request is answered before the callback: it must outlive it.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
+		defer context.AfterFunc(h.cut, cancel)() // Close gave up waiting
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(body))
 		if err != nil {
 			return

@@ -239,8 +239,15 @@ func TestRegistryWebhook(t *testing.T) {
 		{"blob push only", string(readFixture(t, "registry-notification-blob-push.json")), 200, nil},
 		{"pull", `{"events":[{"action":"pull","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"a","tag":"t"},"request":{"host":"r:5000"}}]}`, 200, nil},
 		{"push by digest", `{"events":[{"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"a"},"request":{"host":"r:5000"}}]}`, 200, nil},
-		{"bad repository", `{"events":[{"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"../x","tag":"t"},"request":{"host":"r:5000"}}]}`, 200, nil},
+		{"bad repository", `{"events":[{"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"../x","tag":"t"},"request":{"host":"r:5000"}}]}`, 400, nil},
+		{"host that is no registry host", `{"events":[{"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"a","tag":"t"},"request":{"host":"registry"}}]}`, 400, nil},
 		{"empty envelope", `{"events":[]}`, 200, nil},
+		{"no events", `{}`, 400, nil},
+		{"events null", `{"events":null}`, 400, nil},
+		{"events not a list", `{"events":{}}`, 400, nil},
+		{"jfrog", `{"domain":"docker","event_type":"pushed","data":{"image_name":"library/ubuntu","tag":"latest"}}`, 400, nil},
+		{"azure container registry", `{"action":"push","target":{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","repository":"hello-world","tag":"v1"},"request":{"host":"myregistry.azurecr.io"}}`, 200, []string{"/myregistry.azurecr.io/hello-world"}},
+		{"azure container registry ping", `{"action":"ping","target":{"repository":"hello-world","tag":"v1"},"request":{"host":"myregistry.azurecr.io"}}`, 200, nil},
 		{"invalid JSON", `{"events":`, 400, nil},
 	}
 	for _, tt := range tests {
@@ -269,8 +276,8 @@ func TestRegistryWebhook(t *testing.T) {
 			}
 		})
 	}
-	if n := countKeys(t, cli, h.prefix); n != 1 {
-		t.Errorf("%d keys under %s; want only the manifest push's", n, h.prefix)
+	if n := countKeys(t, cli, h.prefix); n != 2 {
+		t.Errorf("%d keys under %s; want only the manifest push's and ACR's", n, h.prefix)
 	}
 	req := httptest.NewRequest("POST", "/reg", strings.NewReader(`{"events":[]}`))
 	w := httptest.NewRecorder()
@@ -313,6 +320,8 @@ func FuzzParseDockerHub(f *testing.F) {
 func FuzzParseRegistryEnvelope(f *testing.F) {
 	f.Add(readFixture(f, "registry-notification-manifest-push.json"))
 	f.Add(readFixture(f, "registry-notification-blob-push.json"))
+	f.Add(readFixture(f, "peer/keel/azure-acr-push.json"))
+	f.Add(readFixture(f, "peer/keel/jfrog-docker-pushed.json"))
 	f.Add([]byte(`{"events":[{"action":"push","target":{"mediaType":"application/vnd.oci.image.index.v1+json","repository":"a/b","tag":"t"},"request":{"host":"h:1"}}]}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		pushes, err := parseRegistryEnvelope(body)

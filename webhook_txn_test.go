@@ -52,7 +52,8 @@ func TestRegistryEnvelopeOneTxn(t *testing.T) {
 	cli := testEtcd(t)
 	kv := &flakyKV{Client: inPrefix(cli, testPrefix(t))}
 	h, _ := newTestWebhook(t, kv, "s")
-	body := envelope(pushEvent("a", "qa", "sha256:1"), pushEvent("b", "qa", "sha256:2"), pushEvent("a", "prod", "sha256:3"))
+	d1, d2, d3 := "sha256:"+strings.Repeat("1", 64), "sha256:"+strings.Repeat("2", 64), "sha256:"+strings.Repeat("3", 64)
+	body := envelope(pushEvent("a", "qa", d1), pushEvent("b", "qa", d2), pushEvent("a", "prod", d3))
 	w := httptest.NewRecorder()
 	h.registry(w, httptest.NewRequest("POST", "/reg?token=s", strings.NewReader(body)))
 	if w.Code != 200 {
@@ -75,7 +76,7 @@ func TestRegistryEnvelopeOneTxn(t *testing.T) {
 		t.Fatalf("get a: %v %v", resp, err)
 	}
 	tags, digests := parseTrigger(resp.Kvs[0].Value)
-	if strings.Join(tags, ",") != "qa,prod" || digests["qa"] != "sha256:1" || digests["prod"] != "sha256:3" {
+	if strings.Join(tags, ",") != "qa,prod" || digests["qa"] != d1 || digests["prod"] != d3 {
 		t.Errorf("trigger of a = %s; want tags qa,prod with their digests", resp.Kvs[0].Value)
 	}
 	if n := countKeys(t, cli, h.prefix); n != 2 {
