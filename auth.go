@@ -6,6 +6,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -210,4 +211,18 @@ func (d *daemon) resolveSecret(ctx context.Context) error {
 	d.log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with the command given",
 		"command", how, "created", created, "key", d.cfg.EtcdPrefix+clusterSecretKey)
 	return nil
+}
+
+// authorized checks the secret, given as "Authorization: Bearer <secret>"
+// or as ?token=<secret>, in constant time. There is no unauthenticated
+// mode: an empty secret matches nothing.
+func authorized(r *http.Request, secret string) bool {
+	if secret == "" {
+		return false
+	}
+	got := r.URL.Query().Get("token")
+	if a, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+		got = a
+	}
+	return subtle.ConstantTimeCompare([]byte(got), []byte(secret)) == 1
 }

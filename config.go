@@ -215,14 +215,6 @@ func (b *boundFlags) parse(args []string) error {
 	return nil
 }
 
-// callTimeout bounds one call to Docker or etcd that has no bound of its
-// own (a pull has pullTimeout).
-const callTimeout = 30 * time.Second
-
-// drainMargin is what a deploy in flight gets at shutdown beyond
-// -kill_timeout to finish its stops and report.
-const drainMargin = 2 * time.Second
-
 // splitList splits a comma-separated list, trimming spaces and dropping
 // empty items (the original broke on "a, b").
 func splitList(s string) []string {
@@ -368,6 +360,126 @@ func checkHTTPURL(s string) error {
 	}
 	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return fmt.Errorf("%q is not an http(s) URL", s)
+	}
+	return nil
+}
+
+const (
+	strategyStop = "stop"
+	strategyRecr = "recreate"
+	strategySkip = "skip"
+	strategyKey  = "deployer.strategy" // container label overriding -restart_strategy
+)
+
+var errUsage = errors.New("usage")
+
+// addEtcdTLSFlags registers the etcd TLS and authentication flags, with
+// the names etcdctl uses. Every command that talks to etcd calls it.
+func addEtcdTLSFlags(fs *flag.FlagSet, c *config) {
+	fs.StringVar(&c.EtcdCACert, "etcd_cacert", c.EtcdCACert, "PEM file of the CA(s) that sign the etcd servers' certificates; empty: the system's roots (for https:// -etcd_nodes)")
+	fs.StringVar(&c.EtcdCert, "etcd_cert", c.EtcdCert, "PEM file of the client certificate for etcd (with -etcd_key); re-read when it changes")
+	fs.StringVar(&c.EtcdKey, "etcd_key", c.EtcdKey, "PEM file of the private key of -etcd_cert; re-read when it changes")
+	fs.StringVar(&c.EtcdUsername, "etcd_username", c.EtcdUsername, "etcd user; the password comes from $DEPLOYER_ETCD_PASSWORD or -etcd_password_file")
+	fs.StringVar(&c.EtcdPasswordFile, "etcd_password_file", c.EtcdPasswordFile, "file holding the password of -etcd_username (a trailing newline is ignored)")
+}
+
+// validateEtcdTLS checks the etcd TLS and authentication flags.
+func (c config) validateEtcdTLS() error {
+	bad := func(flagName, format string, args ...any) error {
+		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
+	}
+	if (c.EtcdCert == "") != (c.EtcdKey == "") {
+		return bad("etcd_cert", "-etcd_cert and -etcd_key go together")
+	}
+	tlsFlag := ""
+	switch {
+	case c.EtcdCACert != "":
+		tlsFlag = "etcd_cacert"
+	case c.EtcdCert != "":
+		tlsFlag = "etcd_cert"
+	}
+	if tlsFlag != "" {
+		if len(c.EtcdNodes) == 0 {
+			return bad(tlsFlag, "applies to an external etcd (-etcd_nodes https://…); the embedded etcd listens on loopback without TLS")
+		}
+		for _, n := range c.EtcdNodes {
+			if !strings.HasPrefix(n, "https://") {
+				return bad(tlsFlag, "-etcd_nodes %q must be https:// to use TLS", n)
+			}
+		}
+	}
+	if c.EtcdPasswordFile != "" && c.EtcdPassword != "" {
+		return bad("etcd_password_file", "set either -etcd_password_file or $DEPLOYER_ETCD_PASSWORD, not both")
+	}
+	if c.EtcdUsername == "" && (c.EtcdPasswordFile != "" || c.EtcdPassword != "") {
+		return bad("etcd_username", "a password is set (-etcd_password_file or $DEPLOYER_ETCD_PASSWORD) but no -etcd_username")
+	}
+	if c.EtcdUsername != "" && c.EtcdPasswordFile == "" && c.EtcdPassword == "" {
+		return bad("etcd_username", "needs a password: $DEPLOYER_ETCD_PASSWORD or -etcd_password_file")
+	}
+	return nil
+}
+
+// checkLoopbackURL refuses a listen URL that is reachable from other
+// machines: the embedded etcd has neither TLS nor authentication, and
+// whoever can write to it can trigger deploys.
+func checkLoopbackURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("%q: %w", s, err)
+	}
+	host := u.Hostname()
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return fmt.Errorf("%q is not a loopback address (127.0.0.1, [::1] or localhost): the embedded etcd has no TLS or authentication; run an external etcd for a cluster", s)
+}
+
+// dockerCertPath is $DOCKER_CERT_PATH, else ~/.docker, as for the CLI.
+func dockerCertPath(getenv func(string) string) string {
+	if p := getenv("DOCKER_CERT_PATH"); p != "" {
+		return p
+	}
+	if home := getenv("HOME"); home != "" {
+		return filepath.Join(home, ".docker")
+	}
+	return ""
+}
+
+// addDockerTLSFlags registers the Docker TLS flags, named as the Docker
+// CLI's and defaulting to its environment variables.
+func addDockerTLSFlags(fs *flag.FlagSet, c *config) {
+	fs.BoolVar(&c.DockerTLSVerify, "docker_tls_verify", c.DockerTLSVerify, "use TLS and verify the daemon for a tcp:// -docker (default: $DOCKER_TLS_VERIFY set)")
+	fs.StringVar(&c.DockerCertPath, "docker_cert_path", c.DockerCertPath, "directory of ca.pem and the optional cert.pem, key.pem for -docker_tls_verify (default $DOCKER_CERT_PATH, else ~/.docker)")
+}
+
+// dockerUsesTLS says whether the endpoint is reached with TLS.
+func (c config) dockerUsesTLS() bool {
+	return c.DockerTLSVerify && !strings.HasPrefix(c.Docker, "unix://")
+}
+
+// validateDockerTLS checks that TLS has a CA to verify the daemon with:
+// go-dockerclient would silently skip verification without one.
+func (c config) validateDockerTLS() error {
+	if !c.dockerUsesTLS() {
+		return nil
+	}
+	bad := func(flagName, format string, args ...any) error {
+		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
+	}
+	if c.DockerCertPath == "" {
+		return bad("docker_cert_path", "must name the directory of ca.pem with -docker_tls_verify")
+	}
+	if _, err := os.Stat(filepath.Join(c.DockerCertPath, "ca.pem")); err != nil {
+		return bad("docker_cert_path", "ca.pem, needed to verify the daemon: %v", err)
+	}
+	_, cerr := os.Stat(filepath.Join(c.DockerCertPath, "cert.pem"))
+	_, kerr := os.Stat(filepath.Join(c.DockerCertPath, "key.pem"))
+	if (cerr == nil) != (kerr == nil) {
+		return bad("docker_cert_path", "%s has only one of cert.pem and key.pem", c.DockerCertPath)
 	}
 	return nil
 }

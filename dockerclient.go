@@ -14,7 +14,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -32,52 +31,6 @@ import (
 // v1.13 is built on github.com/moby/moby/api v1.55.0, whose API is 1.55.
 // Raise it with go-dockerclient.
 const dockerAPIMax = "1.55"
-
-// dockerCertPath is $DOCKER_CERT_PATH, else ~/.docker, as for the CLI.
-func dockerCertPath(getenv func(string) string) string {
-	if p := getenv("DOCKER_CERT_PATH"); p != "" {
-		return p
-	}
-	if home := getenv("HOME"); home != "" {
-		return filepath.Join(home, ".docker")
-	}
-	return ""
-}
-
-// addDockerTLSFlags registers the Docker TLS flags, named as the Docker
-// CLI's and defaulting to its environment variables.
-func addDockerTLSFlags(fs *flag.FlagSet, c *config) {
-	fs.BoolVar(&c.DockerTLSVerify, "docker_tls_verify", c.DockerTLSVerify, "use TLS and verify the daemon for a tcp:// -docker (default: $DOCKER_TLS_VERIFY set)")
-	fs.StringVar(&c.DockerCertPath, "docker_cert_path", c.DockerCertPath, "directory of ca.pem and the optional cert.pem, key.pem for -docker_tls_verify (default $DOCKER_CERT_PATH, else ~/.docker)")
-}
-
-// dockerUsesTLS says whether the endpoint is reached with TLS.
-func (c config) dockerUsesTLS() bool {
-	return c.DockerTLSVerify && !strings.HasPrefix(c.Docker, "unix://")
-}
-
-// validateDockerTLS checks that TLS has a CA to verify the daemon with:
-// go-dockerclient would silently skip verification without one.
-func (c config) validateDockerTLS() error {
-	if !c.dockerUsesTLS() {
-		return nil
-	}
-	bad := func(flagName, format string, args ...any) error {
-		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
-	}
-	if c.DockerCertPath == "" {
-		return bad("docker_cert_path", "must name the directory of ca.pem with -docker_tls_verify")
-	}
-	if _, err := os.Stat(filepath.Join(c.DockerCertPath, "ca.pem")); err != nil {
-		return bad("docker_cert_path", "ca.pem, needed to verify the daemon: %v", err)
-	}
-	_, cerr := os.Stat(filepath.Join(c.DockerCertPath, "cert.pem"))
-	_, kerr := os.Stat(filepath.Join(c.DockerCertPath, "key.pem"))
-	if (cerr == nil) != (kerr == nil) {
-		return bad("docker_cert_path", "%s has only one of cert.pem and key.pem", c.DockerCertPath)
-	}
-	return nil
-}
 
 // dockerTLSFiles reads ca.pem and, when both are present, cert.pem and
 // key.pem, as the Docker CLI does.

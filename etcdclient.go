@@ -11,7 +11,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -33,71 +32,6 @@ import (
 // certificate file that cannot be used, a server the CA does not vouch
 // for, or a server that refuses our client certificate.
 var errEtcdTLS = errors.New("etcd TLS")
-
-// addEtcdTLSFlags registers the etcd TLS and authentication flags, with
-// the names etcdctl uses. Every command that talks to etcd calls it.
-func addEtcdTLSFlags(fs *flag.FlagSet, c *config) {
-	fs.StringVar(&c.EtcdCACert, "etcd_cacert", c.EtcdCACert, "PEM file of the CA(s) that sign the etcd servers' certificates; empty: the system's roots (for https:// -etcd_nodes)")
-	fs.StringVar(&c.EtcdCert, "etcd_cert", c.EtcdCert, "PEM file of the client certificate for etcd (with -etcd_key); re-read when it changes")
-	fs.StringVar(&c.EtcdKey, "etcd_key", c.EtcdKey, "PEM file of the private key of -etcd_cert; re-read when it changes")
-	fs.StringVar(&c.EtcdUsername, "etcd_username", c.EtcdUsername, "etcd user; the password comes from $DEPLOYER_ETCD_PASSWORD or -etcd_password_file")
-	fs.StringVar(&c.EtcdPasswordFile, "etcd_password_file", c.EtcdPasswordFile, "file holding the password of -etcd_username (a trailing newline is ignored)")
-}
-
-// validateEtcdTLS checks the etcd TLS and authentication flags.
-func (c config) validateEtcdTLS() error {
-	bad := func(flagName, format string, args ...any) error {
-		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
-	}
-	if (c.EtcdCert == "") != (c.EtcdKey == "") {
-		return bad("etcd_cert", "-etcd_cert and -etcd_key go together")
-	}
-	tlsFlag := ""
-	switch {
-	case c.EtcdCACert != "":
-		tlsFlag = "etcd_cacert"
-	case c.EtcdCert != "":
-		tlsFlag = "etcd_cert"
-	}
-	if tlsFlag != "" {
-		if len(c.EtcdNodes) == 0 {
-			return bad(tlsFlag, "applies to an external etcd (-etcd_nodes https://…); the embedded etcd listens on loopback without TLS")
-		}
-		for _, n := range c.EtcdNodes {
-			if !strings.HasPrefix(n, "https://") {
-				return bad(tlsFlag, "-etcd_nodes %q must be https:// to use TLS", n)
-			}
-		}
-	}
-	if c.EtcdPasswordFile != "" && c.EtcdPassword != "" {
-		return bad("etcd_password_file", "set either -etcd_password_file or $DEPLOYER_ETCD_PASSWORD, not both")
-	}
-	if c.EtcdUsername == "" && (c.EtcdPasswordFile != "" || c.EtcdPassword != "") {
-		return bad("etcd_username", "a password is set (-etcd_password_file or $DEPLOYER_ETCD_PASSWORD) but no -etcd_username")
-	}
-	if c.EtcdUsername != "" && c.EtcdPasswordFile == "" && c.EtcdPassword == "" {
-		return bad("etcd_username", "needs a password: $DEPLOYER_ETCD_PASSWORD or -etcd_password_file")
-	}
-	return nil
-}
-
-// checkLoopbackURL refuses a listen URL that is reachable from other
-// machines: the embedded etcd has neither TLS nor authentication, and
-// whoever can write to it can trigger deploys.
-func checkLoopbackURL(s string) error {
-	u, err := url.Parse(s)
-	if err != nil {
-		return fmt.Errorf("%q: %w", s, err)
-	}
-	host := u.Hostname()
-	if host == "localhost" {
-		return nil
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
-		return nil
-	}
-	return fmt.Errorf("%q is not a loopback address (127.0.0.1, [::1] or localhost): the embedded etcd has no TLS or authentication; run an external etcd for a cluster", s)
-}
 
 // etcdEndpoints is where the client connects: -etcd_nodes, or the
 // embedded etcd's client URL.

@@ -41,15 +41,6 @@ func newDockerEvents(c *docker.Client, callTimeout time.Duration) *dockerEvents 
 	return &dockerEvents{client: c, callTimeout: callTimeout, subs: map[chan<- *docker.APIEvents]context.CancelFunc{}}
 }
 
-// eventsFor returns the event source for every subscription on dc:
-// dockerEvents for a real client, dc itself otherwise (the tests' fake).
-func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
-	if c, ok := dc.(*dockerClient); ok {
-		return newDockerEvents(c.Client, callTimeout)
-	}
-	return dc
-}
-
 // eventsURL is the URL of GET /events on the client's endpoint, for its
 // HTTPClient (which dials the socket itself for unix:// endpoints).
 func (e *dockerEvents) eventsURL(opts docker.EventsOptions) (string, error) {

@@ -36,7 +36,8 @@ func TestFileDeps(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, p := range g.pairs() {
-		t.Errorf("files that use each other: %s %s", p[0], p[1])
+		a, b := p[0], p[1]
+		t.Errorf("files that use each other: %s uses %s of %s, which uses %s of it", a, strings.Join(g[a][b], " "), b, strings.Join(g[b][a], " "))
 	}
 	for _, c := range g.cycles() {
 		t.Errorf("files that use each other, directly or through others: %s", strings.Join(c, " "))
@@ -85,14 +86,15 @@ func TestFileGraph(t *testing.T) {
 	if c := g.cycles(); len(c) != 0 {
 		t.Errorf("cycles %v in an acyclic graph", c)
 	}
-	g["b.go"]["a.go"] = true
+	g["b.go"]["a.go"] = []string{"a"}
 	if c := g.cycles(); len(c) != 1 || strings.Join(c[0], " ") != "a.go b.go" {
 		t.Errorf("cycles %v, want [[a.go b.go]]", c)
 	}
 }
 
-// graph maps a file to the files it uses.
-type graph map[string]map[string]bool
+// graph maps a file to the files it uses, and each to the names it uses
+// from it.
+type graph map[string]map[string][]string
 
 // fileGraph reads the non-test Go files of package main in dir.
 func fileGraph(dir string) (graph, error) {
@@ -153,11 +155,16 @@ func fileGraph(dir string) (graph, error) {
 	}
 	g := graph{}
 	for name, f := range files {
-		uses := map[string]bool{}
+		uses := map[string][]string{}
 		g[name] = uses
+		use := func(file, what string) {
+			if !slices.Contains(uses[file], what) {
+				uses[file] = append(uses[file], what)
+			}
+		}
 		for _, id := range f.Unresolved {
 			if def, ok := defs[id.Name]; ok && def != name {
-				uses[def] = true
+				use(def, id.Name)
 			}
 		}
 		imports := map[string]bool{}
@@ -184,7 +191,7 @@ func fileGraph(dir string) (graph, error) {
 				return true
 			}
 			for def := range in {
-				uses[def] = true
+				use(def, "."+sel.Sel.Name)
 			}
 			return true
 		})
@@ -277,7 +284,7 @@ func (g graph) pairs() [][2]string {
 	var out [][2]string
 	for a, uses := range g {
 		for b := range uses {
-			if a < b && g[b][a] {
+			if _, back := g[b][a]; a < b && back {
 				out = append(out, [2]string{a, b})
 			}
 		}

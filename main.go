@@ -56,8 +56,6 @@ func main() {
 	}
 }
 
-var errUsage = errors.New("usage")
-
 // run is the whole daemon; it returns when ctx is done and everything has
 // stopped.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -457,4 +455,13 @@ func startEmbeddedEtcd(cfg config, log *slog.Logger) (*embed.Etcd, error) {
 		e.Close()
 		return nil, errors.New("embedded etcd: not ready within a minute")
 	}
+}
+
+// eventsFor returns the event source for every subscription on dc:
+// dockerEvents for a real client, dc itself otherwise (the tests' fake).
+func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
+	if c, ok := dc.(*dockerClient); ok {
+		return newDockerEvents(c.Client, callTimeout)
+	}
+	return dc
 }

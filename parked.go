@@ -48,15 +48,6 @@ import (
 
 const parkedInfix = "-deployer-old-"
 
-// errRefused marks a container recreate will not replace. It is final and
-// local to this node: retrying will not help, and the version is not at
-// fault.
-var errRefused = errors.New("recreate refused")
-
-// recreateHook is called at the named stages of recreate; tests (the e2e
-// build tag) use it to crash the deployer at a chosen point.
-var recreateHook = func(ctx context.Context, stage string) {}
-
 // putBackAttempts bounds the tries of each step of a put-back; between
 // them the restarter waits backoff(retryBase, attempt).
 const putBackAttempts = 5
@@ -124,24 +115,6 @@ func restartPolicy(c *docker.Container) docker.RestartPolicy {
 		return docker.RestartPolicy{}
 	}
 	return c.HostConfig.RestartPolicy
-}
-
-// checkRecreatable refuses containers recreate cannot replace safely.
-//
-// --rm (HostConfig.AutoRemove): stopping the container makes Docker delete
-// it, and with it its anonymous volumes, so a replacement that fails
-// could not be undone, and a crash in the middle would leave nothing to
-// put back. Keeping the old configuration in the deployer's memory would
-// not survive that crash either, and Docker cannot turn AutoRemove off on
-// an existing container. So such containers are refused, with a message
-// that says what to do.
-func checkRecreatable(old *docker.Container) error {
-	name := strings.TrimPrefix(old.Name, "/")
-	if old.HostConfig != nil && old.HostConfig.AutoRemove {
-		return fmt.Errorf("%w: %s was started with --rm: stopping it would delete it and its anonymous volumes, so a failed replacement could not be undone; "+
-			"run it without --rm (with a --restart policy), or give it the label %s=%s and a supervisor", errRefused, name, strategyKey, strategyStop)
-	}
-	return nil
 }
 
 // hold marks name as being parked, replaced or put back by this process
@@ -355,14 +328,6 @@ func isConflict(err error) bool {
 	var de *docker.Error
 	return errors.As(err, &de) && de.Status == 409
 }
-
-// recoverAtStart settles every parked container before the daemon acts on
-// any trigger, within the restart timeout (a replacement may still be
-// coming up) plus a call timeout, then keeps settling leftovers in the
-// background until ctx ends: at once when Docker did not answer (retried
-// with backoff), and whenever a put-back or a removal failed or a deploy
-// saw a leftover.
-func (r *recreator) recoverAtStart(ctx context.Context) { r.stopper.recoverAtStart(ctx) }
 
 func (r *restarter) recoverAtStart(ctx context.Context) {
 	sctx, cancel := context.WithTimeout(ctx, r.wait.timeout+r.callTimeout)

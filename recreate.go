@@ -176,3 +176,33 @@ func (r *recreator) judgeNow(ctx context.Context, id, newID string) error {
 	_, err = judgeUp(c, newID, time.Now())
 	return err
 }
+
+// recreateHook is called at the named stages of recreate; tests (the e2e
+// build tag) use it to crash the deployer at a chosen point.
+var recreateHook = func(ctx context.Context, stage string) {}
+
+// checkRecreatable refuses containers recreate cannot replace safely.
+//
+// --rm (HostConfig.AutoRemove): stopping the container makes Docker delete
+// it, and with it its anonymous volumes, so a replacement that fails
+// could not be undone, and a crash in the middle would leave nothing to
+// put back. Keeping the old configuration in the deployer's memory would
+// not survive that crash either, and Docker cannot turn AutoRemove off on
+// an existing container. So such containers are refused, with a message
+// that says what to do.
+func checkRecreatable(old *docker.Container) error {
+	name := strings.TrimPrefix(old.Name, "/")
+	if old.HostConfig != nil && old.HostConfig.AutoRemove {
+		return fmt.Errorf("%w: %s was started with --rm: stopping it would delete it and its anonymous volumes, so a failed replacement could not be undone; "+
+			"run it without --rm (with a --restart policy), or give it the label %s=%s and a supervisor", errRefused, name, strategyKey, strategyStop)
+	}
+	return nil
+}
+
+// recoverAtStart settles every parked container before the daemon acts on
+// any trigger, within the restart timeout (a replacement may still be
+// coming up) plus a call timeout, then keeps settling leftovers in the
+// background until ctx ends: at once when Docker did not answer (retried
+// with backoff), and whenever a put-back or a removal failed or a deploy
+// saw a leftover.
+func (r *recreator) recoverAtStart(ctx context.Context) { r.stopper.recoverAtStart(ctx) }

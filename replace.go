@@ -16,13 +16,6 @@ import (
 	"golang.org/x/sync/errgroup"
 )
 
-const (
-	strategyStop = "stop"
-	strategyRecr = "recreate"
-	strategySkip = "skip"
-	strategyKey  = "deployer.strategy" // container label overriding -restart_strategy
-)
-
 // maxParallelReplace bounds the replacements run at once when rollouts are
 // not coordinated (-max_unavailable=0).
 const maxParallelReplace = 8

@@ -278,10 +278,6 @@ func (r *restarter) settleNow(ctx context.Context, c staleContainer, pol docker.
 		"container", c.Name, "image", shortID(c.ImageID))
 }
 
-// errUnsupervised: nothing replaced a stopped container; the old one was
-// started again. Not a failure of the version: it does not halt.
-var errUnsupervised = errors.New("unsupervised")
-
 // restartOld puts the stopped container back and starts it again, on its
 // old image, when no supervisor replaced it.
 func (r *restarter) restartOld(ctx context.Context, c staleContainer, pol docker.RestartPolicy) error {

@@ -30,17 +30,6 @@ import (
 // know or will not give us) is final: it is reported and the revisions
 // are done. This file holds the one classification, retryable.
 
-var (
-	// errBadReference: the trigger names no valid repository or tag.
-	errBadReference = errors.New("bad reference")
-	// errDigestMismatch: the pull succeeded but the tag is not on the
-	// pushed manifest yet (a registry or CDN still serving the previous
-	// one). Retryable until digestWait has passed.
-	errDigestMismatch = errors.New("pushed digest not pulled yet")
-	// errDigestGaveUp: the pushed digest did not appear within digestWait.
-	errDigestGaveUp = errors.New("pushed digest never pulled")
-)
-
 const (
 	retryMin   = 2 * time.Second // first retry after 1-2 s
 	retryMax   = 5 * time.Minute // no retry waits longer (Retry-After included)

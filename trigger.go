@@ -5,6 +5,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"slices"
 	"time"
 )
@@ -51,4 +52,39 @@ func parseTrigger(value []byte) ([]string, map[string]string) {
 		return slices.Clone(t.Tags), digests
 	}
 	return nil, nil
+}
+
+// imagePush is one image that a trigger source names: a repository as
+// written (with its registry host when the sender gives one), a tag (empty:
+// every local tag) and the manifest digest when the sender gives one.
+type imagePush struct {
+	Repo   string
+	Tag    string
+	Digest string
+}
+
+// checkPush is the one rule every trigger applies to a push by tag it is
+// sent (README, Triggers): the repository is a valid repository name, with
+// its registry host where the sender is a registry (hostRequired: every
+// sender but Docker Hub and /api/deploy, whose bare names belong to
+// -registry), and the tag is valid or, where the sender may name none,
+// empty. A push that breaks it is refused with the whole delivery (400,
+// nothing written): a 200 would show the sender a green delivery while
+// nothing is deployed. Deliveries that are not a push by tag never get
+// here; they answer 200 and write nothing. A digest that is not valid is
+// dropped: the deploy does not need it.
+func checkPush(p imagePush, hostRequired bool) (imagePush, error) {
+	if err := checkRepoName(p.Repo); err != nil {
+		return imagePush{}, err
+	}
+	if hostRequired && !hasDomain(p.Repo) {
+		return imagePush{}, fmt.Errorf("%w: %q names no registry host (want host/repository)", errBadRepo, p.Repo)
+	}
+	if err := checkTag(p.Tag); err != nil {
+		return imagePush{}, err
+	}
+	if checkDigest(p.Digest) != nil {
+		p.Digest = ""
+	}
+	return p, nil
 }

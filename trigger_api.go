@@ -15,15 +15,6 @@ import (
 	"github.com/distribution/reference"
 )
 
-// imagePush is one image that a trigger source names: a repository as
-// written (with its registry host when the sender gives one), a tag (empty:
-// every local tag) and the manifest digest when the sender gives one.
-type imagePush struct {
-	Repo   string
-	Tag    string
-	Digest string
-}
-
 // parseImage reads an image reference as a sender writes it: "repo",
 // "host:port/repo:tag", "repo:tag@sha256:…". The repository stays as
 // written (a bare name belongs to -registry, as with Docker Hub webhooks),
@@ -53,32 +44,6 @@ func parseImage(s string) (imagePush, error) {
 		return imagePush{}, fmt.Errorf("%q: a digest needs a tag (repo:tag@sha256:…)", s)
 	}
 	return checkPush(p, false)
-}
-
-// checkPush is the one rule every trigger applies to a push by tag it is
-// sent (README, Triggers): the repository is a valid repository name, with
-// its registry host where the sender is a registry (hostRequired: every
-// sender but Docker Hub and /api/deploy, whose bare names belong to
-// -registry), and the tag is valid or, where the sender may name none,
-// empty. A push that breaks it is refused with the whole delivery (400,
-// nothing written): a 200 would show the sender a green delivery while
-// nothing is deployed. Deliveries that are not a push by tag never get
-// here; they answer 200 and write nothing. A digest that is not valid is
-// dropped: the deploy does not need it.
-func checkPush(p imagePush, hostRequired bool) (imagePush, error) {
-	if err := checkRepoName(p.Repo); err != nil {
-		return imagePush{}, err
-	}
-	if hostRequired && !hasDomain(p.Repo) {
-		return imagePush{}, fmt.Errorf("%w: %q names no registry host (want host/repository)", errBadRepo, p.Repo)
-	}
-	if err := checkTag(p.Tag); err != nil {
-		return imagePush{}, err
-	}
-	if checkDigest(p.Digest) != nil {
-		p.Digest = ""
-	}
-	return p, nil
 }
 
 // checkDigest accepts "" and valid digests ("sha256:" and 64 hex digits).

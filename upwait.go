@@ -16,20 +16,6 @@ import (
 	docker "github.com/fsouza/go-dockerclient"
 )
 
-var (
-	// errReplacement: the new version ran and failed (exited, crash-looped,
-	// turned unhealthy, or never came up). Only this halts a version.
-	errReplacement = errors.New("replacement failed")
-	// errNoReplacement: no container at all replaced the stopped one
-	// within the bound. The host does not supervise it; the version is
-	// not to blame.
-	errNoReplacement = errors.New("no replacement appeared")
-	// errDockerAway: the Docker daemon stopped answering or restarted
-	// during the wait, so the wait could not judge the replacement.
-	// Node-local: the deploy is retried, the version never halted.
-	errDockerAway = errors.New("the docker daemon went away")
-)
-
 // minUp is how long a replacement without a healthcheck must have been
 // running, without a restart, to count as up: a version that crashes at
 // once is "running" for a few milliseconds first.

@@ -8,7 +8,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -271,20 +270,6 @@ func (h *webhook) accept(w http.ResponseWriter, r *http.Request, source string) 
 		return nil, false
 	}
 	return body, true
-}
-
-// authorized checks the secret, given as "Authorization: Bearer <secret>"
-// or as ?token=<secret>, in constant time. There is no unauthenticated
-// mode: an empty secret matches nothing.
-func authorized(r *http.Request, secret string) bool {
-	if secret == "" {
-		return false
-	}
-	got := r.URL.Query().Get("token")
-	if a, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
-		got = a
-	}
-	return subtle.ConstantTimeCompare([]byte(got), []byte(secret)) == 1
 }
 
 // trigger writes the trigger key for repo.
