@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"strconv"
@@ -163,26 +164,14 @@ var (
 	errTooManyFailures = errors.New("too many requests with a missing or wrong secret")
 )
 
-// requireSecret wraps a handler that needs the webhook secret.
-func (d *daemon) requireSecret(next http.HandlerFunc) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		if authorized(r, d.cfg.WebhookSecret) {
-			next(w, r)
-			return
-		}
-		code, err := rejectUnauthorized(w, r, d.failures)
-		writeJSON(w, code, map[string]string{"error": err.Error()})
-	}
-}
-
-// resolveSecret settles the webhook secret before serving: -webhook_secret
-// (or $DEPLOYER_WEBHOOK_SECRET) when set, else the cluster's, created on
-// the first start. The log says how to get it, never what it is.
-func (d *daemon) resolveSecret(ctx context.Context) error {
-	if d.cfg.WebhookSecret != "" {
-		d.webhook.secret = d.cfg.WebhookSecret
-		d.log.Info("webhooks, /api/status and /metrics need the secret given by -webhook_secret")
-		return nil
+// resolveSecret returns the webhook secret to serve with: -webhook_secret
+// (or $DEPLOYER_WEBHOOK_SECRET) when set, else the cluster's in kv, created
+// on the first start and read again with backoff until etcd answers or
+// ctx ends. The log says how to get it, never what it is.
+func resolveSecret(ctx context.Context, kv kvTxner, cfg config, log *slog.Logger) (string, error) {
+	if cfg.WebhookSecret != "" {
+		log.Info("webhooks, /api/status and /metrics need the secret given by -webhook_secret")
+		return cfg.WebhookSecret, nil
 	}
 	var (
 		secret  string
@@ -191,26 +180,25 @@ func (d *daemon) resolveSecret(ctx context.Context) error {
 	)
 	for attempt := 1; ; attempt++ {
 		tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		secret, created, err = clusterSecret(tctx, d.etcd)
+		secret, created, err = clusterSecret(tctx, kv)
 		cancel()
 		if err == nil {
 			break
 		}
-		d.log.Warn("cannot read the cluster's webhook secret yet", "key", d.cfg.EtcdPrefix+clusterSecretKey, "err", err)
-		if !sleepCtx(ctx, backoff(d.cfg.EtcdRetryDelay, attempt)) {
-			return ctx.Err()
+		log.Warn("cannot read the cluster's webhook secret yet", "key", cfg.EtcdPrefix+clusterSecretKey, "err", err)
+		if !sleepCtx(ctx, backoff(cfg.EtcdRetryDelay, attempt)) {
+			return "", ctx.Err()
 		}
 	}
-	d.cfg.WebhookSecret, d.webhook.secret = secret, secret
-	how := "deployer secret -etcd_prefix " + d.cfg.EtcdPrefix
-	if len(d.cfg.EtcdNodes) > 0 {
-		how += " -etcd_nodes " + strings.Join(d.cfg.EtcdNodes, ",")
-	} else if d.cfg.EtcdListenClient != defaultConfig(func(string) string { return "" }).EtcdListenClient {
-		how += " -etcd_nodes " + d.cfg.EtcdListenClient
+	how := "deployer secret -etcd_prefix " + cfg.EtcdPrefix
+	if len(cfg.EtcdNodes) > 0 {
+		how += " -etcd_nodes " + strings.Join(cfg.EtcdNodes, ",")
+	} else if cfg.EtcdListenClient != defaultConfig(func(string) string { return "" }).EtcdListenClient {
+		how += " -etcd_nodes " + cfg.EtcdListenClient
 	}
-	d.log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with the command given",
-		"command", how, "created", created, "key", d.cfg.EtcdPrefix+clusterSecretKey)
-	return nil
+	log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with the command given",
+		"command", how, "created", created, "key", cfg.EtcdPrefix+clusterSecretKey)
+	return secret, nil
 }
 
 // authorized checks the secret, given as "Authorization: Bearer <secret>"

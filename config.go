@@ -9,9 +9,11 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -481,5 +483,54 @@ func (c config) validateDockerTLS() error {
 	if (cerr == nil) != (kerr == nil) {
 		return bad("docker_cert_path", "%s has only one of cert.pem and key.pem", c.DockerCertPath)
 	}
+	return nil
+}
+
+// builtinRoutes are the routes the daemon serves besides the two paths
+// its flags name (-webhook_path, -registry_webhook_path). main.go's
+// handler registers one handler for each, and validate refuses them as a
+// flag's path: one list, so that a route added here can never be named by
+// a flag (the mux would panic on the duplicate).
+var builtinRoutes = []string{
+	"/api/deploy",
+	"/api/harbor/webhook",
+	"/api/github/webhook",
+	"/api/quay/webhook",
+	"GET /healthz",
+	"GET /api/status",
+	"GET /metrics",
+}
+
+// checkFreeRoute refuses p, a flag's path (a plain path, checkPlainPath),
+// when it names a built-in route or one of the paths in also (the other
+// flag's), or collides with one as the mux sees it (a %-escaped spelling
+// of the same path): served, it would make the daemon panic or shadow
+// the route.
+func checkFreeRoute(p string, also ...string) (err error) {
+	paths := make([]string, 0, len(builtinRoutes)+len(also))
+	for _, r := range builtinRoutes {
+		_, path, _ := strings.Cut(r, "/")
+		paths = append(paths, "/"+path)
+	}
+	paths = append(paths, also...)
+	taken := func() error {
+		return fmt.Errorf("%q is taken by a route the daemon serves (%s)", p, strings.Join(paths, ", "))
+	}
+	if slices.Contains(paths, p) {
+		return taken()
+	}
+	defer func() {
+		if recover() != nil {
+			err = taken()
+		}
+	}()
+	mux := http.NewServeMux()
+	for _, r := range builtinRoutes {
+		mux.Handle(r, http.NotFoundHandler())
+	}
+	for _, a := range also {
+		mux.Handle(a, http.NotFoundHandler())
+	}
+	mux.Handle(p, http.NotFoundHandler())
 	return nil
 }

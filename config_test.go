@@ -213,7 +213,7 @@ func TestWebhookPathsRefuseBuiltinRoutes(t *testing.T) {
 	taken := []string{"/api/deploy", "/api/harbor/webhook", "/api/github/webhook", "/api/quay/webhook",
 		"/healthz", "/api/status", "/metrics", "/api/%64eploy"}
 	for _, r := range builtinRoutes { // every route added later too
-		_, p, _ := strings.Cut(r.pattern, "/")
+		_, p, _ := strings.Cut(r, "/")
 		taken = append(taken, "/"+p)
 	}
 	type row struct {

@@ -1,6 +1,10 @@
 package main
 
-import "errors"
+import (
+	"errors"
+
+	docker "github.com/fsouza/go-dockerclient"
+)
 
 // errUnsupervised: nothing replaced a stopped container; the old one was
 // started again. Not a failure of the version: it does not halt.
@@ -35,3 +39,13 @@ var (
 // local to this node: retrying will not help, and the version is not at
 // fault.
 var errRefused = errors.New("recreate refused")
+
+func isConflict(err error) bool {
+	var de *docker.Error
+	return errors.As(err, &de) && de.Status == 409
+}
+
+func isNoSuchContainer(err error) bool {
+	var gone *docker.NoSuchContainer
+	return errors.As(err, &gone)
+}

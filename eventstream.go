@@ -153,3 +153,13 @@ func (e *dockerEvents) RemoveEventListener(l chan *docker.APIEvents) error {
 	}
 	return nil
 }
+
+// eventAPI is the part of the Docker client the status reporter's event
+// subscription uses (dockerEvents in production, see eventstream.go).
+type eventAPI interface {
+	// AddEventListenerWithOptions subscribes to the daemon's events; the
+	// channel is closed when the event stream ends.
+	AddEventListenerWithOptions(opts docker.EventsOptions, listener chan<- *docker.APIEvents) error
+	// RemoveEventListener ends a subscription.
+	RemoveEventListener(listener chan *docker.APIEvents) error
+}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // healthCache runs the health checks at most once per ttl: /healthz needs
@@ -41,32 +43,40 @@ func (h *healthCache) get(ctx context.Context) []string {
 	return h.failing
 }
 
-// checkHealth asks etcd (a read of this node's progress key) and Docker
-// (a ping), and names the parts that do not answer.
-func (d *daemon) checkHealth(ctx context.Context) []string {
-	// The result is shared with other requests: one client going away
-	// must not fail it.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
-	defer cancel()
-	var failing []string
-	if _, err := d.etcd.Get(ctx, progressKey(d.cfg.NodeName)); err != nil {
-		failing = append(failing, "etcd")
-	}
-	if err := d.docker.PingWithContext(ctx); err != nil {
-		failing = append(failing, "docker")
-	}
-	return failing
+// pinger is what the health check asks of Docker.
+type pinger interface {
+	// PingWithContext asks whether the daemon answers.
+	PingWithContext(ctx context.Context) error
 }
 
-// GET /healthz
+// healthChecks asks etcd (a read of key, this node's progress key) and
+// Docker (a ping), and names the parts that do not answer.
+func healthChecks(kv clientv3.KV, key string, docker pinger) func(ctx context.Context) []string {
+	return func(ctx context.Context) []string {
+		// The result is shared with other requests: one client going
+		// away must not fail it.
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
+		defer cancel()
+		var failing []string
+		if _, err := kv.Get(ctx, key); err != nil {
+			failing = append(failing, "etcd")
+		}
+		if err := docker.PingWithContext(ctx); err != nil {
+			failing = append(failing, "docker")
+		}
+		return failing
+	}
+}
+
+// ServeHTTP is GET /healthz.
 //
 // No secret needed. 200 "ok" when etcd and Docker answer; 503 with the
 // names of the failing parts ("etcd", "docker") otherwise: no endpoints,
 // socket paths or error texts. Cached for about a second.
-func (d *daemon) healthz(w http.ResponseWriter, r *http.Request) {
+func (h *healthCache) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
-	failing := d.health.get(r.Context())
+	failing := h.get(r.Context())
 	if len(failing) == 0 {
 		w.WriteHeader(http.StatusOK)
 		_, _ = w.Write([]byte("ok\n"))

@@ -21,8 +21,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"slices"
-	"strings"
 	"syscall"
 	"time"
 
@@ -204,78 +202,41 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		d.status.poke() // the record shows the outcome at once
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
-	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, d.queue.pending, log.With("component", "status"))
+	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, log.With("component", "status"))
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
 	d.repuller = newRepuller(dc, etcd, cfg.registryDomain, cfg.RepullPeriod, d.submit, log.With("component", "repuller"))
 	d.failures = newFailLimiter()
 	d.webhook = newWebhook(etcd, cfg.EtcdPrefix, cfg.WebhookSecret, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
-	d.health = newHealthCache(d.checkHealth)
+	d.health = newHealthCache(healthChecks(etcd, progressKey(cfg.NodeName), dc))
 	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, log.With("component", "node"))
 	return d, nil
 }
 
+// handler serves the two paths the flags name and every route of
+// builtinRoutes (config.go), which validate keeps the flags from naming.
 func (d *daemon) handler() http.Handler {
+	handlers := map[string]http.Handler{
+		"/api/deploy":         http.HandlerFunc(d.webhook.apiDeploy),
+		"/api/harbor/webhook": http.HandlerFunc(d.webhook.harbor),
+		"/api/github/webhook": http.HandlerFunc(d.webhook.gitHub),
+		"/api/quay/webhook":   http.HandlerFunc(d.webhook.quay),
+		"GET /healthz":        d.health,
+		"GET /api/status":     d.requireSecret(statusHandler(d.etcd)),
+		"GET /metrics":        d.metricsHandler(),
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
 	mux.HandleFunc(d.cfg.RegistryWebhookPath, d.webhook.registry)
-	for _, r := range builtinRoutes {
-		mux.Handle(r.pattern, r.handler(d))
+	for _, pattern := range builtinRoutes {
+		h, ok := handlers[pattern]
+		if !ok || len(handlers) != len(builtinRoutes) {
+			panic("builtinRoutes and the handlers differ at " + pattern)
+		}
+		mux.Handle(pattern, h)
 	}
 	return mux
-}
-
-// builtinRoutes are the routes the daemon serves besides the two paths
-// its flags name (-webhook_path, -registry_webhook_path). handler
-// registers them and validate refuses them as a flag's path: one list,
-// so that a route added here can never be named by a flag (the mux would
-// panic on the duplicate).
-var builtinRoutes = []struct {
-	pattern string
-	handler func(*daemon) http.Handler
-}{
-	{"/api/deploy", func(d *daemon) http.Handler { return http.HandlerFunc(d.webhook.apiDeploy) }},
-	{"/api/harbor/webhook", func(d *daemon) http.Handler { return http.HandlerFunc(d.webhook.harbor) }},
-	{"/api/github/webhook", func(d *daemon) http.Handler { return http.HandlerFunc(d.webhook.gitHub) }},
-	{"/api/quay/webhook", func(d *daemon) http.Handler { return http.HandlerFunc(d.webhook.quay) }},
-	{"GET /healthz", func(d *daemon) http.Handler { return http.HandlerFunc(d.healthz) }},
-	{"GET /api/status", func(d *daemon) http.Handler { return d.requireSecret(d.apiStatus) }},
-	{"GET /metrics", func(d *daemon) http.Handler { return d.metricsHandler() }},
-}
-
-// checkFreeRoute refuses p, a flag's path (a plain path, checkPlainPath),
-// when it names a built-in route or one of the paths in also (the other
-// flag's), or collides with one as the mux sees it (a %-escaped spelling
-// of the same path): served, it would make the daemon panic or shadow
-// the route.
-func checkFreeRoute(p string, also ...string) (err error) {
-	paths := make([]string, 0, len(builtinRoutes)+len(also))
-	for _, r := range builtinRoutes {
-		_, path, _ := strings.Cut(r.pattern, "/")
-		paths = append(paths, "/"+path)
-	}
-	paths = append(paths, also...)
-	taken := func() error {
-		return fmt.Errorf("%q is taken by a route the daemon serves (%s)", p, strings.Join(paths, ", "))
-	}
-	if slices.Contains(paths, p) {
-		return taken()
-	}
-	defer func() {
-		if recover() != nil {
-			err = taken()
-		}
-	}()
-	mux := http.NewServeMux()
-	for _, r := range builtinRoutes {
-		mux.Handle(r.pattern, http.NotFoundHandler())
-	}
-	for _, a := range also {
-		mux.Handle(a, http.NotFoundHandler())
-	}
-	mux.Handle(p, http.NotFoundHandler())
-	return nil
 }
 
 // GET /metrics: the webhook secret is needed unless -metrics_open.
@@ -336,12 +297,14 @@ func (d *daemon) run(ctx context.Context) error {
 	claimDone := make(chan struct{})
 	go func() { d.claim.keep(claimCtx); close(claimDone) }()
 	defer func() { stopClaim(); <-claimDone }()
-	if err := d.resolveSecret(ctx); err != nil {
+	secret, err := resolveSecret(ctx, d.etcd, d.cfg, d.log)
+	if err != nil {
 		if ctx.Err() != nil {
 			return nil // stopped while starting
 		}
 		return err
 	}
+	d.cfg.WebhookSecret, d.webhook.secret = secret, secret
 	ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("-listen: %w", err)
@@ -464,4 +427,16 @@ func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
 		return newDockerEvents(c.Client, callTimeout)
 	}
 	return dc
+}
+
+// requireSecret wraps a handler that needs the webhook secret.
+func (d *daemon) requireSecret(next http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if authorized(r, d.cfg.WebhookSecret) {
+			next(w, r)
+			return
+		}
+		code, err := rejectUnauthorized(w, r, d.failures)
+		writeJSON(w, code, map[string]string{"error": err.Error()})
+	}
 }

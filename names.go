@@ -152,3 +152,26 @@ func shortID(id string) string {
 	}
 	return id
 }
+
+// checkTag accepts "" (no tag named) and valid tags.
+func checkTag(tag string) error {
+	if tag == "" {
+		return nil
+	}
+	if _, err := reference.WithTag(tagCheckRepo, tag); err != nil {
+		return fmt.Errorf("%q is not a valid tag", tag)
+	}
+	return nil
+}
+
+// checkDigest accepts "" and valid digests ("sha256:" and 64 hex digits).
+func checkDigest(d string) error {
+	if d == "" {
+		return nil
+	}
+	ref, err := reference.Parse("x@" + d)
+	if _, ok := ref.(reference.Digested); err != nil || !ok {
+		return fmt.Errorf("%q is not a valid digest", d)
+	}
+	return nil
+}

@@ -39,83 +39,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"strings"
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
 )
 
-const parkedInfix = "-deployer-old-"
-
 // putBackAttempts bounds the tries of each step of a put-back; between
 // them the restarter waits backoff(retryBase, attempt).
 const putBackAttempts = 5
-
-// parkedName is the name a container with no restart policy to restore
-// has while parked.
-func parkedName(name, id string) string { return name + parkedInfix + shortID(id) }
-
-// parkedNameWith is the name a container with restart policy pol has
-// while parked: the policy it gets back is the suffix.
-func parkedNameWith(name, id string, pol docker.RestartPolicy) string {
-	if !restarts(pol) {
-		return parkedName(name, id)
-	}
-	s := pol.Name
-	if pol.Name == "on-failure" && pol.MaximumRetryCount > 0 {
-		s += "-" + strconv.Itoa(pol.MaximumRetryCount)
-	}
-	return parkedName(name, id) + "." + s
-}
-
-// restarts tells whether dockerd may start a container with policy pol by
-// itself.
-func restarts(pol docker.RestartPolicy) bool {
-	return pol.Name != "" && pol.Name != "no"
-}
-
-// parseParked splits a parked container's name: the name it had, and the
-// restart policy to give it back (zero when none). Only a name with the
-// container's own short ID counts. Names with another slash are legacy
-// link aliases (/other/alias), not the container's name.
-func parseParked(name, id string) (base string, pol docker.RestartPolicy, ok bool) {
-	name = strings.TrimPrefix(name, "/")
-	mark := parkedInfix + shortID(id)
-	i := strings.LastIndex(name, mark)
-	if i <= 0 || strings.Contains(name, "/") {
-		return "", pol, false
-	}
-	base, rest := name[:i], name[i+len(mark):]
-	switch {
-	case rest == "":
-	case rest == ".always", rest == ".unless-stopped", rest == ".on-failure":
-		pol.Name = rest[1:]
-	case strings.HasPrefix(rest, ".on-failure-"):
-		n, err := strconv.Atoi(strings.TrimPrefix(rest, ".on-failure-"))
-		if err != nil || n <= 0 {
-			return "", pol, false
-		}
-		pol = docker.RestartOnFailure(n)
-	default:
-		return "", pol, false
-	}
-	return base, pol, true
-}
-
-// parkedBase returns the name a parked container had.
-func parkedBase(name, id string) (string, bool) {
-	base, _, ok := parseParked(name, id)
-	return base, ok
-}
-
-// restartPolicy returns a container's restart policy (zero when unknown).
-func restartPolicy(c *docker.Container) docker.RestartPolicy {
-	if c == nil || c.HostConfig == nil {
-		return docker.RestartPolicy{}
-	}
-	return c.HostConfig.RestartPolicy
-}
 
 // hold marks name as being parked, replaced or put back by this process
 // until release is called: the settle of leftovers leaves it alone, and
@@ -324,11 +256,6 @@ func (r *restarter) removeParked(ctx context.Context, name, parkedID string) err
 	return err
 }
 
-func isConflict(err error) bool {
-	var de *docker.Error
-	return errors.As(err, &de) && de.Status == 409
-}
-
 func (r *restarter) recoverAtStart(ctx context.Context) {
 	sctx, cancel := context.WithTimeout(ctx, r.wait.timeout+r.callTimeout)
 	err := r.recoverParked(sctx, "")
@@ -496,9 +423,4 @@ func upState(c *docker.Container, now time.Time) (up, pending bool) {
 	}
 	up, err := judgeUp(c, c.Image, now)
 	return up, !up && err == nil
-}
-
-func isNoSuchContainer(err error) bool {
-	var gone *docker.NoSuchContainer
-	return errors.As(err, &gone)
 }

@@ -5,6 +5,7 @@ package main
 // second container listing (for parked containers) and no second inspect.
 
 import (
+	"strconv"
 	"strings"
 	"time"
 
@@ -70,4 +71,71 @@ func listedRunning(c docker.APIContainers) bool {
 		return false
 	}
 	return true
+}
+
+const parkedInfix = "-deployer-old-"
+
+// parkedName is the name a container with no restart policy to restore
+// has while parked.
+func parkedName(name, id string) string { return name + parkedInfix + shortID(id) }
+
+// parkedNameWith is the name a container with restart policy pol has
+// while parked: the policy it gets back is the suffix.
+func parkedNameWith(name, id string, pol docker.RestartPolicy) string {
+	if !restarts(pol) {
+		return parkedName(name, id)
+	}
+	s := pol.Name
+	if pol.Name == "on-failure" && pol.MaximumRetryCount > 0 {
+		s += "-" + strconv.Itoa(pol.MaximumRetryCount)
+	}
+	return parkedName(name, id) + "." + s
+}
+
+// restarts tells whether dockerd may start a container with policy pol by
+// itself.
+func restarts(pol docker.RestartPolicy) bool {
+	return pol.Name != "" && pol.Name != "no"
+}
+
+// parseParked splits a parked container's name: the name it had, and the
+// restart policy to give it back (zero when none). Only a name with the
+// container's own short ID counts. Names with another slash are legacy
+// link aliases (/other/alias), not the container's name.
+func parseParked(name, id string) (base string, pol docker.RestartPolicy, ok bool) {
+	name = strings.TrimPrefix(name, "/")
+	mark := parkedInfix + shortID(id)
+	i := strings.LastIndex(name, mark)
+	if i <= 0 || strings.Contains(name, "/") {
+		return "", pol, false
+	}
+	base, rest := name[:i], name[i+len(mark):]
+	switch {
+	case rest == "":
+	case rest == ".always", rest == ".unless-stopped", rest == ".on-failure":
+		pol.Name = rest[1:]
+	case strings.HasPrefix(rest, ".on-failure-"):
+		n, err := strconv.Atoi(strings.TrimPrefix(rest, ".on-failure-"))
+		if err != nil || n <= 0 {
+			return "", pol, false
+		}
+		pol = docker.RestartOnFailure(n)
+	default:
+		return "", pol, false
+	}
+	return base, pol, true
+}
+
+// parkedBase returns the name a parked container had.
+func parkedBase(name, id string) (string, bool) {
+	base, _, ok := parseParked(name, id)
+	return base, ok
+}
+
+// restartPolicy returns a container's restart policy (zero when unknown).
+func restartPolicy(c *docker.Container) docker.RestartPolicy {
+	if c == nil || c.HostConfig == nil {
+		return docker.RestartPolicy{}
+	}
+	return c.HostConfig.RestartPolicy
 }

@@ -14,22 +14,15 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"maps"
-	"net/http"
-	"net/url"
-	"os"
 	"slices"
 	"strings"
 	"sync"
-	"text/tabwriter"
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
-	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -56,16 +49,6 @@ type nodeStatus struct {
 // Docker's event stream and the deploys' pokes do the real work, so that
 // an idle node is not woken every few seconds.
 const statusResync = 5 * time.Minute
-
-// eventAPI is the part of the Docker client the status reporter's event
-// subscription uses (dockerEvents in production, see eventstream.go).
-type eventAPI interface {
-	// AddEventListenerWithOptions subscribes to the daemon's events; the
-	// channel is closed when the event stream ends.
-	AddEventListenerWithOptions(opts docker.EventsOptions, listener chan<- *docker.APIEvents) error
-	// RemoveEventListener ends a subscription.
-	RemoveEventListener(listener chan *docker.APIEvents) error
-}
 
 // leaseSource is the node's session (nodeLease) as the status reporter
 // uses it: the record lives under the current lease.
@@ -149,6 +132,7 @@ type statusReporter struct {
 	kv          statusPutter
 	leases      leaseSource
 	node        string
+	version     string // the deployer's, in the record
 	started     time.Time
 	period      time.Duration // resync without events (statusResync)
 	settle      time.Duration // coalesces a burst of events into one listing
@@ -172,9 +156,9 @@ type statusReporter struct {
 // the containers dc runs and the events it reports (events nil: the resync
 // alone). retries lists the deploys waiting for a retry (nil: none). It
 // starts nothing.
-func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases leaseSource, node string, retries func() []pendingRetry, log *slog.Logger) *statusReporter {
+func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases leaseSource, node, version string, retries func() []pendingRetry, log *slog.Logger) *statusReporter {
 	return &statusReporter{
-		docker: dc, events: events, kv: kv, leases: leases, node: node, retries: retries, started: time.Now().UTC(),
+		docker: dc, events: events, kv: kv, leases: leases, node: node, version: version, retries: retries, started: time.Now().UTC(),
 		period: statusResync, settle: 250 * time.Millisecond, retryBase: time.Second, downGrace: downGrace, callTimeout: callTimeout, log: log,
 		wake: make(chan struct{}, 1), cache: map[string]containerStatus{}, seen: map[string]*seenContainer{},
 	}
@@ -328,7 +312,7 @@ func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, 
 	if sess.Lease() == lastLease && slices.Equal(cs, last) && slices.EqualFunc(rs, lastRs, samePending) {
 		return lastLease, nil
 	}
-	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs})
+	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: s.version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs})
 	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
 	defer cancel()
 	if _, err := s.kv.Put(ctx, statusKey(s.node), string(b), clientv3.WithLease(sess.Lease())); err != nil {
@@ -519,245 +503,6 @@ func (s *statusReporter) writeDown(ctx context.Context) error {
 	}
 	s.lastDown, s.downLease = recs, lease
 	return nil
-}
-
-// clusterStatus is the view GET /api/status returns.
-type clusterStatus struct {
-	Time  time.Time    `json:"time"`
-	Nodes []nodeStatus `json:"nodes"`
-	Tags  []tagStatus  `json:"tags"`
-}
-
-type tagStatus struct {
-	Image    string        `json:"image"`
-	Versions []versionInfo `json:"versions"` // newest first
-	Rolling  []string      `json:"rolling,omitempty"`
-	Halted   *halt         `json:"halted,omitempty"`
-	// Down lists the containers of the tag that are down, as
-	// "<node> <container> (<reason>)": they count against
-	// -max_unavailable.
-	Down []string `json:"down,omitempty"`
-	// SkewSeconds is how long two image IDs of this tag have been
-	// running at once: since the newest one's first container started.
-	SkewSeconds float64 `json:"skew_seconds"`
-}
-
-type versionInfo struct {
-	ImageID    string    `json:"image_id"`
-	Nodes      []string  `json:"nodes"`
-	Containers int       `json:"containers"`
-	Since      time.Time `json:"since"` // first container on it
-}
-
-// readStatus gathers the node records and the rollout state.
-func readStatus(ctx context.Context, kv clientv3.KV, now time.Time) (clusterStatus, error) {
-	out := clusterStatus{Time: now.UTC(), Nodes: []nodeStatus{}, Tags: []tagStatus{}}
-	nodes, err := kv.Get(ctx, statusPrefix, clientv3.WithPrefix())
-	if err != nil {
-		return out, err
-	}
-	tags := map[string]*tagStatus{}
-	tag := func(ref string) *tagStatus {
-		if tags[ref] == nil {
-			tags[ref] = &tagStatus{Image: ref}
-		}
-		return tags[ref]
-	}
-	versions := map[string]map[string]*versionInfo{}
-	for _, kv := range nodes.Kvs {
-		var n nodeStatus
-		if json.Unmarshal(kv.Value, &n) != nil {
-			continue
-		}
-		out.Nodes = append(out.Nodes, n)
-		for _, c := range n.Containers {
-			tag(c.Image)
-			if versions[c.Image] == nil {
-				versions[c.Image] = map[string]*versionInfo{}
-			}
-			v := versions[c.Image][c.ImageID]
-			if v == nil {
-				v = &versionInfo{ImageID: c.ImageID, Since: c.Since}
-				versions[c.Image][c.ImageID] = v
-			}
-			if !slices.Contains(v.Nodes, n.Node) {
-				v.Nodes = append(v.Nodes, n.Node)
-			}
-			v.Containers++
-			if c.Since.Before(v.Since) {
-				v.Since = c.Since
-			}
-		}
-	}
-	rolls, err := kv.Get(ctx, rolloutsPrefix, clientv3.WithPrefix())
-	if err != nil {
-		return out, err
-	}
-	for _, kv := range rolls.Kvs {
-		rest := strings.TrimPrefix(string(kv.Key), rolloutsPrefix)
-		esc, what, ok := strings.Cut(rest, "/")
-		ref, err := url.PathUnescape(esc)
-		if !ok || err != nil {
-			continue
-		}
-		switch {
-		case what == haltLeaf:
-			var h halt
-			if json.Unmarshal(kv.Value, &h) == nil {
-				tag(ref).Halted = &h
-			}
-		case strings.HasPrefix(what, slotsLeaf):
-			t := tag(ref)
-			t.Rolling = append(t.Rolling, string(kv.Value))
-		case strings.HasPrefix(what, downLeaf):
-			var d downRecord
-			if json.Unmarshal(kv.Value, &d) == nil {
-				t := tag(ref)
-				for _, c := range d.Containers {
-					t.Down = append(t.Down, fmt.Sprintf("%s %s (%s)", d.Node, c.Name, c.Reason))
-				}
-			}
-		}
-	}
-	for ref, t := range tags {
-		for _, v := range versions[ref] {
-			slices.Sort(v.Nodes)
-			t.Versions = append(t.Versions, *v)
-		}
-		slices.SortFunc(t.Versions, func(a, b versionInfo) int { return b.Since.Compare(a.Since) })
-		if len(t.Versions) > 1 {
-			t.SkewSeconds = now.Sub(t.Versions[0].Since).Seconds()
-		}
-		out.Tags = append(out.Tags, *t)
-	}
-	slices.SortFunc(out.Tags, func(a, b tagStatus) int { return cmp.Compare(a.Image, b.Image) })
-	slices.SortFunc(out.Nodes, func(a, b nodeStatus) int { return cmp.Compare(a.Node, b.Node) })
-	return out, nil
-}
-
-// skewCollector exports deployer_version_skew_seconds{image}, read from
-// the cluster view when /metrics is scraped: the view is cluster-wide, so
-// no node keeps reading it between scrapes.
-type skewCollector struct {
-	kv   clientv3.KV
-	desc *prometheus.Desc
-}
-
-func newSkewCollector(kv clientv3.KV) *skewCollector {
-	return &skewCollector{kv: kv, desc: prometheus.NewDesc("deployer_version_skew_seconds",
-		"How long two image IDs of one tag have run at once across the cluster (0: one version).", []string{"image"}, nil)}
-}
-
-func (c *skewCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
-
-func (c *skewCollector) Collect(ch chan<- prometheus.Metric) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	st, err := readStatus(ctx, c.kv, time.Now())
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(c.desc, err)
-		return
-	}
-	for _, t := range st.Tags {
-		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, t.SkewSeconds, t.Image)
-	}
-}
-
-// GET /api/status
-//
-// The cluster's state per image tag: which image IDs run on which nodes,
-// rollouts in progress or halted, and the version skew. Same secret as the
-// webhooks.
-func (d *daemon) apiStatus(w http.ResponseWriter, r *http.Request) {
-	if !authorized(r, d.cfg.WebhookSecret) {
-		writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "missing or wrong secret"})
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
-	defer cancel()
-	st, err := readStatus(ctx, d.etcd, time.Now())
-	if err != nil {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": err.Error()})
-		return
-	}
-	writeJSON(w, http.StatusOK, st)
-}
-
-// statusCommand is `deployer status`: the cluster status as a table.
-func statusCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var asJSON bool
-	ce, err := parseCommand("deployer status", args, os.Getenv, stderr, func(fs *flag.FlagSet) {
-		fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
-	})
-	if err != nil {
-		return err
-	}
-	var st clusterStatus
-	err = ce.read(ctx, stderr, func(ctx context.Context, kv clientv3.KV) (err error) {
-		st, err = readStatus(ctx, kv, time.Now())
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("read status from %s: %w", strings.Join(ce.cfg.etcdEndpoints(), ","), err)
-	}
-	if asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(st)
-	}
-	printStatus(stdout, st)
-	return nil
-}
-
-func printStatus(w io.Writer, st clusterStatus) {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "IMAGE\tIMAGE ID\tNODES\tCONTAINERS\tSINCE\tSTATE")
-	for _, t := range st.Tags {
-		state := "ok"
-		switch {
-		case t.Halted != nil:
-			state = fmt.Sprintf("HALTED: %s on %s: %s", shortID(t.Halted.ImageID), t.Halted.Node, t.Halted.Reason)
-		case len(t.Rolling) > 0:
-			state = "rolling: " + strings.Join(t.Rolling, ", ")
-		case len(t.Down) > 0:
-			state = "down: " + strings.Join(t.Down, ", ")
-		case len(t.Versions) > 1:
-			state = fmt.Sprintf("skew %s", (time.Duration(t.SkewSeconds) * time.Second).String())
-		}
-		name := t.Image
-		if len(t.Versions) == 0 {
-			fmt.Fprintf(tw, "%s\t-\t-\t0\t-\t%s\n", name, state)
-		}
-		for i, v := range t.Versions {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s ago\t%s\n", name, shortID(v.ImageID), strings.Join(v.Nodes, ","), v.Containers,
-				st.Time.Sub(v.Since).Round(time.Second), state)
-			if i == 0 {
-				name, state = "", ""
-			}
-		}
-	}
-	var retrying bool
-	for _, n := range st.Nodes {
-		for _, r := range n.Retries {
-			if !retrying {
-				fmt.Fprintln(tw)
-				fmt.Fprintln(tw, "RETRYING\tNODE\tATTEMPTS\tSINCE\tNEXT IN\tLAST ERROR")
-				retrying = true
-			}
-			name := r.Repo
-			if len(r.Tags) > 0 {
-				name += ":" + strings.Join(r.Tags, ",")
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s ago\t%s\t%s\n", name, n.Node, r.Attempts, st.Time.Sub(r.Since).Round(time.Second),
-				max(r.Next.Sub(st.Time), 0).Round(time.Second), truncate(r.Error, 120))
-		}
-	}
-	fmt.Fprintln(tw)
-	fmt.Fprintln(tw, "NODE\tVERSION\tUP\tUPDATED")
-	for _, n := range st.Nodes {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\n", n.Node, n.Version, st.Time.Sub(n.Started).Round(time.Second), st.Time.Sub(n.Updated).Round(time.Second))
-	}
-	tw.Flush()
 }
 
 func samePending(a, b pendingRetry) bool {

@@ -46,18 +46,6 @@ func parseImage(s string) (imagePush, error) {
 	return checkPush(p, false)
 }
 
-// checkDigest accepts "" and valid digests ("sha256:" and 64 hex digits).
-func checkDigest(d string) error {
-	if d == "" {
-		return nil
-	}
-	ref, err := reference.Parse("x@" + d)
-	if _, ok := ref.(reference.Digested); err != nil || !ok {
-		return fmt.Errorf("%q is not a valid digest", d)
-	}
-	return nil
-}
-
 // lowerRepo lower-cases the repository part of an image reference and
 // keeps the tag and digest as they are: GitHub writes owners as they are
 // spelled ("ghcr.io/Codertocat/hello-world:v1"), while ghcr.io and

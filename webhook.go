@@ -342,17 +342,6 @@ func parseDockerHub(body []byte) (dockerHubPush, error) {
 
 var tagCheckRepo, _ = reference.WithName("x")
 
-// checkTag accepts "" (no tag named) and valid tags.
-func checkTag(tag string) error {
-	if tag == "" {
-		return nil
-	}
-	if _, err := reference.WithTag(tagCheckRepo, tag); err != nil {
-		return fmt.Errorf("%q is not a valid tag", tag)
-	}
-	return nil
-}
-
 var manifestTypes = map[string]bool{
 	"application/vnd.docker.distribution.manifest.v2+json":      true,
 	"application/vnd.docker.distribution.manifest.list.v2+json": true,
