@@ -517,7 +517,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			m, lg := newMetrics(), testLogger(t)
 			w := newUpWaiter(dc, eventsFor(dc, to), time.Minute, to, lg, m)
 			rs := newRestarter(dc, w, 0, "", lg, m)
-			rs.callTimeout = to
+			rs.callTimeout, rs.parked.callTimeout = to, to
 			r := newRecreator(dc, rs, w, lg, m)
 			r.callTimeout = to
 			p := newPuller(dc, "", lg, m)

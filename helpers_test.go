@@ -1089,7 +1089,7 @@ func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node str
 	wait.poll = 10 * time.Millisecond
 	wait.now = f.clock
 	rs := newRestarter(f, wait, time.Second, "", log, m)
-	rs.retryBase = time.Millisecond
+	rs.parked.retryBase = time.Millisecond
 	ro := newRollout(cli, testLeases(t, cli), node, maxUnavailable, time.Minute, 5*time.Second, log, m)
 	ro.releaseBase = time.Millisecond
 	return newReplacer(ro, rs, newRecreator(f, rs, wait, log, m), strategyStop, log)

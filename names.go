@@ -175,3 +175,5 @@ func checkDigest(d string) error {
 	}
 	return nil
 }
+
+var tagCheckRepo, _ = reference.WithName("x")

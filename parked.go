@@ -39,11 +39,54 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
 )
+
+// parkAPI is the part of the Docker client parking uses.
+type parkAPI interface {
+	// ListContainers finds parked containers (All: stopped ones too).
+	ListContainers(docker.ListContainersOptions) ([]docker.APIContainers, error)
+	// InspectContainerWithContext finds what holds a name.
+	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
+	// StartContainerWithContext starts a parked container again.
+	StartContainerWithContext(id string, hostConfig *docker.HostConfig, ctx context.Context) error
+	// RenameContainer parks a container, and puts it back.
+	RenameContainer(opts docker.RenameContainerOptions) error
+	// UpdateContainer sets a parked container's restart policy to "no",
+	// and restores it.
+	UpdateContainer(id string, opts docker.UpdateContainerOptions) error
+	// RemoveContainer removes a parked container once its replacement
+	// runs, or what holds its name when it is put back.
+	RemoveContainer(opts docker.RemoveContainerOptions) error
+}
+
+// parker parks the containers the strategies take down, puts them back,
+// and settles what is left parked.
+type parker struct {
+	docker      parkAPI
+	callTimeout time.Duration
+	stopBudget  time.Duration // a stop's bound: a put-back gets it and two calls
+	wait        *upWaiter     // its timeout and poll bound the settle of a container beside a parked one
+	retryBase   time.Duration // backoff between the tries of a put-back step
+	log         *slog.Logger
+
+	mu     sync.Mutex
+	held   map[string]chan struct{} // names being parked, replaced or put back here (hold)
+	settle chan struct{}            // capacity 1: wakes the settle of leftovers
+}
+
+// newParker returns the parking of containers on dc. It starts nothing.
+func newParker(dc parkAPI, stopBudget time.Duration, wait *upWaiter, log *slog.Logger) *parker {
+	return &parker{
+		docker: dc, callTimeout: callTimeout, stopBudget: stopBudget, wait: wait, retryBase: 500 * time.Millisecond,
+		log: log, held: map[string]chan struct{}{}, settle: make(chan struct{}, 1),
+	}
+}
 
 // putBackAttempts bounds the tries of each step of a put-back; between
 // them the restarter waits backoff(retryBase, attempt).
@@ -52,7 +95,7 @@ const putBackAttempts = 5
 // hold marks name as being parked, replaced or put back by this process
 // until release is called: the settle of leftovers leaves it alone, and
 // another hold of it waits.
-func (r *restarter) hold(ctx context.Context, name string) (release func(), err error) {
+func (r *parker) hold(ctx context.Context, name string) (release func(), err error) {
 	for {
 		r.mu.Lock()
 		busy, held := r.held[name]
@@ -77,7 +120,7 @@ func (r *restarter) hold(ctx context.Context, name string) (release func(), err 
 }
 
 // tryHold is hold without the wait: ok is false when name is held.
-func (r *restarter) tryHold(name string) (release func(), ok bool) {
+func (r *parker) tryHold(name string) (release func(), ok bool) {
 	r.mu.Lock()
 	_, held := r.held[name]
 	r.mu.Unlock()
@@ -91,7 +134,7 @@ func (r *restarter) tryHold(name string) (release func(), ok bool) {
 // park renames container id (called name, with restart policy pol) to its
 // parked name and sets its restart policy to "no" when it has another. On
 // failure nothing stays parked.
-func (r *restarter) park(ctx context.Context, id, name string, pol docker.RestartPolicy) error {
+func (r *parker) park(ctx context.Context, id, name string, pol docker.RestartPolicy) error {
 	parked := parkedNameWith(name, id, pol)
 	rctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: id, Name: parked, Context: rctx})
@@ -118,7 +161,7 @@ func (r *restarter) park(ctx context.Context, id, name string, pol docker.Restar
 
 // retryStep runs one step of a put-back or removal, up to putBackAttempts
 // times with backoff; a container that is gone ends it at once.
-func (r *restarter) retryStep(ctx context.Context, what string, step func(context.Context) error) error {
+func (r *parker) retryStep(ctx context.Context, what string, step func(context.Context) error) error {
 	for attempt := 1; ; attempt++ {
 		cctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 		err := step(cctx)
@@ -136,8 +179,8 @@ func (r *restarter) retryStep(ctx context.Context, what string, step func(contex
 // putBackBudget bounds a put-back: a few calls and a stop's worth of
 // backoff, whatever the caller's context (a shutdown must not leave a
 // service half put back).
-func (r *restarter) putBackBudget() time.Duration {
-	return 2*r.callTimeout + r.stopBudget()
+func (r *parker) putBackBudget() time.Duration {
+	return 2*r.callTimeout + r.stopBudget
 }
 
 // putBack makes the parked container parkedID the service called name
@@ -148,7 +191,7 @@ func (r *restarter) putBackBudget() time.Duration {
 // step is retried with backoff. If a running container took the name
 // meanwhile (a supervisor's), it stays and the parked one is removed. On
 // failure the settle loop tries again.
-func (r *restarter) putBack(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
+func (r *parker) putBack(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.putBackBudget())
 	defer cancel()
 	err := r.putBackSteps(ctx, name, parkedID, pol)
@@ -158,7 +201,7 @@ func (r *restarter) putBack(ctx context.Context, name, parkedID string, pol dock
 	return err
 }
 
-func (r *restarter) putBackSteps(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
+func (r *parker) putBackSteps(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
 	if err := r.retryStep(ctx, "remove the container called "+name, func(ctx context.Context) error {
 		return r.removeOther(ctx, name, parkedID)
 	}); err != nil {
@@ -218,7 +261,7 @@ func (r *restarter) putBackSteps(ctx context.Context, name, parkedID string, pol
 }
 
 // removeOther force-removes the container called name unless it is keep.
-func (r *restarter) removeOther(ctx context.Context, name, keep string) error {
+func (r *parker) removeOther(ctx context.Context, name, keep string) error {
 	c, err := r.docker.InspectContainerWithContext(name, ctx)
 	if isNoSuchContainer(err) {
 		return nil
@@ -239,7 +282,7 @@ func (r *restarter) removeOther(ctx context.Context, name, keep string) error {
 // removeParked removes a parked container once its replacement runs, with
 // force: dockerd may have started it again. On failure the record stays
 // and the settle loop removes it later.
-func (r *restarter) removeParked(ctx context.Context, name, parkedID string) error {
+func (r *parker) removeParked(ctx context.Context, name, parkedID string) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.putBackBudget())
 	defer cancel()
 	err := r.retryStep(ctx, "remove the parked container", func(ctx context.Context) error {
@@ -256,7 +299,7 @@ func (r *restarter) removeParked(ctx context.Context, name, parkedID string) err
 	return err
 }
 
-func (r *restarter) recoverAtStart(ctx context.Context) {
+func (r *parker) recoverAtStart(ctx context.Context) {
 	sctx, cancel := context.WithTimeout(ctx, r.wait.timeout+r.callTimeout)
 	err := r.recoverParked(sctx, "")
 	cancel()
@@ -271,7 +314,7 @@ func (r *restarter) recoverAtStart(ctx context.Context) {
 
 // settleLoop settles leftovers whenever woken, and again with backoff
 // while that fails.
-func (r *restarter) settleLoop(ctx context.Context, failing bool) {
+func (r *parker) settleLoop(ctx context.Context, failing bool) {
 	for attempt := 1; ; attempt++ {
 		if !failing {
 			attempt = 1
@@ -304,7 +347,7 @@ func (r *restarter) settleLoop(ctx context.Context, failing bool) {
 
 // noteLeftovers wakes the settle loop when list has a parked container
 // this process is not working on.
-func (r *restarter) noteLeftovers(list []docker.APIContainers) {
+func (r *parker) noteLeftovers(list []docker.APIContainers) {
 	for base := range parkedBases(list) {
 		r.mu.Lock()
 		_, held := r.held[base]
@@ -316,13 +359,13 @@ func (r *restarter) noteLeftovers(list []docker.APIContainers) {
 	}
 }
 
-// settleParked settles the parked containers of the container c names,
-// which the caller holds. c may itself be a parked one that a crash left
-// running (between the rename and the stop): it is put back under its
-// name first. It returns that name.
-func (r *restarter) settleParked(ctx context.Context, c staleContainer) (string, error) {
-	name := strings.TrimPrefix(c.Name, "/")
-	if base, ok := parkedBase(name, c.ID); ok {
+// settleParked settles the parked containers of the container called
+// name (with ID id), which the caller holds. It may itself be a parked one
+// that a crash left running (between the rename and the stop): it is put
+// back under its name first. It returns that name.
+func (r *parker) settleParked(ctx context.Context, name, id string) (string, error) {
+	name = strings.TrimPrefix(name, "/")
+	if base, ok := parkedBase(name, id); ok {
 		name = base
 	}
 	return name, r.recoverParked(ctx, name)
@@ -331,7 +374,7 @@ func (r *restarter) settleParked(ctx context.Context, c staleContainer) (string,
 // recoverParked settles the parked containers of the container called
 // only, which the caller holds, or, when only is "", every parked
 // container whose name this process does not hold.
-func (r *restarter) recoverParked(ctx context.Context, only string) error {
+func (r *parker) recoverParked(ctx context.Context, only string) error {
 	lctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	list, err := r.docker.ListContainers(docker.ListContainersOptions{All: true, Context: lctx})
 	cancel()
@@ -365,7 +408,7 @@ func (r *restarter) recoverParked(ctx context.Context, only string) error {
 
 // recoverOne settles one parked container beside name (see the top of the
 // file).
-func (r *restarter) recoverOne(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
+func (r *parker) recoverOne(ctx context.Context, name, parkedID string, pol docker.RestartPolicy) error {
 	up, curID, err := r.settled(ctx, name, parkedID)
 	if err != nil {
 		return err
@@ -387,7 +430,7 @@ func (r *restarter) recoverOne(ctx context.Context, name, parkedID string, pol d
 // settled inspects the container called name until it is up or has
 // failed, within the restart timeout. It returns whether it is up and its
 // ID ("" when there is none).
-func (r *restarter) settled(ctx context.Context, name, parkedID string) (bool, string, error) {
+func (r *parker) settled(ctx context.Context, name, parkedID string) (bool, string, error) {
 	deadline := time.Now().Add(r.wait.timeout)
 	for {
 		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)

@@ -32,7 +32,8 @@ type recreateAPI interface {
 // recreator re-creates containers on their new image.
 type recreator struct {
 	docker      recreateAPI
-	stopper     *restarter // parks, stops and puts back the old container (parked.go)
+	stopper     *restarter // stops the old container
+	parked      *parker    // parks and puts back the old container (parked.go)
 	wait        *upWaiter
 	callTimeout time.Duration
 	log         *slog.Logger
@@ -42,7 +43,7 @@ type recreator struct {
 // newRecreator returns the recreate strategy on dc: stopper stops the old
 // container, wait judges the new one. It starts nothing.
 func newRecreator(dc recreateAPI, stopper *restarter, wait *upWaiter, log *slog.Logger, m *metrics) *recreator {
-	return &recreator{docker: dc, stopper: stopper, wait: wait, callTimeout: callTimeout, log: log, metrics: m}
+	return &recreator{docker: dc, stopper: stopper, parked: stopper.parked, wait: wait, callTimeout: callTimeout, log: log, metrics: m}
 }
 
 // recreate replaces container c by a new one on c.NewID. guard, called
@@ -56,7 +57,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	if base, ok := parkedBase(held, c.ID); ok {
 		held = base
 	}
-	release, err := r.stopper.hold(ctx, held)
+	release, err := r.parked.hold(ctx, held)
 	if err != nil {
 		return err
 	}
@@ -66,7 +67,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	if !noParked {
 		// (parked.go) Settle a re-create of this container a crash
 		// interrupted; that may rename c, so inspect it again after.
-		if _, err := r.stopper.settleParked(ctx, c); err != nil {
+		if _, err := r.parked.settleParked(ctx, c.Name, c.ID); err != nil {
 			return err
 		}
 		old = nil
@@ -101,14 +102,14 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	if err := callGuard(ctx, guard); err != nil {
 		return err
 	}
-	if err := r.stopper.park(ctx, old.ID, name, pol); err != nil {
+	if err := r.parked.park(ctx, old.ID, name, pol); err != nil {
 		return err
 	}
 	// restore puts the old container back: whatever is called name now
 	// (the new container, or one whose create timed out but happened) is
 	// found by name and removed, each step retried (parked.go putBack).
 	restore := func(cause error) error {
-		if err := r.stopper.putBack(ctx, name, old.ID, pol); err != nil {
+		if err := r.parked.putBack(ctx, name, old.ID, pol); err != nil {
 			return fmt.Errorf("%w; restoring %s failed too: %w", cause, name, err)
 		}
 		r.log.Warn("restored the old container", "container", name, "err", cause)
@@ -158,7 +159,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	}
 	// With force: a dockerd restart may have started it again. A failure
 	// is logged, and the settle removes it later.
-	_ = r.stopper.removeParked(ctx, name, old.ID)
+	_ = r.parked.removeParked(ctx, name, old.ID)
 	r.metrics.containersRecreated.Inc()
 	r.log.Info("recreated container", "container", name, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
 	return ctx.Err()
@@ -205,4 +206,4 @@ func checkRecreatable(old *docker.Container) error {
 // background until ctx ends: at once when Docker did not answer (retried
 // with backoff), and whenever a put-back or a removal failed or a deploy
 // saw a leftover.
-func (r *recreator) recoverAtStart(ctx context.Context) { r.stopper.recoverAtStart(ctx) }
+func (r *recreator) recoverAtStart(ctx context.Context) { r.parked.recoverAtStart(ctx) }

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/distribution/reference"
@@ -63,13 +62,9 @@ type restarter struct {
 	killTimeout time.Duration
 	selfID      string // the deployer's own container, never stopped
 	callTimeout time.Duration
-	retryBase   time.Duration // backoff between the tries of a put-back step
+	parked      *parker // parks before a stop, puts back (parked.go)
 	log         *slog.Logger
 	metrics     *metrics
-
-	mu     sync.Mutex
-	held   map[string]chan struct{} // names being parked, replaced or put back here (parked.go hold)
-	settle chan struct{}            // capacity 1: wakes the settle of leftovers (parked.go)
 }
 
 // newRestarter returns the stop strategy on dc: stops give killTimeout of
@@ -78,8 +73,9 @@ type restarter struct {
 // nothing.
 func newRestarter(dc containerAPI, wait *upWaiter, killTimeout time.Duration, selfID string, log *slog.Logger, m *metrics) *restarter {
 	return &restarter{
-		docker: dc, wait: wait, killTimeout: killTimeout, selfID: selfID, callTimeout: callTimeout, retryBase: 500 * time.Millisecond,
-		log: log, metrics: m, held: map[string]chan struct{}{}, settle: make(chan struct{}, 1),
+		docker: dc, wait: wait, killTimeout: killTimeout, selfID: selfID, callTimeout: callTimeout,
+		parked: newParker(dc, killTimeout+callTimeout, wait, log),
+		log:    log, metrics: m,
 	}
 }
 
@@ -98,7 +94,7 @@ func (r *restarter) stale(ctx context.Context, repo reference.Named, current map
 		return nil, fmt.Errorf("list containers: %w", err)
 	}
 	parked := parkedBases(list)
-	r.noteLeftovers(list) // (parked.go) every deploy settles what a crash or a failed put-back left
+	r.parked.noteLeftovers(list) // (parked.go) every deploy settles what a crash or a failed put-back left
 	var out []staleContainer
 	for _, c := range list {
 		if !listedRunning(c) || !r.candidate(c, repo) || r.isSelf(c.ID) {
@@ -192,7 +188,7 @@ func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard fun
 	if base, ok := parkedBase(name, c.ID); ok {
 		name = base
 	}
-	release, err := r.hold(ctx, name)
+	release, err := r.parked.hold(ctx, name)
 	if err != nil {
 		return err
 	}
@@ -207,11 +203,11 @@ func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard fun
 		return err
 	}
 	start := time.Now()
-	if err := r.park(ctx, c.ID, c.Name, pol); err != nil {
+	if err := r.parked.park(ctx, c.ID, c.Name, pol); err != nil {
 		return err
 	}
 	if err := r.stopOne(ctx, c); err != nil {
-		if perr := r.putBack(ctx, c.Name, c.ID, pol); perr != nil {
+		if perr := r.parked.putBack(ctx, c.Name, c.ID, pol); perr != nil {
 			return fmt.Errorf("%w; putting %s back failed too: %w", err, c.Name, perr)
 		}
 		return err
@@ -220,13 +216,13 @@ func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard fun
 	switch {
 	case err == nil:
 		r.log.Info("replacement up", "container", c.Name, "image", shortID(c.NewID), "took", time.Since(start).Round(time.Millisecond))
-		_ = r.removeParked(ctx, c.Name, c.ID) // as the supervisor's `docker rm -f` would have; logged inside
+		_ = r.parked.removeParked(ctx, c.Name, c.ID) // as the supervisor's `docker rm -f` would have; logged inside
 	case errors.Is(err, errNoReplacement):
 		return r.restartOld(ctx, c, pol)
 	case errors.Is(err, errReplacement):
 		// The supervisor's replacement holds the name: the old
 		// container is its business, as it would be unparked.
-		_ = r.removeParked(ctx, c.Name, c.ID)
+		_ = r.parked.removeParked(ctx, c.Name, c.ID)
 	default:
 		// Cut short (a shutdown) or Docker not answering: put it back
 		// unless something replaced it; otherwise leave the record to
@@ -242,7 +238,7 @@ func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard fun
 func (r *restarter) settleBeforeStop(ctx context.Context, c *staleContainer) (docker.RestartPolicy, error) {
 	ctr, noParked := c.scan.fresh(time.Now())
 	if !noParked {
-		name, err := r.settleParked(ctx, *c)
+		name, err := r.parked.settleParked(ctx, c.Name, c.ID)
 		if err != nil {
 			return docker.RestartPolicy{}, err
 		}
@@ -267,10 +263,10 @@ func (r *restarter) settleNow(ctx context.Context, c staleContainer, pol docker.
 	_, err := r.docker.InspectContainerWithContext(c.Name, ictx)
 	cancel()
 	if !isNoSuchContainer(err) {
-		wake(r.settle)
+		wake(r.parked.settle)
 		return
 	}
-	if err := r.putBack(ctx, c.Name, c.ID, pol); err != nil {
+	if err := r.parked.putBack(ctx, c.Name, c.ID, pol); err != nil {
 		r.log.Error("could not put back the stopped container; will try again", "container", c.Name, "err", err)
 		return
 	}
@@ -282,7 +278,7 @@ func (r *restarter) settleNow(ctx context.Context, c staleContainer, pol docker.
 // old image, when no supervisor replaced it.
 func (r *restarter) restartOld(ctx context.Context, c staleContainer, pol docker.RestartPolicy) error {
 	r.metrics.unsupervised.Inc()
-	if err := r.putBack(ctx, c.Name, c.ID, pol); err != nil {
+	if err := r.parked.putBack(ctx, c.Name, c.ID, pol); err != nil {
 		r.log.Error("nothing restarted the container, and starting the old one failed; will try again", "container", c.Name, "err", err)
 		//nolint:errorlint // %v: the start error must not make an unsupervised container retryable (see retryable)
 		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %v (%w)",

@@ -113,7 +113,7 @@ func TestDockerTroubleDoesNotHalt(t *testing.T) {
 				f.mu.Lock()
 				f.inspectHook = nil
 				f.mu.Unlock()
-				if err := p.restarter.recoverParked(t.Context(), ""); err != nil {
+				if err := p.restarter.parked.recoverParked(t.Context(), ""); err != nil {
 					t.Fatal(err)
 				}
 			}

@@ -19,7 +19,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/distribution/reference"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -339,8 +338,6 @@ func parseDockerHub(body []byte) (dockerHubPush, error) {
 	}
 	return dockerHubPush{Repo: push.Repo, Tag: push.Tag, CallbackURL: p.CallbackURL}, nil
 }
-
-var tagCheckRepo, _ = reference.WithName("x")
 
 var manifestTypes = map[string]bool{
 	"application/vnd.docker.distribution.manifest.v2+json":      true,
