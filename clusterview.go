@@ -1,5 +1,9 @@
 package main
 
+// clusterview.go: the cluster's state in one view per tag, read from the
+// nodes' status records and the rollouts (GET /api/status, deployer
+// status), and the version skew /metrics exports from it.
+
 import (
 	"cmp"
 	"context"

@@ -1,5 +1,7 @@
 package main
 
+// cmd_status.go: deployer status, the cluster view as a table or JSON.
+
 import (
 	"context"
 	"encoding/json"

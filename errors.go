@@ -1,5 +1,9 @@
 package main
 
+// errors.go: the outcomes of a deploy, as sentinel errors that retry.go
+// classifies (final, retryable, a halt), and Docker's answers that decide
+// them.
+
 import (
 	"errors"
 

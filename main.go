@@ -6,6 +6,24 @@
 // local tag of that repository and stops the containers that still run the
 // old image, so that their supervisor (a systemd or fleet unit with
 // Restart=always) starts them again on the new one. Slack is told.
+//
+// The files are layered: each uses only files of the layers before it
+// (filedeps_test.go fails on a cycle, and lists every cross-file edge in
+// filedeps.txt, so that a new one shows up in review):
+//
+//  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
+//     keyspace), metrics, redact, flagcheck, selfid, lease, eventstream,
+//     tlsreload, health
+//  2. config, trigger (the record and the one rule), retry, scan, clone,
+//     puller, upwait
+//  3. the clients and the node: etcdclient, dockerclient, nodeid, auth,
+//     parked, queue
+//  4. restarter, watcher, webhook, cmd_secret
+//  5. recreate, notify, repull, status, trigger_api
+//  6. rollout, trigger_github, trigger_harbor, trigger_quay
+//  7. replace, clusterview
+//  8. deploy, cmd_status
+//  9. main: the daemon's wiring and lifecycle
 package main
 
 import (

@@ -1,14 +1,12 @@
 package main
 
-// status.go: the cluster status. Every node keeps a record under
+// status.go: this node's status records. Every node keeps a record under
 // _status/<node>, bound to its session lease (it goes when the node does),
 // listing the containers it runs from tags, and, per tag, a down record
 // under _rollout/<tag>/down/<node> (same lease) listing its containers of
 // that tag that are down: the rollout counts those against
-// -max_unavailable (rollout.go). statusReporter writes this node's. GET
-// /api/status and `deployer status` gather the records and the rollout
-// state into one view per tag, and /metrics exports the version skew from
-// it.
+// -max_unavailable (rollout.go). statusReporter writes this node's;
+// clusterview.go reads them all.
 
 import (
 	"cmp"

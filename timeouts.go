@@ -1,5 +1,8 @@
 package main
 
+// timeouts.go: the bounds of calls to Docker and etcd that have none of
+// their own, and of a deploy in flight at shutdown.
+
 import "time"
 
 // callTimeout bounds one call to Docker or etcd that has no bound of its
