@@ -38,7 +38,8 @@ func (l linter) wrap(a *analysis.Analyzer) *analysis.Analyzer {
 	return a
 }
 
-// testOrScript is .golangci.yml's exclusion path, relative to the module.
+// testOrScript is where errcheck, gosec and noctx are not run: a path
+// relative to the module's root.
 var testOrScript = regexp.MustCompile(`(_test\.go|^scripts/)`)
 
 func (l linter) suppressed(pass *analysis.Pass, pos token.Pos) bool {
