@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/golangci/misspell"
 	"github.com/kisielk/errcheck/errcheck"
@@ -85,12 +86,12 @@ func formatCode(code string) string {
 // every severity and confidence, tests included (the exclusion rule drops
 // them afterwards).
 func gosecAnalyzer(exclude ...string) *analysis.Analyzer {
-	ruleDefs := rules.Generate(false, rules.NewRuleFilter(true, exclude...))
-	analyzerDefs := gosecanalyzers.Generate(false, gosecanalyzers.NewAnalyzerFilter(true, exclude...))
 	return &analysis.Analyzer{
 		Name: "gosec",
 		Doc:  "gosec inspects source code for security problems",
 		Run: func(pass *analysis.Pass) (any, error) {
+			ruleDefs := rules.Generate(false, rules.NewRuleFilter(true, exclude...))
+			analyzerDefs := gosecanalyzers.Generate(false, gosecanalyzers.NewAnalyzerFilter(true, exclude...))
 			g := gosec.NewAnalyzer(gosec.NewConfig(), true, false, false, runtime.GOMAXPROCS(0), log.New(io.Discard, "", 0))
 			g.LoadRules(ruleDefs.RulesInfo())
 			g.LoadAnalyzers(analyzerDefs.AnalyzersInfo())
@@ -115,11 +116,13 @@ func gosecAnalyzer(exclude ...string) *analysis.Analyzer {
 	}
 }
 
-var misspellReplacer = func() *misspell.Replacer {
+// misspellReplacer is built on first use: it takes a while, and most runs
+// of the tool (a dependency's facts) have no use for it.
+var misspellReplacer = sync.OnceValue(func() *misspell.Replacer {
 	r := &misspell.Replacer{Replacements: misspell.DictMain}
 	r.Compile()
 	return r
-}()
+})
 
 // misspellAnalyzer reports commonly misspelled English words anywhere in a
 // Go file (misspell's default mode: the file as plain text).
@@ -137,7 +140,7 @@ var misspellAnalyzer = &analysis.Analyzer{
 				return nil, fmt.Errorf("misspell: %w", err)
 			}
 			tf := pass.Fset.File(file.Pos())
-			_, diffs := misspellReplacer.Replace(string(content))
+			_, diffs := misspellReplacer().Replace(string(content))
 			for _, d := range diffs {
 				start := tf.LineStart(d.Line) + token.Pos(d.Column)
 				pass.Report(analysis.Diagnostic{

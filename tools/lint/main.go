@@ -25,9 +25,11 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 
 	"codeberg.org/polyfloyd/go-errorlint/errorlint"
 	"github.com/gordonklaus/ineffassign/pkg/ineffassign"
@@ -170,7 +172,55 @@ func main() {
 			all = append(all, l.wrap(a))
 		}
 	}
+	if cfg, ok := vetConfig(os.Args[1:]); ok && cfg.VetxOnly {
+		all = factProducers(all, strings.HasPrefix(cfg.ImportPath, module))
+	}
 	unitchecker.Main(all...)
+}
+
+// vetConfig reads the package description go vet hands the tool (the
+// argument ending in .cfg), if there is one.
+func vetConfig(args []string) (cfg struct {
+	ImportPath string
+	VetxOnly   bool
+}, ok bool) {
+	if len(args) == 0 || !strings.HasSuffix(args[len(args)-1], ".cfg") {
+		return cfg, false
+	}
+	data, err := os.ReadFile(args[len(args)-1])
+	if err != nil || json.Unmarshal(data, &cfg) != nil {
+		return cfg, false // unitchecker reports it
+	}
+	return cfg, true
+}
+
+// factProducers is what a dependency is analyzed with when go vet wants
+// only its facts (VetxOnly): the analyzers that export facts, which bring
+// their own requirements. unitchecker would also run every analyzer that
+// merely reads facts (most of staticcheck's), and throw their findings
+// away; on a cold cache that is most of the tool's time. Outside this
+// module contextcheck is left out too: it exports nothing there
+// (pkgprefix), but its SSA would still be built for every package.
+func factProducers(roots []*analysis.Analyzer, inModule bool) []*analysis.Analyzer {
+	seen := map[*analysis.Analyzer]bool{}
+	var out []*analysis.Analyzer
+	var visit func(a *analysis.Analyzer)
+	visit = func(a *analysis.Analyzer) {
+		if seen[a] || (!inModule && a.Name == "contextcheck") {
+			return
+		}
+		seen[a] = true
+		if len(a.FactTypes) > 0 {
+			out = append(out, a)
+		}
+		for _, r := range a.Requires {
+			visit(r)
+		}
+	}
+	for _, a := range roots {
+		visit(a)
+	}
+	return out
 }
 
 // staticcheckAnalyzers is staticcheck's "all" less the checks named, with
