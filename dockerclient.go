@@ -79,7 +79,7 @@ func (c *dockerClient) InspectImageWithContext(ctx context.Context, name string)
 	if err != nil {
 		return nil, err
 	}
-	resp, err := c.HTTPClient.Do(req)
+	resp, err := c.HTTPClient.Do(req) //nolint:gosec // the operator's own dockerd (-docker_host), not a URL from a request
 	if err != nil {
 		return nil, err
 	}

@@ -487,7 +487,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			return c.r.recreate(ctx, stale(), nil, nil)
 		}},
 		{"events (status)", []string{"GET /events"}, func(ctx context.Context, c parts) error {
-			return c.ev.AddEventListenerWithOptions(docker.EventsOptions{}, make(chan *docker.APIEvents, 1))
+			return c.ev.AddEventListenerWithOptions(docker.EventsOptions{}, make(chan *docker.APIEvents, 1)) //nolint:contextcheck // a subscription outlives the call; its deadline is the call timeout
 		}},
 		{"events (wait for the replacement)", []string{"GET /events"}, func(ctx context.Context, c parts) error {
 			ev := c.w.watch() // subscribes within the call timeout, or polls

@@ -97,20 +97,10 @@ const putBackAttempts = 5
 // another hold of it waits.
 func (r *parker) hold(ctx context.Context, name string) (release func(), err error) {
 	for {
-		r.mu.Lock()
-		busy, held := r.held[name]
-		if !held {
-			done := make(chan struct{})
-			r.held[name] = done
-			r.mu.Unlock()
-			return func() {
-				r.mu.Lock()
-				delete(r.held, name)
-				r.mu.Unlock()
-				close(done)
-			}, nil
+		release, busy := r.take(name)
+		if release != nil {
+			return release, nil
 		}
-		r.mu.Unlock()
 		select {
 		case <-busy:
 		case <-ctx.Done():
@@ -121,14 +111,26 @@ func (r *parker) hold(ctx context.Context, name string) (release func(), err err
 
 // tryHold is hold without the wait: ok is false when name is held.
 func (r *parker) tryHold(name string) (release func(), ok bool) {
+	release, _ = r.take(name)
+	return release, release != nil
+}
+
+// take holds name if it is free; otherwise busy is closed when it is
+// released.
+func (r *parker) take(name string) (release func(), busy <-chan struct{}) {
 	r.mu.Lock()
-	_, held := r.held[name]
-	r.mu.Unlock()
-	if held {
-		return nil, false
+	defer r.mu.Unlock()
+	if busy, held := r.held[name]; held {
+		return nil, busy
 	}
-	release, err := r.hold(context.Background(), name)
-	return release, err == nil
+	done := make(chan struct{})
+	r.held[name] = done
+	return func() {
+		r.mu.Lock()
+		delete(r.held, name)
+		r.mu.Unlock()
+		close(done)
+	}, nil
 }
 
 // park renames container id (called name, with restart policy pol) to its

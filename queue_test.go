@@ -409,7 +409,7 @@ func TestNewPushRestartsDigestWait(t *testing.T) {
 		}
 		synctest.Wait()
 		p := h.q.pending()
-		if len(p) != 1 || p[0].Next.Sub(time.Now()) > 5*time.Minute {
+		if len(p) != 1 || time.Until(p[0].Next) > 5*time.Minute {
 			t.Fatalf("pending %+v; want one retry within 5 min: the newer push restarts the backoff", p)
 		}
 		if err := <-h.runs; err != nil {

@@ -444,7 +444,7 @@ func (h *webhook) dockerHubCallback(ctx context.Context, rawURL, state, descript
 		// The request is answered before the callback: it must outlive it.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
-		defer context.AfterFunc(h.cut, cancel)() // Close gave up waiting
+		defer context.AfterFunc(h.cut, cancel)() //nolint:contextcheck // h.cut ends when Shutdown gives up waiting for callbacks
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, u.String(), bytes.NewReader(body))
 		if err != nil {
 			return
