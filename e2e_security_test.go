@@ -210,14 +210,10 @@ func TestE2ESecurity(t *testing.T) {
 		// `deployer status` in front of the same command line shows the
 		// app on the new version (the record follows within a second).
 		var status []byte
-		deadline := time.Now().Add(15 * time.Second)
-		for {
+		pollUntil(15*time.Second, 200*time.Millisecond, func() bool { // polling an outside process: no event to wait on
 			status, err = exec.Command(s.bin, append([]string{"status"}, n.args[1:]...)...).CombinedOutput()
-			if err == nil && strings.Contains(string(status), ref) && strings.Contains(string(status), shortID(v4)) || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(200 * time.Millisecond) // polling an outside process: no event to wait on
-		}
+			return err == nil && strings.Contains(string(status), ref) && strings.Contains(string(status), shortID(v4))
+		})
 		if err != nil || !strings.Contains(string(status), ref) || !strings.Contains(string(status), shortID(v4)) {
 			t.Errorf("deployer status <the daemon's flags>: %v\n%s\nwant %s on the new image", err, status, ref)
 		}

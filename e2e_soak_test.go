@@ -337,14 +337,11 @@ func (s *stack) usage(ns []*node) map[*node]usage {
 func (s *stack) settledUsage(ns []*node, base map[*node]usage, tol int) map[*node]usage {
 	s.t.Helper()
 	var out map[*node]usage
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	pollUntil(10*time.Second, 500*time.Millisecond, func() bool { // the interval between two readings
 		out = s.usage(ns)
-		if usageWithin(ns, base, out, tol) == "" || time.Now().After(deadline) {
-			return out
-		}
-		time.Sleep(500 * time.Millisecond) // the interval between two readings
-	}
+		return usageWithin(ns, base, out, tol) == ""
+	})
+	return out
 }
 
 // usageWithin describes every node whose usage in after is more than tol

@@ -1177,3 +1177,30 @@ func testRepo(t *testing.T, name string) reference.Named {
 	}
 	return repo
 }
+
+// pollEvery is how often eventually looks.
+const pollEvery = 10 * time.Millisecond
+
+// eventually waits until cond holds, looking every pollEvery, and fails the
+// test naming what when d passes first.
+func eventually(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	if _, ok := pollUntil(d, pollEvery, cond); !ok {
+		t.Fatalf("timed out after %v waiting for %s", d, what)
+	}
+}
+
+// pollUntil is the one poll loop of the tests: it calls cond every every
+// until it holds or d passes, and returns how long that took and whether
+// it held. It fails nothing: eventually does, and callers that say more
+// than eventually's message (the state they saw) fail by themselves.
+func pollUntil(d, every time.Duration, cond func() bool) (time.Duration, bool) {
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > d {
+			return time.Since(start), false
+		}
+		time.Sleep(every) // polling: the condition has no event to wait on
+	}
+	return time.Since(start), true
+}

@@ -19,18 +19,11 @@ import (
 // within tol of base and fails naming both counts when they are not.
 func settledGoroutines(t *testing.T, what string, base, tol int) int {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		n := runtime.NumGoroutine()
-		if n <= base+tol {
-			return n
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("%s: %d goroutines, %d before; want at most %d more", what, n, base, tol)
-			return n
-		}
-		time.Sleep(10 * time.Millisecond) // poll interval
+	var n int
+	if _, ok := pollUntil(5*time.Second, pollEvery, func() bool { n = runtime.NumGoroutine(); return n <= base+tol }); !ok {
+		t.Errorf("%s: %d goroutines, %d before; want at most %d more", what, n, base, tol)
 	}
+	return n
 }
 
 // connCounter counts a test server's open connections.
@@ -95,7 +88,7 @@ func TestSlackFailuresLeakNothing(t *testing.T) {
 				for range k {
 					n.notify(report{Node: "n1", Repo: "r", Failed: []error{errors.New("x")}})
 				}
-				poll(t, 10*time.Second, "the posts to fail", func() bool {
+				eventually(t, 10*time.Second, "the posts to fail", func() bool {
 					return testutil.ToFloat64(m.slackPosts.WithLabelValues("error")) >= float64(k)
 				})
 			}
@@ -104,7 +97,7 @@ func TestSlackFailuresLeakNothing(t *testing.T) {
 			m.slackPosts.Reset()
 			post(30)
 			settledGoroutines(t, "after 30 failed Slack posts", base, 3)
-			poll(t, 5*time.Second, "at most one connection open", func() bool { return conns.count() <= 1 })
+			eventually(t, 5*time.Second, "at most one connection open", func() bool { return conns.count() <= 1 })
 			cancel()
 			if err := <-done; err != nil {
 				t.Fatal(err)

@@ -123,14 +123,10 @@ func TestRecoverAtStartDockerDown(t *testing.T) {
 	f.mu.Lock()
 	f.listErr = nil
 	f.mu.Unlock()
-	bound := time.After(10 * time.Second)
-	for app := f.containerByName("app"); app == nil || !app.Running; app = f.containerByName("app") {
-		select {
-		case <-bound:
-			t.Fatal("parked container not put back within 10s of Docker's return")
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
+	eventually(t, 10*time.Second, "the parked container put back after Docker's return", func() bool {
+		app := f.containerByName("app")
+		return app != nil && app.Running
+	})
 }
 
 // TestRecreateRefusesAutoRemove: a --rm container is left alone, with an
@@ -338,13 +334,11 @@ func TestFailedRestoreSettledByTheNextDeploy(t *testing.T) {
 	if _, err := p.restarter.stale(t.Context(), testRepo(t, "reg:5000/other"), map[string]string{"qa": "sha256:9999999999999999999999999999999999999999999999999999999999999999"}); err != nil {
 		t.Fatal(err)
 	}
-	bound := time.After(10 * time.Second)
-	for app := f.containerByName("app"); app == nil || !app.Running || app.ID != c.ID; app = f.containerByName("app") {
-		select {
-		case <-bound:
-			t.Fatalf("app %+v not put back within 10s of the next deploy", app)
-		case <-time.After(10 * time.Millisecond):
-		}
+	if _, ok := pollUntil(10*time.Second, pollEvery, func() bool {
+		app := f.containerByName("app")
+		return app != nil && app.Running && app.ID == c.ID
+	}); !ok {
+		t.Fatalf("app %+v not put back within 10s of the next deploy", f.containerByName("app"))
 	}
 }
 

@@ -84,17 +84,11 @@ func (p *repuller) once(ctx context.Context) error {
 	}
 	inUse := map[string]map[string]struct{}{}
 	skipped := 0
-	for _, c := range list {
-		ictx, cancel := context.WithTimeout(ctx, p.callTimeout)
-		ctr, err := p.docker.InspectContainerWithContext(c.ID, ictx)
-		cancel()
-		if err != nil || ctr.Config == nil {
+	for t, err := range runningFromTags(ctx, p.docker, p.callTimeout, list, nil) {
+		if err != nil || t.ref == nil {
 			continue
 		}
-		ref, ok := containerRef(ctr.Config.Image, ctr.Image)
-		if !ok {
-			continue
-		}
+		ctr, ref := t.ctr, t.ref
 		name := ref.Name()
 		if !deployed[name] && ctr.Config.Labels[managedLabel] != "true" {
 			skipped++

@@ -95,26 +95,16 @@ func (r *restarter) stale(ctx context.Context, repo reference.Named, current map
 	}
 	parked := parkedBases(list)
 	r.parked.noteLeftovers(list) // (parked.go) every deploy settles what a crash or a failed put-back left
+	pick := func(c docker.APIContainers) bool {
+		return listedRunning(c) && r.candidate(c, repo) && !r.isSelf(c.ID)
+	}
 	var out []staleContainer
-	for _, c := range list {
-		if !listedRunning(c) || !r.candidate(c, repo) || r.isSelf(c.ID) {
-			continue
-		}
-		ictx, cancel := context.WithTimeout(ctx, r.callTimeout)
-		ctr, err := r.docker.InspectContainerWithContext(c.ID, ictx)
-		cancel()
-		var gone *docker.NoSuchContainer
-		if errors.As(err, &gone) {
-			continue
-		}
+	for t, err := range runningFromTags(ctx, r.docker, r.callTimeout, list, pick) {
 		if err != nil {
-			return out, fmt.Errorf("inspect container %s: %w", shortID(c.ID), err)
+			return out, err
 		}
-		if ctr.Config == nil || !ctr.State.Running {
-			continue
-		}
-		ref, ok := containerRef(ctr.Config.Image, ctr.Image)
-		if !ok || ref.Name() != repo.Name() {
+		ctr, ref := t.ctr, t.ref
+		if !ctr.State.Running || ref == nil || ref.Name() != repo.Name() {
 			continue
 		}
 		newID, ok := current[ref.Tag()]

@@ -411,16 +411,13 @@ func TestStatusShowsRetries(t *testing.T) {
 	go func() { done <- s.run(ctx) }()
 	defer func() { cancel(); <-done }()
 	var st clusterStatus
-	for deadline := time.Now().Add(10 * time.Second); ; {
+	pollUntil(10*time.Second, pollEvery, func() bool { // polling etcd for the record
 		var err error
 		if st, err = readStatus(t.Context(), cli, time.Now()); err != nil {
 			t.Fatal(err)
 		}
-		if len(st.Nodes) == 1 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond) // polling etcd for the record
-	}
+		return len(st.Nodes) == 1
+	})
 	if len(st.Nodes) != 1 || len(st.Nodes[0].Retries) != 1 || st.Nodes[0].Retries[0].Attempts != 3 {
 		t.Fatalf("status = %+v; want n1 with its pending retry", st)
 	}

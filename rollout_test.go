@@ -181,7 +181,7 @@ func TestRolloutLeaseLostWhileQueued(t *testing.T) {
 	waiter.kv = kv
 	got := acquireAsync(t, waiter, "b")
 	var lease clientv3.LeaseID
-	waitUntil(t, "the waiter to queue", func() bool {
+	eventually(t, 20*time.Second, "the waiter to queue", func() bool {
 		if s := heldSession(waiter); s != nil {
 			lease = s.Lease()
 		}
@@ -203,17 +203,6 @@ func TestRolloutLeaseLostWhileQueued(t *testing.T) {
 	}
 	if err := sl.verify(t.Context(), "sha256:new"); err != nil {
 		t.Errorf("verify of the new slot: %v", err)
-	}
-}
-
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -617,7 +606,7 @@ func TestWaitSurvivesEventStreamEnd(t *testing.T) {
 	// Unrelated events in between must cost nothing.
 	done := make(chan error, 1)
 	go func() { done <- w.wait(t.Context(), ev, target{name: "app2", oldID: c.ID, newID: c.NewID}, nil) }()
-	waitUntil(t, "a new subscription", func() bool {
+	eventually(t, 20*time.Second, "a new subscription", func() bool {
 		f.mu.Lock()
 		defer f.mu.Unlock()
 		return len(f.listeners) == 1
@@ -663,7 +652,7 @@ func TestHaltWriteRetriedBeforeSlotFreed(t *testing.T) {
 	done := make(chan []outcome, 1)
 	go func() { done <- p1.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c1}) }()
 	slots := strings.TrimSuffix(slotsDir(ref), "/")
-	waitUntil(t, "n1 to hold the slot", func() bool { return countKeys(t, cli, slots) == 1 })
+	eventually(t, 20*time.Second, "n1 to hold the slot", func() bool { return countKeys(t, cli, slots) == 1 })
 
 	n2 := newTestReplacer(t, cli, newFakeDocker(), "n2", 1).rollout
 	type result struct {
@@ -675,7 +664,7 @@ func TestHaltWriteRetriedBeforeSlotFreed(t *testing.T) {
 		sl, err := n2.acquire(t.Context(), ref, staleContainer{ID: "b", Name: "app", Tag: "qa", NewID: c1.NewID})
 		got <- result{sl, err}
 	}()
-	waitUntil(t, "n2 to queue", func() bool { return countKeys(t, cli, slots) == 2 })
+	eventually(t, 20*time.Second, "n2 to queue", func() bool { return countKeys(t, cli, slots) == 2 })
 	<-f1.stopped // n1's replacement now crashes; its halt write fails 3 times
 
 	out := mustGet(t, done, "n1's replace")
@@ -758,7 +747,7 @@ func TestRolloutCountsDownContainers(t *testing.T) {
 				sl, err := healthy.acquire(t.Context(), ref, ch)
 				got <- result{sl, err}
 			}()
-			waitUntil(t, "the healthy node to queue", func() bool { return countKeys(t, cli, strings.TrimSuffix(slotsDir(ref), "/")) == 1 })
+			eventually(t, 20*time.Second, "the healthy node to queue", func() bool { return countKeys(t, cli, strings.TrimSuffix(slotsDir(ref), "/")) == 1 })
 			mustWait(t, got, "a healthy node took a slot while another node's container is down (-max_unavailable 1)")
 
 			if tt.name == "docker unreachable" {

@@ -2,13 +2,19 @@ package main
 
 // scan.go: what the stale scan already knows about a container, carried
 // to recreate, so that re-creating a container found a moment ago costs no
-// second container listing (for parked containers) and no second inspect.
+// second container listing (for parked containers) and no second inspect;
+// and the one walk of a listing that inspects each container and finds
+// the tag it was started from (the stale scan, the re-pull, the status).
 
 import (
+	"context"
+	"fmt"
+	"iter"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 )
 
@@ -138,4 +144,55 @@ func restartPolicy(c *docker.Container) docker.RestartPolicy {
 		return docker.RestartPolicy{}
 	}
 	return c.HostConfig.RestartPolicy
+}
+
+// inspector reads a container (ID or name).
+type inspector interface {
+	InspectContainerWithContext(id string, ctx context.Context) (*docker.Container, error)
+}
+
+// fromTag is a listed container, its inspect, and the tag reference it
+// was started from: nil when it was started by digest or by image ID.
+type fromTag struct {
+	listed docker.APIContainers
+	ctr    *docker.Container
+	ref    reference.NamedTagged
+}
+
+// runningFromTags inspects, in order, the containers of list (the caller's
+// one listing) that pick selects (nil: all), each call within timeout, and
+// yields each with the tag it was started from (containerRef). A container
+// gone since the listing, or inspected without a configuration, is
+// skipped; any other failed inspect is yielded as an error, and the caller
+// skips that container or stops.
+func runningFromTags(ctx context.Context, dc inspector, timeout time.Duration, list []docker.APIContainers, pick func(docker.APIContainers) bool) iter.Seq2[fromTag, error] {
+	return func(yield func(fromTag, error) bool) {
+		for _, c := range list {
+			if pick != nil && !pick(c) {
+				continue
+			}
+			ictx, cancel := context.WithTimeout(ctx, timeout)
+			ctr, err := dc.InspectContainerWithContext(c.ID, ictx)
+			cancel()
+			if isNoSuchContainer(err) {
+				continue
+			}
+			if err != nil {
+				if !yield(fromTag{listed: c}, fmt.Errorf("inspect container %s: %w", shortID(c.ID), err)) {
+					return
+				}
+				continue
+			}
+			if ctr.Config == nil {
+				continue
+			}
+			t := fromTag{listed: c, ctr: ctr}
+			if ref, ok := containerRef(ctr.Config.Image, ctr.Image); ok {
+				t.ref = ref
+			}
+			if !yield(t, nil) {
+				return
+			}
+		}
+	}
 }

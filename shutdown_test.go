@@ -165,14 +165,6 @@ func TestRetryAcrossRestart(t *testing.T) {
 		}
 		return d, func() { cancel(); <-done }
 	}
-	poll := func(what string, cond func() bool) {
-		t.Helper()
-		for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("no %s within 20s", what)
-			}
-		}
-	}
 
 	d, stop := start()
 	resp, err := cli.Put(t.Context(), cfg.EtcdPrefix+triggerKey("127.0.0.1:5000/app"), `{"tag":"qa"}`)
@@ -180,7 +172,7 @@ func TestRetryAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	rev := resp.Header.Revision
-	poll("pending retry", func() bool { return len(d.queue.pending()) == 1 })
+	eventually(t, 20*time.Second, "pending retry", func() bool { return len(d.queue.pending()) == 1 })
 	stop()
 	got, err := cli.Get(t.Context(), cfg.EtcdPrefix+progressKey("n1"))
 	if err != nil || len(got.Kvs) != 1 {
@@ -199,7 +191,7 @@ func TestRetryAcrossRestart(t *testing.T) {
 	reg.rmu.Unlock()
 	_, stop = start()
 	defer stop()
-	poll("deploy of the open trigger after the restart", func() bool { return len(running(f)) == 0 })
+	eventually(t, 20*time.Second, "deploy of the open trigger after the restart", func() bool { return len(running(f)) == 0 })
 }
 
 // TestStopKeepsLeaseUntilDeploysEnd: at the stop, the node's lease (its
@@ -339,13 +331,8 @@ func TestStopBoundsDockerHubCallbacks(t *testing.T) {
 		t.Fatal("no callback within 10s")
 	}
 	// The trigger's deploy (nothing local to pull) is done and saved.
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if d.progress.watermark() >= hook.Revision {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("watermark %d; want %d within 10s", d.progress.watermark(), hook.Revision)
-		}
+	if _, ok := pollUntil(10*time.Second, pollEvery, func() bool { return d.progress.watermark() >= hook.Revision }); !ok {
+		t.Fatalf("watermark %d; want %d within 10s", d.progress.watermark(), hook.Revision)
 	}
 	start := time.Now()
 	cancel()

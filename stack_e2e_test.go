@@ -128,14 +128,11 @@ var pollInterval = 50 * time.Millisecond
 // waitFor polls an outside system until cond holds or d passes.
 func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) time.Duration {
 	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > d {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(pollInterval)
+	took, ok := pollUntil(d, pollInterval, cond)
+	if !ok {
+		t.Fatalf("timed out after %v waiting for %s", d, what)
 	}
-	return time.Since(start)
+	return took
 }
 
 type dockerd struct {

@@ -333,23 +333,20 @@ func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, err
 	seen := map[string]bool{}
 	running := map[string]bool{} // names running from a tag
 	var out []containerStatus
+	uncached := func(c docker.APIContainers) bool { _, ok := s.cache[c.ID]; return !ok }
+	for t, err := range runningFromTags(ctx, s.docker, s.callTimeout, list, uncached) {
+		if err != nil {
+			continue
+		}
+		st := containerStatus{Name: strings.TrimPrefix(t.ctr.Name, "/"), ImageID: t.ctr.Image, Since: t.ctr.State.StartedAt.UTC()}
+		if t.ref != nil {
+			st.Image = t.ref.String()
+		}
+		s.cache[t.listed.ID] = st
+	}
 	for _, c := range list {
 		seen[c.ID] = true
-		st, ok := s.cache[c.ID]
-		if !ok {
-			ictx, cancel := context.WithTimeout(ctx, s.callTimeout)
-			ctr, err := s.docker.InspectContainerWithContext(c.ID, ictx)
-			cancel()
-			if err != nil || ctr.Config == nil {
-				continue
-			}
-			st = containerStatus{Name: strings.TrimPrefix(ctr.Name, "/"), ImageID: ctr.Image, Since: ctr.State.StartedAt.UTC()}
-			if ref, ok := containerRef(ctr.Config.Image, ctr.Image); ok {
-				st.Image = ref.String()
-			}
-			s.cache[c.ID] = st
-		}
-		if st.Image != "" {
+		if st := s.cache[c.ID]; st.Image != "" {
 			out = append(out, st)
 			if name, ok := listedName(c); ok {
 				running[name] = true

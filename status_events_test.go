@@ -16,18 +16,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// poll waits until cond holds, failing after d.
-func poll(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // startReporter runs a status reporter on f until the test ends.
 func startReporter(t *testing.T, cli *clientv3.Client, f *fakeDocker, period time.Duration) *statusReporter {
 	t.Helper()
@@ -77,20 +65,20 @@ func TestStatusEventWritesRecord(t *testing.T) {
 	f.local["reg:5000/web:qa"] = "sha256:" + strings.Repeat("2", 64)
 	f.addContainer("app", "reg:5000/app:qa")
 	startReporter(t, cli, f, time.Hour)
-	poll(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
-	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
+	eventually(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
+	eventually(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
 
 	web := f.addContainer("web", "reg:5000/web:qa")
 	f.mu.Lock()
 	f.emit("start", web)
 	f.mu.Unlock()
-	poll(t, 5*time.Second, "web in the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
+	eventually(t, 5*time.Second, "web in the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
 
 	f.mu.Lock()
 	web.Running = false
 	f.emit("die", web)
 	f.mu.Unlock()
-	poll(t, 5*time.Second, "web out of the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
+	eventually(t, 5*time.Second, "web out of the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
 }
 
 // With no event, the reporter lists the containers once at start and then
@@ -105,12 +93,12 @@ func TestStatusIdleListsOnlyOnResync(t *testing.T) {
 	app := f.addContainer("app", "reg:5000/app:qa")
 	const period = 400 * time.Millisecond
 	startReporter(t, cli, f, period)
-	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
+	eventually(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
 	f.mu.Lock()
 	f.emit("exec_start: /bin/true", app)
 	f.emit("exec_die", app)
 	f.mu.Unlock()
-	poll(t, 5*time.Second, "the resync", func() bool { return f.listCount() >= 2 })
+	eventually(t, 5*time.Second, "the resync", func() bool { return f.listCount() >= 2 })
 	f.mu.Lock()
 	gap := f.listedAt[1].Sub(f.listedAt[0])
 	f.mu.Unlock()
@@ -137,8 +125,8 @@ func TestStatusEventStreamClosedResubscribes(t *testing.T) {
 	f.local["reg:5000/app:qa"] = "sha256:" + strings.Repeat("1", 64)
 	f.addContainer("app", "reg:5000/app:qa")
 	startReporter(t, cli, f, time.Hour)
-	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
-	poll(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
+	eventually(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
+	eventually(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
 
 	// dockerd goes away: every new subscription is closed at once.
 	f.mu.Lock()
@@ -146,7 +134,7 @@ func TestStatusEventStreamClosedResubscribes(t *testing.T) {
 	f.mu.Unlock()
 	start := time.Now()
 	f.endEvents()
-	poll(t, 10*time.Second, "four more subscriptions", func() bool { s, _ := f.subscribed(); return s >= 5 })
+	eventually(t, 10*time.Second, "four more subscriptions", func() bool { s, _ := f.subscribed(); return s >= 5 })
 	// Backoffs of 20ms base: at least 10+20+40+80 ms (half of each, the
 	// jitter's floor) before the fifth; a spin would take microseconds.
 	if took := time.Since(start); took < 150*time.Millisecond {
@@ -164,14 +152,14 @@ func TestStatusEventStreamClosedResubscribes(t *testing.T) {
 	f.local["reg:5000/web:qa"] = "sha256:" + strings.Repeat("2", 64)
 	f.mu.Unlock()
 	f.addContainer("web", "reg:5000/web:qa")
-	poll(t, 10*time.Second, "a subscription again", func() bool { _, n := f.subscribed(); return n == 1 })
-	poll(t, 5*time.Second, "web listed after re-subscribing", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
+	eventually(t, 10*time.Second, "a subscription again", func() bool { _, n := f.subscribed(); return n == 1 })
+	eventually(t, 5*time.Second, "web listed after re-subscribing", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
 	web := f.containerByName("web")
 	f.mu.Lock()
 	web.Running = false
 	f.emit("die", web)
 	f.mu.Unlock()
-	poll(t, 5*time.Second, "web out of the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
+	eventually(t, 5*time.Second, "web out of the record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app]" })
 }
 
 // dockerEvents: one GET /events with the filters; events arrive in order;
@@ -265,7 +253,7 @@ func TestStatusRewrittenWhenLeaseLost(t *testing.T) {
 	startReporter(t, cli, f, time.Hour)
 	key := statusKey("n1")
 	var lease int64
-	poll(t, 5*time.Second, "the first record", func() bool {
+	eventually(t, 5*time.Second, "the first record", func() bool {
 		resp, err := cli.Get(t.Context(), key)
 		if err != nil || len(resp.Kvs) == 0 {
 			return false
@@ -276,7 +264,7 @@ func TestStatusRewrittenWhenLeaseLost(t *testing.T) {
 	if _, err := cli.Revoke(t.Context(), clientv3.LeaseID(lease)); err != nil {
 		t.Fatal(err)
 	}
-	poll(t, 10*time.Second, "the record under a new lease", func() bool {
+	eventually(t, 10*time.Second, "the record under a new lease", func() bool {
 		resp, err := cli.Get(t.Context(), key)
 		return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease != lease && fmt.Sprint(recordNames(t, cli)) == "[app]"
 	})
@@ -327,8 +315,8 @@ func TestStatusDownRecords(t *testing.T) {
 	w := f.addContainer("web", web)
 	a.Health, w.Health = "healthy", "healthy"
 	s := startReporter(t, cli, f, time.Hour)
-	poll(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
-	poll(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
+	eventually(t, 5*time.Second, "the first record", func() bool { return fmt.Sprint(recordNames(t, cli)) == "[app web]" })
+	eventually(t, 5*time.Second, "the subscription", func() bool { _, n := f.subscribed(); return n == 1 })
 	if d := readDown(t, cli, app, "n1"); d != nil {
 		t.Fatalf("down record %+v with every container healthy; want none", d)
 	}
@@ -356,7 +344,7 @@ func TestStatusDownRecords(t *testing.T) {
 	}
 	for _, st := range steps {
 		change(st.c, st.action, st.mutate)
-		poll(t, 5*time.Second, st.name+": down record "+st.wantDown, func() bool { return downString(readDown(t, cli, st.ref, "n1")) == st.wantDown })
+		eventually(t, 5*time.Second, st.name+": down record "+st.wantDown, func() bool { return downString(readDown(t, cli, st.ref, "n1")) == st.wantDown })
 	}
 
 	// dockerd goes away: the event stream ends, the listing fails, and
@@ -365,19 +353,19 @@ func TestStatusDownRecords(t *testing.T) {
 	f.listErr = errors.New("cannot connect to the Docker daemon")
 	f.mu.Unlock()
 	f.endEvents()
-	poll(t, 5*time.Second, "app unreachable", func() bool { return downString(readDown(t, cli, app, "n1")) == "app:unreachable" })
-	poll(t, 5*time.Second, "web unreachable", func() bool { return downString(readDown(t, cli, web, "n1")) == "web:unreachable" })
+	eventually(t, 5*time.Second, "app unreachable", func() bool { return downString(readDown(t, cli, app, "n1")) == "app:unreachable" })
+	eventually(t, 5*time.Second, "web unreachable", func() bool { return downString(readDown(t, cli, web, "n1")) == "web:unreachable" })
 	f.mu.Lock()
 	f.listErr = nil
 	f.mu.Unlock()
-	poll(t, 10*time.Second, "records cleared once Docker answers", func() bool {
+	eventually(t, 10*time.Second, "records cleared once Docker answers", func() bool {
 		return readDown(t, cli, app, "n1") == nil && readDown(t, cli, web, "n1") == nil
 	})
 
 	// The record is bound to the node's lease: it goes with it, and is
 	// written again under the next one.
 	change(a, "health_status: unhealthy", func() { a.Health = "unhealthy" })
-	poll(t, 5*time.Second, "app unhealthy", func() bool { return downString(readDown(t, cli, app, "n1")) == "app:unhealthy" })
+	eventually(t, 5*time.Second, "app unhealthy", func() bool { return downString(readDown(t, cli, app, "n1")) == "app:unhealthy" })
 	resp, err := cli.Get(t.Context(), downKey(app, "n1"))
 	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
 		t.Fatalf("down record %v, %v; want one bound to a lease", resp, err)
@@ -385,7 +373,7 @@ func TestStatusDownRecords(t *testing.T) {
 	if _, err := cli.Revoke(t.Context(), clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
 		t.Fatal(err)
 	}
-	poll(t, 10*time.Second, "the record under a new lease", func() bool {
+	eventually(t, 10*time.Second, "the record under a new lease", func() bool {
 		r, err := cli.Get(t.Context(), downKey(app, "n1"))
 		return err == nil && len(r.Kvs) == 1 && r.Kvs[0].Lease != resp.Kvs[0].Lease
 	})
@@ -393,10 +381,10 @@ func TestStatusDownRecords(t *testing.T) {
 	// A container removed for good counts as down for the grace only
 	// (shortened here once it counts, and the reporter woken).
 	change(w, "destroy", func() { f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == w }) })
-	poll(t, 5*time.Second, "web removed", func() bool { return downString(readDown(t, cli, web, "n1")) == "web:not running" })
+	eventually(t, 5*time.Second, "web removed", func() bool { return downString(readDown(t, cli, web, "n1")) == "web:not running" })
 	s.mu.Lock()
 	s.downGrace = time.Millisecond
 	s.mu.Unlock()
 	s.poke()
-	poll(t, 5*time.Second, "web forgotten after the grace", func() bool { return readDown(t, cli, web, "n1") == nil })
+	eventually(t, 5*time.Second, "web forgotten after the grace", func() bool { return readDown(t, cli, web, "n1") == nil })
 }

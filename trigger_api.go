@@ -118,6 +118,22 @@ func (h *webhook) apiDeploy(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, t)
 }
 
+// servePushes is the body of a webhook whose payload is parsed alone
+// (Harbor, Quay): accept the request, parse it (a payload that parse
+// refuses is a 400), and write a trigger per push.
+func (h *webhook) servePushes(w http.ResponseWriter, r *http.Request, source string, parse func([]byte) ([]imagePush, error)) {
+	body, ok := h.accept(w, r, source)
+	if !ok {
+		return
+	}
+	pushes, err := parse(body)
+	if err != nil {
+		h.fail(w, r, source, http.StatusBadRequest, err)
+		return
+	}
+	h.triggerEach(w, r, source, pushes)
+}
+
 // triggerEach writes one trigger per push and answers with all of them;
 // no push is a 200 that wrote nothing ("ignored"), so that the sender
 // does not retry an event that is not for us.

@@ -114,15 +114,5 @@ func harborPush(r harborResource) (imagePush, bool, error) {
 // by digest answer 200 and write nothing; a pushed tag whose resource_url
 // names no valid repository is a 400, like every trigger's.
 func (h *webhook) harbor(w http.ResponseWriter, r *http.Request) {
-	const source = "harbor"
-	body, ok := h.accept(w, r, source)
-	if !ok {
-		return
-	}
-	pushes, err := parseHarbor(body)
-	if err != nil {
-		h.fail(w, r, source, http.StatusBadRequest, err)
-		return
-	}
-	h.triggerEach(w, r, source, pushes)
+	h.servePushes(w, r, "harbor", parseHarbor)
 }

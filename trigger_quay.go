@@ -63,15 +63,5 @@ func parseQuay(body []byte) ([]imagePush, error) {
 // push) answers 200 and writes nothing; a push whose docker_url or tag is
 // not valid is a 400, like every trigger's.
 func (h *webhook) quay(w http.ResponseWriter, r *http.Request) {
-	const source = "quay"
-	body, ok := h.accept(w, r, source)
-	if !ok {
-		return
-	}
-	pushes, err := parseQuay(body)
-	if err != nil {
-		h.fail(w, r, source, http.StatusBadRequest, err)
-		return
-	}
-	h.triggerEach(w, r, source, pushes)
+	h.servePushes(w, r, "quay", parseQuay)
 }

@@ -94,7 +94,7 @@ func TestUpWaitSubscriptionEndsItsStream(t *testing.T) {
 	const waits = 5
 	for i := range waits {
 		ev := d.recreator.wait.watch()
-		poll(t, 5*time.Second, "the subscription's stream", func() bool { _, n := srv.counts(); return n == i+1 })
+		eventually(t, 5*time.Second, "the subscription's stream", func() bool { _, n := srv.counts(); return n == i+1 })
 		select { // the stream delivers
 		case <-ev.events():
 		case <-time.After(5 * time.Second):
@@ -102,15 +102,8 @@ func TestUpWaitSubscriptionEndsItsStream(t *testing.T) {
 		}
 		ev.close()
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	if _, ok := pollUntil(5*time.Second, pollEvery, func() bool { open, _ := srv.counts(); return open == 0 }); !ok {
 		open, _ := srv.counts()
-		if open == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d event streams still open 5s after their %d subscriptions ended; want 0", open, waits)
-		}
-		time.Sleep(10 * time.Millisecond) // poll interval
+		t.Fatalf("%d event streams still open 5s after their %d subscriptions ended; want 0", open, waits)
 	}
 }

@@ -68,7 +68,7 @@ func TestDockerTroubleDoesNotHalt(t *testing.T) {
 				f.stopDaemon()
 				// A restart takes seconds: the wait finds dockerd down
 				// before it is back.
-				waitUntil(t, "the wait to find dockerd down", func() bool {
+				eventually(t, 20*time.Second, "the wait to find dockerd down", func() bool {
 					f.mu.Lock()
 					defer f.mu.Unlock()
 					return f.goneCalls > 0 || len(done) > 0
