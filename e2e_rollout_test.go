@@ -325,6 +325,14 @@ func TestE2ERollout(t *testing.T) {
 			}
 			return true
 		})
+		// ... and so in the cluster's view: a node's down record follows
+		// Docker's health events within about 250 ms (README: what counts
+		// as down), and a push inside that window would find the "starting"
+		// of v1 still recorded.
+		waitFor(t, 10*time.Second, "no down record of hc", func() bool {
+			resp, err := s.cli.Get(t.Context(), s.prefix+downDir(ref), clientv3.WithPrefix(), clientv3.WithCountOnly())
+			return err == nil && resp.Count == 0
+		})
 		// A version that never turns healthy halts on the first node;
 		// its supervisor keeps running it there, unhealthy.
 		broken := s.buildHealth(ref, false)
