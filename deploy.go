@@ -36,18 +36,23 @@ type deployer struct {
 	replacer  *replacer
 	notifier  notifier
 	node      string
-	dryRun    bool // report stale containers, stop nothing
-	cleanup   bool // remove superseded images no container uses
+	opts      deployOptions
 	images    imageRemover
 	log       *slog.Logger
 	metrics   *metrics
 }
 
+// deployOptions are the flags that change what a deploy does.
+type deployOptions struct {
+	dryRun  bool // -dry_run: report stale containers, stop nothing
+	cleanup bool // -cleanup: remove superseded images no container uses
+}
+
 // newDeployer returns a deployer of this node's containers through the
 // replacer, telling note. It starts nothing.
-func newDeployer(p *puller, rep *replacer, images imageRemover, note notifier, node string, log *slog.Logger, m *metrics) *deployer {
+func newDeployer(p *puller, rep *replacer, images imageRemover, note notifier, node string, opts deployOptions, log *slog.Logger, m *metrics) *deployer {
 	return &deployer{
-		puller: p, restarter: rep.restarter, replacer: rep, images: images, notifier: note, node: node, log: log, metrics: m,
+		puller: p, restarter: rep.restarter, replacer: rep, images: images, notifier: note, node: node, opts: opts, log: log, metrics: m,
 	}
 }
 
@@ -184,7 +189,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if err != nil {
 		r.Failed = append(r.Failed, err)
 	}
-	if d.dryRun {
+	if d.opts.dryRun {
 		r.DryRun, r.Stale = true, stale
 		d.metrics.wouldRestart.Add(float64(len(stale)))
 		return r
@@ -240,7 +245,7 @@ type imageRemover interface {
 // the deployed tags pointed at before, when no container uses them any
 // more (Docker refuses otherwise, and that refusal is fine).
 func (d *deployer) removeSuperseded(ctx context.Context, r *report) {
-	if !d.cleanup || r.failed() || len(r.Held) > 0 {
+	if !d.opts.cleanup || r.failed() || len(r.Held) > 0 {
 		return
 	}
 	for _, t := range r.Tags {

@@ -22,13 +22,13 @@ func (c *captureNotifier) notify(r report) {
 	c.reports = append(c.reports, r)
 }
 
-func newTestDeployer(t *testing.T, f *fakeDocker) (*deployer, *captureNotifier) {
+func newTestDeployer(t *testing.T, f *fakeDocker, opts deployOptions) (*deployer, *captureNotifier) {
 	n := &captureNotifier{}
 	m := newMetrics()
 	log := testLogger(t)
 	f.supervise = true // a supervised host: a stop brings the tag back up
 	rep := newTestReplacer(t, nil, f, "n1", 0)
-	return newDeployer(newPuller(f, "", log, m), rep, f, n, "n1", log, m), n
+	return newDeployer(newPuller(f, "", log, m), rep, f, n, "n1", opts, log, m), n
 }
 
 // running lists the containers left alone: running and never stopped (a
@@ -194,7 +194,7 @@ func TestDeploy(t *testing.T) {
 			if tt.stopErr != nil {
 				f.stopErr = tt.stopErr
 			}
-			d, n := newTestDeployer(t, f)
+			d, n := newTestDeployer(t, f, deployOptions{})
 			for _, c := range f.containers {
 				if c.Name == tt.self {
 					d.restarter.selfID = c.ID[:12]
@@ -223,7 +223,7 @@ func TestDeployReportText(t *testing.T) {
 	f.local["127.0.0.1:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.remote["127.0.0.1:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "127.0.0.1:5000/app:qa")
-	d, n := newTestDeployer(t, f)
+	d, n := newTestDeployer(t, f, deployOptions{})
 	d.deploy(t.Context(), job{Repo: "127.0.0.1:5000/app", All: true})
 	if len(n.reports) != 1 {
 		t.Fatalf("%d reports; want 1", len(n.reports))
@@ -241,8 +241,7 @@ func TestDeployDryRun(t *testing.T) {
 	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "reg:5000/app:qa")
-	d, n := newTestDeployer(t, f)
-	d.dryRun = true
+	d, n := newTestDeployer(t, f, deployOptions{dryRun: true})
 	d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
 	if got := running(f); !slices.Equal(got, []string{"app"}) {
 		t.Errorf("dry run stopped something: running %q", got)
@@ -291,8 +290,7 @@ func TestDeployCleanup(t *testing.T) {
 				f.pullErr["reg:5000/app:dev"] = errors.New("registry down")
 			}
 			f.supervise = true
-			d, _ := newTestDeployer(t, f)
-			d.cleanup = tt.cleanup
+			d, _ := newTestDeployer(t, f, deployOptions{cleanup: tt.cleanup})
 			d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
 			if !slices.Equal(f.removed, tt.wantRemoved) {
 				t.Errorf("removed %q; want %q", f.removed, tt.wantRemoved)
@@ -311,7 +309,7 @@ func TestDeployCancelledAtShutdownTellsNobody(t *testing.T) {
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.pullErr["reg:5000/app:qa"] = errors.New("context canceled while pulling")
-	d, n := newTestDeployer(t, f)
+	d, n := newTestDeployer(t, f, deployOptions{})
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
 	err := d.deploy(ctx, job{Repo: "reg:5000/app", All: true})
@@ -356,7 +354,7 @@ func TestDeployImageCalls(t *testing.T) {
 				f.addContainer(tag, tt.repo+":"+tag)
 			}
 			f.local["docker.io/myorg/other:qa"] = old // another repository
-			d, _ := newTestDeployer(t, f)
+			d, _ := newTestDeployer(t, f, deployOptions{})
 			j := job{Repo: tt.repo, All: true, Digests: tt.digests}
 			for range 2 { // the second deploy finds everything up to date
 				f.mu.Lock()
@@ -388,7 +386,7 @@ func TestDeployInspectFails(t *testing.T) {
 	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "reg:5000/app:qa")
 	f.imageErr = errRegistryDown
-	d, n := newTestDeployer(t, f)
+	d, n := newTestDeployer(t, f, deployOptions{})
 	err := d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
 	if err == nil || !retryable(err) {
 		t.Errorf("deploy = %v; want a retryable failure", err)

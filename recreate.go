@@ -199,11 +199,3 @@ func checkRecreatable(old *docker.Container) error {
 	}
 	return nil
 }
-
-// recoverAtStart settles every parked container before the daemon acts on
-// any trigger, within the restart timeout (a replacement may still be
-// coming up) plus a call timeout, then keeps settling leftovers in the
-// background until ctx ends: at once when Docker did not answer (retried
-// with backoff), and whenever a put-back or a removal failed or a deploy
-// saw a leftover.
-func (r *recreator) recoverAtStart(ctx context.Context) { r.parked.recoverAtStart(ctx) }

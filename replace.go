@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/distribution/reference"
 	"golang.org/x/sync/errgroup"
@@ -34,6 +35,46 @@ type replacer struct {
 // by ro. It starts nothing.
 func newReplacer(ro *rollout, rs *restarter, rc *recreator, strategy string, log *slog.Logger) *replacer {
 	return &replacer{rollout: ro, restarter: rs, recreator: rc, strategy: strategy, log: log}
+}
+
+// replaceAPI is the part of the Docker client the replacement uses.
+type replaceAPI interface {
+	containerAPI
+	recreateAPI
+	upAPI
+}
+
+// replacementOptions are the settings of the replacement machinery.
+type replacementOptions struct {
+	node           string
+	strategy       string        // -restart_strategy
+	maxUnavailable int           // -max_unavailable; 0: uncoordinated
+	restartTimeout time.Duration // -restart_timeout: how long a replacement may take to come up
+	killTimeout    time.Duration // a stop's grace
+	slotTimeout    time.Duration // -slot_timeout
+	callTimeout    time.Duration
+	selfID         string // the deployer's own container, never stopped
+}
+
+// replacement is the machinery that replaces stale containers: the
+// replacer, which holds the up-waiter, the two strategies and the
+// rollout, and the parker they share, whose run settles what a crash left
+// parked.
+type replacement struct {
+	*replacer
+	parker *parker
+}
+
+// newReplacement builds the replacement machinery on dc (its events from
+// events), coordinated through etcd under leases: the one wiring, for the
+// daemon and the tests. It starts nothing.
+func newReplacement(dc replaceAPI, events eventAPI, etcd rolloutEtcd, leases sessions, o replacementOptions, log *slog.Logger, m *metrics) replacement {
+	rolloutLog := log.With("component", "rollout")
+	wait := newUpWaiter(dc, events, o.restartTimeout, o.callTimeout, rolloutLog, m)
+	rs := newRestarter(dc, wait, o.killTimeout, o.selfID, log.With("component", "restarter"), m)
+	rc := newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
+	ro := newRollout(etcd, leases, o.node, o.maxUnavailable, o.slotTimeout, o.callTimeout, rolloutLog, m)
+	return replacement{replacer: newReplacer(ro, rs, rc, o.strategy, rolloutLog), parker: rs.parked}
 }
 
 // outcome is what happened to one stale container.

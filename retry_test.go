@@ -93,7 +93,7 @@ type retryHarness struct {
 func newRetryHarness(t *testing.T) *retryHarness {
 	f := newFakeDocker()
 	reg := newRegistryDocker(f)
-	d, n := newTestDeployer(t, f)
+	d, n := newTestDeployer(t, f, deployOptions{})
 	d.puller.docker = reg
 	h := &retryHarness{f: f, reg: reg, d: d, n: n, p: newProgress(nil, "", testLogger(t)), m: d.metrics, runs: make(chan error, 100)}
 	h.p.init(9)
@@ -404,7 +404,7 @@ func TestStatusShowsRetries(t *testing.T) {
 	now := time.Now().UTC()
 	pending := []pendingRetry{{Repo: "reg:5000/app", Tags: []string{"qa"}, Revisions: []int64{10}, Attempts: 3, Since: now.Add(-time.Minute),
 		Next: now.Add(30 * time.Second), Error: "pull reg:5000/app:qa: received unexpected HTTP status: 503 Service Unavailable"}}
-	s := newStatusReporter(f, nil, cli, testLeases(t, cli), "n1", version, func() []pendingRetry { return pending }, testLogger(t))
+	s := newStatusReporter(f, nil, cli, testLeases(t, cli), "n1", version, func() []pendingRetry { return pending }, nil, testLogger(t))
 	s.started, s.period = now, time.Hour
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)

@@ -706,7 +706,7 @@ func downNode(t *testing.T, cli *clientv3.Client, name string, max int, health s
 	f, c := rolloutFixture(t, false)
 	f.containerByName("app").Health = health // nothing else runs on f yet
 	r := newTestReplacer(t, cli, f, name, max).rollout
-	s := newStatusReporter(f, nil, cli, r.leases, name, version, nil, testLogger(t))
+	s := newStatusReporter(f, nil, cli, r.leases, name, version, nil, nil, testLogger(t))
 	reportDown(t, s)
 	return r, f, s, c
 }
