@@ -293,36 +293,11 @@ func (d *daemon) submit(ev deployEvent) {
 // flush, while the node's lease is revoked. Docker Hub callbacks get what
 // is left of the stop's bound (stopBound), and the node name is released.
 func (d *daemon) run(ctx context.Context) error {
-	// Start.
-	var certs *certReloader
-	if d.cfg.TLSCert != "" {
-		var err error
-		if certs, err = newCertReloader(d.cfg.TLSCert, d.cfg.TLSKey, d.log.With("component", "tls")); err != nil {
-			return err
-		}
-	}
-	release, err := d.claimNode(ctx)
-	if release == nil {
-		return err // the name is taken, or stopped while starting
+	ln, release, err := d.start(ctx)
+	if ln == nil {
+		return err // cannot start, or stopped while starting
 	}
 	defer release()
-	secret, err := resolveSecret(ctx, d.etcd, d.cfg, d.log)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil // stopped while starting
-		}
-		return err
-	}
-	d.secret.set(secret)
-	ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
-	if err != nil {
-		return fmt.Errorf("-listen: %w", err)
-	}
-	if certs != nil {
-		ln = tls.NewListener(ln, certs.tlsConfig())
-	}
-	d.listener = ln
-	close(d.ready)
 
 	// Back: the state writers run under bgCtx, which ends last, so that
 	// the progress of the last deploys is saved and Slack hears of them.
@@ -337,39 +312,7 @@ func (d *daemon) run(ctx context.Context) error {
 	// The stop's bound (-kill_timeout + 7 s) counts from the signal.
 	began := make(chan time.Time, 1)
 	defer context.AfterFunc(ctx, func() { began <- time.Now() })()
-	g, gctx := errgroup.WithContext(ctx)
-	// Front.
-	srv := d.httpServer()
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("http: %w", err)
-		}
-		return nil
-	})
-	g.Go(func() error {
-		<-gctx.Done()
-		// No longer than the queue's stop: handlers' etcd writes have
-		// their own deadline.
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), min(5*time.Second, d.cfg.shutdownGrace+cutWait))
-		defer cancel()
-		return srv.Shutdown(sctx)
-	})
-	// Work.
-	g.Go(func() error { return d.queue.run(gctx) })
-	// The parker puts back or finishes the re-creates a crash
-	// interrupted before any trigger is acted on (bounded inside), then
-	// settles leftovers until the signal. A put-back in flight then is
-	// waited for within the stop's bound, as the Docker Hub callbacks.
-	parked := make(chan struct{})
-	go func() { _ = d.parker.run(gctx); close(parked) }()
-	select {
-	case <-d.parker.recovered:
-	case <-gctx.Done():
-	}
-	g.Go(func() error { return d.watcher.run(gctx) })
-	g.Go(func() error { return d.repuller.run(gctx) })
-	g.Go(func() error { return d.status.run(gctx) })
-	err = g.Wait()
+	parked, err := d.serve(ctx, ln)
 	stopBy := time.Now()
 	select {
 	case stopBy = <-began:
@@ -400,6 +343,82 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 	d.log.Info("deployer stopped")
 	return err
+}
+
+// start claims the node name, resolves the webhook secret and listens.
+// ln is nil when the daemon cannot start (err says why) or ctx ended
+// first (err is nil); otherwise release gives the node name up.
+func (d *daemon) start(ctx context.Context) (ln net.Listener, release func(), err error) {
+	var certs *certReloader
+	if d.cfg.TLSCert != "" {
+		if certs, err = newCertReloader(d.cfg.TLSCert, d.cfg.TLSKey, d.log.With("component", "tls")); err != nil {
+			return nil, nil, err
+		}
+	}
+	release, err = d.claimNode(ctx)
+	if release == nil {
+		return nil, nil, err // the name is taken, or stopped while starting
+	}
+	secret, err := resolveSecret(ctx, d.etcd, d.cfg, d.log)
+	if err != nil {
+		release()
+		if ctx.Err() != nil {
+			return nil, nil, nil // stopped while starting
+		}
+		return nil, nil, err
+	}
+	d.secret.set(secret)
+	ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
+	if err != nil {
+		release()
+		return nil, nil, fmt.Errorf("-listen: %w", err)
+	}
+	if certs != nil {
+		ln = tls.NewListener(ln, certs.tlsConfig())
+	}
+	d.listener = ln
+	close(d.ready)
+	return ln, release, nil
+}
+
+// serve runs the front (the HTTP server on ln, the watcher, the re-pull,
+// the status reporter, the parker) and the work (the queue) until ctx is
+// done or one of them fails, and the queue has stopped. parked is closed
+// when the parker has returned.
+func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan struct{}, err error) {
+	g, gctx := errgroup.WithContext(ctx)
+	// Front.
+	srv := d.httpServer()
+	g.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("http: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		// No longer than the queue's stop: handlers' etcd writes have
+		// their own deadline.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), min(5*time.Second, d.cfg.shutdownGrace+cutWait))
+		defer cancel()
+		return srv.Shutdown(sctx)
+	})
+	// Work.
+	g.Go(func() error { return d.queue.run(gctx) })
+	// The parker puts back or finishes the re-creates a crash
+	// interrupted before any trigger is acted on (bounded inside), then
+	// settles leftovers until the signal. A put-back in flight then is
+	// waited for within the stop's bound, as the Docker Hub callbacks.
+	done := make(chan struct{})
+	go func() { _ = d.parker.run(gctx); close(done) }()
+	select {
+	case <-d.parker.recovered:
+	case <-gctx.Done():
+	}
+	g.Go(func() error { return d.watcher.run(gctx) })
+	g.Go(func() error { return d.repuller.run(gctx) })
+	g.Go(func() error { return d.status.run(gctx) })
+	return done, g.Wait()
 }
 
 // claimNode takes the node name, retrying while etcd does not answer, and
