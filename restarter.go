@@ -280,8 +280,7 @@ func (r *restarter) restartOld(ctx context.Context, c staleContainer, pol docker
 	r.metrics.unsupervised.Inc()
 	if err := r.parked.putBack(ctx, c.Name, c.ID, pol); err != nil {
 		r.log.Error("nothing restarted the container, and starting the old one failed; will try again", "container", c.Name, "err", err)
-		//nolint:errorlint // %v: the start error must not make an unsupervised container retryable (see retryable)
-		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %v (%w)",
+		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %w (%w)",
 			c.Name, r.wait.timeout, err, errUnsupervised)
 	}
 	r.log.Warn("nothing restarted the container: is it supervised? started the old one again", "container", c.Name,

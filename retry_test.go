@@ -43,8 +43,11 @@ func TestRetryable(t *testing.T) {
 		{"unsupervised container (started again on the old image)", fmt.Errorf("nothing restarted app within 2m0s: is it supervised? (%w)", errUnsupervised), false},
 		{"rollout slot lost", fmt.Errorf("app not replaced: %w", errSlotLost), true},
 		{"no rollout slot in time", fmt.Errorf("no rollout slot within 10m0s: %w", context.DeadlineExceeded), true},
-		{"replacement vanished (recreate)", fmt.Errorf("%w: app vanished: %v", errReplacement, errNoReplacement), false},                                                     //nolint:errorlint // as recreate.go builds it
-		{"start refused by the daemon (recreate)", fmt.Errorf("%w: start app: %v", errReplacement, &docker.Error{Status: 500, Message: "OCI runtime create failed"}), false}, //nolint:errorlint // as recreate.go builds it
+		{"replacement vanished (recreate)", fmt.Errorf("%w: app vanished: %w", errReplacement, errNoReplacement), false},
+		{"start refused by the daemon (recreate)", fmt.Errorf("%w: start app: %w", errReplacement, &docker.Error{Status: 500, Message: "OCI runtime create failed"}), false},
+		{"unsupervised, and the old container's start failed (restarter)", fmt.Errorf("nothing restarted app within 2m0s: is it supervised? Starting the old container failed too: %w (%w)", docker.ErrConnectionRefused, errUnsupervised), false},
+		{"a failed replacement whose restore failed too, for a cause that passes (recreate)", fmt.Errorf("%w; restoring app failed too: %w", fmt.Errorf("%w: app exited", errReplacement), docker.ErrConnectionRefused), true},
+		{"joined: a halted version and a registry down", errors.Join(fmt.Errorf("%w: x", errReplacement), errRegistry503), true},
 		{"nil", nil, false},
 	}
 	for _, tt := range tests {
