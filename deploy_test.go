@@ -197,7 +197,7 @@ func TestDeploy(t *testing.T) {
 			d, n := newTestDeployer(t, f, deployOptions{})
 			for _, c := range f.containers {
 				if c.Name == tt.self {
-					d.restarter.selfID = c.ID[:12]
+					d.replacer.restarter.selfID = c.ID[:12]
 				}
 			}
 			d.deploy(t.Context(), tt.job)

@@ -1178,6 +1178,11 @@ var (
 )
 
 // testRepo is a repository as daemon.submit resolves it.
+// testTagged parses a canonical repo:tag.
+func testTagged(ref string) reference.NamedTagged {
+	return must(reference.ParseNamed(ref)).(reference.NamedTagged)
+}
+
 func testRepo(t *testing.T, name string) reference.Named {
 	t.Helper()
 	repo, err := reference.ParseNamed(name)

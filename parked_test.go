@@ -89,7 +89,7 @@ func TestRecreateSettlesParkedFirst(t *testing.T) {
 	f.local["reg:5000/app:qa"] = third
 	f.mu.Unlock()
 	cur := f.containerByName("app")
-	next := staleContainer{ID: cur.ID, Name: "app", Tag: "qa", ImageID: c.NewID, NewID: third}
+	next := staleContainer{ID: cur.ID, Name: "app", Ref: testTagged("reg:5000/app:qa"), ImageID: c.NewID, NewID: third}
 	if err := r.recreate(t.Context(), next, nil, nil); err != nil {
 		t.Fatalf("second recreate = %v", err)
 	}

@@ -42,7 +42,7 @@ type containerAPI interface {
 type staleContainer struct {
 	ID      string
 	Name    string
-	Tag     string // the tag it was started with
+	Ref     reference.NamedTagged // the repo:tag it was started with
 	ImageID string // the image it runs
 	NewID   string // the image the tag points at now
 	Labels  map[string]string
@@ -122,7 +122,7 @@ func (r *restarter) stale(ctx context.Context, repo reference.Named, current map
 			continue
 		}
 		out = append(out, staleContainer{
-			ID: ctr.ID, Name: strings.TrimPrefix(ctr.Name, "/"), Tag: ref.Tag(), ImageID: ctr.Image, NewID: newID,
+			ID: ctr.ID, Name: strings.TrimPrefix(ctr.Name, "/"), Ref: ref, ImageID: ctr.Image, NewID: newID,
 			Labels: ctr.Config.Labels, scan: newScanned(ctr, at, parked),
 		})
 	}
@@ -164,7 +164,7 @@ func (r *restarter) stopOne(ctx context.Context, c staleContainer) error {
 		return fmt.Errorf("stop %s: %w", c.Name, err)
 	}
 	r.metrics.containersStopped.WithLabelValues("ok").Inc()
-	r.log.Info("stopped stale container", "container", c.Name, "tag", c.Tag, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
+	r.log.Info("stopped stale container", "container", c.Name, "tag", c.Ref.Tag(), "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
 	return nil
 }
 
