@@ -82,7 +82,7 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 	if r.failed() {
 		level = slog.LevelWarn
 	}
-	attrs := []any{"repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
+	attrs := []any{"repo", j.Repo.Name(), "result", result, "duration", time.Since(start).Round(time.Millisecond),
 		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", len(r.Failed), "attempt", j.Attempts + 1}
 	if err != nil {
 		attrs = append(attrs, "err", err, "retry", retry)
@@ -108,13 +108,8 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 // run runs the phases of one deploy: pull the tags, replace the stale
 // containers, clean up.
 func (d *deployer) run(ctx context.Context, j job) report {
-	r := report{Node: d.node, Repo: j.Repo}
-	repo, err := reference.ParseNamed(j.Repo) // canonical: daemon.submit resolved it
-	if err != nil {
-		r.Failed = append(r.Failed, fmt.Errorf("%w: %w", errBadReference, err))
-		return r
-	}
-	r.Repo = reference.FamiliarName(repo)
+	repo := j.Repo // resolved once, by daemon.submit
+	r := report{Node: d.node, Repo: reference.FamiliarName(repo)}
 	current, ok := d.pullTags(ctx, repo, j, &r)
 	if !ok {
 		return r

@@ -73,7 +73,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"127.0.0.1:5000/app:qa": old, "127.0.0.1:5000/app:prod": old},
 			remote:      map[string]string{"127.0.0.1:5000/app:qa": newer, "127.0.0.1:5000/app:prod": newer},
 			containers:  []ctr{{"qa1", "127.0.0.1:5000/app:qa"}, {"qa2", "127.0.0.1:5000/app:qa"}, {"prod", "127.0.0.1:5000/app:prod"}},
-			job:         job{Repo: "127.0.0.1:5000/app", Tags: map[string]struct{}{"qa": {}}},
+			job:         job{Repo: canon("127.0.0.1:5000/app"), Tags: map[string]struct{}{"qa": {}}},
 			wantPulls:   []string{"127.0.0.1:5000/app:qa"},
 			wantRunning: []string{"prod"},
 			wantReport:  true,
@@ -83,7 +83,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/foo:prod": old, "docker.io/myorg/foobar:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer, "docker.io/myorg/foo:prod": old},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"prod", "myorg/foo:prod"}, {"foobar", "myorg/foobar:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:prod", "docker.io/myorg/foo:qa"},
 			wantRunning: []string{"foobar", "prod"},
 			wantReport:  true,
@@ -93,7 +93,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:latest": old},
 			remote:      map[string]string{"docker.io/myorg/foo:latest": newer},
 			containers:  []ctr{{"web", "myorg/foo"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:latest"},
 			wantRunning: nil,
 			wantReport:  true,
@@ -103,7 +103,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"by-digest", "myorg/foo" + digest}, {"by-id", old[7:19]}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"by-digest", "by-id"},
 			wantReport:  true,
@@ -113,7 +113,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/other:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"other", "myorg/other:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   nil,
 			wantRunning: []string{"other"},
 		},
@@ -122,7 +122,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": old},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"qa"},
 		},
@@ -131,7 +131,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			pullErr:     map[string]error{"docker.io/myorg/foo:qa": errors.New("toomanyrequests")},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"qa"},
@@ -143,7 +143,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"qa-b", "myorg/foo:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			stopErr:     map[string]error{"qa": errors.New("device busy")},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"qa"},
@@ -156,7 +156,7 @@ func TestDeploy(t *testing.T) {
 			remote:      map[string]string{"docker.io/die-net/deployer:latest": newer},
 			containers:  []ctr{{"deployer", "die-net/deployer"}, {"other-deployer", "die-net/deployer"}},
 			self:        "deployer",
-			job:         job{Repo: "docker.io/die-net/deployer", All: true},
+			job:         job{Repo: canon("docker.io/die-net/deployer"), All: true},
 			wantPulls:   []string{"docker.io/die-net/deployer:latest"},
 			wantRunning: []string{"deployer"},
 			wantReport:  true,
@@ -166,7 +166,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/bar:qa": other},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"bar", "myorg/bar:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"bar"},
 			wantReport:  true,
@@ -224,7 +224,7 @@ func TestDeployReportText(t *testing.T) {
 	f.remote["127.0.0.1:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "127.0.0.1:5000/app:qa")
 	d, n := newTestDeployer(t, f, deployOptions{})
-	d.deploy(t.Context(), job{Repo: "127.0.0.1:5000/app", All: true})
+	d.deploy(t.Context(), job{Repo: canon("127.0.0.1:5000/app"), All: true})
 	if len(n.reports) != 1 {
 		t.Fatalf("%d reports; want 1", len(n.reports))
 	}
@@ -242,7 +242,7 @@ func TestDeployDryRun(t *testing.T) {
 	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "reg:5000/app:qa")
 	d, n := newTestDeployer(t, f, deployOptions{dryRun: true})
-	d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+	d.deploy(t.Context(), job{Repo: canon("reg:5000/app"), All: true})
 	if got := running(f); !slices.Equal(got, []string{"app"}) {
 		t.Errorf("dry run stopped something: running %q", got)
 	}
@@ -291,7 +291,7 @@ func TestDeployCleanup(t *testing.T) {
 			}
 			f.supervise = true
 			d, _ := newTestDeployer(t, f, deployOptions{cleanup: tt.cleanup})
-			d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+			d.deploy(t.Context(), job{Repo: canon("reg:5000/app"), All: true})
 			if !slices.Equal(f.removed, tt.wantRemoved) {
 				t.Errorf("removed %q; want %q", f.removed, tt.wantRemoved)
 			}
@@ -312,7 +312,7 @@ func TestDeployCancelledAtShutdownTellsNobody(t *testing.T) {
 	d, n := newTestDeployer(t, f, deployOptions{})
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
-	err := d.deploy(ctx, job{Repo: "reg:5000/app", All: true})
+	err := d.deploy(ctx, job{Repo: canon("reg:5000/app"), All: true})
 	if !errors.Is(err, context.Canceled) {
 		t.Errorf("deploy = %v; want it to say it was cancelled", err)
 	}
@@ -355,7 +355,7 @@ func TestDeployImageCalls(t *testing.T) {
 			}
 			f.local["docker.io/myorg/other:qa"] = old // another repository
 			d, _ := newTestDeployer(t, f, deployOptions{})
-			j := job{Repo: tt.repo, All: true, Digests: tt.digests}
+			j := job{Repo: canon(tt.repo), All: true, Digests: tt.digests}
 			for range 2 { // the second deploy finds everything up to date
 				f.mu.Lock()
 				f.imageLists, f.imageReads, f.stops = 0, 0, nil
@@ -387,7 +387,7 @@ func TestDeployInspectFails(t *testing.T) {
 	f.addContainer("app", "reg:5000/app:qa")
 	f.imageErr = errRegistryDown
 	d, n := newTestDeployer(t, f, deployOptions{})
-	err := d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+	err := d.deploy(t.Context(), job{Repo: canon("reg:5000/app"), All: true})
 	if err == nil || !retryable(err) {
 		t.Errorf("deploy = %v; want a retryable failure", err)
 	}

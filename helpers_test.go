@@ -1177,12 +1177,22 @@ var (
 	errManifestUnknown = &docker.Error{Status: 404, Message: `manifest for 127.0.0.1:5000/app:qa not found: manifest unknown: manifest unknown`}
 )
 
-// testRepo is a repository as daemon.submit resolves it.
+// canon parses a canonical repository name, as daemon.submit resolves it.
+func canon(name string) reference.Named { return must(reference.ParseNamed(name)) }
+
+// testName is a repository named as a trigger names it, unresolved: the
+// queue's and the watcher's tests name repositories freely.
+type testName string
+
+func (n testName) Name() string   { return string(n) }
+func (n testName) String() string { return string(n) }
+
 // testTagged parses a canonical repo:tag.
 func testTagged(ref string) reference.NamedTagged {
 	return must(reference.ParseNamed(ref)).(reference.NamedTagged)
 }
 
+// testRepo is a repository as daemon.submit resolves it.
 func testRepo(t *testing.T, name string) reference.Named {
 	t.Helper()
 	repo, err := reference.ParseNamed(name)

@@ -268,19 +268,20 @@ func (d *daemon) metricsHandler() http.Handler {
 	return d.requireSecret(metrics.ServeHTTP)
 }
 
-// submit queues a deploy event from the watcher or the periodic re-pull.
-// It is the one place a trigger's repository is resolved: the queue and
-// the deploy get its canonical name.
-func (d *daemon) submit(ev deployEvent) {
-	repo, err := resolveRepo(ev.Repo, d.cfg.registryDomain)
+// submit queues a deploy event from the watcher or the periodic re-pull
+// for repository name as they found it. It is the one place a trigger's
+// repository is resolved: the event, the queue's job and the deploy carry
+// the reference.Named.
+func (d *daemon) submit(name string, ev deployEvent) {
+	repo, err := resolveRepo(name, d.cfg.registryDomain)
 	if err != nil {
-		d.log.Warn("ignoring trigger for an invalid repository", "repo", ev.Repo, "err", err)
+		d.log.Warn("ignoring trigger for an invalid repository", "repo", name, "err", err)
 		if ev.Rev != 0 {
 			d.progress.done([]int64{ev.Rev})
 		}
 		return
 	}
-	ev.Repo = repo.Name()
+	ev.Repo = repo
 	d.queue.submit(ev)
 }
 

@@ -43,8 +43,8 @@ type staleContainer struct {
 	ID      string
 	Name    string
 	Ref     reference.NamedTagged // the repo:tag it was started with
-	ImageID string // the image it runs
-	NewID   string // the image the tag points at now
+	ImageID string                // the image it runs
+	NewID   string                // the image the tag points at now
 	Labels  map[string]string
 
 	// What the stale scan saw, so that recreate need not ask Docker

@@ -138,7 +138,7 @@ func TestFailedPullIsRetried(t *testing.T) {
 				h.f.addContainer("app", "reg:5000/app:qa")
 				h.reg.failures["reg:5000/app:qa"] = slices.Clone(tt.failures)
 				start := time.Now()
-				h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+				h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 				for i := range tt.failures {
 					if err := <-h.runs; !retryable(err) {
 						t.Fatalf("attempt %d: %v; want a retryable failure", i+1, err)
@@ -189,7 +189,7 @@ func TestFinalFailureIsDone(t *testing.T) {
 		h := newRetryHarness(t)
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errManifestUnknown, errManifestUnknown}
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 		if err := <-h.runs; err == nil || retryable(err) {
 			t.Fatalf("deploy: %v; want a final failure", err)
 		}
@@ -218,10 +218,10 @@ func TestRetryMergesNewEvent(t *testing.T) {
 		h.f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503}
 		start := time.Now()
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 		<-h.runs
 		synctest.Wait()
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"prod"}, Rev: 11})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"prod"}, Rev: 11})
 		if err := <-h.runs; err != nil {
 			t.Fatal(err)
 		}
@@ -246,7 +246,7 @@ func TestRetryStopsAtShutdown(t *testing.T) {
 		h.q.retry = retryPolicy{min: time.Hour, max: time.Hour}
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503}
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 		<-h.runs
 		synctest.Wait()
 		start := time.Now()
@@ -294,7 +294,7 @@ func TestDigestCheck(t *testing.T) {
 				h.reg.digest["reg:5000/app:qa"] = dNew
 				h.reg.stale["reg:5000/app:qa"] = tt.stalePulls
 				h.f.addContainer("app", "reg:5000/app:qa")
-				ev := deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10}
+				ev := deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10}
 				if tt.digest != "" {
 					ev.Digests = map[string]string{"qa": tt.digest}
 				}
@@ -375,7 +375,7 @@ func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
 	var mu sync.Mutex
 	var order []int64
 	var marks []int64
-	w := newWatcher(cli, "n1", time.Second, false, p, func(ev deployEvent) {
+	w := newWatcher(cli, "n1", time.Second, false, p, func(_ string, ev deployEvent) {
 		mu.Lock()
 		defer mu.Unlock()
 		order = append(order, ev.Rev)
@@ -443,7 +443,7 @@ func TestFinalFailureAfterRetries(t *testing.T) {
 		h := newRetryHarness(t)
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503, errManifestUnknown}
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 		h.q.wait()
 		if w := h.p.watermark(); w != 10 {
 			t.Errorf("watermark = %d; want 10", w)

@@ -64,8 +64,9 @@ type webhook struct {
 
 // newWebhook returns the webhook handlers of a node: they write triggers
 // through kv (confined to -etcd_prefix, which prefix names) and accept
-// secret; failures rate-limits failed authentications (nil: no limit). It
-// starts nothing.
+// the secret that secret returns (the daemon's secretCell, set once before
+// it listens); failures rate-limits failed authentications (nil: no
+// limit). It starts nothing.
 func newWebhook(kv kvPutter, prefix string, secret func() string, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
 	cut, cancelCut := context.WithCancel(context.Background())
 	return &webhook{
