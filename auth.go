@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -199,6 +200,20 @@ func resolveSecret(ctx context.Context, kv kvTxner, cfg config, log *slog.Logger
 	log.Info("webhooks, /api/status and /metrics need the cluster's webhook secret (kept in etcd); print it with the command given",
 		"command", how, "created", created, "key", cfg.EtcdPrefix+clusterSecretKey)
 	return secret, nil
+}
+
+// secretCell is the webhook secret a daemon serves with, set once at
+// start (resolveSecret), before it listens; the handlers read it through
+// get. Until it is set it is empty, which lets nothing in.
+type secretCell struct{ v atomic.Pointer[string] }
+
+func (c *secretCell) set(secret string) { c.v.Store(&secret) }
+
+func (c *secretCell) get() string {
+	if s := c.v.Load(); s != nil {
+		return *s
+	}
+	return ""
 }
 
 // authorized checks the secret, given as "Authorization: Bearer <secret>"

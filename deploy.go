@@ -31,23 +31,27 @@ func (nopNotifier) notify(report) {}
 // deployer runs one deploy of one repository on this node: pull the local
 // tags, then stop the containers that still run the old images.
 type deployer struct {
-	puller    *puller
-	restarter *restarter
-	replacer  *replacer
-	notifier  notifier
-	node      string
-	dryRun    bool // report stale containers, stop nothing
-	cleanup   bool // remove superseded images no container uses
-	images    imageRemover
-	log       *slog.Logger
-	metrics   *metrics
+	puller   *puller
+	replacer *replacer
+	notifier notifier
+	node     string
+	opts     deployOptions
+	images   imageRemover
+	log      *slog.Logger
+	metrics  *metrics
+}
+
+// deployOptions are the flags that change what a deploy does.
+type deployOptions struct {
+	dryRun  bool // -dry_run: report stale containers, stop nothing
+	cleanup bool // -cleanup: remove superseded images no container uses
 }
 
 // newDeployer returns a deployer of this node's containers through the
 // replacer, telling note. It starts nothing.
-func newDeployer(p *puller, rep *replacer, images imageRemover, note notifier, node string, log *slog.Logger, m *metrics) *deployer {
+func newDeployer(p *puller, rep *replacer, images imageRemover, note notifier, node string, opts deployOptions, log *slog.Logger, m *metrics) *deployer {
 	return &deployer{
-		puller: p, restarter: rep.restarter, replacer: rep, images: images, notifier: note, node: node, log: log, metrics: m,
+		puller: p, replacer: rep, images: images, notifier: note, node: node, opts: opts, log: log, metrics: m,
 	}
 }
 
@@ -78,7 +82,7 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 	if r.failed() {
 		level = slog.LevelWarn
 	}
-	attrs := []any{"repo", j.Repo, "result", result, "duration", time.Since(start).Round(time.Millisecond),
+	attrs := []any{"repo", j.Repo.Name(), "result", result, "duration", time.Since(start).Round(time.Millisecond),
 		"tags", len(r.Tags), "stopped", len(r.Stopped), "failures", len(r.Failed), "attempt", j.Attempts + 1}
 	if err != nil {
 		attrs = append(attrs, "err", err, "retry", retry)
@@ -101,21 +105,43 @@ func (d *deployer) deploy(ctx context.Context, j job) error {
 	return err
 }
 
+// run runs the phases of one deploy: pull the tags, replace the stale
+// containers, clean up.
 func (d *deployer) run(ctx context.Context, j job) report {
-	r := report{Node: d.node, Repo: j.Repo}
-	repo, err := reference.ParseNamed(j.Repo) // canonical: daemon.submit resolved it
-	if err != nil {
-		r.Failed = append(r.Failed, fmt.Errorf("%w: %w", errBadReference, err))
+	repo := j.Repo // resolved once, by daemon.submit
+	r := report{Node: d.node, Repo: reference.FamiliarName(repo)}
+	current, ok := d.pullTags(ctx, repo, j, &r)
+	if !ok {
 		return r
 	}
-	r.Repo = reference.FamiliarName(repo)
+	stale, err := d.replacer.stale(ctx, repo, current)
+	if err != nil {
+		r.Failed = append(r.Failed, err)
+	}
+	if d.opts.dryRun {
+		r.DryRun, r.Stale = true, stale
+		d.metrics.wouldRestart.Add(float64(len(stale)))
+		return r
+	}
+	if len(stale) > 0 {
+		d.replaceStale(ctx, stale, &r)
+	}
+	d.removeSuperseded(ctx, &r)
+	return r
+}
+
+// pullTags pulls the local tags of repo the job names, and reports each
+// in r. current is what each tag that pulled points at now (tag -> image
+// ID); ok is false when nothing is to be replaced (no local tag, no pull
+// succeeded, or the images could not be told).
+func (d *deployer) pullTags(ctx context.Context, repo reference.Named, j job, r *report) (current map[string]string, ok bool) {
 	// One listing before the pulls; after each pull, what its progress
 	// stream said: up to date, the tag names what the listing said;
 	// otherwise one inspect of the tag.
 	before, digests, err := d.puller.localImages(ctx, repo)
 	if err != nil {
 		r.Failed = append(r.Failed, err)
-		return r
+		return nil, false
 	}
 	var tags []string
 	for _, t := range slices.Sorted(maps.Keys(before)) {
@@ -125,7 +151,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	}
 	if len(tags) == 0 {
 		d.log.Debug("no local tags to deploy", "repo", r.Repo, "all", j.All, "tags", slices.Collect(maps.Keys(j.Tags)))
-		return r
+		return nil, false
 	}
 
 	// Only tags that pulled are checked: a failed pull leaves the tag
@@ -135,9 +161,9 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	var (
 		pulledTags int
 		checked    []tagReport
-		current    = map[string]string{}
 		inspectErr error
 	)
+	current = map[string]string{}
 	for _, t := range tags {
 		ref, err := reference.WithTag(repo, t)
 		if err != nil {
@@ -171,30 +197,20 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		}
 	}
 	if pulledTags == 0 {
-		return r
+		return nil, false
 	}
 	if inspectErr != nil { // as a failed listing: nothing is stopped
 		r.Failed = append(r.Failed, inspectErr)
-		return r
+		return nil, false
 	}
 	r.Tags = append(r.Tags, checked...)
 	slices.SortFunc(r.Tags, func(a, b tagReport) int { return cmp.Compare(a.Tag, b.Tag) })
+	return current, true
+}
 
-	stale, err := d.restarter.stale(ctx, repo, current)
-	if err != nil {
-		r.Failed = append(r.Failed, err)
-	}
-	if d.dryRun {
-		r.DryRun, r.Stale = true, stale
-		d.metrics.wouldRestart.Add(float64(len(stale)))
-		return r
-	}
-	if len(stale) == 0 {
-		d.removeSuperseded(ctx, &r)
-		return r
-	}
-	rolledOut := map[string]string{} // tag -> image ID now running
-	for _, o := range d.replacer.replace(ctx, repo, stale) {
+// replaceStale replaces the stale containers and reports each in r.
+func (d *deployer) replaceStale(ctx context.Context, stale []staleContainer, r *report) {
+	for _, o := range d.replacer.replace(ctx, stale) {
 		switch {
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
@@ -202,26 +218,17 @@ func (d *deployer) run(ctx context.Context, j job) report {
 			r.Failed = append(r.Failed, o.err)
 		default:
 			r.Stopped = append(r.Stopped, o.c)
-			rolledOut[o.c.Tag] = o.c.NewID
 		}
 	}
-	for tag, id := range rolledOut {
-		if ref, err := reference.WithTag(repo, tag); err == nil { // a local tag: valid
-			d.replacer.rollout.clearHalt(ctx, ref.String(), id)
-		}
-	}
-	stopped := r.Stopped
 	// A tag that had moved before this pull (pulled by hand, or built
 	// here) still replaced an image: report what the containers ran.
 	for i, t := range r.Tags {
-		for _, c := range stopped {
-			if t.OldID == t.NewID && c.Tag == t.Tag {
+		for _, c := range r.Stopped {
+			if t.OldID == t.NewID && c.Ref.Tag() == t.Tag {
 				r.Tags[i].OldID = c.ImageID
 			}
 		}
 	}
-	d.removeSuperseded(ctx, &r)
-	return r
 }
 
 // imageRemover removes images (-cleanup).
@@ -240,7 +247,7 @@ type imageRemover interface {
 // the deployed tags pointed at before, when no container uses them any
 // more (Docker refuses otherwise, and that refusal is fine).
 func (d *deployer) removeSuperseded(ctx context.Context, r *report) {
-	if !d.cleanup || r.failed() || len(r.Held) > 0 {
+	if !d.opts.cleanup || r.failed() || len(r.Held) > 0 {
 		return
 	}
 	for _, t := range r.Tags {

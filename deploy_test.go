@@ -22,13 +22,13 @@ func (c *captureNotifier) notify(r report) {
 	c.reports = append(c.reports, r)
 }
 
-func newTestDeployer(t *testing.T, f *fakeDocker) (*deployer, *captureNotifier) {
+func newTestDeployer(t *testing.T, f *fakeDocker, opts deployOptions) (*deployer, *captureNotifier) {
 	n := &captureNotifier{}
 	m := newMetrics()
 	log := testLogger(t)
 	f.supervise = true // a supervised host: a stop brings the tag back up
 	rep := newTestReplacer(t, nil, f, "n1", 0)
-	return newDeployer(newPuller(f, "", log, m), rep, f, n, "n1", log, m), n
+	return newDeployer(newPuller(f, "", log, m), rep, f, n, "n1", opts, log, m), n
 }
 
 // running lists the containers left alone: running and never stopped (a
@@ -73,7 +73,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"127.0.0.1:5000/app:qa": old, "127.0.0.1:5000/app:prod": old},
 			remote:      map[string]string{"127.0.0.1:5000/app:qa": newer, "127.0.0.1:5000/app:prod": newer},
 			containers:  []ctr{{"qa1", "127.0.0.1:5000/app:qa"}, {"qa2", "127.0.0.1:5000/app:qa"}, {"prod", "127.0.0.1:5000/app:prod"}},
-			job:         job{Repo: "127.0.0.1:5000/app", Tags: map[string]struct{}{"qa": {}}},
+			job:         job{Repo: canon("127.0.0.1:5000/app"), Tags: map[string]struct{}{"qa": {}}},
 			wantPulls:   []string{"127.0.0.1:5000/app:qa"},
 			wantRunning: []string{"prod"},
 			wantReport:  true,
@@ -83,7 +83,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/foo:prod": old, "docker.io/myorg/foobar:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer, "docker.io/myorg/foo:prod": old},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"prod", "myorg/foo:prod"}, {"foobar", "myorg/foobar:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:prod", "docker.io/myorg/foo:qa"},
 			wantRunning: []string{"foobar", "prod"},
 			wantReport:  true,
@@ -93,7 +93,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:latest": old},
 			remote:      map[string]string{"docker.io/myorg/foo:latest": newer},
 			containers:  []ctr{{"web", "myorg/foo"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:latest"},
 			wantRunning: nil,
 			wantReport:  true,
@@ -103,7 +103,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"by-digest", "myorg/foo" + digest}, {"by-id", old[7:19]}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"by-digest", "by-id"},
 			wantReport:  true,
@@ -113,7 +113,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/other:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"other", "myorg/other:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   nil,
 			wantRunning: []string{"other"},
 		},
@@ -122,7 +122,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": old},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"qa"},
 		},
@@ -131,7 +131,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			pullErr:     map[string]error{"docker.io/myorg/foo:qa": errors.New("toomanyrequests")},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"qa"},
@@ -143,7 +143,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"qa", "myorg/foo:qa"}, {"qa-b", "myorg/foo:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			stopErr:     map[string]error{"qa": errors.New("device busy")},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"qa"},
@@ -156,7 +156,7 @@ func TestDeploy(t *testing.T) {
 			remote:      map[string]string{"docker.io/die-net/deployer:latest": newer},
 			containers:  []ctr{{"deployer", "die-net/deployer"}, {"other-deployer", "die-net/deployer"}},
 			self:        "deployer",
-			job:         job{Repo: "docker.io/die-net/deployer", All: true},
+			job:         job{Repo: canon("docker.io/die-net/deployer"), All: true},
 			wantPulls:   []string{"docker.io/die-net/deployer:latest"},
 			wantRunning: []string{"deployer"},
 			wantReport:  true,
@@ -166,7 +166,7 @@ func TestDeploy(t *testing.T) {
 			local:       map[string]string{"docker.io/myorg/foo:qa": old, "docker.io/myorg/bar:qa": other},
 			remote:      map[string]string{"docker.io/myorg/foo:qa": newer},
 			containers:  []ctr{{"bar", "myorg/bar:qa"}},
-			job:         job{Repo: "docker.io/myorg/foo", All: true},
+			job:         job{Repo: canon("docker.io/myorg/foo"), All: true},
 			wantPulls:   []string{"docker.io/myorg/foo:qa"},
 			wantRunning: []string{"bar"},
 			wantReport:  true,
@@ -194,10 +194,10 @@ func TestDeploy(t *testing.T) {
 			if tt.stopErr != nil {
 				f.stopErr = tt.stopErr
 			}
-			d, n := newTestDeployer(t, f)
+			d, n := newTestDeployer(t, f, deployOptions{})
 			for _, c := range f.containers {
 				if c.Name == tt.self {
-					d.restarter.selfID = c.ID[:12]
+					d.replacer.restarter.selfID = c.ID[:12]
 				}
 			}
 			d.deploy(t.Context(), tt.job)
@@ -223,8 +223,8 @@ func TestDeployReportText(t *testing.T) {
 	f.local["127.0.0.1:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.remote["127.0.0.1:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "127.0.0.1:5000/app:qa")
-	d, n := newTestDeployer(t, f)
-	d.deploy(t.Context(), job{Repo: "127.0.0.1:5000/app", All: true})
+	d, n := newTestDeployer(t, f, deployOptions{})
+	d.deploy(t.Context(), job{Repo: canon("127.0.0.1:5000/app"), All: true})
 	if len(n.reports) != 1 {
 		t.Fatalf("%d reports; want 1", len(n.reports))
 	}
@@ -241,9 +241,8 @@ func TestDeployDryRun(t *testing.T) {
 	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "reg:5000/app:qa")
-	d, n := newTestDeployer(t, f)
-	d.dryRun = true
-	d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+	d, n := newTestDeployer(t, f, deployOptions{dryRun: true})
+	d.deploy(t.Context(), job{Repo: canon("reg:5000/app"), All: true})
 	if got := running(f); !slices.Equal(got, []string{"app"}) {
 		t.Errorf("dry run stopped something: running %q", got)
 	}
@@ -291,9 +290,8 @@ func TestDeployCleanup(t *testing.T) {
 				f.pullErr["reg:5000/app:dev"] = errors.New("registry down")
 			}
 			f.supervise = true
-			d, _ := newTestDeployer(t, f)
-			d.cleanup = tt.cleanup
-			d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+			d, _ := newTestDeployer(t, f, deployOptions{cleanup: tt.cleanup})
+			d.deploy(t.Context(), job{Repo: canon("reg:5000/app"), All: true})
 			if !slices.Equal(f.removed, tt.wantRemoved) {
 				t.Errorf("removed %q; want %q", f.removed, tt.wantRemoved)
 			}
@@ -311,10 +309,10 @@ func TestDeployCancelledAtShutdownTellsNobody(t *testing.T) {
 	f := newFakeDocker()
 	f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 	f.pullErr["reg:5000/app:qa"] = errors.New("context canceled while pulling")
-	d, n := newTestDeployer(t, f)
+	d, n := newTestDeployer(t, f, deployOptions{})
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
-	err := d.deploy(ctx, job{Repo: "reg:5000/app", All: true})
+	err := d.deploy(ctx, job{Repo: canon("reg:5000/app"), All: true})
 	if !errors.Is(err, context.Canceled) {
 		t.Errorf("deploy = %v; want it to say it was cancelled", err)
 	}
@@ -356,8 +354,8 @@ func TestDeployImageCalls(t *testing.T) {
 				f.addContainer(tag, tt.repo+":"+tag)
 			}
 			f.local["docker.io/myorg/other:qa"] = old // another repository
-			d, _ := newTestDeployer(t, f)
-			j := job{Repo: tt.repo, All: true, Digests: tt.digests}
+			d, _ := newTestDeployer(t, f, deployOptions{})
+			j := job{Repo: canon(tt.repo), All: true, Digests: tt.digests}
 			for range 2 { // the second deploy finds everything up to date
 				f.mu.Lock()
 				f.imageLists, f.imageReads, f.stops = 0, 0, nil
@@ -388,8 +386,8 @@ func TestDeployInspectFails(t *testing.T) {
 	f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 	f.addContainer("app", "reg:5000/app:qa")
 	f.imageErr = errRegistryDown
-	d, n := newTestDeployer(t, f)
-	err := d.deploy(t.Context(), job{Repo: "reg:5000/app", All: true})
+	d, n := newTestDeployer(t, f, deployOptions{})
+	err := d.deploy(t.Context(), job{Repo: canon("reg:5000/app"), All: true})
 	if err == nil || !retryable(err) {
 		t.Errorf("deploy = %v; want a retryable failure", err)
 	}

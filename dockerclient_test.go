@@ -426,7 +426,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 	old := &docker.Container{ID: "old1", Name: "/app", Image: "sha256:old", Config: &docker.Config{Image: "reg:5000/app:qa"},
 		HostConfig: &docker.HostConfig{RestartPolicy: docker.AlwaysRestart()}, State: docker.State{Running: true}}
 	stale := func() staleContainer {
-		return staleContainer{ID: "old1", Name: "app", Tag: "qa", ImageID: "sha256:old", NewID: "sha256:new",
+		return staleContainer{ID: "old1", Name: "app", Ref: testTagged("reg:5000/app:qa"), ImageID: "sha256:old", NewID: "sha256:new",
 			scan: newScanned(old, time.Now(), map[string]bool{})}
 	}
 	type parts struct {

@@ -1078,21 +1078,30 @@ func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions)
 	return nil
 }
 
-// newTestReplacer builds the replacement machinery on f as newDaemon does,
-// with short timeouts; cli (confined to the test's prefix, see testNS) may
-// be nil when maxUnavailable is 0.
+// newTestReplacer builds the replacement machinery on f with
+// newReplacement, as newDaemon does, with short timeouts; cli (confined
+// to the test's prefix, see testNS) may be nil when maxUnavailable is 0.
 func newTestReplacer(t *testing.T, cli *clientv3.Client, f *fakeDocker, node string, maxUnavailable int) *replacer {
 	t.Helper()
-	log := testLogger(t)
-	m := newMetrics()
-	wait := newUpWaiter(f, f, 5*time.Second, 5*time.Second, log, m)
-	wait.poll = 10 * time.Millisecond
-	wait.now = f.clock
-	rs := newRestarter(f, wait, time.Second, "", log, m)
-	rs.parked.retryBase = time.Millisecond
-	ro := newRollout(cli, testLeases(t, cli), node, maxUnavailable, time.Minute, 5*time.Second, log, m)
-	ro.releaseBase = time.Millisecond
-	return newReplacer(ro, rs, newRecreator(f, rs, wait, log, m), strategyStop, log)
+	rep := newReplacement(f, f, cli, testLeases(t, cli), replacementOptions{
+		node: node, strategy: strategyStop, maxUnavailable: maxUnavailable,
+		restartTimeout: 5 * time.Second, killTimeout: time.Second, slotTimeout: time.Minute, callTimeout: 5 * time.Second,
+	}, testLogger(t), newMetrics())
+	rep.recreator.wait.poll = 10 * time.Millisecond
+	rep.recreator.wait.now = f.clock
+	rep.parker.retryBase = time.Millisecond
+	rep.rollout.releaseBase = time.Millisecond
+	return rep.replacer
+}
+
+// recoverAtStart runs r's parker as the daemon does, until the test ends,
+// and returns once its recovery at start is over.
+func recoverAtStart(t *testing.T, r *recreator) {
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { _ = r.parked.run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	<-r.parked.recovered
 }
 
 // registryDocker is a fakeDocker whose registry misbehaves the way real
@@ -1167,6 +1176,21 @@ var (
 	// The tag is not in the registry.
 	errManifestUnknown = &docker.Error{Status: 404, Message: `manifest for 127.0.0.1:5000/app:qa not found: manifest unknown: manifest unknown`}
 )
+
+// canon parses a canonical repository name, as daemon.submit resolves it.
+func canon(name string) reference.Named { return must(reference.ParseNamed(name)) }
+
+// testName is a repository named as a trigger names it, unresolved: the
+// queue's and the watcher's tests name repositories freely.
+type testName string
+
+func (n testName) Name() string   { return string(n) }
+func (n testName) String() string { return string(n) }
+
+// testTagged parses a canonical repo:tag.
+func testTagged(ref string) reference.NamedTagged {
+	return must(reference.ParseNamed(ref)).(reference.NamedTagged)
+}
 
 // testRepo is a repository as daemon.submit resolves it.
 func testRepo(t *testing.T, name string) reference.Named {

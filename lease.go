@@ -39,17 +39,24 @@ type session struct {
 	id     clientv3.LeaseID
 	ttl    time.Duration
 	life   context.Context // the revoke at Close is bounded by it
+	ctx    context.Context // the keepalives'; a child of life, cancelled by Orphan
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the keepalives stop
 	once   sync.Once
 }
 
-// newSession keeps lease id (granted with ttl seconds) alive until life
-// ends or the session is orphaned or closed.
+// newSession returns the session of lease id (granted with ttl seconds),
+// to be kept alive until life ends or it is orphaned or closed. It starts
+// nothing: start does.
 func newSession(life context.Context, cli leaseAPI, id clientv3.LeaseID, ttl int) *session {
 	ctx, cancel := context.WithCancel(life)
-	s := &session{cli: cli, id: id, ttl: time.Duration(ttl) * time.Second, life: life, cancel: cancel, done: make(chan struct{})}
-	go s.keep(ctx, time.Now())
+	return &session{cli: cli, id: id, ttl: time.Duration(ttl) * time.Second, life: life, ctx: ctx, cancel: cancel, done: make(chan struct{})}
+}
+
+// start begins the keepalives; Orphan and Close stop them and wait for
+// them. It returns s.
+func (s *session) start() *session {
+	go s.keep(s.ctx, time.Now())
 	return s
 }
 
@@ -165,7 +172,7 @@ func (l *nodeLease) current(ctx context.Context) (*session, error) {
 		return nil, fmt.Errorf("grant lease: %w", err)
 	}
 	// The keepalives live until Close, not as long as the call.
-	l.session = newSession(l.life, l.cli, lease.ID, l.ttl) //nolint:contextcheck // see above
+	l.session = newSession(l.life, l.cli, lease.ID, l.ttl).start() //nolint:contextcheck // see above
 	return l.session, nil
 }
 

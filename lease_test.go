@@ -66,7 +66,7 @@ func lost(s *session) bool {
 func TestSessionRefreshesOnItsOwnTimer(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeLeases{}
-		s := newSession(t.Context(), f, 7, 10)
+		s := newSession(t.Context(), f, 7, 10).start()
 		time.Sleep(10 * time.Minute)
 		synctest.Wait()
 		if lost(s) {
@@ -105,7 +105,7 @@ func TestSessionLost(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				f := &fakeLeases{}
-				s := newSession(t.Context(), f, 7, 10)
+				s := newSession(t.Context(), f, 7, 10).start()
 				time.Sleep(time.Minute) // healthy for a while
 				start := time.Now()
 				f.set(tt.err)
@@ -140,7 +140,7 @@ func TestSessionOnEtcd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newSession(t.Context(), cli, lease.ID, 2)
+	s := newSession(t.Context(), cli, lease.ID, 2).start()
 	defer s.Orphan()
 	deadline := time.Now().Add(3 * time.Second) // one and a half TTLs
 	for time.Now().Before(deadline) {

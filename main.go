@@ -176,10 +176,11 @@ type daemon struct {
 	queue     *deployQueue
 	repuller  *repuller
 	leases    *nodeLease
-	recreator *recreator
+	parker    *parker // settles what a crash left parked
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
+	secret    *secretCell    // the webhook secret, set once at start
 	health    *healthCache
 	claim     *nodeClaim    // the node name, held while running
 	stopBound time.Duration // from the signal to run's return
@@ -192,7 +193,7 @@ type daemon struct {
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
 	m := newMetrics()
 	etcd := inPrefix(cli, cfg.EtcdPrefix)
-	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, ready: make(chan struct{}), stopBound: stopBound(cfg)}
+	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, secret: &secretCell{}, ready: make(chan struct{}), stopBound: stopBound(cfg)}
 	var note notifier = nopNotifier{}
 	if cfg.SlackWebhookURL != "" {
 		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
@@ -205,30 +206,31 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	// monitor leaves a goroutine and a connection behind per
 	// subscription, eventstream.go).
 	events := eventsFor(dc, callTimeout)
-	rolloutLog := log.With("component", "rollout")
-	wait := newUpWaiter(dc, events, cfg.RestartTimeout, callTimeout, rolloutLog, m)
-	rs := newRestarter(dc, wait, cfg.killTimeout, selfContainerID(), log.With("component", "restarter"), m)
-	d.recreator = newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
-	ro := newRollout(etcd, d.leases, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, rolloutLog, m)
-	rep := newReplacer(ro, rs, d.recreator, cfg.RestartStrategy, rolloutLog)
-	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep, dc, note, cfg.NodeName, log.With("component", "deployer"), m)
-	dep.dryRun, dep.cleanup = cfg.DryRun, cfg.Cleanup
+	rep := newReplacement(dc, events, etcd, d.leases, replacementOptions{
+		node: cfg.NodeName, strategy: cfg.RestartStrategy, maxUnavailable: cfg.MaxUnavailable,
+		restartTimeout: cfg.RestartTimeout, killTimeout: cfg.killTimeout, slotTimeout: cfg.SlotTimeout,
+		callTimeout: callTimeout, selfID: selfContainerID(),
+	}, log, m)
+	d.parker = rep.parker
+	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
+		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, log.With("component", "deployer"), m)
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
+	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
 	d.queue = newDeployQueue(cfg.MaxThreads, cfg.shutdownGrace, func(ctx context.Context, j job) error {
 		err := dep.deploy(ctx, j)
-		d.status.poke() // the record shows the outcome at once
+		wake(statusPokes)
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
-	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, log.With("component", "status"))
+	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
 	d.repuller = newRepuller(dc, etcd, cfg.registryDomain, cfg.RepullPeriod, d.submit, log.With("component", "repuller"))
 	d.failures = newFailLimiter()
-	d.webhook = newWebhook(etcd, cfg.EtcdPrefix, cfg.WebhookSecret, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
+	d.webhook = newWebhook(etcd, cfg.EtcdPrefix, d.secret.get, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
 	d.health = newHealthCache(healthChecks(etcd, progressKey(cfg.NodeName), dc))
-	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, log.With("component", "node"))
+	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, cfg.EtcdRetryDelay, log.With("component", "node"))
 	return d, nil
 }
 
@@ -266,96 +268,128 @@ func (d *daemon) metricsHandler() http.Handler {
 	return d.requireSecret(metrics.ServeHTTP)
 }
 
-// submit queues a deploy event from the watcher or the periodic re-pull.
-// It is the one place a trigger's repository is resolved: the queue and
-// the deploy get its canonical name.
-func (d *daemon) submit(ev deployEvent) {
-	repo, err := resolveRepo(ev.Repo, d.cfg.registryDomain)
+// submit queues a deploy event from the watcher or the periodic re-pull
+// for repository name as they found it. It is the one place a trigger's
+// repository is resolved: the event, the queue's job and the deploy carry
+// the reference.Named.
+func (d *daemon) submit(name string, ev deployEvent) {
+	repo, err := resolveRepo(name, d.cfg.registryDomain)
 	if err != nil {
-		d.log.Warn("ignoring trigger for an invalid repository", "repo", ev.Repo, "err", err)
+		d.log.Warn("ignoring trigger for an invalid repository", "repo", name, "err", err)
 		if ev.Rev != 0 {
 			d.progress.done([]int64{ev.Rev})
 		}
 		return
 	}
-	ev.Repo = repo.Name()
+	ev.Repo = repo
 	d.queue.submit(ev)
 }
 
-// run serves until ctx is done, then stops in order: the HTTP server, the
-// watcher, the re-pull and the status reporter at once, and the queue
-// once its deploys in flight have finished (within -shutdown_grace);
-// then the node's lease is revoked, and the state writers (progress,
-// Slack) flush last.
+// run starts the daemon (claims the node name, resolves the webhook
+// secret, listens) and serves until ctx is done; then the groups stop in
+// order. Front, at once: the HTTP server, the watcher, the re-pull, the
+// status reporter and the parker's settle of leftovers. Work: the queue,
+// once its deploys in flight have finished (within -shutdown_grace).
+// Back, last and each bounded inside: the progress save and Slack's
+// flush, while the node's lease is revoked. Docker Hub callbacks get what
+// is left of the stop's bound (stopBound), and the node name is released.
 func (d *daemon) run(ctx context.Context) error {
+	ln, release, err := d.start(ctx)
+	if ln == nil {
+		return err // cannot start, or stopped while starting
+	}
+	defer release()
+
+	// Back: the state writers run under bgCtx, which ends last, so that
+	// the progress of the last deploys is saved and Slack hears of them.
+	bgCtx, cancelBg := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelBg()
+	var back errgroup.Group
+	back.Go(func() error { return d.progress.run(bgCtx) })
+	if d.slack != nil {
+		back.Go(func() error { return d.slack.run(bgCtx) })
+	}
+
+	// The stop's bound (-kill_timeout + 7 s) counts from the signal.
+	began := make(chan time.Time, 1)
+	defer context.AfterFunc(ctx, func() { began <- time.Now() })()
+	parked, err := d.serve(ctx, ln)
+	stopBy := time.Now()
+	select {
+	case stopBy = <-began:
+	default: // a component failed: the stop begins now
+	}
+	stopBy = stopBy.Add(d.stopBound)
+
+	// Back. No deploy runs any more. At once, each bounded inside: the
+	// state writers save the handled revision (2 s) and flush Slack (3 s),
+	// and revoking the lease frees our rollout slots and status record
+	// (3 s; otherwise it expires).
+	cancelBg()
+	if lerr := d.leases.Close(); lerr != nil {
+		d.log.Warn("etcd session not revoked at shutdown", "err", lerr)
+	}
+	if berr := back.Wait(); err == nil {
+		err = berr
+	}
+	// Progress is saved: Docker Hub callbacks in flight, and a put-back,
+	// get what is left of the stop's bound.
+	cctx, cancel := context.WithDeadline(context.WithoutCancel(ctx), stopBy)
+	defer cancel()
+	d.webhook.Shutdown(cctx)
+	select {
+	case <-parked:
+	case <-cctx.Done():
+		d.log.Warn("gave up waiting for a parked container's put-back; the next start settles it")
+	}
+	d.log.Info("deployer stopped")
+	return err
+}
+
+// start claims the node name, resolves the webhook secret and listens.
+// ln is nil when the daemon cannot start (err says why) or ctx ended
+// first (err is nil); otherwise release gives the node name up.
+func (d *daemon) start(ctx context.Context) (ln net.Listener, release func(), err error) {
 	var certs *certReloader
 	if d.cfg.TLSCert != "" {
-		var err error
 		if certs, err = newCertReloader(d.cfg.TLSCert, d.cfg.TLSKey, d.log.With("component", "tls")); err != nil {
-			return err
+			return nil, nil, err
 		}
 	}
-	for attempt := 1; ; attempt++ {
-		err := d.claim.acquire(ctx)
-		if err == nil {
-			break
-		}
-		if errors.Is(err, errNodeNameTaken) {
-			return fmt.Errorf("-node_name %s: %w", d.cfg.NodeName, err)
-		}
-		if ctx.Err() != nil {
-			return nil // stopped while starting
-		}
-		d.log.Warn("cannot claim the node name in etcd yet", "err", err)
-		if !sleepCtx(ctx, backoff(d.cfg.EtcdRetryDelay, attempt)) {
-			return nil
-		}
+	release, err = d.claimNode(ctx)
+	if release == nil {
+		return nil, nil, err // the name is taken, or stopped while starting
 	}
-	claimCtx, stopClaim := context.WithCancel(context.WithoutCancel(ctx))
-	claimDone := make(chan struct{})
-	go func() { d.claim.keep(claimCtx); close(claimDone) }()
-	defer func() { stopClaim(); <-claimDone }()
 	secret, err := resolveSecret(ctx, d.etcd, d.cfg, d.log)
 	if err != nil {
+		release()
 		if ctx.Err() != nil {
-			return nil // stopped while starting
+			return nil, nil, nil // stopped while starting
 		}
-		return err
+		return nil, nil, err
 	}
-	d.cfg.WebhookSecret, d.webhook.secret = secret, secret
-	ln, err := (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
+	d.secret.set(secret)
+	ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
 	if err != nil {
-		return fmt.Errorf("-listen: %w", err)
+		release()
+		return nil, nil, fmt.Errorf("-listen: %w", err)
 	}
 	if certs != nil {
 		ln = tls.NewListener(ln, certs.tlsConfig())
 	}
 	d.listener = ln
 	close(d.ready)
+	return ln, release, nil
+}
 
-	// The state writers run under bgCtx, which ends last: the progress
-	// of the last deploys is saved and Slack hears of them.
-	bgCtx, cancelBg := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelBg()
-	var bg errgroup.Group
-	bg.Go(func() error { return d.progress.run(bgCtx) })
-	if d.slack != nil {
-		bg.Go(func() error { return d.slack.run(bgCtx) })
-	}
-
-	srv := &http.Server{
-		Handler: d.handler(),
-		// Webhook senders post small bodies; slow clients must not hold
-		// connections open.
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-	}
-	// The stop's bound (-kill_timeout + 7 s) counts from the signal.
-	began := make(chan time.Time, 1)
-	defer context.AfterFunc(ctx, func() { began <- time.Now() })()
+// serve runs the front (the HTTP server on ln, the watcher, the re-pull,
+// the status reporter, the parker) and the work (the queue) until ctx is
+// done or one of them fails, and the queue has stopped. parked is closed
+// when the parker has returned.
+func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan struct{}, err error) {
 	g, gctx := errgroup.WithContext(ctx)
+	// Front.
+	srv := d.httpServer()
 	g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("http: %w", err)
@@ -370,39 +404,60 @@ func (d *daemon) run(ctx context.Context) error {
 		defer cancel()
 		return srv.Shutdown(sctx)
 	})
+	// Work.
 	g.Go(func() error { return d.queue.run(gctx) })
-	// (parked.go) Put back or finish re-creates a crash interrupted,
-	// before any trigger is acted on; bounded inside.
-	d.recreator.recoverAtStart(gctx)
+	// The parker puts back or finishes the re-creates a crash
+	// interrupted before any trigger is acted on (bounded inside), then
+	// settles leftovers until the signal. A put-back in flight then is
+	// waited for within the stop's bound, as the Docker Hub callbacks.
+	done := make(chan struct{})
+	go func() { _ = d.parker.run(gctx); close(done) }()
+	select {
+	case <-d.parker.recovered:
+	case <-gctx.Done():
+	}
 	g.Go(func() error { return d.watcher.run(gctx) })
 	g.Go(func() error { return d.repuller.run(gctx) })
 	g.Go(func() error { return d.status.run(gctx) })
-	err = g.Wait()
-	stopBy := time.Now()
-	select {
-	case stopBy = <-began:
-	default: // a component failed: the stop begins now
-	}
-	stopBy = stopBy.Add(d.stopBound)
+	return done, g.Wait()
+}
 
-	// No deploy runs any more. At once, each bounded inside: the state
-	// writers save the handled revision (2 s) and flush Slack (3 s), and
-	// revoking the lease frees our rollout slots and status record (3 s;
-	// otherwise it expires).
-	cancelBg()
-	if lerr := d.leases.Close(); lerr != nil {
-		d.log.Warn("etcd session not revoked at shutdown", "err", lerr)
+// claimNode takes the node name, retrying while etcd does not answer, and
+// keeps it until release is called. release is nil when the name is
+// taken (err says so) or ctx ended first (err is nil).
+func (d *daemon) claimNode(ctx context.Context) (release func(), err error) {
+	// The claim outlives ctx: it is released when run returns.
+	claimCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	held, done := make(chan struct{}), make(chan struct{})
+	var claimErr error
+	go func() { claimErr = d.claim.run(claimCtx, held); close(done) }()
+	release = func() { stop(); <-done }
+	select {
+	case <-held:
+		return release, nil
+	case <-done:
+		stop()
+		if claimErr != nil {
+			return nil, fmt.Errorf("-node_name %s: %w", d.cfg.NodeName, claimErr)
+		}
+		return nil, nil
+	case <-ctx.Done():
+		release()
+		return nil, nil // stopped while starting
 	}
-	if berr := bg.Wait(); err == nil {
-		err = berr
+}
+
+// httpServer serves the daemon's handler.
+func (d *daemon) httpServer() *http.Server {
+	return &http.Server{
+		Handler: d.handler(),
+		// Webhook senders post small bodies; slow clients must not hold
+		// connections open.
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
 	}
-	// Progress is saved: Docker Hub callbacks in flight get what is left
-	// of the stop's bound.
-	cctx, cancel := context.WithDeadline(context.WithoutCancel(ctx), stopBy)
-	defer cancel()
-	d.webhook.Shutdown(cctx)
-	d.log.Info("deployer stopped")
-	return err
 }
 
 // startEmbeddedEtcd runs a single-member etcd in this process.
@@ -450,7 +505,7 @@ func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
 // requireSecret wraps a handler that needs the webhook secret.
 func (d *daemon) requireSecret(next http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if authorized(r, d.cfg.WebhookSecret) {
+		if authorized(r, d.secret.get()) {
 			next(w, r)
 			return
 		}

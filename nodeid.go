@@ -82,13 +82,42 @@ type nodeClaim struct {
 	log    *slog.Logger
 	sess   *session
 	callTO time.Duration
+	retry  time.Duration // the backoff's base while etcd does not answer at start
 }
 
-func newNodeClaim(cli *clientv3.Client, node, listen string, log *slog.Logger) *nodeClaim {
+// newNodeClaim returns the claim of node's name, retried every retry
+// (with backoff) while etcd does not answer. It starts nothing.
+func newNodeClaim(cli *clientv3.Client, node, listen string, retry time.Duration, log *slog.Logger) *nodeClaim {
 	return &nodeClaim{
 		cli: cli, key: ownerKey(node), self: thisProcess(listen), ttl: ownerTTL,
-		wait: ownerTTL*time.Second + 3*time.Second, poll: 500 * time.Millisecond, log: log, callTO: 5 * time.Second,
+		wait: ownerTTL*time.Second + 3*time.Second, poll: 500 * time.Millisecond, log: log, callTO: 5 * time.Second, retry: retry,
 	}
+}
+
+// run takes the name, with backoff while etcd does not answer, closes
+// held, keeps the name until ctx is done and then releases it. It fails
+// only with errNodeNameTaken (a live deployer holds the name); it returns
+// nil when ctx ends.
+func (c *nodeClaim) run(ctx context.Context, held chan<- struct{}) error {
+	for attempt := 1; ; attempt++ {
+		err := c.acquire(ctx)
+		if err == nil {
+			break
+		}
+		if errors.Is(err, errNodeNameTaken) {
+			return err
+		}
+		if ctx.Err() != nil {
+			return nil // stopped while starting
+		}
+		c.log.Warn("cannot claim the node name in etcd yet", "err", err)
+		if !sleepCtx(ctx, backoff(c.retry, attempt)) {
+			return nil
+		}
+	}
+	close(held)
+	c.keep(ctx)
+	return nil
 }
 
 // acquire takes the name, waiting up to c.wait for a previous holder's
@@ -106,7 +135,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("etcd lease for the node name: %w", err)
 	}
-	sess := newSession(context.WithoutCancel(ctx), c.cli, lease.ID, c.ttl)
+	sess := newSession(context.WithoutCancel(ctx), c.cli, lease.ID, c.ttl).start()
 	val, _ := json.Marshal(c.self)
 	deadline := time.Now().Add(c.wait)
 	logged := false

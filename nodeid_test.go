@@ -16,7 +16,7 @@ import (
 )
 
 func testClaim(t *testing.T, cli *clientv3.Client, node string, wait time.Duration) *nodeClaim {
-	c := newNodeClaim(inPrefix(cli, testPrefix(t)), node, "127.0.0.1:4500", testLogger(t))
+	c := newNodeClaim(inPrefix(cli, testPrefix(t)), node, "127.0.0.1:4500", time.Second, testLogger(t))
 	c.wait, c.poll = wait, 50*time.Millisecond
 	return c
 }

@@ -75,6 +75,10 @@ type parker struct {
 	retryBase   time.Duration // backoff between the tries of a put-back step
 	log         *slog.Logger
 
+	// recovered is closed by run once the parked containers found at
+	// start are settled (or that gave up): triggers may be acted on.
+	recovered chan struct{}
+
 	mu     sync.Mutex
 	held   map[string]chan struct{} // names being parked, replaced or put back here (hold)
 	settle chan struct{}            // capacity 1: wakes the settle of leftovers
@@ -84,7 +88,7 @@ type parker struct {
 func newParker(dc parkAPI, stopBudget time.Duration, wait *upWaiter, log *slog.Logger) *parker {
 	return &parker{
 		docker: dc, callTimeout: callTimeout, stopBudget: stopBudget, wait: wait, retryBase: 500 * time.Millisecond,
-		log: log, held: map[string]chan struct{}{}, settle: make(chan struct{}, 1),
+		log: log, recovered: make(chan struct{}), held: map[string]chan struct{}{}, settle: make(chan struct{}, 1),
 	}
 }
 
@@ -301,17 +305,25 @@ func (r *parker) removeParked(ctx context.Context, name, parkedID string) error 
 	return err
 }
 
-func (r *parker) recoverAtStart(ctx context.Context) {
+// run settles every parked container before the daemon acts on any
+// trigger, within the restart timeout (a replacement may still be coming
+// up) plus a call timeout, and closes recovered when that is over; then
+// it keeps settling leftovers until ctx ends: at once when Docker did not
+// answer (retried with backoff), and whenever a put-back or a removal
+// failed or a deploy saw a leftover. It returns nil when ctx ends.
+func (r *parker) run(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(ctx, r.wait.timeout+r.callTimeout)
 	err := r.recoverParked(sctx, "")
 	cancel()
+	close(r.recovered)
 	if ctx.Err() != nil {
-		return
+		return nil
 	}
 	if err != nil {
 		r.log.Warn("could not recover parked containers at start; retrying in the background", "err", err)
 	}
-	go r.settleLoop(ctx, err != nil)
+	r.settleLoop(ctx, err != nil)
+	return nil
 }
 
 // settleLoop settles leftovers whenever woken, and again with backoff

@@ -48,7 +48,7 @@ func TestRecreateCrashRecovery(t *testing.T) {
 				t.Fatalf("recreate with a crash before %s = %v; want the crash", tt.crashAt, err)
 			}
 			f.revive()
-			r.recoverAtStart(t.Context())
+			recoverAtStart(t, r)
 			app := f.containerByName("app")
 			if app == nil || !app.Running {
 				t.Fatalf("after recovery: app %+v; want it running", app)
@@ -89,7 +89,7 @@ func TestRecreateSettlesParkedFirst(t *testing.T) {
 	f.local["reg:5000/app:qa"] = third
 	f.mu.Unlock()
 	cur := f.containerByName("app")
-	next := staleContainer{ID: cur.ID, Name: "app", Tag: "qa", ImageID: c.NewID, NewID: third}
+	next := staleContainer{ID: cur.ID, Name: "app", Ref: testTagged("reg:5000/app:qa"), ImageID: c.NewID, NewID: third}
 	if err := r.recreate(t.Context(), next, nil, nil); err != nil {
 		t.Fatalf("second recreate = %v", err)
 	}
@@ -114,7 +114,7 @@ func TestRecoverAtStartDockerDown(t *testing.T) {
 	f.listErr = errors.New("cannot connect to the Docker daemon")
 	f.mu.Unlock()
 	returned := make(chan struct{})
-	go func() { r.recoverAtStart(t.Context()); close(returned) }()
+	go func() { recoverAtStart(t, r); close(returned) }()
 	select {
 	case <-returned:
 	case <-time.After(5 * time.Second):
@@ -298,7 +298,7 @@ func TestRestoreFailsHalfWay(t *testing.T) {
 				if p := parkedLeft(f); len(p) != 1 {
 					t.Fatalf("parked after a failed restore: %v; want the record kept", p)
 				}
-				newTestReplacer(t, nil, f, "n1", 0).recreator.recoverAtStart(t.Context())
+				recoverAtStart(t, newTestReplacer(t, nil, f, "n1", 0).recreator)
 			}
 			app := f.containerByName("app")
 			if app == nil || !app.Running || app.ID != c.ID {
@@ -326,7 +326,7 @@ func TestFailedRestoreSettledByTheNextDeploy(t *testing.T) {
 	f.local["reg:5000/other:qa"] = "sha256:9999999999999999999999999999999999999999999999999999999999999999"
 	f.failNext("StartContainer:"+c.ID, slices.Repeat([]error{errStartFailed}, putBackAttempts)...)
 	p := newTestReplacer(t, nil, f, "n1", 0)
-	p.recreator.recoverAtStart(t.Context()) // nothing to settle yet; starts the settle loop
+	recoverAtStart(t, p.recreator) // nothing to settle yet; starts the settle loop
 	if err := p.recreator.recreate(t.Context(), c, nil, nil); err == nil {
 		t.Fatal("recreate = nil; want a failed restore")
 	}
@@ -370,7 +370,7 @@ func TestParkedStaysDownAcrossDockerdRestart(t *testing.T) {
 			if running {
 				t.Errorf("the parked container %s runs after a dockerd restart", old.Name)
 			}
-			newTestReplacer(t, nil, f, "n1", 0).recreator.recoverAtStart(t.Context())
+			recoverAtStart(t, newTestReplacer(t, nil, f, "n1", 0).recreator)
 			app, err := f.InspectContainerWithContext("app", t.Context())
 			if err != nil || !app.State.Running || (app.ID != c.ID) == !tt.onNew {
 				t.Fatalf("app after the settle: %+v, %v; want running, the new container: %v", app, err, tt.onNew)

@@ -16,12 +16,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/distribution/reference"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
 // deployEvent asks for a deploy of one repository.
 type deployEvent struct {
-	Repo    string            // repository name as in the key
+	Repo    reference.Named   // resolved once, by daemon.submit
 	Tags    []string          // nil: every local tag
 	Digests map[string]string // tag -> manifest digest pushed, when known
 	Rev     int64             // etcd revision of the trigger; 0 for local (periodic) events
@@ -30,7 +31,7 @@ type deployEvent struct {
 // job is one deploy of one repository: the union of the events that came
 // in for it while it waited.
 type job struct {
-	Repo string
+	Repo reference.Named
 	All  bool                // every local tag
 	Tags map[string]struct{} // the tags named by events, when !All
 	// Digests: tag -> manifest digest pushed, as the latest trigger of
@@ -250,10 +251,10 @@ func (q *deployQueue) submit(ev deployEvent) {
 	if q.closing {
 		return
 	}
-	st, busy := q.repos[ev.Repo]
+	st, busy := q.repos[ev.Repo.Name()]
 	if !busy {
 		st = &repoState{kick: make(chan struct{}, 1)}
-		q.repos[ev.Repo] = st
+		q.repos[ev.Repo.Name()] = st
 	}
 	if st.next == nil {
 		st.next = &job{Repo: ev.Repo}
@@ -264,7 +265,7 @@ func (q *deployQueue) submit(ev deployEvent) {
 	if !busy {
 		q.queued.Inc()
 		q.wg.Add(1)
-		go q.worker(q.work, ev.Repo, st)
+		go q.worker(q.work, ev.Repo.Name(), st)
 	}
 }
 
@@ -289,7 +290,7 @@ func (q *deployQueue) pending() []pendingRetry {
 			continue
 		}
 		j := st.next
-		p := pendingRetry{Repo: j.Repo, Tags: slices.Sorted(maps.Keys(j.Tags)), Revisions: slices.Sorted(slices.Values(j.Revs)),
+		p := pendingRetry{Repo: j.Repo.Name(), Tags: slices.Sorted(maps.Keys(j.Tags)), Revisions: slices.Sorted(slices.Values(j.Revs)),
 			Attempts: j.Attempts, Since: j.FirstFail.UTC(), Next: st.retryAt.UTC()}
 		if j.LastErr != nil {
 			p.Error = strings.ReplaceAll(j.LastErr.Error(), "\n", "; ")

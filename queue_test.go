@@ -28,10 +28,10 @@ func TestDeployQueueCoalesces(t *testing.T) {
 		mu.Unlock()
 	}, testLogger(t), newMetrics())
 	q.quiet = 0
-	q.submit(deployEvent{Repo: "r", Tags: []string{"t0"}, Rev: 1})
+	q.submit(deployEvent{Repo: testName("r"), Tags: []string{"t0"}, Rev: 1})
 	first := <-started
 	for i := range 100 {
-		q.submit(deployEvent{Repo: "r", Tags: []string{"t" + string(rune('a'+i%3))}, Rev: int64(i + 2)})
+		q.submit(deployEvent{Repo: testName("r"), Tags: []string{"t" + string(rune('a'+i%3))}, Rev: int64(i + 2)})
 	}
 	release <- struct{}{}
 	second := <-started
@@ -61,7 +61,7 @@ func TestDeployQueueSettles(t *testing.T) {
 			return nil
 		}, func([]int64) {}, testLogger(t), newMetrics())
 		for i := range 50 {
-			q.submit(deployEvent{Repo: "r", Tags: []string{"qa"}, Rev: int64(i + 1)})
+			q.submit(deployEvent{Repo: testName("r"), Tags: []string{"qa"}, Rev: int64(i + 1)})
 			time.Sleep(20 * time.Millisecond)
 		}
 		q.wait()
@@ -73,7 +73,7 @@ func TestDeployQueueSettles(t *testing.T) {
 		starts = nil
 		t0 = time.Now()
 		for i := range 1000 { // 20s of events every 20ms
-			q.submit(deployEvent{Repo: "r", Rev: int64(i + 1)})
+			q.submit(deployEvent{Repo: testName("r"), Rev: int64(i + 1)})
 			time.Sleep(20 * time.Millisecond)
 		}
 		q.wait()
@@ -101,7 +101,7 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 		mu.Lock()
 		running++
 		peak = max(peak, running)
-		ran[j.Repo] = true
+		ran[j.Repo.Name()] = true
 		mu.Unlock()
 		entered <- struct{}{}
 		<-gate
@@ -111,7 +111,7 @@ func TestDeployQueueBoundsConcurrency(t *testing.T) {
 		return nil
 	}, func([]int64) {}, testLogger(t), newMetrics())
 	for i := range repos {
-		q.submit(deployEvent{Repo: string(rune('a' + i))})
+		q.submit(deployEvent{Repo: testName(string(rune('a' + i)))})
 	}
 	for range repos {
 		<-entered
@@ -127,7 +127,7 @@ func TestDeployQueueCancelLeavesRevisionsOpen(t *testing.T) {
 	var done []int64
 	block, busy := make(chan struct{}), make(chan struct{})
 	q := newDeployQueue(1, 0, func(ctx context.Context, j job) error {
-		if j.Repo == "busy" {
+		if j.Repo.Name() == "busy" {
 			close(busy)
 			<-block
 		}
@@ -136,9 +136,9 @@ func TestDeployQueueCancelLeavesRevisionsOpen(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	stopped := make(chan error)
 	go func() { stopped <- q.run(ctx) }()
-	q.submit(deployEvent{Repo: "busy", Rev: 1})
+	q.submit(deployEvent{Repo: testName("busy"), Rev: 1})
 	<-busy // holds the only deploy slot
-	q.submit(deployEvent{Repo: "waiting", Rev: 2})
+	q.submit(deployEvent{Repo: testName("waiting"), Rev: 2})
 	cancel()
 	<-q.work.Done() // no grace: the stop cancels the deploys at once
 	close(block)
@@ -190,12 +190,12 @@ func TestDeployQueueStopGrace(t *testing.T) {
 				ctx, stop := context.WithCancel(t.Context())
 				stopped := make(chan error)
 				go func() { stopped <- q.run(ctx) }()
-				q.submit(deployEvent{Repo: "r", Rev: 7})
+				q.submit(deployEvent{Repo: testName("r"), Rev: 7})
 				synctest.Wait() // the deploy runs (or waits for its retry)
 				start := time.Now()
 				stop()
 				synctest.Wait() // the stop began
-				q.submit(deployEvent{Repo: "late", Rev: 8})
+				q.submit(deployEvent{Repo: testName("late"), Rev: 8})
 				if err := <-stopped; err != nil {
 					t.Errorf("run = %v", err)
 				}
@@ -255,8 +255,8 @@ func TestNoDeployStartsAfterStop(t *testing.T) {
 		var started []string
 		var done []int64
 		q := newDeployQueue(1, time.Hour, func(ctx context.Context, j job) error {
-			started = append(started, j.Repo)
-			if j.Repo == "a" {
+			started = append(started, j.Repo.Name())
+			if j.Repo.Name() == "a" {
 				<-release
 			}
 			return nil
@@ -264,9 +264,9 @@ func TestNoDeployStartsAfterStop(t *testing.T) {
 		ctx, stop := context.WithCancel(t.Context())
 		stopped := make(chan error)
 		go func() { stopped <- q.run(ctx) }()
-		q.submit(deployEvent{Repo: "a", Rev: 1})
+		q.submit(deployEvent{Repo: testName("a"), Rev: 1})
 		synctest.Wait() // a deploys, in the only slot
-		q.submit(deployEvent{Repo: "b", Rev: 2})
+		q.submit(deployEvent{Repo: testName("b"), Rev: 2})
 		synctest.Wait() // b waits for the slot
 		stop()
 		<-q.stopping // the stop began
@@ -296,7 +296,7 @@ func TestQueueStopIsBounded(t *testing.T) {
 		ctx, stop := context.WithCancel(t.Context())
 		stopped := make(chan error)
 		go func() { stopped <- q.run(ctx) }()
-		q.submit(deployEvent{Repo: "a", Rev: 1})
+		q.submit(deployEvent{Repo: testName("a"), Rev: 1})
 		synctest.Wait()
 		start := time.Now()
 		stop()
@@ -315,7 +315,7 @@ func TestQueueStopIsBounded(t *testing.T) {
 func TestJobMergeDigests(t *testing.T) {
 	since := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	failed := func() job {
-		return job{Repo: "r", Tags: map[string]struct{}{"qa": {}}, Digests: map[string]string{"qa": "sha256:1"}, Revs: []int64{1},
+		return job{Repo: testName("r"), Tags: map[string]struct{}{"qa": {}}, Digests: map[string]string{"qa": "sha256:1"}, Revs: []int64{1},
 			Attempts: 3, Tries: 3, DigestSince: since}
 	}
 	tests := []struct {
@@ -390,7 +390,7 @@ func TestNewPushRestartsDigestWait(t *testing.T) {
 		h.reg.digest["reg:5000/app:qa"] = dNew
 		h.reg.stale["reg:5000/app:qa"] = 1000 // the first push's manifest is never served
 		h.f.addContainer("app", "reg:5000/app:qa")
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Digests: map[string]string{"qa": dNew}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Digests: map[string]string{"qa": dNew}, Rev: 10})
 		if err := <-h.runs; !errors.Is(err, errDigestMismatch) {
 			t.Fatalf("first attempt = %v; want %v", err, errDigestMismatch)
 		}
@@ -402,7 +402,7 @@ func TestNewPushRestartsDigestWait(t *testing.T) {
 		h.reg.rmu.Lock()
 		h.reg.stale["reg:5000/app:qa"] = 1
 		h.reg.rmu.Unlock()
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Digests: map[string]string{"qa": dNewer}, Rev: 11})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Digests: map[string]string{"qa": dNewer}, Rev: 11})
 		err := <-h.runs
 		if !errors.Is(err, errDigestMismatch) || errors.Is(err, errDigestGaveUp) {
 			t.Fatalf("attempt after the newer push = %v; want %v, retried: the new push's digest has its own wait", err, errDigestMismatch)
@@ -449,12 +449,12 @@ func TestRepullKeepsPushedDigest(t *testing.T) {
 		h.reg.digest["reg:5000/app:qa"] = dNew
 		h.reg.stale["reg:5000/app:qa"] = 2 // the push's attempt and the re-pull's get the previous manifest
 		h.f.addContainer("app", "reg:5000/app:qa")
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Digests: map[string]string{"qa": dNew}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Digests: map[string]string{"qa": dNew}, Rev: 10})
 		if err := <-h.runs; !errors.Is(err, errDigestMismatch) {
 			t.Fatalf("first attempt = %v; want %v", err, errDigestMismatch)
 		}
 		synctest.Wait()
-		h.q.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}}) // the periodic re-pull
+		h.q.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}}) // the periodic re-pull
 		if err := <-h.runs; !errors.Is(err, errDigestMismatch) {
 			t.Fatalf("attempt after the re-pull = %v; want %v: the pushed digest is still awaited", err, errDigestMismatch)
 		}

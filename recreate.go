@@ -138,7 +138,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	case errors.As(err, &refused):
 		// The daemon answered and refused: the new version cannot run
 		// (no such executable, a bad mount of the new image).
-		return restore(fmt.Errorf("%w: start %s: %v", errReplacement, name, err)) //nolint:errorlint // %v: the inner error must not make a failed replacement retryable (see retryable)
+		return restore(fmt.Errorf("%w: start %s: %w", errReplacement, name, err)) // errReplacement decides, not the cause (retryable)
 	case err != nil:
 		return restore(fmt.Errorf("start %s: %w", name, err))
 	}
@@ -153,7 +153,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 		}
 		r.log.Info("shutting down while the new container comes up; keeping it", "container", name)
 	case errors.Is(err, errNoReplacement):
-		return restore(fmt.Errorf("%w: %s vanished: %v", errReplacement, name, err)) //nolint:errorlint // %v: the inner error must not make a failed replacement retryable (see retryable)
+		return restore(fmt.Errorf("%w: %s vanished: %w", errReplacement, name, err))
 	default:
 		return restore(err)
 	}
@@ -199,11 +199,3 @@ func checkRecreatable(old *docker.Container) error {
 	}
 	return nil
 }
-
-// recoverAtStart settles every parked container before the daemon acts on
-// any trigger, within the restart timeout (a replacement may still be
-// coming up) plus a call timeout, then keeps settling leftovers in the
-// background until ctx ends: at once when Docker did not answer (retried
-// with backoff), and whenever a put-back or a removal failed or a deploy
-// saw a leftover.
-func (r *recreator) recoverAtStart(ctx context.Context) { r.parked.recoverAtStart(ctx) }

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/distribution/reference"
 	"golang.org/x/sync/errgroup"
@@ -36,6 +37,46 @@ func newReplacer(ro *rollout, rs *restarter, rc *recreator, strategy string, log
 	return &replacer{rollout: ro, restarter: rs, recreator: rc, strategy: strategy, log: log}
 }
 
+// replaceAPI is the part of the Docker client the replacement uses.
+type replaceAPI interface {
+	containerAPI
+	recreateAPI
+	upAPI
+}
+
+// replacementOptions are the settings of the replacement machinery.
+type replacementOptions struct {
+	node           string
+	strategy       string        // -restart_strategy
+	maxUnavailable int           // -max_unavailable; 0: uncoordinated
+	restartTimeout time.Duration // -restart_timeout: how long a replacement may take to come up
+	killTimeout    time.Duration // a stop's grace
+	slotTimeout    time.Duration // -slot_timeout
+	callTimeout    time.Duration
+	selfID         string // the deployer's own container, never stopped
+}
+
+// replacement is the machinery that replaces stale containers: the
+// replacer, which holds the up-waiter, the two strategies and the
+// rollout, and the parker they share, whose run settles what a crash left
+// parked.
+type replacement struct {
+	*replacer
+	parker *parker
+}
+
+// newReplacement builds the replacement machinery on dc (its events from
+// events), coordinated through etcd under leases: the one wiring, for the
+// daemon and the tests. It starts nothing.
+func newReplacement(dc replaceAPI, events eventAPI, etcd rolloutEtcd, leases sessions, o replacementOptions, log *slog.Logger, m *metrics) replacement {
+	rolloutLog := log.With("component", "rollout")
+	wait := newUpWaiter(dc, events, o.restartTimeout, o.callTimeout, rolloutLog, m)
+	rs := newRestarter(dc, wait, o.killTimeout, o.selfID, log.With("component", "restarter"), m)
+	rc := newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
+	ro := newRollout(etcd, leases, o.node, o.maxUnavailable, o.slotTimeout, o.callTimeout, rolloutLog, m)
+	return replacement{replacer: newReplacer(ro, rs, rc, o.strategy, rolloutLog), parker: rs.parked}
+}
+
 // outcome is what happened to one stale container.
 type outcome struct {
 	c       staleContainer
@@ -53,19 +94,41 @@ func (p *replacer) strategyOf(c staleContainer) string {
 	return p.strategy
 }
 
-// replace replaces the stale containers of repository repo on this node.
-// Coordinated, it goes one container at a time, each under a cluster-wide
-// slot of its tag; a tag whose new version failed here is not tried again
-// in this deploy. Uncoordinated, everything is replaced at once, as the
-// original did.
-func (p *replacer) replace(ctx context.Context, repo reference.Named, stale []staleContainer) []outcome {
+// stale returns the running containers of repo started by one of the
+// tags in current (tag -> image ID it points at now) that run another
+// image (restarter.stale).
+func (p *replacer) stale(ctx context.Context, repo reference.Named, current map[string]string) ([]staleContainer, error) {
+	return p.restarter.stale(ctx, repo, current)
+}
+
+// replace replaces the stale containers on this node. Coordinated, it
+// goes one container at a time, each under a cluster-wide slot of its
+// tag; a tag whose new version failed here is not tried again in this
+// deploy. Uncoordinated, everything is replaced at once, as the original
+// did. Then a tag whose new version now runs here has its halt (of
+// another version) cleared.
+func (p *replacer) replace(ctx context.Context, stale []staleContainer) []outcome {
+	out := p.replaceAll(ctx, stale)
+	rolledOut := map[string]string{} // repo:tag -> image ID now running
+	for _, o := range out {
+		if o.skipped == "" && o.err == nil {
+			rolledOut[o.c.Ref.String()] = o.c.NewID
+		}
+	}
+	for ref, id := range rolledOut {
+		p.rollout.clearHalt(ctx, ref, id)
+	}
+	return out
+}
+
+func (p *replacer) replaceAll(ctx context.Context, stale []staleContainer) []outcome {
 	out := make([]outcome, len(stale))
 	if !p.rollout.coordinated() {
 		var g errgroup.Group
 		g.SetLimit(maxParallelReplace)
 		for i, c := range stale {
 			g.Go(func() error {
-				out[i] = p.replaceOne(ctx, repo, c, nil)
+				out[i] = p.replaceOne(ctx, c, nil)
 				return nil
 			})
 		}
@@ -74,29 +137,26 @@ func (p *replacer) replace(ctx context.Context, repo reference.Named, stale []st
 	}
 	halted := map[string]bool{} // tags whose rollout halted here
 	for i, c := range stale {
-		if halted[c.Tag] {
+		if halted[c.Ref.Tag()] {
 			out[i] = outcome{c: c, skipped: "rollout halted"}
 			continue
 		}
-		out[i] = p.replaceOne(ctx, repo, c, p.rollout)
+		out[i] = p.replaceOne(ctx, c, p.rollout)
 		if errors.Is(out[i].err, errReplacement) {
-			halted[c.Tag] = true
+			halted[c.Ref.Tag()] = true
 		}
 	}
 	return out
 }
 
 // replaceOne replaces one container; coord is nil when uncoordinated.
-func (p *replacer) replaceOne(ctx context.Context, repo reference.Named, c staleContainer, coord *rollout) outcome {
+func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *rollout) outcome {
 	strategy := p.strategyOf(c)
 	if strategy == strategySkip {
 		return outcome{c: c, skipped: "label " + strategyKey + "=skip"}
 	}
-	tagged, err := reference.WithTag(repo, c.Tag)
-	if err != nil {
-		return outcome{c: c, err: fmt.Errorf("%w: %w", errBadReference, err)}
-	}
-	ref := tagged.String() // the rollout's name of the tag (its etcd keys)
+	ref := c.Ref.String() // the rollout's name of the tag (its etcd keys)
+	var err error
 	var guard func(context.Context) error
 	var lost <-chan struct{}
 	if coord != nil {

@@ -40,13 +40,13 @@ type repuller struct {
 	registry    string // domain of bare names in trigger keys (-registry)
 	period      time.Duration
 	callTimeout time.Duration
-	submit      func(deployEvent)
+	submit      func(repo string, ev deployEvent)
 	log         *slog.Logger
 }
 
 // newRepuller returns a repuller of the repositories with a trigger, every
 // period (0: never), handing each deploy to submit. It starts nothing.
-func newRepuller(dc containerAPI, kv keyLister, registry string, period time.Duration, submit func(deployEvent), log *slog.Logger) *repuller {
+func newRepuller(dc containerAPI, kv keyLister, registry string, period time.Duration, submit func(repo string, ev deployEvent), log *slog.Logger) *repuller {
 	return &repuller{docker: dc, kv: kv, registry: registry, period: period, callTimeout: callTimeout, submit: submit, log: log}
 }
 
@@ -100,7 +100,7 @@ func (p *repuller) once(ctx context.Context) error {
 		inUse[name][ref.Tag()] = struct{}{}
 	}
 	for _, name := range slices.Sorted(maps.Keys(inUse)) {
-		p.submit(deployEvent{Repo: name, Tags: slices.Sorted(maps.Keys(inUse[name]))})
+		p.submit(name, deployEvent{Tags: slices.Sorted(maps.Keys(inUse[name]))})
 	}
 	p.log.Info("periodic re-pull queued", "repositories", len(inUse), "containers_not_managed", skipped)
 	return nil

@@ -41,14 +41,14 @@ func TestRepullerQueuesOnlyDeployedRepositories(t *testing.T) {
 	other.Config = &docker.Config{Image: "postgres:latest", Labels: map[string]string{managedLabel: "false"}}
 
 	var got []deployEvent
-	p := newRepuller(f, inPrefix(cli, prefix), "docker.io", time.Hour, func(ev deployEvent) { got = append(got, ev) }, testLogger(t))
+	p := newRepuller(f, inPrefix(cli, prefix), "docker.io", time.Hour, func(repo string, ev deployEvent) { ev.Repo = testName(repo); got = append(got, ev) }, testLogger(t))
 	if err := p.once(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	want := []deployEvent{
-		{Repo: "127.0.0.1:5000/app", Tags: []string{"v1"}},
-		{Repo: "docker.io/myorg/foo", Tags: []string{"prod", "qa"}},
-		{Repo: "docker.io/myorg/tool", Tags: []string{"latest"}},
+		{Repo: testName("127.0.0.1:5000/app"), Tags: []string{"v1"}},
+		{Repo: testName("docker.io/myorg/foo"), Tags: []string{"prod", "qa"}},
+		{Repo: testName("docker.io/myorg/tool"), Tags: []string{"latest"}},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("queued %+v; want %+v", got, want)
@@ -78,11 +78,11 @@ func TestRepullerBareNamesBelongToRegistry(t *testing.T) {
 	f.addContainer("ours", "reg:5000/myorg/app:qa")
 	f.addContainer("hub", "myorg/app:qa")
 	var got []deployEvent
-	p := newRepuller(f, inPrefix(cli, prefix), "reg:5000", 0, func(ev deployEvent) { got = append(got, ev) }, testLogger(t))
+	p := newRepuller(f, inPrefix(cli, prefix), "reg:5000", 0, func(repo string, ev deployEvent) { ev.Repo = testName(repo); got = append(got, ev) }, testLogger(t))
 	if err := p.once(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 1 || got[0].Repo != "reg:5000/myorg/app" {
+	if len(got) != 1 || got[0].Repo.Name() != "reg:5000/myorg/app" {
 		t.Errorf("queued %+v; want only reg:5000/myorg/app", got)
 	}
 }
@@ -101,7 +101,7 @@ func TestRepullerEtcdDownQueuesNothing(t *testing.T) {
 	f.local = map[string]string{"docker.io/library/postgres:latest": "sha256:3"}
 	f.addContainer("db", "postgres")
 	var got []deployEvent
-	p := newRepuller(f, failingGet{}, "docker.io", 0, func(ev deployEvent) { got = append(got, ev) }, testLogger(t))
+	p := newRepuller(f, failingGet{}, "docker.io", 0, func(repo string, ev deployEvent) { ev.Repo = testName(repo); got = append(got, ev) }, testLogger(t))
 	if err := p.once(t.Context()); err == nil || len(got) != 0 {
 		t.Errorf("once = %v, queued %+v; want an error and nothing queued", err, got)
 	}

@@ -42,9 +42,9 @@ type containerAPI interface {
 type staleContainer struct {
 	ID      string
 	Name    string
-	Tag     string // the tag it was started with
-	ImageID string // the image it runs
-	NewID   string // the image the tag points at now
+	Ref     reference.NamedTagged // the repo:tag it was started with
+	ImageID string                // the image it runs
+	NewID   string                // the image the tag points at now
 	Labels  map[string]string
 
 	// What the stale scan saw, so that recreate need not ask Docker
@@ -112,7 +112,7 @@ func (r *restarter) stale(ctx context.Context, repo reference.Named, current map
 			continue
 		}
 		out = append(out, staleContainer{
-			ID: ctr.ID, Name: strings.TrimPrefix(ctr.Name, "/"), Tag: ref.Tag(), ImageID: ctr.Image, NewID: newID,
+			ID: ctr.ID, Name: strings.TrimPrefix(ctr.Name, "/"), Ref: ref, ImageID: ctr.Image, NewID: newID,
 			Labels: ctr.Config.Labels, scan: newScanned(ctr, at, parked),
 		})
 	}
@@ -154,7 +154,7 @@ func (r *restarter) stopOne(ctx context.Context, c staleContainer) error {
 		return fmt.Errorf("stop %s: %w", c.Name, err)
 	}
 	r.metrics.containersStopped.WithLabelValues("ok").Inc()
-	r.log.Info("stopped stale container", "container", c.Name, "tag", c.Tag, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
+	r.log.Info("stopped stale container", "container", c.Name, "tag", c.Ref.Tag(), "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
 	return nil
 }
 
@@ -270,8 +270,7 @@ func (r *restarter) restartOld(ctx context.Context, c staleContainer, pol docker
 	r.metrics.unsupervised.Inc()
 	if err := r.parked.putBack(ctx, c.Name, c.ID, pol); err != nil {
 		r.log.Error("nothing restarted the container, and starting the old one failed; will try again", "container", c.Name, "err", err)
-		//nolint:errorlint // %v: the start error must not make an unsupervised container retryable (see retryable)
-		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %v (%w)",
+		return fmt.Errorf("nothing restarted %s within %v: is it supervised? Starting the old container failed too: %w (%w)",
 			c.Name, r.wait.timeout, err, errUnsupervised)
 	}
 	r.log.Warn("nothing restarted the container: is it supervised? started the old one again", "container", c.Name,

@@ -51,7 +51,7 @@ func TestStopDuringUnsupervisedWait(t *testing.T) {
 			if tt.crash {
 				f.revive()
 				// The deployer starts again.
-				newTestReplacer(t, nil, f, "n1", 0).recreator.recoverAtStart(t.Context())
+				recoverAtStart(t, newTestReplacer(t, nil, f, "n1", 0).recreator)
 			}
 			app := f.containerByName("app")
 			if app == nil || !app.Running || app.ID != c.ID {

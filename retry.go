@@ -127,6 +127,9 @@ func retryable(err error) bool {
 	if err == nil {
 		return false
 	}
+	if retry, ok := labelled(err); ok {
+		return retry
+	}
 	if j, ok := err.(interface{ Unwrap() []error }); ok {
 		for _, e := range j.Unwrap() {
 			if retryable(e) {
@@ -183,6 +186,51 @@ func retryable(err error) bool {
 		return false
 	}
 	return true
+}
+
+// outcomes are the sentinels (errors.go) that decide a deploy's outcome
+// whatever their cause, final ones first.
+var outcomes = []struct {
+	err   error
+	retry bool
+}{
+	{errReplacement, false},  // the version halted
+	{errBadReference, false}, // nothing to pull
+	{errDigestGaveUp, false},
+	{errUnsupervised, false}, // nothing would replace it next time either: retrying only stops it again
+	{errDigestMismatch, true},
+	{errDockerAway, true}, // node-local: the replacement could not be judged (upwait.go)
+}
+
+// labelled classifies err by the outcome sentinel that labels it, before
+// any cause is looked at: the sentinel a chain of wraps ends in, or one
+// named beside its cause (fmt.Errorf("%w: start app: %w", errReplacement,
+// err)), so that a cause that would be retryable by itself (a Docker 500)
+// does not make a failed replacement retryable. ok is false when no
+// sentinel labels err; several failures joined are classified each alone.
+func labelled(err error) (retry, ok bool) {
+	for err != nil {
+		parts := []error{err}
+		if j, multi := err.(interface{ Unwrap() []error }); multi {
+			parts = j.Unwrap()
+		}
+		for _, o := range outcomes {
+			for _, p := range parts {
+				if isSentinel(p) && errors.Is(p, o.err) {
+					return o.retry, true
+				}
+			}
+		}
+		err = errors.Unwrap(err) // nil after several parts
+	}
+	return false, false
+}
+
+// isSentinel reports whether err wraps nothing: a sentinel itself, not an
+// error about one.
+func isSentinel(err error) bool {
+	_, multi := err.(interface{ Unwrap() []error })
+	return !multi && errors.Unwrap(err) == nil
 }
 
 // quietRetry reports whether err is only pushed digests not served yet:

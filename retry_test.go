@@ -43,8 +43,11 @@ func TestRetryable(t *testing.T) {
 		{"unsupervised container (started again on the old image)", fmt.Errorf("nothing restarted app within 2m0s: is it supervised? (%w)", errUnsupervised), false},
 		{"rollout slot lost", fmt.Errorf("app not replaced: %w", errSlotLost), true},
 		{"no rollout slot in time", fmt.Errorf("no rollout slot within 10m0s: %w", context.DeadlineExceeded), true},
-		{"replacement vanished (recreate)", fmt.Errorf("%w: app vanished: %v", errReplacement, errNoReplacement), false},                                                     //nolint:errorlint // as recreate.go builds it
-		{"start refused by the daemon (recreate)", fmt.Errorf("%w: start app: %v", errReplacement, &docker.Error{Status: 500, Message: "OCI runtime create failed"}), false}, //nolint:errorlint // as recreate.go builds it
+		{"replacement vanished (recreate)", fmt.Errorf("%w: app vanished: %w", errReplacement, errNoReplacement), false},
+		{"start refused by the daemon (recreate)", fmt.Errorf("%w: start app: %w", errReplacement, &docker.Error{Status: 500, Message: "OCI runtime create failed"}), false},
+		{"unsupervised, and the old container's start failed (restarter)", fmt.Errorf("nothing restarted app within 2m0s: is it supervised? Starting the old container failed too: %w (%w)", docker.ErrConnectionRefused, errUnsupervised), false},
+		{"a failed replacement whose restore failed too, for a cause that passes (recreate)", fmt.Errorf("%w; restoring app failed too: %w", fmt.Errorf("%w: app exited", errReplacement), docker.ErrConnectionRefused), true},
+		{"joined: a halted version and a registry down", errors.Join(fmt.Errorf("%w: x", errReplacement), errRegistry503), true},
 		{"nil", nil, false},
 	}
 	for _, tt := range tests {
@@ -93,7 +96,7 @@ type retryHarness struct {
 func newRetryHarness(t *testing.T) *retryHarness {
 	f := newFakeDocker()
 	reg := newRegistryDocker(f)
-	d, n := newTestDeployer(t, f)
+	d, n := newTestDeployer(t, f, deployOptions{})
 	d.puller.docker = reg
 	h := &retryHarness{f: f, reg: reg, d: d, n: n, p: newProgress(nil, "", testLogger(t)), m: d.metrics, runs: make(chan error, 100)}
 	h.p.init(9)
@@ -135,7 +138,7 @@ func TestFailedPullIsRetried(t *testing.T) {
 				h.f.addContainer("app", "reg:5000/app:qa")
 				h.reg.failures["reg:5000/app:qa"] = slices.Clone(tt.failures)
 				start := time.Now()
-				h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+				h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 				for i := range tt.failures {
 					if err := <-h.runs; !retryable(err) {
 						t.Fatalf("attempt %d: %v; want a retryable failure", i+1, err)
@@ -186,7 +189,7 @@ func TestFinalFailureIsDone(t *testing.T) {
 		h := newRetryHarness(t)
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errManifestUnknown, errManifestUnknown}
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 		if err := <-h.runs; err == nil || retryable(err) {
 			t.Fatalf("deploy: %v; want a final failure", err)
 		}
@@ -215,10 +218,10 @@ func TestRetryMergesNewEvent(t *testing.T) {
 		h.f.remote["reg:5000/app:qa"] = "sha256:bbbbbbbbbbbb2222"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503}
 		start := time.Now()
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 		<-h.runs
 		synctest.Wait()
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"prod"}, Rev: 11})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"prod"}, Rev: 11})
 		if err := <-h.runs; err != nil {
 			t.Fatal(err)
 		}
@@ -243,7 +246,7 @@ func TestRetryStopsAtShutdown(t *testing.T) {
 		h.q.retry = retryPolicy{min: time.Hour, max: time.Hour}
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503}
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 		<-h.runs
 		synctest.Wait()
 		start := time.Now()
@@ -291,7 +294,7 @@ func TestDigestCheck(t *testing.T) {
 				h.reg.digest["reg:5000/app:qa"] = dNew
 				h.reg.stale["reg:5000/app:qa"] = tt.stalePulls
 				h.f.addContainer("app", "reg:5000/app:qa")
-				ev := deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10}
+				ev := deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10}
 				if tt.digest != "" {
 					ev.Digests = map[string]string{"qa": tt.digest}
 				}
@@ -372,7 +375,7 @@ func TestCatchUpRegistersBeforeEmitting(t *testing.T) {
 	var mu sync.Mutex
 	var order []int64
 	var marks []int64
-	w := newWatcher(cli, "n1", time.Second, false, p, func(ev deployEvent) {
+	w := newWatcher(cli, "n1", time.Second, false, p, func(_ string, ev deployEvent) {
 		mu.Lock()
 		defer mu.Unlock()
 		order = append(order, ev.Rev)
@@ -404,7 +407,7 @@ func TestStatusShowsRetries(t *testing.T) {
 	now := time.Now().UTC()
 	pending := []pendingRetry{{Repo: "reg:5000/app", Tags: []string{"qa"}, Revisions: []int64{10}, Attempts: 3, Since: now.Add(-time.Minute),
 		Next: now.Add(30 * time.Second), Error: "pull reg:5000/app:qa: received unexpected HTTP status: 503 Service Unavailable"}}
-	s := newStatusReporter(f, nil, cli, testLeases(t, cli), "n1", version, func() []pendingRetry { return pending }, testLogger(t))
+	s := newStatusReporter(f, nil, cli, testLeases(t, cli), "n1", version, func() []pendingRetry { return pending }, nil, testLogger(t))
 	s.started, s.period = now, time.Hour
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
@@ -437,7 +440,7 @@ func TestFinalFailureAfterRetries(t *testing.T) {
 		h := newRetryHarness(t)
 		h.f.local["reg:5000/app:qa"] = "sha256:aaaaaaaaaaaa1111"
 		h.reg.failures["reg:5000/app:qa"] = []error{errRegistry503, errManifestUnknown}
-		h.submit(deployEvent{Repo: "reg:5000/app", Tags: []string{"qa"}, Rev: 10})
+		h.submit(deployEvent{Repo: canon("reg:5000/app"), Tags: []string{"qa"}, Rev: 10})
 		h.q.wait()
 		if w := h.p.watermark(); w != 10 {
 			t.Errorf("watermark = %d; want 10", w)

@@ -63,7 +63,7 @@ func (k *faultKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption
 }
 
 func testStale(id string) staleContainer {
-	return staleContainer{ID: id, Name: "app", Tag: "qa", NewID: "sha256:new"}
+	return staleContainer{ID: id, Name: "app", Ref: testTagged("reg:5000/app:qa"), NewID: "sha256:new"}
 }
 
 // TestRolloutSlots: with maxUnavailable 2, five holders take turns, never
@@ -213,14 +213,14 @@ func rolloutFixture(t *testing.T, crash bool) (*fakeDocker, staleContainer) {
 	c := f.addContainer("app", "reg:5000/app:qa")
 	f.local["reg:5000/app:qa"] = newer
 	f.supervise, f.crash = true, crash
-	return f, staleContainer{ID: c.ID, Name: "app", Tag: "qa", ImageID: old, NewID: newer}
+	return f, staleContainer{ID: c.ID, Name: "app", Ref: testTagged("reg:5000/app:qa"), ImageID: old, NewID: newer}
 }
 
 func TestRolloutReplaceWaitsForReplacement(t *testing.T) {
 	cli := testNS(t)
 	f, c := rolloutFixture(t, false)
 	p := newTestReplacer(t, cli, f, "n1", 1)
-	out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
+	out := p.replace(t.Context(), []staleContainer{c})
 	if len(out) != 1 || out[0].err != nil || out[0].skipped != "" {
 		t.Fatalf("replace = %+v; want success", out)
 	}
@@ -241,7 +241,7 @@ func TestRolloutHalts(t *testing.T) {
 			f1.crashLoop = mode == "crash-loops"
 			f1.rmOnExit = mode == "exits, run with --rm"
 			p1 := newTestReplacer(t, cli, f1, "n1", 1)
-			out := p1.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c1})
+			out := p1.replace(t.Context(), []staleContainer{c1})
 			if len(out) != 1 || !errors.Is(out[0].err, errReplacement) {
 				t.Fatalf("replace of a broken version = %+v; want errReplacement", out)
 			}
@@ -252,7 +252,7 @@ func TestRolloutHalts(t *testing.T) {
 
 			f2, c2 := rolloutFixture(t, false)
 			p2 := newTestReplacer(t, cli, f2, "n2", 1)
-			out = p2.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c2})
+			out = p2.replace(t.Context(), []staleContainer{c2})
 			if len(out) != 1 || out[0].err != nil || !strings.Contains(out[0].skipped, "halted by n1") {
 				t.Fatalf("other node = %+v; want it held back", out)
 			}
@@ -265,7 +265,7 @@ func TestRolloutHalts(t *testing.T) {
 			f2.mu.Lock()
 			f2.local["reg:5000/app:qa"] = c2.NewID
 			f2.mu.Unlock()
-			out = p2.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c2})
+			out = p2.replace(t.Context(), []staleContainer{c2})
 			if len(out) != 1 || out[0].err != nil || out[0].skipped != "" {
 				t.Fatalf("newer image = %+v; want a normal rollout", out)
 			}
@@ -282,7 +282,7 @@ func TestRolloutSkipLabel(t *testing.T) {
 	c.Labels = map[string]string{strategyKey: strategySkip}
 	for _, max := range []int{0, 1} {
 		p := newTestReplacer(t, testNS(t), f, "n1", max)
-		out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
+		out := p.replace(t.Context(), []staleContainer{c})
 		if len(out) != 1 || out[0].skipped == "" {
 			t.Errorf("max_unavailable %d: %+v; want skipped", max, out)
 		}
@@ -323,7 +323,7 @@ func TestRecreate(t *testing.T) {
 			} else {
 				p.strategy = strategyRecr
 			}
-			out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
+			out := p.replace(t.Context(), []staleContainer{c})
 			ctr, err := f.InspectContainerWithContext("app", t.Context())
 			if err != nil {
 				t.Fatalf("no container called app: %v", err)
@@ -474,7 +474,7 @@ func TestAcquireBounded(t *testing.T) {
 	f, c := rolloutFixture(t, false)
 	p := newTestReplacer(t, cli, f, "n1", 1)
 	p.rollout.slotTimeout = 200 * time.Millisecond
-	out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
+	out := p.replace(t.Context(), []staleContainer{c})
 	if len(out) != 1 || out[0].err == nil || errors.Is(out[0].err, errReplacement) || !strings.Contains(out[0].err.Error(), "no rollout slot within") {
 		t.Fatalf("replace while the slot is held = %+v; want a slot timeout", out)
 	}
@@ -533,7 +533,7 @@ func TestNodeLocalErrorsDoNotHalt(t *testing.T) {
 			tt.fault(f)
 			p := newTestReplacer(t, testNS(t), f, "n1", 1)
 			p.strategy = tt.strategy
-			out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
+			out := p.replace(t.Context(), []staleContainer{c})
 			if len(out) != 1 || out[0].err == nil || errors.Is(out[0].err, errReplacement) {
 				t.Fatalf("replace = %+v; want a node-local error", out)
 			}
@@ -555,7 +555,7 @@ func TestUnsupervised(t *testing.T) {
 		f.supervise = false
 		p := newTestReplacer(t, testNS(t), f, "n1", max)
 		p.restarter.wait.timeout = 100 * time.Millisecond
-		out := p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c})
+		out := p.replace(t.Context(), []staleContainer{c})
 		if len(out) != 1 || !errors.Is(out[0].err, errUnsupervised) || errors.Is(out[0].err, errReplacement) ||
 			!strings.Contains(out[0].err.Error(), "nothing restarted app") || !strings.Contains(out[0].err.Error(), "is it supervised?") {
 			t.Errorf("max_unavailable %d: replace = %+v; want 'nothing restarted app …: is it supervised?'", max, out)
@@ -650,7 +650,7 @@ func TestHaltWriteRetriedBeforeSlotFreed(t *testing.T) {
 	kv := &faultKV{KV: cli, putErrs: 3}
 	p1.rollout.kv = kv
 	done := make(chan []outcome, 1)
-	go func() { done <- p1.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c1}) }()
+	go func() { done <- p1.replace(t.Context(), []staleContainer{c1}) }()
 	slots := strings.TrimSuffix(slotsDir(ref), "/")
 	eventually(t, 20*time.Second, "n1 to hold the slot", func() bool { return countKeys(t, cli, slots) == 1 })
 
@@ -661,7 +661,7 @@ func TestHaltWriteRetriedBeforeSlotFreed(t *testing.T) {
 	}
 	got := make(chan result, 1)
 	go func() {
-		sl, err := n2.acquire(t.Context(), ref, staleContainer{ID: "b", Name: "app", Tag: "qa", NewID: c1.NewID})
+		sl, err := n2.acquire(t.Context(), ref, staleContainer{ID: "b", Name: "app", Ref: testTagged("reg:5000/app:qa"), NewID: c1.NewID})
 		got <- result{sl, err}
 	}()
 	eventually(t, 20*time.Second, "n2 to queue", func() bool { return countKeys(t, cli, slots) == 2 })
@@ -695,7 +695,7 @@ func downNode(t *testing.T, cli *clientv3.Client, name string, max int, health s
 	f, c := rolloutFixture(t, false)
 	f.containerByName("app").Health = health // nothing else runs on f yet
 	r := newTestReplacer(t, cli, f, name, max).rollout
-	s := newStatusReporter(f, nil, cli, r.leases, name, version, nil, testLogger(t))
+	s := newStatusReporter(f, nil, cli, r.leases, name, version, nil, nil, testLogger(t))
 	reportDown(t, s)
 	return r, f, s, c
 }

@@ -66,7 +66,7 @@ func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
 	f.addContainer("app", "reg:5000/app:qa")
 	// Only the daemon's end may stop the grant: no call timeout helps.
 	leases := newNodeLease(inPrefix(cli, testPrefix(t)), sessionTTL, time.Hour)
-	s := newStatusReporter(f, nil, inPrefix(cli, testPrefix(t)), leases, "n1", version, nil, testLogger(t))
+	s := newStatusReporter(f, nil, inPrefix(cli, testPrefix(t)), leases, "n1", version, nil, nil, testLogger(t))
 	s.period, s.callTimeout = time.Hour, time.Hour
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)

@@ -152,13 +152,17 @@ type statusReporter struct {
 // newStatusReporter returns the reporter of node's record, written
 // through kv (confined to -etcd_prefix) under leases' current lease, from
 // the containers dc runs and the events it reports (events nil: the resync
-// alone). retries lists the deploys waiting for a retry (nil: none). It
-// starts nothing.
-func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases leaseSource, node, version string, retries func() []pendingRetry, log *slog.Logger) *statusReporter {
+// alone). retries lists the deploys waiting for a retry (nil: none); a
+// send on pokes (capacity 1; nil: poke's alone) asks for the record to be
+// written again. It starts nothing.
+func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases leaseSource, node, version string, retries func() []pendingRetry, pokes chan struct{}, log *slog.Logger) *statusReporter {
+	if pokes == nil {
+		pokes = make(chan struct{}, 1)
+	}
 	return &statusReporter{
 		docker: dc, events: events, kv: kv, leases: leases, node: node, version: version, retries: retries, started: time.Now().UTC(),
 		period: statusResync, settle: 250 * time.Millisecond, retryBase: time.Second, downGrace: downGrace, callTimeout: callTimeout, log: log,
-		wake: make(chan struct{}, 1), cache: map[string]containerStatus{}, seen: map[string]*seenContainer{},
+		wake: pokes, cache: map[string]containerStatus{}, seen: map[string]*seenContainer{},
 	}
 }
 

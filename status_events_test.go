@@ -19,7 +19,7 @@ import (
 // startReporter runs a status reporter on f until the test ends.
 func startReporter(t *testing.T, cli *clientv3.Client, f *fakeDocker, period time.Duration) *statusReporter {
 	t.Helper()
-	s := newStatusReporter(f, f, cli, testLeases(t, cli), "n1", version, nil, testLogger(t))
+	s := newStatusReporter(f, f, cli, testLeases(t, cli), "n1", version, nil, nil, testLogger(t))
 	s.period, s.settle, s.retryBase = period, 10*time.Millisecond, 20*time.Millisecond
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan struct{})

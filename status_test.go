@@ -20,7 +20,7 @@ func TestClusterStatus(t *testing.T) {
 		f.addContainer("app", "reg:5000/app:qa")
 		f.addContainer("pinned", "reg:5000/app@sha256:4444444444444444444444444444444444444444444444444444444444444444")
 		r := newTestReplacer(t, cli, f, n.node, 2).rollout // 2: n2's app is down, n3 still gets a slot
-		s := newStatusReporter(f, nil, cli, r.leases, n.node, version, nil, testLogger(t))
+		s := newStatusReporter(f, nil, cli, r.leases, n.node, version, nil, nil, testLogger(t))
 		cs, err := s.containers(t.Context())
 		if err != nil {
 			t.Fatal(err)

@@ -120,7 +120,7 @@ func (h *webhook) gitHub(w http.ResponseWriter, r *http.Request) {
 	}
 	// No secret, no entry (there is no unauthenticated mode); failures
 	// are rate-limited like every other endpoint's.
-	secret := h.secret
+	secret := h.secret()
 	if secret == "" || (!gitHubSignature(r.Header.Get("X-Hub-Signature-256"), raw, secret) && !authorized(r, secret)) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="deployer"`)
 		code, err := rejectUnauthorized(w, r, h.failures)

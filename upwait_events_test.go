@@ -93,7 +93,7 @@ func TestUpWaitSubscriptionEndsItsStream(t *testing.T) {
 	}
 	const waits = 5
 	for i := range waits {
-		ev := d.recreator.wait.watch()
+		ev := d.parker.wait.watch()
 		eventually(t, 5*time.Second, "the subscription's stream", func() bool { _, n := srv.counts(); return n == i+1 })
 		select { // the stream delivers
 		case <-ev.events():

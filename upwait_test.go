@@ -61,7 +61,7 @@ func TestDockerTroubleDoesNotHalt(t *testing.T) {
 				return nil
 			}
 			done := make(chan []outcome, 1)
-			go func() { done <- p.replace(t.Context(), testRepo(t, "reg:5000/app"), []staleContainer{c}) }()
+			go func() { done <- p.replace(t.Context(), []staleContainer{c}) }()
 
 			first := mustGet(t, seen, "the replacement seen")
 			if tt.fault == "restart" {

@@ -32,7 +32,7 @@ type watcher struct {
 	retryDelay   time.Duration
 	serializable bool // !-strong_consistency
 	log          *slog.Logger
-	emit         func(deployEvent) // must not block
+	emit         func(repo string, ev deployEvent) // must not block; repo as the key names it
 	progress     *progress
 	metrics      *metrics
 	watching     chan struct{} // closed once the starting revision is known; may be nil
@@ -47,7 +47,7 @@ type watchKV interface {
 // newWatcher returns a watcher of the triggers in cli (confined to
 // -etcd_prefix) for node, recording its progress in p and handing each
 // trigger to emit, which must not block. It starts nothing.
-func newWatcher(cli watchKV, node string, retryDelay time.Duration, serializable bool, p *progress, emit func(deployEvent), log *slog.Logger, m *metrics) *watcher {
+func newWatcher(cli watchKV, node string, retryDelay time.Duration, serializable bool, p *progress, emit func(repo string, ev deployEvent), log *slog.Logger, m *metrics) *watcher {
 	return &watcher{
 		kv: cli, w: cli, node: node, emit: emit, retryDelay: retryDelay, serializable: serializable,
 		log: log, progress: p, metrics: m, watching: make(chan struct{}),
@@ -194,7 +194,7 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	for _, t := range todo {
 		w.metrics.watchEvents.Inc()
 		w.log.Info("etcd trigger", "repo", t.repo, "revision", t.rev, "catch_up", true)
-		w.emit(deployEvent{Repo: t.repo, Rev: t.rev})
+		w.emit(t.repo, deployEvent{Rev: t.rev})
 	}
 	if resp.Header.Revision+1 > next {
 		next = resp.Header.Revision + 1
@@ -210,7 +210,7 @@ func (w *watcher) handle(key []byte, rev int64, tags []string, digests map[strin
 	w.metrics.watchEvents.Inc()
 	w.log.Info("etcd trigger", "repo", repo, "tags", tags, "revision", rev)
 	w.progress.add(rev)
-	w.emit(deployEvent{Repo: repo, Tags: tags, Digests: digests, Rev: rev})
+	w.emit(repo, deployEvent{Tags: tags, Digests: digests, Rev: rev})
 }
 
 // progress tracks which trigger revisions are still being deployed (or

@@ -21,7 +21,7 @@ func newWatchHarness(t *testing.T, cli *clientv3.Client, prefix string) *watchHa
 	h := &watchHarness{t: t, cli: cli, prefix: prefix, events: make(chan deployEvent, 100)}
 	log := testLogger(t)
 	ns := inPrefix(cli, prefix) // as newDaemon confines it; h.put writes whole keys
-	h.w = newWatcher(ns, "n1", 10*time.Millisecond, false, newProgress(ns, progressKey("n1"), log), func(ev deployEvent) { h.events <- ev }, log, newMetrics())
+	h.w = newWatcher(ns, "n1", 10*time.Millisecond, false, newProgress(ns, progressKey("n1"), log), func(repo string, ev deployEvent) { ev.Repo = testName(repo); h.events <- ev }, log, newMetrics())
 	return h
 }
 
@@ -68,7 +68,7 @@ func (h *watchHarness) none() {
 	h.t.Helper()
 	h.put("zz-barrier", `{"tag":"barrier"}`)
 	ev := h.next()
-	if ev.Repo != "zz-barrier" {
+	if ev.Repo.Name() != "zz-barrier" {
 		h.t.Fatalf("unexpected event %+v", ev)
 	}
 	h.w.progress.done([]int64{ev.Rev})
@@ -87,9 +87,9 @@ func TestWatcherEvents(t *testing.T) {
 		val  string
 		want *deployEvent
 	}{
-		{"json with tag", "myorg/foo", `{"time":"2026-11-25T12:00:00Z","tag":"qa","source":"dockerhub"}`, &deployEvent{Repo: "myorg/foo", Tags: []string{"qa"}}},
-		{"plain value means every tag", "myorg/foo", "anything", &deployEvent{Repo: "myorg/foo"}},
-		{"json without tag", "127.0.0.1:5000/app", `{"source":"registry"}`, &deployEvent{Repo: "127.0.0.1:5000/app"}},
+		{"json with tag", "myorg/foo", `{"time":"2026-11-25T12:00:00Z","tag":"qa","source":"dockerhub"}`, &deployEvent{Repo: testName("myorg/foo"), Tags: []string{"qa"}}},
+		{"plain value means every tag", "myorg/foo", "anything", &deployEvent{Repo: testName("myorg/foo")}},
+		{"json without tag", "127.0.0.1:5000/app", `{"source":"registry"}`, &deployEvent{Repo: testName("127.0.0.1:5000/app")}},
 		{"reserved name", "_nodes/other/revision", "12", nil},
 		{"reserved top", "_status", "x", nil},
 	}
@@ -138,9 +138,9 @@ func TestWatcherResumesAfterRestart(t *testing.T) {
 	var got []string
 	for range 3 {
 		ev := h2.next()
-		got = append(got, ev.Repo)
+		got = append(got, ev.Repo.Name())
 		h2.w.progress.done([]int64{ev.Rev})
-		if ev.Repo == "a/two" && ev.Rev != r1 || ev.Repo == "a/three" && ev.Rev != r2 {
+		if ev.Repo.Name() == "a/two" && ev.Rev != r1 || ev.Repo.Name() == "a/three" && ev.Rev != r2 {
 			t.Errorf("event %+v has the wrong revision", ev)
 		}
 	}
@@ -168,7 +168,7 @@ func TestWatcherCatchesUpAfterCompaction(t *testing.T) {
 	got := map[string]deployEvent{}
 	for range 2 {
 		ev := h2.next()
-		got[ev.Repo] = ev
+		got[ev.Repo.Name()] = ev
 		h2.w.progress.done([]int64{ev.Rev})
 	}
 	for _, repo := range []string{"b/changed", "b/changed-twice"} {

@@ -42,10 +42,10 @@ type kvPutter interface {
 // webhook receives build and push notifications and records each as a
 // trigger key in etcd, which every node watches. It never deploys inline.
 type webhook struct {
-	kv       kvPutter     // confined to -etcd_prefix (inPrefix)
-	prefix   string       // -etcd_prefix, only to show the full key in replies and logs
-	secret   string       // never empty once serving: an empty secret lets nothing in
-	failures *failLimiter // rate of failed authentications per address; nil: no limit
+	kv       kvPutter      // confined to -etcd_prefix (inPrefix)
+	prefix   string        // -etcd_prefix, only to show the full key in replies and logs
+	secret   func() string // never empty once serving: an empty secret lets nothing in
+	failures *failLimiter  // rate of failed authentications per address; nil: no limit
 	node     string
 	log      *slog.Logger
 	metrics  *metrics
@@ -64,9 +64,10 @@ type webhook struct {
 
 // newWebhook returns the webhook handlers of a node: they write triggers
 // through kv (confined to -etcd_prefix, which prefix names) and accept
-// secret; failures rate-limits failed authentications (nil: no limit). It
-// starts nothing.
-func newWebhook(kv kvPutter, prefix, secret, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
+// the secret that secret returns (the daemon's secretCell, set once before
+// it listens); failures rate-limits failed authentications (nil: no
+// limit). It starts nothing.
+func newWebhook(kv kvPutter, prefix string, secret func() string, node string, failures *failLimiter, log *slog.Logger, m *metrics) *webhook {
 	cut, cancelCut := context.WithCancel(context.Background())
 	return &webhook{
 		kv: kv, prefix: prefix, secret: secret, failures: failures, node: node, log: log, metrics: m,
@@ -253,7 +254,7 @@ func (h *webhook) accept(w http.ResponseWriter, r *http.Request, source string) 
 		h.fail(w, r, source, http.StatusMethodNotAllowed, errors.New("only POST is allowed"))
 		return nil, false
 	}
-	if !authorized(r, h.secret) {
+	if !authorized(r, h.secret()) {
 		code, err := rejectUnauthorized(w, r, h.failures)
 		h.fail(w, r, source, code, err)
 		return nil, false

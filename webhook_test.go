@@ -57,7 +57,7 @@ func newTestWebhookUnder(t *testing.T, kv kvPutter, prefix, secret string) (*web
 		kv = inPrefix(cli, prefix)
 	}
 	rt := &recordingTransport{got: make(chan struct{}, 10)}
-	h := newWebhook(kv, prefix, secret, "n1", nil, testLogger(t), newMetrics())
+	h := newWebhook(kv, prefix, func() string { return secret }, "n1", nil, testLogger(t), newMetrics())
 	h.now = func() time.Time { return time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC) }
 	h.callback = &http.Client{Transport: rt}
 	return h, rt
