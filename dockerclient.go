@@ -25,6 +25,8 @@ import (
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // dockerAPIMax is the newest Engine API version go-dockerclient knows:
@@ -138,9 +140,9 @@ func newDockerClient(ctx context.Context, cfg config, log *slog.Logger) (*docker
 		if errors.Is(err, errDockerAPI) {
 			return nil, fmt.Errorf("docker %s: %w", cfg.Docker, err)
 		}
-		d := backoff(time.Second, attempt)
+		d := backoff.Delay(time.Second, attempt)
 		log.Warn("docker not answering; retrying", "docker", cfg.Docker, "attempt", attempt, "retry_in", d.Round(time.Millisecond), "err", err)
-		if !sleepCtx(ctx, d) {
+		if !backoff.Sleep(ctx, d) {
 			return nil, fmt.Errorf("docker %s: %w (last error: %w)", cfg.Docker, ctx.Err(), err)
 		}
 	}

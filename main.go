@@ -47,6 +47,8 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // version is set with -ldflags "-X main.version=…".
@@ -307,7 +309,7 @@ func (d *daemon) run(ctx context.Context) error {
 			return nil // stopped while starting
 		}
 		d.log.Warn("cannot claim the node name in etcd yet", "err", err)
-		if !sleepCtx(ctx, backoff(d.cfg.EtcdRetryDelay, attempt)) {
+		if !backoff.Sleep(ctx, backoff.Delay(d.cfg.EtcdRetryDelay, attempt)) {
 			return nil
 		}
 	}

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // Node identity. A live deployer holds ownerKey (<prefix>/_owner/<node>),
@@ -156,7 +158,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 				"holder", holder.String(), "wait", c.wait)
 			logged = true
 		}
-		if !sleepCtx(ctx, c.poll) {
+		if !backoff.Sleep(ctx, c.poll) {
 			_ = sess.Close() // revoking failed: the lease expires by itself
 			return ctx.Err()
 		}
@@ -189,7 +191,7 @@ func (c *nodeClaim) keep(ctx context.Context) {
 				return
 			}
 			c.log.Error("cannot take the node name back", "err", err)
-			if !sleepCtx(ctx, backoff(time.Second, attempt)) {
+			if !backoff.Sleep(ctx, backoff.Delay(time.Second, attempt)) {
 				c.sess = nil
 				return
 			}

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // deployEvent asks for a deploy of one repository.
@@ -260,7 +262,7 @@ func (q *deployQueue) submit(ev deployEvent) {
 	}
 	st.next.merge(ev)
 	st.lastEvent = time.Now()
-	wake(st.kick)
+	backoff.Wake(st.kick)
 	if !busy {
 		q.queued.Inc()
 		q.wg.Add(1)

@@ -53,6 +53,8 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // sessionTTL is how many seconds a dead node's slots outlive it.
@@ -245,7 +247,7 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 				return ctx.Err()
 			}
 			r.log.Warn("counting rollout slots failed, retrying", "ref", sl.ref, "err", err)
-			if !sleepCtx(ctx, time.Second) {
+			if !backoff.Sleep(ctx, time.Second) {
 				return ctx.Err()
 			}
 			continue
@@ -361,7 +363,7 @@ func (sl *slot) release(ctx context.Context) {
 			r.leases.end(sl.sess)
 			return
 		}
-		time.Sleep(backoff(r.releaseBase, attempt))
+		time.Sleep(backoff.Delay(r.releaseBase, attempt))
 	}
 }
 
@@ -410,7 +412,7 @@ func (r *rollout) recordHalt(ctx context.Context, ref string, c staleContainer, 
 		}
 		r.log.Warn("could not record the halted rollout; keeping the slot and retrying", "ref", ref, "image", shortID(c.NewID),
 			"attempt", attempt, "err", err)
-		if !sleepCtx(ctx, backoff(r.releaseBase, attempt)) {
+		if !backoff.Sleep(ctx, backoff.Delay(r.releaseBase, attempt)) {
 			r.log.Error("could not record the halted rollout before the stop", "ref", ref, "image", shortID(c.NewID), "err", err)
 			return
 		}

@@ -22,6 +22,8 @@ import (
 
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 type containerStatus struct {
@@ -164,7 +166,7 @@ func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases
 
 // poke asks for the record to be written again (a deploy finished). It
 // never blocks.
-func (s *statusReporter) poke() { wake(s.wake) }
+func (s *statusReporter) poke() { backoff.Wake(s.wake) }
 
 // statusEvent reports whether a Docker event can change the list of
 // running containers or whether one is down: health checks' execs and the
@@ -213,7 +215,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 		if err := s.events.AddEventListenerWithOptions(opts, ch); err != nil {
 			subFails++
 			s.log.Debug("docker events unavailable, retrying", "err", err, "attempt", subFails)
-			resub = time.After(backoff(retryBase, subFails))
+			resub = time.After(backoff.Delay(retryBase, subFails))
 			return
 		}
 		events, subscribed = ch, time.Now()
@@ -250,7 +252,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 			if err != nil && ctx.Err() == nil {
 				fails++
 				s.log.Warn("status record not written", "err", err, "attempt", fails)
-				retry = time.After(backoff(retryBase, fails))
+				retry = time.After(backoff.Delay(retryBase, fails))
 			} else {
 				fails = 0
 			}
@@ -283,7 +285,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 				events = nil
 				subFails++
 				s.log.Debug("docker event stream ended, subscribing again", "attempt", subFails)
-				resub = time.After(backoff(retryBase, subFails))
+				resub = time.After(backoff.Delay(retryBase, subFails))
 				pass = time.Since(subscribed) >= retryBase
 				continue
 			}

@@ -204,14 +204,3 @@ func TestProgressWatermark(t *testing.T) {
 		}
 	}
 }
-
-func TestBackoff(t *testing.T) {
-	base := 100 * time.Millisecond
-	for attempt := 1; attempt < 20; attempt++ {
-		nominal := min(base<<(attempt-1), 30*base)
-		d := backoff(base, attempt)
-		if d < nominal/2 || d > nominal {
-			t.Errorf("backoff(%v, %d) = %v; want within [%v, %v]", base, attempt, d, nominal/2, nominal)
-		}
-	}
-}
