@@ -12,7 +12,7 @@
 // filedeps.txt, so that a new one shows up in review):
 //
 //  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
-//     keyspace), metrics, redact, flagcheck, selfid, lease, eventstream,
+//     keyspace), metrics, redact, flagcheck, lease, eventstream,
 //     tlsreload, health
 //  2. config, trigger (the record and the one rule), retry, scan, clone,
 //     puller, upwait
@@ -24,6 +24,11 @@
 //  7. replace, clusterview
 //  8. deploy, cmd_status
 //  9. main: the daemon's wiring and lifecycle
+//
+// Infrastructure that knows nothing of deploys is in packages of its own
+// under internal/, which package main imports and which import nothing of
+// it: backoff (the waits of every retry loop) and selfid (the ID of our
+// own container).
 package main
 
 import (
@@ -49,6 +54,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/selfid"
 )
 
 // version is set with -ldflags "-X main.version=…".
@@ -209,7 +215,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	events := eventsFor(dc, callTimeout)
 	rolloutLog := log.With("component", "rollout")
 	wait := newUpWaiter(dc, events, cfg.RestartTimeout, callTimeout, rolloutLog, m)
-	rs := newRestarter(dc, wait, cfg.killTimeout, selfContainerID(), log.With("component", "restarter"), m)
+	rs := newRestarter(dc, wait, cfg.killTimeout, selfid.ContainerID(), log.With("component", "restarter"), m)
 	d.recreator = newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
 	ro := newRollout(etcd, d.leases, cfg.NodeName, cfg.MaxUnavailable, cfg.SlotTimeout, callTimeout, rolloutLog, m)
 	rep := newReplacer(ro, rs, d.recreator, cfg.RestartStrategy, rolloutLog)
