@@ -26,6 +26,8 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	grpccredentials "google.golang.org/grpc/credentials"
+
+	"github.com/die-net/deployer/internal/pemfile"
 )
 
 // errEtcdTLS marks a TLS problem with etcd that retrying cannot fix: a
@@ -69,7 +71,7 @@ func newEtcdClient(ctx context.Context, cfg config, log *slog.Logger) (*clientv3
 		}
 	}
 	if strings.HasPrefix(endpoints[0], "https://") {
-		files := &tlsFiles{caFile: cfg.EtcdCACert, certFile: cfg.EtcdCert, keyFile: cfg.EtcdKey}
+		files := newTLSFiles(cfg.EtcdCACert, cfg.EtcdCert, cfg.EtcdKey)
 		if err := files.check(); err != nil {
 			return nil, err
 		}
@@ -193,32 +195,36 @@ func (e *certFileError) Error() string {
 
 func (e *certFileError) Unwrap() error { return e.err }
 
-// fileStamp identifies one version of a file.
-type fileStamp struct {
-	mod  time.Time
-	size int64
-}
-
-func stampOf(path string) (fileStamp, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return fileStamp{}, err
-	}
-	return fileStamp{fi.ModTime(), fi.Size()}, nil
-}
-
 // tlsFiles holds the CA, certificate and key read from files, re-reading
-// each when its modification time or size changes. A renewal that is half
-// written (a new certificate with the old key) keeps the previous pair in
-// use until both files agree.
+// each when its modification time or size changes (pemfile). A renewal
+// that is half written (a new certificate with the old key) keeps the
+// previous pair in use until both files agree.
 type tlsFiles struct {
 	caFile, certFile, keyFile string
 
-	mu        sync.Mutex
-	caStamp   fileStamp
-	pool      *x509.CertPool
-	pairStamp [2]fileStamp
-	pair      *tls.Certificate
+	pool *pemfile.CAPool  // nil without caFile
+	pair *pemfile.KeyPair // nil without certFile
+}
+
+func newTLSFiles(caFile, certFile, keyFile string) *tlsFiles {
+	f := &tlsFiles{caFile: caFile, certFile: certFile, keyFile: keyFile}
+	if caFile != "" {
+		f.pool = pemfile.NewCAPool(caFile)
+	}
+	if certFile != "" {
+		f.pair = pemfile.NewKeyPair(certFile, keyFile, notExpired(certFile))
+	}
+	return f
+}
+
+// notExpired refuses a client certificate that has expired.
+func notExpired(certFile string) func(*tls.Certificate) error {
+	return func(pair *tls.Certificate) error {
+		if pair.Leaf != nil && time.Now().After(pair.Leaf.NotAfter) {
+			return &certFileError{"etcd_cert", certFile, fmt.Errorf("expired on %s", pair.Leaf.NotAfter.UTC().Format(time.RFC3339))}
+		}
+		return nil
+	}
 }
 
 // check loads every file once, for an error at start.
@@ -247,75 +253,40 @@ func (f *tlsFiles) config() (*tls.Config, error) {
 
 // roots returns the CA pool of caFile, or nil (the system's roots).
 func (f *tlsFiles) roots() (*x509.CertPool, error) {
-	if f.caFile == "" {
+	if f.pool == nil {
 		return nil, nil
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	st, err := stampOf(f.caFile)
-	if err != nil {
-		if f.pool != nil {
-			return f.pool, nil
-		}
-		return nil, &certFileError{"etcd_cacert", f.caFile, err}
+	pool, err := f.pool.Get()
+	if pool != nil {
+		return pool, nil
 	}
-	if f.pool != nil && st == f.caStamp {
-		return f.pool, nil
+	if se := (*pemfile.StatError)(nil); errors.As(err, &se) {
+		err = se.Err
 	}
-	pem, err := os.ReadFile(f.caFile)
-	if err != nil {
-		return f.keepPool(&certFileError{"etcd_cacert", f.caFile, err})
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return f.keepPool(&certFileError{"etcd_cacert", f.caFile, errors.New("no PEM certificate in it")})
-	}
-	f.pool, f.caStamp = pool, st
-	return pool, nil
-}
-
-func (f *tlsFiles) keepPool(err error) (*x509.CertPool, error) {
-	if f.pool != nil {
-		return f.pool, nil
-	}
-	return nil, err
+	return nil, &certFileError{"etcd_cacert", f.caFile, err}
 }
 
 // clientCert returns the client certificate, re-read when either file
 // changed; nil without -etcd_cert (an empty Certificate message).
 func (f *tlsFiles) clientCert() (*tls.Certificate, error) {
-	if f.certFile == "" {
+	if f.pair == nil {
 		return &tls.Certificate{}, nil
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	cs, err := stampOf(f.certFile)
-	if err != nil {
-		return f.keepPair(&certFileError{"etcd_cert", f.certFile, err})
+	pair, _, err := f.pair.Get()
+	if pair != nil {
+		return pair, nil
 	}
-	ks, err := stampOf(f.keyFile)
-	if err != nil {
-		return f.keepPair(&certFileError{"etcd_key", f.keyFile, err})
+	var se *pemfile.StatError
+	var fe *certFileError
+	switch {
+	case errors.As(err, &se) && se.Path == f.certFile:
+		return nil, &certFileError{"etcd_cert", f.certFile, se.Err}
+	case errors.As(err, &se):
+		return nil, &certFileError{"etcd_key", f.keyFile, se.Err}
+	case errors.As(err, &fe): // expired
+		return nil, err
 	}
-	if f.pair != nil && [2]fileStamp{cs, ks} == f.pairStamp {
-		return f.pair, nil
-	}
-	pair, err := tls.LoadX509KeyPair(f.certFile, f.keyFile)
-	if err != nil {
-		return f.keepPair(&certFileError{"etcd_cert", f.certFile, fmt.Errorf("with -etcd_key %s: %w", f.keyFile, err)})
-	}
-	if pair.Leaf != nil && time.Now().After(pair.Leaf.NotAfter) {
-		return f.keepPair(&certFileError{"etcd_cert", f.certFile, fmt.Errorf("expired on %s", pair.Leaf.NotAfter.UTC().Format(time.RFC3339))})
-	}
-	f.pair, f.pairStamp = &pair, [2]fileStamp{cs, ks}
-	return f.pair, nil
-}
-
-func (f *tlsFiles) keepPair(err error) (*tls.Certificate, error) {
-	if f.pair != nil {
-		return f.pair, nil
-	}
-	return nil, err
+	return nil, &certFileError{"etcd_cert", f.certFile, fmt.Errorf("with -etcd_key %s: %w", f.keyFile, err)}
 }
 
 // reloadingCreds are gRPC transport credentials that build the TLS

@@ -128,7 +128,7 @@ func TestTLSFilesReload(t *testing.T) {
 	ts.StartTLS()
 	defer ts.Close()
 
-	files := &tlsFiles{caFile: e.caFile, certFile: e.certFile, keyFile: e.keyFile}
+	files := newTLSFiles(e.caFile, e.certFile, e.keyFile)
 	get := func() error {
 		cfg, err := files.config()
 		if err != nil {

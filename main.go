@@ -27,7 +27,8 @@
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
-// it: backoff (the waits of every retry loop) and selfid (the ID of our
+// it: backoff (the waits of every retry loop), pemfile (a key pair and a
+// CA pool read again when their files change) and selfid (the ID of our
 // own container).
 package main
 
