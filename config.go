@@ -4,10 +4,12 @@ package main
 // and environment fallbacks, parsed and validated once.
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -16,6 +18,10 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // errInvalidFlag marks every validation failure, so callers (and tests) can
@@ -60,7 +66,7 @@ type config struct {
 	TLSCert             string // with TLSKey: serve the webhooks over HTTPS
 	TLSKey              string
 
-	// TLS and authentication to etcd (etcdclient.go) and Docker
+	// TLS and authentication to etcd (internal/etcdc) and Docker
 	// (dockerclient.go).
 	EtcdCACert       string
 	EtcdCert         string
@@ -438,6 +444,57 @@ func checkLoopbackURL(s string) error {
 		return nil
 	}
 	return fmt.Errorf("%q is not a loopback address (127.0.0.1, [::1] or localhost): the embedded etcd has no TLS or authentication; run an external etcd for a cluster", s)
+}
+
+// etcdEndpoints is where the client connects: -etcd_nodes, or the
+// embedded etcd's client URL.
+func (c config) etcdEndpoints() []string {
+	if len(c.EtcdNodes) > 0 {
+		return c.EtcdNodes
+	}
+	return []string{c.EtcdListenClient}
+}
+
+// etcdPassword reads the password from -etcd_password_file or the
+// environment.
+func etcdPassword(cfg config) (string, error) {
+	if cfg.EtcdPasswordFile == "" {
+		return cfg.EtcdPassword, nil
+	}
+	b, err := os.ReadFile(cfg.EtcdPasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("-etcd_password_file: %w", err)
+	}
+	pw := strings.TrimRight(string(b), "\r\n")
+	if pw == "" {
+		return "", fmt.Errorf("-etcd_password_file %s is empty", cfg.EtcdPasswordFile)
+	}
+	return pw, nil
+}
+
+// etcdOptions are the etcd client's settings, as the flags say.
+func (c config) etcdOptions() (etcdc.Options, error) {
+	o := etcdc.Options{
+		Endpoints: c.etcdEndpoints(), DialTimeout: c.EtcdDialTimeout,
+		CACert: c.EtcdCACert, Cert: c.EtcdCert, Key: c.EtcdKey,
+	}
+	if c.EtcdUsername != "" {
+		pw, err := etcdPassword(c)
+		if err != nil {
+			return etcdc.Options{}, err
+		}
+		o.Username, o.Password = c.EtcdUsername, pw
+	}
+	return o, nil
+}
+
+// newEtcdClient connects to etcd as the flags say (etcdc.New).
+func newEtcdClient(ctx context.Context, cfg config, log *slog.Logger) (*clientv3.Client, error) {
+	opts, err := cfg.etcdOptions()
+	if err != nil {
+		return nil, err
+	}
+	return etcdc.New(ctx, opts, log)
 }
 
 // dockerCertPath is $DOCKER_CERT_PATH, else ~/.docker, as for the CLI.

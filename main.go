@@ -12,12 +12,11 @@
 // filedeps.txt, so that a new one shows up in review):
 //
 //  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
-//     keyspace), metrics, redact, flagcheck, lease, eventstream,
-//     tlsreload, health
-//  2. config, trigger (the record and the one rule), retry, scan, clone,
-//     puller, upwait
-//  3. the clients and the node: etcdclient, dockerclient, nodeid, auth,
-//     parked, queue
+//     keyspace), metrics, redact, flagcheck, eventstream, tlsreload,
+//     health
+//  2. config (and the etcd client as the flags say), trigger (the record
+//     and the one rule), retry, scan, clone, puller, upwait
+//  3. the clients and the node: dockerclient, nodeid, auth, parked, queue
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
@@ -27,9 +26,10 @@
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
-// it: backoff (the waits of every retry loop), pemfile (a key pair and a
-// CA pool read again when their files change) and selfid (the ID of our
-// own container).
+// it: etcdc (the etcd client with its TLS, its leases and the view of a
+// prefix), backoff (the waits of every retry loop), pemfile (a key pair
+// and a CA pool read again when their files change) and selfid (the ID of
+// our own container).
 package main
 
 import (
@@ -55,6 +55,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/etcdc"
 	"github.com/die-net/deployer/internal/selfid"
 )
 
@@ -184,7 +185,7 @@ type daemon struct {
 	progress  *progress
 	queue     *deployQueue
 	repuller  *repuller
-	leases    *nodeLease
+	leases    *etcdc.NodeLease
 	recreator *recreator
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
@@ -200,14 +201,14 @@ type daemon struct {
 // the daemon sees only -etcd_prefix of it) and dc. It starts nothing.
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
 	m := newMetrics()
-	etcd := inPrefix(cli, cfg.EtcdPrefix)
+	etcd := etcdc.InPrefix(cli, cfg.EtcdPrefix)
 	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, ready: make(chan struct{}), stopBound: stopBound(cfg)}
 	var note notifier = nopNotifier{}
 	if cfg.SlackWebhookURL != "" {
 		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
 		note = d.slack
 	}
-	d.leases = newNodeLease(etcd, sessionTTL, callTimeout)
+	d.leases = etcdc.NewNodeLease(etcd, sessionTTL, callTimeout)
 
 	// One source of Docker events for every subscription: each is a
 	// stream of its own, closed when it ends (go-dockerclient's own

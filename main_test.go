@@ -17,6 +17,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 func TestRunRejectsBadFlags(t *testing.T) {
@@ -330,7 +332,7 @@ func daemonCommandLine(t *testing.T, etcdURL string) []string {
 // empty.
 func TestSubcommandsTakeTheDaemonsCommandLine(t *testing.T) {
 	cli := testEtcd(t)
-	secret, _, err := clusterSecret(t.Context(), inPrefix(cli, testPrefix(t)))
+	secret, _, err := clusterSecret(t.Context(), etcdc.InPrefix(cli, testPrefix(t)))
 	if err != nil {
 		t.Fatal(err)
 	}

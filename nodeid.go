@@ -18,6 +18,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // Node identity. A live deployer holds ownerKey (<prefix>/_owner/<node>),
@@ -82,7 +83,7 @@ type nodeClaim struct {
 	wait   time.Duration // how long to wait for a previous holder's lease
 	poll   time.Duration
 	log    *slog.Logger
-	sess   *session
+	sess   *etcdc.Session
 	callTO time.Duration
 }
 
@@ -108,7 +109,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("etcd lease for the node name: %w", err)
 	}
-	sess := newSession(context.WithoutCancel(ctx), c.cli, lease.ID, c.ttl)
+	sess := etcdc.NewSession(context.WithoutCancel(ctx), c.cli, lease.ID, c.ttl)
 	val, _ := json.Marshal(c.self)
 	deadline := time.Now().Add(c.wait)
 	logged := false

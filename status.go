@@ -24,6 +24,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 type containerStatus struct {
@@ -50,10 +51,10 @@ type nodeStatus struct {
 // an idle node is not woken every few seconds.
 const statusResync = 5 * time.Minute
 
-// leaseSource is the node's session (nodeLease) as the status reporter
+// leaseSource is the node's session (etcdc.NodeLease) as the status reporter
 // uses it: the record lives under the current lease.
 type leaseSource interface {
-	current(ctx context.Context) (*session, error)
+	Current(ctx context.Context) (*etcdc.Session, error)
 }
 
 // statusPutter writes the node's records.
@@ -239,7 +240,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 				lease, err = s.write(ctx, cs, last, rs, lastRetries, lastLease)
 				if err == nil {
 					last, lastRetries, lastLease = cs, rs, lease
-					if sess, serr := s.leases.current(ctx); serr == nil && sess.Lease() == lease {
+					if sess, serr := s.leases.Current(ctx); serr == nil && sess.Lease() == lease {
 						leaseGone = sess.Done()
 					}
 				}
@@ -305,7 +306,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 // changed. Every etcd call, the session's lease grant included, ends with
 // ctx: a stop never waits for an unreachable etcd.
 func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, rs, lastRs []pendingRetry, lastLease clientv3.LeaseID) (clientv3.LeaseID, error) {
-	sess, err := s.leases.current(ctx)
+	sess, err := s.leases.Current(ctx)
 	if err != nil {
 		return lastLease, err
 	}
@@ -465,7 +466,7 @@ func (s *statusReporter) downRecords() map[string]string {
 // changed).
 func (s *statusReporter) writeDown(ctx context.Context) error {
 	recs := s.downRecords()
-	sess, err := s.leases.current(ctx)
+	sess, err := s.leases.Current(ctx)
 	if err != nil {
 		return err
 	}

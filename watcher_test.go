@@ -7,6 +7,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 type watchHarness struct {
@@ -20,7 +22,7 @@ type watchHarness struct {
 func newWatchHarness(t *testing.T, cli *clientv3.Client, prefix string) *watchHarness {
 	h := &watchHarness{t: t, cli: cli, prefix: prefix, events: make(chan deployEvent, 100)}
 	log := testLogger(t)
-	ns := inPrefix(cli, prefix) // as newDaemon confines it; h.put writes whole keys
+	ns := etcdc.InPrefix(cli, prefix) // as newDaemon confines it; h.put writes whole keys
 	h.w = newWatcher(ns, "n1", 10*time.Millisecond, false, newProgress(ns, progressKey("n1"), log), func(ev deployEvent) { h.events <- ev }, log, newMetrics())
 	return h
 }

@@ -1,10 +1,8 @@
-package main
+package etcdc
 
-// The etcd client of the daemon and of the subcommands (deployer status,
-// and any later one): one constructor, one set of flags, TLS client
-// certificates re-read when they are renewed, and a start-up check that
-// turns a certificate problem into a line naming it (gRPC alone only ever
-// says "context deadline exceeded").
+// tls.go: the TLS of the etcd client: the start-up check, the files
+// re-read when they are renewed, the gRPC credentials built from them per
+// connection, and the warnings that name a certificate problem.
 
 import (
 	"context"
@@ -17,105 +15,23 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-	"google.golang.org/grpc"
 	grpccredentials "google.golang.org/grpc/credentials"
 
 	"github.com/die-net/deployer/internal/pemfile"
 )
 
-// errEtcdTLS marks a TLS problem with etcd that retrying cannot fix: a
-// certificate file that cannot be used, a server the CA does not vouch
-// for, or a server that refuses our client certificate.
-var errEtcdTLS = errors.New("etcd TLS")
-
-// etcdEndpoints is where the client connects: -etcd_nodes, or the
-// embedded etcd's client URL.
-func (c config) etcdEndpoints() []string {
-	if len(c.EtcdNodes) > 0 {
-		return c.EtcdNodes
-	}
-	return []string{c.EtcdListenClient}
-}
-
-// newEtcdClient connects to etcd as the flags say. With TLS, it first
-// makes one TLS connection to an endpoint with the same configuration, so
-// that a certificate problem fails at once with an error naming it
-// (errEtcdTLS) instead of timing out in gRPC; an endpoint that does not
-// answer yet is not an error (the client keeps trying).
-func newEtcdClient(ctx context.Context, cfg config, log *slog.Logger) (*clientv3.Client, error) {
-	endpoints := cfg.etcdEndpoints()
-	ccfg := clientv3.Config{
-		Endpoints:   endpoints,
-		DialTimeout: cfg.EtcdDialTimeout,
-		Logger:      zap.NewNop(),
-		// Keepalives notice a dead member so the client moves to another.
-		DialKeepAliveTime:    5 * time.Second,
-		DialKeepAliveTimeout: 3 * time.Second,
-		DialOptions:          etcdDialOptions(),
-	}
-	if cfg.EtcdUsername != "" {
-		pw, err := etcdPassword(cfg)
-		if err != nil {
-			return nil, err
-		}
-		ccfg.Username, ccfg.Password = cfg.EtcdUsername, pw
-		if !strings.HasPrefix(endpoints[0], "https://") {
-			log.Warn("the etcd password travels in clear text: use https:// -etcd_nodes", "etcd_username", cfg.EtcdUsername)
-		}
-	}
-	if strings.HasPrefix(endpoints[0], "https://") {
-		files := newTLSFiles(cfg.EtcdCACert, cfg.EtcdCert, cfg.EtcdKey)
-		if err := files.check(); err != nil {
-			return nil, err
-		}
-		if err := checkEtcdTLS(ctx, endpoints, files, cfg.EtcdDialTimeout, log); err != nil {
-			return nil, err
-		}
-		// clientv3 only takes a fixed *tls.Config; these credentials build
-		// one per connection from the files, so a renewed certificate is
-		// used by the next connection. A later WithTransportCredentials
-		// replaces the one clientv3 sets (DialOptions come last).
-		ccfg.DialOptions = append(ccfg.DialOptions, grpc.WithTransportCredentials(&reloadingCreds{files: files, warn: newTLSWarner(log)}))
-	}
-	cli, err := clientv3.New(ccfg)
-	if err != nil {
-		return nil, fmt.Errorf("etcd client %s: %w", strings.Join(endpoints, ","), err)
-	}
-	return cli, nil
-}
-
-// etcdPassword reads the password from -etcd_password_file or the
-// environment.
-func etcdPassword(cfg config) (string, error) {
-	if cfg.EtcdPasswordFile == "" {
-		return cfg.EtcdPassword, nil
-	}
-	b, err := os.ReadFile(cfg.EtcdPasswordFile)
-	if err != nil {
-		return "", fmt.Errorf("-etcd_password_file: %w", err)
-	}
-	pw := strings.TrimRight(string(b), "\r\n")
-	if pw == "" {
-		return "", fmt.Errorf("-etcd_password_file %s is empty", cfg.EtcdPasswordFile)
-	}
-	return pw, nil
-}
-
-// checkEtcdTLS makes one HTTPS request (GET /version) to the endpoints in
+// checkTLS makes one HTTPS request (GET /version) to the endpoints in
 // turn with the client's TLS configuration, until one answers. A TLS
-// failure ends it with errEtcdTLS; an endpoint that is down is logged and
+// failure ends it with ErrTLS; an endpoint that is down is logged and
 // skipped. A request, not only a handshake: with TLS 1.3 the server
 // rejects a client certificate after the client's handshake is done.
 //
 //nolint:gosec // G704: the endpoints are the operator's -etcd_nodes
-func checkEtcdTLS(ctx context.Context, endpoints []string, files *tlsFiles, timeout time.Duration, log *slog.Logger) error {
+func checkTLS(ctx context.Context, endpoints []string, files *tlsFiles, timeout time.Duration, log *slog.Logger) error {
 	for _, ep := range endpoints {
 		u, err := url.Parse(ep)
 		if err != nil {
@@ -162,23 +78,23 @@ func classifyTLSError(ep string, files *tlsFiles, err error) error {
 	var opErr *net.OpError
 	switch {
 	case errors.As(err, &fileErr):
-		return fmt.Errorf("%w: %w", errEtcdTLS, fileErr)
+		return fmt.Errorf("%w: %w", ErrTLS, fileErr)
 	case errors.As(err, &verr), errors.As(err, &uerr), errors.As(err, &herr), errors.As(err, &cerr):
 		ca := "the system's roots (set -etcd_cacert)"
 		if files.caFile != "" {
 			ca = "-etcd_cacert " + files.caFile
 		}
-		return fmt.Errorf("%w: the server certificate of %s is not trusted by %s: %w", errEtcdTLS, ep, ca, err)
+		return fmt.Errorf("%w: the server certificate of %s is not trusted by %s: %w", ErrTLS, ep, ca, err)
 	case errors.As(err, &opErr) && opErr.Op == "remote error":
 		// A TLS alert from the server: it refused our certificate.
 		if files.certFile == "" {
-			return fmt.Errorf("%w: %s requires a client certificate and none was given (set -etcd_cert and -etcd_key): %w", errEtcdTLS, ep, err)
+			return fmt.Errorf("%w: %s requires a client certificate and none was given (set -etcd_cert and -etcd_key): %w", ErrTLS, ep, err)
 		}
-		return fmt.Errorf("%w: %s refused the client certificate -etcd_cert %s (not signed by a CA it trusts, expired, or not for client auth?): %w", errEtcdTLS, ep, files.certFile, err)
+		return fmt.Errorf("%w: %s refused the client certificate -etcd_cert %s (not signed by a CA it trusts, expired, or not for client auth?): %w", ErrTLS, ep, files.certFile, err)
 	case errors.As(err, new(tls.RecordHeaderError)),
 		// net/http's own error for a plain HTTP answer (not exported).
 		strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"):
-		return fmt.Errorf("%w: %s does not speak TLS (use http:// for a plain etcd): %w", errEtcdTLS, ep, err)
+		return fmt.Errorf("%w: %s does not speak TLS (use http:// for a plain etcd): %w", ErrTLS, ep, err)
 	}
 	return nil
 }
@@ -230,10 +146,10 @@ func notExpired(certFile string) func(*tls.Certificate) error {
 // check loads every file once, for an error at start.
 func (f *tlsFiles) check() error {
 	if _, err := f.roots(); err != nil {
-		return fmt.Errorf("%w: %w", errEtcdTLS, err)
+		return fmt.Errorf("%w: %w", ErrTLS, err)
 	}
 	if _, err := f.clientCert(); err != nil {
-		return fmt.Errorf("%w: %w", errEtcdTLS, err)
+		return fmt.Errorf("%w: %w", ErrTLS, err)
 	}
 	return nil
 }
