@@ -21,6 +21,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/die-net/deployer/internal/dockerc"
 	"github.com/die-net/deployer/internal/etcdc"
 )
 
@@ -67,7 +68,7 @@ type config struct {
 	TLSKey              string
 
 	// TLS and authentication to etcd (internal/etcdc) and Docker
-	// (dockerclient.go).
+	// (internal/dockerc).
 	EtcdCACert       string
 	EtcdCert         string
 	EtcdKey          string
@@ -518,6 +519,17 @@ func addDockerTLSFlags(fs *flag.FlagSet, c *config) {
 // dockerUsesTLS says whether the endpoint is reached with TLS.
 func (c config) dockerUsesTLS() bool {
 	return c.DockerTLSVerify && !strings.HasPrefix(c.Docker, "unix://")
+}
+
+// dockerOptions say how to reach Docker, as the flags and the environment
+// say.
+func (c config) dockerOptions() dockerc.Options {
+	return dockerc.Options{Endpoint: c.Docker, TLS: c.dockerUsesTLS(), CertPath: c.DockerCertPath}
+}
+
+// newDockerClient connects to Docker as the flags say (dockerc.New).
+func newDockerClient(ctx context.Context, cfg config, log *slog.Logger) (*dockerc.Client, error) {
+	return dockerc.New(ctx, cfg.dockerOptions(), log)
 }
 
 // validateDockerTLS checks that TLS has a CA to verify the daemon with:

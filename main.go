@@ -14,9 +14,9 @@
 //  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
 //     keyspace), metrics, redact, flagcheck, eventstream, tlsreload,
 //     health
-//  2. config (and the etcd client as the flags say), trigger (the record
-//     and the one rule), retry, scan, clone, puller, upwait
-//  3. the clients and the node: dockerclient, nodeid, auth, parked, queue
+//  2. config (and the etcd and Docker clients as the flags say), trigger
+//     (the record and the one rule), retry, scan, clone, puller, upwait
+//  3. the node: nodeid, auth, parked, queue
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
@@ -27,7 +27,8 @@
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
 // it: etcdc (the etcd client with its TLS, its leases and the view of a
-// prefix), backoff (the waits of every retry loop), pemfile (a key pair
+// prefix), dockerc (the Docker client with API negotiation, and the event
+// stream), backoff (the waits of every retry loop), pemfile (a key pair
 // and a CA pool read again when their files change) and selfid (the ID of
 // our own container).
 package main
@@ -55,6 +56,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/dockerc"
 	"github.com/die-net/deployer/internal/etcdc"
 	"github.com/die-net/deployer/internal/selfid"
 )
@@ -213,7 +215,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	// One source of Docker events for every subscription: each is a
 	// stream of its own, closed when it ends (go-dockerclient's own
 	// monitor leaves a goroutine and a connection behind per
-	// subscription, eventstream.go).
+	// subscription, internal/dockerc/events.go).
 	events := eventsFor(dc, callTimeout)
 	rolloutLog := log.With("component", "rollout")
 	wait := newUpWaiter(dc, events, cfg.RestartTimeout, callTimeout, rolloutLog, m)
@@ -449,10 +451,10 @@ func startEmbeddedEtcd(cfg config, log *slog.Logger) (*embed.Etcd, error) {
 }
 
 // eventsFor returns the event source for every subscription on dc:
-// dockerEvents for a real client, dc itself otherwise (the tests' fake).
+// dockerc.Events for a real client, dc itself otherwise (the tests' fake).
 func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
-	if c, ok := dc.(*dockerClient); ok {
-		return newDockerEvents(c.Client, callTimeout)
+	if c, ok := dc.(*dockerc.Client); ok {
+		return dockerc.NewEvents(c.Client, callTimeout)
 	}
 	return dc
 }
