@@ -21,6 +21,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/time/rate"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // The cluster's webhook secret lives at clusterSecretKey
@@ -187,7 +189,7 @@ func resolveSecret(ctx context.Context, kv kvTxner, cfg config, log *slog.Logger
 			break
 		}
 		log.Warn("cannot read the cluster's webhook secret yet", "key", cfg.EtcdPrefix+clusterSecretKey, "err", err)
-		if !sleepCtx(ctx, backoff(cfg.EtcdRetryDelay, attempt)) {
+		if !backoff.Sleep(ctx, backoff.Delay(cfg.EtcdRetryDelay, attempt)) {
 			return "", ctx.Err()
 		}
 	}

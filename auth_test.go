@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/slack-go/slack"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 func TestClusterSecretCreatedOnceAndShared(t *testing.T) {
@@ -58,7 +60,7 @@ func TestClusterSecretCreatedOnceAndShared(t *testing.T) {
 			t.Errorf("readClusterSecret = %q, %v; want the created one", got, err)
 		}
 	}
-	if _, err := readClusterSecret(t.Context(), inPrefix(testEtcd(t), testPrefix(t)+"-none")); err == nil || !strings.Contains(err.Error(), "no webhook secret") {
+	if _, err := readClusterSecret(t.Context(), etcdc.InPrefix(testEtcd(t), testPrefix(t)+"-none")); err == nil || !strings.Contains(err.Error(), "no webhook secret") {
 		t.Errorf("readClusterSecret of a prefix without one = %v; want a 'no webhook secret' error", err)
 	}
 }

@@ -1,146 +1,50 @@
 package main
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
-	"net"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/die-net/deployer/internal/testca"
 )
 
-// testCA is a certificate authority made for one test.
+// testCA is a certificate authority made for one test (internal/testca).
 type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
+	*testca.CA
+	pem []byte
 }
 
 func newTestCA(tb testing.TB, name string) *testCA {
-	tb.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
+	ca := testca.New(tb, name)
+	return &testCA{CA: ca, pem: ca.PEM}
 }
 
 // issue returns the PEM certificate and key of a leaf: a server
 // certificate for 127.0.0.1 and localhost, or a client certificate.
 func (ca *testCA) issue(tb testing.TB, cn string, server bool, notAfter time.Time) (certPEM, keyPEM []byte) {
 	tb.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: cn},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     notAfter,
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
-	if server {
-		// etcd also dials its own client URL with this certificate.
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
-		tmpl.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
-		tmpl.DNSNames = []string{"localhost"}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
+	return ca.Issue(tb, cn, server, notAfter)
 }
 
 // pool returns a pool trusting only this CA.
-func (ca *testCA) pool() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(ca.cert)
-	return p
-}
+func (ca *testCA) pool() *x509.CertPool { return ca.Pool() }
 
-// serverTLS returns a server configuration with a certificate of this CA
-// that requires client certificates signed by clientCA.
-func (ca *testCA) serverTLS(tb testing.TB, clientCA *testCA) *tls.Config {
+// issueFiles writes a server certificate and its key as dir/name.pem and
+// dir/name-key.pem (testca.CA.IssueFiles).
+func (ca *testCA) issueFiles(tb testing.TB, dir, name, cn string) (certFile, keyFile string) {
 	tb.Helper()
-	c, k := ca.issue(tb, "server", true, time.Now().Add(time.Hour))
-	pair, err := tls.X509KeyPair(c, k)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	cfg := &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}
-	if clientCA != nil {
-		cfg.ClientAuth, cfg.ClientCAs = tls.RequireAndVerifyClientCert, clientCA.pool()
-	}
-	return cfg
+	return ca.IssueFiles(tb, dir, name, cn)
 }
 
 // writeFile writes data to dir/name and returns the path.
 func writeFile(tb testing.TB, dir, name string, data []byte) string {
 	tb.Helper()
-	p := filepath.Join(dir, name)
-	if err := os.WriteFile(p, data, 0o600); err != nil {
-		tb.Fatal(err)
-	}
-	return p
+	return testca.WriteFile(tb, dir, name, data)
 }
 
-// replaceFile writes data to path through a rename, as certificate
-// renewal tools do, with a modification time that differs from the
-// previous one even on file systems with coarse timestamps.
+// replaceFile writes data to path as a renewal tool does
+// (testca.ReplaceFile).
 func replaceFile(tb testing.TB, path string, data []byte) {
 	tb.Helper()
-	old, _ := os.Stat(path)
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		tb.Fatal(err)
-	}
-	if old != nil {
-		mt := old.ModTime().Add(time.Second)
-		if err := os.Chtimes(tmp, mt, mt); err != nil {
-			tb.Fatal(err)
-		}
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		tb.Fatal(err)
-	}
-}
-
-// issueFiles issues a server certificate for 127.0.0.1 and localhost and
-// writes it and its key as dir/name.pem and dir/name-key.pem, replacing
-// them as a renewal tool would; it returns the two paths.
-func (ca *testCA) issueFiles(tb testing.TB, dir, name, cn string) (certFile, keyFile string) {
-	tb.Helper()
-	c, k := ca.issue(tb, cn, true, time.Now().Add(24*time.Hour))
-	certFile, keyFile = filepath.Join(dir, name+".pem"), filepath.Join(dir, name+"-key.pem")
-	replaceFile(tb, certFile, c)
-	replaceFile(tb, keyFile, k)
-	return certFile, keyFile
+	testca.ReplaceFile(tb, path, data)
 }

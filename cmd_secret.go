@@ -16,6 +16,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // commandEtcd is the etcd connection of a subcommand, from the daemon's
@@ -87,7 +89,7 @@ func (c *commandEtcd) read(ctx context.Context, stderr io.Writer, f func(ctx con
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.EtcdDialTimeout+5*time.Second)
 	defer cancel()
-	return f(ctx, inPrefix(cli, c.cfg.EtcdPrefix))
+	return f(ctx, etcdc.InPrefix(cli, c.cfg.EtcdPrefix))
 }
 
 // secretCommand is `deployer secret`: it prints the webhook secret that a

@@ -4,10 +4,12 @@ package main
 // and environment fallbacks, parsed and validated once.
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -16,11 +18,22 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/dockerc"
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // errInvalidFlag marks every validation failure, so callers (and tests) can
 // tell a bad command line from a failure to start.
 var errInvalidFlag = errors.New("invalid flag")
+
+// badFlag is the error of a flag that fails validation: errInvalidFlag,
+// naming the flag.
+func badFlag(flagName, format string, args ...any) error {
+	return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
+}
 
 // config is everything the command line says. The original's flags keep
 // their names and defaults; the rest are new and documented in the README.
@@ -60,8 +73,8 @@ type config struct {
 	TLSCert             string // with TLSKey: serve the webhooks over HTTPS
 	TLSKey              string
 
-	// TLS and authentication to etcd (etcdclient.go) and Docker
-	// (dockerclient.go).
+	// TLS and authentication to etcd (internal/etcdc) and Docker
+	// (internal/dockerc).
 	EtcdCACert       string
 	EtcdCert         string
 	EtcdKey          string
@@ -232,95 +245,92 @@ func splitList(s string) []string {
 // validate checks the flags and derives their parsed forms
 // (registryDomain, killTimeout, shutdownGrace).
 func (c *config) validate() error {
-	bad := func(flagName, format string, args ...any) error {
-		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
-	}
 	if c.Docker == "" {
-		return bad("docker", "must not be empty")
+		return badFlag("docker", "must not be empty")
 	}
 	if _, err := url.Parse(c.Docker); err != nil || !strings.Contains(c.Docker, "://") {
-		return bad("docker", "%q is not an endpoint URL such as unix:///var/run/docker.sock", c.Docker)
+		return badFlag("docker", "%q is not an endpoint URL such as unix:///var/run/docker.sock", c.Docker)
 	}
 	if err := c.validateEtcd(); err != nil {
 		return err
 	}
 	if c.EtcdRetryDelay <= 0 {
-		return bad("etcd_retry_delay", "must be positive, got %s", c.EtcdRetryDelay)
+		return badFlag("etcd_retry_delay", "must be positive, got %s", c.EtcdRetryDelay)
 	}
 	if c.KillTimeout < 0 {
-		return bad("kill_timeout", "must not be negative, got %d", c.KillTimeout)
+		return badFlag("kill_timeout", "must not be negative, got %d", c.KillTimeout)
 	}
 	c.killTimeout = time.Duration(c.KillTimeout) * time.Second
 	c.shutdownGrace = c.killTimeout + drainMargin
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
-		return bad("listen", "%q is not host:port: %v", c.Listen, err)
+		return badFlag("listen", "%q is not host:port: %v", c.Listen, err)
 	}
 	if c.MaxThreads < 1 {
-		return bad("max_threads", "must be at least 1, got %d", c.MaxThreads)
+		return badFlag("max_threads", "must be at least 1, got %d", c.MaxThreads)
 	}
 	domain, err := registryHost(c.Registry)
 	if err != nil {
-		return bad("registry", "%v", err)
+		return badFlag("registry", "%v", err)
 	}
 	c.registryDomain = domain
 	if c.RepullPeriod < 0 {
-		return bad("repull_period", "must not be negative, got %s (0 disables)", c.RepullPeriod)
+		return badFlag("repull_period", "must not be negative, got %s (0 disables)", c.RepullPeriod)
 	}
 	if c.SlackWebhookURL != "" {
 		if err := checkHTTPURL(c.SlackWebhookURL); err != nil {
 			// Not the value: it holds Slack's token.
-			return bad("slack_webhook_url", "is not an http(s) URL")
+			return badFlag("slack_webhook_url", "is not an http(s) URL")
 		}
 	}
 	if err := checkPlainPath(c.WebhookPath); err != nil {
-		return bad("webhook_path", "%v", err)
+		return badFlag("webhook_path", "%v", err)
 	}
 	if err := checkPlainPath(c.RegistryWebhookPath); err != nil {
-		return bad("registry_webhook_path", "%v", err)
+		return badFlag("registry_webhook_path", "%v", err)
 	}
 	if c.RegistryWebhookPath == c.WebhookPath {
-		return bad("registry_webhook_path", "must differ from -webhook_path")
+		return badFlag("registry_webhook_path", "must differ from -webhook_path")
 	}
 	if err := checkFreeRoute(c.WebhookPath); err != nil {
-		return bad("webhook_path", "%v", err)
+		return badFlag("webhook_path", "%v", err)
 	}
 	if err := checkFreeRoute(c.RegistryWebhookPath, c.WebhookPath); err != nil {
-		return bad("registry_webhook_path", "%v", err)
+		return badFlag("registry_webhook_path", "%v", err)
 	}
 	if c.NodeName == "" || strings.ContainsAny(c.NodeName, "/ \t\n") {
-		return bad("node_name", "%q must be non-empty, without spaces or /", c.NodeName)
+		return badFlag("node_name", "%q must be non-empty, without spaces or /", c.NodeName)
 	}
 	if len(c.EtcdNodes) == 0 {
 		if c.EtcdDataDir == "" {
-			return bad("etcd_data_dir", "must not be empty when -etcd_nodes is empty")
+			return badFlag("etcd_data_dir", "must not be empty when -etcd_nodes is empty")
 		}
 		if err := checkHTTPURL(c.EtcdListenPeer); err != nil {
-			return bad("etcd_listen_peer", "%v", err)
+			return badFlag("etcd_listen_peer", "%v", err)
 		}
 		if err := checkLoopbackURL(c.EtcdListenPeer); err != nil {
-			return bad("etcd_listen_peer", "%v", err)
+			return badFlag("etcd_listen_peer", "%v", err)
 		}
 	}
 	if err := c.validateDockerTLS(); err != nil {
 		return err
 	}
 	if c.MaxUnavailable < 0 {
-		return bad("max_unavailable", "must not be negative, got %d", c.MaxUnavailable)
+		return badFlag("max_unavailable", "must not be negative, got %d", c.MaxUnavailable)
 	}
 	if c.RestartTimeout <= 0 {
-		return bad("restart_timeout", "must be positive, got %s", c.RestartTimeout)
+		return badFlag("restart_timeout", "must be positive, got %s", c.RestartTimeout)
 	}
 	if c.SlotTimeout <= 0 {
-		return bad("slot_timeout", "must be positive, got %s", c.SlotTimeout)
+		return badFlag("slot_timeout", "must be positive, got %s", c.SlotTimeout)
 	}
 	if c.RestartStrategy != strategyStop && c.RestartStrategy != strategyRecr {
-		return bad("restart_strategy", "%q must be stop or recreate", c.RestartStrategy)
+		return badFlag("restart_strategy", "%q must be stop or recreate", c.RestartStrategy)
 	}
 	if (c.TLSCert == "") != (c.TLSKey == "") {
-		return bad("tls_cert", "-tls_cert and -tls_key go together")
+		return badFlag("tls_cert", "-tls_cert and -tls_key go together")
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
-		return bad("log_format", "%q must be text or json", c.LogFormat)
+		return badFlag("log_format", "%q must be text or json", c.LogFormat)
 	}
 	return nil
 }
@@ -329,27 +339,24 @@ func (c *config) validate() error {
 // validate and its subcommands' (which take the daemon's command line and
 // check only these) share it.
 func (c *config) validateEtcd() error {
-	bad := func(flagName, format string, args ...any) error {
-		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
-	}
 	if c.EtcdDialTimeout <= 0 {
-		return bad("etcd_dial_timeout", "must be positive, got %s", c.EtcdDialTimeout)
+		return badFlag("etcd_dial_timeout", "must be positive, got %s", c.EtcdDialTimeout)
 	}
 	for _, n := range c.EtcdNodes {
 		if err := checkHTTPURL(n); err != nil {
-			return bad("etcd_nodes", "%v", err)
+			return badFlag("etcd_nodes", "%v", err)
 		}
 	}
 	if !strings.HasPrefix(c.EtcdPrefix, "/") || strings.HasSuffix(c.EtcdPrefix, "/") || strings.Contains(c.EtcdPrefix, "//") {
-		return bad("etcd_prefix", "%q must start with / and not end with /", c.EtcdPrefix)
+		return badFlag("etcd_prefix", "%q must start with / and not end with /", c.EtcdPrefix)
 	}
 	if len(c.EtcdNodes) == 0 {
 		// The embedded etcd: its client URL is where it is reached.
 		if err := checkHTTPURL(c.EtcdListenClient); err != nil {
-			return bad("etcd_listen_client", "%v", err)
+			return badFlag("etcd_listen_client", "%v", err)
 		}
 		if err := checkLoopbackURL(c.EtcdListenClient); err != nil {
-			return bad("etcd_listen_client", "%v", err)
+			return badFlag("etcd_listen_client", "%v", err)
 		}
 	}
 	return c.validateEtcdTLS()
@@ -387,11 +394,8 @@ func addEtcdTLSFlags(fs *flag.FlagSet, c *config) {
 
 // validateEtcdTLS checks the etcd TLS and authentication flags.
 func (c config) validateEtcdTLS() error {
-	bad := func(flagName, format string, args ...any) error {
-		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
-	}
 	if (c.EtcdCert == "") != (c.EtcdKey == "") {
-		return bad("etcd_cert", "-etcd_cert and -etcd_key go together")
+		return badFlag("etcd_cert", "-etcd_cert and -etcd_key go together")
 	}
 	tlsFlag := ""
 	switch {
@@ -402,22 +406,22 @@ func (c config) validateEtcdTLS() error {
 	}
 	if tlsFlag != "" {
 		if len(c.EtcdNodes) == 0 {
-			return bad(tlsFlag, "applies to an external etcd (-etcd_nodes https://…); the embedded etcd listens on loopback without TLS")
+			return badFlag(tlsFlag, "applies to an external etcd (-etcd_nodes https://…); the embedded etcd listens on loopback without TLS")
 		}
 		for _, n := range c.EtcdNodes {
 			if !strings.HasPrefix(n, "https://") {
-				return bad(tlsFlag, "-etcd_nodes %q must be https:// to use TLS", n)
+				return badFlag(tlsFlag, "-etcd_nodes %q must be https:// to use TLS", n)
 			}
 		}
 	}
 	if c.EtcdPasswordFile != "" && c.EtcdPassword != "" {
-		return bad("etcd_password_file", "set either -etcd_password_file or $DEPLOYER_ETCD_PASSWORD, not both")
+		return badFlag("etcd_password_file", "set either -etcd_password_file or $DEPLOYER_ETCD_PASSWORD, not both")
 	}
 	if c.EtcdUsername == "" && (c.EtcdPasswordFile != "" || c.EtcdPassword != "") {
-		return bad("etcd_username", "a password is set (-etcd_password_file or $DEPLOYER_ETCD_PASSWORD) but no -etcd_username")
+		return badFlag("etcd_username", "a password is set (-etcd_password_file or $DEPLOYER_ETCD_PASSWORD) but no -etcd_username")
 	}
 	if c.EtcdUsername != "" && c.EtcdPasswordFile == "" && c.EtcdPassword == "" {
-		return bad("etcd_username", "needs a password: $DEPLOYER_ETCD_PASSWORD or -etcd_password_file")
+		return badFlag("etcd_username", "needs a password: $DEPLOYER_ETCD_PASSWORD or -etcd_password_file")
 	}
 	return nil
 }
@@ -438,6 +442,57 @@ func checkLoopbackURL(s string) error {
 		return nil
 	}
 	return fmt.Errorf("%q is not a loopback address (127.0.0.1, [::1] or localhost): the embedded etcd has no TLS or authentication; run an external etcd for a cluster", s)
+}
+
+// etcdEndpoints is where the client connects: -etcd_nodes, or the
+// embedded etcd's client URL.
+func (c config) etcdEndpoints() []string {
+	if len(c.EtcdNodes) > 0 {
+		return c.EtcdNodes
+	}
+	return []string{c.EtcdListenClient}
+}
+
+// etcdPassword reads the password from -etcd_password_file or the
+// environment.
+func etcdPassword(cfg config) (string, error) {
+	if cfg.EtcdPasswordFile == "" {
+		return cfg.EtcdPassword, nil
+	}
+	b, err := os.ReadFile(cfg.EtcdPasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("-etcd_password_file: %w", err)
+	}
+	pw := strings.TrimRight(string(b), "\r\n")
+	if pw == "" {
+		return "", fmt.Errorf("-etcd_password_file %s is empty", cfg.EtcdPasswordFile)
+	}
+	return pw, nil
+}
+
+// etcdOptions are the etcd client's settings, as the flags say.
+func (c config) etcdOptions() (etcdc.Options, error) {
+	o := etcdc.Options{
+		Endpoints: c.etcdEndpoints(), DialTimeout: c.EtcdDialTimeout,
+		CACert: c.EtcdCACert, Cert: c.EtcdCert, Key: c.EtcdKey,
+	}
+	if c.EtcdUsername != "" {
+		pw, err := etcdPassword(c)
+		if err != nil {
+			return etcdc.Options{}, err
+		}
+		o.Username, o.Password = c.EtcdUsername, pw
+	}
+	return o, nil
+}
+
+// newEtcdClient connects to etcd as the flags say (etcdc.New).
+func newEtcdClient(ctx context.Context, cfg config, log *slog.Logger) (*clientv3.Client, error) {
+	opts, err := cfg.etcdOptions()
+	if err != nil {
+		return nil, err
+	}
+	return etcdc.New(ctx, opts, log)
 }
 
 // dockerCertPath is $DOCKER_CERT_PATH, else ~/.docker, as for the CLI.
@@ -463,25 +518,33 @@ func (c config) dockerUsesTLS() bool {
 	return c.DockerTLSVerify && !strings.HasPrefix(c.Docker, "unix://")
 }
 
+// dockerOptions say how to reach Docker, as the flags and the environment
+// say.
+func (c config) dockerOptions() dockerc.Options {
+	return dockerc.Options{Endpoint: c.Docker, TLS: c.dockerUsesTLS(), CertPath: c.DockerCertPath}
+}
+
+// newDockerClient connects to Docker as the flags say (dockerc.New).
+func newDockerClient(ctx context.Context, cfg config, log *slog.Logger) (*dockerc.Client, error) {
+	return dockerc.New(ctx, cfg.dockerOptions(), log)
+}
+
 // validateDockerTLS checks that TLS has a CA to verify the daemon with:
 // go-dockerclient would silently skip verification without one.
 func (c config) validateDockerTLS() error {
 	if !c.dockerUsesTLS() {
 		return nil
 	}
-	bad := func(flagName, format string, args ...any) error {
-		return fmt.Errorf("%w -%s: %s", errInvalidFlag, flagName, fmt.Sprintf(format, args...))
-	}
 	if c.DockerCertPath == "" {
-		return bad("docker_cert_path", "must name the directory of ca.pem with -docker_tls_verify")
+		return badFlag("docker_cert_path", "must name the directory of ca.pem with -docker_tls_verify")
 	}
 	if _, err := os.Stat(filepath.Join(c.DockerCertPath, "ca.pem")); err != nil {
-		return bad("docker_cert_path", "ca.pem, needed to verify the daemon: %v", err)
+		return badFlag("docker_cert_path", "ca.pem, needed to verify the daemon: %v", err)
 	}
 	_, cerr := os.Stat(filepath.Join(c.DockerCertPath, "cert.pem"))
 	_, kerr := os.Stat(filepath.Join(c.DockerCertPath, "key.pem"))
 	if (cerr == nil) != (kerr == nil) {
-		return bad("docker_cert_path", "%s has only one of cert.pem and key.pem", c.DockerCertPath)
+		return badFlag("docker_cert_path", "%s has only one of cert.pem and key.pem", c.DockerCertPath)
 	}
 	return nil
 }

@@ -2,15 +2,12 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"log"
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -21,277 +18,11 @@ import (
 
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
+
+	"github.com/die-net/deployer/internal/dockerc"
+	"github.com/die-net/deployer/internal/testca"
+	"github.com/die-net/deployer/internal/testdocker"
 )
-
-// fakeEngine is a small Docker Engine API that checks versions as a
-// daemon does: Engine 29 refuses API versions below 1.44 with a 400, and
-// this one also refuses unversioned paths (deprecated upstream) except
-// /_ping, the path clients negotiate with.
-type fakeEngine struct {
-	api, min     string // the versions the daemon reports and accepts
-	noPingHeader bool   // a daemon from before /_ping's API-Version
-	endpoint     string // for -docker
-
-	mu    sync.Mutex
-	paths []string
-}
-
-var versionedPath = regexp.MustCompile(`^/v(\d+\.\d+)(/.*)$`)
-
-func (f *fakeEngine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	f.mu.Lock()
-	f.paths = append(f.paths, r.Method+" "+r.URL.Path)
-	f.mu.Unlock()
-	fail := func(code int, format string, args ...any) {
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(code)
-		json.NewEncoder(w).Encode(map[string]string{"message": fmt.Sprintf(format, args...)})
-	}
-	path := r.URL.Path
-	switch m := versionedPath.FindStringSubmatch(path); {
-	case path == "/_ping":
-		if !f.noPingHeader {
-			w.Header().Set("API-Version", f.api)
-		}
-		io.WriteString(w, "OK")
-		return
-	case path == "/version" && f.noPingHeader:
-		// An old daemon serves everything unversioned.
-	case m == nil:
-		fail(http.StatusBadRequest, "unversioned API requests are not supported: use /v%s%s", f.api, path)
-		return
-	default:
-		v, _ := docker.NewAPIVersion(m[1])
-		lo, _ := docker.NewAPIVersion(f.min)
-		hi, _ := docker.NewAPIVersion(f.api)
-		if v.LessThan(lo) {
-			fail(http.StatusBadRequest, "client version %s is too old. Minimum supported API version is %s, please upgrade your client to a newer version", m[1], f.min)
-			return
-		}
-		if v.GreaterThan(hi) {
-			fail(http.StatusBadRequest, "client version %s is too new. Maximum supported API version is %s", m[1], f.api)
-			return
-		}
-		path = m[2]
-	}
-	w.Header().Set("Content-Type", "application/json")
-	switch {
-	case path == "/_ping":
-		io.WriteString(w, "OK")
-	case path == "/version":
-		fmt.Fprintf(w, `{"Version":"fake","ApiVersion":%q,"MinAPIVersion":%q}`, f.api, f.min)
-	case path == "/images/json":
-		io.WriteString(w, `[{"Id":"sha256:aaa","RepoTags":["myorg/foo:latest"]}]`)
-	case path == "/images/create" && r.Method == http.MethodPost:
-		io.WriteString(w, `{"status":"Status: Image is up to date for myorg/foo:latest"}`+"\n")
-	case path == "/containers/json":
-		io.WriteString(w, `[{"Id":"c1","Image":"myorg/foo:latest","ImageID":"sha256:aaa","Names":["/app"],"State":"running"}]`)
-	case path == "/containers/c1/json":
-		io.WriteString(w, `{"Id":"c1","Name":"/app","Image":"sha256:aaa","Config":{"Image":"myorg/foo:latest"},"State":{"Running":true}}`)
-	case path == "/containers/c1/stop" && r.Method == http.MethodPost:
-		w.WriteHeader(http.StatusNoContent)
-	case path == "/images/myorg/foo:latest/json":
-		io.WriteString(w, `{"Id":"sha256:aaa","RepoTags":["myorg/foo:latest"],"Config":{"Cmd":["/app"]}}`)
-	default:
-		fail(http.StatusNotFound, "page not found")
-	}
-}
-
-// requests returns the requests seen so far.
-func (f *fakeEngine) requests() []string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return append([]string(nil), f.paths...)
-}
-
-// startFakeEngine serves f on a Unix socket ("unix"), TCP ("tcp") or TCP
-// with TLS that requires a client certificate of ca ("tls").
-func startFakeEngine(t *testing.T, f *fakeEngine, transport string, ca *testCA) {
-	t.Helper()
-	ts := httptest.NewUnstartedServer(f)
-	ts.Config.ErrorLog = log.New(io.Discard, "", 0)
-	switch transport {
-	case "unix":
-		sock := filepath.Join(t.TempDir(), "docker.sock")
-		ln, err := net.Listen("unix", sock)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ts.Listener.Close()
-		ts.Listener = ln
-		ts.Start()
-		f.endpoint = "unix://" + sock
-	case "tcp":
-		ts.Start()
-		f.endpoint = "tcp://" + ts.Listener.Addr().String()
-	case "tls":
-		ts.TLS = ca.serverTLS(t, ca)
-		ts.StartTLS()
-		f.endpoint = "tcp://" + ts.Listener.Addr().String()
-	}
-	t.Cleanup(ts.Close)
-}
-
-// dockerCertDir writes ca.pem, cert.pem and key.pem as the Docker CLI
-// expects them in $DOCKER_CERT_PATH.
-func dockerCertDir(t *testing.T, ca *testCA) string {
-	dir := t.TempDir()
-	c, k := ca.issue(t, "deployer", false, time.Now().Add(time.Hour))
-	writeFile(t, dir, "ca.pem", ca.pem)
-	writeFile(t, dir, "cert.pem", c)
-	writeFile(t, dir, "key.pem", k)
-	return dir
-}
-
-func TestDockerAPINegotiation(t *testing.T) {
-	ca := newTestCA(t, "docker CA")
-	tests := []struct {
-		name      string
-		engine    *fakeEngine
-		transport string
-		want      string
-	}{
-		{"engine 29 on the socket", &fakeEngine{api: "1.52", min: "1.44"}, "unix", "1.52"},
-		{"docker 20.10 over tcp", &fakeEngine{api: "1.41", min: "1.12"}, "tcp", "1.41"},
-		{"engine 29 over TLS, DOCKER_TLS_VERIFY", &fakeEngine{api: "1.52", min: "1.44"}, "tls", "1.52"},
-		{"a daemon newer than the client", &fakeEngine{api: "1.99", min: "1.44"}, "unix", dockerAPIMax},
-		{"a daemon without API-Version on /_ping", &fakeEngine{api: "1.24", min: "1.12", noPingHeader: true}, "unix", "1.24"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			f := tt.engine
-			startFakeEngine(t, f, tt.transport, ca)
-			e := env()
-			if tt.transport == "tls" {
-				e = env("DOCKER_TLS_VERIFY", "1", "DOCKER_CERT_PATH", dockerCertDir(t, ca))
-			}
-			cfg, err := parseFlags("deployer", []string{"-docker", f.endpoint}, e, io.Discard)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-			defer cancel()
-			client, err := newDockerClient(ctx, cfg, testLogger(t))
-			if err != nil {
-				t.Fatalf("newDockerClient: %v", err)
-			}
-			// The calls the deployer makes, through its interface.
-			var dc dockerAPI = client
-			if err := dc.PingWithContext(ctx); err != nil {
-				t.Errorf("ping: %v", err)
-			}
-			if imgs, err := dc.ListImages(docker.ListImagesOptions{Context: ctx}); err != nil || len(imgs) != 1 {
-				t.Errorf("list images = %v, %v", imgs, err)
-			}
-			if cs, err := dc.ListContainers(docker.ListContainersOptions{Context: ctx}); err != nil || len(cs) != 1 {
-				t.Errorf("list containers = %v, %v", cs, err)
-			}
-			if c, err := dc.InspectContainerWithContext("c1", ctx); err != nil || c.Config.Image != "myorg/foo:latest" {
-				t.Errorf("inspect = %v, %v", c, err)
-			}
-			if err := dc.PullImage(docker.PullImageOptions{Repository: "myorg/foo", Tag: "latest", Context: ctx}, docker.AuthConfiguration{}); err != nil {
-				t.Errorf("pull: %v", err)
-			}
-			if err := dc.StopContainerWithContext("c1", 1, ctx); err != nil {
-				t.Errorf("stop: %v", err)
-			}
-			if img, err := dc.InspectImageWithContext(ctx, "myorg/foo:latest"); err != nil || img.ID != "sha256:aaa" || img.Config == nil {
-				t.Errorf("inspect image = %+v, %v", img, err)
-			}
-			if _, err := dc.InspectImageWithContext(ctx, "myorg/none:latest"); !errors.Is(err, docker.ErrNoSuchImage) {
-				t.Errorf("inspect of a missing image = %v; want %v", err, docker.ErrNoSuchImage)
-			}
-			// Every request but the negotiation carried the version.
-			reqs := f.requests()
-			for _, r := range reqs[1:] {
-				if _, p, _ := strings.Cut(r, " "); !strings.HasPrefix(p, "/v"+tt.want+"/") && (!f.noPingHeader || p != "/version") {
-					t.Errorf("request %q; want every request at /v%s/", r, tt.want)
-				}
-			}
-			if len(reqs) < 7 {
-				t.Errorf("requests %q; want the negotiation and six calls", reqs)
-			}
-		})
-	}
-}
-
-// TestFakeEngineRefusesOldClients checks the fake against the behaviour
-// it copies: the clients the deployer used before (unversioned) and a
-// client pinned below 1.44 are refused by an Engine 29.
-func TestFakeEngineRefusesOldClients(t *testing.T) {
-	f := &fakeEngine{api: "1.52", min: "1.44"}
-	startFakeEngine(t, f, "unix", nil)
-	old, _ := docker.NewVersionedClient(f.endpoint, "1.41")
-	_, err := old.ListImages(docker.ListImagesOptions{Context: t.Context()})
-	if err == nil || !strings.Contains(err.Error(), "client version 1.41 is too old. Minimum supported API version is 1.44") {
-		t.Errorf("a 1.41 client = %v; want the daemon's refusal", err)
-	}
-	unversioned, _ := docker.NewClient(f.endpoint)
-	if _, err := unversioned.ListImages(docker.ListImagesOptions{Context: t.Context()}); err == nil {
-		t.Error("an unversioned client was served; want it refused")
-	}
-}
-
-// TestNewDockerClientWaitsForDocker: a daemon that is not up yet is
-// waited for (with a warning), and a daemon that answers with a version
-// the client cannot use fails at once.
-func TestNewDockerClientWaitsForDocker(t *testing.T) {
-	f := &fakeEngine{api: "1.45", min: "1.44"}
-	sock := filepath.Join(t.TempDir(), "docker.sock")
-	cfg, err := parseFlags("deployer", []string{"-docker", "unix://" + sock}, env(), io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	warned := make(chan struct{})
-	var once sync.Once
-	logger := slog.New(handlerFunc(func(r slog.Record) {
-		if r.Message == "docker not answering; retrying" {
-			once.Do(func() { close(warned) })
-		}
-	}))
-	type result struct {
-		dc  *dockerClient
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		dc, err := newDockerClient(t.Context(), cfg, logger)
-		done <- result{dc, err}
-	}()
-	select {
-	case <-warned:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no warning while Docker is down")
-	}
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: f, ErrorLog: log.New(io.Discard, "", 0)}
-	go srv.Serve(ln)
-	defer srv.Close()
-	var r result
-	select {
-	case r = <-done:
-	case <-time.After(15 * time.Second):
-		t.Fatal("newDockerClient did not return once Docker answered")
-	}
-	if r.err != nil {
-		t.Fatal(r.err)
-	}
-	if _, err := r.dc.ListContainers(docker.ListContainersOptions{Context: t.Context()}); err != nil {
-		t.Errorf("list containers: %v", err)
-	}
-
-	bad := &fakeEngine{api: "two", min: "1.44"}
-	startFakeEngine(t, bad, "unix", nil)
-	cfg.Docker = bad.endpoint
-	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-	defer cancel()
-	if _, err := newDockerClient(ctx, cfg, testLogger(t)); !errors.Is(err, errDockerAPI) {
-		t.Errorf("a daemon reporting version %q: %v; want errDockerAPI at once", bad.api, err)
-	}
-}
 
 // handlerFunc is a slog.Handler calling f for every record.
 type handlerFunc func(slog.Record)
@@ -302,7 +33,7 @@ func (h handlerFunc) WithAttrs([]slog.Attr) slog.Handler            { return h }
 func (h handlerFunc) WithGroup(string) slog.Handler                 { return h }
 
 func TestDockerEndpointFlags(t *testing.T) {
-	certs := dockerCertDir(t, newTestCA(t, "ca"))
+	certs := testdocker.CertDir(t, testca.New(t, "ca"))
 	noCA := t.TempDir()
 	tests := []struct {
 		name     string
@@ -352,6 +83,9 @@ type silentEngine struct {
 	mu   sync.Mutex
 	held []string
 }
+
+// versionedPath is a request path with its API version: /v1.44/….
+var versionedPath = regexp.MustCompile(`^/v(\d+\.\d+)(/.*)$`)
 
 func (e *silentEngine) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.Path
@@ -433,7 +167,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 		p  *puller
 		rs *restarter
 		r  *recreator
-		ev *dockerEvents
+		ev *dockerc.Events
 		w  *upWaiter
 		e  *silentEngine
 	}
@@ -513,7 +247,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			dc := newDockerClientFor(c, "unix://"+sock, "1.44")
+			dc := dockerc.NewFor(c, "unix://"+sock, "1.44")
 			m, lg := newMetrics(), testLogger(t)
 			w := newUpWaiter(dc, eventsFor(dc, to), time.Minute, to, lg, m)
 			rs := newRestarter(dc, w, 0, "", lg, m)
@@ -525,7 +259,7 @@ func TestDockerCallsHaveDeadlines(t *testing.T) {
 			done := make(chan error, 1)
 			start := time.Now()
 			go func() {
-				done <- tt.call(t.Context(), parts{p: p, rs: rs, r: r, ev: newDockerEvents(c, to), w: w, e: e})
+				done <- tt.call(t.Context(), parts{p: p, rs: rs, r: r, ev: dockerc.NewEvents(c, to), w: w, e: e})
 			}()
 			select {
 			case err := <-done:

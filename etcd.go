@@ -1,13 +1,12 @@
 package main
 
-// etcd.go: the etcd keyspace, one function per key, the client's view of
-// it under -etcd_prefix, and the client's connection options. Every key
-// the daemon reads or writes is built here. (The client itself, its flags
-// and TLS, is etcdclient.go.)
+// etcd.go: the etcd keyspace, one function per key. Every key the daemon
+// reads or writes is built here. (The client itself, its TLS, its view of
+// a prefix and its connection options, is internal/etcdc.)
 //
-// Every component gets a client confined to -etcd_prefix (inPrefix): the
-// keys below are relative to it, and etcd's namespace package adds and
-// strips the prefix. Layout under -etcd_prefix (<prefix>):
+// Every component gets a client confined to -etcd_prefix
+// (etcdc.InPrefix): the keys below are relative to it, and etcd's
+// namespace package adds and strips the prefix. Layout under -etcd_prefix (<prefix>):
 //
 //	<prefix>/<repository>                     a deploy trigger (trigger.go)
 //	<prefix>/_nodes/<node>/revision           the last revision the node handled
@@ -26,12 +25,6 @@ package main
 import (
 	"net/url"
 	"strings"
-	"time"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/namespace"
-	"google.golang.org/grpc"
-	grpcbackoff "google.golang.org/grpc/backoff"
 )
 
 const (
@@ -46,22 +39,6 @@ const (
 	slotsLeaf = "slots/" // under a rollout's directory
 	downLeaf  = "down/"  // under a rollout's directory
 )
-
-// inPrefix returns a client that sees only the keys under prefix, as
-// relative keys: reads, writes, transactions, watches and leases go
-// through etcd's namespace package. It shares cli's connection and ends
-// with it; it must not be closed itself (closing it would close cli's
-// watcher and lessor).
-//
-//nolint:contextcheck // the view lives as long as cli (cli.Ctx), not a call
-func inPrefix(cli *clientv3.Client, prefix string) *clientv3.Client {
-	ns := clientv3.NewCtxClient(cli.Ctx())
-	ns.KV = namespace.NewKV(cli.KV, prefix)
-	ns.Watcher = namespace.NewWatcher(cli.Watcher, prefix)
-	ns.Lease = namespace.NewLease(cli.Lease, prefix)
-	ns.Cluster, ns.Maintenance, ns.Auth = cli.Cluster, cli.Maintenance, cli.Auth
-	return ns
-}
 
 // triggersPrefix is where the triggers are: every key under it that
 // repoFromKey accepts.
@@ -114,12 +91,3 @@ func downDir(ref string) string { return rolloutPrefix(ref) + downLeaf }
 
 // downKey lists node's containers of ref that are down.
 func downKey(ref, node string) string { return downDir(ref) + node }
-
-// etcdDialOptions caps gRPC's reconnect backoff (2 minutes by default), so
-// that the client is back within seconds of an etcd member's return.
-func etcdDialOptions() []grpc.DialOption {
-	return []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-		Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 3 * time.Second},
-		MinConnectTimeout: 2 * time.Second,
-	})}
-}

@@ -26,6 +26,9 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+
+	"github.com/die-net/deployer/internal/etcdc"
+	"github.com/die-net/deployer/internal/testetcd"
 )
 
 // One embedded etcd serves the whole package; each test gets its own key
@@ -58,29 +61,11 @@ func freePort(tb testing.TB) string {
 	return "http://" + ln.Addr().String()
 }
 
-// startTestEtcd starts an embedded etcd in dir on free loopback ports.
+// startTestEtcd starts an embedded etcd in dir on free loopback ports
+// (testetcd.Start).
 func startTestEtcd(tb testing.TB, dir string) (*embed.Etcd, string) {
 	tb.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "test"
-	cfg.Dir = dir
-	cu, _ := url.Parse(freePort(tb))
-	pu, _ := url.Parse(freePort(tb))
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		tb.Fatalf("start etcd: %v", err)
-	}
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		e.Close()
-		tb.Fatal("etcd not ready in 30s")
-	}
-	return e, cu.String()
+	return testetcd.Start(tb, dir)
 }
 
 // testEtcd returns a client of the shared embedded etcd, closed at the end
@@ -102,7 +87,7 @@ func testEtcd(tb testing.TB) *clientv3.Client {
 
 func newTestClient(tb testing.TB, endpoints ...string) *clientv3.Client {
 	tb.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop(), DialOptions: etcdDialOptions()})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop(), DialOptions: etcdc.DialOptions()})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -115,13 +100,13 @@ func newTestClient(tb testing.TB, endpoints ...string) *clientv3.Client {
 // -etcd_prefix.
 func testNS(tb testing.TB) *clientv3.Client {
 	tb.Helper()
-	return inPrefix(testEtcd(tb), testPrefix(tb))
+	return etcdc.InPrefix(testEtcd(tb), testPrefix(tb))
 }
 
 // testLeases returns a node's session source on cli, closed at the end of
 // the test.
-func testLeases(tb testing.TB, cli *clientv3.Client) *nodeLease {
-	l := newNodeLease(cli, sessionTTL, 5*time.Second)
+func testLeases(tb testing.TB, cli *clientv3.Client) *etcdc.NodeLease {
+	l := etcdc.NewNodeLease(cli, sessionTTL, 5*time.Second)
 	tb.Cleanup(func() { _ = l.Close() })
 	return l
 }

@@ -6,6 +6,8 @@ import (
 	"context"
 	"os"
 	"time"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // With the e2e build tag, DEPLOYER_E2E_PARKED_DELAY=<duration> makes
@@ -18,7 +20,7 @@ func init() {
 			return
 		}
 		if d, err := time.ParseDuration(os.Getenv("DEPLOYER_E2E_PARKED_DELAY")); err == nil && d > 0 {
-			sleepCtx(ctx, d)
+			backoff.Sleep(ctx, d)
 		}
 	}
 }

@@ -12,18 +12,25 @@
 // filedeps.txt, so that a new one shows up in review):
 //
 //  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
-//     keyspace), metrics, redact, flagcheck, selfid, lease, eventstream,
-//     tlsreload, health
-//  2. config, trigger (the record and the one rule), retry, scan, clone,
-//     puller, upwait
-//  3. the clients and the node: etcdclient, dockerclient, nodeid, auth,
-//     parked, queue
+//     keyspace), metrics, redact, flagcheck, eventstream, tlsreload,
+//     health
+//  2. config (and the etcd and Docker clients as the flags say), trigger
+//     (the record and the one rule), retry, scan, clone, puller, upwait
+//  3. the node: nodeid, auth, parked, queue
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
 //  7. replace, clusterview
 //  8. deploy, cmd_status
 //  9. main: the daemon's wiring and lifecycle
+//
+// Infrastructure that knows nothing of deploys is in packages of its own
+// under internal/, which package main imports and which import nothing of
+// it: etcdc (the etcd client with its TLS, its leases and the view of a
+// prefix), dockerc (the Docker client with API negotiation, and the event
+// stream), backoff (the waits of every retry loop), pemfile (a key pair
+// and a CA pool read again when their files change) and selfid (the ID of
+// our own container).
 package main
 
 import (
@@ -47,6 +54,11 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/dockerc"
+	"github.com/die-net/deployer/internal/etcdc"
+	"github.com/die-net/deployer/internal/selfid"
 )
 
 // version is set with -ldflags "-X main.version=…".
@@ -175,7 +187,7 @@ type daemon struct {
 	progress  *progress
 	queue     *deployQueue
 	repuller  *repuller
-	leases    *nodeLease
+	leases    *etcdc.NodeLease
 	parker    *parker // settles what a crash left parked
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
@@ -192,24 +204,24 @@ type daemon struct {
 // the daemon sees only -etcd_prefix of it) and dc. It starts nothing.
 func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger) (*daemon, error) {
 	m := newMetrics()
-	etcd := inPrefix(cli, cfg.EtcdPrefix)
+	etcd := etcdc.InPrefix(cli, cfg.EtcdPrefix)
 	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, secret: &secretCell{}, ready: make(chan struct{}), stopBound: stopBound(cfg)}
 	var note notifier = nopNotifier{}
 	if cfg.SlackWebhookURL != "" {
 		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
 		note = d.slack
 	}
-	d.leases = newNodeLease(etcd, sessionTTL, callTimeout)
+	d.leases = etcdc.NewNodeLease(etcd, sessionTTL, callTimeout)
 
 	// One source of Docker events for every subscription: each is a
 	// stream of its own, closed when it ends (go-dockerclient's own
 	// monitor leaves a goroutine and a connection behind per
-	// subscription, eventstream.go).
+	// subscription, internal/dockerc/events.go).
 	events := eventsFor(dc, callTimeout)
 	rep := newReplacement(dc, events, etcd, d.leases, replacementOptions{
 		node: cfg.NodeName, strategy: cfg.RestartStrategy, maxUnavailable: cfg.MaxUnavailable,
 		restartTimeout: cfg.RestartTimeout, killTimeout: cfg.killTimeout, slotTimeout: cfg.SlotTimeout,
-		callTimeout: callTimeout, selfID: selfContainerID(),
+		callTimeout: callTimeout, selfID: selfid.ContainerID(),
 	}, log, m)
 	d.parker = rep.parker
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
@@ -219,7 +231,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
 	d.queue = newDeployQueue(cfg.MaxThreads, cfg.shutdownGrace, func(ctx context.Context, j job) error {
 		err := dep.deploy(ctx, j)
-		wake(statusPokes)
+		backoff.Wake(statusPokes)
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
 	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
@@ -494,10 +506,10 @@ func startEmbeddedEtcd(cfg config, log *slog.Logger) (*embed.Etcd, error) {
 }
 
 // eventsFor returns the event source for every subscription on dc:
-// dockerEvents for a real client, dc itself otherwise (the tests' fake).
+// dockerc.Events for a real client, dc itself otherwise (the tests' fake).
 func eventsFor(dc dockerAPI, callTimeout time.Duration) eventAPI {
-	if c, ok := dc.(*dockerClient); ok {
-		return newDockerEvents(c.Client, callTimeout)
+	if c, ok := dc.(*dockerc.Client); ok {
+		return dockerc.NewEvents(c.Client, callTimeout)
 	}
 	return dc
 }

@@ -17,6 +17,9 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
+	"github.com/die-net/deployer/internal/testdocker"
 )
 
 func TestRunRejectsBadFlags(t *testing.T) {
@@ -263,11 +266,11 @@ func TestHealthz(t *testing.T) {
 // the daemon runs its own etcd.
 func TestEmbeddedEtcdServe(t *testing.T) {
 	dir := t.TempDir()
-	engine := &fakeEngine{api: "1.52", min: "1.44"} // the daemon waits for Docker's API version
-	startFakeEngine(t, engine, "unix", nil)
+	engine := &testdocker.Engine{API: "1.52", Min: "1.44"} // the daemon waits for Docker's API version
+	testdocker.Start(t, engine, "unix", nil)
 	cfg, err := parseFlags("deployer", []string{
 		"-etcd_nodes=", "-etcd_data_dir", dir, "-etcd_listen_client", freePort(t), "-etcd_listen_peer", freePort(t),
-		"-listen", "127.0.0.1:0", "-docker", engine.endpoint, "-dockercfg=", "-node_name", "solo",
+		"-listen", "127.0.0.1:0", "-docker", engine.Endpoint, "-dockercfg=", "-node_name", "solo",
 	}, env(), io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -330,7 +333,7 @@ func daemonCommandLine(t *testing.T, etcdURL string) []string {
 // empty.
 func TestSubcommandsTakeTheDaemonsCommandLine(t *testing.T) {
 	cli := testEtcd(t)
-	secret, _, err := clusterSecret(t.Context(), inPrefix(cli, testPrefix(t)))
+	secret, _, err := clusterSecret(t.Context(), etcdc.InPrefix(cli, testPrefix(t)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,9 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // Node identity. A live deployer holds ownerKey (<prefix>/_owner/<node>),
@@ -80,7 +83,7 @@ type nodeClaim struct {
 	wait   time.Duration // how long to wait for a previous holder's lease
 	poll   time.Duration
 	log    *slog.Logger
-	sess   *session
+	sess   *etcdc.Session
 	callTO time.Duration
 	retry  time.Duration // the backoff's base while etcd does not answer at start
 }
@@ -111,7 +114,7 @@ func (c *nodeClaim) run(ctx context.Context, held chan<- struct{}) error {
 			return nil // stopped while starting
 		}
 		c.log.Warn("cannot claim the node name in etcd yet", "err", err)
-		if !sleepCtx(ctx, backoff(c.retry, attempt)) {
+		if !backoff.Sleep(ctx, backoff.Delay(c.retry, attempt)) {
 			return nil
 		}
 	}
@@ -135,7 +138,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("etcd lease for the node name: %w", err)
 	}
-	sess := newSession(context.WithoutCancel(ctx), c.cli, lease.ID, c.ttl).start()
+	sess := etcdc.NewSession(context.WithoutCancel(ctx), c.cli, lease.ID, c.ttl).Start()
 	val, _ := json.Marshal(c.self)
 	deadline := time.Now().Add(c.wait)
 	logged := false
@@ -185,7 +188,7 @@ func (c *nodeClaim) acquire(ctx context.Context) error {
 				"holder", holder.String(), "wait", c.wait)
 			logged = true
 		}
-		if !sleepCtx(ctx, c.poll) {
+		if !backoff.Sleep(ctx, c.poll) {
 			_ = sess.Close() // revoking failed: the lease expires by itself
 			return ctx.Err()
 		}
@@ -218,7 +221,7 @@ func (c *nodeClaim) keep(ctx context.Context) {
 				return
 			}
 			c.log.Error("cannot take the node name back", "err", err)
-			if !sleepCtx(ctx, backoff(time.Second, attempt)) {
+			if !backoff.Sleep(ctx, backoff.Delay(time.Second, attempt)) {
 				c.sess = nil
 				return
 			}

@@ -13,10 +13,12 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 func testClaim(t *testing.T, cli *clientv3.Client, node string, wait time.Duration) *nodeClaim {
-	c := newNodeClaim(inPrefix(cli, testPrefix(t)), node, "127.0.0.1:4500", time.Second, testLogger(t))
+	c := newNodeClaim(etcdc.InPrefix(cli, testPrefix(t)), node, "127.0.0.1:4500", time.Second, testLogger(t))
 	c.wait, c.poll = wait, 50*time.Millisecond
 	return c
 }

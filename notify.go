@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/slack-go/slack"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // report is what one node did for one repository.
@@ -200,7 +202,7 @@ func (s *slackNotifier) post(ctx context.Context, msg slack.WebhookMessage) {
 		if errors.As(err, &rl) && attempt < 3 && ctx.Err() == nil {
 			wait := min(max(rl.RetryAfter, time.Second), s.maxWait)
 			s.log.Info("slack rate limited, waiting", "retry_after", wait)
-			if sleepCtx(ctx, wait) {
+			if backoff.Sleep(ctx, wait) {
 				continue
 			}
 		}

@@ -45,6 +45,8 @@ import (
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // parkAPI is the part of the Docker client parking uses.
@@ -93,7 +95,7 @@ func newParker(dc parkAPI, stopBudget time.Duration, wait *upWaiter, log *slog.L
 }
 
 // putBackAttempts bounds the tries of each step of a put-back; between
-// them the restarter waits backoff(retryBase, attempt).
+// them the restarter waits backoff.Delay(retryBase, attempt).
 const putBackAttempts = 5
 
 // hold marks name as being parked, replaced or put back by this process
@@ -175,7 +177,7 @@ func (r *parker) retryStep(ctx context.Context, what string, step func(context.C
 		if err == nil {
 			return nil
 		}
-		if isNoSuchContainer(err) || attempt >= putBackAttempts || !sleepCtx(ctx, backoff(r.retryBase, attempt)) {
+		if isNoSuchContainer(err) || attempt >= putBackAttempts || !backoff.Sleep(ctx, backoff.Delay(r.retryBase, attempt)) {
 			return fmt.Errorf("%s (attempt %d): %w", what, attempt, err)
 		}
 		r.log.Debug("retrying", "step", what, "attempt", attempt, "err", err)
@@ -202,7 +204,7 @@ func (r *parker) putBack(ctx context.Context, name, parkedID string, pol docker.
 	defer cancel()
 	err := r.putBackSteps(ctx, name, parkedID, pol)
 	if err != nil {
-		wake(r.settle) // the record stays: settle it again later
+		backoff.Wake(r.settle) // the record stays: settle it again later
 	}
 	return err
 }
@@ -299,7 +301,7 @@ func (r *parker) removeParked(ctx context.Context, name, parkedID string) error 
 		return err
 	})
 	if err != nil {
-		wake(r.settle)
+		backoff.Wake(r.settle)
 		r.log.Warn("could not remove the parked container; will try again", "container", name, "id", shortID(parkedID), "err", err)
 	}
 	return err
@@ -338,7 +340,7 @@ func (r *parker) settleLoop(ctx context.Context, failing bool) {
 			case <-r.settle:
 			}
 		} else {
-			t := time.NewTimer(backoff(time.Second, attempt))
+			t := time.NewTimer(backoff.Delay(time.Second, attempt))
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -367,7 +369,7 @@ func (r *parker) noteLeftovers(list []docker.APIContainers) {
 		_, held := r.held[base]
 		r.mu.Unlock()
 		if !held {
-			wake(r.settle)
+			backoff.Wake(r.settle)
 			return
 		}
 	}
@@ -464,7 +466,7 @@ func (r *parker) settled(ctx context.Context, name, parkedID string) (bool, stri
 		if !pending || time.Now().After(deadline) {
 			return up, c.ID, nil
 		}
-		if !sleepCtx(ctx, r.wait.poll) {
+		if !backoff.Sleep(ctx, r.wait.poll) {
 			return false, "", ctx.Err()
 		}
 	}

@@ -18,6 +18,8 @@ import (
 
 	"github.com/distribution/reference"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // deployEvent asks for a deploy of one repository.
@@ -261,7 +263,7 @@ func (q *deployQueue) submit(ev deployEvent) {
 	}
 	st.next.merge(ev)
 	st.lastEvent = time.Now()
-	wake(st.kick)
+	backoff.Wake(st.kick)
 	if !busy {
 		q.queued.Inc()
 		q.wg.Add(1)

@@ -14,6 +14,8 @@ import (
 
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // managedLabel marks a container that the periodic re-pull keeps up to
@@ -57,7 +59,7 @@ func (p *repuller) run(ctx context.Context) error {
 	for {
 		// Spread nodes out: each waits 90% to 110% of the period.
 		wait := p.period - p.period/10 + rand.N(p.period/5+1) //nolint:gosec // jitter, not a secret
-		if !sleepCtx(ctx, wait) {
+		if !backoff.Sleep(ctx, wait) {
 			return nil
 		}
 		if err := p.once(ctx); err != nil {

@@ -9,6 +9,8 @@ import (
 
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 func TestRepullerQueuesOnlyDeployedRepositories(t *testing.T) {
@@ -41,7 +43,7 @@ func TestRepullerQueuesOnlyDeployedRepositories(t *testing.T) {
 	other.Config = &docker.Config{Image: "postgres:latest", Labels: map[string]string{managedLabel: "false"}}
 
 	var got []deployEvent
-	p := newRepuller(f, inPrefix(cli, prefix), "docker.io", time.Hour, func(repo string, ev deployEvent) { ev.Repo = testName(repo); got = append(got, ev) }, testLogger(t))
+	p := newRepuller(f, etcdc.InPrefix(cli, prefix), "docker.io", time.Hour, func(repo string, ev deployEvent) { ev.Repo = testName(repo); got = append(got, ev) }, testLogger(t))
 	if err := p.once(t.Context()); err != nil {
 		t.Fatal(err)
 	}
@@ -78,7 +80,7 @@ func TestRepullerBareNamesBelongToRegistry(t *testing.T) {
 	f.addContainer("ours", "reg:5000/myorg/app:qa")
 	f.addContainer("hub", "myorg/app:qa")
 	var got []deployEvent
-	p := newRepuller(f, inPrefix(cli, prefix), "reg:5000", 0, func(repo string, ev deployEvent) { ev.Repo = testName(repo); got = append(got, ev) }, testLogger(t))
+	p := newRepuller(f, etcdc.InPrefix(cli, prefix), "reg:5000", 0, func(repo string, ev deployEvent) { ev.Repo = testName(repo); got = append(got, ev) }, testLogger(t))
 	if err := p.once(t.Context()); err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,8 @@ import (
 
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // containerAPI is the part of the Docker client the restarter uses.
@@ -253,7 +255,7 @@ func (r *restarter) settleNow(ctx context.Context, c staleContainer, pol docker.
 	_, err := r.docker.InspectContainerWithContext(c.Name, ictx)
 	cancel()
 	if !isNoSuchContainer(err) {
-		wake(r.parked.settle)
+		backoff.Wake(r.parked.settle)
 		return
 	}
 	if err := r.parked.putBack(ctx, c.Name, c.ID, pol); err != nil {

@@ -1,8 +1,8 @@
 package main
 
 // retry.go: retrying. Which failures are retryable and how long to wait
-// (retryable, retryPolicy), the backoff and cancellable sleep of every
-// loop, and the non-blocking wake-up send.
+// (retryable, retryPolicy). The backoff, the cancellable sleep of every
+// loop and the non-blocking wake-up send are in internal/backoff.
 
 import (
 	"context"
@@ -259,37 +259,4 @@ func hasAny(s string, subs []string) bool {
 		}
 	}
 	return false
-}
-
-// backoff returns a capped exponential delay with jitter: base, 2*base, ...
-// up to 30*base, each between 50% and 100% of its nominal value.
-func backoff(base time.Duration, attempt int) time.Duration {
-	d := base
-	for i := 1; i < attempt && d < 30*base; i++ {
-		d *= 2
-	}
-	d = min(d, 30*base)
-	return d/2 + rand.N(d/2+1) //nolint:gosec // jitter, not a secret
-}
-
-// sleepCtx waits for d or until ctx is done; it reports whether d passed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
-// wake sends a wake-up on ch, a channel of capacity 1, without blocking:
-// a wake-up already pending covers this one (the receiver re-reads the
-// state it is woken for).
-func wake(ch chan<- struct{}) {
-	select {
-	case ch <- struct{}{}:
-	default:
-	}
 }

@@ -53,6 +53,9 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // sessionTTL is how many seconds a dead node's slots outlive it.
@@ -77,14 +80,14 @@ func (e *haltedError) Error() string {
 // errSlotLost: the node's lease, and with it the slot, went away.
 var errSlotLost = errors.New("rollout slot lost with the etcd session")
 
-// sessions is the node's session source (nodeLease) as the rollout uses it.
+// sessions is the node's session source (etcdc.NodeLease) as the rollout uses it.
 type sessions interface {
-	// current returns the live session, granting a new lease if needed.
-	current(ctx context.Context) (*session, error)
-	// drop forgets a session whose lease is gone.
-	drop(s *session)
-	// end gives up a session whose keys could not be deleted.
-	end(s *session)
+	// Current returns the live session, granting a new lease if needed.
+	Current(ctx context.Context) (*etcdc.Session, error)
+	// Drop forgets a session whose lease is gone.
+	Drop(s *etcdc.Session)
+	// End gives up a session whose keys could not be deleted.
+	End(s *etcdc.Session)
 }
 
 // rolloutEtcd is the part of the etcd client the rollout uses.
@@ -125,7 +128,7 @@ type slot struct {
 	r    *rollout
 	ref  string
 	key  string
-	sess *session
+	sess *etcdc.Session
 }
 
 // lost is closed when the slot's session ends.
@@ -139,7 +142,7 @@ func (r *rollout) acquire(ctx context.Context, ref string, c staleContainer) (*s
 	ctx, cancel := context.WithTimeout(ctx, r.slotTimeout)
 	defer cancel()
 	for {
-		s, err := r.leases.current(ctx)
+		s, err := r.leases.Current(ctx)
 		if err != nil {
 			return nil, r.acquireErr(ctx, err)
 		}
@@ -150,7 +153,7 @@ func (r *rollout) acquire(ctx context.Context, ref string, c staleContainer) (*s
 		case err == nil:
 			return sl, nil
 		case errors.Is(err, errSlotLost):
-			r.leases.drop(s)
+			r.leases.Drop(s)
 			r.metrics.slotsLost.Inc()
 			r.log.Warn("etcd session lost while waiting for a rollout slot; queueing again", "ref", ref, "container", c.Name)
 			continue
@@ -245,7 +248,7 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 				return ctx.Err()
 			}
 			r.log.Warn("counting rollout slots failed, retrying", "ref", sl.ref, "err", err)
-			if !sleepCtx(ctx, time.Second) {
+			if !backoff.Sleep(ctx, time.Second) {
 				return ctx.Err()
 			}
 			continue
@@ -353,15 +356,15 @@ func (sl *slot) release(ctx context.Context) {
 			if ctx.Err() != nil {
 				// At the stop (or past the slot timeout) there is no time
 				// for a revoke: the keepalives stop now, so the lease
-				// expires within its TTL, and nodeLease.Close, which still
+				// expires within its TTL, and NodeLease.Close, which still
 				// holds the session, revokes it at the stop.
 				sl.sess.Orphan()
 				return
 			}
-			r.leases.end(sl.sess)
+			r.leases.End(sl.sess)
 			return
 		}
-		time.Sleep(backoff(r.releaseBase, attempt))
+		time.Sleep(backoff.Delay(r.releaseBase, attempt))
 	}
 }
 
@@ -410,7 +413,7 @@ func (r *rollout) recordHalt(ctx context.Context, ref string, c staleContainer, 
 		}
 		r.log.Warn("could not record the halted rollout; keeping the slot and retrying", "ref", ref, "image", shortID(c.NewID),
 			"attempt", attempt, "err", err)
-		if !sleepCtx(ctx, backoff(r.releaseBase, attempt)) {
+		if !backoff.Sleep(ctx, backoff.Delay(r.releaseBase, attempt)) {
 			r.log.Error("could not record the halted rollout before the stop", "ref", ref, "image", shortID(c.NewID), "err", err)
 			return
 		}

@@ -12,6 +12,8 @@ import (
 	docker "github.com/fsouza/go-dockerclient"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // faultKV is etcd's KV with injected faults: failing deletes, and a hook
@@ -432,7 +434,7 @@ func TestSlotRelease(t *testing.T) {
 				if !lost(sl.sess) {
 					t.Error("keepalives still running after a failed release at the stop")
 				}
-				if err := r.leases.(*nodeLease).Close(); err != nil {
+				if err := r.leases.(*etcdc.NodeLease).Close(); err != nil {
 					t.Fatal(err)
 				}
 			} else {
@@ -629,12 +631,19 @@ func TestWaitSurvivesEventStreamEnd(t *testing.T) {
 	}
 }
 
+// lost says whether s's keepalives have stopped.
+func lost(s *etcdc.Session) bool {
+	select {
+	case <-s.Done():
+		return true
+	default:
+		return false
+	}
+}
+
 // heldSession is the session r's node holds now (nil: none).
-func heldSession(r *rollout) *session {
-	l := r.leases.(*nodeLease)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.session
+func heldSession(r *rollout) *etcdc.Session {
+	return r.leases.(*etcdc.NodeLease).Held()
 }
 
 // TestHaltWriteRetriedBeforeSlotFreed: the halt record's write fails a few

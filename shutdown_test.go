@@ -16,6 +16,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // blackHole is an etcd endpoint that accepts connections and never
@@ -65,8 +67,8 @@ func TestStatusReporterStopsWithEtcdDown(t *testing.T) {
 	f.local["reg:5000/app:qa"] = "sha256:1"
 	f.addContainer("app", "reg:5000/app:qa")
 	// Only the daemon's end may stop the grant: no call timeout helps.
-	leases := newNodeLease(inPrefix(cli, testPrefix(t)), sessionTTL, time.Hour)
-	s := newStatusReporter(f, nil, inPrefix(cli, testPrefix(t)), leases, "n1", version, nil, nil, testLogger(t))
+	leases := etcdc.NewNodeLease(etcdc.InPrefix(cli, testPrefix(t)), sessionTTL, time.Hour)
+	s := newStatusReporter(f, nil, etcdc.InPrefix(cli, testPrefix(t)), leases, "n1", version, nil, nil, testLogger(t))
 	s.period, s.callTimeout = time.Hour, time.Hour
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)

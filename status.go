@@ -22,6 +22,9 @@ import (
 
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 type containerStatus struct {
@@ -48,10 +51,10 @@ type nodeStatus struct {
 // an idle node is not woken every few seconds.
 const statusResync = 5 * time.Minute
 
-// leaseSource is the node's session (nodeLease) as the status reporter
+// leaseSource is the node's session (etcdc.NodeLease) as the status reporter
 // uses it: the record lives under the current lease.
 type leaseSource interface {
-	current(ctx context.Context) (*session, error)
+	Current(ctx context.Context) (*etcdc.Session, error)
 }
 
 // statusPutter writes the node's records.
@@ -168,7 +171,7 @@ func newStatusReporter(dc containerAPI, events eventAPI, kv statusPutter, leases
 
 // poke asks for the record to be written again (a deploy finished). It
 // never blocks.
-func (s *statusReporter) poke() { wake(s.wake) }
+func (s *statusReporter) poke() { backoff.Wake(s.wake) }
 
 // statusEvent reports whether a Docker event can change the list of
 // running containers or whether one is down: health checks' execs and the
@@ -217,7 +220,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 		if err := s.events.AddEventListenerWithOptions(opts, ch); err != nil {
 			subFails++
 			s.log.Debug("docker events unavailable, retrying", "err", err, "attempt", subFails)
-			resub = time.After(backoff(retryBase, subFails))
+			resub = time.After(backoff.Delay(retryBase, subFails))
 			return
 		}
 		events, subscribed = ch, time.Now()
@@ -241,7 +244,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 				lease, err = s.write(ctx, cs, last, rs, lastRetries, lastLease)
 				if err == nil {
 					last, lastRetries, lastLease = cs, rs, lease
-					if sess, serr := s.leases.current(ctx); serr == nil && sess.Lease() == lease {
+					if sess, serr := s.leases.Current(ctx); serr == nil && sess.Lease() == lease {
 						leaseGone = sess.Done()
 					}
 				}
@@ -254,7 +257,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 			if err != nil && ctx.Err() == nil {
 				fails++
 				s.log.Warn("status record not written", "err", err, "attempt", fails)
-				retry = time.After(backoff(retryBase, fails))
+				retry = time.After(backoff.Delay(retryBase, fails))
 			} else {
 				fails = 0
 			}
@@ -287,7 +290,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 				events = nil
 				subFails++
 				s.log.Debug("docker event stream ended, subscribing again", "attempt", subFails)
-				resub = time.After(backoff(retryBase, subFails))
+				resub = time.After(backoff.Delay(retryBase, subFails))
 				pass = time.Since(subscribed) >= retryBase
 				continue
 			}
@@ -307,7 +310,7 @@ func (s *statusReporter) run(ctx context.Context) error {
 // changed. Every etcd call, the session's lease grant included, ends with
 // ctx: a stop never waits for an unreachable etcd.
 func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, rs, lastRs []pendingRetry, lastLease clientv3.LeaseID) (clientv3.LeaseID, error) {
-	sess, err := s.leases.current(ctx)
+	sess, err := s.leases.Current(ctx)
 	if err != nil {
 		return lastLease, err
 	}
@@ -464,7 +467,7 @@ func (s *statusReporter) downRecords() map[string]string {
 // changed).
 func (s *statusReporter) writeDown(ctx context.Context) error {
 	recs := s.downRecords()
-	sess, err := s.leases.current(ctx)
+	sess, err := s.leases.Current(ctx)
 	if err != nil {
 		return err
 	}

@@ -97,7 +97,7 @@ type target struct {
 // eventWatch is a subscription to container events that survives the end
 // of Docker's event stream (a dockerd restart): the source closes the
 // channel then, and the watch subscribes again on the next poll. Each
-// subscription is a stream of its own (dockerEvents), closed with it.
+// subscription is a stream of its own (dockerc.Events), closed with it.
 type eventWatch struct {
 	src eventAPI
 	ch  chan *docker.APIEvents // nil while not subscribed

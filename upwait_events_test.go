@@ -10,6 +10,8 @@ import (
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
+
+	"github.com/die-net/deployer/internal/dockerc"
 )
 
 // eventServer is a Docker daemon's GET /events as dockerd serves it: a
@@ -87,7 +89,7 @@ func TestUpWaitSubscriptionEndsItsStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := newDaemon(config{Registry: "reg:5000", NodeName: "n1", EtcdPrefix: testPrefix(t), RestartStrategy: strategyStop}, testNS(t), newDockerClientFor(c, srv.URL, "1.41"), testLogger(t))
+	d, err := newDaemon(config{Registry: "reg:5000", NodeName: "n1", EtcdPrefix: testPrefix(t), RestartStrategy: strategyStop}, testNS(t), dockerc.NewFor(c, srv.URL, "1.41"), testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

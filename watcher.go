@@ -17,6 +17,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // watcher turns etcd trigger keys into deploy events. It reads where it
@@ -58,7 +60,7 @@ func (w *watcher) run(ctx context.Context) error {
 	next, err := w.start(ctx)
 	for ctx.Err() == nil && err != nil {
 		w.log.Warn("etcd not ready", "err", err)
-		if !sleepCtx(ctx, w.retryDelay) {
+		if !backoff.Sleep(ctx, w.retryDelay) {
 			return nil
 		}
 		next, err = w.start(ctx)
@@ -84,9 +86,9 @@ func (w *watcher) loop(ctx context.Context, next int64) error {
 			failures = 0
 		}
 		failures++
-		d := backoff(w.retryDelay, failures)
+		d := backoff.Delay(w.retryDelay, failures)
 		w.log.Warn("etcd watch interrupted, reconnecting", "err", err, "next_revision", next, "retry_in", d)
-		if !sleepCtx(ctx, d) {
+		if !backoff.Sleep(ctx, d) {
 			return nil
 		}
 	}
@@ -258,7 +260,7 @@ func (p *progress) done(revs []int64) {
 		}
 	}
 	p.mu.Unlock()
-	wake(p.wake)
+	backoff.Wake(p.wake)
 }
 
 // watermark is the highest revision with nothing open at or below it.
@@ -290,8 +292,8 @@ func (p *progress) run(ctx context.Context) error {
 			if err := p.save(sctx); err != nil && ctx.Err() == nil {
 				p.log.Warn("saving progress failed", "err", err)
 				// Try again soon; the wake-up is level-triggered.
-				wake(p.wake)
-				sleepCtx(ctx, time.Second)
+				backoff.Wake(p.wake)
+				backoff.Sleep(ctx, time.Second)
 			}
 			cancel()
 		}

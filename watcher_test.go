@@ -7,6 +7,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 type watchHarness struct {
@@ -20,7 +22,7 @@ type watchHarness struct {
 func newWatchHarness(t *testing.T, cli *clientv3.Client, prefix string) *watchHarness {
 	h := &watchHarness{t: t, cli: cli, prefix: prefix, events: make(chan deployEvent, 100)}
 	log := testLogger(t)
-	ns := inPrefix(cli, prefix) // as newDaemon confines it; h.put writes whole keys
+	ns := etcdc.InPrefix(cli, prefix) // as newDaemon confines it; h.put writes whole keys
 	h.w = newWatcher(ns, "n1", 10*time.Millisecond, false, newProgress(ns, progressKey("n1"), log), func(repo string, ev deployEvent) { ev.Repo = testName(repo); h.events <- ev }, log, newMetrics())
 	return h
 }
@@ -201,17 +203,6 @@ func TestProgressWatermark(t *testing.T) {
 		p.done(s.done)
 		if got := p.watermark(); got != s.want {
 			t.Errorf("step %d: watermark = %d; want %d", i, got, s.want)
-		}
-	}
-}
-
-func TestBackoff(t *testing.T) {
-	base := 100 * time.Millisecond
-	for attempt := 1; attempt < 20; attempt++ {
-		nominal := min(base<<(attempt-1), 30*base)
-		d := backoff(base, attempt)
-		if d < nominal/2 || d > nominal {
-			t.Errorf("backoff(%v, %d) = %v; want within [%v, %v]", base, attempt, d, nominal/2, nominal)
 		}
 	}
 }

@@ -42,7 +42,7 @@ type kvPutter interface {
 // webhook receives build and push notifications and records each as a
 // trigger key in etcd, which every node watches. It never deploys inline.
 type webhook struct {
-	kv       kvPutter      // confined to -etcd_prefix (inPrefix)
+	kv       kvPutter      // confined to -etcd_prefix (etcdc.InPrefix)
 	prefix   string        // -etcd_prefix, only to show the full key in replies and logs
 	secret   func() string // never empty once serving: an empty secret lets nothing in
 	failures *failLimiter  // rate of failed authentications per address; nil: no limit

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 func readFixture(tb testing.TB, name string) []byte {
@@ -54,7 +56,7 @@ func newTestWebhook(t *testing.T, kv kvPutter, secret string) (*webhook, *record
 
 func newTestWebhookUnder(t *testing.T, kv kvPutter, prefix, secret string) (*webhook, *recordingTransport) {
 	if cli, ok := kv.(*clientv3.Client); ok {
-		kv = inPrefix(cli, prefix)
+		kv = etcdc.InPrefix(cli, prefix)
 	}
 	rt := &recordingTransport{got: make(chan struct{}, 10)}
 	h := newWebhook(kv, prefix, func() string { return secret }, "n1", nil, testLogger(t), newMetrics())

@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 // flakyKV is an etcd whose second single write fails (a leader change in
@@ -50,7 +52,7 @@ func envelope(events ...map[string]any) string {
 // failure writes none; an envelope beyond the cap is refused with 413.
 func TestRegistryEnvelopeOneTxn(t *testing.T) {
 	cli := testEtcd(t)
-	kv := &flakyKV{Client: inPrefix(cli, testPrefix(t))}
+	kv := &flakyKV{Client: etcdc.InPrefix(cli, testPrefix(t))}
 	h, _ := newTestWebhook(t, kv, "s")
 	d1, d2, d3 := "sha256:"+strings.Repeat("1", 64), "sha256:"+strings.Repeat("2", 64), "sha256:"+strings.Repeat("3", 64)
 	body := envelope(pushEvent("a", "qa", d1), pushEvent("b", "qa", d2), pushEvent("a", "prod", d3))

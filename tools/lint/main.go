@@ -11,8 +11,9 @@
 //     the diagnostics of that linter on its own line, or, when the comment
 //     stands on the line before a declaration or statement at the same
 //     column, in the whole of it (nolint.go);
-//   - errcheck, gosec and noctx say nothing about _test.go files and
-//     scripts/ (tests and test-only tools: an unchecked Close or a fixed
+//   - errcheck, gosec and noctx say nothing about _test.go files,
+//     scripts/ and internal/test* (tests, test-only tools and the packages
+//     only tests import: an unchecked Close or a fixed
 //     test file mode is not a bug, and a test request needs no context of
 //     its own);
 //   - generated files are skipped;
@@ -102,7 +103,8 @@ type linter struct {
 	// checkName puts the analyzer's own name before each message:
 	// staticcheck's check IDs (SA4006), govet's pass names (printf).
 	checkName bool
-	// notInTests: nothing is reported in _test.go files or under scripts/.
+	// notInTests: nothing is reported in _test.go files, under scripts/
+	// or in internal/test*.
 	notInTests bool
 }
 

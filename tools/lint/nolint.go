@@ -39,8 +39,9 @@ func (l linter) wrap(a *analysis.Analyzer) *analysis.Analyzer {
 }
 
 // testOrScript is where errcheck, gosec and noctx are not run: a path
-// relative to the module's root.
-var testOrScript = regexp.MustCompile(`(_test\.go|^scripts/)`)
+// relative to the module's root (tests, test-only tools, and the
+// test-support packages internal/test*, which only tests import).
+var testOrScript = regexp.MustCompile(`(_test\.go|^scripts/|^internal/test[a-z]*/)`)
 
 func (l linter) suppressed(pass *analysis.Pass, pos token.Pos) bool {
 	p := pass.Fset.Position(pos)

@@ -1,4 +1,4 @@
-package main
+package etcdc
 
 import (
 	"context"
@@ -52,7 +52,7 @@ func (f *fakeLeases) refreshes() int {
 	return f.refresh
 }
 
-func lost(s *session) bool {
+func lost(s *Session) bool {
 	select {
 	case <-s.Done():
 		return true
@@ -66,7 +66,7 @@ func lost(s *session) bool {
 func TestSessionRefreshesOnItsOwnTimer(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeLeases{}
-		s := newSession(t.Context(), f, 7, 10).start()
+		s := NewSession(t.Context(), f, 7, 10).Start()
 		time.Sleep(10 * time.Minute)
 		synctest.Wait()
 		if lost(s) {
@@ -105,7 +105,7 @@ func TestSessionLost(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				f := &fakeLeases{}
-				s := newSession(t.Context(), f, 7, 10).start()
+				s := NewSession(t.Context(), f, 7, 10).Start()
 				time.Sleep(time.Minute) // healthy for a while
 				start := time.Now()
 				f.set(tt.err)
@@ -140,7 +140,7 @@ func TestSessionOnEtcd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newSession(t.Context(), cli, lease.ID, 2).start()
+	s := NewSession(t.Context(), cli, lease.ID, 2).Start()
 	defer s.Orphan()
 	deadline := time.Now().Add(3 * time.Second) // one and a half TTLs
 	for time.Now().Before(deadline) {
@@ -167,20 +167,20 @@ func TestSessionOnEtcd(t *testing.T) {
 func TestNodeLease(t *testing.T) {
 	cli := testNS(t)
 	ctx := t.Context()
-	l := newNodeLease(cli, sessionTTL, 5*time.Second)
-	s1, err := l.current(ctx)
+	l := NewNodeLease(cli, testTTL, 5*time.Second)
+	s1, err := l.Current(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if again, err := l.current(ctx); err != nil || again != s1 {
+	if again, err := l.Current(ctx); err != nil || again != s1 {
 		t.Fatalf("second current = %v, %v; want the same session", again, err)
 	}
 	// The lease goes (revoked here, as it expires after a partition).
 	if _, err := cli.Revoke(ctx, s1.Lease()); err != nil {
 		t.Fatal(err)
 	}
-	l.drop(s1)
-	s2, err := l.current(ctx)
+	l.Drop(s1)
+	s2, err := l.Current(ctx)
 	if err != nil || s2 == s1 || s2.Lease() == s1.Lease() {
 		t.Fatalf("current after the loss = %v, %v; want a new lease", s2, err)
 	}
@@ -193,14 +193,14 @@ func TestNodeLease(t *testing.T) {
 	if resp, err := cli.Get(ctx, "/held"); err != nil || len(resp.Kvs) != 0 {
 		t.Errorf("key under the lease after Close: %v, %v; want it gone at once", resp, err)
 	}
-	if s, err := l.current(ctx); err == nil {
+	if s, err := l.Current(ctx); err == nil {
 		t.Errorf("current after Close = lease %x; want an error", s.Lease())
 	}
 
 	// A lease that expired meanwhile (a partition): Close has nothing to
 	// revoke and says nothing.
-	l2 := newNodeLease(cli, sessionTTL, 5*time.Second)
-	s3, err := l2.current(ctx)
+	l2 := NewNodeLease(cli, testTTL, 5*time.Second)
+	s3, err := l2.Current(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,7 +217,7 @@ func TestNodeLease(t *testing.T) {
 type stuckEtcd struct{ fakeLeases }
 
 func (*stuckEtcd) Grant(context.Context, int64) (*clientv3.LeaseGrantResponse, error) {
-	return &clientv3.LeaseGrantResponse{ID: 7, TTL: sessionTTL}, nil
+	return &clientv3.LeaseGrantResponse{ID: 7, TTL: testTTL}, nil
 }
 
 func (*stuckEtcd) Revoke(ctx context.Context, _ clientv3.LeaseID) (*clientv3.LeaseRevokeResponse, error) {
@@ -229,8 +229,8 @@ func (*stuckEtcd) Revoke(ctx context.Context, _ clientv3.LeaseID) (*clientv3.Lea
 // revokeWait (the lease then expires by itself) and says so.
 func TestNodeLeaseCloseEtcdDown(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		l := newNodeLease(&stuckEtcd{}, sessionTTL, time.Second)
-		s, err := l.current(t.Context())
+		l := NewNodeLease(&stuckEtcd{}, testTTL, time.Second)
+		s, err := l.Current(t.Context())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,6 +1,9 @@
-package main
+// Package dockerc is the Docker client of the daemon: the endpoint is
+// chosen as the Docker CLI chooses it, the Engine API version is
+// negotiated (client.go), and events stream without a timer (events.go).
+package dockerc
 
-// The Docker client: the endpoint is chosen as the Docker CLI chooses it
+// client.go: the Docker client: the endpoint is chosen as the Docker CLI chooses it
 // (-docker, else $DOCKER_HOST, else the default socket; TLS with
 // $DOCKER_TLS_VERIFY and the ca.pem, cert.pem, key.pem of
 // $DOCKER_CERT_PATH), and the Engine API version is negotiated: the daemon
@@ -25,6 +28,8 @@ import (
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // dockerAPIMax is the newest Engine API version go-dockerclient knows:
@@ -51,26 +56,26 @@ func dockerTLSFiles(dir string) (ca, cert, key []byte, err error) {
 	return nil, nil, nil, fmt.Errorf("docker TLS client certificate in %s: %w", dir, errors.Join(cerr, kerr))
 }
 
-// dockerClient is go-dockerclient's client with the one call the deploy
+// Client is go-dockerclient's client with the one call the deploy
 // makes that it offers no context for: InspectImage (v1.13). Without a
 // deadline, a daemon that accepts the request and never answers would
 // hold the deploy, its rollout slot and the daemon's stop for good.
-type dockerClient struct {
+type Client struct {
 	*docker.Client
 	base    string // URL prefix of requests through the client's transport
 	version string // the Engine API version of every request; "" for none
 }
 
-// newDockerClientFor wraps c, whose requests go to endpoint at API
+// NewFor wraps c, whose requests go to endpoint at API
 // version (as c was built with it).
-func newDockerClientFor(c *docker.Client, endpoint, version string) *dockerClient {
-	return &dockerClient{Client: c, base: dockerBaseURL(endpoint, c.TLSConfig != nil), version: version}
+func NewFor(c *docker.Client, endpoint, version string) *Client {
+	return &Client{Client: c, base: dockerBaseURL(endpoint, c.TLSConfig != nil), version: version}
 }
 
 // InspectImageWithContext is InspectImage (GET /images/{name}/json) ended
 // by ctx: docker.ErrNoSuchImage when the daemon has no such image, a
 // *docker.Error for any other refusal.
-func (c *dockerClient) InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error) {
+func (c *Client) InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error) {
 	path := "/images/" + name + "/json"
 	if c.version != "" {
 		path = "/v" + c.version + path
@@ -102,46 +107,54 @@ func (c *dockerClient) InspectImageWithContext(ctx context.Context, name string)
 	return &img, nil
 }
 
-// newDockerClient returns a client at the API version the daemon speaks
+// Options say where the Docker daemon is and how to reach it; the
+// daemon's config fills them from its flags and the environment.
+type Options struct {
+	Endpoint string // -docker: unix://, tcp:// or https://
+	TLS      bool   // reach the endpoint with TLS (-docker_tls_verify)
+	CertPath string // ca.pem and the optional cert.pem, key.pem for TLS
+}
+
+// New returns a client at the API version the daemon speaks
 // (capped at dockerAPIMax). It waits for the daemon to answer, backing
 // off, until ctx is done: until then no version is known to be safe.
-func newDockerClient(ctx context.Context, cfg config, log *slog.Logger) (*dockerClient, error) {
+func New(ctx context.Context, opts Options, log *slog.Logger) (*Client, error) {
 	newClient := func(version string) (*docker.Client, error) {
-		if !cfg.dockerUsesTLS() {
-			return docker.NewVersionedClient(cfg.Docker, version)
+		if !opts.TLS {
+			return docker.NewVersionedClient(opts.Endpoint, version)
 		}
-		ca, cert, key, err := dockerTLSFiles(cfg.DockerCertPath)
+		ca, cert, key, err := dockerTLSFiles(opts.CertPath)
 		if err != nil {
 			return nil, err
 		}
-		return docker.NewVersionedTLSClientFromBytes(cfg.Docker, cert, key, ca, version)
+		return docker.NewVersionedTLSClientFromBytes(opts.Endpoint, cert, key, ca, version)
 	}
 	// A client without a version, only for its transport (a Unix socket
 	// or TLS) to ask the daemon's version on /_ping.
 	probe, err := newClient("")
 	if err != nil {
-		return nil, fmt.Errorf("docker client %s: %w", cfg.Docker, err)
+		return nil, fmt.Errorf("docker client %s: %w", opts.Endpoint, err)
 	}
-	base := dockerBaseURL(cfg.Docker, cfg.dockerUsesTLS())
+	base := dockerBaseURL(opts.Endpoint, opts.TLS)
 	for attempt := 1; ; attempt++ {
 		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		version, err := negotiateDockerAPI(pctx, probe.HTTPClient, base)
 		cancel()
 		if err == nil {
-			log.Info("docker API version negotiated", "docker", cfg.Docker, "api_version", version, "tls", cfg.dockerUsesTLS())
+			log.Info("docker API version negotiated", "docker", opts.Endpoint, "api_version", version, "tls", opts.TLS)
 			c, err := newClient(version)
 			if err != nil {
-				return nil, fmt.Errorf("docker client %s: %w", cfg.Docker, err)
+				return nil, fmt.Errorf("docker client %s: %w", opts.Endpoint, err)
 			}
-			return newDockerClientFor(c, cfg.Docker, version), nil
+			return NewFor(c, opts.Endpoint, version), nil
 		}
 		if errors.Is(err, errDockerAPI) {
-			return nil, fmt.Errorf("docker %s: %w", cfg.Docker, err)
+			return nil, fmt.Errorf("docker %s: %w", opts.Endpoint, err)
 		}
-		d := backoff(time.Second, attempt)
-		log.Warn("docker not answering; retrying", "docker", cfg.Docker, "attempt", attempt, "retry_in", d.Round(time.Millisecond), "err", err)
-		if !sleepCtx(ctx, d) {
-			return nil, fmt.Errorf("docker %s: %w (last error: %w)", cfg.Docker, ctx.Err(), err)
+		d := backoff.Delay(time.Second, attempt)
+		log.Warn("docker not answering; retrying", "docker", opts.Endpoint, "attempt", attempt, "retry_in", d.Round(time.Millisecond), "err", err)
+		if !backoff.Sleep(ctx, d) {
+			return nil, fmt.Errorf("docker %s: %w (last error: %w)", opts.Endpoint, ctx.Err(), err)
 		}
 	}
 }

@@ -1,7 +1,6 @@
-package main
-
-// selfid.go: the ID of the container the deployer runs in, if any, so
-// that it never stops itself.
+// Package selfid finds the ID of the container the deployer runs in, if
+// any, so that it never stops itself.
+package selfid
 
 import (
 	"bytes"
@@ -31,9 +30,9 @@ var cgroupContainerID = regexp.MustCompile(`^(?:[a-z][a-z0-9-]*-)?([0-9a-f]{64})
 // bind-mounts.
 var mountContainerID = regexp.MustCompile(`(?:^|/)(?:containers|overlay-containers)/([0-9a-f]{64})/(?:userdata/)?(?:hostname|hosts|resolv\.conf)$`)
 
-// selfContainerID returns the ID of the container this process runs in,
-// or "" outside a container.
-func selfContainerID() string {
+// ContainerID returns the ID of the container this process runs in, or
+// "" outside a container.
+func ContainerID() string {
 	cgroup, _ := os.ReadFile("/proc/self/cgroup")
 	mountinfo, _ := os.ReadFile("/proc/self/mountinfo")
 	return containerIDFrom(cgroup, mountinfo)

@@ -1,9 +1,9 @@
-package main
+package etcdc
 
-// lease.go: etcd leases kept alive on a timer of our own: a session keeps
-// one lease alive (the node name's, in nodeid.go), and nodeLease is the
-// node's current session, shared by the rollout slots and the status
-// record, granted again after it is lost.
+// lease.go: etcd leases kept alive on a timer of our own: a Session keeps
+// one lease alive (the node name's, in the daemon's nodeid.go), and
+// NodeLease is the node's current session, shared by the rollout slots and
+// the status record, granted again after it is lost.
 //
 // clientv3's KeepAlive (which concurrency.Session uses) starts two loops in
 // the client's lessor that wake every 500 ms for as long as the client
@@ -32,9 +32,9 @@ type leaseAPI interface {
 	Revoke(ctx context.Context, id clientv3.LeaseID) (*clientv3.LeaseRevokeResponse, error)
 }
 
-// session keeps one granted lease alive until it is lost, orphaned or
+// Session keeps one granted lease alive until it is lost, orphaned or
 // closed.
-type session struct {
+type Session struct {
 	cli    leaseAPI
 	id     clientv3.LeaseID
 	ttl    time.Duration
@@ -45,29 +45,29 @@ type session struct {
 	once   sync.Once
 }
 
-// newSession returns the session of lease id (granted with ttl seconds),
+// NewSession returns the session of lease id (granted with ttl seconds),
 // to be kept alive until life ends or it is orphaned or closed. It starts
-// nothing: start does.
-func newSession(life context.Context, cli leaseAPI, id clientv3.LeaseID, ttl int) *session {
+// nothing: Start does.
+func NewSession(life context.Context, cli leaseAPI, id clientv3.LeaseID, ttl int) *Session {
 	ctx, cancel := context.WithCancel(life)
-	return &session{cli: cli, id: id, ttl: time.Duration(ttl) * time.Second, life: life, ctx: ctx, cancel: cancel, done: make(chan struct{})}
+	return &Session{cli: cli, id: id, ttl: time.Duration(ttl) * time.Second, life: life, ctx: ctx, cancel: cancel, done: make(chan struct{})}
 }
 
-// start begins the keepalives; Orphan and Close stop them and wait for
+// Start begins the keepalives; Orphan and Close stop them and wait for
 // them. It returns s.
-func (s *session) start() *session {
+func (s *Session) Start() *Session {
 	go s.keep(s.ctx, time.Now())
 	return s
 }
 
 // Lease is the session's lease.
-func (s *session) Lease() clientv3.LeaseID { return s.id }
+func (s *Session) Lease() clientv3.LeaseID { return s.id }
 
 // Done is closed when the lease is lost or no longer kept alive.
-func (s *session) Done() <-chan struct{} { return s.done }
+func (s *Session) Done() <-chan struct{} { return s.done }
 
 // Orphan stops the keepalives: the lease expires within its TTL.
-func (s *session) Orphan() {
+func (s *Session) Orphan() {
 	s.cancel()
 	<-s.done
 }
@@ -77,7 +77,7 @@ func (s *session) Orphan() {
 // caller's context on purpose, as concurrency.Session's does.
 //
 //nolint:contextcheck // bounded by the session's life and its TTL, not by the caller
-func (s *session) Close() error {
+func (s *Session) Close() error {
 	s.Orphan()
 	ctx, cancel := context.WithTimeout(s.life, s.ttl)
 	defer cancel()
@@ -89,7 +89,7 @@ func (s *session) Close() error {
 // lease is gone, or a whole TTL has passed since the last refresh (the
 // lease may have expired: the same rule as clientv3's). A failed refresh
 // is tried again within a second.
-func (s *session) keep(ctx context.Context, last time.Time) {
+func (s *Session) keep(ctx context.Context, last time.Time) {
 	defer s.once.Do(func() { close(s.done) })
 	every := s.ttl / 3
 	t := time.NewTimer(every)
@@ -118,40 +118,41 @@ func (s *session) keep(ctx context.Context, last time.Time) {
 	}
 }
 
-// leaseGranter is the part of the etcd client a nodeLease uses.
+// leaseGranter is the part of the etcd client a NodeLease uses.
 type leaseGranter interface {
 	leaseAPI
 	// Grant makes a lease of ttl seconds.
 	Grant(ctx context.Context, ttl int64) (*clientv3.LeaseGrantResponse, error)
 }
 
-// nodeLease is the node's current session: the lease under which it holds
-// its rollout slots (rollout.go) and its status record (status.go). It is
+// NodeLease is the node's current session: the lease under which it holds
+// its rollout slots and its status record (the daemon's rollout.go and
+// status.go). It is
 // granted when first needed, again after it was lost, and revoked by
 // Close.
-type nodeLease struct {
+type NodeLease struct {
 	cli         leaseGranter
 	ttl         int // seconds
 	callTimeout time.Duration
 	revokeWait  time.Duration // how long Close tries to revoke
 
 	mu      sync.Mutex
-	session *session
+	session *Session
 	life    context.Context // the keepalives'; ends at Close
 	cancel  context.CancelFunc
 }
 
-// newNodeLease returns the node's session source, with leases of ttl
+// NewNodeLease returns the node's session source, with leases of ttl
 // seconds. It grants nothing until asked.
-func newNodeLease(cli leaseGranter, ttl int, callTimeout time.Duration) *nodeLease {
+func NewNodeLease(cli leaseGranter, ttl int, callTimeout time.Duration) *NodeLease {
 	life, cancel := context.WithCancel(context.Background())
-	return &nodeLease{cli: cli, ttl: ttl, callTimeout: callTimeout, revokeWait: 3 * time.Second, life: life, cancel: cancel}
+	return &NodeLease{cli: cli, ttl: ttl, callTimeout: callTimeout, revokeWait: 3 * time.Second, life: life, cancel: cancel}
 }
 
-// current returns the live session, granting a new lease if there is none
+// Current returns the live session, granting a new lease if there is none
 // or the last one was lost. The grant is bounded by ctx; the keepalives
 // run until Close.
-func (l *nodeLease) current(ctx context.Context) (*session, error) {
+func (l *NodeLease) Current(ctx context.Context) (*Session, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.session != nil {
@@ -172,26 +173,34 @@ func (l *nodeLease) current(ctx context.Context) (*session, error) {
 		return nil, fmt.Errorf("grant lease: %w", err)
 	}
 	// The keepalives live until Close, not as long as the call.
-	l.session = newSession(l.life, l.cli, lease.ID, l.ttl).start() //nolint:contextcheck // see above
+	l.session = NewSession(l.life, l.cli, lease.ID, l.ttl).Start() //nolint:contextcheck // see above
 	return l.session, nil
 }
 
-// drop forgets a session whose lease is gone, so that the next caller
+// Held returns the live session, or nil if there is none; it grants
+// nothing.
+func (l *NodeLease) Held() *Session {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.session
+}
+
+// Drop forgets a session whose lease is gone, so that the next caller
 // gets a new one.
-func (l *nodeLease) drop(s *session) {
+func (l *NodeLease) Drop(s *Session) {
 	l.forget(s)
 	s.Orphan()
 }
 
-// end gives up a session whose keys could not be deleted: its keepalives
+// End gives up a session whose keys could not be deleted: its keepalives
 // stop at once, so the lease (and every key under it) expires within its
 // TTL even if the revoke cannot reach etcd.
-func (l *nodeLease) end(s *session) {
+func (l *NodeLease) End(s *Session) {
 	l.forget(s)
 	_ = s.Close() // orphans, then revokes within the TTL
 }
 
-func (l *nodeLease) forget(s *session) {
+func (l *NodeLease) forget(s *Session) {
 	l.mu.Lock()
 	if l.session == s {
 		l.session = nil
@@ -205,7 +214,7 @@ func (l *nodeLease) forget(s *session) {
 // TTL. A lease already gone (expired during a partition) is no error.
 //
 //nolint:contextcheck // at the stop: bounded by revokeWait, not by a caller
-func (l *nodeLease) Close() error {
+func (l *NodeLease) Close() error {
 	l.mu.Lock()
 	s := l.session
 	l.session = nil
