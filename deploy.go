@@ -41,6 +41,7 @@ type deployer struct {
 	images    imageRemover
 	log       *slog.Logger
 	metrics   *metrics
+	ledger    *ledger // the deploy ledger; nil records nothing
 }
 
 // newDeployer returns a deployer of this node's containers through the
@@ -194,7 +195,9 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		return r
 	}
 	rolledOut := map[string]string{} // tag -> image ID now running
-	for _, o := range d.replacer.replace(ctx, repo, stale) {
+	outs := d.replacer.replace(ctx, repo, stale)
+	d.ledger.deployed(j, repo, outs) // never blocks
+	for _, o := range outs {
 		switch {
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))

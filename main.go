@@ -78,6 +78,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "status" {
 		return statusCommand(ctx, args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "history" {
+		return historyCommand(ctx, args[1:], stdout, stderr)
+	}
 	if len(args) > 0 && args[0] == "secret" {
 		return secretCommand(ctx, args[1:], stdout, stderr)
 	}
@@ -178,6 +181,7 @@ type daemon struct {
 	leases    *nodeLease
 	recreator *recreator
 	status    *statusReporter
+	ledger    *ledger
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
 	health    *healthCache
@@ -213,6 +217,8 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	rep := newReplacer(ro, rs, d.recreator, cfg.RestartStrategy, rolloutLog)
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep, dc, note, cfg.NodeName, log.With("component", "deployer"), m)
 	dep.dryRun, dep.cleanup = cfg.DryRun, cfg.Cleanup
+	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable > 0, m.reg, log.With("component", "ledger"))
+	dep.ledger = d.ledger
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	d.queue = newDeployQueue(cfg.MaxThreads, cfg.shutdownGrace, func(ctx context.Context, j job) error {
@@ -242,6 +248,7 @@ func (d *daemon) handler() http.Handler {
 		"/api/quay/webhook":   http.HandlerFunc(d.webhook.quay),
 		"GET /healthz":        d.health,
 		"GET /api/status":     d.requireSecret(statusHandler(d.etcd)),
+		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
 		"GET /metrics":        d.metricsHandler(),
 	}
 	mux := http.NewServeMux()
@@ -339,6 +346,7 @@ func (d *daemon) run(ctx context.Context) error {
 	defer cancelBg()
 	var bg errgroup.Group
 	bg.Go(func() error { return d.progress.run(bgCtx) })
+	bg.Go(func() error { return d.ledger.run(bgCtx) })
 	if d.slack != nil {
 		bg.Go(func() error { return d.slack.run(bgCtx) })
 	}
