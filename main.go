@@ -22,8 +22,9 @@
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
 //  7. replace, clusterview
-//  8. deploy, cmd_status
-//  9. main: the daemon's wiring and lifecycle
+//  8. ledger (the deploy ledger)
+//  9. deploy, cmd_status, cmd_history
+//  10. main: the daemon's wiring and lifecycle
 package main
 
 import (
