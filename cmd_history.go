@@ -23,9 +23,7 @@ import (
 // after the flags.
 func historyCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var asJSON bool
-	own := func(fs *flag.FlagSet) {
-		fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
-	}
+	own := historyOwnFlags(&asJSON)
 	args, name := cutHistoryArg(args, own)
 	f, err := parseHistoryFilter(name)
 	if err != nil {
@@ -50,6 +48,13 @@ func historyCommand(ctx context.Context, args []string, stdout, stderr io.Writer
 	}
 	printHistory(stdout, h)
 	return nil
+}
+
+// historyOwnFlags defines the flags of deployer history.
+func historyOwnFlags(asJSON *bool) func(*flag.FlagSet) {
+	return func(fs *flag.FlagSet) {
+		fs.BoolVar(asJSON, "json", false, "print JSON instead of a table")
+	}
 }
 
 // cutHistoryArg takes the repository[:tag] out of args: the first
