@@ -345,3 +345,70 @@ func TestHistoryCommandAndAPI(t *testing.T) {
 		}
 	}
 }
+
+// ledgerFailingKV fails every call, as an etcd that lost its quorum does.
+type ledgerFailingKV struct {
+	clientv3.KV
+	calls int
+}
+
+func (f *ledgerFailingKV) Get(context.Context, string, ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	f.calls++
+	return nil, errors.New("etcdserver: request timed out")
+}
+
+func TestLedgerWriteFailureIsBounded(t *testing.T) {
+	kv := &ledgerFailingKV{}
+	l := newLedger(kv, nil, "n1", 20, true, nil, testLogger(t))
+	l.retryBase = time.Millisecond
+	start := time.Now()
+	l.write(t.Context(), ledgerEntry{Ref: ledgerRef, Repo: "docker.io/library/app", ImageID: "sha256:new", Time: start})
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("gave up after %v", d)
+	}
+	// Each attempt: the trigger is not read (no revision), the history
+	// read fails; 5 attempts, then it is dropped.
+	if kv.calls != l.attempts {
+		t.Fatalf("%d etcd calls, want %d (one per attempt)", kv.calls, l.attempts)
+	}
+}
+
+func TestLedgerConcurrentNodesCompleteOnce(t *testing.T) {
+	cli := testNS(t)
+	nodes := []string{"n1", "n2", "n3"}
+	var ls []*ledger
+	for _, n := range nodes {
+		putNodeStatus(t, cli, n, ledgerRef)
+		ls = append(ls, testLedger(t, cli, n, 20))
+	}
+	for round := 1; round <= 5; round++ {
+		id := fmt.Sprintf("sha256:%064d", round)
+		errs := make(chan error, len(ls))
+		for _, l := range ls {
+			go func() {
+				errs <- l.apply(t.Context(), ledgerEntry{Ref: ledgerRef, Repo: "docker.io/library/app", ImageID: id, Revision: int64(round), Time: time.Now()})
+			}()
+		}
+		for range ls {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	vs := readVersions(t, cli, ledgerRef)
+	if len(vs) != 5 {
+		t.Fatalf("%d versions, want 5", len(vs))
+	}
+	for _, v := range vs {
+		if v.converged() != 3 || v.Outcome != outcomeRolledOut {
+			t.Errorf("version %d: %d nodes, %s", v.Version, v.converged(), v.Outcome)
+		}
+	}
+	var completions uint64
+	for _, l := range ls {
+		completions += sampleCount(t, l.fleetLead)
+	}
+	if completions != 5 {
+		t.Fatalf("%d fleet lead times observed for 5 versions", completions)
+	}
+}
