@@ -61,6 +61,8 @@ func TestE2E(t *testing.T) {
 		return qa
 	}
 
+	var brokenQA string // the version scenario 11 halts
+
 	t.Run("1 docker hub webhook deploys every node", func(t *testing.T) {
 		old := qa
 		deploy(t, "scenario 1")
@@ -342,6 +344,7 @@ func TestE2E(t *testing.T) {
 			ids[n.name], _ = s.containerImage(n, "app")
 		}
 		broken := s.buildKind(qaRef, "broken")
+		brokenQA = broken // 14b finds it halted in the ledger
 		from := len(s.slackTexts())
 		start := time.Now()
 		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
@@ -510,6 +513,11 @@ func TestE2E(t *testing.T) {
 		for _, v := range vs {
 			if v.Outcome == outcomeRolledOut && (v.LastSeconds <= 0 || v.FirstSeconds > v.LastSeconds || v.Completed.IsZero()) {
 				t.Errorf("version %d rolled out with lead times %.2fs … %.2fs", v.Version, v.FirstSeconds, v.LastSeconds)
+			}
+		}
+		for _, v := range vs {
+			if brokenQA != "" && v.ImageID == brokenQA && (v.Outcome != outcomeHalted || !strings.Contains(v.nodesSummary(), "failed: ")) {
+				t.Errorf("scenario 11's version in the ledger: %s, nodes %s; want halted with its failed node", v.Outcome, v.nodesSummary())
 			}
 		}
 		if v := vs[0]; v.AskedBy.Source != "dockerhub" || v.AskedBy.Remote == "" {
