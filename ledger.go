@@ -261,6 +261,10 @@ func (l *ledger) write(ctx context.Context, e ledgerEntry) {
 // the transaction is tried again on what it wrote.
 var errLedgerConflict = errors.New("the tag's history changed meanwhile")
 
+// errLedgerRecorded: the node's convergence on the version is already
+// recorded; nothing is written or observed again.
+var errLedgerRecorded = errors.New("already recorded")
+
 // apply records e: on the version of e.ImageID (a new one when the image
 // is not the tag's newest version, or a trigger newer than it brings the
 // image back), in one transaction that compares every key it read.
@@ -272,13 +276,16 @@ func (l *ledger) apply(ctx context.Context, e ledgerEntry) error {
 	if pushed.IsZero() {
 		pushed = cmp.Or(e.Seen, e.Time)
 	}
-	if e.Failed == "" {
-		l.nodeLead.Observe(max(e.Time.Sub(pushed), 0).Seconds())
-	}
 	for range 5 {
 		completed, err := l.applyOnce(ctx, e, asked, pushed)
 		if errors.Is(err, errLedgerConflict) {
 			continue
+		}
+		if errors.Is(err, errLedgerRecorded) {
+			return nil
+		}
+		if err == nil && e.Failed == "" {
+			l.nodeLead.Observe(max(e.Time.Sub(pushed), 0).Seconds())
 		}
 		if err == nil && completed >= 0 {
 			l.fleetLead.Observe(completed.Seconds())
@@ -367,6 +374,9 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 		}
 	}
 	n := v.Nodes[l.node]
+	if e.Failed == "" && !n.Converged.IsZero() {
+		return -1, errLedgerRecorded // a write retried after it took effect
+	}
 	if e.Failed != "" {
 		n.Failed, n.Reason = e.Time.UTC(), truncate(e.Failed, 300)
 		if l.coordinated && v.Outcome == outcomeRollingOut {

@@ -130,6 +130,7 @@ func TestLedgerTwoNodesConvergeOnce(t *testing.T) {
 	if err := l2.apply(t.Context(), e); err != nil {
 		t.Fatal(err)
 	}
+	e.Time = pushed.Add(9 * time.Second) // the retry comes later
 	vs := readVersions(t, cli, ledgerRef)
 	if len(vs) != 1 {
 		t.Fatalf("%d versions, want 1", len(vs))
@@ -151,8 +152,11 @@ func TestLedgerTwoNodesConvergeOnce(t *testing.T) {
 	if err := l2.apply(t.Context(), e); err != nil {
 		t.Fatal(err)
 	}
-	if sampleCount(t, l2.fleetLead) != 1 {
-		t.Fatal("the fleet lead time observed twice")
+	if sampleCount(t, l2.fleetLead) != 1 || sampleCount(t, l2.nodeLead) != 1 {
+		t.Fatal("a lead time observed twice")
+	}
+	if got := readVersions(t, cli, ledgerRef)[0]; !got.Nodes["n2"].Converged.Equal(pushed.Add(5 * time.Second)) {
+		t.Fatalf("a repeated write moved n2's time: %+v", got.Nodes["n2"])
 	}
 }
 
