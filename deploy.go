@@ -191,12 +191,13 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		return r
 	}
 	if len(stale) == 0 {
+		d.ledger.deployed(j, repo, current, nil) // never blocks
 		d.removeSuperseded(ctx, &r)
 		return r
 	}
 	rolledOut := map[string]string{} // tag -> image ID now running
 	outs := d.replacer.replace(ctx, repo, stale)
-	d.ledger.deployed(j, repo, outs) // never blocks
+	d.ledger.deployed(j, repo, current, outs) // never blocks
 	for _, o := range outs {
 		switch {
 		case o.skipped != "":

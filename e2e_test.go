@@ -495,7 +495,7 @@ func TestE2E(t *testing.T) {
 		args := []string{"history", "-etcd_nodes", s.etcdEndpoints(), "-etcd_prefix", s.prefix, qaRef}
 		var h historyView
 		var out []byte
-		waitFor(t, 30*time.Second, "the ledger's newest qa version rolled out on every node", func() bool {
+		rolledOut := func() bool {
 			var err error
 			if out, err = exec.Command(s.bin, append(args, "-json")...).Output(); err != nil || json.Unmarshal(out, &h) != nil {
 				return false
@@ -505,7 +505,13 @@ func TestE2E(t *testing.T) {
 			}
 			v := h.Tags[0].Versions[0]
 			return v.ImageID == qa && v.converged() == len(all) && v.Outcome == outcomeRolledOut
-		})
+		}
+		for deadline := time.Now().Add(30 * time.Second); !rolledOut(); {
+			if time.Now().After(deadline) {
+				t.Fatalf("the ledger's newest qa version is not %s rolled out on every node within 30s:\n%s", shortID(qa), out)
+			}
+			time.Sleep(200 * time.Millisecond) // polling the real stack
+		}
 		vs := h.Tags[0].Versions
 		if len(vs) < 3 {
 			t.Errorf("%d versions of %s in the ledger, want one per deploy (at least 3):\n%s", len(vs), qaRef, out)

@@ -107,6 +107,10 @@ type ledgerEntry struct {
 	Seen     time.Time
 	Time     time.Time // when the node converged or failed
 	Failed   string    // why the replacement failed (the version halted here); "": converged
+	// ViaStatus: nothing was replaced; converged if this node's status
+	// record shows its containers of Ref on ImageID (Time: when the last
+	// of them started), not recorded if it shows none.
+	ViaStatus bool
 }
 
 // ledgerImages reads an image's RepoDigests.
@@ -158,19 +162,23 @@ func newLedger(kv clientv3.KV, images ledgerImages, node string, keep int, coord
 }
 
 // deployed hands the ledger what a deploy of job j did to repo's tags on
-// this node: per tag, converged (every stale container replaced) or
-// failed (a replacement failed: the version halted here). Tags with
-// containers left for a retry are not recorded yet. It never blocks; a nil
+// this node: per tag with stale containers, converged (every one
+// replaced) or failed (a replacement failed: the version halted here);
+// tags with containers left for a retry are not recorded yet. current
+// holds the tags pulled and their image IDs: after a trigger, those with
+// no stale container converged without a replacement (a supervisor that
+// pulls had already restarted them on the new image), which the ledger
+// checks against this node's status record. It never blocks; a nil
 // ledger records nothing.
-func (l *ledger) deployed(j job, repo reference.Named, outs []outcome) {
-	if l == nil || len(outs) == 0 {
+func (l *ledger) deployed(j job, repo reference.Named, current map[string]string, outs []outcome) {
+	if l == nil {
 		return
 	}
 	type tagState struct {
-		id               string
-		ok, pending      bool
-		failed           string
-		failedID, tagRef string
+		id          string
+		ok, pending bool
+		failed      string
+		failedID    string
 	}
 	tags := map[string]*tagState{}
 	for _, o := range outs {
@@ -193,6 +201,7 @@ func (l *ledger) deployed(j job, repo reference.Named, outs []outcome) {
 		rev = slices.Max(j.Revs)
 	}
 	now := l.now()
+	var entries []ledgerEntry
 	for _, tag := range slices.Sorted(maps.Keys(tags)) {
 		t := tags[tag]
 		ref, err := reference.WithTag(repo, tag)
@@ -208,6 +217,18 @@ func (l *ledger) deployed(j job, repo reference.Named, outs []outcome) {
 		default:
 			continue
 		}
+		entries = append(entries, e)
+	}
+	for _, tag := range slices.Sorted(maps.Keys(current)) {
+		if _, replaced := tags[tag]; replaced || rev == 0 {
+			continue
+		}
+		if ref, err := reference.WithTag(repo, tag); err == nil {
+			entries = append(entries, ledgerEntry{Ref: ref.String(), Repo: repo.Name(), ImageID: current[tag], Digest: j.Digests[tag],
+				Revision: rev, Seen: j.Seen, Time: now, ViaStatus: true})
+		}
+	}
+	for _, e := range entries {
 		select {
 		case l.entries <- e:
 		default:
@@ -247,6 +268,10 @@ func (l *ledger) write(ctx context.Context, e ledgerEntry) {
 		if err == nil {
 			return
 		}
+		if attempt >= l.attempts && errors.Is(err, errLedgerNotYet) {
+			l.log.Debug("deploy ledger: the node did not converge", "image", e.Ref, "image_id", shortID(e.ImageID))
+			return
+		}
 		if attempt >= l.attempts || ctx.Err() != nil {
 			l.log.Warn("deploy ledger not written", "image", e.Ref, "image_id", shortID(e.ImageID), "attempts", attempt, "err", err)
 			return
@@ -269,6 +294,13 @@ var errLedgerRecorded = errors.New("already recorded")
 // is not the tag's newest version, or a trigger newer than it brings the
 // image back), in one transaction that compares every key it read.
 func (l *ledger) apply(ctx context.Context, e ledgerEntry) error {
+	if e.ViaStatus {
+		var ok bool
+		var err error
+		if e, ok, err = l.convergedHere(ctx, e); err != nil || !ok {
+			return err
+		}
+	}
 	asked, pushed, digest := l.trigger(ctx, e)
 	if e.Digest == "" {
 		e.Digest = digest
@@ -423,6 +455,45 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 		return 0, errLedgerConflict
 	}
 	return completed, nil
+}
+
+// errLedgerNotYet: this node's status record does not show the version
+// on every container of the tag yet; the write is tried again.
+var errLedgerNotYet = errors.New("the node's status record does not show the version yet")
+
+// convergedHere checks e (ViaStatus) against this node's status record:
+// ok with e.Time the start of the last container of e.Ref on e.ImageID
+// when all of them run it; not ok when the node runs no container of
+// e.Ref; errLedgerNotYet when some still run another image.
+func (l *ledger) convergedHere(ctx context.Context, e ledgerEntry) (ledgerEntry, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	resp, err := l.kv.Get(ctx, statusKey(l.node))
+	if err != nil {
+		return e, false, fmt.Errorf("read the node's status: %w", err)
+	}
+	var n nodeStatus
+	if len(resp.Kvs) == 0 || json.Unmarshal(resp.Kvs[0].Value, &n) != nil {
+		return e, false, errLedgerNotYet
+	}
+	var last time.Time
+	found := false
+	for _, c := range n.Containers {
+		if c.Image != e.Ref {
+			continue
+		}
+		if c.ImageID != e.ImageID {
+			return e, false, errLedgerNotYet
+		}
+		found = true
+		if c.Since.After(last) {
+			last = c.Since
+		}
+	}
+	if found && !last.IsZero() && last.Before(e.Time) {
+		e.Time = last
+	}
+	return e, found, nil
 }
 
 // allConverged reports whether every node in running converged.

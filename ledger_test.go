@@ -204,7 +204,7 @@ func TestLedgerOutcomes(t *testing.T) {
 	}
 }
 
-func TestLedgerDeployedNeverBlocks(t *testing.T) {
+func TestLedgerDeployed(t *testing.T) {
 	l := newLedger(nil, nil, "n1", 20, true, nil, testLogger(t))
 	repo, _ := reference.ParseNormalizedNamed("app")
 	outs := []outcome{
@@ -213,21 +213,71 @@ func TestLedgerDeployedNeverBlocks(t *testing.T) {
 		{c: staleContainer{Name: "c", Tag: "v1", NewID: "sha256:v1"}, err: fmt.Errorf("%w: no", errReplacement)},
 		{c: staleContainer{Name: "d", Tag: "v2", NewID: "sha256:v2"}, err: errors.New("slot lost")},
 	}
-	for range ledgerQueue + 10 { // a full queue drops, it does not wait
-		l.deployed(job{Revs: []int64{7, 9}, Digests: map[string]string{"latest": "sha256:d"}}, repo, outs)
+	current := map[string]string{"latest": "sha256:new", "v1": "sha256:v1", "v2": "sha256:v2", "v3": "sha256:v3"}
+	j := job{Revs: []int64{7, 9}, Digests: map[string]string{"latest": "sha256:d"}}
+	l.deployed(j, repo, current, outs)
+	var got []string
+	for len(l.entries) > 0 {
+		e := <-l.entries
+		got = append(got, fmt.Sprintf("%s %s rev=%d digest=%s failed=%t status=%t", e.Ref, e.ImageID, e.Revision, e.Digest, e.Failed != "", e.ViaStatus))
 	}
-	e := <-l.entries
-	if e.Ref != "docker.io/library/app:latest" || e.ImageID != "sha256:new" || e.Revision != 9 || e.Digest != "sha256:d" || e.Failed != "" {
-		t.Errorf("first entry: %+v", e)
+	want := []string{
+		"docker.io/library/app:latest sha256:new rev=9 digest=sha256:d failed=false status=false",
+		"docker.io/library/app:v1 sha256:v1 rev=9 digest= failed=true status=false",
+		// v2: a replacement left for a retry, not recorded.
+		"docker.io/library/app:v3 sha256:v3 rev=9 digest= failed=false status=true",
 	}
-	if e := <-l.entries; e.Ref != "docker.io/library/app:v1" || e.Failed == "" {
-		t.Errorf("second entry: %+v", e)
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Errorf("entries:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
-	if e := <-l.entries; e.Ref != "docker.io/library/app:latest" {
-		t.Errorf("v2 (a replacement left for a retry) recorded: %+v", e)
+	// Without a trigger (the periodic re-pull), tags not replaced are not
+	// checked.
+	l.deployed(job{}, repo, current, nil)
+	if len(l.entries) != 0 {
+		t.Errorf("%d entries from a re-pull that replaced nothing", len(l.entries))
+	}
+	// A full queue drops, it does not wait.
+	for range ledgerQueue + 10 {
+		l.deployed(j, repo, current, outs)
 	}
 	var nilLedger *ledger
-	nilLedger.deployed(job{}, repo, outs)
+	nilLedger.deployed(j, repo, current, outs)
+}
+
+// TestLedgerConvergedViaStatus: a node whose supervisor pulled and
+// restarted the container before the deploy replaced nothing; its status
+// record says whether it converged, and when.
+func TestLedgerConvergedViaStatus(t *testing.T) {
+	cli := testNS(t)
+	l := testLedger(t, cli, "n1", 20)
+	started := time.Now().Add(-time.Second).UTC().Truncate(time.Millisecond)
+	put := func(containers ...containerStatus) {
+		t.Helper()
+		b, _ := json.Marshal(nodeStatus{Node: "n1", Containers: containers})
+		if _, err := cli.Put(t.Context(), statusKey("n1"), string(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e := ledgerEntry{Ref: ledgerRef, Repo: "docker.io/library/app", ImageID: "sha256:new", Revision: 5, Time: time.Now(), ViaStatus: true}
+
+	put(containerStatus{Name: "other", Image: "docker.io/library/other:latest", ImageID: "sha256:x"})
+	if err := l.apply(t.Context(), e); err != nil || len(readVersions(t, cli, ledgerRef)) != 0 {
+		t.Fatalf("a node that runs no container of the tag: %v, %d versions", err, len(readVersions(t, cli, ledgerRef)))
+	}
+	put(containerStatus{Name: "app", Image: ledgerRef, ImageID: "sha256:new", Since: started},
+		containerStatus{Name: "app2", Image: ledgerRef, ImageID: "sha256:old", Since: started})
+	if err := l.apply(t.Context(), e); !errors.Is(err, errLedgerNotYet) {
+		t.Fatalf("a container still on the old image: %v, want errLedgerNotYet", err)
+	}
+	put(containerStatus{Name: "app", Image: ledgerRef, ImageID: "sha256:new", Since: started.Add(-time.Second)},
+		containerStatus{Name: "app2", Image: ledgerRef, ImageID: "sha256:new", Since: started})
+	if err := l.apply(t.Context(), e); err != nil {
+		t.Fatal(err)
+	}
+	vs := readVersions(t, cli, ledgerRef)
+	if len(vs) != 1 || !vs[0].Nodes["n1"].Converged.Equal(started) || vs[0].Outcome != outcomeRolledOut {
+		t.Fatalf("converged via the status record: %+v", vs)
+	}
 }
 
 func TestHistoryOutput(t *testing.T) {
