@@ -109,7 +109,8 @@ type ledgerEntry struct {
 	Failed   string    // why the replacement failed (the version halted here); "": converged
 	// ViaStatus: nothing was replaced; converged if this node's status
 	// record shows its containers of Ref on ImageID (Time: when the last
-	// of them started), not recorded if it shows none.
+	// of them started), not recorded if it shows none within the
+	// attempts.
 	ViaStatus bool
 }
 
@@ -463,8 +464,9 @@ var errLedgerNotYet = errors.New("the node's status record does not show the ver
 
 // convergedHere checks e (ViaStatus) against this node's status record:
 // ok with e.Time the start of the last container of e.Ref on e.ImageID
-// when all of them run it; not ok when the node runs no container of
-// e.Ref; errLedgerNotYet when some still run another image.
+// when all of them run it; errLedgerNotYet when some still run another
+// image or none runs (a supervisor between two runs): the write is tried
+// again, and given up quietly after its attempts.
 func (l *ledger) convergedHere(ctx context.Context, e ledgerEntry) (ledgerEntry, bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, l.timeout)
 	defer cancel()
@@ -490,10 +492,15 @@ func (l *ledger) convergedHere(ctx context.Context, e ledgerEntry) (ledgerEntry,
 			last = c.Since
 		}
 	}
-	if found && !last.IsZero() && last.Before(e.Time) {
+	if !found {
+		// Between two runs of a supervisor, or a node that keeps the
+		// image but runs no container of it: asked again a few times.
+		return e, false, errLedgerNotYet
+	}
+	if !last.IsZero() && last.Before(e.Time) {
 		e.Time = last
 	}
-	return e, found, nil
+	return e, true, nil
 }
 
 // allConverged reports whether every node in running converged.
