@@ -70,6 +70,7 @@ type config struct {
 	MetricsOpen         bool
 	DryRun              bool
 	Cleanup             bool
+	History             int    // versions of each tag the deploy ledger keeps (ledger.go)
 	TLSCert             string // with TLSKey: serve the webhooks over HTTPS
 	TLSKey              string
 
@@ -121,6 +122,7 @@ func defaultConfig(getenv func(string) string) config {
 		EtcdListenPeer:      "http://127.0.0.1:4002",
 		LogFormat:           "text",
 		MaxUnavailable:      1,
+		History:             20,
 		RestartTimeout:      2 * time.Minute,
 		SlotTimeout:         10 * time.Minute,
 		RestartStrategy:     strategyStop,
@@ -194,6 +196,7 @@ func bindFlags(name string, getenv func(string) string, stderr io.Writer) *bound
 	fs.StringVar(&c.EtcdListenPeer, "etcd_listen_peer", c.EtcdListenPeer, "peer URL of the embedded etcd (with -etcd_nodes empty)")
 	fs.StringVar(&c.LogFormat, "log_format", c.LogFormat, "log format: text or json")
 	fs.IntVar(&c.MaxUnavailable, "max_unavailable", c.MaxUnavailable, "containers of one image tag that may be down at once across the cluster; 0 restarts everything at once")
+	fs.IntVar(&c.History, "history", c.History, "versions of each image tag the deploy ledger keeps in etcd (deployer history)")
 	fs.DurationVar(&c.RestartTimeout, "restart_timeout", c.RestartTimeout, "how long a replacement may take to run (and be healthy) before the rollout halts")
 	fs.DurationVar(&c.SlotTimeout, "slot_timeout", c.SlotTimeout, "how long a node waits for a rollout slot before it gives up and retries the deploy later")
 	fs.BoolVar(&c.MetricsOpen, "metrics_open", c.MetricsOpen, "serve /metrics without the webhook secret (for scrapers on a trusted network)")
@@ -316,6 +319,9 @@ func (c *config) validate() error {
 	}
 	if c.MaxUnavailable < 0 {
 		return badFlag("max_unavailable", "must not be negative, got %d", c.MaxUnavailable)
+	}
+	if c.History < 1 {
+		return badFlag("history", "must be at least 1, got %d", c.History)
 	}
 	if c.RestartTimeout <= 0 {
 		return badFlag("restart_timeout", "must be positive, got %s", c.RestartTimeout)
@@ -561,6 +567,7 @@ var builtinRoutes = []string{
 	"/api/quay/webhook",
 	"GET /healthz",
 	"GET /api/status",
+	"GET /api/history",
 	"GET /metrics",
 }
 

@@ -114,6 +114,7 @@ func TestParseFlagsInvalid(t *testing.T) {
 		{"docker not a URL", []string{"-docker", "/var/run/docker.sock"}, "-docker"},
 		{"bad listen", []string{"-listen", "4500"}, "-listen"},
 		{"zero threads", []string{"-max_threads", "0"}, "-max_threads"},
+		{"no history", []string{"-history", "0"}, "-history"},
 		{"bad registry", []string{"-registry", "https://"}, "-registry"},
 		{"bad log format", []string{"-log_format", "xml"}, "-log_format"},
 		{"node with slash", []string{"-node_name", "a/b"}, "-node_name"},
@@ -211,7 +212,7 @@ func TestHelpShowsNoSecretFromTheEnvironment(t *testing.T) {
 // it would make the daemon panic at its start or shadow the route.
 func TestWebhookPathsRefuseBuiltinRoutes(t *testing.T) {
 	taken := []string{"/api/deploy", "/api/harbor/webhook", "/api/github/webhook", "/api/quay/webhook",
-		"/healthz", "/api/status", "/metrics", "/api/%64eploy"}
+		"/healthz", "/api/status", "/api/history", "/metrics", "/api/%64eploy"}
 	for _, r := range builtinRoutes { // every route added later too
 		_, p, _ := strings.Cut(r, "/")
 		taken = append(taken, "/"+p)

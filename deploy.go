@@ -36,6 +36,7 @@ type deployer struct {
 	notifier notifier
 	node     string
 	opts     deployOptions
+	ledger   *ledger // the deploy ledger; nil records nothing
 	images   imageRemover
 	log      *slog.Logger
 	metrics  *metrics
@@ -49,9 +50,9 @@ type deployOptions struct {
 
 // newDeployer returns a deployer of this node's containers through the
 // replacer, telling note. It starts nothing.
-func newDeployer(p *puller, rep *replacer, images imageRemover, note notifier, node string, opts deployOptions, log *slog.Logger, m *metrics) *deployer {
+func newDeployer(p *puller, rep *replacer, images imageRemover, note notifier, node string, opts deployOptions, led *ledger, log *slog.Logger, m *metrics) *deployer {
 	return &deployer{
-		puller: p, replacer: rep, images: images, notifier: note, node: node, opts: opts, log: log, metrics: m,
+		puller: p, replacer: rep, images: images, notifier: note, node: node, opts: opts, ledger: led, log: log, metrics: m,
 	}
 }
 
@@ -123,9 +124,11 @@ func (d *deployer) run(ctx context.Context, j job) report {
 		d.metrics.wouldRestart.Add(float64(len(stale)))
 		return r
 	}
+	var outs []outcome
 	if len(stale) > 0 {
-		d.replaceStale(ctx, stale, &r)
+		outs = d.replaceStale(ctx, stale, &r)
 	}
+	d.ledger.deployed(j, repo, current, outs) // never blocks
 	d.removeSuperseded(ctx, &r)
 	return r
 }
@@ -209,8 +212,9 @@ func (d *deployer) pullTags(ctx context.Context, repo reference.Named, j job, r 
 }
 
 // replaceStale replaces the stale containers and reports each in r.
-func (d *deployer) replaceStale(ctx context.Context, stale []staleContainer, r *report) {
-	for _, o := range d.replacer.replace(ctx, stale) {
+func (d *deployer) replaceStale(ctx context.Context, stale []staleContainer, r *report) []outcome {
+	outs := d.replacer.replace(ctx, stale)
+	for _, o := range outs {
 		switch {
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
@@ -229,6 +233,7 @@ func (d *deployer) replaceStale(ctx context.Context, stale []staleContainer, r *
 			}
 		}
 	}
+	return outs
 }
 
 // imageRemover removes images (-cleanup).

@@ -28,7 +28,7 @@ func newTestDeployer(t *testing.T, f *fakeDocker, opts deployOptions) (*deployer
 	log := testLogger(t)
 	f.supervise = true // a supervised host: a stop brings the tag back up
 	rep := newTestReplacer(t, nil, f, "n1", 0)
-	return newDeployer(newPuller(f, "", log, m), rep, f, n, "n1", opts, log, m), n
+	return newDeployer(newPuller(f, "", log, m), rep, f, n, "n1", opts, nil, log, m), n
 }
 
 // running lists the containers left alone: running and never stopped (a

@@ -61,6 +61,8 @@ func TestE2E(t *testing.T) {
 		return qa
 	}
 
+	var brokenQA string // the version scenario 11 halts
+
 	t.Run("1 docker hub webhook deploys every node", func(t *testing.T) {
 		old := qa
 		deploy(t, "scenario 1")
@@ -342,6 +344,7 @@ func TestE2E(t *testing.T) {
 			ids[n.name], _ = s.containerImage(n, "app")
 		}
 		broken := s.buildKind(qaRef, "broken")
+		brokenQA = broken // 14b finds it halted in the ledger
 		from := len(s.slackTexts())
 		start := time.Now()
 		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
@@ -486,6 +489,54 @@ func TestE2E(t *testing.T) {
 			}
 		}
 		s.record("scenario 14: deployer status:\n%s", out)
+	})
+
+	t.Run("14b deploy history", func(t *testing.T) {
+		args := []string{"history", "-etcd_nodes", s.etcdEndpoints(), "-etcd_prefix", s.prefix, qaRef}
+		var h historyView
+		var out []byte
+		rolledOut := func() bool {
+			var err error
+			if out, err = exec.Command(s.bin, append(args, "-json")...).Output(); err != nil || json.Unmarshal(out, &h) != nil {
+				return false
+			}
+			if len(h.Tags) != 1 || len(h.Tags[0].Versions) == 0 {
+				return false
+			}
+			v := h.Tags[0].Versions[0]
+			return v.ImageID == qa && v.converged() == len(all) && v.Outcome == outcomeRolledOut
+		}
+		for deadline := time.Now().Add(30 * time.Second); !rolledOut(); {
+			if time.Now().After(deadline) {
+				t.Fatalf("the ledger's newest qa version is not %s rolled out on every node within 30s:\n%s", shortID(qa), out)
+			}
+			time.Sleep(200 * time.Millisecond) // polling the real stack
+		}
+		vs := h.Tags[0].Versions
+		if len(vs) < 3 {
+			t.Errorf("%d versions of %s in the ledger, want one per deploy (at least 3):\n%s", len(vs), qaRef, out)
+		}
+		for _, v := range vs {
+			if v.Outcome == outcomeRolledOut && (v.LastSeconds <= 0 || v.FirstSeconds > v.LastSeconds || v.Completed.IsZero()) {
+				t.Errorf("version %d rolled out with lead times %.2fs … %.2fs", v.Version, v.FirstSeconds, v.LastSeconds)
+			}
+		}
+		for _, v := range vs {
+			if brokenQA != "" && v.ImageID == brokenQA && (v.Outcome != outcomeHalted || !strings.Contains(v.nodesSummary(), "failed: ")) {
+				t.Errorf("scenario 11's version in the ledger: %s, nodes %s; want halted with its failed node", v.Outcome, v.nodesSummary())
+			}
+		}
+		if v := vs[0]; v.AskedBy.Source != "dockerhub" || v.AskedBy.Remote == "" {
+			t.Errorf("newest version asked by %+v, want the Docker Hub webhook and its address", v.AskedBy)
+		}
+		table, err := exec.Command(s.bin, args...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("deployer history: %v\n%s", err, table)
+		}
+		if !strings.Contains(string(table), shortID(qa)) || !strings.Contains(string(table), "3 (node1,node2,node3)") {
+			t.Errorf("deployer history lacks the newest version on 3 nodes:\n%s", table)
+		}
+		s.record("scenario 14b: deployer history %s (newest: first node %.2fs, last node %.2fs after the trigger):\n%s", qaRef, vs[0].FirstSeconds, vs[0].LastSeconds, table)
 	})
 
 	t.Run("15 dry run reports and stops nothing; cleanup removes the old image", func(t *testing.T) {

@@ -16,6 +16,7 @@ package main
 //	<prefix>/_rollout/<image ref>/halted      a version whose rollout is halted
 //	<prefix>/_rollout/<image ref>/slots/<id>  a node replacing a container, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
+//	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of

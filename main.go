@@ -21,8 +21,9 @@
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
 //  7. replace, clusterview
-//  8. deploy, cmd_status
-//  9. main: the daemon's wiring and lifecycle
+//  8. ledger (the deploy ledger)
+//  9. deploy, cmd_status, cmd_history
+//  10. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
@@ -92,6 +93,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) > 0 && args[0] == "secret" {
 		return secretCommand(ctx, args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "history" {
+		return historyCommand(ctx, args[1:], stdout, stderr)
 	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
@@ -189,6 +193,7 @@ type daemon struct {
 	repuller  *repuller
 	leases    *etcdc.NodeLease
 	parker    *parker // settles what a crash left parked
+	ledger    *ledger
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
@@ -224,8 +229,9 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		callTimeout: callTimeout, selfID: selfid.ContainerID(),
 	}, log, m)
 	d.parker = rep.parker
+	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable > 0, m.reg, log.With("component", "ledger"))
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
-		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, log.With("component", "deployer"), m)
+		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
@@ -256,6 +262,7 @@ func (d *daemon) handler() http.Handler {
 		"/api/quay/webhook":   http.HandlerFunc(d.webhook.quay),
 		"GET /healthz":        d.health,
 		"GET /api/status":     d.requireSecret(statusHandler(d.etcd)),
+		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
 		"GET /metrics":        d.metricsHandler(),
 	}
 	mux := http.NewServeMux()
@@ -318,6 +325,7 @@ func (d *daemon) run(ctx context.Context) error {
 	defer cancelBg()
 	var back errgroup.Group
 	back.Go(func() error { return d.progress.run(bgCtx) })
+	back.Go(func() error { return d.ledger.run(bgCtx) })
 	if d.slack != nil {
 		back.Go(func() error { return d.slack.run(bgCtx) })
 	}

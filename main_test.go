@@ -314,7 +314,7 @@ func TestMetricsOpen(t *testing.T) {
 func daemonCommandLine(t *testing.T, etcdURL string) []string {
 	return []string{
 		"-cleanup", "-docker", "unix:///run/other-docker.sock", "-docker_cert_path", t.TempDir(), "-docker_tls_verify=false",
-		"-dockercfg", "/root/.docker/config.json", "-dry_run",
+		"-dockercfg", "/root/.docker/config.json", "-dry_run", "-history", "5",
 		"-etcd_cacert=", "-etcd_cert=", "-etcd_key=", "-etcd_username=", "-etcd_password_file=",
 		"-etcd_nodes=", "-etcd_data_dir", t.TempDir(), "-etcd_listen_client", etcdURL, "-etcd_listen_peer", freePort(t),
 		"-etcd_dial_timeout", "3s", "-etcd_prefix", testPrefix(t), "-etcd_retry_delay", "1s",
@@ -370,6 +370,10 @@ func TestSubcommandsTakeTheDaemonsCommandLine(t *testing.T) {
 	out.Reset()
 	if err := run(t.Context(), append([]string{"status", "-json"}, line...), &out, &stderr); err != nil || !json.Valid(out.Bytes()) {
 		t.Errorf("deployer status -json <daemon flags>: %v, %q; want JSON", err, out.String())
+	}
+	out.Reset()
+	if err := run(t.Context(), append([]string{"history"}, append(line, "myorg/app:qa")...), &out, &stderr); err != nil || !strings.Contains(out.String(), "OUTCOME") {
+		t.Errorf("deployer history <daemon flags> myorg/app:qa: %v, %q; want the table", err, out.String())
 	}
 
 	// A daemon started with -webhook_secret accepts that secret, not the

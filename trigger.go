@@ -15,8 +15,9 @@ import (
 type trigger struct {
 	Time   time.Time `json:"time"`
 	Tag    string    `json:"tag,omitempty"`
-	Source string    `json:"source"`         // "dockerhub", "registry", "api", "harbor", "github" or "quay"
-	Node   string    `json:"node,omitempty"` // the node that took the webhook
+	Source string    `json:"source"`           // "dockerhub", "registry", "api", "harbor", "github" or "quay"
+	Node   string    `json:"node,omitempty"`   // the node that took the webhook
+	Remote string    `json:"remote,omitempty"` // the sender's address (the deploy ledger's "asked by")
 	Digest string    `json:"digest,omitempty"`
 	// One registry envelope may push several tags of one repository; its
 	// single write names them all here, with Tag empty (so that a

@@ -109,7 +109,7 @@ func (h *webhook) apiDeploy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.log.Info("deploy request", "repo", p.Repo, "tag", p.Tag, "digest", p.Digest, "remote", r.RemoteAddr)
-	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source})
+	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source, Remote: r.RemoteAddr})
 	if err != nil {
 		h.fail(w, r, source, http.StatusServiceUnavailable, err)
 		return
@@ -143,7 +143,7 @@ func (h *webhook) triggerEach(w http.ResponseWriter, r *http.Request, source str
 	}{Triggered: []triggered{}}
 	for _, p := range pushes {
 		h.log.Info("push notified", "source", source, "repo", p.Repo, "tag", p.Tag, "digest", p.Digest)
-		t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source})
+		t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source, Remote: r.RemoteAddr})
 		if err != nil {
 			h.fail(w, r, source, http.StatusServiceUnavailable, err)
 			return

@@ -133,7 +133,7 @@ func (h *webhook) dockerHub(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.log.Info("docker hub webhook", "repo", p.Repo, "tag", p.Tag, "remote", r.RemoteAddr)
-	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Source: "dockerhub"})
+	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Source: "dockerhub", Remote: r.RemoteAddr})
 	if err != nil {
 		h.fail(w, r, "dockerhub", http.StatusServiceUnavailable, err)
 		h.dockerHubCallback(r.Context(), p.CallbackURL, "error", "etcd write failed: "+err.Error())
@@ -180,7 +180,7 @@ func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 		h.log.Info("registry push", "repo", p.Repo, "tag", p.Tag, "digest", p.Digest)
 	}
 	if len(pushes) > 0 {
-		out.Triggered, err = h.triggerAll(r.Context(), pushes)
+		out.Triggered, err = h.triggerAll(r.Context(), r.RemoteAddr, pushes)
 		if err != nil {
 			h.fail(w, r, "registry", http.StatusServiceUnavailable, err)
 			return
@@ -197,7 +197,7 @@ func (h *webhook) registry(w http.ResponseWriter, r *http.Request) {
 // triggerAll writes the triggers of one envelope in one etcd transaction.
 // A key can be written only once in a transaction, so several tags of one
 // repository share one trigger that names them all (trigger.Tags).
-func (h *webhook) triggerAll(ctx context.Context, pushes []imagePush) ([]triggered, error) {
+func (h *webhook) triggerAll(ctx context.Context, remote string, pushes []imagePush) ([]triggered, error) {
 	now := h.now().UTC()
 	var repos []string
 	byRepo := map[string][]imagePush{}
@@ -210,7 +210,7 @@ func (h *webhook) triggerAll(ctx context.Context, pushes []imagePush) ([]trigger
 	var ops []clientv3.Op
 	for _, repo := range repos {
 		ps := byRepo[repo]
-		t := trigger{Time: now, Source: "registry", Node: h.node}
+		t := trigger{Time: now, Source: "registry", Node: h.node, Remote: remote}
 		if len(ps) == 1 {
 			t.Tag, t.Digest = ps[0].Tag, ps[0].Digest
 		} else {
