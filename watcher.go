@@ -129,7 +129,8 @@ func (w *watcher) start(ctx context.Context) (int64, error) {
 func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	ch := w.w.Watch(wctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(next), clientv3.WithProgressNotify())
+	from := next
+	ch := w.w.Watch(wctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(from), clientv3.WithProgressNotify())
 	healthy := false
 	for resp := range ch {
 		if resp.CompactRevision != 0 {
@@ -145,8 +146,13 @@ func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error
 		}
 		healthy = true
 		for _, ev := range resp.Events {
-			if ev.Kv.ModRevision < next {
-				continue // already handled before a reconnect
+			// The watch starts at from: nothing older comes. The events of
+			// one transaction share a revision (a registry envelope
+			// naming several repositories, a rollback): each is a
+			// trigger, so next moves past the revision but the events
+			// of the revision are all handled.
+			if ev.Kv.ModRevision < from {
+				continue
 			}
 			next = ev.Kv.ModRevision + 1
 			if ev.Type != clientv3.EventTypePut {

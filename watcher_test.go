@@ -109,6 +109,30 @@ func TestWatcherEvents(t *testing.T) {
 			h.w.progress.done([]int64{got.Rev})
 		})
 	}
+	t.Run("one transaction, two repositories", func(t *testing.T) {
+		// A registry envelope naming two repositories writes both
+		// triggers in one transaction: they share a revision.
+		resp, err := cli.Txn(t.Context()).Then(
+			clientv3.OpPut(h.prefix+"/myorg/one", `{"tag":"qa","source":"registry"}`),
+			clientv3.OpPut(h.prefix+"/myorg/two", `{"tag":"qa","source":"registry"}`),
+		).Commit()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for range 2 {
+			ev := h.next()
+			if ev.Rev != resp.Header.Revision {
+				t.Errorf("event %+v; want revision %d", ev, resp.Header.Revision)
+			}
+			got = append(got, ev.Repo.Name())
+			h.w.progress.done([]int64{ev.Rev})
+		}
+		slices.Sort(got)
+		if want := []string{testName("myorg/one").Name(), testName("myorg/two").Name()}; !slices.Equal(got, want) {
+			t.Errorf("deployed %v; want both of %v", got, want)
+		}
+	})
 	t.Run("delete deploys nothing", func(t *testing.T) {
 		if _, err := cli.Delete(t.Context(), h.prefix+"/myorg/foo"); err != nil {
 			t.Fatal(err)
