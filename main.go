@@ -22,9 +22,10 @@
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
 //  7. replace, clusterview
 //  8. ledger (the deploy ledger)
-//  9. deploy, cmd_status, cmd_history, rollback
-//  10. cmd_rollback
-//  11. main: the daemon's wiring and lifecycle
+//  9. deploy, cmd_status, cmd_history
+//  10. rollback (an earlier version back under its tag)
+//  11. cmd_rollback
+//  12. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
