@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
+	memregistry "github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -37,7 +37,7 @@ type rollbackRegistry struct {
 func newRollbackRegistry(t *testing.T) *rollbackRegistry {
 	t.Helper()
 	r := &rollbackRegistry{}
-	inner := registry.New()
+	inner := memregistry.New()
 	r.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		if r.refuse != 0 && req.Method == http.MethodPut && strings.Contains(req.URL.Path, "/manifests/") {
 			code := map[int]string{401: "UNAUTHORIZED", 403: "DENIED", 405: "UNSUPPORTED"}[r.refuse]
