@@ -52,7 +52,7 @@ func rollbackCommand(ctx context.Context, args []string, stdout, stderr io.Write
 	if err != nil {
 		return err
 	}
-	_, err = fmt.Fprintf(stdout, "%s: version %d (%s) rolled back to version %d's image %s (%s), recorded as version %d at revision %d; every node rolls it out now (deployer history %s)\n",
+	_, err = fmt.Fprintf(stdout, "%s: version %d (%s) rolled back to version %d's image %s (%s), recorded as version %d at revision %d; every node rolls it out now (see deployer history %s)\n",
 		res.Image, res.FromVersion, shortID(res.FromImageID), res.ToVersion, shortID(res.ImageID), shortDigest(res.Digest),
 		res.Version, res.Revision, strings.TrimPrefix(res.Image, "docker.io/"))
 	return err

@@ -563,6 +563,7 @@ func TestE2E(t *testing.T) {
 		if err != nil {
 			t.Fatalf("deployer rollback: %v\n%s", err, cmd)
 		}
+		t.Logf("deployer rollback %s: %s", qaRef, cmd)
 		s.waitImage(all, "app", v1, 90*time.Second)
 		took := time.Since(start)
 		maxDown, samples := stop()

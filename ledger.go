@@ -756,7 +756,8 @@ type rollbackRecord struct {
 }
 
 // recordRollback records r in one transaction with the extra operations
-// (the trigger put) and returns the new version and the transaction's
+// (the trigger put), which come first: a watcher handles the first event
+// of a revision and skips the others (watcher.go), and returns the new version and the transaction's
 // revision. It fails with errLedgerConflict when the tag's newest version
 // is no longer r.From (a push came in between).
 func recordRollback(ctx context.Context, kv clientv3.KV, r rollbackRecord, extra ...clientv3.Op) (ledgerVersion, int64, error) {
@@ -789,7 +790,7 @@ func recordRollback(ctx context.Context, kv clientv3.KV, r rollbackRecord, extra
 		tr, err := kv.Txn(ctx).If(
 			clientv3.Compare(clientv3.ModRevision(string(resp.Kvs[0].Key)), "=", resp.Kvs[0].ModRevision),
 			clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
-		).Then(append(ops, extra...)...).Commit()
+		).Then(append(extra, ops...)...).Commit()
 		if err != nil {
 			return ledgerVersion{}, 0, fmt.Errorf("record the rollback of %s: %w", r.Ref, err)
 		}

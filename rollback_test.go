@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -194,6 +195,14 @@ func checkRollbackRecorded(t *testing.T, f *rollbackFixture, res rollbackResult,
 	tags, digests := parseTrigger(resp.Kvs[0].Value)
 	if len(tags) != 1 || digests["latest"] != res.Digest {
 		t.Errorf("the watcher reads tags %v digests %v", tags, digests)
+	}
+	// The watcher handles the first event of a revision only: the
+	// trigger must be it.
+	wctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	wr := <-f.kv.(*clientv3.Client).Watch(wctx, "/", clientv3.WithPrefix(), clientv3.WithRev(res.Revision))
+	if len(wr.Events) == 0 || string(wr.Events[0].Kv.Key) != string(resp.Kvs[0].Key) {
+		t.Errorf("the rollback's first event is not its trigger: %v", wr.Events)
 	}
 }
 
