@@ -148,8 +148,7 @@ func rollbackTarget(ref string, versions []ledgerVersion, to string) (from, targ
 	}
 	from = versions[0]
 	var found bool
-	switch {
-	case to == "":
+	if to == "" {
 		for _, v := range versions[1:] {
 			if v.Outcome == outcomeRolledOut && v.ImageID != from.ImageID {
 				target, found = v, true
@@ -159,7 +158,7 @@ func rollbackTarget(ref string, versions []ledgerVersion, to string) (from, targ
 		if !found {
 			return from, target, fmt.Errorf("%w: %s has no earlier version that rolled out (see deployer history; -to names one)", errLedgerTarget, ref)
 		}
-	default:
+	} else {
 		if target, found, err = findVersion(versions, to); err != nil {
 			return from, target, err
 		}
@@ -305,8 +304,12 @@ func rollbackHandler(h *webhook, rb *rollbacker, node string) http.HandlerFunc {
 			return
 		}
 		var req rollbackRequest
-		if err := json.Unmarshal(body, &req); err != nil || req.Image == "" {
-			h.fail(w, r, source, http.StatusBadRequest, fmt.Errorf("want {\"image\":\"repository:tag\",\"to\":\"…\"}: %v", err))
+		if err := json.Unmarshal(body, &req); err != nil {
+			h.fail(w, r, source, http.StatusBadRequest, fmt.Errorf("want {\"image\":\"repository:tag\",\"to\":\"…\"}: %w", err))
+			return
+		}
+		if req.Image == "" {
+			h.fail(w, r, source, http.StatusBadRequest, errors.New(`want {"image":"repository:tag","to":"…"}: no image`))
 			return
 		}
 		h.log.Info("rollback request", "image", req.Image, "to", req.To, "remote", r.RemoteAddr)
