@@ -740,7 +740,7 @@ func (v ledgerVersion) converged() int {
 
 // errLedgerTarget: the rollback's target is not a version in the ledger,
 // or there is no earlier version to go back to.
-var errLedgerTarget = errors.New("no such version")
+var errLedgerTarget = errors.New("nothing to roll back to")
 
 // rollbackRecord is what a rollback writes: the version it goes back to
 // (From, the bad one, becomes "rolled back"; To is added again as a new

@@ -34,7 +34,7 @@ const registryTimeout = 30 * time.Second
 
 // errRegistryRefused: the registry does not let us write the tag (no push
 // rights, a read-only registry or mirror).
-var errRegistryRefused = errors.New("the registry refused the write")
+var errRegistryRefused = errors.New("not rolled back")
 
 // rollbackRequest is the body of POST /api/rollback, and what deployer
 // rollback asks.
@@ -239,7 +239,7 @@ func (rb *rollbacker) retag(ctx context.Context, ref reference.NamedTagged, dige
 	defer cancel()
 	if err := remote.Tag(dst, desc, append(opts, remote.WithContext(pctx))...); err != nil {
 		if reason, ok := refusal(err); ok {
-			return fmt.Errorf("%w: registry %s does not let us put %s back under %s: %s; nothing was rolled back",
+			return fmt.Errorf("%w: registry %s refused to put %s back under %s: %s",
 				errRegistryRefused, domain, shortDigest(digest), reference.FamiliarString(ref), reason)
 		}
 		return fmt.Errorf("registry %s: put %s back under %s: %w", domain, shortDigest(digest), reference.FamiliarString(ref), err)
