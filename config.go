@@ -565,6 +565,7 @@ var builtinRoutes = []string{
 	"/api/harbor/webhook",
 	"/api/github/webhook",
 	"/api/quay/webhook",
+	"/api/rollback",
 	"GET /healthz",
 	"GET /api/status",
 	"GET /api/history",

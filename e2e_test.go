@@ -539,6 +539,70 @@ func TestE2E(t *testing.T) {
 		s.record("scenario 14b: deployer history %s (newest: first node %.2fs, last node %.2fs after the trigger):\n%s", qaRef, vs[0].FirstSeconds, vs[0].LastSeconds, table)
 	})
 
+	t.Run("14c deployer rollback puts the previous version back on every node", func(t *testing.T) {
+		v1 := deploy(t, "scenario 14c (first good version)")
+		v2 := deploy(t, "scenario 14c (second good version)")
+		// The default target is the newest earlier version that rolled
+		// out: wait until the ledger has v1 rolled out and v2 newest.
+		hist := []string{"history", "-json", "-etcd_nodes", s.etcdEndpoints(), "-etcd_prefix", s.prefix, qaRef}
+		var out []byte
+		waitFor(t, 30*time.Second, "the ledger: v2 newest, v1 rolled out", func() bool {
+			var h historyView
+			var err error
+			if out, err = exec.Command(s.bin, hist...).Output(); err != nil || json.Unmarshal(out, &h) != nil || len(h.Tags) != 1 || len(h.Tags[0].Versions) < 2 {
+				return false
+			}
+			vs := h.Tags[0].Versions
+			return vs[0].ImageID == v2 && vs[0].Outcome == outcomeRolledOut && vs[1].ImageID == v1 && vs[1].Outcome == outcomeRolledOut && vs[1].Digest != ""
+		})
+
+		stop := s.sampler("app")
+		start := time.Now()
+		cmd, err := exec.Command(s.bin, "rollback", qaRef, "-etcd_nodes", s.etcdEndpoints(), "-etcd_prefix", s.prefix, "-dockercfg", "").CombinedOutput()
+		answered := time.Since(start)
+		if err != nil {
+			t.Fatalf("deployer rollback: %v\n%s", err, cmd)
+		}
+		t.Logf("deployer rollback %s: %s", qaRef, cmd)
+		s.waitImage(all, "app", v1, 90*time.Second)
+		took := time.Since(start)
+		maxDown, samples := stop()
+		if maxDown > 1 {
+			t.Errorf("up to %d nodes had no running app at once during the rollback; want at most 1 (-max_unavailable)", maxDown)
+		}
+		s.record("scenario 14c: deployer rollback answered in %v; every node back on %s %v after the command; most nodes down at once: %d (%d samples every 50ms)\n%s",
+			answered.Round(time.Millisecond), shortID(v1), took.Round(time.Millisecond), maxDown, samples, cmd)
+		qa = v1
+
+		var h historyView
+		waitFor(t, 30*time.Second, "the rollback's version rolled out in the ledger", func() bool {
+			if out, err = exec.Command(s.bin, hist...).Output(); err != nil || json.Unmarshal(out, &h) != nil || len(h.Tags) != 1 || len(h.Tags[0].Versions) < 2 {
+				return false
+			}
+			vs := h.Tags[0].Versions
+			return vs[0].ImageID == v1 && vs[0].Outcome == outcomeRolledOut && vs[1].ImageID == v2 && vs[1].Outcome == outcomeRolledBack
+		})
+		if a := h.Tags[0].Versions[0].AskedBy; a.Source != "rollback" || !strings.HasPrefix(a.Command, "deployer rollback ") || a.Host == "" {
+			t.Errorf("the rollback's version asked by %+v; want the command and its host", a)
+		}
+
+		// The tag now means v1: a supervisor restart (docker pull, then
+		// docker run) still runs it.
+		s.barrier(all)
+		before, _ := s.containerImage(all[2], "app")
+		s.dockerCLI(all[2].dockerd, "kill", "app")
+		waitFor(t, 60*time.Second, "the supervisor on node3 to run app again", func() bool {
+			id, img := s.containerImage(all[2], "app")
+			return id != "" && id != before && img != ""
+		})
+		if _, img := s.containerImage(all[2], "app"); img != v1 {
+			t.Errorf("after a supervisor restart node3 runs %s; want the rolled-back-to %s", shortID(img), shortID(v1))
+		}
+
+		// A new push deploys normally.
+		deploy(t, "scenario 14c (a push after the rollback)")
+	})
+
 	t.Run("15 dry run reports and stops nothing; cleanup removes the old image", func(t *testing.T) {
 		s.restartDeployers("-dry_run=true")
 		ids := map[string]string{}

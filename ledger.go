@@ -37,6 +37,7 @@ const (
 	outcomeRolledOut  = "rolled out"  // every node that runs the tag converged
 	outcomeHalted     = "halted"      // a node's replacement failed and the rollout stopped
 	outcomeSuperseded = "superseded"  // a newer version came before this one rolled out
+	outcomeRolledBack = "rolled back" // a rollback put an earlier version back under the tag
 )
 
 // ledgerVersion is one version of one image tag, the value of its
@@ -735,4 +736,89 @@ func (v ledgerVersion) converged() int {
 		}
 	}
 	return n
+}
+
+// errLedgerTarget: the rollback's target is not a version in the ledger,
+// or there is no earlier version to go back to.
+var errLedgerTarget = errors.New("nothing to roll back to")
+
+// rollbackRecord is what a rollback writes: the version it goes back to
+// (From, the bad one, becomes "rolled back"; To is added again as a new
+// version, asked by Asked), in the transaction of the trigger that rolls
+// it out.
+type rollbackRecord struct {
+	Ref   string // canonical image tag
+	From  int64  // the version rolled back: the newest when the rollback was decided
+	To    ledgerVersion
+	Asked askedBy
+	Time  time.Time
+	Keep  int64 // -history
+}
+
+// recordRollback records r in one transaction with the extra operations
+// (the trigger put), which come first: a watcher handles the first event
+// of a revision and skips the others (watcher.go), and returns the new version and the transaction's
+// revision. It fails with errLedgerConflict when the tag's newest version
+// is no longer r.From (a push came in between).
+func recordRollback(ctx context.Context, kv clientv3.KV, r rollbackRecord, extra ...clientv3.Op) (ledgerVersion, int64, error) {
+	for range 5 {
+		resp, err := kv.Get(ctx, historyPrefix(r.Ref), clientv3.WithLastKey()...)
+		if err != nil {
+			return ledgerVersion{}, 0, fmt.Errorf("read the history of %s: %w", r.Ref, err)
+		}
+		var newest ledgerVersion
+		if len(resp.Kvs) == 0 || json.Unmarshal(resp.Kvs[0].Value, &newest) != nil {
+			return ledgerVersion{}, 0, fmt.Errorf("%w: %s has no version in the ledger", errLedgerTarget, r.Ref)
+		}
+		if newest.Version != r.From {
+			return ledgerVersion{}, 0, fmt.Errorf("%w: %s version %d came after version %d", errLedgerConflict, r.Ref, newest.Version, r.From)
+		}
+		bad := newest
+		bad.Outcome = outcomeRolledBack
+		next := newest.Version + 1
+		v := ledgerVersion{
+			Version: next, Image: r.Ref, ImageID: r.To.ImageID, Digest: r.To.Digest, Pushed: r.Time.UTC(),
+			AskedBy: r.Asked, Nodes: map[string]nodeResult{}, Outcome: outcomeRollingOut,
+		}
+		bb, _ := json.Marshal(bad)
+		vb, _ := json.Marshal(v)
+		key := historyKey(r.Ref, next)
+		ops := []clientv3.Op{clientv3.OpPut(historyKey(r.Ref, bad.Version), string(bb)), clientv3.OpPut(key, string(vb))}
+		if oldest := next - max(r.Keep, 1) + 1; oldest > 1 {
+			ops = append(ops, clientv3.OpDelete(historyPrefix(r.Ref), clientv3.WithRange(historyKey(r.Ref, oldest))))
+		}
+		tr, err := kv.Txn(ctx).If(
+			clientv3.Compare(clientv3.ModRevision(string(resp.Kvs[0].Key)), "=", resp.Kvs[0].ModRevision),
+			clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
+		).Then(append(extra, ops...)...).Commit()
+		if err != nil {
+			return ledgerVersion{}, 0, fmt.Errorf("record the rollback of %s: %w", r.Ref, err)
+		}
+		if !tr.Succeeded {
+			continue // a node recorded its part in the bad version meanwhile
+		}
+		v.Revision = tr.Header.Revision
+		// The version's trigger revision, once known: a replay of the
+		// bad version's older trigger then counts as this version's. A
+		// node may have recorded its part already: read and compare.
+		for range 5 {
+			g, err := kv.Get(ctx, key)
+			if err != nil || len(g.Kvs) == 0 {
+				break
+			}
+			var cur ledgerVersion
+			if json.Unmarshal(g.Kvs[0].Value, &cur) != nil {
+				break
+			}
+			cur.Revision = tr.Header.Revision
+			b, _ := json.Marshal(cur)
+			u, err := kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", g.Kvs[0].ModRevision)).
+				Then(clientv3.OpPut(key, string(b))).Commit()
+			if err != nil || u.Succeeded {
+				break
+			}
+		}
+		return v, tr.Header.Revision, nil
+	}
+	return ledgerVersion{}, 0, errLedgerConflict
 }

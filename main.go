@@ -23,7 +23,9 @@
 //  7. replace, clusterview
 //  8. ledger (the deploy ledger)
 //  9. deploy, cmd_status, cmd_history
-//  10. main: the daemon's wiring and lifecycle
+//  10. rollback (an earlier version back under its tag)
+//  11. cmd_rollback
+//  12. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
@@ -96,6 +98,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) > 0 && args[0] == "history" {
 		return historyCommand(ctx, args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "rollback" {
+		return rollbackCommand(ctx, args[1:], stdout, stderr)
 	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
@@ -263,6 +268,7 @@ func (d *daemon) handler() http.Handler {
 		"GET /healthz":        d.health,
 		"GET /api/status":     d.requireSecret(statusHandler(d.etcd)),
 		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
+		"/api/rollback":       rollbackHandler(d.webhook, newRollbacker(d.etcd, d.cfg.DockerCfg, d.cfg.registryDomain, d.cfg.History, d.log), d.cfg.NodeName),
 		"GET /metrics":        d.metricsHandler(),
 	}
 	mux := http.NewServeMux()
