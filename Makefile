@@ -10,13 +10,13 @@ build:
 
 test: lint unit e2e
 
+# go test runs a part of vet itself; make lint runs all of it.
 unit:
-	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
 
 e2e:
 	./scripts/install-deps.sh
-	$(GO) test -tags e2e -count=1 -run '^TestE2E' -parallel 2 -v -timeout 25m .
+	$(GO) test -tags e2e -count=1 -run '^TestE2E' -parallel 3 -v -timeout 25m .
 
 # make lint: gofmt, go vet with each build tag, then the linters this
 # project keeps (govet's every pass, staticcheck, unused, errcheck,
@@ -28,9 +28,11 @@ e2e:
 # package, and the binary in .bin/ is rebuilt only when tools/lint changes.
 LINT_TOOL := $(CURDIR)/.bin/deployer-lint
 
+# The tool runs every pass of go vet (a superset of go vet's default
+# ones), on every file: the build tags are e2e and bench, and no file is
+# excluded by a tag.
 lint: lint-tool
 	test -z "$$(gofmt -l .)"
-	$(GO) vet ./... && $(GO) vet -tags e2e ./... && $(GO) vet -tags bench ./...
 	$(GO) vet -vettool=$(LINT_TOOL) -tags e2e,bench ./...
 
 # .ci/run builds it while apt installs the end-to-end suite's packages.

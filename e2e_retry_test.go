@@ -15,7 +15,7 @@ import (
 // hears of the first failure and of the recovery; the pending retry shows
 // in /metrics and /api/status meanwhile.
 func TestE2ERetry(t *testing.T) {
-	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
+	t.Parallel() // a stack of its own; three run at once (make e2e: -parallel 3)
 	s := newStackWith(t, 2, 1)
 	all := s.nodes
 	ref := s.hub.host() + "/myorg/app:qa"

@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -26,7 +25,7 @@ import (
 )
 
 func TestE2ERollout(t *testing.T) {
-	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
+	t.Parallel() // a stack of its own; three run at once (make e2e: -parallel 3)
 	s := newStackWith(t, 3, 1)
 	all := s.nodes
 
@@ -409,41 +408,12 @@ func TestE2ERollout(t *testing.T) {
 // second) that passes, or that never does, and pushes it.
 func (s *stack) buildHealth(ref string, healthy bool) string {
 	s.t.Helper()
-	s.mu.Lock()
-	s.builds++
-	n := s.builds
-	s.mu.Unlock()
-	ctxDir := filepath.Join(s.dir, fmt.Sprintf("build-%d", n))
-	if err := os.MkdirAll(ctxDir, 0o755); err != nil {
-		s.t.Fatal(err)
-	}
-	bb, err := exec.LookPath("busybox")
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	if out, err := exec.Command("cp", bb, filepath.Join(ctxDir, "busybox")).CombinedOutput(); err != nil {
-		s.t.Fatalf("cp busybox: %v %s", err, out)
-	}
 	check := "true"
 	if !healthy {
 		check = "false"
 	}
-	dockerfile := fmt.Sprintf("FROM scratch\nCOPY busybox /bin/busybox\nCOPY version /version\n"+
-		"HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/bin/busybox\",%q]\n"+
-		"CMD [\"/bin/busybox\",\"sh\",\"-c\",\"trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done\"]\n", check)
-	files := map[string]string{"Dockerfile": dockerfile, "version": fmt.Sprintf("%s build %d %d\n", ref, n, time.Now().UnixNano())}
-	for name, body := range files {
-		if err := os.WriteFile(filepath.Join(ctxDir, name), []byte(body), 0o644); err != nil {
-			s.t.Fatal(err)
-		}
-	}
-	s.dockerCLI(s.builder, "build", "-q", "-t", ref, ctxDir)
-	s.dockerCLI(s.builder, "push", "-q", ref)
-	img, err := s.builder.cli.InspectImage(ref)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	return img.ID
+	return s.buildImage(ref, fmt.Sprintf("HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/bin/busybox\",%q]\n"+
+		"CMD [\"/bin/busybox\",\"sh\",\"-c\",\"trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done\"]\n", check))
 }
 
 // healthy reports whether container name on n runs, not restarting, and

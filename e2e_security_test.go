@@ -23,7 +23,7 @@ import (
 )
 
 func TestE2ESecurity(t *testing.T) {
-	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
+	t.Parallel() // a stack of its own; three run at once (make e2e: -parallel 3)
 	s := newStackWith(t, 2, 1)
 	all := s.nodes
 	ref := s.hub.host() + "/sec/app:qa"

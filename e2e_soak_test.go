@@ -37,7 +37,7 @@ func soakDeploys(t *testing.T) int {
 }
 
 func TestE2ESoak(t *testing.T) {
-	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
+	t.Parallel() // a stack of its own; three run at once (make e2e: -parallel 3)
 	s := newStackWith(t, 2, 1)
 	all := s.nodes
 	s.restartDeployers("-max_unavailable=0")

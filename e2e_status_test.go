@@ -12,7 +12,7 @@ import (
 )
 
 func TestE2EStatusEvents(t *testing.T) {
-	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
+	t.Parallel() // a stack of its own; three run at once (make e2e: -parallel 3)
 	s := newStackWith(t, 1, 1)
 	n := s.nodes[0]
 	ref := s.hub.host() + "/myorg/evt:qa"

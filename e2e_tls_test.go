@@ -102,7 +102,7 @@ func (s *stack) runFailing(args ...string) (int, string, time.Duration) {
 }
 
 func TestE2ETLS(t *testing.T) {
-	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
+	t.Parallel() // a stack of its own; three run at once (make e2e: -parallel 3)
 	s := newStackWith(t, 1, 1)
 	n := s.nodes[0]
 	certDir := filepath.Join(s.dir, "certs")

@@ -22,7 +22,7 @@ import (
 )
 
 func TestE2ETriggers(t *testing.T) {
-	t.Parallel() // a stack of its own; two run at once (make e2e: -parallel 2)
+	t.Parallel() // a stack of its own; three run at once (make e2e: -parallel 3)
 	s := newStackWith(t, 2, 1)
 	all := s.nodes
 	harbRef := s.hub.host() + "/myorg/harb:qa"

@@ -500,6 +500,20 @@ func (s *stack) build(ref string, stubborn bool) string {
 // broken (exits with status 1 at once), idle (sleeps, using no CPU).
 func (s *stack) buildKind(ref, kind string) string {
 	s.t.Helper()
+	cmd := map[string]string{
+		"app":      `trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done`,
+		"stubborn": `while true; do /bin/busybox sleep 0.2; done`,
+		"broken":   `echo broken >&2; exit 1`,
+		"idle":     `exec /bin/busybox sleep 86400`, // no CPU while it runs
+	}[kind]
+	return s.buildImage(ref, fmt.Sprintf("CMD [\"/bin/busybox\",\"sh\",\"-c\",%q]\n", cmd))
+}
+
+// buildImage builds a new version of ref FROM scratch with a static
+// busybox and a version file unique to this build, the Dockerfile's lines
+// after those in tail, pushes it, and returns its image ID.
+func (s *stack) buildImage(ref, tail string) string {
+	s.t.Helper()
 	s.mu.Lock()
 	s.builds++
 	n := s.builds
@@ -515,13 +529,7 @@ func (s *stack) buildKind(ref, kind string) string {
 	if out, err := exec.Command("cp", bb, filepath.Join(ctxDir, "busybox")).CombinedOutput(); err != nil {
 		s.t.Fatalf("cp busybox: %v %s", err, out)
 	}
-	cmd := map[string]string{
-		"app":      `trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done`,
-		"stubborn": `while true; do /bin/busybox sleep 0.2; done`,
-		"broken":   `echo broken >&2; exit 1`,
-		"idle":     `exec /bin/busybox sleep 86400`, // no CPU while it runs
-	}[kind]
-	dockerfile := fmt.Sprintf("FROM scratch\nCOPY busybox /bin/busybox\nCOPY version /version\nCMD [\"/bin/busybox\",\"sh\",\"-c\",%q]\n", cmd)
+	dockerfile := "FROM scratch\nCOPY busybox /bin/busybox\nCOPY version /version\n" + tail
 	files := map[string]string{"Dockerfile": dockerfile, "version": fmt.Sprintf("%s build %d %d\n", ref, n, time.Now().UnixNano())}
 	for name, body := range files {
 		if err := os.WriteFile(filepath.Join(ctxDir, name), []byte(body), 0o644); err != nil {
