@@ -55,6 +55,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
@@ -127,16 +128,23 @@ func newLogger(format string, w io.Writer) *slog.Logger {
 // the HTTP server and the watcher first, deploys in flight within a bound,
 // then the state writers and the etcd client.
 func serve(ctx context.Context, cfg config, log *slog.Logger) error {
+	var cli *clientv3.Client
 	if len(cfg.EtcdNodes) == 0 {
 		etcd, err := startEmbeddedEtcd(cfg, log)
 		if err != nil {
 			return err
 		}
 		defer closeWithin(etcd.Close, 10*time.Second, log)
-	}
-	cli, err := newEtcdClient(ctx, cfg, log)
-	if err != nil {
-		return err
+		// The daemon talks to its own member in process: no gRPC
+		// connection, no keepalive pings. The client URL still serves
+		// the subcommands.
+		cli = v3client.New(etcd.Server)
+	} else {
+		var err error
+		cli, err = newEtcdClient(ctx, cfg, log)
+		if err != nil {
+			return err
+		}
 	}
 	defer cli.Close()
 
@@ -499,6 +507,19 @@ func startEmbeddedEtcd(cfg config, log *slog.Logger) (*embed.Etcd, error) {
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	// Trigger keys are rewritten forever; keep an hour of history.
 	ec.AutoCompactionMode, ec.AutoCompactionRetention = "periodic", "1h"
+	// A single member on this host has no peer to hear from: its raft
+	// clock need not beat ten times a second. Idle, the member's timers
+	// are all its cost (BENCHMARKS.md, "Idle cost of one machine"): the
+	// heartbeat at 400 ms (a 2 s election timeout, the least etcd takes,
+	// so the first start elects itself within 0.4-2 s; leases may be as
+	// short as 2.8 s, ours are 10 s), the bolt commit every second (the
+	// WAL is written and synced at every proposal, so a crash loses
+	// nothing), and no downgrade check, which only a cluster's leader
+	// needs. The mvcc store's 100 ms watch resync and the lessor's 500 ms
+	// loop are fixed in etcd.
+	ec.TickMs, ec.ElectionMs = 400, 2000
+	ec.BackendBatchInterval = time.Second
+	ec.DowngradeCheckTime = time.Hour
 	if err := os.MkdirAll(cfg.EtcdDataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("-etcd_data_dir: %w", err)
 	}
