@@ -34,6 +34,12 @@ package main
 //     looping, unhealthy, or still starting after -restart_timeout): <name>
 //     is removed and the parked container is put back, as recreate's own
 //     restore would have done.
+//   - a re-create's new container still under its temporary name
+//     <name>-deployer-new-<old short ID> (recreate creates it before it
+//     parks the old one, and names it <name> after the stop): it never
+//     ran, and is removed; the parked container beside it, if any, is
+//     settled as above. Its name is a record too, settled with the same
+//     holds.
 
 import (
 	"context"
@@ -400,6 +406,14 @@ func (r *parker) recoverParked(ctx context.Context, only string) error {
 	var errs []error
 	for _, c := range list {
 		for _, n := range c.Names {
+			if base, ok := newBase(n); ok && (only == "" || base == only) && !listedRunning(c) {
+				// A re-create's new container that never got its
+				// name (a crash, a removal that failed): it never ran.
+				if err := r.removeNew(ctx, base, only == "", c.ID); err != nil {
+					errs = append(errs, fmt.Errorf("remove %s: %w", strings.TrimPrefix(n, "/"), err))
+				}
+				continue
+			}
 			base, pol, ok := parseParked(n, c.ID)
 			if !ok || (only != "" && base != only) {
 				continue
@@ -420,6 +434,30 @@ func (r *parker) recoverParked(ctx context.Context, only string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// removeNew removes id, a re-create's new container left with its
+// temporary name beside name; hold: name is not held by the caller, and
+// is left alone when this process works on it.
+func (r *parker) removeNew(ctx context.Context, name string, hold bool, id string) error {
+	if hold {
+		release, ok := r.tryHold(name)
+		if !ok {
+			return nil // in flight here
+		}
+		defer release()
+	}
+	err := r.retryStep(ctx, "remove the new container", func(ctx context.Context) error {
+		err := r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: id, Force: true, Context: ctx})
+		if isNoSuchContainer(err) {
+			return nil
+		}
+		return err
+	})
+	if err == nil {
+		r.log.Warn("removed the new container of an interrupted re-create", "container", name, "id", shortID(id))
+	}
+	return err
 }
 
 // recoverOne settles one parked container beside name (see the top of the

@@ -1,0 +1,127 @@
+package main
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	docker "github.com/fsouza/go-dockerclient"
+)
+
+// errPodmanUlimit is Podman 4.3.1's answer to a create with its own
+// inspect's ulimit names.
+var errPodmanUlimit = &docker.Error{Status: 500, Message: `fill out specgen: ulimit option "RLIMIT_NOFILE=4096:4096" requires name=SOFT:HARD, failed to be parsed: invalid ulimit type: RLIMIT_NOFILE`}
+
+// TestRecreateCreateFirst: the new container is created (under its
+// temporary name) before the old one is touched: a create the runtime
+// refuses stops nothing, parks nothing and leaves nothing; refused twice
+// alike for one version it is final (not retried), then left alone
+// quietly until a new version, which is tried again.
+func TestRecreateCreateFirst(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	f.failNext("CreateContainer", errPodmanUlimit, errPodmanUlimit, errPodmanUlimit)
+	p := newTestReplacer(t, nil, f, "n1", 0)
+	p.strategy = strategyRecr
+	untouched := func(when string) {
+		t.Helper()
+		f.mu.Lock()
+		stops, n := len(f.stops), len(f.containers)
+		f.mu.Unlock()
+		app := f.containerByName("app")
+		if stops != 0 || n != 1 || app == nil || app.ID != c.ID || !app.Running {
+			t.Fatalf("%s: %d stops, %d containers, app %+v; want the old app running, never stopped, alone", when, stops, n, app)
+		}
+	}
+
+	out := p.replace(t.Context(), []staleContainer{c})[0]
+	if out.err == nil || !strings.Contains(out.err.Error(), "RLIMIT_NOFILE") || !retryable(out.err) {
+		t.Fatalf("first refused create: %+v; want the runtime's answer, retryable", out)
+	}
+	untouched("after the first refused create")
+
+	out = p.replace(t.Context(), []staleContainer{c})[0]
+	if !errors.Is(out.err, errCreateRefused) || retryable(out.err) || errors.Is(out.err, errReplacement) {
+		t.Fatalf("second refused create, alike: %+v (retryable %v); want final, not a halt", out, retryable(out.err))
+	}
+	untouched("after the second refused create")
+
+	out = p.replace(t.Context(), []staleContainer{c})[0]
+	if !out.quiet || out.err != nil {
+		t.Fatalf("third deploy of the same version: %+v; want it left alone quietly", out)
+	}
+	if got := p.leftAlone.list(); len(got) != 1 || got[0].Name != "app" || got[0].Image != c.NewID {
+		t.Errorf("left alone: %+v; want app for %s", got, shortID(c.NewID))
+	}
+
+	// A new version is tried (and refused once more: one fault left).
+	const third = "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+	f.mu.Lock()
+	f.local["reg:5000/app:qa"] = third
+	f.mu.Unlock()
+	c.NewID = third
+	if out = p.replace(t.Context(), []staleContainer{c})[0]; out.quiet || out.err == nil || errors.Is(out.err, errCreateRefused) {
+		t.Fatalf("a new version: %+v; want it tried, refused once, retryable", out)
+	}
+	untouched("after the new version's refused create")
+	if out = p.replace(t.Context(), []staleContainer{c})[0]; out.err != nil || out.skipped != "" {
+		t.Fatalf("the new version, accepted: %+v; want it re-created", out)
+	}
+	if app := f.containerByName("app"); app == nil || app.ID == c.ID || !app.Running || app.ImageID != third {
+		t.Errorf("app after the re-create: %+v; want a new container running %s", app, shortID(third))
+	}
+}
+
+// TestRecreateCreateFailuresThatDiffer: failures that differ stay
+// retryable: only the same answer twice in a row is final.
+func TestRecreateCreateFailuresThatDiffer(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	f.failNext("CreateContainer", errPodmanUlimit, &docker.Error{Status: 500, Message: "container create: invalid device mode: "}, errPodmanUlimit)
+	p := newTestReplacer(t, nil, f, "n1", 0)
+	p.strategy = strategyRecr
+	for i := range 3 {
+		if out := p.replace(t.Context(), []staleContainer{c})[0]; out.err == nil || errors.Is(out.err, errCreateRefused) || !retryable(out.err) {
+			t.Fatalf("create %d: %+v; want a retryable failure", i+1, out)
+		}
+	}
+}
+
+// TestUnsupervisedLeftAlone: a container the stop strategy found
+// unsupervised is not stopped again by the next trigger of its
+// repository (reported once), until its labels change.
+func TestUnsupervisedLeftAlone(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	p := newTestReplacer(t, nil, f, "n1", 0)
+	p.restarter.wait.timeout = 100 * time.Millisecond
+	stops := func() int {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return len(f.stops)
+	}
+	if out := p.replace(t.Context(), []staleContainer{c})[0]; !errors.Is(out.err, errUnsupervised) {
+		t.Fatalf("first deploy: %+v; want unsupervised", out)
+	}
+	if n := stops(); n != 1 {
+		t.Fatalf("%d stops; want 1", n)
+	}
+	out := p.replace(t.Context(), []staleContainer{c})[0]
+	if !out.quiet || out.err != nil || !strings.Contains(out.skipped, "unsupervised") {
+		t.Fatalf("second trigger: %+v; want it left alone quietly", out)
+	}
+	if n := stops(); n != 1 {
+		t.Fatalf("%d stops after the second trigger; want still 1", n)
+	}
+	if got := p.leftAlone.list(); len(got) != 1 || got[0].ID != c.ID || got[0].Image != "" {
+		t.Errorf("left alone: %+v; want app, every version", got)
+	}
+	c.Labels = map[string]string{"supervisor": "systemd"}
+	if out := p.replace(t.Context(), []staleContainer{c})[0]; out.quiet || !errors.Is(out.err, errUnsupervised) {
+		t.Fatalf("after its labels changed: %+v; want it stopped (and found unsupervised) again", out)
+	}
+	if n := stops(); n != 2 {
+		t.Errorf("%d stops; want 2", n)
+	}
+}
