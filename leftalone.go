@@ -34,7 +34,6 @@ type leftAloneEntry struct {
 type leftAlone struct {
 	mu      sync.Mutex
 	entries map[string]leftAloneEntry
-	changed func() // called after every change (the status reporter's poke); may be nil
 }
 
 func newLeftAlone() *leftAlone {
@@ -45,55 +44,39 @@ func newLeftAlone() *leftAlone {
 // container's ID: its labels (the strategy label is one). Any other
 // change of configuration (image, environment, mounts) makes a new
 // container, with a new ID.
-func configKey(c staleContainer) string {
+func configKey(labels map[string]string) string {
 	var b strings.Builder
-	for _, k := range slices.Sorted(maps.Keys(c.Labels)) {
-		b.WriteString(k + "=" + c.Labels[k] + "\n")
+	for _, k := range slices.Sorted(maps.Keys(labels)) {
+		b.WriteString(k + "=" + labels[k] + "\n")
 	}
 	return b.String()
 }
 
-// add leaves container c alone: for every version when image is "", else
-// for that image ID only.
-func (l *leftAlone) add(c staleContainer, image, reason string) {
+// add leaves container id (called name, with labels) alone: for every
+// version when image is "", else for that image ID only.
+func (l *leftAlone) add(id, name string, labels map[string]string, image, reason string) {
 	l.mu.Lock()
-	l.entries[c.ID] = leftAloneEntry{Name: c.Name, ID: c.ID, Image: image, Reason: reason, Since: time.Now().UTC(), config: configKey(c)}
-	changed := l.changed
+	l.entries[id] = leftAloneEntry{Name: name, ID: id, Image: image, Reason: reason, Since: time.Now().UTC(), config: configKey(labels)}
 	l.mu.Unlock()
-	if changed != nil {
-		changed()
-	}
 }
 
-// check reports why c is left alone ("" when it is not). An entry whose
-// container's labels changed, or that was for another version, is
-// dropped.
-func (l *leftAlone) check(c staleContainer) string {
+// check reports why container id, with labels, is left alone from the
+// deploy of image newID ("" when it is not). An entry whose container's
+// labels changed, or that was for another version, is dropped.
+func (l *leftAlone) check(id string, labels map[string]string, newID string) string {
 	l.mu.Lock()
-	e, ok := l.entries[c.ID]
+	e, ok := l.entries[id]
 	if !ok {
 		l.mu.Unlock()
 		return ""
 	}
-	if e.config == configKey(c) && (e.Image == "" || e.Image == c.NewID) {
+	if e.config == configKey(labels) && (e.Image == "" || e.Image == newID) {
 		l.mu.Unlock()
 		return e.Reason
 	}
-	delete(l.entries, c.ID)
-	changed := l.changed
+	delete(l.entries, id)
 	l.mu.Unlock()
-	if changed != nil {
-		changed()
-	}
 	return ""
-}
-
-// forget drops what is left alone whose container is not in ids (the
-// containers that exist): a removed container is not shown for ever.
-func (l *leftAlone) forget(ids map[string]bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	maps.DeleteFunc(l.entries, func(id string, _ leftAloneEntry) bool { return !ids[id] })
 }
 
 // list returns the entries, by name.

@@ -125,3 +125,61 @@ func TestUnsupervisedLeftAlone(t *testing.T) {
 		t.Errorf("%d stops; want 2", n)
 	}
 }
+
+// TestLeftAloneInStatus: what a node leaves alone is in its status record
+// and in `deployer status`.
+func TestLeftAloneInStatus(t *testing.T) {
+	cli := testNS(t)
+	f, c := rolloutFixture(t, false)
+	p := newTestReplacer(t, cli, f, "n1", 0)
+	p.leftAlone.add(c.ID, c.Name, nil, "", "unsupervised: nothing restarted it when stopped")
+	s := newStatusReporter(f, nil, cli, p.rollout.leases, "n1", version, nil, nil, testLogger(t))
+	s.leftAlone = p.leftAlone.list
+	cs, err := s.containers(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.write(t.Context(), cs, nil, nil, nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	st, err := readStatus(t.Context(), cli, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Nodes) != 1 || len(st.Nodes[0].LeftAlone) != 1 || st.Nodes[0].LeftAlone[0].Name != "app" {
+		t.Fatalf("status nodes = %+v; want app left alone on n1", st.Nodes)
+	}
+	var b strings.Builder
+	printStatus(&b, st)
+	if !strings.Contains(b.String(), "LEFT ALONE") || !strings.Contains(b.String(), "unsupervised") {
+		t.Errorf("deployer status:\n%s\nwant the left-alone container", b.String())
+	}
+}
+
+// TestUnsupervisedReportedOnce: the deploy that finds a container
+// unsupervised tells it; the next trigger of its repository neither
+// stops it nor tells anything.
+func TestUnsupervisedReportedOnce(t *testing.T) {
+	const old, newer = "sha256:1111111111111111111111111111111111111111111111111111111111111111", "sha256:2222222222222222222222222222222222222222222222222222222222222222"
+	f := newFakeDocker()
+	f.local["127.0.0.1:5000/app:qa"] = old
+	f.addContainer("app", "127.0.0.1:5000/app:qa")
+	f.remote["127.0.0.1:5000/app:qa"] = newer
+	d, n := newTestDeployer(t, f, deployOptions{})
+	f.supervise = false
+	d.replacer.restarter.wait.timeout = 100 * time.Millisecond
+	j := job{Repo: canon("127.0.0.1:5000/app"), Tags: map[string]struct{}{"qa": {}}}
+	if err := d.deploy(t.Context(), j); !errors.Is(err, errUnsupervised) {
+		t.Fatalf("first deploy = %v; want unsupervised", err)
+	}
+	if err := d.deploy(t.Context(), j); err != nil {
+		t.Fatalf("second deploy = %v; want nil", err)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(n.reports) != 1 || len(f.stops) != 1 {
+		t.Errorf("%d reports, %d stops; want 1 and 1: %+v", len(n.reports), len(f.stops), n.reports)
+	}
+}

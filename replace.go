@@ -157,7 +157,7 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 	if strategy == strategySkip {
 		return outcome{c: c, skipped: "label " + strategyKey + "=skip"}
 	}
-	if why := p.leftAlone.check(c); why != "" {
+	if why := p.leftAlone.check(c.ID, c.Labels, c.NewID); why != "" {
 		return outcome{c: c, skipped: why, quiet: true}
 	}
 	ref := c.Ref.String() // the rollout's name of the tag (its etcd keys)
@@ -185,9 +185,9 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 	switch {
 	case errors.Is(err, errUnsupervised):
 		// Stopping it again would only take it down again.
-		p.leftAlone.add(c, "", "unsupervised: nothing restarted it when stopped; left alone until its labels change or the deployer restarts")
+		p.leftAlone.add(c.ID, c.Name, c.Labels, "", "unsupervised: nothing restarted it when stopped; left alone until its labels change or the deployer restarts")
 	case errors.Is(err, errCreateRefused):
-		p.leftAlone.add(c, c.NewID, "the re-create of "+shortID(c.NewID)+" was refused twice alike: "+err.Error())
+		p.leftAlone.add(c.ID, c.Name, c.Labels, c.NewID, "the re-create of "+shortID(c.NewID)+" was refused twice alike: "+err.Error())
 	}
 	var h *haltedError
 	switch {
