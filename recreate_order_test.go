@@ -183,3 +183,47 @@ func TestUnsupervisedReportedOnce(t *testing.T) {
 		t.Errorf("%d reports, %d stops; want 1 and 1: %+v", len(n.reports), len(f.stops), n.reports)
 	}
 }
+
+// errPodmanNoUpdate is Podman 4.3.1's answer to POST
+// /containers/{id}/update: its Docker API has no such endpoint.
+var errPodmanNoUpdate = &docker.Error{Status: 404, Message: "Not Found\n"}
+
+// TestParkWithoutUpdate: on a runtime that cannot change a restart policy
+// (Podman), a container with one is parked with its policy unchanged and
+// a name that records none to restore, and re-created; a failed
+// re-create puts it back without trying the update again.
+func TestParkWithoutUpdate(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	f.containerByName("app").HostConfig = &docker.HostConfig{NetworkMode: "none", RestartPolicy: docker.AlwaysRestart()}
+	f.failNext("UpdateContainer", errPodmanNoUpdate)
+	p := newTestReplacer(t, nil, f, "n1", 0)
+	p.strategy = strategyRecr
+	if out := p.replace(t.Context(), []staleContainer{c})[0]; out.err != nil {
+		t.Fatalf("re-create without update = %v; want it done", out.err)
+	}
+	app := f.containerByName("app")
+	if app == nil || app.ID == c.ID || !app.Running || app.HostConfig.RestartPolicy.Name != "always" {
+		t.Fatalf("app: %+v; want the new container running with --restart always", app)
+	}
+	// The next version fails to start: the old one is put back, its
+	// policy never touched.
+	f.failNext("StartContainer", &docker.Error{Status: 500, Message: "OCI runtime error"})
+	const third = "sha256:3333333333333333333333333333333333333333333333333333333333333333"
+	f.mu.Lock()
+	f.local["reg:5000/app:qa"] = third
+	f.mu.Unlock()
+	next := staleContainer{ID: app.ID, Name: "app", Ref: c.Ref, ImageID: c.NewID, NewID: third}
+	if out := p.replace(t.Context(), []staleContainer{next})[0]; out.err == nil || strings.Contains(out.err.Error(), "failed too") {
+		t.Fatalf("failed re-create = %v; want it failed and the old container restored", out.err)
+	}
+	f.mu.Lock()
+	updates := len(f.updates)
+	f.mu.Unlock()
+	if now := f.containerByName("app"); now == nil || now.ID != app.ID || !now.Running || updates != 0 {
+		t.Errorf("app %+v, %d updates; want the previous container running, no update made", now, updates)
+	}
+	if left := parkedLeft(f); len(left) != 0 {
+		t.Errorf("parked left: %v", left)
+	}
+}
