@@ -278,11 +278,15 @@ func TestE2EPodman(t *testing.T) {
 		if got := pm.cli(pm.root, "exec", "prich", "/bin/busybox", "sh", "-c", "cat /anon/f /named/f"); got != "anon\nnamed" {
 			t.Errorf("files in the re-created container: %q; want anon and named", got)
 		}
-		if names := pm.cli(pm.root, "ps", "-a", "--format", "{{.Names}}"); strings.Contains(names, parkedInfix) || strings.Contains(names, newInfix) {
-			t.Errorf("containers left: %s", names)
-		}
-		s.record("podman: recreate: webhook to prich (rich configuration, healthcheck) running healthy on %s in %v; the inspect differs in %d fields: %s",
-			shortID(v2), took.Round(time.Millisecond), len(diff), strings.Join(diff, ", "))
+		// Done once the new container is up (healthy, for minUp) and the
+		// old one removed.
+		waitFor(t, 30*time.Second, "the old prich to be removed", func() bool {
+			names := pm.cli(pm.root, "ps", "-a", "--format", "{{.Names}}")
+			return !strings.Contains(names, parkedInfix) && !strings.Contains(names, newInfix)
+		})
+		done := time.Since(start)
+		s.record("podman: recreate: webhook to prich (rich configuration, healthcheck) running on %s in %v, the old one removed in %v; the inspect differs in %d fields: %s",
+			shortID(v2), took.Round(time.Millisecond), done.Round(time.Millisecond), len(diff), strings.Join(diff, ", "))
 	})
 
 	// Stop the services before the teardown removes the containers.
