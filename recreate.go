@@ -123,7 +123,9 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	// dropNew removes the new container while it still has its temporary
 	// name; once renamed, restore's put-back removes it by name.
 	dropNew := func(cause error) error {
-		if err := r.parked.removeOther(context.WithoutCancel(ctx), newName(name, old.ID), ""); err != nil {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+		defer cancel()
+		if err := r.parked.removeOther(rctx, newName(name, old.ID), ""); err != nil {
 			r.log.Warn("could not remove the new container; the settle will", "container", newName(name, old.ID), "err", err)
 			backoff.Wake(r.parked.settle)
 		}
@@ -192,9 +194,10 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 
 // createNew creates the new container under its temporary name (newName),
 // removing first what an earlier attempt or a crash left there. A create
-// that fails as the previous try for the same container and version did
-// is final (errCreateRefused): the runtime will refuse it again, and as
-// nothing was stopped, retrying serves nobody.
+// the runtime refuses with the same answer as the previous try for the
+// same container and version is final (errCreateRefused): it will refuse
+// it again, and as nothing was stopped, retrying serves nobody. A timeout
+// or an unreachable Docker is never final.
 func (r *recreator) createNew(ctx context.Context, name, oldID, newID string, cfg *docker.Config, host *docker.HostConfig, netcfg *docker.NetworkingConfig) (*docker.Container, error) {
 	tmp := newName(name, oldID)
 	if err := r.parked.removeOther(ctx, tmp, ""); err != nil {
@@ -215,6 +218,12 @@ func (r *recreator) createNew(ctx context.Context, name, oldID, newID string, cf
 		backoff.Wake(r.parked.settle) // the settle removes it
 	}
 	cancel()
+	var refused *docker.Error
+	if !errors.As(err, &refused) {
+		// Not the runtime's answer (a timeout, Docker away): it may
+		// pass by itself.
+		return nil, fmt.Errorf("create %s: %w", name, err)
+	}
 	err = fmt.Errorf("create %s: %w", name, err)
 	if r.createFailed(oldID, newID, err) {
 		return nil, fmt.Errorf("%w: the same error twice in a row, not retried for this version: %w", errCreateRefused, err)
@@ -234,8 +243,12 @@ func (r *recreator) createFailed(oldID, newID string, err error) bool {
 		return false
 	}
 	prev, seen := r.failures[key]
+	if seen && prev == err.Error() {
+		delete(r.failures, key) // left alone from now on (leftalone.go)
+		return true
+	}
 	r.failures[key] = err.Error()
-	return seen && prev == err.Error()
+	return false
 }
 
 // judgeNow inspects the new container once, with a fresh deadline, and

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -225,5 +226,20 @@ func TestParkWithoutUpdate(t *testing.T) {
 	}
 	if left := parkedLeft(f); len(left) != 0 {
 		t.Errorf("parked left: %v", left)
+	}
+}
+
+// TestRecreateCreateTimeoutsNotFinal: creates that time out twice alike
+// stay retryable: only the runtime's own refusal can be final.
+func TestRecreateCreateTimeoutsNotFinal(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	f.supervise = false
+	f.failNext("CreateContainer", context.DeadlineExceeded, context.DeadlineExceeded)
+	p := newTestReplacer(t, nil, f, "n1", 0)
+	p.strategy = strategyRecr
+	for i := range 2 {
+		if out := p.replace(t.Context(), []staleContainer{c})[0]; out.err == nil || errors.Is(out.err, errCreateRefused) || !retryable(out.err) {
+			t.Fatalf("create %d: %+v; want a retryable failure", i+1, out)
+		}
 	}
 }
