@@ -79,6 +79,14 @@ func (l *leftAlone) check(id string, labels map[string]string, newID string) str
 	return ""
 }
 
+// prune forgets the containers that are not in ids (every container
+// there is): a removed container is not shown for ever.
+func (l *leftAlone) prune(ids map[string]bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	maps.DeleteFunc(l.entries, func(id string, _ leftAloneEntry) bool { return !ids[id] })
+}
+
 // list returns the entries, by name.
 func (l *leftAlone) list() []leftAloneEntry {
 	l.mu.Lock()

@@ -243,3 +243,20 @@ func TestRecreateCreateTimeoutsNotFinal(t *testing.T) {
 		}
 	}
 }
+
+// TestLeftAlonePruned: a container left alone and then removed is
+// forgotten at the next listing.
+func TestLeftAlonePruned(t *testing.T) {
+	f, c := rolloutFixture(t, false)
+	p := newTestReplacer(t, nil, f, "n1", 0)
+	p.leftAlone.add(c.ID, c.Name, nil, "", "unsupervised")
+	f.mu.Lock()
+	f.containers = nil
+	f.mu.Unlock()
+	if _, err := p.stale(t.Context(), testRepo(t, "reg:5000/app"), map[string]string{"qa": c.NewID}); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.leftAlone.list(); len(got) != 0 {
+		t.Errorf("left alone after the container went: %+v; want none", got)
+	}
+}

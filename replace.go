@@ -75,7 +75,9 @@ func newReplacement(dc replaceAPI, events eventAPI, etcd rolloutEtcd, leases ses
 	rs := newRestarter(dc, wait, o.killTimeout, o.selfID, log.With("component", "restarter"), m)
 	rc := newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
 	ro := newRollout(etcd, leases, o.node, o.maxUnavailable, o.slotTimeout, o.callTimeout, rolloutLog, m)
-	return replacement{replacer: newReplacer(ro, rs, rc, o.strategy, rolloutLog), parker: rs.parked}
+	rep := newReplacer(ro, rs, rc, o.strategy, rolloutLog)
+	rs.leftAlone = rep.leftAlone
+	return replacement{replacer: rep, parker: rs.parked}
 }
 
 // outcome is what happened to one stale container.
