@@ -29,15 +29,25 @@ const composeImageLabel = "com.docker.compose.image"
 // configuration and resource limits (HostConfig, copied whole). Volumes
 // are re-attached by name at the same paths (see keepVolumes), so that an
 // anonymous volume (`-v /path`, an image VOLUME) keeps its data.
+//
+// What Podman's inspect reports in a form its create refuses is put in
+// the form it takes: ulimits (ulimitNames) and device permissions
+// (devicePermissions); environment the runtime added is left out
+// (runtimeAddedEnv). What Podman's Docker API does not report cannot be
+// copied: log options, a device's permissions, the umask (README,
+// "Podman").
 func cloneConfig(old *docker.Container, defaults *docker.Config, newID string) (*docker.Config, *docker.HostConfig, *docker.NetworkingConfig) {
 	cfg := *old.Config
 	if defaults == nil {
 		defaults = &docker.Config{}
 	}
+	runtimeEnv := runtimeAddedEnv(cfg.Env, cfg.Hostname, old.ID)
 	if cfg.Hostname == shortID(old.ID) || strings.HasPrefix(old.ID, cfg.Hostname) {
 		cfg.Hostname = "" // Docker's default: the new container's ID
 	}
-	cfg.Env = slices.DeleteFunc(slices.Clone(cfg.Env), func(e string) bool { return slices.Contains(defaults.Env, e) })
+	cfg.Env = slices.DeleteFunc(slices.Clone(cfg.Env), func(e string) bool {
+		return slices.Contains(defaults.Env, e) || slices.Contains(runtimeEnv, e)
+	})
 	labels := maps.Clone(cfg.Labels)
 	for k, v := range defaults.Labels {
 		if labels[k] == v {
@@ -78,6 +88,8 @@ func cloneConfig(old *docker.Container, defaults *docker.Config, newID string) (
 	if old.HostConfig != nil {
 		h := *old.HostConfig
 		h.Binds, h.Mounts = keepVolumes(old.Mounts, h.Binds, h.Mounts, h.VolumeDriver)
+		h.Ulimits = ulimitNames(h.Ulimits)
+		h.Devices = devicePermissions(h.Devices)
 		host = &h
 	}
 	var netcfg *docker.NetworkingConfig
@@ -90,6 +102,54 @@ func cloneConfig(old *docker.Container, defaults *docker.Config, newID string) (
 		}
 	}
 	return &cfg, host, netcfg
+}
+
+// podmanEnv is the variable Podman sets in every container it runs (and
+// only Podman): it tells the runtime.
+const podmanEnv = "container=podman"
+
+// runtimeAddedEnv returns the entries of env that the runtime added, to be
+// left out of a copy as the image's are, since the runtime adds them again
+// for the new container: Podman's HOSTNAME=<hostname> when the hostname is
+// its default (the container's ID: copied, the new container would claim
+// the old one's ID), and, on Podman, container=podman and the TERM=xterm
+// of its containers.conf.
+func runtimeAddedEnv(env []string, hostname, id string) []string {
+	var out []string
+	if hostname != "" && strings.HasPrefix(id, hostname) {
+		out = append(out, "HOSTNAME="+hostname)
+	}
+	if slices.Contains(env, podmanEnv) {
+		out = append(out, podmanEnv, "TERM=xterm")
+	}
+	return out
+}
+
+// ulimitNames returns ulimits under the names create accepts: Podman's
+// inspect reports the kernel's (RLIMIT_NOFILE), Docker's and Podman's
+// create take only Docker's (nofile), which are the same lowercased
+// without the prefix.
+func ulimitNames(ulimits []docker.ULimit) []docker.ULimit {
+	out := slices.Clone(ulimits)
+	for i, u := range out {
+		if rest, ok := strings.CutPrefix(u.Name, "RLIMIT_"); ok {
+			out[i].Name = strings.ToLower(rest)
+		}
+	}
+	return out
+}
+
+// devicePermissions returns devices with their cgroup permissions: Podman's
+// inspect reports none (""), which its create refuses; "rwm" is what
+// both runtimes give a device when none are named.
+func devicePermissions(devices []docker.Device) []docker.Device {
+	out := slices.Clone(devices)
+	for i, d := range out {
+		if d.CgroupPermissions == "" {
+			out[i].CgroupPermissions = "rwm"
+		}
+	}
+	return out
 }
 
 // keepVolumes returns binds and mounts that attach every volume the old

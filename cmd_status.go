@@ -85,10 +85,29 @@ func printStatus(w io.Writer, st clusterStatus) {
 				max(r.Next.Sub(st.Time), 0).Round(time.Second), truncate(r.Error, 120))
 		}
 	}
+	var leftAlone bool
+	for _, n := range st.Nodes {
+		for _, l := range n.LeftAlone {
+			if !leftAlone {
+				fmt.Fprintln(tw)
+				fmt.Fprintln(tw, "LEFT ALONE\tNODE\tVERSION\tSINCE\tREASON")
+				leftAlone = true
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\t%s\n", l.Name, n.Node, leftAloneVersion(l.Image), st.Time.Sub(l.Since).Round(time.Second), truncate(l.Reason, 120))
+		}
+	}
 	fmt.Fprintln(tw)
 	fmt.Fprintln(tw, "NODE\tVERSION\tUP\tUPDATED")
 	for _, n := range st.Nodes {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\n", n.Node, n.Version, st.Time.Sub(n.Started).Round(time.Second), st.Time.Sub(n.Updated).Round(time.Second))
 	}
 	tw.Flush()
+}
+
+// leftAloneVersion is the version a container is left alone for.
+func leftAloneVersion(image string) string {
+	if image == "" {
+		return "every"
+	}
+	return shortID(image)
 }

@@ -216,6 +216,8 @@ func (d *deployer) replaceStale(ctx context.Context, stale []staleContainer, r *
 	outs := d.replacer.replace(ctx, stale)
 	for _, o := range outs {
 		switch {
+		case o.quiet:
+			d.log.Debug("left alone, as reported before", "container", o.c.Name, "reason", o.skipped)
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
 		case o.err != nil:

@@ -127,7 +127,7 @@ func TestE2ERecreate(t *testing.T) {
 		s.record("recreate: docker inspect before/after differs in %d fields: %s", len(diff), strings.Join(diff, ", "))
 	})
 
-	t.Run("SIGKILL between the rename and the create", func(t *testing.T) {
+	t.Run("SIGKILL with the old container parked, before the new one is named", func(t *testing.T) {
 		ref := s.hub.host() + "/myorg/crash:v1"
 		oldImg := s.build(ref, false)
 		s.dockerCLI(n.dockerd, "pull", "-q", ref)

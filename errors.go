@@ -39,6 +39,13 @@ var (
 	errDigestGaveUp = errors.New("pushed digest never pulled")
 )
 
+// errCreateRefused: the runtime refused to create the new container the
+// same way twice in a row (a bad option, a missing volume driver, a field
+// Podman's create does not take). Nothing was stopped. Final for this
+// version on this node: retrying would only be refused again; the
+// version is not at fault (it never ran), so it does not halt.
+var errCreateRefused = errors.New("create refused")
+
 // errRefused marks a container recreate will not replace. It is final and
 // local to this node: retrying will not help, and the version is not at
 // fault.

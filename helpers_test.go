@@ -251,14 +251,20 @@ var errDockerGone = &url.Error{Op: "Get", URL: "http://unix.sock/_ping", Err: &n
 
 var errFakeCrashed = errors.New("fake: the deployer crashed before this call")
 
-// down reports the crash injected by crashAt; f.mu is held.
-func (f *fakeDocker) down(op string) error {
+// down reports the crash injected by crashAt ("Op", or "Op:name" for a
+// call naming that name); f.mu is held.
+func (f *fakeDocker) down(op string, names ...string) error {
 	if f.daemonGone {
 		f.goneCalls++
 		return errDockerGone
 	}
 	if op == f.crashAt {
 		f.dead = true
+	}
+	for _, n := range names {
+		if op+":"+n == f.crashAt {
+			f.dead = true
+		}
 	}
 	if f.dead {
 		return errFakeCrashed
@@ -810,6 +816,9 @@ func (f *fakeDocker) CreateContainer(opts docker.CreateContainerOptions) (*docke
 	if err := f.down("CreateContainer"); err != nil {
 		return nil, err
 	}
+	if err := f.fault("CreateContainer", nil); err != nil {
+		return nil, err
+	}
 	for _, c := range f.containers {
 		if c.Name == opts.Name {
 			return nil, &docker.Error{Status: 409, Message: "name in use"}
@@ -861,7 +870,7 @@ func (f *fakeDocker) StartContainerWithContext(id string, _ *docker.HostConfig, 
 func (f *fakeDocker) RenameContainer(opts docker.RenameContainerOptions) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if err := f.down("RenameContainer"); err != nil {
+	if err := f.down("RenameContainer", opts.Name); err != nil {
 		return err
 	}
 	var late error // renamed, but the answer is lost

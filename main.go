@@ -13,7 +13,7 @@
 //
 //  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
 //     keyspace), metrics, redact, flagcheck, eventstream, tlsreload,
-//     health
+//     health, leftalone (the containers deploys pass over)
 //  2. config (and the etcd and Docker clients as the flags say), trigger
 //     (the record and the one rule), retry, scan, clone, puller, upwait
 //  3. the node: nodeid, auth, parked, queue
@@ -254,6 +254,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
 	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
+	d.status.leftAlone = rep.leftAlone.list // (leftalone.go) shown in the status record; written after every deploy
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)

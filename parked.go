@@ -34,6 +34,12 @@ package main
 //     looping, unhealthy, or still starting after -restart_timeout): <name>
 //     is removed and the parked container is put back, as recreate's own
 //     restore would have done.
+//   - a re-create's new container still under its temporary name
+//     <name>-deployer-new-<old short ID> (recreate creates it before it
+//     parks the old one, and names it <name> after the stop): it never
+//     ran, and is removed; the parked container beside it, if any, is
+//     settled as above. Its name is a record too, settled with the same
+//     holds.
 
 import (
 	"context"
@@ -42,6 +48,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
@@ -80,6 +87,8 @@ type parker struct {
 	// recovered is closed by run once the parked containers found at
 	// start are settled (or that gave up): triggers may be acted on.
 	recovered chan struct{}
+
+	noUpdate atomic.Bool // the runtime has no update endpoint (updateUnsupported)
 
 	mu     sync.Mutex
 	held   map[string]chan struct{} // names being parked, replaced or put back here (hold)
@@ -143,6 +152,9 @@ func (r *parker) take(name string) (release func(), busy <-chan struct{}) {
 // parked name and sets its restart policy to "no" when it has another. On
 // failure nothing stays parked.
 func (r *parker) park(ctx context.Context, id, name string, pol docker.RestartPolicy) error {
+	if r.noUpdate.Load() {
+		pol = docker.RestartPolicy{} // (updateUnsupported) the policy stays as it is
+	}
 	parked := parkedNameWith(name, id, pol)
 	rctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	err := r.docker.RenameContainer(docker.RenameContainerOptions{ID: id, Name: parked, Context: rctx})
@@ -159,12 +171,36 @@ func (r *parker) park(ctx context.Context, id, name string, pol docker.RestartPo
 	if err == nil {
 		return nil
 	}
-	err = fmt.Errorf("set the restart policy of %s to no: %w", parked, err)
+	if updateUnsupported(err) {
+		// Podman's Docker API has no update (README, "Podman"): the
+		// policy stays, and so does the name that records none to
+		// restore.
+		r.noUpdate.Store(true)
+		r.log.Info("the runtime cannot change a restart policy: parked containers keep theirs", "container", name, "err", err)
+		rctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+		err = r.docker.RenameContainer(docker.RenameContainerOptions{ID: id, Name: parkedName(name, id), Context: rctx})
+		cancel()
+		if err == nil {
+			return nil
+		}
+		err = fmt.Errorf("rename %s to %s: %w", parked, parkedName(name, id), err)
+	} else {
+		err = fmt.Errorf("set the restart policy of %s to no: %w", parked, err)
+	}
 	// The policy is unchanged: only the name goes back.
 	if perr := r.putBack(ctx, name, id, docker.RestartPolicy{}); perr != nil {
 		return fmt.Errorf("%w; putting it back failed too: %w", err, perr)
 	}
 	return err
+}
+
+// updateUnsupported tells an update the runtime does not implement
+// (Podman 4's Docker API answers POST /containers/{id}/update with a bare
+// 404) from one of a container that is gone (Docker's 404 says "No such
+// container").
+func updateUnsupported(err error) bool {
+	var de *docker.Error
+	return errors.As(err, &de) && de.Status == 404 && !strings.Contains(strings.ToLower(de.Message), "no such container")
 }
 
 // retryStep runs one step of a put-back or removal, up to putBackAttempts
@@ -215,7 +251,7 @@ func (r *parker) putBackSteps(ctx context.Context, name, parkedID string, pol do
 	}); err != nil {
 		return err
 	}
-	if restarts(pol) {
+	if restarts(pol) && !r.noUpdate.Load() { // (updateUnsupported) unchanged then
 		if err := r.retryStep(ctx, "restore the restart policy", func(ctx context.Context) error {
 			return r.docker.UpdateContainer(parkedID, docker.UpdateContainerOptions{RestartPolicy: pol, Context: ctx})
 		}); err != nil {
@@ -400,6 +436,14 @@ func (r *parker) recoverParked(ctx context.Context, only string) error {
 	var errs []error
 	for _, c := range list {
 		for _, n := range c.Names {
+			if base, ok := newBase(n); ok && (only == "" || base == only) && !listedRunning(c) {
+				// A re-create's new container that never got its
+				// name (a crash, a removal that failed): it never ran.
+				if err := r.removeNew(ctx, base, only == "", c.ID); err != nil {
+					errs = append(errs, fmt.Errorf("remove %s: %w", strings.TrimPrefix(n, "/"), err))
+				}
+				continue
+			}
 			base, pol, ok := parseParked(n, c.ID)
 			if !ok || (only != "" && base != only) {
 				continue
@@ -420,6 +464,30 @@ func (r *parker) recoverParked(ctx context.Context, only string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// removeNew removes id, a re-create's new container left with its
+// temporary name beside name; hold: name is not held by the caller, and
+// is left alone when this process works on it.
+func (r *parker) removeNew(ctx context.Context, name string, hold bool, id string) error {
+	if hold {
+		release, ok := r.tryHold(name)
+		if !ok {
+			return nil // in flight here
+		}
+		defer release()
+	}
+	err := r.retryStep(ctx, "remove the new container", func(ctx context.Context) error {
+		err := r.docker.RemoveContainer(docker.RemoveContainerOptions{ID: id, Force: true, Context: ctx})
+		if isNoSuchContainer(err) {
+			return nil
+		}
+		return err
+	})
+	if err == nil {
+		r.log.Warn("removed the new container of an interrupted re-create", "container", name, "id", shortID(id))
+	}
+	return err
 }
 
 // recoverOne settles one parked container beside name (see the top of the

@@ -32,10 +32,12 @@ func TestRecreateCrashRecovery(t *testing.T) {
 		crashAt string // the call that never happens
 		onNew   bool   // the recovery keeps the new container
 	}{
-		{"StopContainer", false},   // renamed, still running
-		{"CreateContainer", false}, // renamed and stopped, no <name>
-		{"StartContainer", false},  // the new one created, never started
-		{"RemoveContainer", true},  // the new one up, the old one parked
+		{"CreateContainer", false},     // nothing done yet
+		{"RenameContainer", false},     // the new one created under its temporary name, the old one serving
+		{"StopContainer", false},       // the old one renamed, still running
+		{"RenameContainer:app", false}, // the old one renamed and stopped, no <name>
+		{"StartContainer", false},      // the new one created and named, never started
+		{"RemoveContainer", true},      // the new one up, the old one parked
 	}
 	for _, tt := range tests {
 		t.Run(tt.crashAt, func(t *testing.T) {
@@ -106,7 +108,7 @@ func TestRecreateSettlesParkedFirst(t *testing.T) {
 func TestRecoverAtStartDockerDown(t *testing.T) {
 	f, c := rolloutFixture(t, false)
 	f.supervise = false
-	f.crashAt = "CreateContainer"
+	f.crashAt = "RenameContainer:app" // parked and stopped, no app
 	r := newTestReplacer(t, nil, f, "n1", 0).recreator
 	_ = r.recreate(t.Context(), c, nil, nil)
 	f.revive()
@@ -351,8 +353,8 @@ func TestParkedStaysDownAcrossDockerdRestart(t *testing.T) {
 		crashAt string // where the deployer died, leaving it parked
 		onNew   bool   // the settle keeps the new container
 	}{
-		{"CreateContainer", false}, // parked and stopped, no app
-		{"RemoveContainer", true},  // the new app up beside it
+		{"RenameContainer:app", false}, // parked and stopped, no app
+		{"RemoveContainer", true},      // the new app up beside it
 	} {
 		t.Run(tt.crashAt, func(t *testing.T) {
 			f, c := rolloutFixture(t, false)

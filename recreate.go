@@ -1,9 +1,11 @@
 package main
 
 // recreate.go: the recreate strategy, for hosts with no supervisor:
-// create a container with the same configuration on the new image, start
-// it, and remove the old one only once the new one is up; on failure,
-// put the old one back.
+// create a container with the same configuration on the new image (under
+// a temporary name, while the old one still serves), then park and stop
+// the old one, give the new one its name, start it, and remove the old one
+// only once the new one is up; on failure, put the old one back. A create
+// that fails stops nothing.
 
 import (
 	"context"
@@ -11,9 +13,12 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	docker "github.com/fsouza/go-dockerclient"
+
+	"github.com/die-net/deployer/internal/backoff"
 )
 
 // recreateAPI is the part of the Docker client the recreate strategy uses.
@@ -27,6 +32,8 @@ type recreateAPI interface {
 	CreateContainer(opts docker.CreateContainerOptions) (*docker.Container, error)
 	// StartContainerWithContext starts the new container.
 	StartContainerWithContext(id string, hostConfig *docker.HostConfig, ctx context.Context) error
+	// RenameContainer gives the new container its name.
+	RenameContainer(opts docker.RenameContainerOptions) error
 }
 
 // recreator re-creates containers on their new image.
@@ -38,17 +45,21 @@ type recreator struct {
 	callTimeout time.Duration
 	log         *slog.Logger
 	metrics     *metrics
+
+	mu       sync.Mutex
+	failures map[string]string // "oldID newID" -> the last create's error (createFailed)
 }
 
 // newRecreator returns the recreate strategy on dc: stopper stops the old
 // container, wait judges the new one. It starts nothing.
 func newRecreator(dc recreateAPI, stopper *restarter, wait *upWaiter, log *slog.Logger, m *metrics) *recreator {
-	return &recreator{docker: dc, stopper: stopper, parked: stopper.parked, wait: wait, callTimeout: callTimeout, log: log, metrics: m}
+	return &recreator{docker: dc, stopper: stopper, parked: stopper.parked, wait: wait, callTimeout: callTimeout, log: log, metrics: m, failures: map[string]string{}}
 }
 
 // recreate replaces container c by a new one on c.NewID. guard, called
 // just before the first change, may refuse it (the rollout slot was
-// lost). Errors wrapping errReplacement mean the new version ran and
+// lost). A create refused twice alike for one version is final
+// (errCreateRefused). Errors wrapping errReplacement mean the new version ran and
 // failed; any other error is node-local. Either way the old container is
 // put back and started; if that fails, its parked name stays as the
 // record, settled later (parked.go).
@@ -102,12 +113,30 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	if err := callGuard(ctx, guard); err != nil {
 		return err
 	}
-	if err := r.parked.park(ctx, old.ID, name, pol); err != nil {
+	// The new container is created first, under a temporary name, while
+	// the old one still serves: a create the runtime refuses (a bad
+	// option, a missing volume driver, Podman's answers) stops nothing.
+	created, err := r.createNew(ctx, name, old.ID, c.NewID, cfg, host, netcfg)
+	if err != nil {
 		return err
 	}
+	// dropNew removes the new container while it still has its temporary
+	// name; once renamed, restore's put-back removes it by name.
+	dropNew := func(cause error) error {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+		defer cancel()
+		if err := r.parked.removeOther(rctx, newName(name, old.ID), ""); err != nil {
+			r.log.Warn("could not remove the new container; the settle will", "container", newName(name, old.ID), "err", err)
+			backoff.Wake(r.parked.settle)
+		}
+		return cause
+	}
+	if err := r.parked.park(ctx, old.ID, name, pol); err != nil {
+		return dropNew(err)
+	}
 	// restore puts the old container back: whatever is called name now
-	// (the new container, or one whose create timed out but happened) is
-	// found by name and removed, each step retried (parked.go putBack).
+	// (the new container) is found by name and removed, each step
+	// retried (parked.go putBack).
 	restore := func(cause error) error {
 		if err := r.parked.putBack(ctx, name, old.ID, pol); err != nil {
 			return fmt.Errorf("%w; restoring %s failed too: %w", cause, name, err)
@@ -119,16 +148,14 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	ev := r.wait.watch()
 	defer ev.close()
 	if err := r.stopper.stopOne(ctx, c); err != nil {
-		return restore(err)
+		return restore(dropNew(err))
 	}
 	recreateHook(ctx, "parked") // (parked.go) tests crash here
-	cctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	created, err := r.docker.CreateContainer(docker.CreateContainerOptions{
-		Name: name, Config: cfg, HostConfig: host, NetworkingConfig: netcfg, Context: cctx,
-	})
+	rctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	err = r.docker.RenameContainer(docker.RenameContainerOptions{ID: created.ID, Name: name, Context: rctx})
 	cancel()
 	if err != nil {
-		return restore(fmt.Errorf("create %s: %w", name, err))
+		return restore(dropNew(fmt.Errorf("rename the new container to %s: %w", name, err)))
 	}
 	sctx, cancel := context.WithTimeout(ctx, r.callTimeout)
 	err = r.docker.StartContainerWithContext(created.ID, nil, sctx)
@@ -163,6 +190,65 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	r.metrics.containersRecreated.Inc()
 	r.log.Info("recreated container", "container", name, "old_image", shortID(c.ImageID), "new_image", shortID(c.NewID))
 	return ctx.Err()
+}
+
+// createNew creates the new container under its temporary name (newName),
+// removing first what an earlier attempt or a crash left there. A create
+// the runtime refuses with the same answer as the previous try for the
+// same container and version is final (errCreateRefused): it will refuse
+// it again, and as nothing was stopped, retrying serves nobody. A timeout
+// or an unreachable Docker is never final.
+func (r *recreator) createNew(ctx context.Context, name, oldID, newID string, cfg *docker.Config, host *docker.HostConfig, netcfg *docker.NetworkingConfig) (*docker.Container, error) {
+	tmp := newName(name, oldID)
+	if err := r.parked.removeOther(ctx, tmp, ""); err != nil {
+		return nil, fmt.Errorf("remove the leftover %s: %w", tmp, err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	created, err := r.docker.CreateContainer(docker.CreateContainerOptions{
+		Name: tmp, Config: cfg, HostConfig: host, NetworkingConfig: netcfg, Context: cctx,
+	})
+	cancel()
+	if err == nil {
+		r.createFailed(oldID, newID, nil)
+		return created, nil
+	}
+	// A create whose answer was lost may have happened.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.callTimeout)
+	if rerr := r.parked.removeOther(rctx, tmp, ""); rerr != nil {
+		backoff.Wake(r.parked.settle) // the settle removes it
+	}
+	cancel()
+	var refused *docker.Error
+	if !errors.As(err, &refused) {
+		// Not the runtime's answer (a timeout, Docker away): it may
+		// pass by itself.
+		return nil, fmt.Errorf("create %s: %w", name, err)
+	}
+	err = fmt.Errorf("create %s: %w", name, err)
+	if r.createFailed(oldID, newID, err) {
+		return nil, fmt.Errorf("%w: the same error twice in a row, not retried for this version: %w", errCreateRefused, err)
+	}
+	return nil, err
+}
+
+// createFailed records the outcome of a create of the container oldID on
+// image newID (err nil: it worked) and reports whether it failed as the
+// previous create of the same did.
+func (r *recreator) createFailed(oldID, newID string, err error) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	key := oldID + " " + newID
+	if err == nil {
+		delete(r.failures, key)
+		return false
+	}
+	prev, seen := r.failures[key]
+	if seen && prev == err.Error() {
+		delete(r.failures, key) // left alone from now on (leftalone.go)
+		return true
+	}
+	r.failures[key] = err.Error()
+	return false
 }
 
 // judgeNow inspects the new container once, with a fresh deadline, and

@@ -27,6 +27,7 @@ type replacer struct {
 	restarter *restarter // the stop strategy
 	recreator *recreator // the recreate strategy
 	strategy  string     // -restart_strategy
+	leftAlone *leftAlone // containers passed over until they change (leftalone.go)
 	log       *slog.Logger
 }
 
@@ -34,7 +35,7 @@ type replacer struct {
 // (-restart_strategy; a container's label may override it), coordinated
 // by ro. It starts nothing.
 func newReplacer(ro *rollout, rs *restarter, rc *recreator, strategy string, log *slog.Logger) *replacer {
-	return &replacer{rollout: ro, restarter: rs, recreator: rc, strategy: strategy, log: log}
+	return &replacer{rollout: ro, restarter: rs, recreator: rc, strategy: strategy, leftAlone: newLeftAlone(), log: log}
 }
 
 // replaceAPI is the part of the Docker client the replacement uses.
@@ -74,7 +75,9 @@ func newReplacement(dc replaceAPI, events eventAPI, etcd rolloutEtcd, leases ses
 	rs := newRestarter(dc, wait, o.killTimeout, o.selfID, log.With("component", "restarter"), m)
 	rc := newRecreator(dc, rs, wait, log.With("component", "recreate"), m)
 	ro := newRollout(etcd, leases, o.node, o.maxUnavailable, o.slotTimeout, o.callTimeout, rolloutLog, m)
-	return replacement{replacer: newReplacer(ro, rs, rc, o.strategy, rolloutLog), parker: rs.parked}
+	rep := newReplacer(ro, rs, rc, o.strategy, rolloutLog)
+	rs.leftAlone = rep.leftAlone
+	return replacement{replacer: rep, parker: rs.parked}
 }
 
 // outcome is what happened to one stale container.
@@ -82,6 +85,7 @@ type outcome struct {
 	c       staleContainer
 	err     error  // the replacement did not happen; errReplacement: the version halted
 	skipped string // left alone on purpose, and why
+	quiet   bool   // skipped as an earlier deploy decided and reported (leftalone.go): not reported again
 }
 
 // strategyOf is the one place that chooses how a container is replaced:
@@ -155,6 +159,9 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 	if strategy == strategySkip {
 		return outcome{c: c, skipped: "label " + strategyKey + "=skip"}
 	}
+	if why := p.leftAlone.check(c.ID, c.Labels, c.NewID); why != "" {
+		return outcome{c: c, skipped: why, quiet: true}
+	}
 	ref := c.Ref.String() // the rollout's name of the tag (its etcd keys)
 	var err error
 	var guard func(context.Context) error
@@ -176,6 +183,13 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 		err = p.recreator.recreate(ctx, c, guard, lost)
 	} else {
 		err = p.restarter.stopAndWait(ctx, c, guard, lost)
+	}
+	switch {
+	case errors.Is(err, errUnsupervised):
+		// Stopping it again would only take it down again.
+		p.leftAlone.add(c.ID, c.Name, c.Labels, "", "unsupervised: nothing restarted it when stopped; left alone until its labels change or the deployer restarts")
+	case errors.Is(err, errCreateRefused):
+		p.leftAlone.add(c.ID, c.Name, c.Labels, c.NewID, "the re-create of "+shortID(c.NewID)+" was refused twice alike: "+err.Error())
 	}
 	var h *haltedError
 	switch {

@@ -64,7 +64,8 @@ type restarter struct {
 	killTimeout time.Duration
 	selfID      string // the deployer's own container, never stopped
 	callTimeout time.Duration
-	parked      *parker // parks before a stop, puts back (parked.go)
+	parked      *parker    // parks before a stop, puts back (parked.go)
+	leftAlone   *leftAlone // pruned of removed containers at every listing; nil: none
 	log         *slog.Logger
 	metrics     *metrics
 }
@@ -97,6 +98,13 @@ func (r *restarter) stale(ctx context.Context, repo reference.Named, current map
 	}
 	parked := parkedBases(list)
 	r.parked.noteLeftovers(list) // (parked.go) every deploy settles what a crash or a failed put-back left
+	if r.leftAlone != nil {
+		ids := map[string]bool{}
+		for _, c := range list {
+			ids[c.ID] = true
+		}
+		r.leftAlone.prune(ids)
+	}
 	pick := func(c docker.APIContainers) bool {
 		return listedRunning(c) && r.candidate(c, repo) && !r.isSelf(c.ID)
 	}

@@ -197,7 +197,8 @@ var outcomes = []struct {
 	{errReplacement, false},  // the version halted
 	{errBadReference, false}, // nothing to pull
 	{errDigestGaveUp, false},
-	{errUnsupervised, false}, // nothing would replace it next time either: retrying only stops it again
+	{errUnsupervised, false},  // nothing would replace it next time either: retrying only stops it again
+	{errCreateRefused, false}, // refused twice alike: it would be refused again
 	{errDigestMismatch, true},
 	{errDockerAway, true}, // node-local: the replacement could not be judged (upwait.go)
 }

@@ -55,12 +55,17 @@ func (s scanned) fresh(now time.Time) (ctr *docker.Container, noParked bool) {
 	return s.ctr, s.noParked
 }
 
-// parkedBases returns the names of the containers parked in list.
+// parkedBases returns the names of the containers parked in list, and of
+// those a re-create's new container still has its temporary name beside
+// (newName): both are records to settle (parked.go).
 func parkedBases(list []docker.APIContainers) map[string]bool {
 	out := map[string]bool{}
 	for _, c := range list {
 		for _, n := range c.Names {
 			if base, ok := parkedBase(n, c.ID); ok {
+				out[base] = true
+			}
+			if base, ok := newBase(n); ok {
 				out[base] = true
 			}
 		}
@@ -80,6 +85,25 @@ func listedRunning(c docker.APIContainers) bool {
 }
 
 const parkedInfix = "-deployer-old-"
+
+// newInfix marks the new container of a re-create while it has its
+// temporary name: <name>-deployer-new-<the old container's short ID>.
+const newInfix = "-deployer-new-"
+
+// newName is the temporary name of the new container that replaces the
+// container oldID, called name.
+func newName(name, oldID string) string { return name + newInfix + shortID(oldID) }
+
+// newBase returns the name of the container a container called name (its
+// temporary name) was created to replace.
+func newBase(name string) (string, bool) {
+	name = strings.TrimPrefix(name, "/")
+	i := strings.LastIndex(name, newInfix)
+	if i <= 0 || strings.Contains(name, "/") || !hexID.MatchString(name[i+len(newInfix):]) || len(name)-i-len(newInfix) != 12 {
+		return "", false
+	}
+	return name[:i], true
+}
 
 // parkedName is the name a container with no restart policy to restore
 // has while parked.

@@ -43,6 +43,10 @@ type nodeStatus struct {
 	// Retries are this node's deploys that failed with a retryable
 	// error and wait to run again (their triggers stay open).
 	Retries []pendingRetry `json:"retries,omitempty"`
+	// LeftAlone are this node's containers the deploys pass over until
+	// they change (leftalone.go): found unsupervised, or a re-create
+	// refused twice alike.
+	LeftAlone []leftAloneEntry `json:"left_alone,omitempty"`
 }
 
 // statusResync is how often the reporter lists the containers without
@@ -141,14 +145,16 @@ type statusReporter struct {
 	downGrace   time.Duration // how long a container no longer running counts as down
 	callTimeout time.Duration
 	log         *slog.Logger
-	wake        chan struct{}         // capacity 1
-	retries     func() []pendingRetry // may be nil
+	wake        chan struct{}           // capacity 1
+	retries     func() []pendingRetry   // may be nil
+	leftAlone   func() []leftAloneEntry // may be nil; set by the daemon's wiring
 
 	mu    sync.Mutex
 	cache map[string]containerStatus // container ID -> status; a container's config never changes
 	seen  map[string]*seenContainer  // container name -> what it ran and whether it is down
 
 	lastDown  map[string]string // tag -> the down record written (run's goroutine only)
+	lastLeft  []leftAloneEntry  // the left-alone containers written (run's goroutine only)
 	downLease clientv3.LeaseID  // the lease lastDown was written under
 }
 
@@ -314,15 +320,20 @@ func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, 
 	if err != nil {
 		return lastLease, err
 	}
-	if sess.Lease() == lastLease && slices.Equal(cs, last) && slices.EqualFunc(rs, lastRs, samePending) {
+	var left []leftAloneEntry
+	if s.leftAlone != nil {
+		left = s.leftAlone()
+	}
+	if sess.Lease() == lastLease && slices.Equal(cs, last) && slices.EqualFunc(rs, lastRs, samePending) && slices.Equal(left, s.lastLeft) {
 		return lastLease, nil
 	}
-	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: s.version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs})
+	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: s.version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs, LeftAlone: left})
 	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
 	defer cancel()
 	if _, err := s.kv.Put(ctx, statusKey(s.node), string(b), clientv3.WithLease(sess.Lease())); err != nil {
 		return lastLease, err
 	}
+	s.lastLeft = left
 	return sess.Lease(), nil
 }
 
