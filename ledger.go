@@ -74,6 +74,7 @@ type askedBy struct {
 	Node    string `json:"node,omitempty"`   // the node that took the webhook
 	Command string `json:"command,omitempty"`
 	Host    string `json:"host,omitempty"`
+	Cause   string `json:"cause,omitempty"` // an auto-rollback's: the halt it undoes
 }
 
 // nodeResult is one node's part in a version's rollout.
