@@ -226,7 +226,6 @@ func (a *autoRollback) handle(ctx context.Context, ref string) {
 			// The halting node rolls back; the others only if it did
 			// not live to.
 			waited = true
-			a.waitChange(ctx, haltKey(ref), st.haltRev)
 			backoff.Sleep(ctx, a.takeover)
 			continue
 		}
