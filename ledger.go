@@ -522,6 +522,24 @@ func (l *ledger) complete(ctx context.Context, v *ledgerVersion, e ledgerEntry) 
 	return completed, nil
 }
 
+// recentImages returns the image IDs of ref's versions, newest first,
+// each once (-keep_images).
+func (l *ledger) recentImages(ctx context.Context, ref string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	versions, err := l.readVersions(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for i := len(versions) - 1; i >= 0; i-- {
+		if id := versions[i].v.ImageID; !slices.Contains(ids, id) {
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
+}
+
 // errLedgerNotYet: this node's status record does not show the version
 // on every container of the tag yet; the write is tried again.
 var errLedgerNotYet = errors.New("the node's status record does not show the version yet")

@@ -242,7 +242,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		d.autoRb = newAutoRollback(etcd, d.leases, d.rollback, d.ledger, cfg.NodeName, log.With("component", "autorollback"))
 	}
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
-		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
+		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup, keepImages: cfg.KeepImages}, d.ledger, log.With("component", "deployer"), m)
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
