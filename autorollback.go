@@ -202,7 +202,7 @@ func (a *autoRollback) read(ctx context.Context, ref string) (claimState, error)
 // its claim, until the halt is gone or rolled back (by anyone) or given
 // up.
 func (a *autoRollback) handle(ctx context.Context, ref string) {
-	waited := false
+	takeoverAt := time.Now().Add(a.takeover)
 	for attempt := 1; ctx.Err() == nil; {
 		st, err := a.read(ctx, ref)
 		if err != nil {
@@ -220,13 +220,13 @@ func (a *autoRollback) handle(ctx context.Context, ref string) {
 		case st.claim != nil && st.claim.GaveUp == "":
 			// Another node (or this one, before a restart) is on it:
 			// wait until its claim goes (done, or its lease expired).
-			a.waitChange(ctx, autoRollbackKey(ref), st.claimRev)
+			a.waitChange(ctx, autoRollbackKey(ref), st.claimRev, max(a.takeover, time.Second))
 			continue
-		case h.Node != a.node && !waited:
+		case h.Node != a.node && time.Now().Before(takeoverAt):
 			// The halting node rolls back; the others only if it did
-			// not live to.
-			waited = true
-			backoff.Sleep(ctx, a.takeover)
+			// not live to. A halt this node writes meanwhile is its own
+			// at once.
+			a.waitChange(ctx, haltKey(ref), st.haltRev, time.Until(takeoverAt))
 			continue
 		}
 		lease, ok := a.claim(ctx, ref, st)
@@ -253,10 +253,10 @@ func (a *autoRollback) handle(ctx context.Context, ref string) {
 	}
 }
 
-// waitChange waits until key changes after rev (or a takeover's time,
-// as a safety net, or ctx ends).
-func (a *autoRollback) waitChange(ctx context.Context, key string, rev int64) {
-	wctx, cancel := context.WithTimeout(ctx, a.takeover)
+// waitChange waits until key changes after rev, at most d (a safety net
+// against a lost watch), or ctx ends.
+func (a *autoRollback) waitChange(ctx context.Context, key string, rev int64, d time.Duration) {
+	wctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	select {
 	case <-a.watcher.Watch(clientv3.WithRequireLeader(wctx), key, clientv3.WithRev(rev+1)):
