@@ -33,7 +33,7 @@ type testImage struct {
 type rollbackRegistry struct {
 	srv    *httptest.Server
 	host   string
-	refuse int // 0: writes are accepted
+	refuse int          // 0: writes are accepted
 	puts   atomic.Int32 // manifest writes accepted
 }
 
