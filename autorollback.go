@@ -33,6 +33,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/distribution/reference"
@@ -75,9 +76,10 @@ type autoRollback struct {
 	callTimeout time.Duration
 	log         *slog.Logger
 
-	mu     sync.Mutex
-	active map[string]bool // tags being handled
-	wg     sync.WaitGroup
+	mu      sync.Mutex
+	active  map[string]bool // tags being handled
+	wg      sync.WaitGroup
+	handled atomic.Int64 // halts handled to the end (tests wait on it)
 }
 
 // newAutoRollback returns the auto-rollback of node through rb, its
@@ -163,6 +165,7 @@ func (a *autoRollback) consider(ctx context.Context, key string) {
 	a.active[ref] = true
 	a.wg.Go(func() {
 		a.handle(ctx, ref)
+		a.handled.Add(1)
 		a.mu.Lock()
 		delete(a.active, ref)
 		a.mu.Unlock()
@@ -350,7 +353,8 @@ func (a *autoRollback) rollBack(ctx context.Context, ref string, h *halt) (gaveU
 // haltedVersion waits (within ledgerWait) until the ledger records h's
 // version, and reports whether it is the newest and not rolled back yet.
 // A version still not recorded then (its node died before its ledger
-// write) is recorded here, as its node's failure.
+// write) is recorded here, as its node's failure, unless the halt is
+// older than the ledger's newest version (a stale halt record).
 func (a *autoRollback) haltedVersion(ctx context.Context, ref, repo string, h *halt) (bool, error) {
 	deadline := time.Now().Add(a.ledgerWait)
 	recorded := false
@@ -371,6 +375,11 @@ func (a *autoRollback) haltedVersion(ctx context.Context, ref, repo string, h *h
 				// a newer version came after it: done.
 				return i == 0 && v.Outcome != outcomeRolledBack, nil
 			}
+		}
+		if len(versions) > 0 && versions[0].Pushed.After(h.Time) {
+			// A halt older than the newest version, of an image the
+			// ledger no longer (or never) had: stale, nothing to undo.
+			return false, nil
 		}
 		if time.Now().After(deadline) {
 			if recorded || a.ledger == nil {

@@ -157,6 +157,23 @@ func TestAutoRollbackTakesOverFromADeadNode(t *testing.T) {
 	})
 }
 
+// A halt record older than the ledger's newest version, of an image the
+// ledger does not have (trimmed): stale; nothing is recorded or rolled
+// back.
+func TestAutoRollbackIgnoresStaleHalt(t *testing.T) {
+	f := newRollbackFixture(t, outcomeRolledOut, outcomeRolledOut) // pushed in 2026
+	b, _ := json.Marshal(halt{ImageID: "sha256:" + strings.Repeat("e", 64), Node: "a", Reason: "old", Time: time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)})
+	if _, err := f.kv.Put(t.Context(), haltKey(f.ref), string(b)); err != nil {
+		t.Fatal(err)
+	}
+	before := f.reg.puts.Load()
+	a := testAutoRollback(t, f, "a", time.Second)
+	eventually(t, 10*time.Second, "the halt handled", func() bool { return a.handled.Load() == 1 })
+	if vs := readVersions(t, f.kv.(*clientv3.Client), f.ref); len(vs) != 2 || f.reg.puts.Load() != before {
+		t.Errorf("a stale halt changed the ledger (%d versions) or the registry (%d writes)", len(vs), f.reg.puts.Load()-before)
+	}
+}
+
 // What cannot be rolled back is said once, by the node that claimed it,
 // and the halt stays: the registry refuses the write, a newer version was
 // pushed meanwhile, there is no earlier version.
