@@ -77,7 +77,7 @@ type autoRollback struct {
 	log         *slog.Logger
 
 	mu      sync.Mutex
-	active  map[string]bool // tags being handled
+	active  map[string]bool // tags being handled; true: their halt record changed since the handler began
 	wg      sync.WaitGroup
 	handled atomic.Int64 // halts handled to the end (tests wait on it)
 }
@@ -159,16 +159,29 @@ func (a *autoRollback) consider(ctx context.Context, key string) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.active[ref] {
+	if _, ok := a.active[ref]; ok {
+		// The handler reads the record again before it ends: a halt
+		// written after its last read is not missed.
+		a.active[ref] = true
 		return
 	}
-	a.active[ref] = true
+	a.active[ref] = false
 	a.wg.Go(func() {
-		a.handle(ctx, ref)
-		a.handled.Add(1)
-		a.mu.Lock()
-		delete(a.active, ref)
-		a.mu.Unlock()
+		for {
+			a.handle(ctx, ref)
+			a.handled.Add(1)
+			a.mu.Lock()
+			again := a.active[ref] && ctx.Err() == nil
+			if again {
+				a.active[ref] = false
+			} else {
+				delete(a.active, ref)
+			}
+			a.mu.Unlock()
+			if !again {
+				return
+			}
+		}
 	})
 }
 
@@ -245,6 +258,7 @@ func (a *autoRollback) handle(ctx context.Context, ref string) {
 			attempt++
 			continue
 		case err != nil:
+			a.log.Error("auto-rollback: not rolled back", "image", ref, "halted_image", shortID(h.ImageID), "attempts", attempt, "err", err)
 			gaveUp = err.Error()
 		}
 		if gaveUp == "" {

@@ -168,7 +168,7 @@ func TestAutoRollbackIgnoresStaleHalt(t *testing.T) {
 	}
 	before := f.reg.puts.Load()
 	a := testAutoRollback(t, f, "a", time.Second)
-	eventually(t, 10*time.Second, "the halt handled", func() bool { return a.handled.Load() == 1 })
+	eventually(t, 10*time.Second, "the halt handled", func() bool { return a.handled.Load() >= 1 })
 	if vs := readVersions(t, f.kv.(*clientv3.Client), f.ref); len(vs) != 2 || f.reg.puts.Load() != before {
 		t.Errorf("a stale halt changed the ledger (%d versions) or the registry (%d writes)", len(vs), f.reg.puts.Load()-before)
 	}
