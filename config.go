@@ -71,6 +71,8 @@ type config struct {
 	DryRun              bool
 	Cleanup             bool
 	History             int    // versions of each tag the deploy ledger keeps (ledger.go)
+	AutoRollback        bool   // a halt rolls its tag back by itself (autorollback.go)
+	KeepImages          int    // with Cleanup: the images of the last N versions of each tag stay
 	TLSCert             string // with TLSKey: serve the webhooks over HTTPS
 	TLSKey              string
 
@@ -123,6 +125,8 @@ func defaultConfig(getenv func(string) string) config {
 		LogFormat:           "text",
 		MaxUnavailable:      1,
 		History:             20,
+		AutoRollback:        true,
+		KeepImages:          2,
 		RestartTimeout:      2 * time.Minute,
 		SlotTimeout:         10 * time.Minute,
 		RestartStrategy:     strategyStop,
@@ -202,6 +206,8 @@ func bindFlags(name string, getenv func(string) string, stderr io.Writer) *bound
 	fs.BoolVar(&c.MetricsOpen, "metrics_open", c.MetricsOpen, "serve /metrics without the webhook secret (for scrapers on a trusted network)")
 	fs.BoolVar(&c.DryRun, "dry_run", c.DryRun, "monitor only: pull and report stale containers (log, metrics, Slack), stop nothing")
 	fs.BoolVar(&c.Cleanup, "cleanup", c.Cleanup, "after a successful deploy, remove the superseded image when no container uses it")
+	fs.IntVar(&c.KeepImages, "keep_images", c.KeepImages, "with -cleanup: keep the images of the last N versions of each image tag, so that a rollback pulls nothing")
+	fs.BoolVar(&c.AutoRollback, "auto_rollback", c.AutoRollback, "when a version's rollout halts, roll its tag back to the version that ran before (as deployer rollback does)")
 	fs.StringVar(&c.TLSCert, "tls_cert", c.TLSCert, "PEM certificate (chain) file: serve the webhooks over HTTPS; re-read when it changes")
 	fs.StringVar(&c.TLSKey, "tls_key", c.TLSKey, "PEM private key file of -tls_cert")
 	fs.StringVar(&c.RestartStrategy, "restart_strategy", c.RestartStrategy, "stop (a supervisor re-creates the container) or recreate (the deployer does); label deployer.strategy overrides per container")
@@ -319,6 +325,9 @@ func (c *config) validate() error {
 	}
 	if c.MaxUnavailable < 0 {
 		return badFlag("max_unavailable", "must not be negative, got %d", c.MaxUnavailable)
+	}
+	if c.KeepImages < 1 {
+		return badFlag("keep_images", "must be at least 1 (the version running), got %d", c.KeepImages)
 	}
 	if c.History < 1 {
 		return badFlag("history", "must be at least 1, got %d", c.History)

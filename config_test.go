@@ -115,6 +115,7 @@ func TestParseFlagsInvalid(t *testing.T) {
 		{"bad listen", []string{"-listen", "4500"}, "-listen"},
 		{"zero threads", []string{"-max_threads", "0"}, "-max_threads"},
 		{"no history", []string{"-history", "0"}, "-history"},
+		{"no image kept", []string{"-keep_images", "0"}, "-keep_images"},
 		{"bad registry", []string{"-registry", "https://"}, "-registry"},
 		{"bad log format", []string{"-log_format", "xml"}, "-log_format"},
 		{"node with slash", []string{"-node_name", "a/b"}, "-node_name"},

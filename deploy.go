@@ -46,6 +46,9 @@ type deployer struct {
 type deployOptions struct {
 	dryRun  bool // -dry_run: report stale containers, stop nothing
 	cleanup bool // -cleanup: remove superseded images no container uses
+	// keepImages (-keep_images): with cleanup, the images of the last N
+	// versions of each tag stay; 0 is taken as 1 (the version deployed).
+	keepImages int
 }
 
 // newDeployer returns a deployer of this node's containers through the
@@ -261,22 +264,79 @@ func (d *deployer) removeSuperseded(ctx context.Context, r *report) {
 		if t.OldID == "" || t.OldID == t.NewID {
 			continue
 		}
-		// Check first: removing by ID would also drop the image's last
-		// other tag, and a stopped container's image is still needed.
-		if reason := d.imageStillNeeded(ctx, t.OldID); reason != "" {
-			d.log.Info("superseded image kept", "image", shortID(t.OldID), "needed_by", reason)
-			continue
+		for _, id := range d.removable(ctx, r.Repo, t) {
+			d.removeImage(ctx, id, r.Repo+":"+t.Tag)
 		}
-		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		err := d.images.RemoveImageExtended(t.OldID, docker.RemoveImageOptions{Context: rctx})
-		cancel()
-		if err != nil {
-			d.log.Info("superseded image kept", "image", shortID(t.OldID), "err", err)
-			continue
-		}
-		d.metrics.imagesRemoved.Inc()
-		d.log.Info("removed superseded image", "image", shortID(t.OldID), "tag", r.Repo+":"+t.Tag)
 	}
+}
+
+// removable lists the images of tag t that -keep_images lets go, among
+// those on this node: the tag's versions, newest first, are the one now
+// deployed, the one it replaced (a rollback's target), then those of the
+// deploy ledger; the first keepImages of them stay. Without the ledger,
+// only the one replaced is considered.
+func (d *deployer) removable(ctx context.Context, repo string, t tagReport) []string {
+	keep := max(d.opts.keepImages, 1)
+	order := []string{t.NewID, t.OldID}
+	if d.ledger != nil {
+		if named, err := reference.ParseNormalizedNamed(repo); err == nil {
+			if ref, err := reference.WithTag(named, t.Tag); err == nil {
+				ids, err := d.ledger.recentImages(ctx, ref.String())
+				if err != nil {
+					d.log.Info("cleanup: the deploy ledger cannot be read; only the image replaced is considered", "image", ref.String(), "err", err)
+				}
+				order = append(order, ids...)
+			}
+		}
+	}
+	var distinct []string
+	for _, id := range order {
+		if id != "" && !slices.Contains(distinct, id) {
+			distinct = append(distinct, id)
+		}
+	}
+	if len(distinct) <= keep {
+		return nil
+	}
+	candidates := distinct[keep:]
+	if len(candidates) == 1 && candidates[0] == t.OldID {
+		return candidates
+	}
+	// Older versions' images: only those still on this node.
+	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	images, err := d.images.ListImages(docker.ListImagesOptions{Context: lctx})
+	if err != nil {
+		d.log.Info("cleanup: cannot list images", "err", err)
+		return nil
+	}
+	var out []string
+	for _, id := range candidates {
+		if slices.ContainsFunc(images, func(img docker.APIImages) bool { return img.ID == id }) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// removeImage removes image id, superseded under tag, unless something
+// still needs it.
+func (d *deployer) removeImage(ctx context.Context, id, tag string) {
+	// Check first: removing by ID would also drop the image's last
+	// other tag, and a stopped container's image is still needed.
+	if reason := d.imageStillNeeded(ctx, id); reason != "" {
+		d.log.Info("superseded image kept", "image", shortID(id), "needed_by", reason)
+		return
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err := d.images.RemoveImageExtended(id, docker.RemoveImageOptions{Context: rctx})
+	cancel()
+	if err != nil {
+		d.log.Info("superseded image kept", "image", shortID(id), "err", err)
+		return
+	}
+	d.metrics.imagesRemoved.Inc()
+	d.log.Info("removed superseded image", "image", shortID(id), "tag", tag)
 }
 
 // imageStillNeeded says why image id must stay: another tag still names

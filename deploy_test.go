@@ -398,3 +398,53 @@ func TestDeployInspectFails(t *testing.T) {
 		t.Errorf("reports %+v; want one failure", n.reports)
 	}
 }
+
+// TestDeployCleanupKeepsImages: -keep_images N keeps the images of the
+// tag's last N versions (the one deployed, the one it replaced, then the
+// ledger's, newest first, each image once) and removes the older ones
+// still on the node; a version whose image is not here costs no removal.
+func TestDeployCleanupKeepsImages(t *testing.T) {
+	const (
+		v0 = "sha256:000000000000aaaa" // in the ledger, no longer on the node
+		v1 = "sha256:111111111111aaaa"
+		v2 = "sha256:222222222222aaaa"
+		v3 = "sha256:333333333333aaaa" // deployed before
+		v4 = "sha256:444444444444aaaa" // pushed now
+	)
+	pushed, rolledBack := []string{v0, v1, v2, v3}, []string{v1, v2, v3, v2}
+	for _, tt := range []struct {
+		name    string
+		ledger  []string // image IDs, oldest first
+		keep    int
+		want    []string
+		current string // what the tag pointed at before the deploy
+	}{
+		{"keep 1", pushed, 1, []string{v3, v2, v1}, v3},
+		{"keep 2 (default)", pushed, 2, []string{v2, v1}, v3},
+		{"keep 3", pushed, 3, []string{v1}, v3},
+		{"keep more than there are", pushed, 9, nil, v3},
+		// v3 was rolled back to v2: the push after it keeps v2, which
+		// ran last, and lets v3 go.
+		{"after a rollback", rolledBack, 2, []string{v3, v1}, v2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFakeDocker()
+			f.local["reg:5000/app:qa"] = tt.current
+			f.remote["reg:5000/app:qa"] = v4
+			for _, id := range []string{v1, v2, v3} {
+				f.repoDigests[id] = []string{"reg:5000/app@sha256:" + strings.Repeat(id[7:8], 64)}
+			}
+			f.addContainer("app", "reg:5000/app:qa")
+			cli := testNS(t)
+			for i, id := range tt.ledger {
+				putVersions(t, cli, ledgerVersion{Version: int64(i + 1), Image: "reg:5000/app:qa", ImageID: id, Outcome: outcomeRolledOut})
+			}
+			d, _ := newTestDeployer(t, f, deployOptions{cleanup: true, keepImages: tt.keep})
+			d.ledger = testLedger(t, cli, "n1", 20)
+			d.deploy(t.Context(), job{Repo: canon("reg:5000/app"), All: true})
+			if !slices.Equal(f.removed, tt.want) {
+				t.Errorf("removed %q; want %q", f.removed, tt.want)
+			}
+		})
+	}
+}

@@ -61,7 +61,8 @@ func TestE2E(t *testing.T) {
 		return qa
 	}
 
-	var brokenQA string // the version scenario 11 halts
+	var brokenQA string     // the version scenario 11 halts
+	var rolledBack []string // 14c's versions before its rollback: 15 finds their images removed (-keep_images 2)
 
 	t.Run("1 docker hub webhook deploys every node", func(t *testing.T) {
 		old := qa
@@ -599,8 +600,49 @@ func TestE2E(t *testing.T) {
 			t.Errorf("after a supervisor restart node3 runs %s; want the rolled-back-to %s", shortID(img), shortID(v1))
 		}
 
-		// A new push deploys normally.
-		deploy(t, "scenario 14c (a push after the rollback)")
+		// A restart of every deployer, then two rounds of the periodic
+		// re-pull on each: nothing moves.
+		ids := map[string]string{}
+		for _, n := range all {
+			ids[n.name], _ = s.containerImage(n, "app")
+		}
+		s.restartDeployers("-repull_period", "2s")
+		marks := map[string]int{}
+		for _, n := range all {
+			marks[n.name] = s.repullRounds(n)
+		}
+		waitFor(t, 30*time.Second, "two re-pull rounds on every node", func() bool {
+			for _, n := range all {
+				if s.repullRounds(n) < marks[n.name]+2 {
+					return false
+				}
+			}
+			return true
+		})
+		s.barrier(all)
+		for _, n := range all {
+			if id, img := s.containerImage(n, "app"); id != ids[n.name] || img != v1 {
+				t.Errorf("after a deployer restart and the re-pull, %s runs app %s on %s; want %s on %s", n.name, shortID(id), shortID(img), shortID(ids[n.name]), shortID(v1))
+			}
+		}
+		s.restartDeployers("-repull_period", "0")
+
+		// A new push deploys normally and ends the rollback.
+		v3 := deploy(t, "scenario 14c (a push after the rollback)")
+		waitFor(t, 30*time.Second, "the push after the rollback rolled out in the ledger", func() bool {
+			if out, err = exec.Command(s.bin, hist...).Output(); err != nil || json.Unmarshal(out, &h) != nil || len(h.Tags) != 1 || len(h.Tags[0].Versions) < 3 {
+				return false
+			}
+			vs := h.Tags[0].Versions
+			return vs[0].ImageID == v3 && vs[0].Outcome == outcomeRolledOut && vs[1].ImageID == v1 && vs[1].AskedBy.Source == "rollback" &&
+				vs[2].ImageID == v2 && vs[2].Outcome == outcomeRolledBack
+		})
+		table, err := exec.Command(s.bin, append([]string{"history"}, hist[2:]...)...).CombinedOutput()
+		if err != nil || !strings.Contains(string(table), outcomeRolledBack) {
+			t.Errorf("deployer history: %v; want the rolled-back version:\n%s", err, table)
+		}
+		rolledBack = []string{v1, v2}
+		s.record("scenario 14c: the fleet stayed on %s through a supervisor restart, a restart of every deployer and two re-pull rounds; the next push rolled out:\n%s", shortID(v1), table)
 	})
 
 	t.Run("15 dry run reports and stops nothing; cleanup removes the old image", func(t *testing.T) {
@@ -632,12 +674,28 @@ func TestE2E(t *testing.T) {
 		}
 		s.waitImage(all, "app", qa, 90*time.Second)
 		s.barrier(all)
+		// -keep_images 2 (the default): the image replaced stays, for a
+		// rollback; those of older versions go.
 		for _, n := range all {
-			if _, err := n.cli.InspectImage(old); err == nil {
-				t.Errorf("%s: superseded image %s still there with -cleanup", n.name, shortID(old))
+			if _, err := n.cli.InspectImage(old); err != nil {
+				t.Errorf("%s: the image replaced, %s, was removed; -keep_images 2 keeps it", n.name, shortID(old))
+			}
+			for _, id := range rolledBack {
+				if _, err := n.cli.InspectImage(id); err == nil {
+					t.Errorf("%s: image %s of an older version still there with -cleanup -keep_images 2", n.name, shortID(id))
+				}
 			}
 		}
-		s.record("scenario 15: -dry_run reported 'would restart' on 3 nodes and stopped nothing; -cleanup removed %s everywhere", shortID(old))
+		s.restartDeployers("-keep_images=1")
+		old = qa
+		deploy(t, "scenario 15 (-cleanup -keep_images=1)")
+		s.barrier(all)
+		for _, n := range all {
+			if _, err := n.cli.InspectImage(old); err == nil {
+				t.Errorf("%s: superseded image %s still there with -cleanup -keep_images=1", n.name, shortID(old))
+			}
+		}
+		s.record("scenario 15: -dry_run reported 'would restart' on 3 nodes and stopped nothing; -cleanup kept the image replaced and removed older versions' (%d of 14c's) everywhere; with -keep_images=1 it removed %s", len(rolledBack), shortID(old))
 	})
 
 	t.Run("16 the deployer in a container never stops itself", func(t *testing.T) {

@@ -17,6 +17,7 @@ package main
 //	<prefix>/_rollout/<image ref>/slots/<id>  a node replacing a container, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
+//	<prefix>/_autorollback/<image ref>        the node rolling a halt of the tag back by itself (autorollback.go), leased
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -35,6 +36,7 @@ const (
 	secretDir    = "_secret"
 	statusDir    = "_status"
 	rolloutDir   = "_rollout"
+	autoRbDir    = "_autorollback"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -81,6 +83,10 @@ func rolloutPrefix(ref string) string { return rolloutsPrefix + url.PathEscape(r
 
 // haltKey records that a version of ref failed to come up.
 func haltKey(ref string) string { return rolloutPrefix(ref) + haltLeaf }
+
+// autoRollbackKey is held, under its lease, by the node that rolls a
+// halt of ref back by itself (autorollback.go).
+func autoRollbackKey(ref string) string { return "/" + autoRbDir + "/" + url.PathEscape(ref) }
 
 // slotsDir holds the rollout slots of ref, one leased key per container
 // being replaced.

@@ -74,6 +74,7 @@ type askedBy struct {
 	Node    string `json:"node,omitempty"`   // the node that took the webhook
 	Command string `json:"command,omitempty"`
 	Host    string `json:"host,omitempty"`
+	Cause   string `json:"cause,omitempty"` // an auto-rollback's: the halt it undoes
 }
 
 // nodeResult is one node's part in a version's rollout.
@@ -114,6 +115,10 @@ type ledgerEntry struct {
 	// of them started), not recorded if it shows none within the
 	// attempts.
 	ViaStatus bool
+	// Node is the node the entry is about: "" for this one; another's
+	// when the auto-rollback records a halt its node did not live to
+	// record (autorollback.go).
+	Node string
 }
 
 // ledgerImages reads an image's RepoDigests.
@@ -330,28 +335,79 @@ func (l *ledger) apply(ctx context.Context, e ledgerEntry) error {
 	return errLedgerConflict
 }
 
+// storedVersion is a version as read, with its key's ModRevision.
+type storedVersion struct {
+	v   ledgerVersion
+	rev int64
+}
+
+// versionWrite is the transaction that records an entry: the version
+// written under key, the comparisons on what was read, and the other
+// operations (a superseded version, the trim).
+type versionWrite struct {
+	key  string
+	v    ledgerVersion
+	cmps []clientv3.Cmp
+	ops  []clientv3.Op
+}
+
 // applyOnce is one read-modify-write of e's version; it returns the lead
 // time to the last node when this write completed the version, -1 when
 // it did not.
 func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pushed time.Time) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, l.timeout)
 	defer cancel()
-	resp, err := l.kv.Get(ctx, historyPrefix(e.Ref), clientv3.WithPrefix())
+	versions, err := l.readVersions(ctx, e.Ref)
 	if err != nil {
-		return 0, fmt.Errorf("read the history of %s: %w", e.Ref, err)
+		return 0, err
 	}
-	type stored struct {
-		v   ledgerVersion
-		rev int64 // ModRevision
+	var w versionWrite
+	if target, newest := pickVersion(versions, e); target == nil {
+		w = l.newVersion(e, asked, pushed, newest)
+	} else {
+		w = existingVersion(e, target)
 	}
-	var versions []stored // oldest first (the keys sort by version)
+	if err := l.markNode(&w.v, e); err != nil {
+		return -1, err
+	}
+	completed, err := l.complete(ctx, &w.v, e)
+	if err != nil {
+		return -1, err
+	}
+	b, err := json.Marshal(w.v)
+	if err != nil {
+		return 0, err
+	}
+	tr, err := l.kv.Txn(ctx).If(w.cmps...).Then(append(w.ops, clientv3.OpPut(w.key, string(b)))...).Commit()
+	if err != nil {
+		return 0, fmt.Errorf("write %s version %d: %w", e.Ref, w.v.Version, err)
+	}
+	if !tr.Succeeded {
+		return 0, errLedgerConflict
+	}
+	return completed, nil
+}
+
+// readVersions reads the versions of ref, oldest first (the keys sort by
+// version).
+func (l *ledger) readVersions(ctx context.Context, ref string) ([]storedVersion, error) {
+	resp, err := l.kv.Get(ctx, historyPrefix(ref), clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("read the history of %s: %w", ref, err)
+	}
+	var versions []storedVersion
 	for _, kv := range resp.Kvs {
 		var v ledgerVersion
 		if json.Unmarshal(kv.Value, &v) == nil {
-			versions = append(versions, stored{v, kv.ModRevision})
+			versions = append(versions, storedVersion{v, kv.ModRevision})
 		}
 	}
-	var target, newest *stored
+	return versions, nil
+}
+
+// pickVersion finds, in versions (oldest first), the version e records
+// on (nil: a new one) and the newest.
+func pickVersion(versions []storedVersion, e ledgerEntry) (target, newest *storedVersion) {
 	if len(versions) > 0 {
 		newest = &versions[len(versions)-1]
 	}
@@ -366,51 +422,60 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 	if target != nil && target != newest && e.Revision > newest.v.Revision {
 		target = nil
 	}
-	var (
-		cmps []clientv3.Cmp
-		ops  []clientv3.Op
-		v    ledgerVersion
-		key  string
-	)
-	if target == nil {
-		next := int64(1)
-		if newest != nil {
-			next = newest.v.Version + 1
-		}
-		key = historyKey(e.Ref, next)
-		v = ledgerVersion{
-			Version: next, Image: e.Ref, ImageID: e.ImageID, Digest: e.Digest, Pushed: pushed.UTC(),
-			Revision: e.Revision, AskedBy: asked, Nodes: map[string]nodeResult{}, Outcome: outcomeRollingOut,
-		}
-		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
-		if newest != nil {
-			nkey := historyKey(e.Ref, newest.v.Version)
-			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(nkey), "=", newest.rev))
-			if newest.v.Outcome == outcomeRollingOut {
-				old := newest.v
-				old.Outcome = outcomeSuperseded
-				b, _ := json.Marshal(old)
-				ops = append(ops, clientv3.OpPut(nkey, string(b)))
-			}
-		}
-		// The versions that fall out of -history go in the same
-		// transaction: every key below the oldest one kept.
-		if oldest := next - l.keep + 1; oldest > 1 {
-			ops = append(ops, clientv3.OpDelete(historyPrefix(e.Ref), clientv3.WithRange(historyKey(e.Ref, oldest))))
-		}
-	} else {
-		key, v = historyKey(e.Ref, target.v.Version), target.v
-		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", target.rev))
-		if v.Nodes == nil {
-			v.Nodes = map[string]nodeResult{}
-		}
-		if v.Digest == "" {
-			v.Digest = e.Digest
+	return target, newest
+}
+
+// newVersion is the write of a new version after newest (nil: the
+// first): newest, if still rolling out, is superseded, and the versions
+// that fall out of -history go in the same transaction.
+func (l *ledger) newVersion(e ledgerEntry, asked askedBy, pushed time.Time, newest *storedVersion) versionWrite {
+	next := int64(1)
+	if newest != nil {
+		next = newest.v.Version + 1
+	}
+	w := versionWrite{key: historyKey(e.Ref, next), v: ledgerVersion{
+		Version: next, Image: e.Ref, ImageID: e.ImageID, Digest: e.Digest, Pushed: pushed.UTC(),
+		Revision: e.Revision, AskedBy: asked, Nodes: map[string]nodeResult{}, Outcome: outcomeRollingOut,
+	}}
+	w.cmps = append(w.cmps, clientv3.Compare(clientv3.CreateRevision(w.key), "=", 0))
+	if newest != nil {
+		nkey := historyKey(e.Ref, newest.v.Version)
+		w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(nkey), "=", newest.rev))
+		if newest.v.Outcome == outcomeRollingOut {
+			old := newest.v
+			old.Outcome = outcomeSuperseded
+			b, _ := json.Marshal(old)
+			w.ops = append(w.ops, clientv3.OpPut(nkey, string(b)))
 		}
 	}
-	n := v.Nodes[l.node]
+	// Every key below the oldest one kept.
+	if oldest := next - l.keep + 1; oldest > 1 {
+		w.ops = append(w.ops, clientv3.OpDelete(historyPrefix(e.Ref), clientv3.WithRange(historyKey(e.Ref, oldest))))
+	}
+	return w
+}
+
+// existingVersion is the write of e on target, an existing version.
+func existingVersion(e ledgerEntry, target *storedVersion) versionWrite {
+	w := versionWrite{key: historyKey(e.Ref, target.v.Version), v: target.v}
+	w.cmps = append(w.cmps, clientv3.Compare(clientv3.ModRevision(w.key), "=", target.rev))
+	if w.v.Nodes == nil {
+		w.v.Nodes = map[string]nodeResult{}
+	}
+	if w.v.Digest == "" {
+		w.v.Digest = e.Digest
+	}
+	return w
+}
+
+// markNode records e's node on v: converged, or failed (which halts a
+// coordinated rollout). errLedgerRecorded: its convergence is recorded
+// already (a write retried after it took effect).
+func (l *ledger) markNode(v *ledgerVersion, e ledgerEntry) error {
+	node := cmp.Or(e.Node, l.node)
+	n := v.Nodes[node]
 	if e.Failed == "" && !n.Converged.IsZero() {
-		return -1, errLedgerRecorded // a write retried after it took effect
+		return errLedgerRecorded
 	}
 	if e.Failed != "" {
 		n.Failed, n.Reason = e.Time.UTC(), truncate(e.Failed, 300)
@@ -420,44 +485,59 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 	} else {
 		n.Converged, n.Failed, n.Reason = e.Time.UTC(), time.Time{}, ""
 	}
-	v.Nodes[l.node] = n
-	completed := time.Duration(-1)
-	if e.Failed == "" {
-		var first time.Time
-		for _, r := range v.Nodes {
-			if !r.Converged.IsZero() && (first.IsZero() || r.Converged.Before(first)) {
-				first = r.Converged
-			}
-		}
-		v.FirstSeconds = max(first.Sub(v.Pushed), 0).Seconds()
-		if v.Completed.IsZero() && v.Outcome != outcomeHalted {
-			running, err := l.nodesRunning(ctx, e.Ref)
-			if err != nil {
-				return -1, err
-			}
-			if allConverged(v.Nodes, running) {
-				v.Completed = e.Time.UTC()
-				completed = max(v.Completed.Sub(v.Pushed), 0)
-				v.LastSeconds = completed.Seconds()
-				if v.Outcome == outcomeRollingOut {
-					v.Outcome = outcomeRolledOut
-				}
-			}
+	v.Nodes[node] = n
+	return nil
+}
+
+// complete updates v's lead times after a convergence and, when every
+// node that runs the tag has converged, completes it: it returns the lead
+// time to the last node then, -1 otherwise.
+func (l *ledger) complete(ctx context.Context, v *ledgerVersion, e ledgerEntry) (time.Duration, error) {
+	if e.Failed != "" {
+		return -1, nil
+	}
+	var first time.Time
+	for _, r := range v.Nodes {
+		if !r.Converged.IsZero() && (first.IsZero() || r.Converged.Before(first)) {
+			first = r.Converged
 		}
 	}
-	b, err := json.Marshal(v)
-	if err != nil {
-		return 0, err
+	v.FirstSeconds = max(first.Sub(v.Pushed), 0).Seconds()
+	if !v.Completed.IsZero() || v.Outcome == outcomeHalted {
+		return -1, nil
 	}
-	ops = append(ops, clientv3.OpPut(key, string(b)))
-	tr, err := l.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	running, err := l.nodesRunning(ctx, e.Ref)
 	if err != nil {
-		return 0, fmt.Errorf("write %s version %d: %w", e.Ref, v.Version, err)
+		return -1, err
 	}
-	if !tr.Succeeded {
-		return 0, errLedgerConflict
+	if !allConverged(v.Nodes, running) {
+		return -1, nil
+	}
+	v.Completed = e.Time.UTC()
+	completed := max(v.Completed.Sub(v.Pushed), 0)
+	v.LastSeconds = completed.Seconds()
+	if v.Outcome == outcomeRollingOut {
+		v.Outcome = outcomeRolledOut
 	}
 	return completed, nil
+}
+
+// recentImages returns the image IDs of ref's versions, newest first,
+// each once (-keep_images).
+func (l *ledger) recentImages(ctx context.Context, ref string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	versions, err := l.readVersions(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for i := len(versions) - 1; i >= 0; i-- {
+		if id := versions[i].v.ImageID; !slices.Contains(ids, id) {
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
 }
 
 // errLedgerNotYet: this node's status record does not show the version

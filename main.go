@@ -24,7 +24,7 @@
 //  8. ledger (the deploy ledger)
 //  9. deploy, cmd_status, cmd_history
 //  10. rollback (an earlier version back under its tag)
-//  11. cmd_rollback
+//  11. cmd_rollback, autorollback (a halt rolled back by itself)
 //  12. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
@@ -207,6 +207,8 @@ type daemon struct {
 	leases    *etcdc.NodeLease
 	parker    *parker // settles what a crash left parked
 	ledger    *ledger
+	rollback  *rollbacker
+	autoRb    *autoRollback // nil: -auto_rollback off, or no halts (-max_unavailable=0)
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
@@ -243,8 +245,12 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	}, log, m)
 	d.parker = rep.parker
 	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable > 0, m.reg, log.With("component", "ledger"))
+	d.rollback = newRollbacker(etcd, cfg.DockerCfg, cfg.registryDomain, cfg.History, log)
+	if cfg.AutoRollback && cfg.MaxUnavailable > 0 {
+		d.autoRb = newAutoRollback(etcd, d.leases, d.rollback, d.ledger, cfg.NodeName, log.With("component", "autorollback"))
+	}
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
-		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
+		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup, keepImages: cfg.KeepImages}, d.ledger, log.With("component", "deployer"), m)
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
@@ -277,7 +283,7 @@ func (d *daemon) handler() http.Handler {
 		"GET /healthz":        d.health,
 		"GET /api/status":     d.requireSecret(statusHandler(d.etcd)),
 		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
-		"/api/rollback":       rollbackHandler(d.webhook, newRollbacker(d.etcd, d.cfg.DockerCfg, d.cfg.registryDomain, d.cfg.History, d.log), d.cfg.NodeName),
+		"/api/rollback":       rollbackHandler(d.webhook, d.rollback, d.cfg.NodeName),
 		"GET /metrics":        d.metricsHandler(),
 	}
 	mux := http.NewServeMux()
@@ -418,9 +424,9 @@ func (d *daemon) start(ctx context.Context) (ln net.Listener, release func(), er
 }
 
 // serve runs the front (the HTTP server on ln, the watcher, the re-pull,
-// the status reporter, the parker) and the work (the queue) until ctx is
-// done or one of them fails, and the queue has stopped. parked is closed
-// when the parker has returned.
+// the status reporter, the auto-rollback, the parker) and the work (the
+// queue) until ctx is done or one of them fails, and the queue has
+// stopped. parked is closed when the parker has returned.
 func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan struct{}, err error) {
 	g, gctx := errgroup.WithContext(ctx)
 	// Front.
@@ -454,6 +460,9 @@ func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan stru
 	g.Go(func() error { return d.watcher.run(gctx) })
 	g.Go(func() error { return d.repuller.run(gctx) })
 	g.Go(func() error { return d.status.run(gctx) })
+	if d.autoRb != nil {
+		g.Go(func() error { return d.autoRb.run(gctx) })
+	}
 	return done, g.Wait()
 }
 

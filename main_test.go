@@ -313,7 +313,7 @@ func TestMetricsOpen(t *testing.T) {
 // with a non-default embedded etcd whose client URL is etcdURL.
 func daemonCommandLine(t *testing.T, etcdURL string) []string {
 	return []string{
-		"-cleanup", "-docker", "unix:///run/other-docker.sock", "-docker_cert_path", t.TempDir(), "-docker_tls_verify=false",
+		"-auto_rollback=false", "-cleanup", "-keep_images", "3", "-docker", "unix:///run/other-docker.sock", "-docker_cert_path", t.TempDir(), "-docker_tls_verify=false",
 		"-dockercfg", "/root/.docker/config.json", "-dry_run", "-history", "5",
 		"-etcd_cacert=", "-etcd_cert=", "-etcd_key=", "-etcd_username=", "-etcd_password_file=",
 		"-etcd_nodes=", "-etcd_data_dir", t.TempDir(), "-etcd_listen_client", etcdURL, "-etcd_listen_peer", freePort(t),

@@ -9,6 +9,7 @@ package main
 // same transaction: every node rolls it out as a deploy.
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -36,11 +37,19 @@ const registryTimeout = 30 * time.Second
 // rights, a read-only registry or mirror).
 var errRegistryRefused = errors.New("not rolled back")
 
+// errTagMoved: the registry's tag no longer names the halted version (a
+// newer push came): the auto-rollback leaves it.
+var errTagMoved = errors.New("not rolled back: a newer version was pushed")
+
 // rollbackRequest is the body of POST /api/rollback, and what deployer
 // rollback asks.
 type rollbackRequest struct {
 	Image string `json:"image"`        // repository:tag
 	To    string `json:"to,omitempty"` // a digest, an image ID (12 hex digits or more) or a ledger version; "": the newest earlier version that rolled out
+	// halted, for the auto-rollback: the image ID that must still be
+	// the newest version, its digest still under the tag in the
+	// registry (else errLedgerConflict, errTagMoved).
+	halted string
 }
 
 // rollbackResult is what a recorded rollback answers.
@@ -114,12 +123,20 @@ func (rb *rollbacker) rollback(ctx context.Context, req rollbackRequest, asked a
 	if err != nil {
 		return rollbackResult{}, err
 	}
+	if req.halted != "" {
+		if from.ImageID != req.halted {
+			return rollbackResult{}, fmt.Errorf("%w: %s version %d is not the halted %s", errLedgerConflict, ref, from.Version, shortID(req.halted))
+		}
+		if err := rb.stillTagged(ctx, ref, from.Digest, to.Digest); err != nil {
+			return rollbackResult{}, err
+		}
+	}
 	if err := rb.retag(ctx, ref, to.Digest); err != nil {
 		return rollbackResult{}, err
 	}
 	now := rb.now().UTC()
-	asked.Source = "rollback"
-	t := trigger{Time: now, Tag: ref.Tag(), Digest: to.Digest, Source: "rollback", Remote: asked.Remote, Node: asked.Node}
+	asked.Source = cmp.Or(asked.Source, "rollback")
+	t := trigger{Time: now, Tag: ref.Tag(), Digest: to.Digest, Source: asked.Source, Remote: asked.Remote, Node: asked.Node}
 	val, err := json.Marshal(t)
 	if err != nil {
 		return rollbackResult{}, err
@@ -207,19 +224,58 @@ func findVersion(versions []ledgerVersion, to string) (ledgerVersion, bool, erro
 	return match, found, nil
 }
 
-// retag puts the manifest ref's repository has at digest back under ref's
-// tag.
-func (rb *rollbacker) retag(ctx context.Context, ref reference.NamedTagged, digest string) error {
-	domain := reference.Domain(ref)
+// remoteOptions are the options of a registry call to domain: the tests'
+// transport, the credentials of -dockercfg.
+func (rb *rollbacker) remoteOptions(ctx context.Context, domain string) ([]remote.Option, error) {
 	opts := append([]remote.Option{}, rb.options...)
 	cred, err := rb.creds.lookup(ctx, domain)
 	if err != nil {
-		return fmt.Errorf("registry credentials for %s: %w", domain, err)
+		return nil, fmt.Errorf("registry credentials for %s: %w", domain, err)
 	}
 	if cred != (docker.AuthConfiguration{}) {
 		opts = append(opts, remote.WithAuth(authn.FromConfig(authn.AuthConfig{
 			Username: cred.Username, Password: cred.Password, IdentityToken: cred.IdentityToken, RegistryToken: cred.RegistryToken,
 		})))
+	}
+	return opts, nil
+}
+
+// stillTagged checks that the registry's ref still names from (the
+// halted version) or to (a rollback done already): errTagMoved when a
+// newer push came. An unknown from is not checked.
+func (rb *rollbacker) stillTagged(ctx context.Context, ref reference.NamedTagged, from, to string) error {
+	if from == "" {
+		return nil
+	}
+	domain := reference.Domain(ref)
+	opts, err := rb.remoteOptions(ctx, domain)
+	if err != nil {
+		return err
+	}
+	tag, err := name.NewTag(ref.String())
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", errBadReference, ref, err)
+	}
+	hctx, cancel := context.WithTimeout(ctx, rb.timeout)
+	defer cancel()
+	desc, err := remote.Head(tag, append(opts, remote.WithContext(hctx))...)
+	if err != nil {
+		return fmt.Errorf("registry %s: read %s: %w", domain, reference.FamiliarString(ref), err)
+	}
+	if d := desc.Digest.String(); d != from && d != to {
+		return fmt.Errorf("%w: registry %s has %s under %s, not the halted %s", errTagMoved, domain, shortDigest(d),
+			reference.FamiliarString(ref), shortDigest(from))
+	}
+	return nil
+}
+
+// retag puts the manifest ref's repository has at digest back under ref's
+// tag.
+func (rb *rollbacker) retag(ctx context.Context, ref reference.NamedTagged, digest string) error {
+	domain := reference.Domain(ref)
+	opts, err := rb.remoteOptions(ctx, domain)
+	if err != nil {
+		return err
 	}
 	src, err := name.NewDigest(ref.Name() + "@" + digest)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -32,7 +33,8 @@ type testImage struct {
 type rollbackRegistry struct {
 	srv    *httptest.Server
 	host   string
-	refuse int // 0: writes are accepted
+	refuse int          // 0: writes are accepted
+	puts   atomic.Int32 // manifest writes accepted
 }
 
 func newRollbackRegistry(t *testing.T) *rollbackRegistry {
@@ -46,6 +48,9 @@ func newRollbackRegistry(t *testing.T) *rollbackRegistry {
 			w.WriteHeader(r.refuse)
 			fmt.Fprintf(w, `{"errors":[{"code":%q,"message":"refused by the test"}]}`, code)
 			return
+		}
+		if req.Method == http.MethodPut && strings.Contains(req.URL.Path, "/manifests/") {
+			r.puts.Add(1)
 		}
 		inner.ServeHTTP(w, req)
 	}))

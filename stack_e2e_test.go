@@ -379,7 +379,10 @@ func (s *stack) startDeployer(n *node) {
 		"-etcd_retry_delay", "200ms", "-listen", fmt.Sprintf("127.0.0.1:%d", n.port),
 		"-node_name", n.name, "-webhook_secret", s.secret, "-slack_webhook_url", s.slack.URL,
 		"-registry", s.hub.host(), "-kill_timeout", "3", "-repull_period", "0", "-dockercfg", "",
-		"-log_format", "json", "-restart_timeout", "20s"}
+		"-log_format", "json", "-restart_timeout", "20s",
+		// The scenarios of halts test the halt itself; those of the
+		// auto-rollback turn it on.
+		"-auto_rollback=false"}
 	s.runDeployer(n)
 }
 
