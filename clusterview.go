@@ -38,6 +38,8 @@ type tagStatus struct {
 	// SkewSeconds is how long two image IDs of this tag have been
 	// running at once: since the newest one's first container started.
 	SkewSeconds float64 `json:"skew_seconds"`
+	// The tag's deploy state from the ledger and its pin (tagstate.go).
+	tagState
 }
 
 type versionInfo struct {
@@ -115,6 +117,15 @@ func readStatus(ctx context.Context, kv clientv3.KV, now time.Time) (clusterStat
 					t.Down = append(t.Down, fmt.Sprintf("%s %s (%s)", d.Node, c.Name, c.Reason))
 				}
 			}
+		}
+	}
+	states, err := readTagStates(ctx, kv)
+	if err != nil {
+		return out, err
+	}
+	for ref, st := range states {
+		if st.Pinned != nil || tags[ref] != nil {
+			tag(ref).tagState = st
 		}
 	}
 	for ref, t := range tags {

@@ -38,6 +38,7 @@ const (
 	outcomeHalted     = "halted"      // a node's replacement failed and the rollout stopped
 	outcomeSuperseded = "superseded"  // a newer version came before this one rolled out
 	outcomeRolledBack = "rolled back" // a rollback put an earlier version back under the tag
+	outcomeHeld       = "held"        // a hold (a pin) kept it from replacing containers (ledgerVersion.Held says why)
 )
 
 // ledgerVersion is one version of one image tag, the value of its
@@ -57,6 +58,9 @@ type ledgerVersion struct {
 	// Nodes: per node, when it converged on the version or failed.
 	Nodes   map[string]nodeResult `json:"nodes"`
 	Outcome string                `json:"outcome"`
+	// Held: why the nodes' gate held the version ("held by pin …",
+	// "quarantined: …"), when it did (gate.go).
+	Held string `json:"held,omitempty"`
 	// Completed is when the last node that runs the tag converged,
 	// written once, by that node.
 	Completed time.Time `json:"completed,omitzero"`
@@ -114,6 +118,8 @@ type ledgerEntry struct {
 	// of them started), not recorded if it shows none within the
 	// attempts.
 	ViaStatus bool
+	// Held: the gate held the version here, and why (ledger_hold.go).
+	Held string
 }
 
 // ledgerImages reads an image's RepoDigests.
@@ -297,6 +303,9 @@ var errLedgerRecorded = errors.New("already recorded")
 // is not the tag's newest version, or a trigger newer than it brings the
 // image back), in one transaction that compares every key it read.
 func (l *ledger) apply(ctx context.Context, e ledgerEntry) error {
+	if e.Held != "" {
+		return l.applyHeld(ctx, e)
+	}
 	if e.ViaStatus {
 		var ok bool
 		var err error
@@ -386,7 +395,7 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 		if newest != nil {
 			nkey := historyKey(e.Ref, newest.v.Version)
 			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(nkey), "=", newest.rev))
-			if newest.v.Outcome == outcomeRollingOut {
+			if newest.v.Outcome == outcomeRollingOut || newest.v.Outcome == outcomeHeld {
 				old := newest.v
 				old.Outcome = outcomeSuperseded
 				b, _ := json.Marshal(old)
@@ -419,6 +428,9 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 		}
 	} else {
 		n.Converged, n.Failed, n.Reason = e.Time.UTC(), time.Time{}, ""
+		if v.Outcome == outcomeHeld { // released (an unpin): it rolls out
+			v.Outcome, v.Held = outcomeRollingOut, ""
+		}
 	}
 	v.Nodes[l.node] = n
 	completed := time.Duration(-1)

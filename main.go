@@ -102,6 +102,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "rollback" {
 		return rollbackCommand(ctx, args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && (args[0] == "pin" || args[0] == "unpin") {
+		return pinCommand(ctx, args[1:], args[0] == "unpin", stdout, stderr)
+	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) || errors.Is(err, errInvalidFlag) {
@@ -181,6 +184,7 @@ type dockerAPI interface {
 	upAPI
 	eventAPI
 	imageRemover
+	gateAPI
 	PingWithContext(ctx context.Context) error
 }
 
@@ -237,6 +241,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable > 0, m.reg, log.With("component", "ledger"))
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
 		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
+	dep.gate = newGate(etcd, dc, d.ledger, log.With("component", "gate"))
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
@@ -246,6 +251,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
 	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
+	d.status.strategy = cfg.RestartStrategy
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
@@ -268,7 +274,9 @@ func (d *daemon) handler() http.Handler {
 		"GET /healthz":        d.health,
 		"GET /api/status":     d.requireSecret(statusHandler(d.etcd)),
 		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
-		"/api/rollback":       rollbackHandler(d.webhook, newRollbacker(d.etcd, d.cfg.DockerCfg, d.cfg.registryDomain, d.cfg.History, d.log), d.cfg.NodeName),
+		"/api/rollback":       rollbackHandler(d.webhook, newRollbacker(d.etcd, d.cfg.DockerCfg, d.cfg.registryDomain, d.cfg.History, d.log), d.cfg.NodeName, d.say),
+		"/api/pin":            pinHandler(d.webhook, newPinner(d.etcd, d.cfg.registryDomain, d.cfg.History), d.cfg.NodeName, false, d.say),
+		"/api/unpin":          pinHandler(d.webhook, newPinner(d.etcd, d.cfg.registryDomain, d.cfg.History), d.cfg.NodeName, true, d.say),
 		"GET /metrics":        d.metricsHandler(),
 	}
 	mux := http.NewServeMux()
@@ -282,6 +290,14 @@ func (d *daemon) handler() http.Handler {
 		mux.Handle(pattern, h)
 	}
 	return mux
+}
+
+// say posts a message of the fleet's (a rollback, a pin) on Slack, when
+// Slack is on.
+func (d *daemon) say(text string) {
+	if d.slack != nil {
+		d.slack.say(text)
+	}
 }
 
 // GET /metrics: the webhook secret is needed unless -metrics_open.
