@@ -283,7 +283,7 @@ func TestRollbackCommandAndAPI(t *testing.T) {
 
 	// POST /api/rollback, the same code path, behind the webhook secret.
 	h, _ := newTestWebhook(t, testEtcd(t), "s3cret")
-	handler := rollbackHandler(h, f.rb, "n1")
+	handler := rollbackHandler(h, f.rb, "n1", nil)
 	bearer := map[string]string{"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
 	for _, tc := range []struct {
 		name string
