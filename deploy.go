@@ -134,7 +134,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if len(stale) > 0 {
 		outs = d.replaceStale(ctx, stale, &r)
 	}
-	d.ledger.deployed(j, repo, current, outs) // never blocks
+	d.ledger.deployed(j, repo, unpinned(current, pinned), outs) // never blocks
 	d.removeSuperseded(ctx, &r)
 	return r
 }

@@ -194,3 +194,16 @@ func (g *gate) pinnedStops(stale []staleContainer, pinned map[string]*pinRecord,
 	}
 	return kept
 }
+
+// unpinned is current without the pinned tags: a pinned tag's containers
+// that the node left alone (stop strategy) may never run the pinned
+// image, so the ledger does not wait for them to; those it re-created
+// are recorded as any replacement.
+func unpinned(current map[string]string, pinned map[string]*pinRecord) map[string]string {
+	if len(pinned) == 0 {
+		return current
+	}
+	out := maps.Clone(current)
+	maps.DeleteFunc(out, func(t, _ string) bool { return pinned[t] != nil })
+	return out
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"encoding/json"
 	"slices"
 	"strconv"
@@ -286,3 +287,109 @@ func TestQuarantinedBy(t *testing.T) {
 		})
 	}
 }
+
+// TestPin: a pin holds every other version of the tag, puts the
+// containers the node re-creates on the pinned image and the local tag on
+// it, leaves the stop-strategy containers alone and names them; a push
+// while pinned is recorded as held; unpinning deploys the newest version.
+func TestPin(t *testing.T) {
+	cli := testNS(t)
+	ledgerAt(t, cli, ledgerVersion{ImageID: imgA, Outcome: outcomeRolledOut}, ledgerVersion{ImageID: imgX, Outcome: outcomeRolledOut})
+	n := newGateNode(t, cli, "n1")
+	n.f.local[gateRef] = imgX // version 2 rolled out: both containers run it
+	n.f.containerByName("web").ImageID = imgX
+	rc := n.f.addContainer("rc", gateRef)
+	rc.Config = &docker.Config{Image: gateRef, Labels: map[string]string{strategyKey: strategyRecr}}
+	rc.unsupervised = true
+
+	// The node's status record says how each container is replaced.
+	sr := newStatusReporter(n.f, nil, cli, testLeases(t, cli), "n1", "test", nil, nil, testLogger(t))
+	sr.strategy = strategyStop
+	cs, err := sr.containers(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(nodeStatus{Node: "n1", Containers: cs})
+	if _, err := cli.Put(t.Context(), statusKey("n1"), string(b)); err != nil {
+		t.Fatal(err)
+	}
+
+	p := newPinner(cli, "127.0.0.1:5000", 20)
+	res, from, err := p.pin(t.Context(), pinRequest{Image: "127.0.0.1:5000/app", To: "1"}, askedBy{Command: "deployer pin app 1", Host: "ops"})
+	if err == nil && res.Image != gateRef {
+		t.Fatalf("pin of %s; want %s (a bare repository is :latest)", res.Image, gateRef)
+	}
+	if err == nil {
+		t.Fatal("a pin without a tag was accepted")
+	}
+	res, from, err = p.pin(t.Context(), pinRequest{Image: gateRef, To: "1"}, askedBy{Command: "deployer pin app:latest 1", Host: "ops"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Version != 1 || res.ImageID != imgA || from.Version != 2 || !slices.Equal(res.Warnings, []string{"n1/web"}) {
+		t.Errorf("pin = %+v from %d; want version 1 (%s), from version 2, warning about n1/web only", res, from.Version, shortID(imgA))
+	}
+	if text := pinAnnouncement(res, from, askedBy{Command: "deployer pin app:latest 1", Host: "ops"}); !strings.Contains(text, "pinned to version 1") ||
+		!strings.Contains(text, "from version 2") || !strings.Contains(text, "deployer pin app:latest 1 on ops") || !strings.Contains(text, "n1/web") {
+		t.Errorf("announcement: %s", text)
+	}
+	vs := readVersions(t, cli, gateRef)
+	if vs[0].Version != 3 || vs[0].ImageID != imgA || vs[0].AskedBy.Source != "pin" || vs[0].AskedBy.Command != "deployer pin app:latest 1" {
+		t.Errorf("the pin's version in the ledger: %+v", vs[0])
+	}
+	trig, err := cli.Get(t.Context(), triggerKey(gateRepo))
+	if err != nil || len(trig.Kvs) != 1 || trig.Kvs[0].ModRevision != res.Revision {
+		t.Fatalf("the pin's trigger: %v %v; want one written at revision %d", err, trig, res.Revision)
+	}
+
+	// Every node acts on the pin's trigger.
+	n.deploy(t, deployEvent{Tags: []string{"latest"}, Rev: res.Revision})
+	if got := n.f.containerByName("rc").ImageID; got != imgA {
+		t.Errorf("the recreate container runs %s; want the pinned %s", shortID(got), shortID(imgA))
+	}
+	if got := n.web(); got != imgX || slices.Contains(n.f.stops, "web") {
+		t.Errorf("the stop-strategy container was replaced (runs %s, stops %v); want it left alone and warned about", shortID(got), n.f.stops)
+	}
+	if got := n.f.local[gateRef]; got != imgA {
+		t.Errorf("the local tag points at %s; want the pinned %s (units that do not pull start it)", shortID(got), shortID(imgA))
+	}
+
+	// A push while pinned: recorded as held, nothing replaced.
+	n.f.remote[gateRef] = imgY
+	stops := len(n.f.stops)
+	n.deploy(t, deployEvent{Tags: []string{"latest"}, Rev: putTrigger(t, cli, "registry")})
+	if len(n.f.stops) != stops || n.f.containerByName("rc").ImageID != imgA || n.f.local[gateRef] != imgA {
+		t.Errorf("a push while pinned replaced something: stops %v, rc on %s, tag on %s", n.f.stops, shortID(n.f.containerByName("rc").ImageID), shortID(n.f.local[gateRef]))
+	}
+	eventually(t, 10*time.Second, "the push recorded as held by pin", func() bool {
+		vs := readVersions(t, cli, gateRef)
+		return vs[0].ImageID == imgY && vs[0].Outcome == outcomeHeld && strings.HasPrefix(vs[0].Held, "held by pin to version 1")
+	})
+
+	// Unpin: the pin goes and the trigger is written in one transaction;
+	// the newest version deploys.
+	ures, old, err := p.unpin(t.Context(), pinRequest{Image: gateRef}, askedBy{Command: "deployer unpin app:latest", Host: "ops"})
+	if err != nil || old.Version != 1 {
+		t.Fatalf("unpin = %v, %+v", err, old)
+	}
+	if pin, _, _ := readPin(t.Context(), cli, gateRef); pin != nil {
+		t.Error("the pin is still there")
+	}
+	trig, _ = cli.Get(t.Context(), triggerKey(gateRepo))
+	if trig.Kvs[0].ModRevision != ures.Revision {
+		t.Errorf("the unpin's trigger at %d; want %d, the revision that deleted the pin", trig.Kvs[0].ModRevision, ures.Revision)
+	}
+	if _, _, err := p.unpin(t.Context(), pinRequest{Image: gateRef}, askedBy{}); !errorsIs(err, errNotPinned) {
+		t.Errorf("a second unpin = %v; want %v", err, errNotPinned)
+	}
+	n.deploy(t, deployEvent{Tags: []string{"latest"}, Rev: ures.Revision})
+	if rc, web := n.f.containerByName("rc").ImageID, n.web(); rc != imgY || web != imgY {
+		t.Errorf("after unpin rc runs %s, web %s; want both on the newest %s", shortID(rc), shortID(web), shortID(imgY))
+	}
+	eventually(t, 10*time.Second, "the held version rolling out once released", func() bool {
+		vs := readVersions(t, cli, gateRef)
+		return vs[0].ImageID == imgY && vs[0].Outcome != outcomeHeld && vs[0].Nodes["n1"].Converged.After(time.Time{})
+	})
+}
+
+func errorsIs(err, target error) bool { return errors.Is(err, target) }
