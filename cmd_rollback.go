@@ -11,6 +11,9 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
+
+	"github.com/slack-go/slack"
 
 	"github.com/die-net/deployer/internal/etcdc"
 )
@@ -70,8 +73,7 @@ func announce(ctx context.Context, cfg config, text string, stderr io.Writer) {
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	s := newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log, newMetrics())
-	s.say(text)
-	done, cancel := context.WithCancel(ctx)
-	cancel() // run posts what is queued, within its bound, and returns
-	_ = s.run(done)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	s.post(ctx, slack.WebhookMessage{Username: cfg.SlackUsername, Text: text})
 }

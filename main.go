@@ -20,12 +20,16 @@
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
-//  7. replace, clusterview
+//  7. replace
 //  8. ledger (the deploy ledger)
-//  9. deploy, cmd_status, cmd_history
-//  10. rollback (an earlier version back under its tag)
-//  11. cmd_rollback
-//  12. main: the daemon's wiring and lifecycle
+//  9. pinrecord (a tag's pin), quarantine (read from the ledger)
+//  10. gate (may this version replace containers here: the holds),
+//     tagstate (each tag's deploy state in the cluster view)
+//  11. deploy, clusterview, cmd_status, cmd_history
+//  12. rollback (an earlier version back under its tag, or a pin)
+//  13. pin (deployer pin and unpin, POST /api/pin and /api/unpin)
+//  14. cmd_rollback, cmd_pin
+//  15. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
