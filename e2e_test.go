@@ -603,6 +603,14 @@ func TestE2E(t *testing.T) {
 		deploy(t, "scenario 14c (a push after the rollback)")
 	})
 
+	t.Run("14d a halted version comes back by webhook, restart and re-pull: no container starts on it", func(t *testing.T) {
+		quarantineScenario(t, s)
+	})
+
+	t.Run("14e a rollback the registry refuses pins the fleet to the old version instead", func(t *testing.T) {
+		refusedRollbackScenario(t, s)
+	})
+
 	t.Run("15 dry run reports and stops nothing; cleanup removes the old image", func(t *testing.T) {
 		s.restartDeployers("-dry_run=true")
 		ids := map[string]string{}
