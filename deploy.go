@@ -116,7 +116,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if !ok {
 		return r
 	}
-	pinned, ok := d.gate.apply(ctx, repo, j, current, &r)
+	pinned, ok := d.gate.apply(ctx, repo, j, current, d.replacer.stale, &r)
 	if !ok {
 		return r
 	}

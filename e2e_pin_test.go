@@ -36,7 +36,7 @@ func (s *stack) starts(ns []*node, name string, since time.Time) int {
 	until := strconv.FormatInt(time.Now().Unix()+1, 10)
 	total := 0
 	for _, n := range ns {
-		out := s.dockerCLI(n.dockerd, "events", "--since", strconv.FormatInt(since.Unix(), 10), "--until", until,
+		out := s.dockerCLI(n.dockerd, "events", "--since", fmt.Sprintf("%d.%09d", since.Unix(), since.Nanosecond()), "--until", until,
 			"--filter", "type=container", "--filter", "event=start", "--filter", "container="+name, "--format", "{{.ID}}")
 		if out != "" {
 			total += len(strings.Split(out, "\n"))
@@ -71,15 +71,15 @@ func quarantineScenario(t *testing.T, s *stack) {
 	qRef := s.hub.host() + "/myorg/q:qa"
 	good := s.build(qRef, false)
 	for _, n := range all {
-		s.dockerCLI(n.dockerd, "run", "-d", "--name", "q", "--network", "none", "--restart", "unless-stopped",
+		s.dockerCLI(n.dockerd, "run", "-d", "--name", "qapp", "--network", "none", "--restart", "unless-stopped",
 			"--label", "deployer.strategy=recreate", qRef)
 	}
 	defer func() {
 		for _, n := range all {
-			s.dockerCLI(n.dockerd, "rm", "-f", "q")
+			s.dockerCLI(n.dockerd, "rm", "-f", "qapp")
 		}
 	}()
-	s.waitImage(all, "q", good, 60*time.Second)
+	s.waitImage(all, "qapp", good, 60*time.Second)
 	webhook := func() {
 		t.Helper()
 		if code, body := s.webhook(all[0], "myorg/q", "qa"); code != 200 {
@@ -100,17 +100,17 @@ func quarantineScenario(t *testing.T, s *stack) {
 		return len(vs) > 0 && vs[0].ImageID == broken && vs[0].Outcome == outcomeHalted
 	})
 	s.barrier(all)
-	s.waitImage(all, "q", good, 60*time.Second) // the halting node put its old container back
+	s.waitImage(all, "qapp", good, 60*time.Second) // the halting node put its old container back
 	ids := map[string]string{}
 	for _, n := range all {
-		ids[n.name], _ = s.containerImage(n, "q")
+		ids[n.name], _ = s.containerImage(n, "qapp")
 	}
 
 	since := time.Now()
 	// 1. The webhook sent again.
 	webhook()
 	s.barrier(all)
-	byWebhook := s.starts(all, "q", since)
+	byWebhook := s.starts(all, "qapp", since)
 
 	// 2. A deployer that was down when it was sent replays it at start.
 	n3 := all[2]
@@ -118,7 +118,7 @@ func quarantineScenario(t *testing.T, s *stack) {
 	webhook()
 	s.runDeployer(n3)
 	s.barrier(all)
-	byRestart := s.starts(all, "q", since) - byWebhook
+	byRestart := s.starts(all, "qapp", since) - byWebhook
 
 	// 3. The periodic re-pull, every second, on every node (restarted).
 	before := map[string]int{}
@@ -135,15 +135,15 @@ func quarantineScenario(t *testing.T, s *stack) {
 		return true
 	})
 	s.restartDeployers("-repull_period=0")
-	byRepull := s.starts(all, "q", since) - byWebhook - byRestart
+	byRepull := s.starts(all, "qapp", since) - byWebhook - byRestart
 
 	if byWebhook+byRestart+byRepull != 0 {
 		t.Errorf("containers started while %s was quarantined: %d by the webhook, %d by the restart, %d by the re-pull; want 0",
 			shortID(broken), byWebhook, byRestart, byRepull)
 	}
 	for _, n := range all {
-		if id, img := s.containerImage(n, "q"); id != ids[n.name] || img != good {
-			t.Errorf("%s: q is %s on %s; want the same container on %s", n.name, shortID(id), shortID(img), shortID(good))
+		if id, img := s.containerImage(n, "qapp"); id != ids[n.name] || img != good {
+			t.Errorf("%s: qapp is %s on %s; want the same container on %s", n.name, shortID(id), shortID(img), shortID(good))
 		}
 		if tag := s.localTag(n, qRef); tag != good {
 			t.Errorf("%s: the local tag %s names %s; want it back on %s", n.name, qRef, shortID(tag), shortID(good))
@@ -165,7 +165,7 @@ func quarantineScenario(t *testing.T, s *stack) {
 	start := time.Now()
 	next := s.build(qRef, false)
 	webhook()
-	s.waitImage(all, "q", next, 90*time.Second)
+	s.waitImage(all, "qapp", next, 90*time.Second)
 	s.record("scenario 14d: the next push after the quarantine rolled out to all 3 nodes in %v", time.Since(start).Round(time.Millisecond))
 }
 

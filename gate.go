@@ -84,12 +84,12 @@ func (g *gate) check(ctx context.Context, ref reference.NamedTagged, imageID str
 
 // apply runs the gate over current (tag -> image ID the pull brought),
 // in place: a held tag leaves current (none of its containers is
-// replaced), and its local tag goes back to the image it named before
-// the pull; a pinned tag's entry becomes the pinned image (the
+// replaced), and its local tag goes back to the image its containers run
+// (stale finds them), else to the one it named before the pull; a pinned tag's entry becomes the pinned image (the
 // containers this node re-creates go onto it) and its local tag points
 // at it. It returns the pinned tags (tag -> pin); ok is false when a
 // hold could not be read (etcd): r says so and the deploy is retried.
-func (g *gate) apply(ctx context.Context, repo reference.Named, j job, current map[string]string, r *report) (pinned map[string]*pinRecord, ok bool) {
+func (g *gate) apply(ctx context.Context, repo reference.Named, j job, current map[string]string, stale staleFunc, r *report) (pinned map[string]*pinRecord, ok bool) {
 	if g == nil {
 		return nil, true
 	}
@@ -126,11 +126,40 @@ func (g *gate) apply(ctx context.Context, repo reference.Named, j job, current m
 		}
 		g.log.Info("version held", "image", reference.FamiliarString(ref), "image_id", shortID(id), "reason", h.Reason)
 		delete(current, t)
-		if tr != nil && tr.OldID != "" && tr.OldID != id && g.point(ctx, ref, tr.OldID, id) {
-			tr.NewID = tr.OldID
+		back := runningImage(ctx, stale, repo, t, id)
+		if back == "" && tr != nil {
+			back = tr.OldID
+		}
+		if back != "" && back != id && g.point(ctx, ref, back, id) && tr != nil {
+			tr.NewID = back
 		}
 	}
 	return pinned, true
+}
+
+// staleFunc lists the containers of repo started by one of the tags in
+// current that run another image than current says (replacer.stale).
+type staleFunc func(ctx context.Context, repo reference.Named, current map[string]string) ([]staleContainer, error)
+
+// runningImage is the one image the containers of tag t run, when they
+// run another than id and all the same one; "" otherwise. A held tag
+// goes back to it: the pull that brought id may have been an earlier one
+// (the deploy whose version then halted), so the tag's image before this
+// pull is not enough.
+func runningImage(ctx context.Context, stale staleFunc, repo reference.Named, t, id string) string {
+	if stale == nil {
+		return ""
+	}
+	cs, err := stale(ctx, repo, map[string]string{t: id})
+	if err != nil || len(cs) == 0 {
+		return ""
+	}
+	for _, c := range cs[1:] {
+		if c.ImageID != cs[0].ImageID {
+			return ""
+		}
+	}
+	return cs[0].ImageID
 }
 
 // tagReportOf is r's report of tag t; nil when there is none.
@@ -162,10 +191,10 @@ func (g *gate) point(ctx context.Context, ref reference.NamedTagged, id, from st
 	defer cancel()
 	err := g.docker.TagImage(id, docker.TagImageOptions{Repo: ref.Name(), Tag: ref.Tag(), Force: true, Context: ctx})
 	if err != nil {
-		g.log.Warn("could not point the local tag back at the image it ran", "image", reference.FamiliarString(ref), "image_id", shortID(id), "err", err)
+		g.log.Warn("could not point the local tag away from the held version", "image", reference.FamiliarString(ref), "image_id", shortID(id), "held", shortID(from), "err", err)
 		return false
 	}
-	g.log.Info("local tag points at the image it ran", "image", reference.FamiliarString(ref), "image_id", shortID(id), "held", shortID(from))
+	g.log.Info("local tag moved off the held version", "image", reference.FamiliarString(ref), "image_id", shortID(id), "held", shortID(from))
 	return true
 }
 

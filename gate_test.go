@@ -178,11 +178,14 @@ func TestQuarantine(t *testing.T) {
 		name    string
 		ledger  []ledgerVersion
 		node    string // "" : n1
+		moved   bool   // the halting deploy's pull had moved the local tag to the bad version already
 		path    func(t *testing.T, cli *clientv3.Client, n *gateNode) []deployEvent
 		release func(t *testing.T, cli *clientv3.Client)
 	}{
 		{name: "halted, replayed webhook", ledger: halted, path: func(t *testing.T, cli *clientv3.Client, _ *gateNode) []deployEvent { return webhook(t, cli) }},
 		{name: "halted, periodic re-pull", ledger: halted, path: repull},
+		{name: "halted, replayed webhook, the local tag on it already", ledger: halted, moved: true,
+			path: func(t *testing.T, cli *clientv3.Client, _ *gateNode) []deployEvent { return webhook(t, cli) }},
 		{name: "halted, deployer restart", ledger: halted, path: restart},
 		{name: "halted, a node that joins later", ledger: halted, node: "n9-new",
 			path: func(t *testing.T, cli *clientv3.Client, _ *gateNode) []deployEvent { return webhook(t, cli) }},
@@ -223,6 +226,9 @@ func TestQuarantine(t *testing.T) {
 				tc.release(t, cli)
 			}
 			n := newGateNode(t, cli, cmpOr(tc.node, "n1"))
+			if tc.moved {
+				n.f.local[gateRef] = imgX
+			}
 			n.deploy(t, tc.path(t, cli, n)...)
 			if tc.release != nil {
 				if got := n.web(); got != imgX {
