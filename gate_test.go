@@ -399,3 +399,27 @@ func TestPin(t *testing.T) {
 }
 
 func errorsIs(err, target error) bool { return errors.Is(err, target) }
+
+// failingGets is etcd whose reads fail (a leader election, a partition).
+type failingGets struct{ clientv3.KV }
+
+func (failingGets) Get(context.Context, string, ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	return nil, errors.New("etcdserver: request timed out")
+}
+
+// TestGateUnreadable: when the holds cannot be read, nothing is replaced
+// and the deploy fails with a retryable error (its trigger stays open): a
+// pin or a quarantine that cannot be seen must not be deployed through.
+func TestGateUnreadable(t *testing.T) {
+	cli := testNS(t)
+	n := newGateNode(t, cli, "n1")
+	n.dep.gate.kv = failingGets{cli}
+	n.dep.gate.quarantine.kv = failingGets{cli}
+	err := n.dep.deploy(t.Context(), job{Repo: canon(gateRepo), Tags: map[string]struct{}{"latest": {}}, Revs: []int64{putTrigger(t, cli, "registry")}})
+	if err == nil || !retryable(err) {
+		t.Fatalf("deploy = %v; want a retryable failure", err)
+	}
+	if n.replaced() || n.web() != imgA {
+		t.Errorf("replaced while the holds could not be read: web on %s, stops %v", shortID(n.web()), n.f.stops)
+	}
+}
