@@ -862,7 +862,7 @@ func (l *ledger) applyHeld(ctx context.Context, e ledgerEntry) error {
 	asked, pushed, digest := l.trigger(ctx, e)
 	for range 5 {
 		err := l.applyHeldOnce(ctx, e, asked, cmp.Or(pushed, e.Seen, e.Time), cmp.Or(e.Digest, digest))
-		if err != errLedgerConflict { //nolint:errorlint // applyHeldOnce returns it bare
+		if !errors.Is(err, errLedgerConflict) {
 			return err
 		}
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strings"
 	"testing"
@@ -137,5 +138,22 @@ func TestStatusShowsTagState(t *testing.T) {
 	js, _ := json.Marshal(st)
 	if !strings.Contains(string(js), `"pinned":{`) || !strings.Contains(string(js), `"state":"rolled back from version 2`) {
 		t.Errorf("GET /api/status: %s", js)
+	}
+}
+
+// TestPinTakesTheDaemonsCommandLine: deployer pin and unpin take the
+// daemon's whole command line, the image before or after it.
+func TestPinTakesTheDaemonsCommandLine(t *testing.T) {
+	testEtcd(t)
+	line := daemonCommandLine(t, sharedEtcdURL)
+	for _, args := range [][]string{
+		append([]string{"pin", "myorg/none:qa"}, line...),
+		append(append([]string{"pin"}, line...), "myorg/none:qa", "3"),
+		append(append([]string{"unpin"}, line...), "myorg/none:qa"),
+	} {
+		err := run(t.Context(), args, &bytes.Buffer{}, &bytes.Buffer{})
+		if errors.Is(err, errUsage) || !(errors.Is(err, errLedgerTarget) || errors.Is(err, errNotPinned)) {
+			t.Errorf("deployer %s … = %v; want the command line taken, and nothing to pin or unpin", args[0], err)
+		}
 	}
 }
