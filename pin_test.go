@@ -157,3 +157,24 @@ func TestPinTakesTheDaemonsCommandLine(t *testing.T) {
 		}
 	}
 }
+
+// TestRollbackLiftsAPin: a pin would hold the version a rollback puts
+// back; the rollback lifts it in its transaction, and says so.
+func TestRollbackLiftsAPin(t *testing.T) {
+	f := newRollbackFixture(t, outcomeRolledOut, outcomeRolledOut, outcomeRolledOut)
+	p := newPinner(f.kv, dockerHub, 20)
+	if _, _, err := p.pin(t.Context(), pinRequest{Image: f.ref, To: "3"}, askedBy{Command: "deployer pin", Host: "ops"}); err != nil {
+		t.Fatal(err)
+	}
+	asked := askedBy{Command: "deployer rollback", Host: "ops"}
+	res, err := f.rb.rollback(t.Context(), rollbackRequest{Image: f.ref, To: "1"}, asked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pin, _, _ := readPin(t.Context(), f.kv, f.ref); pin != nil {
+		t.Errorf("the pin to version %d outlived the rollback to version 1: every node would hold version 1", pin.Version)
+	}
+	if line := res.lines(asked)[0]; res.Unpinned != 3 || !strings.Contains(line, "the pin to version 3 is lifted") {
+		t.Errorf("unpinned %d, the rollback says %q; want the pin to version 3 lifted", res.Unpinned, line)
+	}
+}

@@ -64,6 +64,9 @@ type rollbackResult struct {
 	// refused the write; the fleet is then Pinned to ToVersion instead.
 	Refused string `json:"refused,omitempty"`
 	Pinned  bool   `json:"pinned,omitempty"`
+	// Unpinned: the version the tag was pinned to before, whose pin the
+	// rollback lifted or replaced (0: none).
+	Unpinned int64 `json:"unpinned,omitempty"`
 	// Warnings name the containers of the tag under the stop strategy
 	// (with Pinned): a supervisor that pulls the tag undoes the pin.
 	Warnings []string `json:"warnings,omitempty"`
@@ -147,6 +150,17 @@ func (rb *rollbacker) rollback(ctx context.Context, req rollbackRequest, asked a
 	}
 	key := triggerKey(rb.triggerName(ctx, ref, from.Revision))
 	extra := []clientv3.Op{clientv3.OpPut(key, string(val))}
+	// A pin would hold the version the rollback puts back: the rollback
+	// lifts it (or, refused, replaces it).
+	pctx, cancel := context.WithTimeout(ctx, callTimeout)
+	lifted, _, err := readPin(pctx, rb.kv, ref.String())
+	cancel()
+	if err != nil {
+		return rollbackResult{}, err
+	}
+	if refused == "" && lifted != nil {
+		extra = append(extra, clientv3.OpDelete(pinKey(ref.String())))
+	}
 	if refused != "" {
 		pin, err := json.Marshal(pinRecord{Image: ref.String(), Version: to.Version, ImageID: to.ImageID, Digest: to.Digest,
 			AskedBy: asked, Time: now, Reason: refused})
@@ -170,6 +184,9 @@ func (rb *rollbacker) rollback(ctx context.Context, req rollbackRequest, asked a
 		Image: ref.String(), FromVersion: from.Version, FromImageID: from.ImageID, ToVersion: to.Version,
 		ImageID: to.ImageID, Digest: to.Digest, Version: v.Version, Revision: rev, Refused: refused, Pinned: refused != "",
 	}
+	if lifted != nil {
+		res.Unpinned = lifted.Version
+	}
 	if res.Pinned {
 		res.Warnings, _ = stopStrategyContainers(wctx, rb.kv, ref.String())
 	}
@@ -181,14 +198,18 @@ func (rb *rollbacker) rollback(ctx context.Context, req rollbackRequest, asked a
 // warning naming the containers whose supervisors would undo it.
 func (res rollbackResult) lines(asked askedBy) []string {
 	img := familiar(res.Image)
+	var lifted string
+	if res.Unpinned != 0 {
+		lifted = fmt.Sprintf("; the pin to version %d is lifted", res.Unpinned)
+	}
 	if !res.Pinned {
 		return []string{fmt.Sprintf("%s rolled back by %s: from version %d (%s) to version %d's image %s (%s), recorded as version %d at revision %d; every node rolls it out now",
-			img, asked.who(), res.FromVersion, shortID(res.FromImageID), res.ToVersion, shortID(res.ImageID), shortDigest(res.Digest), res.Version, res.Revision)}
+			img, asked.who(), res.FromVersion, shortID(res.FromImageID), res.ToVersion, shortID(res.ImageID), shortDigest(res.Digest), res.Version, res.Revision) + lifted}
 	}
 	out := []string{
 		res.Refused,
 		fmt.Sprintf("%s is pinned fleet-wide to version %d (%s) instead, by %s: version %d (%s) recorded as rolled back and quarantined; every node re-creates its recreate-strategy containers on version %d and points its local tag at it; deployer unpin %s ends the pin",
-			img, res.ToVersion, shortID(res.ImageID), asked.who(), res.FromVersion, shortID(res.FromImageID), res.ToVersion, img),
+			img, res.ToVersion, shortID(res.ImageID), asked.who(), res.FromVersion, shortID(res.FromImageID), res.ToVersion, img) + strings.Replace(lifted, "is lifted", "is replaced", 1),
 	}
 	if w := pinWarning(res.Image, res.Warnings); w != "" {
 		out = append(out, w)
