@@ -179,7 +179,7 @@ func quarantineScenario(t *testing.T, s *stack) {
 func refusedRollbackScenario(t *testing.T, s *stack) {
 	all := s.nodes
 	ro := s.startRegistry("ro", "")
-	defer ro.proc.stop(syscall.SIGTERM, 10*time.Second)
+	defer func() { ro.proc.stop(syscall.SIGTERM, 10*time.Second) }() // the proc of the restart below
 	pRef := ro.host() + "/myorg/pin:qa"
 	v1 := s.build(pRef, false)
 	for _, n := range all {
