@@ -40,6 +40,8 @@ type gateAPI interface {
 	TagImage(name string, opts docker.TagImageOptions) error
 	// InspectImageWithContext tells whether an image is here.
 	InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error)
+	// PullImage pulls the pinned image by its digest when it is not here.
+	PullImage(opts docker.PullImageOptions, auth docker.AuthConfiguration) error
 }
 
 // gate decides, per tag, whether a version may replace containers here.
@@ -48,14 +50,17 @@ type gate struct {
 	quarantine  *quarantine
 	docker      gateAPI
 	ledger      *ledger // records holds; nil records nothing
+	creds       *credentials
 	callTimeout time.Duration
 	log         *slog.Logger
 }
 
-// newGate returns the gate of this node, reading the holds through kv. It
+// newGate returns the gate of this node, reading the holds through kv and
+// pulling a pinned image it lacks with the credentials of dockerCfg. It
 // starts nothing.
-func newGate(kv clientv3.KV, dc gateAPI, led *ledger, log *slog.Logger) *gate {
-	return &gate{kv: kv, quarantine: &quarantine{kv: kv}, docker: dc, ledger: led, callTimeout: callTimeout, log: log}
+func newGate(kv clientv3.KV, dc gateAPI, dockerCfg string, led *ledger, log *slog.Logger) *gate {
+	return &gate{kv: kv, quarantine: &quarantine{kv: kv}, docker: dc, ledger: led, creds: &credentials{path: dockerCfg, log: log},
+		callTimeout: callTimeout, log: log}
 }
 
 // check asks each condition in turn whether imageID may replace ref's
@@ -109,7 +114,7 @@ func (g *gate) apply(ctx context.Context, repo reference.Named, j job, current m
 		}
 		g.ledger.held(j, ref, id, h.Reason)
 		tr := tagReportOf(r, t)
-		if h.Pin != nil && g.local(ctx, h.Pin.ImageID) {
+		if h.Pin != nil && g.fetch(ctx, ref, h.Pin) {
 			g.log.Info("version held; the tag stays on the pinned image", "image", reference.FamiliarString(ref), "image_id", shortID(id), "reason", h.Reason)
 			if g.point(ctx, ref, h.Pin.ImageID, id) && tr != nil {
 				tr.NewID = h.Pin.ImageID
@@ -122,7 +127,7 @@ func (g *gate) apply(ctx context.Context, repo reference.Named, j job, current m
 			continue
 		}
 		if h.Pin != nil {
-			g.log.Warn("the pinned image is not on this node: nothing replaced", "image", reference.FamiliarString(ref), "pinned", shortID(h.Pin.ImageID))
+			g.log.Warn("the pinned image is not on this node and could not be pulled: nothing replaced", "image", reference.FamiliarString(ref), "pinned", shortID(h.Pin.ImageID))
 		}
 		g.log.Info("version held", "image", reference.FamiliarString(ref), "image_id", shortID(id), "reason", h.Reason)
 		delete(current, t)
@@ -170,6 +175,32 @@ func tagReportOf(r *report, t string) *tagReport {
 		}
 	}
 	return nil
+}
+
+// fetch makes sure the pinned image is on this node (a node that joined
+// after the pin, or whose -cleanup removed it): it pulls it by its
+// manifest digest when it is not. false when it is not here after.
+func (g *gate) fetch(ctx context.Context, ref reference.NamedTagged, p *pinRecord) bool {
+	if g.local(ctx, p.ImageID) {
+		return true
+	}
+	if p.Digest == "" {
+		return false
+	}
+	pctx, cancel := context.WithTimeout(ctx, pullTimeout)
+	defer cancel()
+	auth, err := g.creds.lookup(pctx, reference.Domain(ref))
+	if err != nil {
+		g.log.Warn("no registry credentials, pulling anonymously", "registry", reference.Domain(ref), "err", err)
+	}
+	// Docker takes a digest where a tag goes (fromImage=repo&tag=sha256:…).
+	err = g.docker.PullImage(docker.PullImageOptions{Repository: ref.Name(), Tag: p.Digest, InactivityTimeout: time.Minute, Context: pctx}, auth)
+	if err != nil {
+		g.log.Warn("could not pull the pinned image", "image", reference.FamiliarName(ref)+"@"+p.Digest, "err", err)
+		return false
+	}
+	g.log.Info("pulled the pinned image", "image", reference.FamiliarName(ref)+"@"+p.Digest, "image_id", shortID(p.ImageID))
+	return g.local(ctx, p.ImageID)
 }
 
 // local reports whether image id is on this node.

@@ -72,7 +72,7 @@ func newGateNode(t *testing.T, cli *clientv3.Client, name string) *gateNode {
 	go func() { _ = led.run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	dep := newDeployer(newPuller(f, "", log, m), rep, f, &captureNotifier{}, name, deployOptions{}, led, log, m)
-	dep.gate = newGate(cli, f, led, log)
+	dep.gate = newGate(cli, f, "", led, log)
 	return &gateNode{name: name, f: f, dep: dep, led: led}
 }
 
@@ -421,5 +421,87 @@ func TestGateUnreadable(t *testing.T) {
 	}
 	if n.replaced() || n.web() != imgA {
 		t.Errorf("replaced while the holds could not be read: web on %s, stops %v", shortID(n.web()), n.f.stops)
+	}
+}
+
+// sparseDocker is a fake Docker that has only the images in have (by
+// ID): a node that joined after a pin, or whose -cleanup removed the
+// pinned image. A pull by digest fetches what registry maps it to
+// (nothing: "manifest unknown").
+type sparseDocker struct {
+	*fakeDocker
+	have     map[string]bool
+	registry map[string]string // digest -> image ID
+	byDigest []string          // the pulls by digest
+}
+
+func (s *sparseDocker) InspectImageWithContext(ctx context.Context, name string) (*docker.Image, error) {
+	s.mu.Lock()
+	missing := strings.HasPrefix(name, "sha256:") && !s.have[name]
+	s.mu.Unlock()
+	if missing {
+		return nil, docker.ErrNoSuchImage
+	}
+	return s.fakeDocker.InspectImageWithContext(ctx, name)
+}
+
+func (s *sparseDocker) PullImage(opts docker.PullImageOptions, auth docker.AuthConfiguration) error {
+	if !strings.HasPrefix(opts.Tag, "sha256:") {
+		return s.fakeDocker.PullImage(opts, auth)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.byDigest = append(s.byDigest, opts.Repository+"@"+opts.Tag)
+	id, ok := s.registry[opts.Tag]
+	if !ok {
+		return &docker.Error{Status: 404, Message: "manifest unknown"}
+	}
+	s.have[id] = true
+	return nil
+}
+
+// TestPinPullsThePinnedImage: a node without the pinned image pulls it by
+// its digest, then keeps the tag on it; when it cannot, it holds the
+// version and replaces nothing.
+func TestPinPullsThePinnedImage(t *testing.T) {
+	const digestA = "sha256:dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd"
+	for _, tc := range []struct {
+		name     string
+		served   bool // the registry still serves the pinned digest
+		wantWeb  string
+		wantTag  string
+		wantPull int
+	}{
+		{"pulled by digest", true, imgA, imgA, 1},
+		{"not pullable: held, nothing replaced", false, imgX, imgX, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cli := testNS(t)
+			ledgerAt(t, cli, ledgerVersion{ImageID: imgA, Digest: digestA, Outcome: outcomeRolledOut}, ledgerVersion{ImageID: imgX, Outcome: outcomeRolledOut})
+			n := newGateNode(t, cli, "n9-joined")
+			n.f.local[gateRef] = imgX
+			rc := n.f.containerByName("web")
+			rc.ImageID, rc.unsupervised = imgX, true
+			rc.Config = &docker.Config{Image: gateRef, Labels: map[string]string{strategyKey: strategyRecr}}
+			sd := &sparseDocker{fakeDocker: n.f, have: map[string]bool{imgX: true}, registry: map[string]string{}}
+			if tc.served {
+				sd.registry[digestA] = imgA
+			}
+			n.dep.gate.docker = sd
+			res, _, err := newPinner(cli, "127.0.0.1:5000", 20).pin(t.Context(), pinRequest{Image: gateRef, To: "1"}, askedBy{Command: "deployer pin", Host: "ops"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			n.deploy(t, deployEvent{Tags: []string{"latest"}, Rev: res.Revision})
+			if got := n.web(); got != tc.wantWeb {
+				t.Errorf("web runs %s; want %s", shortID(got), shortID(tc.wantWeb))
+			}
+			if got := n.f.local[gateRef]; got != tc.wantTag {
+				t.Errorf("the local tag names %s; want %s", shortID(got), shortID(tc.wantTag))
+			}
+			if len(sd.byDigest) != tc.wantPull || sd.byDigest[0] != gateRepo+"@"+digestA {
+				t.Errorf("pulls by digest %v; want %s@%s", sd.byDigest, gateRepo, digestA)
+			}
+		})
 	}
 }

@@ -245,7 +245,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable > 0, m.reg, log.With("component", "ledger"))
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
 		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
-	dep.gate = newGate(etcd, dc, d.ledger, log.With("component", "gate"))
+	dep.gate = newGate(etcd, dc, cfg.DockerCfg, d.ledger, log.With("component", "gate"))
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
