@@ -178,3 +178,19 @@ func TestRollbackLiftsAPin(t *testing.T) {
 		t.Errorf("unpinned %d, the rollback says %q; want the pin to version 3 lifted", res.Unpinned, line)
 	}
 }
+
+// TestHistoryShowsHolds: deployer history says why a version was held.
+func TestHistoryShowsHolds(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	h := historyView{Time: now, Tags: []tagHistory{{Image: gateRef, Versions: []ledgerVersion{
+		{Version: 3, ImageID: imgY, Pushed: now, Outcome: outcomeHeld, Held: "held by pin to version 1 (aaaaaaaaaaaa) by deployer pin on ops"},
+		{Version: 2, ImageID: imgX, Pushed: now, Outcome: outcomeHalted, Held: "quarantined: version 2 (bbbbbbbbbbbb) halted"},
+	}}}}
+	var buf bytes.Buffer
+	printHistory(&buf, h)
+	for _, want := range []string{" held by pin to version 1 (aaaaaaaaaaaa) by deployer pin on ops\n", " halted; quarantined: version 2 (bbbbbbbbbbbb) halted\n"} {
+		if !strings.Contains(buf.String(), want) {
+			t.Errorf("deployer history lacks %q:\n%s", want, buf.String())
+		}
+	}
+}
