@@ -129,8 +129,12 @@ func (p *pinner) record(ctx context.Context, ref reference.NamedTagged, rec pinR
 	if err != nil {
 		return pinResult{}, err
 	}
+	lift, err := liftHalt(ctx, p.kv, rec.Image, rec.ImageID)
+	if err != nil {
+		return pinResult{}, err
+	}
 	for range 5 {
-		ops := []clientv3.Op{trig, clientv3.OpPut(pinKey(ref.String()), string(val))}
+		ops := append([]clientv3.Op{trig, clientv3.OpPut(pinKey(ref.String()), string(val))}, lift...)
 		var cmps []clientv3.Cmp
 		if add != nil {
 			resp, err := p.kv.Get(ctx, historyPrefix(rec.Image), clientv3.WithLastKey()...)

@@ -194,3 +194,48 @@ func TestHistoryShowsHolds(t *testing.T) {
 		}
 	}
 }
+
+// TestExplicitDeployLiftsTheHalt: a pin or a rollback to a halted version
+// deletes its halt record in the same transaction (the rollout would hold
+// it otherwise); a rollback away from a halted version keeps its halt.
+func TestExplicitDeployLiftsTheHalt(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		explicit func(f *rollbackFixture) error
+		lifted   bool
+	}{
+		{"pin to it", func(f *rollbackFixture) error {
+			_, _, err := newPinner(f.kv, dockerHub, 20).pin(t.Context(), pinRequest{Image: f.ref, To: "2"}, askedBy{Command: "deployer pin"})
+			return err
+		}, true},
+		{"rollback to it", func(f *rollbackFixture) error {
+			_, err := f.rb.rollback(t.Context(), rollbackRequest{Image: f.ref, To: "2"}, askedBy{Command: "deployer rollback"})
+			return err
+		}, true},
+		{"rollback away from it", func(f *rollbackFixture) error {
+			_, err := f.rb.rollback(t.Context(), rollbackRequest{Image: f.ref, To: "1"}, askedBy{Command: "deployer rollback"})
+			return err
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newRollbackFixture(t, outcomeRolledOut, outcomeHalted, outcomeRolledOut)
+			if tc.name == "rollback away from it" {
+				f = newRollbackFixture(t, outcomeRolledOut, outcomeHalted)
+			}
+			b, _ := json.Marshal(halt{ImageID: f.imgs[1].id, Node: "n1", Reason: "exited"})
+			if _, err := f.kv.Put(t.Context(), haltKey(f.ref), string(b)); err != nil {
+				t.Fatal(err)
+			}
+			if err := tc.explicit(f); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := f.kv.Get(t.Context(), haltKey(f.ref))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if gone := len(resp.Kvs) == 0; gone != tc.lifted {
+				t.Errorf("halt record gone: %t; want %t", gone, tc.lifted)
+			}
+		})
+	}
+}

@@ -117,3 +117,19 @@ func familiar(s string) string {
 	}
 	return s
 }
+
+// liftHalt is the delete of ref's halt record when it names imageID: an
+// operator who deploys a halted version explicitly (a pin to it, a
+// rollback to it) releases its quarantine, and the rollout's halt must
+// not hold it either. None when the record names another image (the
+// bad version a rollback goes back from keeps its halt).
+func liftHalt(ctx context.Context, kv clientv3.KV, ref, imageID string) ([]clientv3.Op, error) {
+	resp, err := kv.Get(ctx, haltKey(ref))
+	if err != nil {
+		return nil, fmt.Errorf("read the halt of %s: %w", ref, err)
+	}
+	if h := decodeHalt(resp.Kvs); h == nil || h.ImageID != imageID {
+		return nil, nil
+	}
+	return []clientv3.Op{clientv3.OpDelete(haltKey(ref))}, nil
+}

@@ -161,6 +161,13 @@ func (rb *rollbacker) rollback(ctx context.Context, req rollbackRequest, asked a
 	if refused == "" && lifted != nil {
 		extra = append(extra, clientv3.OpDelete(pinKey(ref.String())))
 	}
+	hctx, cancel := context.WithTimeout(ctx, callTimeout)
+	lift, err := liftHalt(hctx, rb.kv, ref.String(), to.ImageID)
+	cancel()
+	if err != nil {
+		return rollbackResult{}, err
+	}
+	extra = append(extra, lift...)
 	if refused != "" {
 		pin, err := json.Marshal(pinRecord{Image: ref.String(), Version: to.Version, ImageID: to.ImageID, Digest: to.Digest,
 			AskedBy: asked, Time: now, Reason: refused})
