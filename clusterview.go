@@ -38,6 +38,8 @@ type tagStatus struct {
 	// SkewSeconds is how long two image IDs of this tag have been
 	// running at once: since the newest one's first container started.
 	SkewSeconds float64 `json:"skew_seconds"`
+	// The tag's deploy state from the ledger and its pin (tagstate.go).
+	tagState
 }
 
 type versionInfo struct {
@@ -47,8 +49,16 @@ type versionInfo struct {
 	Since      time.Time `json:"since"` // first container on it
 }
 
-// readStatus gathers the node records and the rollout state.
+// readStatus gathers the node records, the rollout state and each tag's
+// deploy state (the ledger's newest version, the pin).
 func readStatus(ctx context.Context, kv clientv3.KV, now time.Time) (clusterStatus, error) {
+	return readView(ctx, kv, now, true)
+}
+
+// readView gathers the node records and the rollout state, and with
+// states each tag's deploy state (which reads the whole ledger: not for
+// every scrape of /metrics).
+func readView(ctx context.Context, kv clientv3.KV, now time.Time, states bool) (clusterStatus, error) {
 	out := clusterStatus{Time: now.UTC(), Nodes: []nodeStatus{}, Tags: []tagStatus{}}
 	nodes, err := kv.Get(ctx, statusPrefix, clientv3.WithPrefix())
 	if err != nil {
@@ -117,6 +127,17 @@ func readStatus(ctx context.Context, kv clientv3.KV, now time.Time) (clusterStat
 			}
 		}
 	}
+	if states {
+		states, err := readTagStates(ctx, kv)
+		if err != nil {
+			return out, err
+		}
+		for ref, st := range states {
+			if st.Pinned != nil || tags[ref] != nil {
+				tag(ref).tagState = st
+			}
+		}
+	}
 	for ref, t := range tags {
 		for _, v := range versions[ref] {
 			slices.Sort(v.Nodes)
@@ -151,7 +172,7 @@ func (c *skewCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 func (c *skewCollector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	st, err := readStatus(ctx, c.kv, time.Now())
+	st, err := readView(ctx, c.kv, time.Now(), false)
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(c.desc, err)
 		return

@@ -91,11 +91,22 @@ func printHistory(w io.Writer, h historyView) {
 				last = leadTime(v.LastSeconds)
 			}
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s ago\t%s\t%s\t%s\t%s\n", name, v.Version, shortID(v.ImageID), shortDigest(v.Digest),
-				h.Time.Sub(v.Pushed).Round(time.Second), first, last, v.nodesSummary(), v.Outcome)
+				h.Time.Sub(v.Pushed).Round(time.Second), first, last, v.nodesSummary(), v.outcomeText())
 			name = ""
 		}
 	}
 	tw.Flush()
+}
+
+// outcomeText is v's outcome, and why the nodes held it when they did.
+func (v ledgerVersion) outcomeText() string {
+	if v.Held == "" || v.Held == v.Outcome {
+		return v.Outcome
+	}
+	if v.Outcome == outcomeHeld {
+		return v.Held
+	}
+	return v.Outcome + "; " + v.Held
 }
 
 func leadTime(seconds float64) string {

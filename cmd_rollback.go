@@ -11,6 +11,9 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
+
+	"github.com/slack-go/slack"
 
 	"github.com/die-net/deployer/internal/etcdc"
 )
@@ -28,7 +31,7 @@ func rollbackCommand(ctx context.Context, args []string, stdout, stderr io.Write
 	if image == "" {
 		return fmt.Errorf("%w: deployer rollback repository:tag [-to digest|image ID|ledger version]", errUsage)
 	}
-	ce, err := parseCommand("deployer rollback", args, os.Getenv, stderr, own, "dockercfg", "registry", "history")
+	ce, err := parseCommand("deployer rollback", args, os.Getenv, stderr, own, "dockercfg", "registry", "history", "slack_webhook_url", "slack_username")
 	if err != nil {
 		return err
 	}
@@ -48,12 +51,29 @@ func rollbackCommand(ctx context.Context, args []string, stdout, stderr io.Write
 	if to != "" {
 		command += " -to " + to
 	}
-	res, err := rb.rollback(ctx, rollbackRequest{Image: image, To: to}, askedBy{Command: command, Host: host, Remote: host})
+	asked := askedBy{Command: command, Host: host, Remote: host}
+	res, err := rb.rollback(ctx, rollbackRequest{Image: image, To: to}, asked)
 	if err != nil {
 		return err
 	}
-	_, err = fmt.Fprintf(stdout, "%s: version %d (%s) rolled back to version %d's image %s (%s), recorded as version %d at revision %d; every node rolls it out now (see deployer history %s)\n",
-		res.Image, res.FromVersion, shortID(res.FromImageID), res.ToVersion, shortID(res.ImageID), shortDigest(res.Digest),
-		res.Version, res.Revision, strings.TrimPrefix(res.Image, "docker.io/"))
+	lines := res.lines(asked)
+	announce(ctx, ce.cfg, ":rewind: "+strings.Join(lines, "\n"), stderr)
+	lines = append(lines, "see deployer history "+familiar(res.Image))
+	_, err = fmt.Fprintln(stdout, strings.Join(lines, "\n"))
 	return err
+}
+
+// announce posts text on Slack once, for the fleet, when the command
+// line names a Slack webhook (-slack_webhook_url, $SLACK_WEBHOOK_URL):
+// the command that acts posts, not every node. It waits at most a few
+// seconds; a failure is only logged.
+func announce(ctx context.Context, cfg config, text string, stderr io.Writer) {
+	if cfg.SlackWebhookURL == "" {
+		return
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	s := newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log, newMetrics())
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	s.post(ctx, slack.WebhookMessage{Username: cfg.SlackUsername, Text: text})
 }

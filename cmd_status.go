@@ -57,6 +57,16 @@ func printStatus(w io.Writer, st clusterStatus) {
 		case len(t.Versions) > 1:
 			state = fmt.Sprintf("skew %s", (time.Duration(t.SkewSeconds) * time.Second).String())
 		}
+		switch {
+		case t.State != "" && state == "ok":
+			state = t.State
+		case t.State != "":
+			state = t.State + "; " + state
+		}
+		if p := t.Pinned; p != nil {
+			state = fmt.Sprintf("PINNED to version %d (%s) by %s since %s; %s", p.Version, shortID(p.ImageID), p.AskedBy.who(),
+				p.Time.Format(time.RFC3339), state)
+		}
 		name := t.Image
 		if len(t.Versions) == 0 {
 			fmt.Fprintf(tw, "%s\t-\t-\t0\t-\t%s\n", name, state)

@@ -395,6 +395,16 @@ const (
 	strategyKey  = "deployer.strategy" // container label overriding -restart_strategy
 )
 
+// containerStrategy is how a container with labels is replaced: its
+// deployer.strategy label, else def (-restart_strategy).
+func containerStrategy(labels map[string]string, def string) string {
+	switch s := labels[strategyKey]; s {
+	case strategyStop, strategyRecr, strategySkip:
+		return s
+	}
+	return def
+}
+
 var errUsage = errors.New("usage")
 
 // addEtcdTLSFlags registers the etcd TLS and authentication flags, with
@@ -575,6 +585,8 @@ var builtinRoutes = []string{
 	"/api/github/webhook",
 	"/api/quay/webhook",
 	"/api/rollback",
+	"/api/pin",
+	"/api/unpin",
 	"GET /healthz",
 	"GET /api/status",
 	"GET /api/history",

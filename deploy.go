@@ -37,6 +37,7 @@ type deployer struct {
 	node     string
 	opts     deployOptions
 	ledger   *ledger // the deploy ledger; nil records nothing
+	gate     *gate   // the holds (gate.go); nil holds nothing
 	images   imageRemover
 	log      *slog.Logger
 	metrics  *metrics
@@ -118,10 +119,15 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if !ok {
 		return r
 	}
+	pinned, ok := d.gate.apply(ctx, repo, j, current, d.replacer.stale, &r)
+	if !ok {
+		return r
+	}
 	stale, err := d.replacer.stale(ctx, repo, current)
 	if err != nil {
 		r.Failed = append(r.Failed, err)
 	}
+	stale = d.gate.pinnedStops(stale, pinned, d.replacer.strategyOf)
 	if d.opts.dryRun {
 		r.DryRun, r.Stale = true, stale
 		d.metrics.wouldRestart.Add(float64(len(stale)))
@@ -131,7 +137,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if len(stale) > 0 {
 		outs = d.replaceStale(ctx, stale, &r)
 	}
-	d.ledger.deployed(j, repo, current, outs) // never blocks
+	d.ledger.deployed(j, repo, unpinned(current, pinned), outs) // never blocks
 	d.removeSuperseded(ctx, &r)
 	return r
 }

@@ -645,6 +645,14 @@ func TestE2E(t *testing.T) {
 		s.record("scenario 14c: the fleet stayed on %s through a supervisor restart, a restart of every deployer and two re-pull rounds; the next push rolled out:\n%s", shortID(v1), table)
 	})
 
+	t.Run("14d a halted version comes back by webhook, restart and re-pull: no container starts on it", func(t *testing.T) {
+		quarantineScenario(t, s)
+	})
+
+	t.Run("14e a rollback the registry refuses pins the fleet to the old version instead", func(t *testing.T) {
+		refusedRollbackScenario(t, s)
+	})
+
 	t.Run("15 dry run reports and stops nothing; cleanup removes the old image", func(t *testing.T) {
 		s.restartDeployers("-dry_run=true")
 		ids := map[string]string{}

@@ -18,6 +18,7 @@ package main
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
 //	<prefix>/_autorollback/<image ref>        the node rolling a halt of the tag back by itself (autorollback.go), leased
+//	<prefix>/_pin/<image ref>                 the tag's pin: the version every node keeps it on (pin.go)
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -37,6 +38,7 @@ const (
 	statusDir    = "_status"
 	rolloutDir   = "_rollout"
 	autoRbDir    = "_autorollback"
+	pinDir       = "_pin"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -98,3 +100,9 @@ func downDir(ref string) string { return rolloutPrefix(ref) + downLeaf }
 
 // downKey lists node's containers of ref that are down.
 func downKey(ref, node string) string { return downDir(ref) + node }
+
+// pinsPrefix holds the pins of every image tag; pinKey one tag's
+// (pin.go).
+const pinsPrefix = "/" + pinDir + "/"
+
+func pinKey(ref string) string { return pinsPrefix + url.PathEscape(ref) }

@@ -353,6 +353,7 @@ type fakeContainer struct {
 	Mounts                         []docker.Mount // nil: the default bind /srv:/data
 	manualStop                     bool           // stopped through the API, not started since
 	unit                           string         // the name its supervisor runs it as ("" : Name)
+	unsupervised                   bool           // no supervisor runs it, whatever f.supervise says (a recreate-strategy container)
 }
 
 // unitName is the name c's supervisor (a systemd unit) knows it by, which
@@ -712,7 +713,7 @@ func (f *fakeDocker) StopContainerWithContext(id string, _ uint, _ context.Conte
 		// --rm: Docker deletes the container once it stops.
 		f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == stopped })
 	}
-	if stopped != nil && f.supervise {
+	if stopped != nil && f.supervise && !stopped.unsupervised {
 		// The unit removes the old container and runs the tag again.
 		f.containers = slices.DeleteFunc(f.containers, func(c *fakeContainer) bool { return c == stopped })
 		f.created++

@@ -20,12 +20,16 @@
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
-//  7. replace, clusterview
+//  7. replace
 //  8. ledger (the deploy ledger)
-//  9. deploy, cmd_status, cmd_history
-//  10. rollback (an earlier version back under its tag)
-//  11. cmd_rollback, autorollback (a halt rolled back by itself)
-//  12. main: the daemon's wiring and lifecycle
+//  9. pinrecord (a tag's pin), quarantine (read from the ledger)
+//  10. gate (may this version replace containers here: the holds),
+//     tagstate (each tag's deploy state in the cluster view)
+//  11. deploy, clusterview, cmd_status, cmd_history
+//  12. rollback (an earlier version back under its tag, or a pin)
+//  13. pin (deployer pin and unpin, POST /api/pin and /api/unpin)
+//  14. cmd_rollback, cmd_pin, autorollback (a halt rolled back by itself)
+//  15. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
@@ -102,6 +106,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) > 0 && args[0] == "rollback" {
 		return rollbackCommand(ctx, args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && (args[0] == "pin" || args[0] == "unpin") {
+		return pinCommand(ctx, args[1:], args[0] == "unpin", stdout, stderr)
 	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
@@ -189,6 +196,7 @@ type dockerAPI interface {
 	upAPI
 	eventAPI
 	imageRemover
+	gateAPI
 	PingWithContext(ctx context.Context) error
 }
 
@@ -251,6 +259,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	}
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
 		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup, keepImages: cfg.KeepImages}, d.ledger, log.With("component", "deployer"), m)
+	dep.gate = newGate(etcd, dc, cfg.DockerCfg, d.ledger, log.With("component", "gate"))
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
@@ -261,6 +270,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	}, d.progress.done, log.With("component", "queue"), m)
 	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
 	d.status.leftAlone = rep.leftAlone.list // (leftalone.go) shown in the status record; written after every deploy
+	d.status.strategy = cfg.RestartStrategy
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
@@ -283,7 +293,9 @@ func (d *daemon) handler() http.Handler {
 		"GET /healthz":        d.health,
 		"GET /api/status":     d.requireSecret(statusHandler(d.etcd)),
 		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
-		"/api/rollback":       rollbackHandler(d.webhook, d.rollback, d.cfg.NodeName),
+		"/api/rollback":       rollbackHandler(d.webhook, d.rollback, d.cfg.NodeName, d.say),
+		"/api/pin":            pinHandler(d.webhook, newPinner(d.etcd, d.cfg.registryDomain, d.cfg.History), d.cfg.NodeName, false, d.say),
+		"/api/unpin":          pinHandler(d.webhook, newPinner(d.etcd, d.cfg.registryDomain, d.cfg.History), d.cfg.NodeName, true, d.say),
 		"GET /metrics":        d.metricsHandler(),
 	}
 	mux := http.NewServeMux()
@@ -297,6 +309,14 @@ func (d *daemon) handler() http.Handler {
 		mux.Handle(pattern, h)
 	}
 	return mux
+}
+
+// say posts a message of the fleet's (a rollback, a pin) on Slack, when
+// Slack is on.
+func (d *daemon) say(text string) {
+	if d.slack != nil {
+		d.slack.say(text)
+	}
 }
 
 // GET /metrics: the webhook secret is needed unless -metrics_open.

@@ -166,6 +166,17 @@ func (s *slackNotifier) notify(r report) {
 	}
 }
 
+// say queues one message of the fleet's (a rollback, a pin), posted as
+// a report is; it never blocks.
+func (s *slackNotifier) say(text string) {
+	select {
+	case s.queue <- slack.WebhookMessage{Username: s.username, Text: text}:
+	default:
+		s.metrics.slackPosts.WithLabelValues("dropped").Inc()
+		s.log.Warn("slack queue full, message dropped", "text", text)
+	}
+}
+
 // run posts queued messages until ctx is done, then posts what is still
 // queued within a short bound.
 func (s *slackNotifier) run(ctx context.Context) error {

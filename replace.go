@@ -91,11 +91,7 @@ type outcome struct {
 // strategyOf is the one place that chooses how a container is replaced:
 // its deployer.strategy label, else -restart_strategy.
 func (p *replacer) strategyOf(c staleContainer) string {
-	switch s := c.Labels[strategyKey]; s {
-	case strategyStop, strategyRecr, strategySkip:
-		return s
-	}
-	return p.strategy
+	return containerStrategy(c.Labels, p.strategy)
 }
 
 // stale returns the running containers of repo started by one of the

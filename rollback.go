@@ -7,6 +7,13 @@ package main
 // re-pull, a node that restarts) gets the old version, then records the
 // rollback in the ledger and writes a trigger with the old digest in the
 // same transaction: every node rolls it out as a deploy.
+//
+// When the registry refuses the write (no push rights, a read-only
+// registry), the rollback says so in one line and falls back to a
+// fleet-wide pin of the old version (pin.go), recorded in the same
+// transaction: every node keeps the tag on it for what it controls (the
+// containers it re-creates, the local tag), and the answer names the
+// containers whose supervisors may pull the tag and undo it.
 
 import (
 	"cmp"
@@ -62,6 +69,16 @@ type rollbackResult struct {
 	Digest      string `json:"digest"`
 	Version     int64  `json:"version"`  // the ledger version the rollback added
 	Revision    int64  `json:"revision"` // the trigger's etcd revision
+	// Refused: why the registry was not changed (its one line), when it
+	// refused the write; the fleet is then Pinned to ToVersion instead.
+	Refused string `json:"refused,omitempty"`
+	Pinned  bool   `json:"pinned,omitempty"`
+	// Unpinned: the version the tag was pinned to before, whose pin the
+	// rollback lifted or replaced (0: none).
+	Unpinned int64 `json:"unpinned,omitempty"`
+	// Warnings name the containers of the tag under the stop strategy
+	// (with Pinned): a supervisor that pulls the tag undoes the pin.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // rollbacker runs rollbacks.
@@ -131,29 +148,97 @@ func (rb *rollbacker) rollback(ctx context.Context, req rollbackRequest, asked a
 			return rollbackResult{}, err
 		}
 	}
+	var refused string
 	if err := rb.retag(ctx, ref, to.Digest); err != nil {
-		return rollbackResult{}, err
+		if !errors.Is(err, errRegistryRefused) || req.halted != "" {
+			return rollbackResult{}, err // an auto-rollback gives up (autorollback.go): the halt stays
+		}
+		refused = err.Error() // the fleet is pinned instead
 	}
 	now := rb.now().UTC()
 	asked.Source = cmp.Or(asked.Source, "rollback")
 	t := trigger{Time: now, Tag: ref.Tag(), Digest: to.Digest, Source: asked.Source, Remote: asked.Remote, Node: asked.Node}
+	if refused != "" {
+		t.Digest = "" // the registry still serves the bad one: every node pulls it, and its gate keeps the pinned one
+	}
 	val, err := json.Marshal(t)
 	if err != nil {
 		return rollbackResult{}, err
 	}
 	key := triggerKey(rb.triggerName(ctx, ref, from.Revision))
+	extra := []clientv3.Op{clientv3.OpPut(key, string(val))}
+	// A pin would hold the version the rollback puts back: the rollback
+	// lifts it (or, refused, replaces it).
+	pctx, cancel := context.WithTimeout(ctx, callTimeout)
+	lifted, _, err := readPin(pctx, rb.kv, ref.String())
+	cancel()
+	if err != nil {
+		return rollbackResult{}, err
+	}
+	if refused == "" && lifted != nil {
+		extra = append(extra, clientv3.OpDelete(pinKey(ref.String())))
+	}
+	hctx, cancel := context.WithTimeout(ctx, callTimeout)
+	lift, err := liftHalt(hctx, rb.kv, ref.String(), to.ImageID)
+	cancel()
+	if err != nil {
+		return rollbackResult{}, err
+	}
+	extra = append(extra, lift...)
+	if refused != "" {
+		pin, err := json.Marshal(pinRecord{Image: ref.String(), Version: to.Version, ImageID: to.ImageID, Digest: to.Digest,
+			AskedBy: asked, Time: now, Reason: refused})
+		if err != nil {
+			return rollbackResult{}, err
+		}
+		extra = append(extra, clientv3.OpPut(pinKey(ref.String()), string(pin)))
+	}
 	wctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	v, rev, err := recordRollback(wctx, rb.kv, rollbackRecord{Ref: ref.String(), From: from.Version, To: to, Asked: asked, Time: now, Keep: rb.keep},
-		clientv3.OpPut(key, string(val)))
+		extra...)
 	if err != nil {
+		if refused != "" {
+			return rollbackResult{}, fmt.Errorf("%s; the pin of version %d that stands in for it was not recorded either: %w", refused, to.Version, err)
+		}
 		return rollbackResult{}, fmt.Errorf("the registry's %s is %s again, but the rollback was not recorded (run it again): %w",
 			reference.FamiliarString(ref), shortDigest(to.Digest), err)
 	}
-	return rollbackResult{
+	res := rollbackResult{
 		Image: ref.String(), FromVersion: from.Version, FromImageID: from.ImageID, ToVersion: to.Version,
-		ImageID: to.ImageID, Digest: to.Digest, Version: v.Version, Revision: rev,
-	}, nil
+		ImageID: to.ImageID, Digest: to.Digest, Version: v.Version, Revision: rev, Refused: refused, Pinned: refused != "",
+	}
+	if lifted != nil {
+		res.Unpinned = lifted.Version
+	}
+	if res.Pinned {
+		res.Warnings, _ = stopStrategyContainers(wctx, rb.kv, ref.String())
+	}
+	return res, nil
+}
+
+// lines is what a rollback says to people: what it did, and with a
+// pin, the line why the registry was not changed, the pin, and the
+// warning naming the containers whose supervisors would undo it.
+func (res rollbackResult) lines(asked askedBy) []string {
+	img := familiar(res.Image)
+	var lifted string
+	if res.Unpinned != 0 {
+		lifted = fmt.Sprintf("; the pin to version %d is lifted", res.Unpinned)
+	}
+	if !res.Pinned {
+		return []string{fmt.Sprintf("%s rolled back by %s: from version %d (%s) to version %d's image %s (%s), recorded as version %d at revision %d; every node rolls it out now",
+			img, asked.who(), res.FromVersion, shortID(res.FromImageID), res.ToVersion, shortID(res.ImageID), shortDigest(res.Digest), res.Version, res.Revision) + lifted}
+	}
+	out := []string{
+		res.Refused,
+		fmt.Sprintf("%s is pinned fleet-wide to version %d (%s) instead, by %s: version %d (%s) recorded as rolled back and quarantined; every node re-creates its recreate-strategy containers on version %d and points its local tag at it; deployer unpin %s ends the pin",
+			img, res.ToVersion, shortID(res.ImageID), asked.who(), res.FromVersion, shortID(res.FromImageID), res.ToVersion, img) + strings.Replace(lifted, "is lifted", "is replaced", 1),
+	}
+	if w := pinWarning(res.Image, res.Warnings); w != "" {
+		out = append(out, w)
+	}
+	return out
 }
 
 // rollbackTarget picks, in versions (newest first), the version rolled
@@ -352,7 +437,7 @@ func (rb *rollbacker) triggerName(ctx context.Context, ref reference.Named, rev 
 //
 // deployer rollback over HTTP, with the webhooks' secret; answered when
 // the rollback is recorded.
-func rollbackHandler(h *webhook, rb *rollbacker, node string) http.HandlerFunc {
+func rollbackHandler(h *webhook, rb *rollbacker, node string, say func(string)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		const source = "rollback"
 		body, ok := h.accept(w, r, source)
@@ -369,7 +454,8 @@ func rollbackHandler(h *webhook, rb *rollbacker, node string) http.HandlerFunc {
 			return
 		}
 		h.log.Info("rollback request", "image", req.Image, "to", req.To, "remote", r.RemoteAddr)
-		res, err := rb.rollback(r.Context(), req, askedBy{Command: "POST /api/rollback", Host: node, Node: node, Remote: r.RemoteAddr})
+		asked := askedBy{Command: "POST /api/rollback", Host: node, Node: node, Remote: r.RemoteAddr}
+		res, err := rb.rollback(r.Context(), req, asked)
 		if err != nil {
 			code := http.StatusServiceUnavailable
 			switch {
@@ -382,7 +468,10 @@ func rollbackHandler(h *webhook, rb *rollbacker, node string) http.HandlerFunc {
 			return
 		}
 		h.log.Info("rolled back", "image", res.Image, "from_version", res.FromVersion, "to_version", res.ToVersion,
-			"digest", res.Digest, "version", res.Version, "revision", res.Revision)
+			"digest", res.Digest, "version", res.Version, "revision", res.Revision, "pinned", res.Pinned, "refused", res.Refused)
+		if say != nil {
+			say(":rewind: " + strings.Join(res.lines(asked), "\n"))
+		}
 		h.metrics.webhooks.WithLabelValues(source, "ok").Inc()
 		writeJSON(w, http.StatusOK, res)
 	}

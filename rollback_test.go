@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -211,6 +212,9 @@ func checkRollbackRecorded(t *testing.T, f *rollbackFixture, res rollbackResult,
 	}
 }
 
+// TestRollbackRegistryRefuses: the registry refuses the write; the
+// rollback says why in one line and pins the fleet to the old version
+// instead, recorded with the rollback and its trigger in one transaction.
 func TestRollbackRegistryRefuses(t *testing.T) {
 	for _, tc := range []struct {
 		status int
@@ -223,19 +227,51 @@ func TestRollbackRegistryRefuses(t *testing.T) {
 		t.Run(http.StatusText(tc.status), func(t *testing.T) {
 			f := newRollbackFixture(t, outcomeRolledOut, outcomeRolledOut)
 			f.reg.refuse = tc.status
-			_, err := f.rb.rollback(t.Context(), rollbackRequest{Image: f.ref}, askedBy{})
-			if !errors.Is(err, errRegistryRefused) {
-				t.Fatalf("err = %v; want %v", err, errRegistryRefused)
+			b, _ := json.Marshal(nodeStatus{Node: "n2", Containers: []containerStatus{
+				{Name: "web", Image: f.ref, ImageID: f.imgs[1].id, Strategy: strategyStop},
+				{Name: "api", Image: f.ref, ImageID: f.imgs[1].id, Strategy: strategyRecr},
+			}})
+			if _, err := f.kv.Put(t.Context(), statusKey("n2"), string(b)); err != nil {
+				t.Fatal(err)
 			}
-			line := err.Error()
-			if strings.Contains(line, "\n") || !strings.Contains(line, "registry "+f.reg.host) || !strings.Contains(line, tc.reason) {
-				t.Errorf("the line %q does not name the registry %s and the reason %q", line, f.reg.host, tc.reason)
+			asked := askedBy{Command: "deployer rollback app:latest", Host: "ops1"}
+			res, err := f.rb.rollback(t.Context(), rollbackRequest{Image: f.ref}, asked)
+			if err != nil {
+				t.Fatalf("rollback = %v; want the pin fallback", err)
 			}
-			if vs := readVersions(t, f.kv.(*clientv3.Client), f.ref); len(vs) != 2 || vs[0].Outcome != outcomeRolledOut {
-				t.Errorf("the ledger changed: %+v", vs)
+			if !strings.Contains(res.Refused, "registry "+f.reg.host) || !strings.Contains(res.Refused, tc.reason) || strings.Contains(res.Refused, "\n") {
+				t.Errorf("the line %q does not name the registry %s and the reason %q", res.Refused, f.reg.host, tc.reason)
 			}
-			if resp, _ := f.kv.Get(t.Context(), triggerKey(f.reg.host+"/app")); len(resp.Kvs) != 0 {
-				t.Error("a trigger was written")
+			if got := f.reg.tagDigest(t, "app:latest").String(); got != f.imgs[1].digest {
+				t.Errorf("the registry's tag moved to %s", got)
+			}
+			pin, _, err := readPin(t.Context(), f.kv, f.ref)
+			if err != nil || pin == nil || pin.ImageID != f.imgs[0].id || pin.Version != 1 || pin.Reason != res.Refused || pin.AskedBy.Command != asked.Command {
+				t.Fatalf("pin %+v, %v; want version 1 (%s), asked by the rollback, with the registry's line", pin, err, f.imgs[0].id)
+			}
+			if !res.Pinned || res.ToVersion != 1 || !slices.Equal(res.Warnings, []string{"n2/web"}) {
+				t.Errorf("result %+v; want pinned to version 1, warning about n2/web only", res)
+			}
+			lines := res.lines(asked)
+			if len(lines) != 3 || lines[0] != res.Refused || !strings.Contains(lines[1], "pinned fleet-wide to version 1") || !strings.Contains(lines[2], "n2/web") {
+				t.Errorf("the rollback says:\n%s", strings.Join(lines, "\n"))
+			}
+			// The rollback is recorded (version 2 rolled back: quarantined)
+			// in the transaction of the pin and of a trigger without a
+			// digest (the registry still serves version 2's).
+			vs := readVersions(t, f.kv.(*clientv3.Client), f.ref)
+			if len(vs) != 3 || vs[1].Outcome != outcomeRolledBack || vs[0].ImageID != f.imgs[0].id {
+				t.Errorf("the ledger: %+v", vs)
+			}
+			resp, err := f.kv.Get(t.Context(), triggerKey(f.reg.host+"/app"))
+			if err != nil || len(resp.Kvs) != 1 {
+				t.Fatalf("trigger: %v, %v", err, resp)
+			}
+			pk, _ := f.kv.Get(t.Context(), pinKey(f.ref))
+			var tr trigger
+			_ = json.Unmarshal(resp.Kvs[0].Value, &tr)
+			if resp.Kvs[0].ModRevision != res.Revision || pk.Kvs[0].ModRevision != res.Revision || tr.Digest != "" || tr.Tag != "latest" {
+				t.Errorf("trigger %+v at %d, pin at %d; want both at the rollback's revision %d, no digest", tr, resp.Kvs[0].ModRevision, pk.Kvs[0].ModRevision, res.Revision)
 			}
 		})
 	}
@@ -288,7 +324,7 @@ func TestRollbackCommandAndAPI(t *testing.T) {
 
 	// POST /api/rollback, the same code path, behind the webhook secret.
 	h, _ := newTestWebhook(t, testEtcd(t), "s3cret")
-	handler := rollbackHandler(h, f.rb, "n1")
+	handler := rollbackHandler(h, f.rb, "n1", nil)
 	bearer := map[string]string{"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
 	for _, tc := range []struct {
 		name string
@@ -315,7 +351,8 @@ func TestRollbackCommandAndAPI(t *testing.T) {
 	}
 	f.reg.refuse = http.StatusUnauthorized
 	w := serveHook(t, handler, hookRequest{target: "/api/rollback", headers: bearer, body: `{"image":"` + f.ref + `","to":"1"}`})
-	if w.Code != http.StatusBadGateway || !strings.Contains(w.Body.String(), "no push rights") {
-		t.Errorf("refused: %d %s", w.Code, w.Body)
+	var res rollbackResult
+	if err := json.Unmarshal(w.Body.Bytes(), &res); w.Code != http.StatusOK || err != nil || !res.Pinned || !strings.Contains(res.Refused, "no push rights") {
+		t.Errorf("refused: %d %s; want 200, pinned, the registry's line", w.Code, w.Body)
 	}
 }

@@ -32,6 +32,9 @@ type containerStatus struct {
 	Image   string    `json:"image"` // the tag it was started from
 	ImageID string    `json:"image_id"`
 	Since   time.Time `json:"since"`
+	// Strategy is how a deploy replaces it: stop (its supervisor starts
+	// the tag again), recreate or skip.
+	Strategy string `json:"strategy,omitempty"`
 }
 
 type nodeStatus struct {
@@ -148,6 +151,7 @@ type statusReporter struct {
 	wake        chan struct{}           // capacity 1
 	retries     func() []pendingRetry   // may be nil
 	leftAlone   func() []leftAloneEntry // may be nil; set by the daemon's wiring
+	strategy    string                  // -restart_strategy, for the records' Strategy
 
 	mu    sync.Mutex
 	cache map[string]containerStatus // container ID -> status; a container's config never changes
@@ -356,7 +360,8 @@ func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, err
 		if err != nil {
 			continue
 		}
-		st := containerStatus{Name: strings.TrimPrefix(t.ctr.Name, "/"), ImageID: t.ctr.Image, Since: t.ctr.State.StartedAt.UTC()}
+		st := containerStatus{Name: strings.TrimPrefix(t.ctr.Name, "/"), ImageID: t.ctr.Image, Since: t.ctr.State.StartedAt.UTC(),
+			Strategy: containerStrategy(t.ctr.Config.Labels, cmp.Or(s.strategy, strategyStop))}
 		if t.ref != nil {
 			st.Image = t.ref.String()
 		}
