@@ -17,6 +17,9 @@ package main
 //	<prefix>/_rollout/<image ref>/slots/<id>  a node replacing a container, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
+//	<prefix>/_policy/default                  the cluster's default rollout policy (policy.go)
+//	<prefix>/_policy/<image ref>              the rollout policy of one image tag
+//	<prefix>/_freeze/<scope>                  a freeze (freeze.go): "_all", a repository, or an image ref
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -35,6 +38,8 @@ const (
 	secretDir    = "_secret"
 	statusDir    = "_status"
 	rolloutDir   = "_rollout"
+	policyDir    = "_policy"
+	freezeDir    = "_freeze"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -92,3 +97,35 @@ func downDir(ref string) string { return rolloutPrefix(ref) + downLeaf }
 
 // downKey lists node's containers of ref that are down.
 func downKey(ref, node string) string { return downDir(ref) + node }
+
+// policiesPrefix holds the rollout policies (policy.go): the default's
+// record and one per image tag.
+const policiesPrefix = "/" + policyDir + "/"
+
+// defaultPolicyKey is the cluster-wide default policy. ("default" is
+// never an escaped image ref: those hold a ':' or a '/'.)
+const defaultPolicyKey = policiesPrefix + "default"
+
+// policyKey is the policy of one image tag.
+func policyKey(ref string) string { return policiesPrefix + url.PathEscape(ref) }
+
+// refFromPolicyKey returns the image ref a policy key names, "" for the
+// default, false for other keys.
+func refFromPolicyKey(key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, policiesPrefix)
+	if !ok {
+		return "", false
+	}
+	if name == "default" {
+		return "", true
+	}
+	ref, err := url.PathUnescape(name)
+	return ref, err == nil && ref != ""
+}
+
+// freezesPrefix holds the freezes (freeze.go), one key per scope.
+const freezesPrefix = "/" + freezeDir + "/"
+
+// freezeKey is the freeze of scope: freezeAll, a repository or an image
+// ref.
+func freezeKey(scope string) string { return freezesPrefix + url.PathEscape(scope) }

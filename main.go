@@ -13,9 +13,10 @@
 //
 //  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
 //     keyspace), metrics, redact, flagcheck, eventstream, tlsreload,
-//     health
+//     health, window (deploy windows)
 //  2. config (and the etcd and Docker clients as the flags say), trigger
-//     (the record and the one rule), retry, scan, clone, puller, upwait
+//     (the record and the one rule), retry, scan, clone, puller, upwait,
+//     policy (a tag's rollout policy)
 //  3. the node: nodeid, auth, parked, queue
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
@@ -229,12 +230,12 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	// subscription, internal/dockerc/events.go).
 	events := eventsFor(dc, callTimeout)
 	rep := newReplacement(dc, events, etcd, d.leases, replacementOptions{
-		node: cfg.NodeName, strategy: cfg.RestartStrategy, maxUnavailable: cfg.MaxUnavailable,
+		node: cfg.NodeName, strategy: cfg.RestartStrategy, maxUnavailable: cfg.MaxUnavailable.N,
 		restartTimeout: cfg.RestartTimeout, killTimeout: cfg.killTimeout, slotTimeout: cfg.SlotTimeout,
 		callTimeout: callTimeout, selfID: selfid.ContainerID(),
 	}, log, m)
 	d.parker = rep.parker
-	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable > 0, m.reg, log.With("component", "ledger"))
+	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable.coordinated(), m.reg, log.With("component", "ledger"))
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
 		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
 
@@ -246,6 +247,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
 	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
+	d.status.labels = cfg.NodeLabels
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)

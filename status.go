@@ -37,6 +37,7 @@ type containerStatus struct {
 type nodeStatus struct {
 	Node       string            `json:"node"`
 	Version    string            `json:"version"`
+	Labels     []string          `json:"labels,omitempty"` // -node_labels
 	Started    time.Time         `json:"started"`
 	Updated    time.Time         `json:"updated"`
 	Containers []containerStatus `json:"containers"`
@@ -133,7 +134,8 @@ type statusReporter struct {
 	kv          statusPutter
 	leases      leaseSource
 	node        string
-	version     string // the deployer's, in the record
+	version     string   // the deployer's, in the record
+	labels      []string // -node_labels, in the record
 	started     time.Time
 	period      time.Duration // resync without events (statusResync)
 	settle      time.Duration // coalesces a burst of events into one listing
@@ -317,7 +319,7 @@ func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, 
 	if sess.Lease() == lastLease && slices.Equal(cs, last) && slices.EqualFunc(rs, lastRs, samePending) {
 		return lastLease, nil
 	}
-	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: s.version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs})
+	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: s.version, Labels: s.labels, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs})
 	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
 	defer cancel()
 	if _, err := s.kv.Put(ctx, statusKey(s.node), string(b), clientv3.WithLease(sess.Lease())); err != nil {
