@@ -324,8 +324,8 @@ func (c *config) validate() error {
 	if err := c.validateDockerTLS(); err != nil {
 		return err
 	}
-	if c.UpAfter < 0 {
-		return badFlag("up_after", "must not be negative, got %s", c.UpAfter)
+	if c.UpAfter <= 0 {
+		return badFlag("up_after", "must be positive, got %s", c.UpAfter)
 	}
 	for _, l := range c.NodeLabels {
 		if strings.ContainsAny(l, "/ \t\n") {

@@ -40,6 +40,8 @@ type deployer struct {
 	images   imageRemover
 	log      *slog.Logger
 	metrics  *metrics
+
+	policies *policies // the tags' rollout policies; nil: the flags'
 }
 
 // deployOptions are the flags that change what a deploy does.
@@ -119,6 +121,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if err != nil {
 		r.Failed = append(r.Failed, err)
 	}
+	d.applyPolicies(ctx, stale)
 	if d.opts.dryRun {
 		r.DryRun, r.Stale = true, stale
 		d.metrics.wouldRestart.Add(float64(len(stale)))
@@ -131,6 +134,28 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	d.ledger.deployed(j, repo, current, outs) // never blocks
 	d.removeSuperseded(ctx, &r)
 	return r
+}
+
+// applyPolicies gives each stale container its tag's replacement
+// settings (tagpolicy.go), read once per tag; a policy that cannot be
+// read leaves the flags' settings, and says so.
+func (d *deployer) applyPolicies(ctx context.Context, stale []staleContainer) {
+	if d.policies == nil {
+		return
+	}
+	byRef := map[string]*tagPolicy{}
+	for i, c := range stale {
+		ref := c.Ref.String()
+		tp, ok := byRef[ref]
+		if !ok {
+			var err error
+			if tp, _, err = d.policies.forTag(ctx, ref); err != nil {
+				d.log.Warn("rollout policy not read; using the flags'", "ref", ref, "err", err)
+			}
+			byRef[ref] = tp
+		}
+		stale[i].policy = tp
+	}
 }
 
 // pullTags pulls the local tags of repo the job names, and reports each

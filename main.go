@@ -200,6 +200,7 @@ type daemon struct {
 	leases    *etcdc.NodeLease
 	parker    *parker // settles what a crash left parked
 	ledger    *ledger
+	policies  *policies // the rollout policies (policy.go)
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
@@ -238,6 +239,8 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable.coordinated(), m.reg, log.With("component", "ledger"))
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
 		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
+	d.policies = newPolicies(etcd, basePolicy(cfg.MaxUnavailable, cfg.UpAfter))
+	dep.policies = d.policies
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once

@@ -147,8 +147,8 @@ func (rec policy) validate() error {
 	if rec.Bake != nil && *rec.Bake < 0 {
 		return fmt.Errorf("%w: bake must not be negative, got %s", errPolicy, time.Duration(*rec.Bake))
 	}
-	if rec.UpAfter != nil && *rec.UpAfter < 0 {
-		return fmt.Errorf("%w: up_after must not be negative, got %s", errPolicy, time.Duration(*rec.UpAfter))
+	if rec.UpAfter != nil && *rec.UpAfter <= 0 {
+		return fmt.Errorf("%w: up_after must be positive, got %s", errPolicy, time.Duration(*rec.UpAfter))
 	}
 	switch rec.Promotion {
 	case "", promoteAuto, promoteManual:
@@ -453,4 +453,19 @@ func (rec policy) merge(change policy, unset []string) (policy, error) {
 		rec.Windows = change.Windows
 	}
 	return rec, nil
+}
+
+// tagPolicy is what a tag's effective policy says to the replacement of
+// its containers on this node (replace.go, upwait.go).
+type tagPolicy struct {
+	maxUnavailable int           // resolved to a count; 0: uncoordinated, everything at once
+	upAfter        time.Duration // 0: minUp
+}
+
+// up is the up duration; 0 (minUp) for a nil policy.
+func (t *tagPolicy) up() time.Duration {
+	if t == nil {
+		return 0
+	}
+	return t.upAfter
 }
