@@ -42,6 +42,7 @@ type deployer struct {
 	metrics  *metrics
 
 	policies *policies // the tags' rollout policies; nil: the flags'
+	holds    *holds    // freezes and windows; nil: none
 }
 
 // deployOptions are the flags that change what a deploy does.
@@ -117,6 +118,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if !ok {
 		return r
 	}
+	d.holds.holdTags(ctx, repo, j, current, &r) // freezes and windows (hold.go)
 	stale, err := d.replacer.stale(ctx, repo, current)
 	if err != nil {
 		r.Failed = append(r.Failed, err)

@@ -20,6 +20,7 @@ package main
 //	<prefix>/_policy/default                  the cluster's default rollout policy (policy.go)
 //	<prefix>/_policy/<image ref>              the rollout policy of one image tag
 //	<prefix>/_freeze/<scope>                  a freeze (freeze.go): "_all", a repository, or an image ref
+//	<prefix>/_waiting/<image ref>             the newest version of a tag that a freeze or window holds (hold.go)
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -40,6 +41,7 @@ const (
 	rolloutDir   = "_rollout"
 	policyDir    = "_policy"
 	freezeDir    = "_freeze"
+	waitingDir   = "_waiting"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -129,3 +131,10 @@ const freezesPrefix = "/" + freezeDir + "/"
 // freezeKey is the freeze of scope: freezeAll, a repository or an image
 // ref.
 func freezeKey(scope string) string { return freezesPrefix + url.PathEscape(scope) }
+
+// waitingsPrefix holds the versions that a hold keeps waiting, one key
+// per image tag (hold.go).
+const waitingsPrefix = "/" + waitingDir + "/"
+
+// waitingKey is the waiting version of ref.
+func waitingKey(ref string) string { return waitingsPrefix + url.PathEscape(ref) }

@@ -128,6 +128,7 @@ func testLogger(tb testing.TB) *slog.Logger {
 type fakeDocker struct {
 	mu         sync.Mutex
 	local      map[string]string // repo:tag -> image ID (normalised names)
+	retags     []string          // "repo:tag=image ID" of each TagImage
 	remote     map[string]string // what a pull of repo:tag would fetch
 	containers []*fakeContainer
 	pulls      []string // repo:tag of each pull
@@ -1060,6 +1061,19 @@ func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions)
 	}
 	delete(f.repoDigests, id)
 	f.removed = append(f.removed, id)
+	return nil
+}
+
+// TagImage moves a local tag, as Docker does with Force.
+func (f *fakeDocker) TagImage(id string, opts docker.TagImageOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	named, err := reference.ParseNormalizedNamed(opts.Repo + ":" + opts.Tag)
+	if err != nil {
+		return err
+	}
+	f.local[named.String()] = id
+	f.retags = append(f.retags, named.String()+"="+id)
 	return nil
 }
 

@@ -63,6 +63,12 @@ type ledgerVersion struct {
 	// Lead times from Pushed to the first node converged and to the last.
 	FirstSeconds float64 `json:"lead_first_seconds,omitempty"`
 	LastSeconds  float64 `json:"lead_last_seconds,omitempty"`
+	// Held is why the version waits ("frozen since …: reason", "outside
+	// window …"), since HeldSince; cleared when a node converges on it.
+	// Override records a deploy -now that let it past a hold (hold.go).
+	Held      string    `json:"held,omitempty"`
+	HeldSince time.Time `json:"held_since,omitzero"`
+	Override  string    `json:"override,omitempty"`
 }
 
 // askedBy is who asked for a version: a trigger's source and remote
@@ -114,6 +120,9 @@ type ledgerEntry struct {
 	// of them started), not recorded if it shows none within the
 	// attempts.
 	ViaStatus bool
+	// Held or Override: nothing was replaced; the version is marked as
+	// waiting (why), or as let past a hold by deploy -now (hold.go).
+	Held, Override string
 }
 
 // ledgerImages reads an image's RepoDigests.
@@ -319,7 +328,7 @@ func (l *ledger) apply(ctx context.Context, e ledgerEntry) error {
 		if errors.Is(err, errLedgerRecorded) {
 			return nil
 		}
-		if err == nil && e.Failed == "" {
+		if err == nil && e.Failed == "" && e.Held == "" && e.Override == "" {
 			l.nodeLead.Observe(max(e.Time.Sub(pushed), 0).Seconds())
 		}
 		if err == nil && completed >= 0 {
@@ -408,6 +417,17 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 			v.Digest = e.Digest
 		}
 	}
+	if e.Held != "" || e.Override != "" {
+		if (e.Held != "" && v.Held != "") || (e.Override != "" && v.Override != "") {
+			return -1, errLedgerRecorded
+		}
+		if e.Held != "" {
+			v.Held, v.HeldSince = e.Held, e.Time.UTC()
+		} else {
+			v.Override, v.Held, v.HeldSince = e.Override, "", time.Time{}
+		}
+		return -1, l.put(ctx, key, v, cmps, ops)
+	}
 	n := v.Nodes[l.node]
 	if e.Failed == "" && !n.Converged.IsZero() {
 		return -1, errLedgerRecorded // a write retried after it took effect
@@ -419,6 +439,7 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 		}
 	} else {
 		n.Converged, n.Failed, n.Reason = e.Time.UTC(), time.Time{}, ""
+		v.Held, v.HeldSince = "", time.Time{}
 	}
 	v.Nodes[l.node] = n
 	completed := time.Duration(-1)
@@ -445,19 +466,36 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 			}
 		}
 	}
+	if err := l.put(ctx, key, v, cmps, ops); err != nil {
+		return 0, err
+	}
+	return completed, nil
+}
+
+// put writes version v at key with ops, if cmps hold.
+func (l *ledger) put(ctx context.Context, key string, v ledgerVersion, cmps []clientv3.Cmp, ops []clientv3.Op) error {
 	b, err := json.Marshal(v)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	ops = append(ops, clientv3.OpPut(key, string(b)))
 	tr, err := l.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
 	if err != nil {
-		return 0, fmt.Errorf("write %s version %d: %w", e.Ref, v.Version, err)
+		return fmt.Errorf("write %s version %d: %w", v.Image, v.Version, err)
 	}
 	if !tr.Succeeded {
-		return 0, errLedgerConflict
+		return errLedgerConflict
 	}
-	return completed, nil
+	return nil
+}
+
+// mark records e (Held or Override) on its version now, with the
+// retries of a conflict; recorded already is no error.
+func (l *ledger) mark(ctx context.Context, e ledgerEntry) error {
+	if l == nil {
+		return nil
+	}
+	return l.apply(ctx, e)
 }
 
 // errLedgerNotYet: this node's status record does not show the version
@@ -578,9 +616,14 @@ func (l *ledger) trigger(ctx context.Context, e ledgerEntry) (askedBy, time.Time
 // readTrigger reads the trigger written at revision rev: the trigger key
 // modified at rev, as it was then.
 func (l *ledger) readTrigger(ctx context.Context, rev int64) (trigger, bool) {
-	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	return readTriggerAt(ctx, l.kv, rev, l.timeout)
+}
+
+// readTriggerAt reads the trigger written at revision rev through kv.
+func readTriggerAt(ctx context.Context, kv clientv3.KV, rev int64, timeout time.Duration) (trigger, bool) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	resp, err := l.kv.Get(ctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(rev),
+	resp, err := kv.Get(ctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(rev),
 		clientv3.WithMinModRev(rev), clientv3.WithMaxModRev(rev))
 	if err != nil {
 		return trigger{}, false // compacted: who asked is not known any more

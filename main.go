@@ -182,6 +182,7 @@ type dockerAPI interface {
 	upAPI
 	eventAPI
 	imageRemover
+	tagAPI
 	PingWithContext(ctx context.Context) error
 }
 
@@ -201,6 +202,7 @@ type daemon struct {
 	parker    *parker // settles what a crash left parked
 	ledger    *ledger
 	policies  *policies // the rollout policies (policy.go)
+	holds     *holds    // freezes and windows (hold.go)
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
@@ -240,7 +242,9 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
 		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
 	d.policies = newPolicies(etcd, basePolicy(cfg.MaxUnavailable, cfg.UpAfter))
-	dep.policies = d.policies
+	d.holds = newHolds(etcd, d.policies, d.ledger, dc, cfg.NodeName, log.With("component", "holds"))
+	dep.policies, dep.holds = d.policies, d.holds
+	rep.replacer.gate = d.holds.gate
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
@@ -250,7 +254,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
 	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
-	d.status.labels = cfg.NodeLabels
+	d.status.labels, d.status.ahead = cfg.NodeLabels, d.holds.ahead
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
@@ -450,6 +454,7 @@ func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan stru
 	g.Go(func() error { return d.watcher.run(gctx) })
 	g.Go(func() error { return d.repuller.run(gctx) })
 	g.Go(func() error { return d.status.run(gctx) })
+	g.Go(func() error { return d.holds.run(gctx) })
 	return done, g.Wait()
 }
 

@@ -29,6 +29,11 @@ type replacer struct {
 	recreator *recreator // the recreate strategy
 	strategy  string     // -restart_strategy
 	log       *slog.Logger
+
+	// gate, when set, is asked just before each container is stopped or
+	// re-created whether its new version may replace it now (hold.go);
+	// an error wrapping errHeld leaves it alone.
+	gate func(ctx context.Context, c staleContainer) error
 }
 
 // newReplacer returns the replacement of stale containers with strategy
@@ -204,6 +209,15 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 		guard = func(ctx context.Context) error { return sl.verify(ctx, c.NewID) }
 		lost = sl.lost()
 	}
+	if p.gate != nil {
+		slotCheck := guard
+		guard = func(ctx context.Context) error {
+			if err := callGuard(ctx, slotCheck); err != nil {
+				return err
+			}
+			return p.gate(ctx, c)
+		}
+	}
 	if strategy == strategyRecr {
 		err = p.recreator.recreate(ctx, c, guard, lost)
 	} else {
@@ -213,7 +227,7 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 	switch {
 	case errors.As(err, &h):
 		return outcome{c: c, skipped: h.Error()}
-	case errors.Is(err, errRefused):
+	case errors.Is(err, errRefused), errors.Is(err, errHeld):
 		return outcome{c: c, skipped: err.Error()}
 	case errors.Is(err, errSlotLost):
 		return outcome{c: c, err: fmt.Errorf("%s not replaced: %w", c.Name, err)}

@@ -32,6 +32,7 @@ type containerStatus struct {
 	Image   string    `json:"image"` // the tag it was started from
 	ImageID string    `json:"image_id"`
 	Since   time.Time `json:"since"`
+	Ahead   string    `json:"ahead,omitempty"` // runs a version that waits under a hold, and which (hold.go)
 }
 
 type nodeStatus struct {
@@ -134,8 +135,7 @@ type statusReporter struct {
 	kv          statusPutter
 	leases      leaseSource
 	node        string
-	version     string   // the deployer's, in the record
-	labels      []string // -node_labels, in the record
+	version     string // the deployer's, in the record
 	started     time.Time
 	period      time.Duration // resync without events (statusResync)
 	settle      time.Duration // coalesces a burst of events into one listing
@@ -152,6 +152,11 @@ type statusReporter struct {
 
 	lastDown  map[string]string // tag -> the down record written (run's goroutine only)
 	downLease clientv3.LeaseID  // the lease lastDown was written under
+
+	labels []string // -node_labels, in the record
+	// ahead says why a container of ref on imageID runs a version it
+	// should not run yet (hold.go); nil: never.
+	ahead func(ref, imageID string) string
 }
 
 // newStatusReporter returns the reporter of node's record, written
@@ -369,6 +374,11 @@ func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, err
 		}
 	}
 	maps.DeleteFunc(s.cache, func(id string, _ containerStatus) bool { return !seen[id] })
+	for i := range out {
+		if s.ahead != nil {
+			out[i].Ahead = s.ahead(out[i].Image, out[i].ImageID)
+		}
+	}
 	slices.SortFunc(out, func(a, b containerStatus) int {
 		return cmp.Or(cmp.Compare(a.Image, b.Image), cmp.Compare(a.Name, b.Name))
 	})
