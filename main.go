@@ -22,8 +22,9 @@
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
 //  7. replace, clusterview
-//  8. ledger (the deploy ledger)
-//  9. deploy, cmd_status, cmd_history
+//  8. ledger (the deploy ledger), then hold (freezes and windows hold a
+//     version: freeze, hold, holdops) and tagpolicy
+//  9. deploy, cmd_status, cmd_history, cmd_policy, policy_api
 //  10. rollback (an earlier version back under its tag)
 //  11. cmd_rollback
 //  12. main: the daemon's wiring and lifecycle
@@ -102,6 +103,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) > 0 && args[0] == "rollback" {
 		return rollbackCommand(ctx, args[1:], stdout, stderr)
+	}
+	if cmd, ok := policyCommands[firstArg(args)]; ok {
+		return cmd(ctx, args[1:], stdout, stderr)
 	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
@@ -203,6 +207,7 @@ type daemon struct {
 	ledger    *ledger
 	policies  *policies // the rollout policies (policy.go)
 	holds     *holds    // freezes and windows (hold.go)
+	policyAPI *policyAPI
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
@@ -261,6 +266,9 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.repuller = newRepuller(dc, etcd, cfg.registryDomain, cfg.RepullPeriod, d.submit, log.With("component", "repuller"))
 	d.failures = newFailLimiter()
 	d.webhook = newWebhook(etcd, cfg.EtcdPrefix, d.secret.get, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
+	d.policyAPI = &policyAPI{h: d.webhook, policies: d.policies, registryDomain: cfg.registryDomain, node: cfg.NodeName,
+		ops: newHoldOps(etcd, d.policies.base, cfg.registryDomain, log.With("component", "holds"))}
+	d.webhook.deployNow = d.policyAPI.deployNow
 	d.health = newHealthCache(healthChecks(etcd, progressKey(cfg.NodeName), dc))
 	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, cfg.EtcdRetryDelay, log.With("component", "node"))
 	return d, nil
@@ -279,6 +287,10 @@ func (d *daemon) handler() http.Handler {
 		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
 		"/api/rollback":       rollbackHandler(d.webhook, newRollbacker(d.etcd, d.cfg.DockerCfg, d.cfg.registryDomain, d.cfg.History, d.log), d.cfg.NodeName),
 		"GET /metrics":        d.metricsHandler(),
+		"GET /api/policy":     d.requireSecret(d.policyAPI.get),
+		"PUT /api/policy":     http.HandlerFunc(d.policyAPI.put),
+		"/api/freeze":         http.HandlerFunc(d.policyAPI.freeze),
+		"/api/thaw":           http.HandlerFunc(d.policyAPI.thaw),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
