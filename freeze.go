@@ -10,6 +10,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -18,6 +19,10 @@ import (
 	"github.com/distribution/reference"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 )
+
+// errHeld: a freeze or a closed window holds the version (replace.go's
+// gate, hold.go).
+var errHeld = errors.New("held")
 
 // freezeAll is the scope of a freeze of every image.
 const freezeAll = "_all"

@@ -36,10 +36,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// errHeld: a freeze or a closed window holds the version (replace.go's
-// gate).
-var errHeld = errors.New("held")
-
 // sourceNow is the trigger source of deploy -now: its version goes past
 // a freeze or a closed window, once.
 const sourceNow = "now"

@@ -17,13 +17,14 @@
 //  2. config (and the etcd and Docker clients as the flags say), trigger
 //     (the record and the one rule), retry, scan, clone, puller, upwait,
 //     policy (a tag's rollout policy)
-//  3. the node: nodeid, auth, parked, queue
+//  3. the node: nodeid, auth, parked, queue; freeze (the freeze and
+//     waiting records, and the one decision whether a version is held)
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
 //  7. replace, clusterview
 //  8. ledger (the deploy ledger), then hold (freezes and windows hold a
-//     version: freeze, hold, holdops) and tagpolicy
+//     version), holdops and tagpolicy
 //  9. deploy, cmd_status, cmd_history, cmd_policy, policy_api
 //  10. rollback (an earlier version back under its tag)
 //  11. cmd_rollback
