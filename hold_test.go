@@ -155,6 +155,11 @@ func TestFreezeHoldsAndThawReleases(t *testing.T) {
 		if hn.stops() != 0 {
 			t.Fatalf("a frozen deploy stopped %d containers", hn.stops())
 		}
+		for _, r := range hn.n.reports {
+			if len(r.Held) > 0 { // the gate's: the check after the pull let them through
+				t.Fatalf("containers reached the gate: %v; want the tag held after the pull", r.Held)
+			}
+		}
 		if hn.local() != holdOld {
 			t.Fatalf("local tag on %s after the hold; want it back on %s", shortID(hn.local()), shortID(holdOld))
 		}
