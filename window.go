@@ -5,6 +5,7 @@ package main
 //
 //	Mon-Fri 09:00-17:00 Europe/Berlin   days, a span of the clock, a time zone (default UTC)
 //	cron 0-59 9-16 * * Mon-Fri           open during every minute a cron expression matches
+//	cron 30-59 59 8 * * Mon              with six fields, a seconds field first: open during every second it matches
 //
 // Days are a range (Mon-Fri), a list (Mon,Wed,Fri), a mix, or "daily";
 // a span whose end is not after its start runs past midnight (Fri
@@ -37,6 +38,7 @@ type window struct {
 
 	// The cron form.
 	sched cron.Schedule
+	step  time.Duration // a minute, or a second with a seconds field
 }
 
 var weekdays = map[string]time.Weekday{
@@ -44,7 +46,7 @@ var weekdays = map[string]time.Weekday{
 	"thu": time.Thursday, "fri": time.Friday, "sat": time.Saturday,
 }
 
-var cronParser = cron.NewParser(cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow)
+var cronParser = cron.NewParser(cron.SecondOptional | cron.Minute | cron.Hour | cron.Dom | cron.Month | cron.Dow)
 
 // parseWindow parses one window in either form.
 func parseWindow(spec string) (window, error) {
@@ -55,7 +57,14 @@ func parseWindow(spec string) (window, error) {
 		if err != nil {
 			return w, fmt.Errorf("%w %q: %w", errWindow, spec, err)
 		}
-		w.sched = s
+		w.sched, w.step = s, time.Minute
+		fields := strings.Fields(rest)
+		if len(fields) > 0 && strings.Contains(fields[0], "TZ=") {
+			fields = fields[1:]
+		}
+		if len(fields) == 6 {
+			w.step = time.Second
+		}
 		return w, nil
 	}
 	f := strings.Fields(spec)
@@ -139,7 +148,7 @@ func (w window) at(y int, mo time.Month, day int, d time.Duration) time.Time {
 // open reports whether t is inside the window.
 func (w window) open(t time.Time) bool {
 	if w.sched != nil {
-		m := t.Truncate(time.Minute)
+		m := t.Truncate(w.step)
 		return w.sched.Next(m.Add(-time.Second)).Equal(m)
 	}
 	lt := t.In(w.loc)

@@ -49,6 +49,9 @@ func TestWindowOpenAndNext(t *testing.T) {
 		{"cron CRON_TZ=Europe/Berlin * 9-16 * * Mon-Fri", utc("2026-12-07 07:59"), false, utc("2026-12-07 08:00")},
 		{"cron 0-14 * * * *", utc("2026-12-07 10:14"), true, time.Time{}},
 		{"cron 0-14 * * * *", utc("2026-12-07 10:15"), false, utc("2026-12-07 11:00")},
+		{"cron 30-59 59 9 * * *", utc("2026-12-07 09:59").Add(29 * time.Second), false, utc("2026-12-07 09:59").Add(30 * time.Second)},
+		{"cron 30-59 59 9 * * *", utc("2026-12-07 09:59").Add(30 * time.Second), true, time.Time{}},
+		{"cron 30-59 59 9 * * *", utc("2026-12-07 10:00"), false, utc("2026-12-08 09:59").Add(30 * time.Second)},
 	} {
 		w, err := parseWindow(tc.spec)
 		if err != nil {
