@@ -46,6 +46,11 @@ func (a *policyAPI) get(w http.ResponseWriter, r *http.Request) {
 // policy.
 func (a *policyAPI) put(w http.ResponseWriter, r *http.Request) {
 	const source = "policy"
+	if r.Method != http.MethodPut {
+		w.Header().Set("Allow", http.MethodPut)
+		a.h.fail(w, r, source, http.StatusMethodNotAllowed, errors.New("only PUT (and GET) is allowed"))
+		return
+	}
 	post := r.Clone(r.Context())
 	post.Method = http.MethodPost // accept's checks, for a PUT
 	body, ok := a.h.accept(w, post, source)
