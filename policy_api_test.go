@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -145,5 +147,46 @@ func TestAheadInStatus(t *testing.T) {
 	cs, err := s.containers(t.Context())
 	if err != nil || len(cs) != 1 || cs[0].Ahead == "" {
 		t.Fatalf("containers = %+v, %v; want app1 marked ahead", cs, err)
+	}
+}
+
+// TestPolicyCommandsTakeTheDaemonsCommandLine: deployer policy, freeze,
+// thaw and deploy reach the daemon's etcd with its whole command line; the
+// daemon's -max_unavailable (0 in it) is not taken for the policy's.
+func TestPolicyCommandsTakeTheDaemonsCommandLine(t *testing.T) {
+	line := daemonCommandLine(t, sharedEtcdURL)
+	runCmd := func(args ...string) string {
+		t.Helper()
+		var out, stderr bytes.Buffer
+		if err := run(t.Context(), args, &out, &stderr); err != nil {
+			t.Fatalf("deployer %v: %v (%s)", args, err, stderr.String())
+		}
+		return out.String()
+	}
+	with := func(cmd string, rest ...string) []string { return append(append([]string{cmd}, line...), rest...) }
+	out := runCmd(with("policy", "myorg/a:b", "-max_unavailable", "25%", "-bake", "1m")...)
+	if !strings.Contains(out, "127.0.0.1:5000/myorg/a:b") || !strings.Contains(out, "25%") || !strings.Contains(out, "(default)") {
+		t.Fatalf("policy:\n%s", out)
+	}
+	out = runCmd(with("policy", "-default", "-windows", "Mon-Fri 09:00-17:00 Europe/Berlin")...)
+	if !strings.Contains(out, "Mon-Fri 09:00-17:00 Europe/Berlin") {
+		t.Fatalf("policy -default:\n%s", out)
+	}
+	out = runCmd(with("freeze", "myorg/a", "-reason", "release train", "-until", "1h")...)
+	if !strings.Contains(out, "release train") {
+		t.Fatalf("freeze: %s", out)
+	}
+	if out = runCmd(with("status")...); !strings.Contains(out, "FROZEN") || !strings.Contains(out, "POLICY") {
+		t.Fatalf("status:\n%s", out)
+	}
+	if out = runCmd(with("thaw", "myorg/a")...); !strings.Contains(out, "thawed") {
+		t.Fatalf("thaw: %s", out)
+	}
+	if out = runCmd(with("deploy", "myorg/a:b", "-now")...); !strings.Contains(out, "revision") {
+		t.Fatalf("deploy -now: %s", out)
+	}
+	var stderr bytes.Buffer
+	if err := run(t.Context(), with("policy", "myorg/a:b", "-promotion", "later"), io.Discard, &stderr); !errors.Is(err, errUsage) {
+		t.Fatalf("a bad field: %v; want a usage error", err)
 	}
 }
