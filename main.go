@@ -260,7 +260,7 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		return err
 	}, d.progress.done, log.With("component", "queue"), m)
 	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
-	d.status.labels, d.status.ahead = cfg.NodeLabels, d.holds.ahead
+	d.status.labels, d.status.ahead, d.holds.changed = cfg.NodeLabels, d.holds.ahead, d.status.poke
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)

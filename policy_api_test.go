@@ -132,7 +132,13 @@ func TestSplitPolicyArgs(t *testing.T) {
 // is marked in the node's status record, and logged once.
 func TestAheadInStatus(t *testing.T) {
 	h := newHolds(nil, nil, nil, nil, "n1", testLogger(t))
-	h.remember([]waitingRecord{{Ref: holdRef, ImageID: holdNew, Reason: "frozen since x"}})
+	pokes := 0
+	h.changed = func() { pokes++ }
+	h.remember([]waitingRecord{{Ref: holdRef, ImageID: holdNew, Reason: "frozen since x", rev: 5}})
+	h.remember([]waitingRecord{{Ref: holdRef, ImageID: holdNew, Reason: "frozen since x", rev: 6}})
+	if pokes != 1 {
+		t.Fatalf("the status was poked %d times; want once, when the waiting versions changed", pokes)
+	}
 	if got := h.ahead(holdRef, holdNew); !strings.Contains(got, "which waits: frozen since x") {
 		t.Fatalf("ahead = %q", got)
 	}
