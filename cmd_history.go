@@ -91,7 +91,7 @@ func printHistory(w io.Writer, h historyView) {
 				last = leadTime(v.LastSeconds)
 			}
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s ago\t%s\t%s\t%s\t%s\n", name, v.Version, shortID(v.ImageID), shortDigest(v.Digest),
-				h.Time.Sub(v.Pushed).Round(time.Second), first, last, v.nodesSummary(), v.Outcome)
+				h.Time.Sub(v.Pushed).Round(time.Second), first, last, v.nodesSummary(), v.outcomeText())
 			name = ""
 		}
 	}

@@ -59,6 +59,7 @@ type holds struct {
 	now      func() time.Time
 	poll     time.Duration
 	log      *slog.Logger
+	changed  func() // the waiting versions changed (the status record marks containers ahead); nil: none
 
 	mu      sync.Mutex
 	waiting map[string]waitingRecord // ref -> the version that waits, as last read
@@ -366,13 +367,20 @@ func releaseOps(w waitingRecord, source, node string, now time.Time) []clientv3.
 	return []clientv3.Op{clientv3.OpPut(triggerKey(w.Repo), string(b)), clientv3.OpDelete(waitingKey(w.Ref))}
 }
 
-// remember keeps the waiting versions for ahead.
+// remember keeps the waiting versions for ahead, and says when they
+// changed.
 func (h *holds) remember(ws []waitingRecord) {
 	h.mu.Lock()
-	defer h.mu.Unlock()
+	old := maps.Clone(h.waiting)
 	clear(h.waiting)
 	for _, w := range ws {
+		w.rev = 0
 		h.waiting[w.Ref] = w
+	}
+	same := maps.Equal(old, h.waiting)
+	h.mu.Unlock()
+	if !same && h.changed != nil {
+		h.changed()
 	}
 }
 
@@ -396,4 +404,16 @@ func (h *holds) ahead(ref, imageID string) string {
 			"ref", ref, "image", shortID(imageID), "hold", w.Reason)
 	}
 	return s
+}
+
+// outcomeText is a version's outcome as deployer history shows it: with
+// the hold it waits under, or the deploy -now that let it past one.
+func (v ledgerVersion) outcomeText() string {
+	switch {
+	case v.Held != "" && v.Outcome == outcomeRollingOut:
+		return "waiting: " + v.Held
+	case v.Override != "":
+		return v.Outcome + " (" + v.Override + ")"
+	}
+	return v.Outcome
 }

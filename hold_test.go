@@ -186,6 +186,9 @@ func TestFreezeHoldsAndThawReleases(t *testing.T) {
 	if len(vs) != 1 || vs[0].ImageID != holdNew || !strings.Contains(vs[0].Held, "release train") || len(vs[0].Nodes) != 0 {
 		t.Fatalf("ledger = %+v; want the version held", vs)
 	}
+	if got := vs[0].outcomeText(); !strings.HasPrefix(got, "waiting: frozen since") {
+		t.Errorf("deployer history shows %q; want waiting: frozen since …", got)
+	}
 
 	res, err := ops.thaw(t.Context(), "reg:5000/app", "test")
 	if err != nil || len(res.Released) != 1 {
