@@ -196,3 +196,36 @@ func TestPolicyCommandsTakeTheDaemonsCommandLine(t *testing.T) {
 		t.Fatalf("a bad field: %v; want a usage error", err)
 	}
 }
+
+// TestStatusShowsHolds: the cluster view carries the freezes, the stored
+// policies, each tag's waiting version and the containers ahead of it;
+// deployer status prints them.
+func TestStatusShowsHolds(t *testing.T) {
+	cli := testNS(t)
+	now := time.Now()
+	ops := newHoldOps(cli, basePolicy(unavailable{N: 1}, time.Second), dockerHub, testLogger(t))
+	must(ops.freeze(t.Context(), freezeRequest{Scope: "reg:5000/app", Reason: "release train"}, "test"))
+	must(newPolicies(cli, rolloutPolicy{}).set(t.Context(), holdRef, policy{MaxUnavailable: &unavailable{N: 50, Percent: true}}, nil, "test", now))
+	w := waitingRecord{Ref: holdRef, Repo: "reg:5000/app", ImageID: holdNew, Reason: "frozen since x: release train", Since: now}
+	must(cli.Put(t.Context(), waitingKey(holdRef), string(must(json.Marshal(w)))))
+	st := nodeStatus{Node: "n1", Containers: []containerStatus{{Name: "app1", Image: holdRef, ImageID: holdNew, Since: now, Ahead: "runs 2222, which waits"}}}
+	must(cli.Put(t.Context(), statusKey("n1"), string(must(json.Marshal(st)))))
+	view, err := readStatus(t.Context(), cli, now)
+	if err != nil || len(view.Freezes) != 1 || len(view.Policies) != 1 || len(view.Tags) != 1 || view.Tags[0].Waiting == nil ||
+		len(view.Tags[0].Ahead) != 1 {
+		t.Fatalf("view = %+v, %v", view, err)
+	}
+	var b bytes.Buffer
+	printStatus(&b, view)
+	for _, want := range []string{"AHEAD: n1 app1", "FROZEN", "reg:5000/app", "release train", "POLICY", `"max_unavailable":"50%"`} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("deployer status lacks %q:\n%s", want, b.String())
+		}
+	}
+	view.Tags[0].Ahead = nil
+	b.Reset()
+	printStatus(&b, view)
+	if !strings.Contains(b.String(), "waiting: 222222222222 since") {
+		t.Errorf("deployer status lacks the waiting version:\n%s", b.String())
+	}
+}
