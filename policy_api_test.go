@@ -160,6 +160,7 @@ func TestAheadInStatus(t *testing.T) {
 // thaw and deploy reach the daemon's etcd with its whole command line; the
 // daemon's -max_unavailable (0 in it) is not taken for the policy's.
 func TestPolicyCommandsTakeTheDaemonsCommandLine(t *testing.T) {
+	testEtcd(t) // starts the shared etcd, whose URL the command line names
 	line := daemonCommandLine(t, sharedEtcdURL)
 	runCmd := func(args ...string) string {
 		t.Helper()
