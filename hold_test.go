@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -361,5 +362,41 @@ func TestWindowHoldsUntilItOpens(t *testing.T) {
 	must(0, n1.d.deploy(t.Context(), holdJob(kv.ModRevision)))
 	if n1.stops() != 2 {
 		t.Fatalf("after the window opened %d replaced; want 2", n1.stops())
+	}
+}
+
+// TestThawRacesTimedRelease: a thaw and a node that finds the freeze's
+// -until passed, at once: one trigger between them.
+func TestThawRacesTimedRelease(t *testing.T) {
+	for i := range 5 {
+		t.Run(fmt.Sprint(i), func(t *testing.T) { thawRacesTimedRelease(t) })
+	}
+}
+
+func thawRacesTimedRelease(t *testing.T) {
+	cli := testNS(t)
+	ops := newHoldOps(cli, basePolicy(unavailable{N: 1}, time.Second), dockerHub, testLogger(t))
+	must(ops.freeze(t.Context(), freezeRequest{Scope: "reg:5000/app", Until: "1h"}, "test"))
+	n1 := newHoldNode(t, cli, "n1")
+	rev := putTrigger(t, cli, trigger{Tag: "qa", Source: "api"})
+	must(0, n1.d.deploy(t.Context(), holdJob(rev)))
+	later := func() time.Time { return time.Now().Add(2 * time.Hour) }
+	n1.holds.now, ops.now = later, later
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for range 3 {
+			if err := n1.holds.releaseDue(t.Context()); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	wg.Go(func() { _, _ = ops.thaw(t.Context(), "reg:5000/app", "test") }) // not frozen any more, if the node was first
+	wg.Wait()
+	must(0, n1.holds.releaseDue(t.Context()))
+	if kv := must(cli.Get(t.Context(), triggerKey("reg:5000/app"))).Kvs[0]; kv.Version != 2 {
+		t.Fatalf("trigger written %d times; want the push and one release", kv.Version)
+	}
+	if len(readWaiting(t, cli)) != 0 {
+		t.Fatal("the waiting record outlived the release")
 	}
 }
