@@ -172,14 +172,16 @@ func (h *holds) holdTags(ctx context.Context, repo reference.Named, j job, curre
 // the deploy: a deploy -now trigger goes past the hold. A tag that did
 // not move is not held.
 func (h *holds) hold(ctx context.Context, ref reference.NamedTagged, imageID, before, digest string, rev int64) (reason string, first bool, err error) {
+	if imageID == before {
+		return "", false, nil // nothing new: containers on an old image catch up
+	}
 	st, err := h.read(ctx)
 	if err != nil {
 		return "", false, err
 	}
 	now := h.now()
-	reason = holdReason(st.freezes, h.policyOf(st, ref.String()), ref, now)
-	if reason == "" || imageID == before {
-		return "", false, nil // nothing held, or nothing new: containers on an old image catch up
+	if reason = holdReason(st.freezes, h.policyOf(st, ref.String()), ref, now); reason == "" {
+		return "", false, nil
 	}
 	h.mu.Lock()
 	passed := h.passed[ref.String()] == imageID
