@@ -24,6 +24,9 @@ type clusterStatus struct {
 	Time  time.Time    `json:"time"`
 	Nodes []nodeStatus `json:"nodes"`
 	Tags  []tagStatus  `json:"tags"`
+	// Freezes and the stored rollout policies (README, Release policy).
+	Freezes  []freezeRecord `json:"freezes,omitempty"`
+	Policies []storedPolicy `json:"policies,omitempty"`
 }
 
 type tagStatus struct {
@@ -40,6 +43,11 @@ type tagStatus struct {
 	SkewSeconds float64 `json:"skew_seconds"`
 	// The tag's deploy state from the ledger and its pin (tagstate.go).
 	tagState
+	// Waiting is the newest version a freeze or a window holds; Ahead
+	// lists the containers that run it all the same, as "<node>
+	// <container>" (hold.go).
+	Waiting *waitingRecord `json:"waiting,omitempty"`
+	Ahead   []string       `json:"ahead,omitempty"`
 }
 
 type versionInfo struct {
@@ -95,6 +103,9 @@ func readView(ctx context.Context, kv clientv3.KV, now time.Time, states bool) (
 			if c.Since.Before(v.Since) {
 				v.Since = c.Since
 			}
+			if c.Ahead != "" {
+				tags[c.Image].Ahead = append(tags[c.Image].Ahead, n.Node+" "+c.Name)
+			}
 		}
 	}
 	rolls, err := kv.Get(ctx, rolloutsPrefix, clientv3.WithPrefix())
@@ -138,6 +149,9 @@ func readView(ctx context.Context, kv clientv3.KV, now time.Time, states bool) (
 			}
 		}
 	}
+	if err := readHolds(ctx, kv, &out, tag); err != nil {
+		return out, err
+	}
 	for ref, t := range tags {
 		for _, v := range versions[ref] {
 			slices.Sort(v.Nodes)
@@ -152,6 +166,24 @@ func readView(ctx context.Context, kv clientv3.KV, now time.Time, states bool) (
 	slices.SortFunc(out.Tags, func(a, b tagStatus) int { return cmp.Compare(a.Image, b.Image) })
 	slices.SortFunc(out.Nodes, func(a, b nodeStatus) int { return cmp.Compare(a.Node, b.Node) })
 	return out, nil
+}
+
+// readHolds adds the freezes, the waiting versions and the stored
+// policies to the view.
+func readHolds(ctx context.Context, kv clientv3.KV, out *clusterStatus, tag func(string) *tagStatus) error {
+	resp, err := kv.Txn(ctx).Then(
+		clientv3.OpGet(freezesPrefix, clientv3.WithPrefix()),
+		clientv3.OpGet(waitingsPrefix, clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return err
+	}
+	out.Freezes = decodeFreezes(resp.Responses[0].GetResponseRange().Kvs)
+	for _, w := range decodeWaiting(resp.Responses[1].GetResponseRange().Kvs) {
+		tag(w.Ref).Waiting = &w
+	}
+	out.Policies, err = newPolicies(kv, rolloutPolicy{}).list(ctx)
+	return err
 }
 
 // skewCollector exports deployer_version_skew_seconds{image}, read from

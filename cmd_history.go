@@ -100,11 +100,20 @@ func printHistory(w io.Writer, h historyView) {
 
 // outcomeText is v's outcome, and why the nodes held it when they did.
 func (v ledgerVersion) outcomeText() string {
+	if v.Override != "" {
+		return v.Outcome + " (" + v.Override + ")"
+	}
 	if v.Held == "" || v.Held == v.Outcome {
 		return v.Outcome
 	}
+	if v.Outcome == outcomeRollingOut {
+		return "waiting: " + v.Held
+	}
 	if v.Outcome == outcomeHeld {
-		return v.Held
+		if strings.HasPrefix(v.Held, "held ") {
+			return v.Held // "held by pin …"
+		}
+		return "waiting: " + v.Held // a freeze or a window (hold.go)
 	}
 	return v.Outcome + "; " + v.Held
 }

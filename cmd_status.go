@@ -3,6 +3,7 @@ package main
 // cmd_status.go: deployer status, the cluster view as a table or JSON.
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -48,6 +49,10 @@ func printStatus(w io.Writer, st clusterStatus) {
 	for _, t := range st.Tags {
 		state := "ok"
 		switch {
+		case len(t.Ahead) > 0:
+			state = "AHEAD: " + strings.Join(t.Ahead, ", ") + " run a version that waits"
+		case t.Waiting != nil:
+			state = fmt.Sprintf("waiting: %s since %s ago: %s", shortID(t.Waiting.ImageID), st.Time.Sub(t.Waiting.Since).Round(time.Second), t.Waiting.Reason)
 		case t.Halted != nil:
 			state = fmt.Sprintf("HALTED: %s on %s: %s", shortID(t.Halted.ImageID), t.Halted.Node, t.Halted.Reason)
 		case len(t.Rolling) > 0:
@@ -104,6 +109,25 @@ func printStatus(w io.Writer, st clusterStatus) {
 				leftAlone = true
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\t%s\n", l.Name, n.Node, leftAloneVersion(l.Image), st.Time.Sub(l.Since).Round(time.Second), truncate(l.Reason, 120))
+		}
+	}
+	if len(st.Freezes) > 0 {
+		fmt.Fprintln(tw)
+		fmt.Fprintln(tw, "FROZEN\tSINCE\tUNTIL\tREASON\tBY")
+		for _, f := range st.Freezes {
+			until := "thaw"
+			if !f.Until.IsZero() {
+				until = f.Until.UTC().Format(time.DateTime) + " UTC"
+			}
+			fmt.Fprintf(tw, "%s\t%s ago\t%s\t%s\t%s\n", displayScope(f.Scope), st.Time.Sub(f.Since).Round(time.Second), until, orDash(f.Reason), f.By)
+		}
+	}
+	if len(st.Policies) > 0 {
+		fmt.Fprintln(tw)
+		fmt.Fprintln(tw, "POLICY\tSETS")
+		for _, p := range st.Policies {
+			b, _ := json.Marshal(p.Policy)
+			fmt.Fprintf(tw, "%s\t%s\n", cmp.Or(p.Ref, "(default)"), b)
 		}
 	}
 	fmt.Fprintln(tw)

@@ -63,7 +63,9 @@ type config struct {
 	EtcdListenClient    string
 	EtcdListenPeer      string
 	LogFormat           string
-	MaxUnavailable      int
+	MaxUnavailable      unavailable // a count or a percentage (policy.go); seeds the default policy
+	UpAfter             time.Duration
+	NodeLabels          []string // -node_labels: canary sets name them (policy.go)
 	RestartTimeout      time.Duration
 	SlotTimeout         time.Duration
 	RestartStrategy     string
@@ -123,7 +125,8 @@ func defaultConfig(getenv func(string) string) config {
 		EtcdListenClient:    "http://127.0.0.1:4001",
 		EtcdListenPeer:      "http://127.0.0.1:4002",
 		LogFormat:           "text",
-		MaxUnavailable:      1,
+		MaxUnavailable:      unavailable{N: 1},
+		UpAfter:             time.Second,
 		History:             20,
 		AutoRollback:        true,
 		KeepImages:          2,
@@ -162,6 +165,7 @@ type boundFlags struct {
 	c         *config
 	getenv    func(string) string
 	etcdNodes string
+	labels    string // -node_labels
 	// The flags that default to secrets from the environment show no
 	// default in -h: that would print the Slack token or the secret.
 	envSlack, envSecret string
@@ -199,7 +203,9 @@ func bindFlags(name string, getenv func(string) string, stderr io.Writer) *bound
 	fs.StringVar(&c.EtcdListenClient, "etcd_listen_client", c.EtcdListenClient, "client URL of the embedded etcd (with -etcd_nodes empty)")
 	fs.StringVar(&c.EtcdListenPeer, "etcd_listen_peer", c.EtcdListenPeer, "peer URL of the embedded etcd (with -etcd_nodes empty)")
 	fs.StringVar(&c.LogFormat, "log_format", c.LogFormat, "log format: text or json")
-	fs.IntVar(&c.MaxUnavailable, "max_unavailable", c.MaxUnavailable, "containers of one image tag that may be down at once across the cluster; 0 restarts everything at once")
+	fs.Var(&c.MaxUnavailable, "max_unavailable", "containers of one image tag that may be down at once across the cluster: a count, or a percentage of the tag's containers (25%); 0 restarts everything at once; seeds the default rollout policy (deployer policy)")
+	fs.DurationVar(&c.UpAfter, "up_after", c.UpAfter, "how long a replacement without a health check must run, never restarted, before it counts as up; seeds the default rollout policy")
+	fs.StringVar(&b.labels, "node_labels", "", "comma-separated labels of this node (canary,eu), reported in its status; a policy's canary_labels select nodes by them")
 	fs.IntVar(&c.History, "history", c.History, "versions of each image tag the deploy ledger keeps in etcd (deployer history)")
 	fs.DurationVar(&c.RestartTimeout, "restart_timeout", c.RestartTimeout, "how long a replacement may take to run (and be healthy) before the rollout halts")
 	fs.DurationVar(&c.SlotTimeout, "slot_timeout", c.SlotTimeout, "how long a node waits for a rollout slot before it gives up and retries the deploy later")
@@ -233,6 +239,7 @@ func (b *boundFlags) parse(args []string) error {
 		c.WebhookSecret = b.envSecret
 	}
 	c.EtcdNodes = splitList(b.etcdNodes)
+	c.NodeLabels = splitList(b.labels)
 	if c.DockerCfg != "" && strings.HasPrefix(c.DockerCfg, "~/") {
 		c.DockerCfg = filepath.Join(b.getenv("HOME"), c.DockerCfg[2:])
 	}
@@ -323,8 +330,13 @@ func (c *config) validate() error {
 	if err := c.validateDockerTLS(); err != nil {
 		return err
 	}
-	if c.MaxUnavailable < 0 {
-		return badFlag("max_unavailable", "must not be negative, got %d", c.MaxUnavailable)
+	if c.UpAfter <= 0 {
+		return badFlag("up_after", "must be positive, got %s", c.UpAfter)
+	}
+	for _, l := range c.NodeLabels {
+		if strings.ContainsAny(l, "/ \t\n") {
+			return badFlag("node_labels", "%q must be without spaces or /", l)
+		}
 	}
 	if c.KeepImages < 1 {
 		return badFlag("keep_images", "must be at least 1 (the version running), got %d", c.KeepImages)
@@ -587,6 +599,10 @@ var builtinRoutes = []string{
 	"/api/rollback",
 	"/api/pin",
 	"/api/unpin",
+	"GET /api/policy",
+	"PUT /api/policy",
+	"/api/freeze",
+	"/api/thaw",
 	"GET /healthz",
 	"GET /api/status",
 	"GET /api/history",

@@ -41,6 +41,9 @@ type deployer struct {
 	images   imageRemover
 	log      *slog.Logger
 	metrics  *metrics
+
+	policies *policies // the tags' rollout policies; nil: the flags'
+	holds    *holds    // freezes and windows; nil: none
 }
 
 // deployOptions are the flags that change what a deploy does.
@@ -123,11 +126,13 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if !ok {
 		return r
 	}
+	d.holds.holdTags(ctx, repo, j, current, &r) // freezes and windows (hold.go)
 	stale, err := d.replacer.stale(ctx, repo, current)
 	if err != nil {
 		r.Failed = append(r.Failed, err)
 	}
 	stale = d.gate.pinnedStops(stale, pinned, d.replacer.strategyOf)
+	d.applyPolicies(ctx, stale)
 	if d.opts.dryRun {
 		r.DryRun, r.Stale = true, stale
 		d.metrics.wouldRestart.Add(float64(len(stale)))
@@ -140,6 +145,28 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	d.ledger.deployed(j, repo, unpinned(current, pinned), outs) // never blocks
 	d.removeSuperseded(ctx, &r)
 	return r
+}
+
+// applyPolicies gives each stale container its tag's replacement
+// settings (tagpolicy.go), read once per tag; a policy that cannot be
+// read leaves the flags' settings, and says so.
+func (d *deployer) applyPolicies(ctx context.Context, stale []staleContainer) {
+	if d.policies == nil {
+		return
+	}
+	byRef := map[string]*tagPolicy{}
+	for i, c := range stale {
+		ref := c.Ref.String()
+		tp, ok := byRef[ref]
+		if !ok {
+			var err error
+			if tp, _, err = d.policies.forTag(ctx, ref); err != nil {
+				d.log.Warn("rollout policy not read; using the flags'", "ref", ref, "err", err)
+			}
+			byRef[ref] = tp
+		}
+		stale[i].policy = tp
+	}
 }
 
 // pullTags pulls the local tags of repo the job names, and reports each

@@ -8,35 +8,13 @@ package main
 // supervisor). TestE2ERollout runs them after its own scenarios.
 
 import (
-	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 	"time"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
 )
-
-// ledgerOf reads the deploy ledger of ref, newest first.
-func (s *stack) ledgerOf(ref string) []ledgerVersion {
-	s.t.Helper()
-	resp, err := s.cli.Get(s.t.Context(), s.prefix+historyPrefix(ref), clientv3.WithPrefix())
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	var out []ledgerVersion
-	for _, kv := range resp.Kvs {
-		var v ledgerVersion
-		if json.Unmarshal(kv.Value, &v) == nil {
-			out = append(out, v)
-		}
-	}
-	slices.Reverse(out)
-	return out
-}
 
 // logLines returns the lines of node n's deployer log (every run) that
 // contain all of want.

@@ -19,6 +19,10 @@ package main
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
 //	<prefix>/_autorollback/<image ref>        the node rolling a halt of the tag back by itself (autorollback.go), leased
 //	<prefix>/_pin/<image ref>                 the tag's pin: the version every node keeps it on (pin.go)
+//	<prefix>/_policy/default                  the cluster's default rollout policy (policy.go)
+//	<prefix>/_policy/<image ref>              the rollout policy of one image tag
+//	<prefix>/_freeze/<scope>                  a freeze (freeze.go): "_all", a repository, or an image ref
+//	<prefix>/_waiting/<image ref>             the newest version of a tag that a freeze or window holds (hold.go)
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -39,6 +43,9 @@ const (
 	rolloutDir   = "_rollout"
 	autoRbDir    = "_autorollback"
 	pinDir       = "_pin"
+	policyDir    = "_policy"
+	freezeDir    = "_freeze"
+	waitingDir   = "_waiting"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -106,3 +113,42 @@ func downKey(ref, node string) string { return downDir(ref) + node }
 const pinsPrefix = "/" + pinDir + "/"
 
 func pinKey(ref string) string { return pinsPrefix + url.PathEscape(ref) }
+
+// policiesPrefix holds the rollout policies (policy.go): the default's
+// record and one per image tag.
+const policiesPrefix = "/" + policyDir + "/"
+
+// defaultPolicyKey is the cluster-wide default policy. ("default" is
+// never an escaped image ref: those hold a ':' or a '/'.)
+const defaultPolicyKey = policiesPrefix + "default"
+
+// policyKey is the policy of one image tag.
+func policyKey(ref string) string { return policiesPrefix + url.PathEscape(ref) }
+
+// refFromPolicyKey returns the image ref a policy key names, "" for the
+// default, false for other keys.
+func refFromPolicyKey(key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, policiesPrefix)
+	if !ok {
+		return "", false
+	}
+	if name == "default" {
+		return "", true
+	}
+	ref, err := url.PathUnescape(name)
+	return ref, err == nil && ref != ""
+}
+
+// freezesPrefix holds the freezes (freeze.go), one key per scope.
+const freezesPrefix = "/" + freezeDir + "/"
+
+// freezeKey is the freeze of scope: freezeAll, a repository or an image
+// ref.
+func freezeKey(scope string) string { return freezesPrefix + url.PathEscape(scope) }
+
+// waitingsPrefix holds the versions that a hold keeps waiting, one key
+// per image tag (hold.go).
+const waitingsPrefix = "/" + waitingDir + "/"
+
+// waitingKey is the waiting version of ref.
+func waitingKey(ref string) string { return waitingsPrefix + url.PathEscape(ref) }

@@ -10,33 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
-
-// TagImage points a local tag at an image (by ID, or by a local tag's
-// reference), as docker tag does.
-func (f *fakeDocker) TagImage(name string, opts docker.TagImageOptions) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	id := name
-	if !strings.HasPrefix(name, "sha256:") {
-		ref, err := reference.ParseNormalizedNamed(name)
-		if err != nil {
-			return &docker.Error{Status: 400, Message: err.Error()}
-		}
-		if id = f.local[reference.TagNameOnly(ref).String()]; id == "" {
-			return docker.ErrNoSuchImage
-		}
-	}
-	ref, err := reference.ParseNormalizedNamed(opts.Repo + ":" + opts.Tag)
-	if err != nil {
-		return &docker.Error{Status: 400, Message: err.Error()}
-	}
-	f.local[ref.String()] = id
-	return nil
-}
 
 const (
 	gateRepo = "127.0.0.1:5000/app"

@@ -128,6 +128,7 @@ func testLogger(tb testing.TB) *slog.Logger {
 type fakeDocker struct {
 	mu         sync.Mutex
 	local      map[string]string // repo:tag -> image ID (normalised names)
+	retags     []string          // "repo:tag=image ID" of each TagImage
 	remote     map[string]string // what a pull of repo:tag would fetch
 	containers []*fakeContainer
 	pulls      []string // repo:tag of each pull
@@ -1070,6 +1071,26 @@ func (f *fakeDocker) RemoveImageExtended(id string, _ docker.RemoveImageOptions)
 	}
 	delete(f.repoDigests, id)
 	f.removed = append(f.removed, id)
+	return nil
+}
+
+// TagImage points a local tag at an image, by ID or by a local tag's
+// reference, as docker tag does (with Force).
+func (f *fakeDocker) TagImage(name string, opts docker.TagImageOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	id := name
+	if r, err := reference.ParseNormalizedNamed(name); err == nil && !strings.HasPrefix(name, "sha256:") {
+		if local := f.local[reference.TagNameOnly(r).String()]; local != "" {
+			id = local
+		}
+	}
+	named, err := reference.ParseNormalizedNamed(opts.Repo + ":" + opts.Tag)
+	if err != nil {
+		return &docker.Error{Status: 400, Message: err.Error()}
+	}
+	f.local[named.String()] = id
+	f.retags = append(f.retags, named.String()+"="+id)
 	return nil
 }
 

@@ -58,15 +58,19 @@ type ledgerVersion struct {
 	// Nodes: per node, when it converged on the version or failed.
 	Nodes   map[string]nodeResult `json:"nodes"`
 	Outcome string                `json:"outcome"`
-	// Held: why the nodes' gate held the version ("held by pin …",
-	// "quarantined: …"), when it did (gate.go).
-	Held string `json:"held,omitempty"`
 	// Completed is when the last node that runs the tag converged,
 	// written once, by that node.
 	Completed time.Time `json:"completed,omitzero"`
 	// Lead times from Pushed to the first node converged and to the last.
 	FirstSeconds float64 `json:"lead_first_seconds,omitempty"`
 	LastSeconds  float64 `json:"lead_last_seconds,omitempty"`
+	// Held is why the nodes held the version ("held by pin …",
+	// "quarantined: …" (gate.go), "frozen since …: reason", "outside
+	// window …" (hold.go)), since HeldSince; cleared when a node
+	// converges on it. Override records a deploy -now that let it past a hold (hold.go).
+	Held      string    `json:"held,omitempty"`
+	HeldSince time.Time `json:"held_since,omitzero"`
+	Override  string    `json:"override,omitempty"`
 }
 
 // askedBy is who asked for a version: a trigger's source and remote
@@ -123,8 +127,11 @@ type ledgerEntry struct {
 	// when the auto-rollback records a halt its node did not live to
 	// record (autorollback.go).
 	Node string
-	// Held: the gate held the version here, and why (the gate, gate.go).
+	// Held: the gate held the version here, and why (the gate, gate.go;
+	// freezes and windows, hold.go).
 	Held string
+	// Override: a deploy -now let the version past a hold (hold.go).
+	Override string
 }
 
 // ledgerImages reads an image's RepoDigests.
@@ -333,7 +340,7 @@ func (l *ledger) apply(ctx context.Context, e ledgerEntry) error {
 		if errors.Is(err, errLedgerRecorded) {
 			return nil
 		}
-		if err == nil && e.Failed == "" {
+		if err == nil && e.Failed == "" && e.Held == "" && e.Override == "" {
 			l.nodeLead.Observe(max(e.Time.Sub(pushed), 0).Seconds())
 		}
 		if err == nil && completed >= 0 {
@@ -376,12 +383,19 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 	} else {
 		w = existingVersion(e, target)
 	}
-	if err := l.markNode(&w.v, e); err != nil {
-		return -1, err
-	}
-	completed, err := l.complete(ctx, &w.v, e)
-	if err != nil {
-		return -1, err
+	completed := time.Duration(-1)
+	if e.Override != "" { // let past a hold, once: marked, nothing converged yet
+		if w.v.Override != "" {
+			return -1, errLedgerRecorded
+		}
+		w.v.Override, w.v.Held, w.v.HeldSince = e.Override, "", time.Time{}
+	} else {
+		if err := l.markNode(&w.v, e); err != nil {
+			return -1, err
+		}
+		if completed, err = l.complete(ctx, &w.v, e); err != nil {
+			return -1, err
+		}
 	}
 	b, err := json.Marshal(w.v)
 	if err != nil {
@@ -493,9 +507,10 @@ func (l *ledger) markNode(v *ledgerVersion, e ledgerEntry) error {
 		}
 	} else {
 		n.Converged, n.Failed, n.Reason = e.Time.UTC(), time.Time{}, ""
-		if v.Outcome == outcomeHeld { // released (an unpin): it rolls out
-			v.Outcome, v.Held = outcomeRollingOut, ""
+		if v.Outcome == outcomeHeld { // released (an unpin, a thaw): it rolls out
+			v.Outcome = outcomeRollingOut
 		}
+		v.Held, v.HeldSince = "", time.Time{}
 	}
 	v.Nodes[node] = n
 	return nil
@@ -532,6 +547,15 @@ func (l *ledger) complete(ctx context.Context, v *ledgerVersion, e ledgerEntry) 
 		v.Outcome = outcomeRolledOut
 	}
 	return completed, nil
+}
+
+// mark records e (Held or Override) on its version now, with the
+// retries of a conflict; recorded already is no error.
+func (l *ledger) mark(ctx context.Context, e ledgerEntry) error {
+	if l == nil {
+		return nil
+	}
+	return l.apply(ctx, e)
 }
 
 // recentImages returns the image IDs of ref's versions, newest first,
@@ -670,9 +694,14 @@ func (l *ledger) trigger(ctx context.Context, e ledgerEntry) (askedBy, time.Time
 // readTrigger reads the trigger written at revision rev: the trigger key
 // modified at rev, as it was then.
 func (l *ledger) readTrigger(ctx context.Context, rev int64) (trigger, bool) {
-	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	return readTriggerAt(ctx, l.kv, rev, l.timeout)
+}
+
+// readTriggerAt reads the trigger written at revision rev through kv.
+func readTriggerAt(ctx context.Context, kv clientv3.KV, rev int64, timeout time.Duration) (trigger, bool) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	resp, err := l.kv.Get(ctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(rev),
+	resp, err := kv.Get(ctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(rev),
 		clientv3.WithMinModRev(rev), clientv3.WithMaxModRev(rev))
 	if err != nil {
 		return trigger{}, false // compacted: who asked is not known any more
@@ -977,7 +1006,7 @@ func (l *ledger) applyHeldOnce(ctx context.Context, e ledgerEntry, asked askedBy
 		if target.Held == e.Held {
 			return nil // recorded by this node or another
 		}
-		target.Held = e.Held
+		target.Held, target.HeldSince = e.Held, e.Time.UTC()
 		if target.Outcome == outcomeRollingOut {
 			target.Outcome = outcomeHeld
 		}
@@ -996,7 +1025,7 @@ func (l *ledger) applyHeldOnce(ctx context.Context, e ledgerEntry, asked askedBy
 	key := historyKey(e.Ref, next)
 	v := ledgerVersion{
 		Version: next, Image: e.Ref, ImageID: e.ImageID, Digest: digest, Pushed: pushed.UTC(), Revision: e.Revision,
-		AskedBy: asked, Nodes: map[string]nodeResult{}, Outcome: outcomeHeld, Held: e.Held,
+		AskedBy: asked, Nodes: map[string]nodeResult{}, Outcome: outcomeHeld, Held: e.Held, HeldSince: e.Time.UTC(),
 	}
 	b, _ := json.Marshal(v)
 	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)}

@@ -13,19 +13,23 @@
 //
 //  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
 //     keyspace), metrics, redact, flagcheck, eventstream, tlsreload,
-//     health, leftalone (the containers deploys pass over)
+//     health, leftalone (the containers deploys pass over), window
+//     (deploy windows)
 //  2. config (and the etcd and Docker clients as the flags say), trigger
-//     (the record and the one rule), retry, scan, clone, puller, upwait
-//  3. the node: nodeid, auth, parked, queue
+//     (the record and the one rule), retry, scan, clone, puller, upwait,
+//     policy (a tag's rollout policy)
+//  3. the node: nodeid, auth, parked, queue; freeze (the freeze and
+//     waiting records)
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
 //  7. replace
-//  8. ledger (the deploy ledger)
+//  8. ledger (the deploy ledger), then hold (freezes and windows hold a
+//     version), holdops and tagpolicy
 //  9. pinrecord (a tag's pin), quarantine (read from the ledger)
-//  10. gate (may this version replace containers here: the holds),
-//     tagstate (each tag's deploy state in the cluster view)
-//  11. deploy, clusterview, cmd_status, cmd_history
+//  10. gate (may this version replace containers here: pins and the
+//     quarantine), tagstate (each tag's deploy state in the cluster view)
+//  11. deploy, clusterview, cmd_status, cmd_history, cmd_policy, policy_api
 //  12. rollback (an earlier version back under its tag, or a pin)
 //  13. pin (deployer pin and unpin, POST /api/pin and /api/unpin)
 //  14. cmd_rollback, cmd_pin, autorollback (a halt rolled back by itself)
@@ -109,6 +113,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) > 0 && (args[0] == "pin" || args[0] == "unpin") {
 		return pinCommand(ctx, args[1:], args[0] == "unpin", stdout, stderr)
+	}
+	if cmd, ok := policyCommands[firstArg(args)]; ok {
+		return cmd(ctx, args[1:], stdout, stderr)
 	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
@@ -197,6 +204,7 @@ type dockerAPI interface {
 	eventAPI
 	imageRemover
 	gateAPI
+	tagAPI
 	PingWithContext(ctx context.Context) error
 }
 
@@ -217,6 +225,9 @@ type daemon struct {
 	ledger    *ledger
 	rollback  *rollbacker
 	autoRb    *autoRollback // nil: -auto_rollback off, or no halts (-max_unavailable=0)
+	policies  *policies     // the rollout policies (policy.go)
+	holds     *holds        // freezes and windows (hold.go)
+	policyAPI *policyAPI
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
@@ -247,19 +258,23 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	// subscription, internal/dockerc/events.go).
 	events := eventsFor(dc, callTimeout)
 	rep := newReplacement(dc, events, etcd, d.leases, replacementOptions{
-		node: cfg.NodeName, strategy: cfg.RestartStrategy, maxUnavailable: cfg.MaxUnavailable,
+		node: cfg.NodeName, strategy: cfg.RestartStrategy, maxUnavailable: cfg.MaxUnavailable.N,
 		restartTimeout: cfg.RestartTimeout, killTimeout: cfg.killTimeout, slotTimeout: cfg.SlotTimeout,
 		callTimeout: callTimeout, selfID: selfid.ContainerID(),
 	}, log, m)
 	d.parker = rep.parker
-	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable > 0, m.reg, log.With("component", "ledger"))
+	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable.coordinated(), m.reg, log.With("component", "ledger"))
 	d.rollback = newRollbacker(etcd, cfg.DockerCfg, cfg.registryDomain, cfg.History, log)
-	if cfg.AutoRollback && cfg.MaxUnavailable > 0 {
+	if cfg.AutoRollback && cfg.MaxUnavailable.coordinated() {
 		d.autoRb = newAutoRollback(etcd, d.leases, d.rollback, d.ledger, cfg.NodeName, log.With("component", "autorollback"))
 	}
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
 		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup, keepImages: cfg.KeepImages}, d.ledger, log.With("component", "deployer"), m)
 	dep.gate = newGate(etcd, dc, cfg.DockerCfg, d.ledger, log.With("component", "gate"))
+	d.policies = newPolicies(etcd, basePolicy(cfg.MaxUnavailable, cfg.UpAfter))
+	d.holds = newHolds(etcd, d.policies, d.ledger, dc, cfg.NodeName, log.With("component", "holds"))
+	dep.policies, dep.holds = d.policies, d.holds
+	rep.replacer.gate = d.holds.gate
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
@@ -271,12 +286,16 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.status = newStatusReporter(dc, events, etcd, d.leases, cfg.NodeName, version, d.queue.pending, statusPokes, log.With("component", "status"))
 	d.status.leftAlone = rep.leftAlone.list // (leftalone.go) shown in the status record; written after every deploy
 	d.status.strategy = cfg.RestartStrategy
+	d.status.labels, d.status.ahead, d.holds.changed = cfg.NodeLabels, d.holds.ahead, d.status.poke
 	m.reg.MustRegister(newSkewCollector(etcd))
 
 	d.watcher = newWatcher(etcd, cfg.NodeName, cfg.EtcdRetryDelay, !cfg.StrongConsistency, d.progress, d.submit, log.With("component", "watcher"), m)
 	d.repuller = newRepuller(dc, etcd, cfg.registryDomain, cfg.RepullPeriod, d.submit, log.With("component", "repuller"))
 	d.failures = newFailLimiter()
 	d.webhook = newWebhook(etcd, cfg.EtcdPrefix, d.secret.get, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
+	d.policyAPI = &policyAPI{h: d.webhook, policies: d.policies, registryDomain: cfg.registryDomain, node: cfg.NodeName,
+		ops: newHoldOps(etcd, d.policies.base, cfg.registryDomain, log.With("component", "holds"))}
+	d.webhook.deployNow = d.policyAPI.deployNow
 	d.health = newHealthCache(healthChecks(etcd, progressKey(cfg.NodeName), dc))
 	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, cfg.EtcdRetryDelay, log.With("component", "node"))
 	return d, nil
@@ -297,6 +316,10 @@ func (d *daemon) handler() http.Handler {
 		"/api/pin":            pinHandler(d.webhook, newPinner(d.etcd, d.cfg.registryDomain, d.cfg.History), d.cfg.NodeName, false, d.say),
 		"/api/unpin":          pinHandler(d.webhook, newPinner(d.etcd, d.cfg.registryDomain, d.cfg.History), d.cfg.NodeName, true, d.say),
 		"GET /metrics":        d.metricsHandler(),
+		"GET /api/policy":     d.requireSecret(d.policyAPI.get),
+		"PUT /api/policy":     http.HandlerFunc(d.policyAPI.put),
+		"/api/freeze":         http.HandlerFunc(d.policyAPI.freeze),
+		"/api/thaw":           http.HandlerFunc(d.policyAPI.thaw),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
@@ -483,6 +506,7 @@ func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan stru
 	if d.autoRb != nil {
 		g.Go(func() error { return d.autoRb.run(gctx) })
 	}
+	g.Go(func() error { return d.holds.run(gctx) })
 	return done, g.Wait()
 }
 

@@ -322,7 +322,7 @@ func daemonCommandLine(t *testing.T, etcdURL string) []string {
 		"-metrics_open", "-node_name", "solo", "-registry", "127.0.0.1:5000", "-registry_webhook_path", "/hooks/registry",
 		"-repull_period", "1h", "-restart_strategy", "recreate", "-restart_timeout", "1m", "-slack_username", "bot",
 		"-slack_webhook_url=", "-slot_timeout", "5m", "-strong_consistency", "-tls_cert=", "-tls_key=",
-		"-webhook_path", "/hooks/hub", "-webhook_secret=",
+		"-webhook_path", "/hooks/hub", "-webhook_secret=", "-node_labels", "canary,eu", "-up_after", "2s",
 	}
 }
 

@@ -26,6 +26,7 @@ type report struct {
 	Stopped []staleContainer
 	Failed  []error  // failures other than pulls: listing, inspecting, stopping
 	Held    []string // stale containers left alone, with the reason
+	Waiting []string // new versions a freeze or window holds, told by the node that recorded them (hold.go)
 	DryRun  bool     // stale containers were found, not stopped
 	Stale   []staleContainer
 
@@ -68,7 +69,7 @@ func (r report) failed() bool {
 // worthTelling is false for a deploy that changed nothing and failed at
 // nothing: a pull that found the image up to date.
 func (r report) worthTelling() bool {
-	if r.failed() || r.Recovered > 0 || len(r.Stopped) > 0 || len(r.Stale) > 0 || len(r.Held) > 0 {
+	if r.failed() || r.Recovered > 0 || len(r.Stopped) > 0 || len(r.Stale) > 0 || len(r.Held) > 0 || len(r.Waiting) > 0 {
 		return true
 	}
 	for _, t := range r.Tags {
@@ -115,6 +116,9 @@ func (r report) text() string {
 	}
 	if len(r.Held) > 0 {
 		fmt.Fprintf(&b, "\nheld back: %s", strings.Join(r.Held, ", "))
+	}
+	for _, w := range r.Waiting {
+		fmt.Fprintf(&b, "\n• %s", w)
 	}
 	for _, f := range r.Failed {
 		fmt.Fprintf(&b, "\n• failed: %v", f)

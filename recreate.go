@@ -169,7 +169,7 @@ func (r *recreator) recreate(ctx context.Context, c staleContainer, guard func(c
 	case err != nil:
 		return restore(fmt.Errorf("start %s: %w", name, err))
 	}
-	err = r.wait.wait(ctx, ev, target{name: name, id: created.ID, oldID: old.ID, newID: c.NewID}, lost)
+	err = r.wait.wait(ctx, ev, target{name: name, id: created.ID, oldID: old.ID, newID: c.NewID, upAfter: c.policy.up()}, lost)
 	switch {
 	case err == nil:
 	case ctx.Err() != nil && errors.Is(err, ctx.Err()):

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/distribution/reference"
@@ -29,6 +30,11 @@ type replacer struct {
 	strategy  string     // -restart_strategy
 	leftAlone *leftAlone // containers passed over until they change (leftalone.go)
 	log       *slog.Logger
+
+	// gate, when set, is asked just before each container is stopped or
+	// re-created whether its new version may replace it now (hold.go);
+	// an error wrapping errHeld leaves it alone.
+	gate func(ctx context.Context, c staleContainer) error
 }
 
 // newReplacer returns the replacement of stale containers with strategy
@@ -101,17 +107,18 @@ func (p *replacer) stale(ctx context.Context, repo reference.Named, current map[
 	return p.restarter.stale(ctx, repo, current)
 }
 
-// replace replaces the stale containers on this node. Coordinated, it
-// goes one container at a time, each under a cluster-wide slot of its
-// tag; a tag whose new version failed here is not tried again in this
-// deploy. Uncoordinated, everything is replaced at once, as the original
-// did. Then a tag whose new version now runs here has its halt (of
-// another version) cleared.
+// replace replaces the stale containers on this node, tag after tag.
+// Coordinated (the tag's max_unavailable, policy.go, above 0), up to
+// max_unavailable of a tag's containers at once, each under a
+// cluster-wide slot of its tag; a tag whose new version failed here is
+// not tried again in this deploy. Uncoordinated, everything is replaced
+// at once, as the original did. Then a coordinated tag whose new version
+// now runs here has its halt (of another version) cleared.
 func (p *replacer) replace(ctx context.Context, stale []staleContainer) []outcome {
 	out := p.replaceAll(ctx, stale)
 	rolledOut := map[string]string{} // repo:tag -> image ID now running
 	for _, o := range out {
-		if o.skipped == "" && o.err == nil {
+		if o.skipped == "" && o.err == nil && p.limit(o.c) > 0 {
 			rolledOut[o.c.Ref.String()] = o.c.NewID
 		}
 	}
@@ -121,36 +128,66 @@ func (p *replacer) replace(ctx context.Context, stale []staleContainer) []outcom
 	return out
 }
 
+// limit is max_unavailable of c's tag as a count: its policy's, else
+// -max_unavailable's.
+func (p *replacer) limit(c staleContainer) int {
+	if c.policy != nil {
+		return c.policy.maxUnavailable
+	}
+	return p.rollout.maxUnavailable
+}
+
 func (p *replacer) replaceAll(ctx context.Context, stale []staleContainer) []outcome {
 	out := make([]outcome, len(stale))
-	if !p.rollout.coordinated() {
+	var tags []string           // in the order of stale
+	byTag := map[string][]int{} // tag -> indexes into stale
+	for i, c := range stale {
+		t := c.Ref.Tag()
+		if _, ok := byTag[t]; !ok {
+			tags = append(tags, t)
+		}
+		byTag[t] = append(byTag[t], i)
+	}
+	for _, t := range tags {
+		idx := byTag[t]
+		limit := p.limit(stale[idx[0]])
 		var g errgroup.Group
-		g.SetLimit(maxParallelReplace)
-		for i, c := range stale {
+		if limit <= 0 {
+			g.SetLimit(maxParallelReplace)
+			for _, i := range idx {
+				g.Go(func() error {
+					out[i] = p.replaceOne(ctx, stale[i], nil, 0)
+					return nil
+				})
+			}
+			_ = g.Wait()
+			continue
+		}
+		// Up to limit at once; each waits for a slot of its own, so the
+		// cluster's count, not this node's, decides.
+		g.SetLimit(limit)
+		var halted atomic.Bool // the tag's rollout halted here
+		for _, i := range idx {
 			g.Go(func() error {
-				out[i] = p.replaceOne(ctx, c, nil)
+				if halted.Load() {
+					out[i] = outcome{c: stale[i], skipped: "rollout halted"}
+					return nil
+				}
+				out[i] = p.replaceOne(ctx, stale[i], p.rollout, limit)
+				if errors.Is(out[i].err, errReplacement) {
+					halted.Store(true)
+				}
 				return nil
 			})
 		}
 		_ = g.Wait()
-		return out
-	}
-	halted := map[string]bool{} // tags whose rollout halted here
-	for i, c := range stale {
-		if halted[c.Ref.Tag()] {
-			out[i] = outcome{c: c, skipped: "rollout halted"}
-			continue
-		}
-		out[i] = p.replaceOne(ctx, c, p.rollout)
-		if errors.Is(out[i].err, errReplacement) {
-			halted[c.Ref.Tag()] = true
-		}
 	}
 	return out
 }
 
-// replaceOne replaces one container; coord is nil when uncoordinated.
-func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *rollout) outcome {
+// replaceOne replaces one container under one of limit slots of its tag;
+// coord is nil when uncoordinated.
+func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *rollout, limit int) outcome {
 	strategy := p.strategyOf(c)
 	if strategy == strategySkip {
 		return outcome{c: c, skipped: "label " + strategyKey + "=skip"}
@@ -163,7 +200,7 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 	var guard func(context.Context) error
 	var lost <-chan struct{}
 	if coord != nil {
-		sl, err := coord.acquire(ctx, ref, c)
+		sl, err := coord.acquireN(ctx, ref, c, limit)
 		var h *haltedError
 		switch {
 		case errors.As(err, &h):
@@ -174,6 +211,15 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 		defer sl.release(ctx)
 		guard = func(ctx context.Context) error { return sl.verify(ctx, c.NewID) }
 		lost = sl.lost()
+	}
+	if p.gate != nil {
+		slotCheck := guard
+		guard = func(ctx context.Context) error {
+			if err := callGuard(ctx, slotCheck); err != nil {
+				return err
+			}
+			return p.gate(ctx, c)
+		}
 	}
 	if strategy == strategyRecr {
 		err = p.recreator.recreate(ctx, c, guard, lost)
@@ -191,7 +237,7 @@ func (p *replacer) replaceOne(ctx context.Context, c staleContainer, coord *roll
 	switch {
 	case errors.As(err, &h):
 		return outcome{c: c, skipped: h.Error()}
-	case errors.Is(err, errRefused):
+	case errors.Is(err, errRefused), errors.Is(err, errHeld):
 		return outcome{c: c, skipped: err.Error()}
 	case errors.Is(err, errSlotLost):
 		return outcome{c: c, err: fmt.Errorf("%s not replaced: %w", c.Name, err)}

@@ -48,6 +48,9 @@ type staleContainer struct {
 	ImageID string                // the image it runs
 	NewID   string                // the image the tag points at now
 	Labels  map[string]string
+	// policy is what the tag's effective policy says to its replacement
+	// (policy.go; the deploy sets it); nil: the flags'.
+	policy *tagPolicy
 
 	// What the stale scan saw, so that recreate need not ask Docker
 	// again right after it (scan.go). The zero value means "not known":
@@ -212,7 +215,7 @@ func (r *restarter) stopAndWait(ctx context.Context, c staleContainer, guard fun
 		}
 		return err
 	}
-	err = r.wait.wait(ctx, ev, target{name: c.Name, oldID: c.ID, newID: c.NewID}, lost)
+	err = r.wait.wait(ctx, ev, target{name: c.Name, oldID: c.ID, newID: c.NewID, upAfter: c.policy.up()}, lost)
 	switch {
 	case err == nil:
 		r.log.Info("replacement up", "container", c.Name, "image", shortID(c.NewID), "took", time.Since(start).Round(time.Millisecond))

@@ -125,20 +125,27 @@ func (r *rollout) coordinated() bool { return r.maxUnavailable > 0 }
 
 // slot is a held rollout slot.
 type slot struct {
-	r    *rollout
-	ref  string
-	key  string
-	sess *etcdc.Session
+	r     *rollout
+	ref   string
+	key   string
+	sess  *etcdc.Session
+	limit int // max_unavailable of the tag, as a count
 }
 
 // lost is closed when the slot's session ends.
 func (s *slot) lost() <-chan struct{} { return s.sess.Done() }
 
-// acquire takes one of the maxUnavailable slots of ref for container c,
-// first come first served by etcd create revision, within slotTimeout. A
-// halt of c's new image, read in the same transactions, is returned as a
-// *haltedError (and no slot).
+// acquire takes one of the -max_unavailable slots of ref for container c
+// (acquireN).
 func (r *rollout) acquire(ctx context.Context, ref string, c staleContainer) (*slot, error) {
+	return r.acquireN(ctx, ref, c, r.maxUnavailable)
+}
+
+// acquireN takes one of the limit slots of ref for container c (limit: the
+// tag's max_unavailable as a count), first come first served by etcd
+// create revision, within slotTimeout. A halt of c's new image, read in
+// the same transactions, is returned as a *haltedError (and no slot).
+func (r *rollout) acquireN(ctx context.Context, ref string, c staleContainer, limit int) (*slot, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.slotTimeout)
 	defer cancel()
 	for {
@@ -146,7 +153,7 @@ func (r *rollout) acquire(ctx context.Context, ref string, c staleContainer) (*s
 		if err != nil {
 			return nil, r.acquireErr(ctx, err)
 		}
-		sl := &slot{r: r, ref: ref, sess: s,
+		sl := &slot{r: r, ref: ref, sess: s, limit: limit,
 			key: slotsDir(ref) + strconv.FormatInt(int64(s.Lease()), 16) + "-" + r.node + "-" + shortID(c.ID)}
 		err = sl.queue(ctx, c)
 		switch {
@@ -175,7 +182,7 @@ func (r *rollout) acquireErr(ctx context.Context, err error) error {
 }
 
 // queue enters the queue of ref's slots and waits until fewer than
-// maxUnavailable containers other than c are unavailable (see read), or
+// sl.limit containers other than c are unavailable (see read), or
 // c itself is down. Every count is made in a transaction that first
 // checks this node's key still exists under its lease: a key that went
 // with an expired lease is errSlotLost, never a grant.
@@ -205,7 +212,7 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 		if u.halted != nil && u.halted.ImageID == c.NewID {
 			return &haltedError{u.halted}
 		}
-		if u.selfDown || len(u.others) < r.maxUnavailable {
+		if u.selfDown || len(u.others) < sl.limit {
 			if u.selfDown {
 				r.log.Info("container already down: replacing it costs no more downtime, slot granted", "ref", sl.ref,
 					"container", c.Name, "unavailable", u.others)
@@ -214,7 +221,7 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 		}
 		if s := strings.Join(u.others, ", "); s != told {
 			told = s
-			r.log.Info("waiting for a rollout slot", "ref", sl.ref, "container", c.Name, "max_unavailable", r.maxUnavailable,
+			r.log.Info("waiting for a rollout slot", "ref", sl.ref, "container", c.Name, "max_unavailable", sl.limit,
 				"unavailable", u.others)
 		}
 		// Wait for a holder to leave (or its lease to expire), or a
@@ -425,11 +432,9 @@ func (r *rollout) recordHalt(ctx context.Context, ref string, c staleContainer, 
 // clearHalt removes the halt record of ref if it names another image than
 // the one now deployed: a later push resumes normal rollouts. The delete
 // is conditional on the record being the one read, so that a halt of a
-// newer version recorded meanwhile stays.
+// newer version recorded meanwhile stays. The caller calls it for
+// coordinated tags only (no coordination, no halts).
 func (r *rollout) clearHalt(ctx context.Context, ref, imageID string) {
-	if !r.coordinated() {
-		return // no coordination, no halts
-	}
 	h, rev, err := r.halted(ctx, ref)
 	if err != nil || h == nil || h.ImageID == imageID {
 		return

@@ -209,7 +209,7 @@ func TestStopKeepsLeaseUntilDeploysEnd(t *testing.T) {
 	f.addContainer("app", "127.0.0.1:5000/app:qa")
 	f.stopped = make(chan string, 1)
 	td := startTestDaemon(t, cli, f, func(c *config) {
-		c.WebhookSecret, c.MaxUnavailable, c.RestartTimeout, c.shutdownGrace = "s", 1, time.Minute, time.Minute
+		c.WebhookSecret, c.MaxUnavailable, c.RestartTimeout, c.shutdownGrace = "s", unavailable{N: 1}, time.Minute, time.Minute
 	})
 	held := func() (slots, status int64) {
 		t.Helper()

@@ -35,11 +35,13 @@ type containerStatus struct {
 	// Strategy is how a deploy replaces it: stop (its supervisor starts
 	// the tag again), recreate or skip.
 	Strategy string `json:"strategy,omitempty"`
+	Ahead    string `json:"ahead,omitempty"` // runs a version that waits under a hold, and which (hold.go)
 }
 
 type nodeStatus struct {
 	Node       string            `json:"node"`
 	Version    string            `json:"version"`
+	Labels     []string          `json:"labels,omitempty"` // -node_labels
 	Started    time.Time         `json:"started"`
 	Updated    time.Time         `json:"updated"`
 	Containers []containerStatus `json:"containers"`
@@ -160,6 +162,11 @@ type statusReporter struct {
 	lastDown  map[string]string // tag -> the down record written (run's goroutine only)
 	lastLeft  []leftAloneEntry  // the left-alone containers written (run's goroutine only)
 	downLease clientv3.LeaseID  // the lease lastDown was written under
+
+	labels []string // -node_labels, in the record
+	// ahead says why a container of ref on imageID runs a version it
+	// should not run yet (hold.go); nil: never.
+	ahead func(ref, imageID string) string
 }
 
 // newStatusReporter returns the reporter of node's record, written
@@ -331,7 +338,7 @@ func (s *statusReporter) write(ctx context.Context, cs, last []containerStatus, 
 	if sess.Lease() == lastLease && slices.Equal(cs, last) && slices.EqualFunc(rs, lastRs, samePending) && slices.Equal(left, s.lastLeft) {
 		return lastLease, nil
 	}
-	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: s.version, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs, LeftAlone: left})
+	b, _ := json.Marshal(nodeStatus{Node: s.node, Version: s.version, Labels: s.labels, Started: s.started, Updated: time.Now().UTC(), Containers: cs, Retries: rs, LeftAlone: left})
 	ctx, cancel := context.WithTimeout(ctx, s.callTimeout)
 	defer cancel()
 	if _, err := s.kv.Put(ctx, statusKey(s.node), string(b), clientv3.WithLease(sess.Lease())); err != nil {
@@ -383,6 +390,11 @@ func (s *statusReporter) containers(ctx context.Context) ([]containerStatus, err
 		}
 	}
 	maps.DeleteFunc(s.cache, func(id string, _ containerStatus) bool { return !seen[id] })
+	for i := range out {
+		if s.ahead != nil {
+			out[i].Ahead = s.ahead(out[i].Image, out[i].ImageID)
+		}
+	}
 	slices.SortFunc(out, func(a, b containerStatus) int {
 		return cmp.Or(cmp.Compare(a.Image, b.Image), cmp.Compare(a.Name, b.Name))
 	})

@@ -108,6 +108,14 @@ func (h *webhook) apiDeploy(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, r, source, http.StatusBadRequest, err)
 		return
 	}
+	if h.deployNow != nil && deployNowAsked(r.Header.Get("Content-Type"), body) {
+		if p.Tag == "" {
+			h.fail(w, r, source, http.StatusBadRequest, errors.New("now: a tag is needed (repository:tag)"))
+			return
+		}
+		h.deployNow(w, r, p.Repo+":"+p.Tag)
+		return
+	}
 	h.log.Info("deploy request", "repo", p.Repo, "tag", p.Tag, "digest", p.Digest, "remote", r.RemoteAddr)
 	t, err := h.trigger(r.Context(), p.Repo, trigger{Tag: p.Tag, Digest: p.Digest, Source: source, Remote: r.RemoteAddr})
 	if err != nil {

@@ -29,6 +29,12 @@ const minUp = time.Second
 // running for minUp. It fails (errReplacement) when the container exited,
 // is crash-looping, or is unhealthy. now is on the Docker host's clock.
 func judgeUp(c *docker.Container, newID string, now time.Time) (bool, error) {
+	return judgeUpAfter(c, newID, now, minUp)
+}
+
+// judgeUpAfter is judgeUp with upAfter, the tag's policy's up duration
+// (policy.go), in place of minUp.
+func judgeUpAfter(c *docker.Container, newID string, now time.Time, upAfter time.Duration) (bool, error) {
 	name := strings.TrimPrefix(c.Name, "/")
 	if c.Image != newID {
 		// Not ours: a newer push overtook this one. Its own deploy
@@ -54,7 +60,7 @@ func judgeUp(c *docker.Container, newID string, now time.Time) (bool, error) {
 	case "healthy":
 		return true, nil
 	case "", "none":
-		return now.Sub(st.StartedAt) >= minUp, nil
+		return now.Sub(st.StartedAt) >= upAfter, nil
 	case "unhealthy":
 		return false, fmt.Errorf("%w: %s on %s is unhealthy", errReplacement, name, shortID(newID))
 	}
@@ -92,6 +98,9 @@ type target struct {
 	id    string // the replacement's ID when known (recreate); else any container called name
 	oldID string // the stopped container, never the replacement
 	newID string // the image the replacement must run
+	// upAfter is how long a replacement without a healthcheck must run
+	// to count as up (the tag's policy); 0: minUp.
+	upAfter time.Duration
 }
 
 // eventWatch is a subscription to container events that survives the end
@@ -167,7 +176,7 @@ func (w *upWaiter) wait(ctx context.Context, ev *eventWatch, t target, lost <-ch
 	// judge judges a replacement; its failure counts only if the daemon
 	// still answers: a death the daemon's going away explains is excused.
 	judge := func(c *docker.Container) (bool, error) {
-		up, err := judgeUp(c, t.newID, w.now())
+		up, err := judgeUpAfter(c, t.newID, w.now(), cmp.Or(t.upAfter, minUp))
 		if !errors.Is(err, errReplacement) {
 			return up, err
 		}

@@ -52,6 +52,9 @@ type webhook struct {
 	now      func() time.Time
 	timeout  time.Duration // for the etcd write
 	callback *http.Client  // for Docker Hub callbacks
+	// deployNow serves POST /api/deploy with "now": true (policy_api.go);
+	// nil: "now" is ignored.
+	deployNow func(w http.ResponseWriter, r *http.Request, image string)
 
 	mu     sync.Mutex
 	closed bool           // Close began: no new callback
