@@ -31,6 +31,9 @@ type tagStatus struct {
 	Versions []versionInfo `json:"versions"` // newest first
 	Rolling  []string      `json:"rolling,omitempty"`
 	Halted   *halt         `json:"halted,omitempty"`
+	// Canary is the tag's canary rollout (canary.go), with its state in
+	// words ("waiting for promote", "baking on … until …").
+	Canary *canaryStatus `json:"canary,omitempty"`
 	// Down lists the containers of the tag that are down, as
 	// "<node> <container> (<reason>)": they count against
 	// -max_unavailable.
@@ -38,6 +41,11 @@ type tagStatus struct {
 	// SkewSeconds is how long two image IDs of this tag have been
 	// running at once: since the newest one's first container started.
 	SkewSeconds float64 `json:"skew_seconds"`
+}
+
+type canaryStatus struct {
+	canaryRecord
+	State string `json:"state"`
 }
 
 type versionInfo struct {
@@ -115,6 +123,16 @@ func readStatus(ctx context.Context, kv clientv3.KV, now time.Time) (clusterStat
 					t.Down = append(t.Down, fmt.Sprintf("%s %s (%s)", d.Node, c.Name, c.Reason))
 				}
 			}
+		}
+	}
+	cans, err := kv.Get(ctx, canariesPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return out, err
+	}
+	for _, kv := range cans.Kvs {
+		var rec canaryRecord
+		if ref, ok := refFromCanaryKey(string(kv.Key)); ok && json.Unmarshal(kv.Value, &rec) == nil {
+			tag(ref).Canary = &canaryStatus{canaryRecord: rec, State: rec.state()}
 		}
 	}
 	for ref, t := range tags {

@@ -48,6 +48,8 @@ func printStatus(w io.Writer, st clusterStatus) {
 	for _, t := range st.Tags {
 		state := "ok"
 		switch {
+		case t.Canary != nil && t.Canary.Phase != phasePromoted:
+			state = fmt.Sprintf("canary %s: %s", shortID(t.Canary.ImageID), t.Canary.State)
 		case t.Halted != nil:
 			state = fmt.Sprintf("HALTED: %s on %s: %s", shortID(t.Halted.ImageID), t.Halted.Node, t.Halted.Reason)
 		case len(t.Rolling) > 0:

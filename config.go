@@ -578,6 +578,8 @@ var builtinRoutes = []string{
 	"/api/github/webhook",
 	"/api/quay/webhook",
 	"/api/rollback",
+	"/api/promote",
+	"/api/abort",
 	"GET /healthz",
 	"GET /api/status",
 	"GET /api/history",

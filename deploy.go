@@ -36,7 +36,8 @@ type deployer struct {
 	notifier notifier
 	node     string
 	opts     deployOptions
-	ledger   *ledger // the deploy ledger; nil records nothing
+	ledger   *ledger   // the deploy ledger; nil records nothing
+	canaries *canaries // the canary hold (canary.go); nil holds nothing
 	images   imageRemover
 	log      *slog.Logger
 	metrics  *metrics
@@ -119,6 +120,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if err != nil {
 		r.Failed = append(r.Failed, err)
 	}
+	stale = d.canaries.filter(ctx, stale, j, &r) // the canary hold: nothing of a held version is stopped
 	if d.opts.dryRun {
 		r.DryRun, r.Stale = true, stale
 		d.metrics.wouldRestart.Add(float64(len(stale)))

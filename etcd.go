@@ -20,6 +20,7 @@ package main
 //	<prefix>/_policy/default                  the cluster's default rollout policy (policy.go)
 //	<prefix>/_policy/<image ref>              the rollout policy of one image tag
 //	<prefix>/_freeze/<scope>                  a freeze (freeze.go): "_all", a repository, or an image ref
+//	<prefix>/_canary/<image ref>              the canary rollout of the tag's newest version (canary.go)
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -40,6 +41,7 @@ const (
 	rolloutDir   = "_rollout"
 	policyDir    = "_policy"
 	freezeDir    = "_freeze"
+	canaryDir    = "_canary"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -129,3 +131,20 @@ const freezesPrefix = "/" + freezeDir + "/"
 // freezeKey is the freeze of scope: freezeAll, a repository or an image
 // ref.
 func freezeKey(scope string) string { return freezesPrefix + url.PathEscape(scope) }
+
+// canariesPrefix holds the canary rollouts (canary.go), one key per image
+// tag.
+const canariesPrefix = "/" + canaryDir + "/"
+
+// canaryKey is the canary rollout of one image tag.
+func canaryKey(ref string) string { return canariesPrefix + url.PathEscape(ref) }
+
+// refFromCanaryKey returns the image ref a canary key names.
+func refFromCanaryKey(key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, canariesPrefix)
+	if !ok {
+		return "", false
+	}
+	ref, err := url.PathUnescape(name)
+	return ref, err == nil && ref != ""
+}

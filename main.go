@@ -21,11 +21,11 @@
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
-//  7. replace, clusterview
-//  8. ledger (the deploy ledger)
+//  7. replace, canary (canary nodes, the bake, promote and abort)
+//  8. ledger (the deploy ledger), clusterview
 //  9. deploy, cmd_status, cmd_history
 //  10. rollback (an earlier version back under its tag)
-//  11. cmd_rollback
+//  11. cmd_rollback, haltrollback (a halted version rolled back), cmd_canary
 //  12. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
@@ -102,6 +102,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) > 0 && args[0] == "rollback" {
 		return rollbackCommand(ctx, args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && (args[0] == "promote" || args[0] == "abort") {
+		return canaryCommand(ctx, args[0], args[1:], stdout, stderr)
 	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
@@ -200,6 +203,7 @@ type daemon struct {
 	leases    *etcdc.NodeLease
 	parker    *parker // settles what a crash left parked
 	ledger    *ledger
+	canaries  *canaries // canary rollouts: the hold, the bake, promote and abort
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
@@ -238,6 +242,14 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.ledger = newLedger(etcd, dc, cfg.NodeName, cfg.History, cfg.MaxUnavailable.coordinated(), m.reg, log.With("component", "ledger"))
 	dep := newDeployer(newPuller(dc, cfg.DockerCfg, log.With("component", "puller"), m), rep.replacer, dc, note, cfg.NodeName,
 		deployOptions{dryRun: cfg.DryRun, cleanup: cfg.Cleanup}, d.ledger, log.With("component", "deployer"), m)
+	var ann announcer = nopAnnouncer{}
+	if d.slack != nil {
+		ann = d.slack
+	}
+	d.canaries = newCanaries(etcd, newPolicies(etcd, basePolicy(cfg.MaxUnavailable, cfg.UpAfter)), dc, cfg.NodeName, cfg.NodeLabels, ann,
+		rollbackHalted(newRollbacker(etcd, cfg.DockerCfg, cfg.registryDomain, cfg.History, log), cfg.NodeName), cfg.registryDomain,
+		log.With("component", "canary"))
+	dep.canaries = d.canaries
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
@@ -272,6 +284,8 @@ func (d *daemon) handler() http.Handler {
 		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
 		"/api/rollback":       rollbackHandler(d.webhook, newRollbacker(d.etcd, d.cfg.DockerCfg, d.cfg.registryDomain, d.cfg.History, d.log), d.cfg.NodeName),
 		"GET /metrics":        d.metricsHandler(),
+		"/api/promote":        canaryHandler(d.webhook, d.canaries, "promote"),
+		"/api/abort":          canaryHandler(d.webhook, d.canaries, "abort"),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
@@ -447,6 +461,7 @@ func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan stru
 	g.Go(func() error { return d.watcher.run(gctx) })
 	g.Go(func() error { return d.repuller.run(gctx) })
 	g.Go(func() error { return d.status.run(gctx) })
+	g.Go(func() error { return d.canaries.run(gctx) })
 	return done, g.Wait()
 }
 
