@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -435,6 +436,10 @@ func TestCanaryAbort(t *testing.T) {
 	if err != nil || !ans.Changed || ans.Phase != phaseAborted {
 		t.Fatalf("abort = %+v, %v; want aborted", ans, err)
 	}
+	h, _, err := newRollout(w.cli, nil, "x", 1, time.Second, time.Second, testLogger(t), nil).halted(t.Context(), canaryRef)
+	if err != nil || h == nil || h.ImageID != newImage || !strings.Contains(h.Reason, "aborted by deployer abort") {
+		t.Errorf("halt record after abort = %+v, %v; want the version halted, aborted", h, err)
+	}
 	w.loop(other, canary)
 	if n := w.rollbacks.Load(); n != 1 {
 		t.Errorf("rolled back %d times; want once", n)
@@ -534,6 +539,10 @@ func TestCanaryReportWaitsForUp(t *testing.T) {
 		t.Fatalf("one container old, one starting: phase %s; want canary", p)
 	}
 	dc.change("c2", func(c *docker.Container) { c.Image = newImage })
+	w.loop(canary)
+	if p := w.record().Phase; p != phaseCanary {
+		t.Fatalf("both on the version, one health check still starting: phase %s; want canary", p)
+	}
 	dc.change("c1", func(c *docker.Container) { c.State.Health.Status = "healthy" })
 	w.loop(canary)
 	if rec := w.record(); rec.Phase != phaseBaking || len(rec.Canaries["n1"].Containers) != 2 {
@@ -581,5 +590,38 @@ func TestDeployCanaryHold(t *testing.T) {
 				t.Errorf("held %q; want baking on canaries", n.reports[0].Held)
 			}
 		})
+	}
+}
+
+// TestCanaryHandlers: POST /api/promote and /api/abort, behind the
+// webhook secret, answer with the decision.
+func TestCanaryHandlers(t *testing.T) {
+	w := newCanaryWorld(t, canaryPolicy(promoteManual))
+	bakeTo(t, w)
+	h, _ := newTestWebhook(t, testEtcd(t), "s3cret")
+	c := w.node("api", nil, nil)
+	promote, abort := canaryHandler(h, c, "promote"), canaryHandler(h, c, "abort")
+	bearer := map[string]string{"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+	body := `{"image":"` + canaryRef + `"}`
+	for _, tc := range []struct {
+		name    string
+		handler func(http.ResponseWriter, *http.Request)
+		req     hookRequest
+		code    int
+	}{
+		{"no secret", promote, hookRequest{target: "/api/promote", body: body}, 401},
+		{"GET", promote, hookRequest{method: "GET", target: "/api/promote", headers: bearer}, 405},
+		{"no image", promote, hookRequest{target: "/api/promote", headers: bearer, body: `{}`}, 400},
+		{"no canary rollout", abort, hookRequest{target: "/api/abort", headers: bearer, body: `{"image":"example.com/other:1"}`}, 404},
+		{"promote", promote, hookRequest{target: "/api/promote", headers: bearer, body: body}, 200},
+		{"abort after promote", abort, hookRequest{target: "/api/abort", headers: bearer, body: body}, 409},
+	} {
+		rec := serveHook(t, tc.handler, tc.req)
+		if rec.Code != tc.code {
+			t.Errorf("%s: %d %s; want %d", tc.name, rec.Code, rec.Body, tc.code)
+		}
+	}
+	if p := w.record().Phase; p != phasePromoted || w.triggerPuts() != 1 {
+		t.Errorf("after POST /api/promote: phase %s, %d trigger writes; want promoted, 1", p, w.triggerPuts())
 	}
 }

@@ -402,6 +402,7 @@ func TestE2ERollout(t *testing.T) {
 		s.record("scenario R-G: after %s halted a never-healthy version under stop (kept running it, unhealthy), the next push converged on %s in %v; nodes without a healthy app, sampled every 50ms on each node's Engine API: at most %d at once (%d samples: %d with none down, %d with one, %d with two or more)",
 			halter.name, shortID(v3), took.Round(time.Millisecond), got.maxDown, got.samples, got.byDown[0], got.byDown[1], got.samples-got.byDown[0]-got.byDown[1])
 	})
+	canaryScenarios(t, s) // e2e_canary_test.go: H, I
 }
 
 // buildHealth builds a version of an image with a HEALTHCHECK (every
