@@ -270,10 +270,11 @@ func (c *canaries) isCanary(pol rolloutPolicy) bool { return pol.canary(c.node, 
 
 // filter is the canary hold of one deploy: it drops from stale the
 // containers of every tag whose new version is held on this node, and
-// says why in r.Held. A tag's first sight of a new version (on any node)
-// begins its canary rollout. A tag whose hold cannot be read is not
-// replaced, and the deploy fails (and is retried).
-func (c *canaries) filter(ctx context.Context, stale []staleContainer, j job, r *report) []staleContainer {
+// from current (tag -> image ID pulled) their tags, so that the ledger
+// records nothing of them here; r.Held says why. A tag's first sight of
+// a new version (on any node) begins its canary rollout. A tag whose hold
+// cannot be read is not replaced, and the deploy fails (and is retried).
+func (c *canaries) filter(ctx context.Context, stale []staleContainer, current map[string]string, j job, r *report) []staleContainer {
 	if c == nil || len(stale) == 0 {
 		return stale
 	}
@@ -299,6 +300,7 @@ func (c *canaries) filter(ctx context.Context, stale []staleContainer, j job, r 
 			out = append(out, s)
 			continue
 		}
+		delete(current, s.Ref.Tag())
 		r.Held = append(r.Held, fmt.Sprintf("%s (%s)", s.Name, reason))
 	}
 	return out

@@ -120,7 +120,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if err != nil {
 		r.Failed = append(r.Failed, err)
 	}
-	stale = d.canaries.filter(ctx, stale, j, &r) // the canary hold: nothing of a held version is stopped
+	stale = d.canaries.filter(ctx, stale, current, j, &r) // the canary hold: nothing of a held version is stopped
 	if d.opts.dryRun {
 		r.DryRun, r.Stale = true, stale
 		d.metrics.wouldRestart.Add(float64(len(stale)))
