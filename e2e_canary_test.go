@@ -78,8 +78,8 @@ CMD ["/bin/busybox","sh","-c","/bin/busybox date +%s > /started; trap 'exit 0' T
 				t.Errorf("%s runs %s; want %s", n.name, shortID(img), shortID(v1))
 			}
 		}
-		s.record("scenario R-H (canary, bake 20 s, a version unhealthy 10 s after its start): on the canary %v after the webhook, bake failed %v after it (%s), canary back on the old version %v after it; %d samples every 100 ms of %d other nodes: none ever ran it; status: %s",
-			onCanary.Round(time.Millisecond), failed.Round(time.Millisecond), rec.Reason, (onCanary + back).Round(time.Millisecond), samples, len(others), state)
+		s.record("scenario R-H (canary, bake 20 s, a version unhealthy 10 s after its start): on the canary %v after the webhook, bake failed %v after the webhook (%s), the canary back on the old version %v after the failure; %d samples every 100 ms of %d other nodes: none ever ran it; status: %s",
+			onCanary.Round(time.Millisecond), failed.Round(time.Millisecond), rec.Reason, back.Round(time.Millisecond), samples, len(others), state)
 	})
 
 	t.Run("I manual promotion: only the canary until deployer promote, then every node", func(t *testing.T) {
