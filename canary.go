@@ -81,9 +81,10 @@ type canaryRecord struct {
 	BakeUntil time.Time `json:"bake_until,omitzero"`
 	// Canaries: per canary node that reported its replacements up.
 	Canaries map[string]*canaryNode `json:"canaries,omitempty"`
-	Note     string                 `json:"note,omitempty"`   // canaries down, or none up
-	Reason   string                 `json:"reason,omitempty"` // failed, aborted: why; promoted: how
-	By       string                 `json:"by,omitempty"`     // who promoted or aborted (a command and host, or a node)
+	Note     string                 `json:"note,omitempty"`    // canaries down, or none up
+	Missing  []string               `json:"missing,omitempty"` // canary nodes the policy names that are not up (no status record)
+	Reason   string                 `json:"reason,omitempty"`  // failed, aborted: why; promoted: how
+	By       string                 `json:"by,omitempty"`      // who promoted or aborted (a command and host, or a node)
 	// The rollback of a failed or aborted version: claimed by one node
 	// (RollbackBy, RollbackAt), then done ("rolled back to …") or
 	// failed (RollbackErr, tried again after rollbackRetry).
@@ -162,6 +163,9 @@ func (rec *canaryRecord) state() string {
 	if rec.Note != "" {
 		s += " (" + rec.Note + ")"
 	}
+	if len(rec.Missing) > 0 && rec.open() {
+		s += " (canary nodes not up: " + strings.Join(rec.Missing, ",") + ")"
+	}
 	return s
 }
 
@@ -210,9 +214,11 @@ type canaries struct {
 	domain   string       // -registry: where bare names live
 	log      *slog.Logger
 
-	every         time.Duration // how often run looks (1 s)
-	downGrace     time.Duration // after the bake's end, how long a canary that has not confirmed has before it counts as down
-	rollbackRetry time.Duration // a rollback claimed and not done is tried again after this
+	every         time.Duration        // how often run looks (1 s)
+	downGrace     time.Duration        // after the bake's end, how long a canary that has not confirmed has before it counts as down
+	lookEvery     time.Duration        // how often the status records are read for canaries not up (noteCanaries)
+	looked        map[string]time.Time // ref -> when run last read them; run's goroutine only
+	rollbackRetry time.Duration        // a rollback claimed and not done is tried again after this
 	callTimeout   time.Duration
 	now           func() time.Time
 }
@@ -225,7 +231,7 @@ func newCanaries(kv clientv3.KV, ps *policies, dc bakeDocker, node string, label
 	}
 	return &canaries{
 		kv: kv, policies: ps, docker: dc, node: node, labels: labels, announce: ann, rollback: rb, domain: domain, log: log,
-		every: time.Second, downGrace: 5 * time.Second, rollbackRetry: 30 * time.Second, callTimeout: callTimeout, now: time.Now,
+		every: time.Second, downGrace: 5 * time.Second, lookEvery: 5 * time.Second, looked: map[string]time.Time{}, rollbackRetry: 30 * time.Second, callTimeout: callTimeout, now: time.Now,
 	}
 }
 
@@ -422,8 +428,9 @@ func (c *canaries) step(ctx context.Context, ref string, rec *canaryRecord, rev 
 	if rec.Phase == phaseBaking && !now.Before(rec.BakeUntil.Add(c.downGrace)) {
 		return c.settleDown(ctx, ref, rec, rev, now)
 	}
-	if rec.Phase == phaseCanary && now.Sub(rec.Since) >= c.downGrace {
-		return c.noteNoCanary(ctx, ref, rec, rev, pol)
+	if now.Sub(rec.Since) >= c.downGrace && now.Sub(c.looked[ref]) >= c.lookEvery {
+		c.looked[ref] = now
+		return c.noteCanaries(ctx, ref, rec, rev, pol)
 	}
 	return nil
 }
@@ -593,10 +600,12 @@ func (c *canaries) nodeLive(ctx context.Context, node string) (bool, error) {
 	return resp.Count > 0, nil
 }
 
-// noteNoCanary says in the record, while no canary has reported, which
-// canary nodes run the tag and are up, from the nodes' status records:
-// none up is reported, and the rollout waits for one, promote or abort.
-func (c *canaries) noteNoCanary(ctx context.Context, ref string, rec *canaryRecord, rev int64, pol rolloutPolicy) error {
+// noteCanaries says in the record, from the nodes' status records (each
+// bound to its node's lease), which canary nodes the policy names that
+// are not up (Missing: a cluster with fewer nodes than the canary set, or
+// a canary down), and, while no canary has reported, that none that runs
+// the tag is up: the rollout waits for one, promote or abort.
+func (c *canaries) noteCanaries(ctx context.Context, ref string, rec *canaryRecord, rev int64, pol rolloutPolicy) error {
 	gctx, cancel := context.WithTimeout(ctx, c.callTimeout)
 	resp, err := c.kv.Get(gctx, statusPrefix, clientv3.WithPrefix())
 	cancel()
@@ -604,9 +613,14 @@ func (c *canaries) noteNoCanary(ctx context.Context, ref string, rec *canaryReco
 		return fmt.Errorf("read the status records: %w", err)
 	}
 	var up []string
+	live := map[string]bool{}
 	for _, kv := range resp.Kvs {
 		var n nodeStatus
-		if json.Unmarshal(kv.Value, &n) != nil || !pol.canary(n.Node, n.Labels) {
+		if json.Unmarshal(kv.Value, &n) != nil {
+			continue
+		}
+		live[n.Node] = true
+		if !pol.canary(n.Node, n.Labels) {
 			continue
 		}
 		for _, ctr := range n.Containers {
@@ -616,14 +630,27 @@ func (c *canaries) noteNoCanary(ctx context.Context, ref string, rec *canaryReco
 			}
 		}
 	}
-	note := ""
-	if len(up) == 0 {
-		note = "no canary node that runs the tag is up: waiting for one, deployer promote or deployer abort"
+	var missing []string
+	for _, name := range pol.CanaryNodes {
+		if !live[name] {
+			missing = append(missing, name)
+		}
 	}
-	if note == rec.Note {
+	slices.Sort(missing)
+	note := rec.Note
+	if rec.Phase == phaseCanary {
+		note = ""
+		if len(up) == 0 {
+			note = "no canary node that runs the tag is up: waiting for one, deployer promote or deployer abort"
+		}
+	}
+	if note == rec.Note && slices.Equal(missing, rec.Missing) {
 		return nil
 	}
-	rec.Note = note
+	if len(missing) > len(rec.Missing) {
+		c.log.Warn("canary nodes named in the policy are not up", "ref", ref, "nodes", missing)
+	}
+	rec.Note, rec.Missing = note, missing
 	_, err = c.put(ctx, ref, rec, rev)
 	return err
 }

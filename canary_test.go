@@ -625,3 +625,28 @@ func TestCanaryHandlers(t *testing.T) {
 		t.Errorf("after POST /api/promote: phase %s, %d trigger writes; want promoted, 1", p, w.triggerPuts())
 	}
 }
+
+// TestCanaryFewerNodesThanTheSet: a canary the policy names that has no
+// live deployer (no status record) is reported in the record and in
+// status, and does not hold the bake up.
+func TestCanaryFewerNodesThanTheSet(t *testing.T) {
+	w := newCanaryWorld(t, policy{CanaryNodes: &[]string{"n1", "n4"}, Bake: durPtr(20 * time.Second), Promotion: promoteAuto})
+	for _, n := range []string{"n1", "n2"} {
+		b, _ := json.Marshal(nodeStatus{Node: n, Containers: []containerStatus{{Name: "app", Image: canaryRef, ImageID: oldImage}}})
+		if _, err := w.cli.Put(t.Context(), statusKey(n), string(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	canary, other, _ := bakeTo(t, w)
+	w.advance(canary.downGrace)
+	w.loop(other)
+	rec := w.record()
+	if !slices.Equal(rec.Missing, []string{"n4"}) || !strings.Contains(rec.state(), "canary nodes not up: n4") {
+		t.Errorf("record %+v, state %q; want n4 reported not up", rec, rec.state())
+	}
+	w.advance(20*time.Second - canary.downGrace)
+	w.loop(canary, other)
+	if rec := w.record(); rec.Phase != phasePromoted {
+		t.Errorf("at the bake's end without n4: phase %s; want promoted", rec.Phase)
+	}
+}
