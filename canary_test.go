@@ -650,3 +650,30 @@ func TestCanaryFewerNodesThanTheSet(t *testing.T) {
 		t.Errorf("at the bake's end without n4: phase %s; want promoted", rec.Phase)
 	}
 }
+
+// TestCanaryInStatus: the cluster view carries each tag's canary
+// rollout, and deployer status says where it is.
+func TestCanaryInStatus(t *testing.T) {
+	w := newCanaryWorld(t, canaryPolicy(promoteManual))
+	canary, _, _ := bakeTo(t, w)
+	w.advance(20 * time.Second)
+	w.loop(canary)
+	st, err := readStatus(t.Context(), w.cli, w.now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got *canaryStatus
+	for _, tag := range st.Tags {
+		if tag.Image == canaryRef {
+			got = tag.Canary
+		}
+	}
+	if got == nil || got.Phase != phaseWaiting || !strings.HasPrefix(got.State, "waiting for promote") {
+		t.Fatalf("status of %s: canary %+v; want waiting for promote", canaryRef, got)
+	}
+	var out strings.Builder
+	printStatus(&out, st)
+	if !strings.Contains(out.String(), "canary "+shortID(newImage)+": waiting for promote") {
+		t.Errorf("deployer status:\n%s\nwant the canary waiting for promote", out.String())
+	}
+}
