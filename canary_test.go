@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -675,5 +676,33 @@ func TestCanaryInStatus(t *testing.T) {
 	printStatus(&out, st)
 	if !strings.Contains(out.String(), "canary "+shortID(newImage)+": waiting for promote") {
 		t.Errorf("deployer status:\n%s\nwant the canary waiting for promote", out.String())
+	}
+}
+
+// TestCanaryCommands: deployer promote and deployer abort take the
+// daemon's whole command line, the image before or after the flags.
+func TestCanaryCommands(t *testing.T) {
+	w := newCanaryWorld(t, canaryPolicy(promoteManual))
+	bakeTo(t, w)
+	line := daemonCommandLine(t, sharedEtcdURL)
+	var out, stderr bytes.Buffer
+	if err := run(t.Context(), []string{"promote"}, &out, &stderr); !errors.Is(err, errUsage) {
+		t.Errorf("deployer promote without an image: %v; want %v", err, errUsage)
+	}
+	if err := run(t.Context(), append([]string{"abort"}, append(line, "example.com/other:1")...), &out, &stderr); !errors.Is(err, errNoCanary) {
+		t.Errorf("deployer abort of a tag without a canary rollout: %v; want %v", err, errNoCanary)
+	}
+	if err := run(t.Context(), append([]string{"promote", canaryRef}, line...), &out, &stderr); err != nil {
+		t.Fatalf("deployer promote %s <daemon flags>: %v (%s)", canaryRef, err, stderr.String())
+	}
+	if !strings.Contains(out.String(), "promoted: deployer promote") || w.triggerPuts() != 1 {
+		t.Errorf("deployer promote printed %q, %d trigger writes; want promoted, 1", out.String(), w.triggerPuts())
+	}
+	out.Reset()
+	if err := run(t.Context(), append([]string{"promote", canaryRef}, line...), &out, &stderr); err != nil || !strings.Contains(out.String(), "nothing to do") {
+		t.Errorf("a second deployer promote: %v, %q; want nothing to do", err, out.String())
+	}
+	if err := run(t.Context(), append([]string{"abort"}, append(line, canaryRef)...), &out, &stderr); !errors.Is(err, errCanaryOver) {
+		t.Errorf("deployer abort after the promotion: %v; want %v", err, errCanaryOver)
 	}
 }
