@@ -34,6 +34,9 @@ type tagStatus struct {
 	Versions []versionInfo `json:"versions"` // newest first
 	Rolling  []string      `json:"rolling,omitempty"`
 	Halted   *halt         `json:"halted,omitempty"`
+	// Canary is the tag's canary rollout (canary.go), with its state in
+	// words ("waiting for promote", "baking on … until …").
+	Canary *canaryStatus `json:"canary,omitempty"`
 	// Down lists the containers of the tag that are down, as
 	// "<node> <container> (<reason>)": they count against
 	// -max_unavailable.
@@ -48,6 +51,11 @@ type tagStatus struct {
 	// <container>" (hold.go).
 	Waiting *waitingRecord `json:"waiting,omitempty"`
 	Ahead   []string       `json:"ahead,omitempty"`
+}
+
+type canaryStatus struct {
+	canaryRecord
+	State string `json:"state"`
 }
 
 type versionInfo struct {
@@ -151,6 +159,16 @@ func readView(ctx context.Context, kv clientv3.KV, now time.Time, states bool) (
 	}
 	if err := readHolds(ctx, kv, &out, tag); err != nil {
 		return out, err
+	}
+	cans, err := kv.Get(ctx, canariesPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return out, err
+	}
+	for _, kv := range cans.Kvs {
+		var rec canaryRecord
+		if ref, ok := refFromCanaryKey(string(kv.Key)); ok && json.Unmarshal(kv.Value, &rec) == nil {
+			tag(ref).Canary = &canaryStatus{canaryRecord: rec, State: rec.state()}
+		}
 	}
 	for ref, t := range tags {
 		for _, v := range versions[ref] {

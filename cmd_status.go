@@ -53,6 +53,8 @@ func printStatus(w io.Writer, st clusterStatus) {
 			state = "AHEAD: " + strings.Join(t.Ahead, ", ") + " run a version that waits"
 		case t.Waiting != nil:
 			state = fmt.Sprintf("waiting: %s since %s ago: %s", shortID(t.Waiting.ImageID), st.Time.Sub(t.Waiting.Since).Round(time.Second), t.Waiting.Reason)
+		case t.Canary != nil && t.Canary.Phase != phasePromoted:
+			state = fmt.Sprintf("canary %s: %s", shortID(t.Canary.ImageID), t.Canary.State)
 		case t.Halted != nil:
 			state = fmt.Sprintf("HALTED: %s on %s: %s", shortID(t.Halted.ImageID), t.Halted.Node, t.Halted.Reason)
 		case len(t.Rolling) > 0:

@@ -603,6 +603,8 @@ var builtinRoutes = []string{
 	"PUT /api/policy",
 	"/api/freeze",
 	"/api/thaw",
+	"/api/promote",
+	"/api/abort",
 	"GET /healthz",
 	"GET /api/status",
 	"GET /api/history",

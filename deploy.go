@@ -36,8 +36,9 @@ type deployer struct {
 	notifier notifier
 	node     string
 	opts     deployOptions
-	ledger   *ledger // the deploy ledger; nil records nothing
-	gate     *gate   // the holds (gate.go); nil holds nothing
+	ledger   *ledger   // the deploy ledger; nil records nothing
+	gate     *gate     // the holds (gate.go); nil holds nothing
+	canaries *canaries // the canary hold (canary.go); nil holds nothing
 	images   imageRemover
 	log      *slog.Logger
 	metrics  *metrics
@@ -133,6 +134,7 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	}
 	stale = d.gate.pinnedStops(stale, pinned, d.replacer.strategyOf)
 	d.applyPolicies(ctx, stale)
+	stale = d.canaries.filter(ctx, stale, current, j, &r) // the canary hold: nothing of a held version is stopped
 	if d.opts.dryRun {
 		r.DryRun, r.Stale = true, stale
 		d.metrics.wouldRestart.Add(float64(len(stale)))

@@ -406,6 +406,7 @@ func TestE2ERollout(t *testing.T) {
 	t.Run("H a version that never turns healthy is rolled back by itself", func(t *testing.T) { autoRollbackScenario(t, s) })
 	t.Run("I deployer rollback with recreate-strategy containers", func(t *testing.T) { recreateRollbackScenario(t, s) })
 	t.Run("P release policy", func(t *testing.T) { policyScenarios(t, s) }) // e2e_policy_test.go
+	canaryScenarios(t, s)                                                   // e2e_canary_test.go: J, K
 }
 
 // buildHealth builds a version of an image with a HEALTHCHECK (every

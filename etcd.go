@@ -23,6 +23,7 @@ package main
 //	<prefix>/_policy/<image ref>              the rollout policy of one image tag
 //	<prefix>/_freeze/<scope>                  a freeze (freeze.go): "_all", a repository, or an image ref
 //	<prefix>/_waiting/<image ref>             the newest version of a tag that a freeze or window holds (hold.go)
+//	<prefix>/_canary/<image ref>              the canary rollout of the tag's newest version (canary.go)
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -46,6 +47,7 @@ const (
 	policyDir    = "_policy"
 	freezeDir    = "_freeze"
 	waitingDir   = "_waiting"
+	canaryDir    = "_canary"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -152,3 +154,20 @@ const waitingsPrefix = "/" + waitingDir + "/"
 
 // waitingKey is the waiting version of ref.
 func waitingKey(ref string) string { return waitingsPrefix + url.PathEscape(ref) }
+
+// canariesPrefix holds the canary rollouts (canary.go), one key per image
+// tag.
+const canariesPrefix = "/" + canaryDir + "/"
+
+// canaryKey is the canary rollout of one image tag.
+func canaryKey(ref string) string { return canariesPrefix + url.PathEscape(ref) }
+
+// refFromCanaryKey returns the image ref a canary key names.
+func refFromCanaryKey(key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, canariesPrefix)
+	if !ok {
+		return "", false
+	}
+	ref, err := url.PathUnescape(name)
+	return ref, err == nil && ref != ""
+}

@@ -23,7 +23,7 @@
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
-//  7. replace
+//  7. replace, canary (canary nodes, the bake, promote and abort)
 //  8. ledger (the deploy ledger), then hold (freezes and windows hold a
 //     version), holdops and tagpolicy
 //  9. pinrecord (a tag's pin), quarantine (read from the ledger)
@@ -31,8 +31,10 @@
 //     quarantine), tagstate (each tag's deploy state in the cluster view)
 //  11. deploy, clusterview, cmd_status, cmd_history, cmd_policy, policy_api
 //  12. rollback (an earlier version back under its tag, or a pin)
-//  13. pin (deployer pin and unpin, POST /api/pin and /api/unpin)
-//  14. cmd_rollback, cmd_pin, autorollback (a halt rolled back by itself)
+//  13. pin (deployer pin and unpin, POST /api/pin and /api/unpin),
+//     haltrollback (a halted version rolled back)
+//  14. cmd_rollback, cmd_pin, cmd_canary, autorollback (a halt rolled
+//     back by itself)
 //  15. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
@@ -116,6 +118,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if cmd, ok := policyCommands[firstArg(args)]; ok {
 		return cmd(ctx, args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && (args[0] == "promote" || args[0] == "abort") {
+		return canaryCommand(ctx, args[0], args[1:], stdout, stderr)
 	}
 	cfg, err := parseFlags("deployer", args, os.Getenv, stderr)
 	if err != nil {
@@ -228,6 +233,7 @@ type daemon struct {
 	policies  *policies     // the rollout policies (policy.go)
 	holds     *holds        // freezes and windows (hold.go)
 	policyAPI *policyAPI
+	canaries  *canaries // canary rollouts: the hold, the bake, promote and abort
 	status    *statusReporter
 	slack     *slackNotifier // nil when Slack is off
 	failures  *failLimiter   // failed authentications per address
@@ -275,6 +281,13 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.holds = newHolds(etcd, d.policies, d.ledger, dc, cfg.NodeName, log.With("component", "holds"))
 	dep.policies, dep.holds = d.policies, d.holds
 	rep.replacer.gate = d.holds.gate
+	var ann announcer = nopAnnouncer{}
+	if d.slack != nil {
+		ann = d.slack
+	}
+	d.canaries = newCanaries(etcd, d.policies, dc, cfg.NodeName, cfg.NodeLabels, ann, rollbackHalted(d.rollback, cfg.NodeName), cfg.registryDomain,
+		log.With("component", "canary"))
+	dep.canaries = d.canaries
 
 	d.progress = newProgress(etcd, progressKey(cfg.NodeName), log.With("component", "progress"))
 	statusPokes := make(chan struct{}, 1) // a deploy ended: the status record shows its outcome at once
@@ -320,6 +333,8 @@ func (d *daemon) handler() http.Handler {
 		"PUT /api/policy":     http.HandlerFunc(d.policyAPI.put),
 		"/api/freeze":         http.HandlerFunc(d.policyAPI.freeze),
 		"/api/thaw":           http.HandlerFunc(d.policyAPI.thaw),
+		"/api/promote":        canaryHandler(d.webhook, d.canaries, "promote"),
+		"/api/abort":          canaryHandler(d.webhook, d.canaries, "abort"),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
@@ -507,6 +522,7 @@ func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan stru
 		g.Go(func() error { return d.autoRb.run(gctx) })
 	}
 	g.Go(func() error { return d.holds.run(gctx) })
+	g.Go(func() error { return d.canaries.run(gctx) })
 	return done, g.Wait()
 }
 

@@ -319,7 +319,7 @@ func daemonCommandLine(t *testing.T, etcdURL string) []string {
 		"-etcd_nodes=", "-etcd_data_dir", t.TempDir(), "-etcd_listen_client", etcdURL, "-etcd_listen_peer", freePort(t),
 		"-etcd_dial_timeout", "3s", "-etcd_prefix", testPrefix(t), "-etcd_retry_delay", "1s",
 		"-kill_timeout", "5", "-listen", "127.0.0.1:4600", "-log_format", "json", "-max_threads", "2", "-max_unavailable", "0",
-		"-metrics_open", "-node_name", "solo", "-registry", "127.0.0.1:5000", "-registry_webhook_path", "/hooks/registry",
+		"-metrics_open", "-node_labels", "canary,eu", "-node_name", "solo", "-up_after", "2s", "-registry", "127.0.0.1:5000", "-registry_webhook_path", "/hooks/registry",
 		"-repull_period", "1h", "-restart_strategy", "recreate", "-restart_timeout", "1m", "-slack_username", "bot",
 		"-slack_webhook_url=", "-slot_timeout", "5m", "-strong_consistency", "-tls_cert=", "-tls_key=",
 		"-webhook_path", "/hooks/hub", "-webhook_secret=", "-node_labels", "canary,eu", "-up_after", "2s",

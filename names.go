@@ -177,3 +177,11 @@ func checkDigest(d string) error {
 }
 
 var tagCheckRepo, _ = reference.WithName("x")
+
+// familiar is a canonical reference as people write it.
+func familiar(s string) string {
+	if n, err := reference.ParseNormalizedNamed(s); err == nil {
+		return reference.FamiliarString(n)
+	}
+	return s
+}

@@ -13,7 +13,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/distribution/reference"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -108,14 +107,6 @@ func pinWarning(image string, containers []string) string {
 	}
 	return fmt.Sprintf("warning: %s has containers under the stop strategy, started by their supervisors from the tag: %s; a supervisor that pulls the tag before it runs it (docker pull in ExecStartPre) starts the registry's version and undoes the pin for its container",
 		familiar(image), strings.Join(containers, ", "))
-}
-
-// familiar is a canonical reference as people write it.
-func familiar(s string) string {
-	if n, err := reference.ParseNormalizedNamed(s); err == nil {
-		return reference.FamiliarString(n)
-	}
-	return s
 }
 
 // liftHalt is the delete of ref's halt record when it names imageID: an
