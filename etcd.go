@@ -17,6 +17,7 @@ package main
 //	<prefix>/_rollout/<image ref>/slots/<id>  a node replacing a container, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
+//	<prefix>/_reports/<image ref>/<version>   the node sending the version's rollout report, leased (rolloutreport.go)
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -25,6 +26,7 @@ package main
 
 import (
 	"net/url"
+	"strconv"
 	"strings"
 )
 
@@ -35,6 +37,7 @@ const (
 	secretDir    = "_secret"
 	statusDir    = "_status"
 	rolloutDir   = "_rollout"
+	reportsDir   = "_reports"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -92,3 +95,12 @@ func downDir(ref string) string { return rolloutPrefix(ref) + downLeaf }
 
 // downKey lists node's containers of ref that are down.
 func downKey(ref, node string) string { return downDir(ref) + node }
+
+// reportsPrefix holds the claims of rollout reports being sent
+// (rolloutreport.go); reportClaimKey one version's, held under the
+// sender's lease until the report is marked sent in the ledger.
+const reportsPrefix = "/" + reportsDir + "/"
+
+func reportClaimKey(ref string, version int64) string {
+	return reportsPrefix + url.PathEscape(ref) + "/" + strconv.FormatInt(version, 10)
+}

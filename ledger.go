@@ -63,6 +63,17 @@ type ledgerVersion struct {
 	// Lead times from Pushed to the first node converged and to the last.
 	FirstSeconds float64 `json:"lead_first_seconds,omitempty"`
 	LastSeconds  float64 `json:"lead_last_seconds,omitempty"`
+	// Reported: the version's rollout report was sent (rolloutreport.go).
+	Reported *reportMark `json:"reported,omitempty"`
+}
+
+// reportMark records that a version's rollout report was sent: when, by
+// which node, on which outcome; Err when no service took it.
+type reportMark struct {
+	Time    time.Time `json:"time"`
+	Node    string    `json:"node"`
+	Outcome string    `json:"outcome"`
+	Err     string    `json:"err,omitempty"`
 }
 
 // askedBy is who asked for a version: a trigger's source and remote

@@ -5,7 +5,8 @@
 // the deployer on every node watches etcd, pulls the new version of every
 // local tag of that repository and stops the containers that still run the
 // old image, so that their supervisor (a systemd or fleet unit with
-// Restart=always) starts them again on the new one. Slack is told.
+// Restart=always) starts them again on the new one. One node tells Slack
+// and the -notify services once per rollout.
 //
 // The files are layered: each uses only files of the layers before it
 // (filedeps_test.go fails on a cycle, and lists every cross-file edge in
@@ -14,15 +15,18 @@
 //  1. leaves: errors (a deploy's outcomes), timeouts, names, etcd (the
 //     keyspace), metrics, redact, flagcheck, eventstream, tlsreload,
 //     health
-//  2. config (and the etcd and Docker clients as the flags say), trigger
+//  2. config (and the etcd and Docker clients as the flags say),
+//     config_notify (the notification flags), trigger
 //     (the record and the one rule), retry, scan, clone, puller, upwait
 //  3. the node: nodeid, auth, parked, queue
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
-//  6. rollout, trigger_github, trigger_harbor, trigger_quay
+//  6. rollout, trigger_github, trigger_harbor, trigger_quay,
+//     notify_services (the Slack webhook and the -notify services)
 //  7. replace, clusterview
 //  8. ledger (the deploy ledger)
-//  9. deploy, cmd_status, cmd_history
+//  9. deploy, cmd_status, cmd_history, rolloutreport (one report per
+//     rollout, its sender chosen through etcd)
 //  10. rollback (an earlier version back under its tag)
 //  11. cmd_rollback
 //  12. main: the daemon's wiring and lifecycle
@@ -200,7 +204,8 @@ type daemon struct {
 	parker    *parker // settles what a crash left parked
 	ledger    *ledger
 	status    *statusReporter
-	slack     *slackNotifier // nil when Slack is off
+	notify    *notifyHub     // nil when no service is configured
+	reports   *rolloutReporter // nil when no service is configured
 	failures  *failLimiter   // failed authentications per address
 	secret    *secretCell    // the webhook secret, set once at start
 	health    *healthCache
@@ -216,12 +221,17 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	m := newMetrics()
 	etcd := etcdc.InPrefix(cli, cfg.EtcdPrefix)
 	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, secret: &secretCell{}, ready: make(chan struct{}), stopBound: stopBound(cfg)}
-	var note notifier = nopNotifier{}
-	if cfg.SlackWebhookURL != "" {
-		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
-		note = d.slack
-	}
 	d.leases = etcdc.NewNodeLease(etcd, sessionTTL, callTimeout)
+	var note notifier = nopNotifier{}
+	senders, err := notifySenders(cfg, log.With("component", "notify"))
+	if err != nil {
+		return nil, err
+	}
+	if len(senders) > 0 {
+		d.notify = newNotifyHub(senders, cfg.NotifyPerNode, log.With("component", "notify"), m)
+		note = d.notify
+		d.reports = newRolloutReporter(etcd, d.leases, d.notify, cfg.NodeName, log.With("component", "reports"))
+	}
 
 	// One source of Docker events for every subscription: each is a
 	// stream of its own, closed when it ends (go-dockerclient's own
@@ -332,8 +342,8 @@ func (d *daemon) run(ctx context.Context) error {
 	var back errgroup.Group
 	back.Go(func() error { return d.progress.run(bgCtx) })
 	back.Go(func() error { return d.ledger.run(bgCtx) })
-	if d.slack != nil {
-		back.Go(func() error { return d.slack.run(bgCtx) })
+	if d.notify != nil {
+		back.Go(func() error { return d.notify.run(bgCtx) })
 	}
 
 	// The stop's bound (-kill_timeout + 7 s) counts from the signal.
@@ -445,6 +455,9 @@ func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan stru
 	g.Go(func() error { return d.watcher.run(gctx) })
 	g.Go(func() error { return d.repuller.run(gctx) })
 	g.Go(func() error { return d.status.run(gctx) })
+	if d.reports != nil {
+		g.Go(func() error { return d.reports.run(gctx) })
+	}
 	return done, g.Wait()
 }
 
