@@ -18,7 +18,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/die-net/deployer/internal/etcdc"
 )
 

@@ -7,8 +7,8 @@ package main
 import (
 	"errors"
 	"flag"
-	"net/url"
 	"fmt"
+	"net/url"
 	"strings"
 
 	"github.com/nicholas-fedor/shoutrrr/pkg/router"

@@ -204,10 +204,10 @@ type daemon struct {
 	parker    *parker // settles what a crash left parked
 	ledger    *ledger
 	status    *statusReporter
-	notify    *notifyHub     // nil when no service is configured
+	notify    *notifyHub       // nil when no service is configured
 	reports   *rolloutReporter // nil when no service is configured
-	failures  *failLimiter   // failed authentications per address
-	secret    *secretCell    // the webhook secret, set once at start
+	failures  *failLimiter     // failed authentications per address
+	secret    *secretCell      // the webhook secret, set once at start
 	health    *healthCache
 	claim     *nodeClaim    // the node name, held while running
 	stopBound time.Duration // from the signal to run's return
