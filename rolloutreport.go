@@ -220,6 +220,9 @@ func (r *rolloutReporter) report(ctx context.Context, key string, modRev int64, 
 		return nil // another node has it, or the version changed: read again
 	}
 	r.hook(ctx)
+	if ctx.Err() != nil {
+		return ctx.Err() // stopping: the lease's end frees the claim for another node
+	}
 	rep := summarize(v, running)
 	serr := r.out.deliver(ctx, rep.message())
 	r.log.Info("rollout report sent", "image", v.Image, "version", v.Version, "outcome", rep.Outcome, "done", len(rep.Done), "failed", len(rep.Failed))
