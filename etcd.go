@@ -18,6 +18,7 @@ package main
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
 //	<prefix>/_reports/<image ref>/<version>   the node sending the version's rollout report, leased (rolloutreport.go)
+//	<prefix>/_reports/<image ref>/<version>/thread  the node posting the version's Slack thread, leased
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -103,4 +104,10 @@ const reportsPrefix = "/" + reportsDir + "/"
 
 func reportClaimKey(ref string, version int64) string {
 	return reportsPrefix + url.PathEscape(ref) + "/" + strconv.FormatInt(version, 10)
+}
+
+// threadClaimKey is held, under its lease, by the node posting the parent
+// message of a version's Slack thread (-slack_token).
+func threadClaimKey(ref string, version int64) string {
+	return reportClaimKey(ref, version) + "/thread"
 }

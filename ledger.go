@@ -65,6 +65,8 @@ type ledgerVersion struct {
 	LastSeconds  float64 `json:"lead_last_seconds,omitempty"`
 	// Reported: the version's rollout report was sent (rolloutreport.go).
 	Reported *reportMark `json:"reported,omitempty"`
+	// SlackThread is the rollout's thread with -slack_token.
+	SlackThread *slackThread `json:"slack_thread,omitempty"`
 }
 
 // reportMark records that a version's rollout report was sent: when, by
@@ -74,6 +76,14 @@ type reportMark struct {
 	Node    string    `json:"node"`
 	Outcome string    `json:"outcome"`
 	Err     string    `json:"err,omitempty"`
+}
+
+// slackThread is a version's Slack thread: the parent message (channel
+// and timestamp) and the nodes that replied with their part.
+type slackThread struct {
+	Channel string   `json:"channel"`
+	TS      string   `json:"ts"`
+	Replied []string `json:"replied,omitempty"`
 }
 
 // askedBy is who asked for a version: a trigger's source and remote

@@ -22,7 +22,8 @@
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay,
-//     notify_services (the Slack webhook and the -notify services)
+//     notify_services (the Slack webhook and the -notify services),
+//     notify_slackthread (Slack's Web API with -slack_token)
 //  7. replace, clusterview
 //  8. ledger (the deploy ledger)
 //  9. deploy, cmd_status, cmd_history, rolloutreport (one report per
@@ -227,10 +228,14 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	if err != nil {
 		return nil, err
 	}
-	if len(senders) > 0 {
+	var threads threadPoster
+	if cfg.SlackToken != "" {
+		threads = newSlackThreads(cfg.SlackToken, cfg.SlackChannel, cfg.SlackUsername, cfg.SlackAPI)
+	}
+	if len(senders) > 0 || threads != nil {
 		d.notify = newNotifyHub(senders, cfg.NotifyPerNode, log.With("component", "notify"), m)
 		note = d.notify
-		d.reports = newRolloutReporter(etcd, d.leases, d.notify, cfg.NodeName, log.With("component", "reports"))
+		d.reports = newRolloutReporter(etcd, d.leases, d.notify, threads, cfg.NodeName, log.With("component", "reports"))
 	}
 
 	// One source of Docker events for every subscription: each is a

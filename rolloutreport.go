@@ -70,6 +70,7 @@ type rolloutReporter struct {
 	etcd     reportEtcd
 	leases   reportLeases
 	out      reportDeliverer
+	threads  threadPoster // nil: no -slack_token
 	node     string
 	log      *slog.Logger
 	now      func() time.Time
@@ -79,8 +80,8 @@ type rolloutReporter struct {
 }
 
 // newRolloutReporter returns the reporter of node; it starts nothing.
-func newRolloutReporter(etcd reportEtcd, leases reportLeases, out reportDeliverer, node string, log *slog.Logger) *rolloutReporter {
-	return &rolloutReporter{etcd: etcd, leases: leases, out: out, node: node, log: log, now: time.Now,
+func newRolloutReporter(etcd reportEtcd, leases reportLeases, out reportDeliverer, threads threadPoster, node string, log *slog.Logger) *rolloutReporter {
+	return &rolloutReporter{etcd: etcd, leases: leases, out: out, threads: threads, node: node, log: log, now: time.Now,
 		takeover: reportTakeover, timeout: 10 * time.Second, hook: reportHook}
 }
 
@@ -177,6 +178,11 @@ func (r *rolloutReporter) loopOnce(ctx context.Context) (time.Duration, error) {
 		if json.Unmarshal(kv.Value, &v) != nil {
 			continue
 		}
+		if r.threads != nil {
+			if err := r.thread(ctx, string(kv.Key), kv.ModRevision, v, running[v.Image], claimed, now); err != nil {
+				r.log.Warn("rollout's Slack thread not updated", "image", v.Image, "version", v.Version, "err", err)
+			}
+		}
 		s, ok := settle(v, running[v.Image], now)
 		if !ok || claimed[reportClaimKey(v.Image, v.Version)] {
 			continue
@@ -196,74 +202,195 @@ func (r *rolloutReporter) loopOnce(ctx context.Context) (time.Duration, error) {
 	return next, nil
 }
 
-// errNotClaimed: another node claimed the report, or the version changed
-// since it was read.
-var errNotClaimed = errors.New("claimed by another node or changed")
+// errNotClaimed: the version kept changing under the writes.
+var errNotClaimed = errors.New("the version kept changing")
 
-// report claims v's report, sends it and marks it sent.
-func (r *rolloutReporter) report(ctx context.Context, key string, modRev int64, v ledgerVersion, running []string) error {
+// claim takes claim under this node's lease if nobody holds it and the
+// version at key is still at modRev; ok is false when another node has
+// it or the version changed (the next pass reads again).
+func (r *rolloutReporter) claim(ctx context.Context, claim, key string, modRev int64) (ok bool, err error) {
 	sess, err := r.leases.Current(ctx)
 	if err != nil {
-		return err
+		return false, err
 	}
-	claim := reportClaimKey(v.Image, v.Version)
 	cctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
 	tr, err := r.etcd.Txn(cctx).If(
 		clientv3.Compare(clientv3.CreateRevision(claim), "=", 0),
 		clientv3.Compare(clientv3.ModRevision(key), "=", modRev),
 	).Then(clientv3.OpPut(claim, r.node, clientv3.WithLease(sess.Lease()))).Commit()
-	cancel()
 	if err != nil {
-		return fmt.Errorf("claim: %w", err)
+		return false, fmt.Errorf("claim: %w", err)
 	}
-	if !tr.Succeeded {
-		return nil // another node has it, or the version changed: read again
+	return tr.Succeeded, nil
+}
+
+// release deletes a claim this node gives up.
+func (r *rolloutReporter) release(ctx context.Context, claim string) {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.timeout)
+	defer cancel()
+	if _, err := r.etcd.Delete(dctx, claim); err != nil {
+		r.log.Warn("rollout reports: claim not released; its lease frees it", "err", err)
+	}
+}
+
+// report claims v's report, sends it and marks it sent.
+func (r *rolloutReporter) report(ctx context.Context, key string, modRev int64, v ledgerVersion, running []string) error {
+	claim := reportClaimKey(v.Image, v.Version)
+	if ok, err := r.claim(ctx, claim, key, modRev); err != nil || !ok {
+		return err // another node has it, or the version changed: read again
 	}
 	r.hook(ctx)
 	if ctx.Err() != nil {
 		return ctx.Err() // stopping: the lease's end frees the claim for another node
 	}
 	rep := summarize(v, running)
-	serr := r.out.deliver(ctx, rep.message())
+	m := rep.message()
+	serr := r.out.deliver(ctx, m)
 	r.log.Info("rollout report sent", "image", v.Image, "version", v.Version, "outcome", rep.Outcome, "done", len(rep.Done), "failed", len(rep.Failed))
 	mark := reportMark{Time: r.now().UTC(), Node: r.node, Outcome: rep.Outcome}
 	if serr != nil {
 		mark.Err = serr.Error()
 	}
-	return r.mark(context.WithoutCancel(ctx), key, claim, mark)
+	if _, err := r.modify(context.WithoutCancel(ctx), key, claim, func(v *ledgerVersion) bool {
+		if v.Reported != nil {
+			r.log.Warn("rollout report was sent twice", "image", v.Image, "version", v.Version, "other_node", v.Reported.Node)
+		}
+		v.Reported = &mark
+		return true
+	}); err != nil {
+		return err
+	}
+	// The thread's parent gets the final text after the mark: a node
+	// that updates it with its progress reads the mark after its update
+	// and puts the final text back (thread).
+	if r.threads != nil && v.SlackThread != nil {
+		t := v.SlackThread
+		err := r.threads.update(ctx, t.Channel, t.TS, m.Text)
+		if err == nil {
+			_, _, err = r.threads.post(ctx, m.Text, t.TS, true)
+		}
+		if err != nil {
+			return fmt.Errorf("the report in its Slack thread: %w", err)
+		}
+	}
+	return nil
 }
 
-// mark writes mark into the version's record and deletes the claim, in
-// one transaction, tried again while other nodes write the version.
-func (r *rolloutReporter) mark(ctx context.Context, key, claim string, mark reportMark) error {
+// modify applies f to the version at key and writes it, deleting claim
+// (when set) in the same transaction; tried again while other nodes
+// write the version. f returns false to write nothing (the claim is
+// deleted all the same). It returns the version as written.
+func (r *rolloutReporter) modify(ctx context.Context, key, claim string, f func(*ledgerVersion) bool) (ledgerVersion, error) {
 	for range 5 {
 		mctx, cancel := context.WithTimeout(ctx, r.timeout)
 		g, err := r.etcd.Get(mctx, key)
 		if err != nil || len(g.Kvs) == 0 {
 			cancel()
-			return fmt.Errorf("mark the report sent: %w", cmp.Or(err, errors.New("the version is gone")))
+			return ledgerVersion{}, fmt.Errorf("write %s: %w", key, cmp.Or(err, errors.New("the version is gone")))
 		}
 		var v ledgerVersion
 		if err := json.Unmarshal(g.Kvs[0].Value, &v); err != nil {
 			cancel()
-			return fmt.Errorf("mark the report sent: %w", err)
+			return ledgerVersion{}, fmt.Errorf("write %s: %w", key, err)
 		}
-		if v.Reported != nil {
-			r.log.Warn("rollout report was sent twice", "image", v.Image, "version", v.Version, "other_node", v.Reported.Node)
+		var ops []clientv3.Op
+		if f(&v) {
+			b, _ := json.Marshal(v)
+			ops = append(ops, clientv3.OpPut(key, string(b)))
 		}
-		v.Reported = &mark
-		b, _ := json.Marshal(v)
-		tr, err := r.etcd.Txn(mctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", g.Kvs[0].ModRevision)).
-			Then(clientv3.OpPut(key, string(b)), clientv3.OpDelete(claim)).Commit()
+		if claim != "" {
+			ops = append(ops, clientv3.OpDelete(claim))
+		}
+		tr, err := r.etcd.Txn(mctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", g.Kvs[0].ModRevision)).Then(ops...).Commit()
 		cancel()
 		if err != nil {
-			return fmt.Errorf("mark the report sent: %w", err)
+			return ledgerVersion{}, fmt.Errorf("write %s: %w", key, err)
 		}
 		if tr.Succeeded {
-			return nil
+			return v, nil
 		}
 	}
-	return fmt.Errorf("mark the report sent: %w", errNotClaimed)
+	return ledgerVersion{}, fmt.Errorf("write %s: %w", key, errNotClaimed)
+}
+
+// threadPoster posts and updates Slack messages (notify_slackthread.go).
+type threadPoster interface {
+	// post posts text, in thread threadTS when set (broadcast: shown in
+	// the channel too), and returns the message's channel and timestamp.
+	post(ctx context.Context, text, threadTS string, broadcast bool) (channel, ts string, err error)
+	// update replaces the text of a message.
+	update(ctx context.Context, channel, ts, text string) error
+}
+
+// thread keeps v's Slack thread (-slack_token) up to date with this
+// node's part: the first node with a result posts the parent message (a
+// claim elects it); then each node replies with its own result, once
+// (failures shown in the channel too), and updates the parent's counts.
+func (r *rolloutReporter) thread(ctx context.Context, key string, modRev int64, v ledgerVersion, running []string, claimed map[string]bool, now time.Time) error {
+	if (v.Outcome != outcomeRollingOut && v.Outcome != outcomeRolledOut && v.Outcome != outcomeHalted) || len(v.Nodes) == 0 || now.Sub(v.Pushed) > reportWindow {
+		return nil
+	}
+	if v.SlackThread == nil {
+		claim := threadClaimKey(v.Image, v.Version)
+		if claimed[claim] {
+			return nil
+		}
+		if ok, err := r.claim(ctx, claim, key, modRev); err != nil || !ok {
+			return err
+		}
+		channel, ts, err := r.threads.post(ctx, summarize(v, running).progress(), "", false)
+		if err != nil {
+			r.release(ctx, claim)
+			return err
+		}
+		_, err = r.modify(context.WithoutCancel(ctx), key, claim, func(v *ledgerVersion) bool {
+			if v.SlackThread != nil {
+				return false
+			}
+			v.SlackThread = &slackThread{Channel: channel, TS: ts}
+			return true
+		})
+		return err
+	}
+	res, ok := v.Nodes[r.node]
+	if !ok || slices.Contains(v.SlackThread.Replied, r.node) {
+		return nil
+	}
+	failed := !res.Failed.IsZero()
+	if _, _, err := r.threads.post(ctx, nodeDetail(r.node, v, res), v.SlackThread.TS, failed); err != nil {
+		return err
+	}
+	cur, err := r.modify(context.WithoutCancel(ctx), key, "", func(v *ledgerVersion) bool {
+		if v.SlackThread == nil || slices.Contains(v.SlackThread.Replied, r.node) {
+			return false
+		}
+		v.SlackThread.Replied = append(v.SlackThread.Replied, r.node)
+		return true
+	})
+	if err != nil || cur.SlackThread == nil || cur.Reported != nil {
+		return err // the final report sets the parent's text
+	}
+	if err := r.threads.update(ctx, cur.SlackThread.Channel, cur.SlackThread.TS, summarize(cur, running).progress()); err != nil {
+		return err
+	}
+	// The report may have been marked sent, and its text put in the
+	// parent, before this update landed: put it back.
+	gctx, cancel := context.WithTimeout(ctx, r.timeout)
+	g, err := r.etcd.Get(gctx, key)
+	cancel()
+	if err != nil || len(g.Kvs) == 0 || json.Unmarshal(g.Kvs[0].Value, &cur) != nil || cur.Reported == nil || cur.SlackThread == nil {
+		return err
+	}
+	return r.threads.update(ctx, cur.SlackThread.Channel, cur.SlackThread.TS, summarize(cur, running).message().Text)
+}
+
+// nodeDetail is a node's reply in a rollout's thread.
+func nodeDetail(node string, v ledgerVersion, res nodeResult) string {
+	if !res.Failed.IsZero() {
+		return fmt.Sprintf(":x: %s failed %s after the push: %s", node, max(res.Failed.Sub(v.Pushed), 0).Round(100*time.Millisecond), res.Reason)
+	}
+	return fmt.Sprintf("%s converged %s after the push", node, max(res.Converged.Sub(v.Pushed), 0).Round(100*time.Millisecond))
 }
 
 // settled is when a version settled and which node settled it.
@@ -410,6 +537,13 @@ func latest(a, b time.Time) time.Time {
 		return b
 	}
 	return a
+}
+
+// progress is the parent message of a rollout's Slack thread while it
+// rolls out.
+func (r rolloutReport) progress() string {
+	total := len(r.Done) + len(r.Failed) + len(r.Pending)
+	return fmt.Sprintf("Rolling out %s (version %d, image %s): %d of %d nodes done, %d failed", r.Image, r.Version, shortID(r.ImageID), len(r.Done), total, len(r.Failed))
 }
 
 // message renders the report: one line with the version and the counts,

@@ -163,7 +163,7 @@ func readVersion(t *testing.T, cli *clientv3.Client, key string) ledgerVersion {
 }
 
 func newTestReporter(t *testing.T, cli *clientv3.Client, node string, out reportDeliverer, now time.Time) *rolloutReporter {
-	r := newRolloutReporter(cli, testLeases(t, cli), out, node, testLogger(t))
+	r := newRolloutReporter(cli, testLeases(t, cli), out, nil, node, testLogger(t))
 	r.now = func() time.Time { return now }
 	return r
 }
