@@ -92,10 +92,23 @@ func TestE2E(t *testing.T) {
 	})
 
 	t.Run("2b a 3-node deploy sends one report on each service", func(t *testing.T) {
-		from, hookFrom := len(s.slackTexts()), len(s.hook.got())
-		start := time.Now()
-		qa := deploy(t, "scenario 2b") // waits for exactly one report on each service
-		slack, hook := s.slackTexts()[from:], s.hook.got()[hookFrom:]
+		// count deploys a new qa version and returns the messages each
+		// service got, and when the rollout report reached Slack.
+		count := func(label string) (slack []string, hook []map[string]string, took time.Duration) {
+			from, hookFrom := len(s.slackTexts()), len(s.hook.got())
+			start := time.Now()
+			deploy(t, label) // waits for exactly one report on each service
+			slack, hook = s.slackTexts()[from:], s.hook.got()[hookFrom:]
+			s.slack.mu.Lock()
+			for i, p := range s.slack.payloads[from:] {
+				if text, _ := p["text"].(string); strings.HasPrefix(text, "Rolled out ") {
+					took = s.slack.at[from+i].Sub(start)
+				}
+			}
+			s.slack.mu.Unlock()
+			return slack, hook, took
+		}
+		slack, hook, took := count("scenario 2b")
 		if len(slack) != 1 || len(hook) != 1 {
 			t.Errorf("a 3-node deploy sent %d Slack messages %q and %d webhook messages; want one each", len(slack), slack, len(hook))
 		}
@@ -108,8 +121,26 @@ func TestE2E(t *testing.T) {
 		if !strings.HasPrefix(b["digest"], "sha256:") || !strings.Contains(slack[0], b["digest"]) {
 			t.Errorf("report without the pushed digest: %q, %q", b["digest"], slack[0])
 		}
-		s.record("scenario 2b: a 3-node deploy sent %d Slack message and %d webhook message %v after the webhook (before: one Slack message per node, 3): %q",
-			len(slack), len(hook), time.Since(start).Round(time.Millisecond), slack[0])
+		s.record("scenario 2b: a 3-node deploy sent %d Slack message and %d webhook message, the report %v after the webhook: %q",
+			len(slack), len(hook), took.Round(time.Millisecond), slack[0])
+
+		// The original's messages, one per node, with -notify_per_node.
+		s.restartDeployers("-notify_per_node")
+		slack, hook, _ = count("scenario 2b (-notify_per_node)")
+		perNode := 0
+		for _, text := range slack {
+			if strings.HasPrefix(text, "Deploying "+qaRef+" on ") {
+				perNode++
+			}
+		}
+		if perNode != len(all) || len(slack) != len(all)+1 || len(hook) != len(all)+1 {
+			t.Errorf("with -notify_per_node: %d Slack messages (%d per node), %d webhook messages; want %d per node and the report on each", len(slack), perNode, len(hook), len(all))
+		}
+		s.record("scenario 2b: with -notify_per_node the same deploy sent %d Slack messages (%d from the nodes, as before this change, and the report) and %d webhook messages", len(slack), perNode, len(hook))
+		for _, n := range all {
+			n.args = slices.DeleteFunc(n.args, func(a string) bool { return a == "-notify_per_node" })
+		}
+		s.restartDeployers()
 	})
 
 	t.Run("2c the node that would send the report is killed: another sends it, once", func(t *testing.T) {
