@@ -129,7 +129,7 @@ func TestE2E(t *testing.T) {
 		slack, hook, _ = count("scenario 2b (-notify_per_node)")
 		perNode := 0
 		for _, text := range slack {
-			if strings.HasPrefix(text, "Deploying "+qaRef+" on ") {
+			if strings.HasPrefix(text, "Deploying "+s.hub.host()+"/myorg/app on ") {
 				perNode++
 			}
 		}

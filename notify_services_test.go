@@ -179,3 +179,22 @@ func TestRedactErrUserInfo(t *testing.T) {
 		}
 	}
 }
+
+// TestNotifyURLExamples: every example URL of README's Notifications
+// section is accepted by -notify.
+func TestNotifyURLExamples(t *testing.T) {
+	for _, u := range []string{
+		"teams://11111111-4444-4444-8444-cccccccccccc@22222222-4444-4444-8444-cccccccccccc/33333333012222222222333333333344/44444444-4444-4444-8444-cccccccccccc/V2ESyij_gAljSoUQHvZoZYzlpAoAXExyOl26dlf1xHEx05?host=contoso.webhook.office.com",
+		"discord://W3dE2OZz4C13_4z_uHfDOoC7BqTW288s-z1ykqI0iJnY@693853386302554172",
+		"mattermost://mattermost.example.com/bywsw8zt5jgpte3nm65qjiru6h",
+		"googlechat://chat.googleapis.com/v1/spaces/AAAAkE7yhyo/messages?key=AIzaSyDdI0hCZtE6vySjMm&token=wyWVs-KIn0",
+		"ntfy://ntfy.sh/acme-deploys",
+		"telegram://110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw@telegram?chats=@acme_ops",
+		"smtp://deployer:s3cret@mail.example.com:587/?fromaddress=deployer@example.com&toaddresses=ops@example.com",
+		"generic://hooks.example.com/deploys?template=json",
+	} {
+		if _, err := parseFlags("deployer", []string{"-notify", u}, env(), io.Discard); err != nil {
+			t.Errorf("-notify %s: %v", redactURL(u), err)
+		}
+	}
+}
