@@ -97,7 +97,8 @@ func TestE2E(t *testing.T) {
 		count := func(label string) (slack []string, hook []map[string]string, took time.Duration) {
 			from, hookFrom := len(s.slackTexts()), len(s.hook.got())
 			start := time.Now()
-			deploy(t, label) // waits for exactly one report on each service
+			deploy(t, label)
+			s.waitReportsOnce(from, hookFrom, "Rolled out "+qaRef, "image "+shortID(qa))
 			slack, hook = s.slackTexts()[from:], s.hook.got()[hookFrom:]
 			s.slack.mu.Lock()
 			for i, p := range s.slack.payloads[from:] {
@@ -166,7 +167,7 @@ func TestE2E(t *testing.T) {
 		start := time.Now()
 		killed.deployer.stop(syscall.SIGKILL, 5*time.Second)
 		os.Remove(s.holdReports())
-		text := s.waitReports(from, hookFrom, "Rolled out "+qaRef, "image "+shortID(qa), "3 of 3 nodes")
+		text := s.waitReportsOnce(from, hookFrom, "Rolled out "+qaRef, "image "+shortID(qa), "3 of 3 nodes")
 		took := time.Since(start)
 		h, err := readHistory(t.Context(), etcdc.InPrefix(s.cli, s.prefix), historyFilter{}, time.Now())
 		if err != nil {
@@ -479,7 +480,7 @@ func TestE2E(t *testing.T) {
 			t.Errorf("halted on %s: %d failing node, %d nodes kept the old version; want 1 and 2", halted.Node, failing, kept)
 		}
 		s.waitSlack(from, []*node{nodeByName(all, halted.Node)}, "FAILED", "exited")
-		report := s.waitReports(from, hookFrom, ":x: Rollout HALTED: "+qaRef, "image "+shortID(broken), "1 failed", halted.Node+" failed: ")
+		report := s.waitReportsOnce(from, hookFrom, ":x: Rollout HALTED: "+qaRef, "image "+shortID(broken), "1 failed", halted.Node+" failed: ")
 		failures := 0
 		for _, text := range s.slackTexts()[from:] {
 			if strings.Contains(text, "FAILED deploying") {

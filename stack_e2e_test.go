@@ -699,15 +699,22 @@ func (s *stack) rolloutReports(slackFrom, hookFrom int, want ...string) (slack [
 }
 
 // waitReports waits for a rollout report with all of want on Slack and on
-// the generic webhook; then, past the window in which another node could
-// still send one (reportTakeover), checks that each service got exactly
-// one.
-func (s *stack) waitReports(slackFrom, hookFrom int, want ...string) string {
+// the generic webhook.
+func (s *stack) waitReports(slackFrom, hookFrom int, want ...string) {
 	s.t.Helper()
 	waitFor(s.t, 60*time.Second, fmt.Sprintf("a rollout report %q on Slack and the webhook", want), func() bool {
 		sl, hk := s.rolloutReports(slackFrom, hookFrom, want...)
 		return len(sl) > 0 && len(hk) > 0
 	})
+}
+
+// waitReportsOnce waits for the report as waitReports does; then, past
+// the window in which another node could still send one
+// (reportTakeover), checks that each service got exactly one, and
+// returns its text.
+func (s *stack) waitReportsOnce(slackFrom, hookFrom int, want ...string) string {
+	s.t.Helper()
+	s.waitReports(slackFrom, hookFrom, want...)
 	// An observation window, not a synchronisation: a second report
 	// would come within the takeover of the first.
 	time.Sleep(reportTakeover + time.Second)
