@@ -77,12 +77,11 @@ func (c *notifyConfig) validate() (flagName string, err error) {
 // checkNotifyURL reports whether shoutrrr knows raw's service and accepts
 // its configuration; the error shows neither the URL nor its token.
 func checkNotifyURL(raw string) error {
-	scheme, _, _ := strings.Cut(raw, "://")
+	if scheme, _, _ := strings.Cut(raw, "://"); strings.EqualFold(scheme, "slack") {
+		return fmt.Errorf("%s: use -slack_webhook_url or -slack_token for Slack", redactURL(raw))
+	}
 	if _, err := (&router.ServiceRouter{}).Locate(raw); err != nil {
 		return fmt.Errorf("%s is not a notification URL of a known service (%w)", redactURL(raw), redactErr(err, raw))
-	}
-	if scheme == "slack" {
-		return fmt.Errorf("%s: use -slack_webhook_url or -slack_token for Slack", redactURL(raw))
 	}
 	return nil
 }

@@ -198,3 +198,52 @@ func TestNotifyURLExamples(t *testing.T) {
 		}
 	}
 }
+
+func TestNotifyFlags(t *testing.T) {
+	const token = "xoxb-111-222-SECRETbottoken"
+	tests := []struct {
+		name    string
+		args    []string
+		env     []string
+		wantErr string // a substring; "" for none
+		check   func(t *testing.T, c config)
+	}{
+		{"-notify twice", []string{"-notify", "ntfy://ntfy.sh/a", "-notify", "generic://h.example.com/x?template=json"}, nil, "", func(t *testing.T, c config) {
+			if len(c.NotifyURLs) != 2 {
+				t.Errorf("NotifyURLs = %d URLs; want 2", len(c.NotifyURLs))
+			}
+		}},
+		{"slack token from the environment", []string{"-slack_channel", "C1"}, []string{"SLACK_TOKEN", token}, "", func(t *testing.T, c config) {
+			if c.SlackToken != token || c.SlackChannel != "C1" {
+				t.Errorf("SlackToken, SlackChannel = %q, %q; want the environment's and C1", c.SlackToken, c.SlackChannel)
+			}
+		}},
+		{"a token without a channel", []string{"-slack_token", token}, nil, "-slack_channel: must name a channel", nil},
+		{"slack through -notify", []string{"-notify", "slack://hook:T1/B2/xyzxyzxyz"}, nil, "use -slack_webhook_url or -slack_token", nil},
+		{"bad -slack_api", []string{"-slack_api", "slack.com/api"}, nil, "-slack_api: is not an http(s) URL", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := parseFlags("deployer", tt.args, env(tt.env...), io.Discard)
+			if tt.wantErr != "" {
+				if err == nil || !errors.Is(err, errInvalidFlag) || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("parseFlags(%q) = %v; want an invalid flag: %s", tt.args, err, tt.wantErr)
+				}
+				if strings.Contains(err.Error(), "SECRET") || strings.Contains(err.Error(), "xyzxyz") {
+					t.Errorf("the error shows a secret: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.check(t, c)
+		})
+	}
+	// -h shows neither the environment's token nor a -notify URL.
+	var help strings.Builder
+	_, _ = parseFlags("deployer", []string{"-notify", "ntfy://u:Zq9pass@ntfy.sh/a", "-h"}, env("SLACK_TOKEN", token), &help)
+	if strings.Contains(help.String(), "Zq9pass") || strings.Contains(help.String(), "SECRETbottoken") {
+		t.Errorf("-h shows a secret:\n%s", help.String())
+	}
+}
