@@ -247,6 +247,12 @@ func (r *rolloutReporter) report(ctx context.Context, key string, modRev int64, 
 	rep := summarize(v, running)
 	m := rep.message()
 	serr := r.out.deliver(ctx, m)
+	if ctx.Err() != nil {
+		// Stopping while sending: another node sends it (to the services
+		// that got it too, a second time) rather than none.
+		r.release(ctx, claim)
+		return ctx.Err()
+	}
 	r.log.Info("rollout report sent", "image", v.Image, "version", v.Version, "outcome", rep.Outcome, "done", len(rep.Done), "failed", len(rep.Failed))
 	mark := reportMark{Time: r.now().UTC(), Node: r.node, Outcome: rep.Outcome}
 	if serr != nil {

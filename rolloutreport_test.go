@@ -295,3 +295,37 @@ func TestRolloutReportSendFailureMarked(t *testing.T) {
 		t.Errorf("Reported = %+v; want the halted outcome and the error", v.Reported)
 	}
 }
+
+// blockingSink blocks every delivery until its context ends.
+type blockingSink struct{ started chan struct{} }
+
+func (b blockingSink) deliver(ctx context.Context, _ message) error {
+	close(b.started)
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// TestRolloutReportStopWhileSending: a node stopped while it sends leaves
+// the report unmarked and its claim released: another node sends it.
+func TestRolloutReportStopWhileSending(t *testing.T) {
+	cli := testNS(t)
+	key := putVersion(t, cli, rolledOut())
+	now := at(4.2).Add(time.Minute)
+	stopping := newTestReporter(t, cli, "n2", blockingSink{make(chan struct{})}, now)
+	ctx, stop := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { defer close(done); _, _ = stopping.loopOnce(ctx) }()
+	<-stopping.out.(blockingSink).started
+	stop()
+	<-done
+	if v := readVersion(t, cli, key); v.Reported != nil {
+		t.Fatalf("Reported = %+v after a stop during the send; want none", v.Reported)
+	}
+	var log sentLog
+	if _, err := newTestReporter(t, cli, "n1", log.sink("n1"), now).loopOnce(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.texts(); len(got) != 1 {
+		t.Errorf("n1 sent %q; want the report", got)
+	}
+}
