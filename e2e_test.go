@@ -125,8 +125,11 @@ func TestE2E(t *testing.T) {
 		s.record("scenario 2b: a 3-node deploy sent %d Slack message and %d webhook message, the report %v after the webhook: %q",
 			len(slack), len(hook), took.Round(time.Millisecond), slack[0])
 
-		// The original's messages, one per node, with -notify_per_node.
-		s.restartDeployers("-notify_per_node")
+		// The original's messages, one per node, with -notify_per_node;
+		// and with a Slack bot token, one thread per rollout.
+		api := newSlackAPIRecorder(t)
+		threadFlags := []string{"-notify_per_node", "-slack_token", "xoxb-test-token", "-slack_channel", "C123", "-slack_api", api.URL + "/"}
+		s.restartDeployers(threadFlags...)
 		slack, hook, _ = count("scenario 2b (-notify_per_node)")
 		perNode := 0
 		for _, text := range slack {
@@ -138,8 +141,24 @@ func TestE2E(t *testing.T) {
 			t.Errorf("with -notify_per_node: %d Slack messages (%d per node), %d webhook messages; want %d per node and the report on each", len(slack), perNode, len(hook), len(all))
 		}
 		s.record("scenario 2b: with -notify_per_node the same deploy sent %d Slack messages (%d from the nodes, as before this change, and the report) and %d webhook messages", len(slack), perNode, len(hook))
+		var parents, replies int
+		var parent string
+		for _, c := range api.got() {
+			switch {
+			case c.method == "postMessage" && c.form["thread_ts"] == "":
+				parents++
+			case c.method == "postMessage":
+				replies++
+			case c.method == "update":
+				parent = c.form["text"]
+			}
+		}
+		if parents != 1 || replies != len(all)+1 || !strings.HasPrefix(parent, "Rolled out "+qaRef) {
+			t.Errorf("Slack thread: %d parent messages, %d replies, the parent's last text %q; want 1, %d (the nodes and the report), the report", parents, replies, parent, len(all)+1)
+		}
+		s.record("scenario 2b: with -slack_token the rollout was one thread: %d parent message, %d replies (the %d nodes and the report), %d Web API calls in all", parents, replies, len(all), len(api.got()))
 		for _, n := range all {
-			n.args = slices.DeleteFunc(n.args, func(a string) bool { return a == "-notify_per_node" })
+			n.args = slices.DeleteFunc(n.args, func(a string) bool { return slices.Contains(threadFlags, a) })
 		}
 		s.restartDeployers()
 	})
