@@ -75,6 +75,9 @@ func TestSlackThreadPerRollout(t *testing.T) {
 	v.Outcome, v.Completed, v.LastSeconds = outcomeRollingOut, time.Time{}, 0
 	v.Nodes = map[string]nodeResult{"n1": {Converged: at(1.9)}}
 	key := putVersion(t, cli, v)
+	told := rolledOut() // an earlier version, reported before the token was set: no thread
+	told.Version, told.Reported = 2, &reportMark{Node: "n1", Outcome: outcomeRolledOut}
+	putVersion(t, cli, told)
 	running := []string{"n1", "n2", "n3"}
 	for _, n := range running { // what the nodes run, as their status records say
 		b, _ := json.Marshal(nodeStatus{Node: n, Containers: []containerStatus{{Image: v.Image}}})

@@ -338,6 +338,9 @@ func (r *rolloutReporter) thread(ctx context.Context, key string, modRev int64, 
 		return nil
 	}
 	if v.SlackThread == nil {
+		if v.Reported != nil {
+			return nil // told before this node had a token: no thread now
+		}
 		claim := threadClaimKey(v.Image, v.Version)
 		if claimed[claim] {
 			return nil
