@@ -18,8 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/slack-go/slack"
-
 	"github.com/die-net/deployer/internal/etcdc"
 )
 
@@ -204,10 +202,10 @@ func TestSlackURLNeverLogged(t *testing.T) {
 	url := "http://" + addr + "/services/" + token
 	var buf bytes.Buffer
 	m := newMetrics()
-	s := newSlackNotifier(url, "Deployer", slog.New(slog.NewTextHandler(&buf, nil)), m)
-	s.post(t.Context(), slack.WebhookMessage{Text: "hello"})
+	n, _ := newSlackHub(url, slog.New(slog.NewTextHandler(&buf, nil)), m)
+	_ = n.deliver(t.Context(), message{Text: "hello"})
 	out := buf.String()
-	if !strings.Contains(out, "slack post failed") {
+	if !strings.Contains(out, "notification not sent") {
 		t.Fatalf("no failure logged:\n%s", out)
 	}
 	for _, leak := range []string{token, "XXXXsecretTOKENxxxx", "/services/"} {

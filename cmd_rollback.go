@@ -13,8 +13,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/slack-go/slack"
-
 	"github.com/die-net/deployer/internal/etcdc"
 )
 
@@ -63,17 +61,17 @@ func rollbackCommand(ctx context.Context, args []string, stdout, stderr io.Write
 	return err
 }
 
-// announce posts text on Slack once, for the fleet, when the command
-// line names a Slack webhook (-slack_webhook_url, $SLACK_WEBHOOK_URL):
-// the command that acts posts, not every node. It waits at most a few
-// seconds; a failure is only logged.
+// announce posts text once, for the fleet, on every notification
+// service the command line names (-slack_webhook_url,
+// $SLACK_WEBHOOK_URL, -notify): the command that acts posts, not every
+// node. It waits at most a few seconds; a failure is only logged.
 func announce(ctx context.Context, cfg config, text string, stderr io.Writer) {
-	if cfg.SlackWebhookURL == "" {
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	senders, err := notifySenders(cfg, log)
+	if err != nil || len(senders) == 0 {
 		return
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	s := newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log, newMetrics())
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	s.post(ctx, slack.WebhookMessage{Username: cfg.SlackUsername, Text: text})
+	h := newNotifyHub(senders, false, log, newMetrics())
+	h.timeout = 10 * time.Second
+	_ = h.deliver(ctx, message{Title: "deployer", Text: text, Fields: map[string]string{"kind": "fleet"}}) // logged by deliver
 }

@@ -77,6 +77,7 @@ type config struct {
 	KeepImages          int    // with Cleanup: the images of the last N versions of each tag stay
 	TLSCert             string // with TLSKey: serve the webhooks over HTTPS
 	TLSKey              string
+	notifyConfig        // -notify, -notify_per_node, -slack_token (config_notify.go)
 
 	// TLS and authentication to etcd (internal/etcdc) and Docker
 	// (internal/dockerc).
@@ -117,6 +118,7 @@ func defaultConfig(getenv func(string) string) config {
 		RepullPeriod:        24 * time.Hour,
 		SlackUsername:       "Deployer",
 		SlackWebhookURL:     getenv("SLACK_WEBHOOK_URL"),
+		notifyConfig:        notifyConfig{SlackToken: getenv("SLACK_TOKEN"), SlackAPI: "https://slack.com/api/"},
 		WebhookPath:         "/api/dockerhub/webhook",
 		NodeName:            hostname,
 		WebhookSecret:       getenv("DEPLOYER_WEBHOOK_SECRET"),
@@ -168,7 +170,7 @@ type boundFlags struct {
 	labels    string // -node_labels
 	// The flags that default to secrets from the environment show no
 	// default in -h: that would print the Slack token or the secret.
-	envSlack, envSecret string
+	envSlack, envSecret, envSlackToken string
 }
 
 // bindFlags defines the daemon's flags on a new flag set named name,
@@ -177,8 +179,8 @@ func bindFlags(name string, getenv func(string) string, stderr io.Writer) *bound
 	c := defaultConfig(getenv)
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	b := &boundFlags{fs: fs, c: &c, getenv: getenv, etcdNodes: strings.Join(c.EtcdNodes, ","), envSlack: c.SlackWebhookURL, envSecret: c.WebhookSecret}
-	c.SlackWebhookURL, c.WebhookSecret = "", ""
+	b := &boundFlags{fs: fs, c: &c, getenv: getenv, etcdNodes: strings.Join(c.EtcdNodes, ","), envSlack: c.SlackWebhookURL, envSecret: c.WebhookSecret, envSlackToken: c.SlackToken}
+	c.SlackWebhookURL, c.WebhookSecret, c.SlackToken = "", "", ""
 
 	fs.StringVar(&c.Docker, "docker", c.Docker, "Docker daemon endpoint (default from $DOCKER_HOST when set)")
 	fs.StringVar(&c.DockerCfg, "dockercfg", c.DockerCfg, "registry credentials: a legacy .dockercfg or a docker config.json; empty for anonymous pulls")
@@ -219,6 +221,7 @@ func bindFlags(name string, getenv func(string) string, stderr io.Writer) *bound
 	fs.StringVar(&c.RestartStrategy, "restart_strategy", c.RestartStrategy, "stop (a supervisor re-creates the container) or recreate (the deployer does); label deployer.strategy overrides per container")
 	addEtcdTLSFlags(fs, &c)
 	addDockerTLSFlags(fs, &c)
+	addNotifyFlags(fs, &c.notifyConfig)
 	return b
 }
 
@@ -237,6 +240,9 @@ func (b *boundFlags) parse(args []string) error {
 	}
 	if !set["webhook_secret"] {
 		c.WebhookSecret = b.envSecret
+	}
+	if !set["slack_token"] {
+		c.SlackToken = b.envSlackToken
 	}
 	c.EtcdNodes = splitList(b.etcdNodes)
 	c.NodeLabels = splitList(b.labels)
@@ -297,6 +303,9 @@ func (c *config) validate() error {
 			// Not the value: it holds Slack's token.
 			return badFlag("slack_webhook_url", "is not an http(s) URL")
 		}
+	}
+	if name, err := c.notifyConfig.validate(); err != nil {
+		return badFlag(name, "%v", err)
 	}
 	if err := checkPlainPath(c.WebhookPath); err != nil {
 		return badFlag("webhook_path", "%v", err)

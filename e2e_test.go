@@ -22,6 +22,8 @@ import (
 	"context"
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/die-net/deployer/internal/etcdc"
 )
 
 func TestE2E(t *testing.T) {
@@ -48,16 +50,15 @@ func TestE2E(t *testing.T) {
 	// deploy builds a new qa version, sends the Docker Hub webhook to the
 	// first node and waits for every node; it returns the new image ID.
 	deploy := func(t *testing.T, label string) string {
-		old := qa
 		qa = s.build(qaRef, false)
-		from := len(s.slackTexts())
+		from, hookFrom := len(s.slackTexts()), len(s.hook.got())
 		start := time.Now()
 		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
 			t.Fatalf("webhook: %d %s", code, body)
 		}
 		s.waitImage(all, "app", qa, 90*time.Second)
 		s.record("%s: webhook → app on the new image on all %d nodes: %v", label, len(all), time.Since(start).Round(time.Millisecond))
-		s.waitSlack(from, all, "myorg/app:qa", shortID(old)+" → "+shortID(qa), "stopped: app")
+		s.waitReports(from, hookFrom, "Rolled out "+qaRef, "image "+shortID(qa), "3 of 3 nodes")
 		return qa
 	}
 
@@ -82,14 +83,134 @@ func TestE2E(t *testing.T) {
 	})
 
 	t.Run("2 registry push notification alone deploys", func(t *testing.T) {
-		from := len(s.slackTexts())
+		from, hookFrom := len(s.slackTexts()), len(s.hook.got())
 		start := time.Now()
-		old := svc
 		svc = s.build(svcRef, false)
 		pushed := time.Since(start)
 		s.waitImage(all, "svc", svc, 90*time.Second)
 		s.record("scenario 2: docker build+push (%v) → svc on the new image on all nodes: %v", pushed.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
-		s.waitSlack(from, all, "team/svc:latest", shortID(old)+" → "+shortID(svc))
+		s.waitReports(from, hookFrom, "Rolled out "+svcRef, "image "+shortID(svc), "3 of 3 nodes")
+	})
+
+	t.Run("2b a 3-node deploy sends one report on each service", func(t *testing.T) {
+		// count deploys a new qa version and returns the messages each
+		// service got, and when the rollout report reached Slack.
+		count := func(label string) (slack []string, hook []map[string]string, took time.Duration) {
+			from, hookFrom := len(s.slackTexts()), len(s.hook.got())
+			start := time.Now()
+			deploy(t, label)
+			s.waitReportsOnce(from, hookFrom, "Rolled out "+qaRef, "image "+shortID(qa))
+			slack, hook = s.slackTexts()[from:], s.hook.got()[hookFrom:]
+			s.slack.mu.Lock()
+			for i, p := range s.slack.payloads[from:] {
+				if text, _ := p["text"].(string); strings.HasPrefix(text, "Rolled out ") {
+					took = s.slack.at[from+i].Sub(start)
+				}
+			}
+			s.slack.mu.Unlock()
+			return slack, hook, took
+		}
+		slack, hook, took := count("scenario 2b")
+		if len(slack) != 1 || len(hook) != 1 {
+			t.Errorf("a 3-node deploy sent %d Slack messages %q and %d webhook messages; want one each", len(slack), slack, len(hook))
+		}
+		b := hook[0]
+		for k, want := range map[string]string{"kind": "rollout", "outcome": outcomeRolledOut, "done": "3", "failed": "0", "nodes": "3", "image_id": qa} {
+			if b[k] != want {
+				t.Errorf("webhook body %s = %q; want %q", k, b[k], want)
+			}
+		}
+		if !strings.HasPrefix(b["digest"], "sha256:") || !strings.Contains(slack[0], b["digest"]) {
+			t.Errorf("report without the pushed digest: %q, %q", b["digest"], slack[0])
+		}
+		s.record("scenario 2b: a 3-node deploy sent %d Slack message and %d webhook message, the report %v after the webhook: %q",
+			len(slack), len(hook), took.Round(time.Millisecond), slack[0])
+
+		// The original's messages, one per node, with -notify_per_node;
+		// and with a Slack bot token, one thread per rollout.
+		api := newSlackAPIRecorder(t)
+		threadFlags := []string{"-notify_per_node", "-slack_token", "xoxb-test-token", "-slack_channel", "C123", "-slack_api", api.URL + "/"}
+		s.restartDeployers(threadFlags...)
+		slack, hook, _ = count("scenario 2b (-notify_per_node)")
+		perNode := 0
+		for _, text := range slack {
+			if strings.HasPrefix(text, "Deploying "+s.hub.host()+"/myorg/app on ") {
+				perNode++
+			}
+		}
+		if perNode != len(all) || len(slack) != len(all)+1 || len(hook) != len(all)+1 {
+			t.Errorf("with -notify_per_node: %d Slack messages (%d per node), %d webhook messages; want %d per node and the report on each", len(slack), perNode, len(hook), len(all))
+		}
+		s.record("scenario 2b: with -notify_per_node the same deploy sent %d Slack messages (%d from the nodes, as before this change, and the report) and %d webhook messages", len(slack), perNode, len(hook))
+		var parents, replies int
+		var parent string
+		for _, c := range api.got() {
+			switch {
+			case c.method == "postMessage" && c.form["thread_ts"] == "":
+				parents++
+			case c.method == "postMessage":
+				replies++
+			case c.method == "update":
+				parent = c.form["text"]
+			}
+		}
+		if parents != 1 || replies != len(all)+1 || !strings.HasPrefix(parent, "Rolled out "+qaRef) {
+			t.Errorf("Slack thread: %d parent messages, %d replies, the parent's last text %q; want 1, %d (the nodes and the report), the report", parents, replies, parent, len(all)+1)
+		}
+		s.record("scenario 2b: with -slack_token the rollout was one thread: %d parent message, %d replies (the %d nodes and the report), %d Web API calls in all", parents, replies, len(all), len(api.got()))
+		for _, n := range all {
+			n.args = slices.DeleteFunc(n.args, func(a string) bool { return slices.Contains(threadFlags, a) })
+		}
+		s.restartDeployers()
+	})
+
+	t.Run("2c the node that would send the report is killed: another sends it, once", func(t *testing.T) {
+		if err := os.WriteFile(s.holdReports(), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		defer os.Remove(s.holdReports())
+		from, hookFrom := len(s.slackTexts()), len(s.hook.got())
+		qa = s.build(qaRef, false)
+		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
+			t.Fatalf("webhook: %d %s", code, body)
+		}
+		s.waitImage(all, "app", qa, 90*time.Second)
+		var claimant string
+		waitFor(t, 30*time.Second, "a node to claim the report", func() bool {
+			resp, err := s.cli.Get(t.Context(), s.prefix+reportsPrefix, clientv3.WithPrefix())
+			if err == nil && len(resp.Kvs) == 1 {
+				claimant = string(resp.Kvs[0].Value)
+			}
+			return claimant != ""
+		})
+		killed := nodeByName(all, claimant)
+		start := time.Now()
+		killed.deployer.stop(syscall.SIGKILL, 5*time.Second)
+		os.Remove(s.holdReports())
+		text := s.waitReportsOnce(from, hookFrom, "Rolled out "+qaRef, "image "+shortID(qa), "3 of 3 nodes")
+		took := time.Since(start)
+		h, err := readHistory(t.Context(), etcdc.InPrefix(s.cli, s.prefix), historyFilter{}, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var sender string
+		for _, tag := range h.Tags {
+			for _, v := range tag.Versions {
+				if v.ImageID == qa && v.Reported != nil {
+					sender = v.Reported.Node
+				}
+			}
+		}
+		if sender == "" || sender == claimant {
+			t.Errorf("the report was marked sent by %q; want a node other than %s, which was killed", sender, claimant)
+		}
+		s.runDeployer(killed) // its restart sends nothing again
+		s.barrier(all)
+		if sl, hk := s.rolloutReports(from, hookFrom, "image "+shortID(qa)); len(sl) != 1 || len(hk) != 1 {
+			t.Errorf("after %s restarted: %d reports on Slack, %d on the webhook; want one each", claimant, len(sl), len(hk))
+		}
+		s.record("scenario 2c: %s SIGKILLed holding the report's claim; %s sent it %v later (the lease's expiry and the takeover), once on each service; the restart sent nothing: %q",
+			claimant, sender, took.Round(time.Millisecond), text)
 	})
 
 	t.Run("3 pushing one tag restarts only that tag", func(t *testing.T) {
@@ -346,7 +467,7 @@ func TestE2E(t *testing.T) {
 		}
 		broken := s.buildKind(qaRef, "broken")
 		brokenQA = broken // 14b finds it halted in the ledger
-		from := len(s.slackTexts())
+		from, hookFrom := len(s.slackTexts()), len(s.hook.got())
 		start := time.Now()
 		if code, body := s.webhook(all[0], "myorg/app", "qa"); code != 200 {
 			t.Fatalf("webhook: %d %s", code, body)
@@ -379,6 +500,17 @@ func TestE2E(t *testing.T) {
 			t.Errorf("halted on %s: %d failing node, %d nodes kept the old version; want 1 and 2", halted.Node, failing, kept)
 		}
 		s.waitSlack(from, []*node{nodeByName(all, halted.Node)}, "FAILED", "exited")
+		report := s.waitReportsOnce(from, hookFrom, ":x: Rollout HALTED: "+qaRef, "image "+shortID(broken), "1 failed", halted.Node+" failed: ")
+		failures := 0
+		for _, text := range s.slackTexts()[from:] {
+			if strings.Contains(text, "FAILED deploying") {
+				failures++
+			}
+		}
+		if failures != 1 {
+			t.Errorf("%d failure messages on Slack; want one, at once, from %s", failures, halted.Node)
+		}
+		s.record("scenario 11: one failure at once from %s and one final report: %q", halted.Node, report)
 		s.record("scenario 11: broken version halted by %s %v after the webhook (%s); 2 other nodes kept %s", halted.Node, tookHalt.Round(time.Millisecond), halted.Reason, shortID(good))
 
 		// A new push resumes normal rollouts.

@@ -24,6 +24,8 @@ package main
 //	<prefix>/_freeze/<scope>                  a freeze (freeze.go): "_all", a repository, or an image ref
 //	<prefix>/_waiting/<image ref>             the newest version of a tag that a freeze or window holds (hold.go)
 //	<prefix>/_canary/<image ref>              the canary rollout of the tag's newest version (canary.go)
+//	<prefix>/_reports/<image ref>/<version>   the node sending the version's rollout report, leased (rolloutreport.go)
+//	<prefix>/_reports/<image ref>/<version>/thread  the node posting the version's Slack thread, leased
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -32,6 +34,7 @@ package main
 
 import (
 	"net/url"
+	"strconv"
 	"strings"
 )
 
@@ -48,6 +51,7 @@ const (
 	freezeDir    = "_freeze"
 	waitingDir   = "_waiting"
 	canaryDir    = "_canary"
+	reportsDir   = "_reports"
 
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
@@ -170,4 +174,19 @@ func refFromCanaryKey(key string) (string, bool) {
 	}
 	ref, err := url.PathUnescape(name)
 	return ref, err == nil && ref != ""
+}
+
+// reportsPrefix holds the claims of rollout reports being sent
+// (rolloutreport.go); reportClaimKey one version's, held under the
+// sender's lease until the report is marked sent in the ledger.
+const reportsPrefix = "/" + reportsDir + "/"
+
+func reportClaimKey(ref string, version int64) string {
+	return reportsPrefix + url.PathEscape(ref) + "/" + strconv.FormatInt(version, 10)
+}
+
+// threadClaimKey is held, under its lease, by the node posting the parent
+// message of a version's Slack thread (-slack_token).
+func threadClaimKey(ref string, version int64) string {
+	return reportClaimKey(ref, version) + "/thread"
 }

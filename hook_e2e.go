@@ -24,4 +24,15 @@ func init() {
 			backoff.Sleep(ctx, d)
 		}
 	}
+	// DEPLOYER_E2E_HOLD_REPORTS=<file>: while the file exists, a rollout
+	// report waits between its claim and its send (two minutes at most):
+	// the suite kills the claimant there.
+	reportHook = func(ctx context.Context) {
+		hold := os.Getenv("DEPLOYER_E2E_HOLD_REPORTS")
+		for deadline := time.Now().Add(2 * time.Minute); hold != "" && time.Now().Before(deadline); {
+			if _, err := os.Stat(hold); err != nil || !backoff.Sleep(ctx, 100*time.Millisecond) {
+				return
+			}
+		}
+	}
 }

@@ -78,8 +78,8 @@ func TestSlackFailuresLeakNothing(t *testing.T) {
 			defer srv.Close()
 			defer srv.CloseClientConnections() // Close waits for every request
 			m := newMetrics()
-			n := newSlackNotifier(srv.URL, "Deployer", testLogger(t), m)
-			n.client.Timeout = 50 * time.Millisecond
+			n, s := newSlackHub(srv.URL, testLogger(t), m)
+			s.client.Timeout = 50 * time.Millisecond
 			ctx, cancel := context.WithCancel(t.Context())
 			done := make(chan error)
 			go func() { done <- n.run(ctx) }()

@@ -71,6 +71,27 @@ type ledgerVersion struct {
 	Held      string    `json:"held,omitempty"`
 	HeldSince time.Time `json:"held_since,omitzero"`
 	Override  string    `json:"override,omitempty"`
+	// Reported: the version's rollout report was sent (rolloutreport.go).
+	Reported *reportMark `json:"reported,omitempty"`
+	// SlackThread is the rollout's thread with -slack_token.
+	SlackThread *slackThread `json:"slack_thread,omitempty"`
+}
+
+// reportMark records that a version's rollout report was sent: when, by
+// which node, on which outcome; Err when no service took it.
+type reportMark struct {
+	Time    time.Time `json:"time"`
+	Node    string    `json:"node"`
+	Outcome string    `json:"outcome"`
+	Err     string    `json:"err,omitempty"`
+}
+
+// slackThread is a version's Slack thread: the parent message (channel
+// and timestamp) and the nodes that replied with their part.
+type slackThread struct {
+	Channel string   `json:"channel"`
+	TS      string   `json:"ts"`
+	Replied []string `json:"replied,omitempty"`
 }
 
 // askedBy is who asked for a version: a trigger's source and remote

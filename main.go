@@ -5,7 +5,8 @@
 // the deployer on every node watches etcd, pulls the new version of every
 // local tag of that repository and stops the containers that still run the
 // old image, so that their supervisor (a systemd or fleet unit with
-// Restart=always) starts them again on the new one. Slack is told.
+// Restart=always) starts them again on the new one. One node tells Slack
+// and the -notify services once per rollout.
 //
 // The files are layered: each uses only files of the layers before it
 // (filedeps_test.go fails on a cycle, and lists every cross-file edge in
@@ -15,21 +16,26 @@
 //     keyspace), metrics, redact, flagcheck, eventstream, tlsreload,
 //     health, leftalone (the containers deploys pass over), window
 //     (deploy windows)
-//  2. config (and the etcd and Docker clients as the flags say), trigger
-//     (the record and the one rule), retry, scan, clone, puller, upwait,
-//     policy (a tag's rollout policy)
+//  2. config (and the etcd and Docker clients as the flags say),
+//     config_notify (the notification flags), trigger (the record and
+//     the one rule), retry, scan, clone, puller, upwait, policy (a tag's
+//     rollout policy)
 //  3. the node: nodeid, auth, parked, queue; freeze (the freeze and
 //     waiting records)
 //  4. restarter, watcher, webhook, cmd_secret
 //  5. recreate, notify, repull, status, trigger_api
-//  6. rollout, trigger_github, trigger_harbor, trigger_quay
+//  6. rollout, trigger_github, trigger_harbor, trigger_quay,
+//     notify_services (the Slack webhook and the -notify services),
+//     notify_slackthread (Slack's Web API with -slack_token)
 //  7. replace, canary (canary nodes, the bake, promote and abort)
 //  8. ledger (the deploy ledger), then hold (freezes and windows hold a
 //     version), holdops and tagpolicy
 //  9. pinrecord (a tag's pin), quarantine (read from the ledger)
 //  10. gate (may this version replace containers here: pins and the
 //     quarantine), tagstate (each tag's deploy state in the cluster view)
-//  11. deploy, clusterview, cmd_status, cmd_history, cmd_policy, policy_api
+//  11. deploy, clusterview, cmd_status, cmd_history, cmd_policy,
+//     policy_api, rolloutreport (one report per rollout, its sender
+//     chosen through etcd)
 //  12. rollback (an earlier version back under its tag, or a pin)
 //  13. pin (deployer pin and unpin, POST /api/pin and /api/unpin),
 //     haltrollback (a halted version rolled back)
@@ -235,9 +241,10 @@ type daemon struct {
 	policyAPI *policyAPI
 	canaries  *canaries // canary rollouts: the hold, the bake, promote and abort
 	status    *statusReporter
-	slack     *slackNotifier // nil when Slack is off
-	failures  *failLimiter   // failed authentications per address
-	secret    *secretCell    // the webhook secret, set once at start
+	notify    *notifyHub       // nil when no service is configured
+	reports   *rolloutReporter // nil when no service is configured
+	failures  *failLimiter     // failed authentications per address
+	secret    *secretCell      // the webhook secret, set once at start
 	health    *healthCache
 	claim     *nodeClaim    // the node name, held while running
 	stopBound time.Duration // from the signal to run's return
@@ -251,12 +258,21 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	m := newMetrics()
 	etcd := etcdc.InPrefix(cli, cfg.EtcdPrefix)
 	d := &daemon{cfg: cfg, log: log, metrics: m, etcd: etcd, docker: dc, secret: &secretCell{}, ready: make(chan struct{}), stopBound: stopBound(cfg)}
-	var note notifier = nopNotifier{}
-	if cfg.SlackWebhookURL != "" {
-		d.slack = newSlackNotifier(cfg.SlackWebhookURL, cfg.SlackUsername, log.With("component", "slack"), m)
-		note = d.slack
-	}
 	d.leases = etcdc.NewNodeLease(etcd, sessionTTL, callTimeout)
+	var note notifier = nopNotifier{}
+	senders, err := notifySenders(cfg, log.With("component", "notify"))
+	if err != nil {
+		return nil, err
+	}
+	var threads threadPoster
+	if cfg.SlackToken != "" {
+		threads = newSlackThreads(cfg.SlackToken, cfg.SlackChannel, cfg.SlackUsername, cfg.SlackAPI)
+	}
+	if len(senders) > 0 || threads != nil {
+		d.notify = newNotifyHub(senders, cfg.NotifyPerNode, log.With("component", "notify"), m)
+		note = d.notify
+		d.reports = newRolloutReporter(etcd, d.leases, d.notify, threads, cfg.NodeName, log.With("component", "reports"))
+	}
 
 	// One source of Docker events for every subscription: each is a
 	// stream of its own, closed when it ends (go-dockerclient's own
@@ -282,8 +298,8 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	dep.policies, dep.holds = d.policies, d.holds
 	rep.replacer.gate = d.holds.gate
 	var ann announcer = nopAnnouncer{}
-	if d.slack != nil {
-		ann = d.slack
+	if d.notify != nil {
+		ann = d.notify
 	}
 	d.canaries = newCanaries(etcd, d.policies, dc, cfg.NodeName, cfg.NodeLabels, ann, rollbackHalted(d.rollback, cfg.NodeName), cfg.registryDomain,
 		log.With("component", "canary"))
@@ -349,11 +365,11 @@ func (d *daemon) handler() http.Handler {
 	return mux
 }
 
-// say posts a message of the fleet's (a rollback, a pin) on Slack, when
-// Slack is on.
+// say posts a message of the fleet's (a rollback, a pin) on every
+// notification service, when one is on.
 func (d *daemon) say(text string) {
-	if d.slack != nil {
-		d.slack.say(text)
+	if d.notify != nil {
+		d.notify.say(text)
 	}
 }
 
@@ -405,8 +421,8 @@ func (d *daemon) run(ctx context.Context) error {
 	var back errgroup.Group
 	back.Go(func() error { return d.progress.run(bgCtx) })
 	back.Go(func() error { return d.ledger.run(bgCtx) })
-	if d.slack != nil {
-		back.Go(func() error { return d.slack.run(bgCtx) })
+	if d.notify != nil {
+		back.Go(func() error { return d.notify.run(bgCtx) })
 	}
 
 	// The stop's bound (-kill_timeout + 7 s) counts from the signal.
@@ -523,6 +539,9 @@ func (d *daemon) serve(ctx context.Context, ln net.Listener) (parked <-chan stru
 	}
 	g.Go(func() error { return d.holds.run(gctx) })
 	g.Go(func() error { return d.canaries.run(gctx) })
+	if d.reports != nil {
+		g.Go(func() error { return d.reports.run(gctx) })
+	}
 	return done, g.Wait()
 }
 

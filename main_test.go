@@ -157,6 +157,7 @@ func TestDaemonDeploysFromWebhook(t *testing.T) {
 	td := startTestDaemon(t, testEtcd(t), f, func(c *config) {
 		c.SlackWebhookURL = slack.URL
 		c.WebhookSecret = "s3cret"
+		c.NotifyPerNode = true
 	})
 
 	code, body := td.post(t, "/api/dockerhub/webhook", "Bearer s3cret", hubBody("myorg/foo", "qa"))
@@ -175,10 +176,19 @@ func TestDaemonDeploysFromWebhook(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("container not stopped within 10s")
 	}
-	msg := slack.next(t)
-	text, _ := msg["text"].(string)
-	if !strings.Contains(text, "n1") || !strings.Contains(text, "111111111111 → 222222222222") {
-		t.Errorf("slack text %q; want the node and old → new IDs", text)
+	// The node's own message (-notify_per_node) and the rollout's
+	// report, in either order.
+	var texts []string
+	for range 2 {
+		text, _ := slack.next(t)["text"].(string)
+		texts = append(texts, text)
+	}
+	slices.Sort(texts)
+	if !strings.Contains(texts[0], "n1") || !strings.Contains(texts[0], "111111111111 → 222222222222") {
+		t.Errorf("slack text %q; want the node and old → new IDs", texts[0])
+	}
+	if !strings.HasPrefix(texts[1], "Rolled out 127.0.0.1:5000/myorg/foo:qa (version 1, image 222222222222") || !strings.Contains(texts[1], "1 of 1 nodes") {
+		t.Errorf("slack text %q; want the rollout's report", texts[1])
 	}
 	if got := f.pulls; len(got) != 1 || got[0] != "127.0.0.1:5000/myorg/foo:qa" {
 		t.Errorf("pulls = %q; want one pull of the -registry name", got)
@@ -322,7 +332,9 @@ func daemonCommandLine(t *testing.T, etcdURL string) []string {
 		"-metrics_open", "-node_labels", "canary,eu", "-node_name", "solo", "-up_after", "2s", "-registry", "127.0.0.1:5000", "-registry_webhook_path", "/hooks/registry",
 		"-repull_period", "1h", "-restart_strategy", "recreate", "-restart_timeout", "1m", "-slack_username", "bot",
 		"-slack_webhook_url=", "-slot_timeout", "5m", "-strong_consistency", "-tls_cert=", "-tls_key=",
-		"-webhook_path", "/hooks/hub", "-webhook_secret=", "-node_labels", "canary,eu", "-up_after", "2s",
+		"-webhook_path", "/hooks/hub", "-webhook_secret=",
+		"-notify", "generic://127.0.0.1:9/hook?template=json", "-notify_per_node", "-slack_api", "https://slack.com/api/",
+		"-slack_channel=", "-slack_token=",
 	}
 }
 

@@ -22,6 +22,7 @@ type metrics struct {
 	containersStopped   *prometheus.CounterVec   // result
 	staleFound          prometheus.Counter
 	slackPosts          *prometheus.CounterVec // result
+	notifications       *prometheus.CounterVec // service, result
 	queued              prometheus.Gauge       // repositories waiting or deploying
 	retrying            prometheus.Gauge       // repositories whose failed deploy waits for a retry
 	rolloutsHalted      prometheus.Counter
@@ -67,6 +68,9 @@ func newMetrics() *metrics {
 		slackPosts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "deployer_slack_posts_total", Help: "Slack messages by result (ok, error, dropped).",
 		}, []string{"result"}),
+		notifications: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "deployer_notifications_total", Help: "Notifications by service and result (ok, error, dropped).",
+		}, []string{"service", "result"}),
 		queued: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "deployer_deploy_queue_repositories", Help: "Repositories with a deploy waiting or running on this node.",
 		}),
@@ -96,7 +100,7 @@ func newMetrics() *metrics {
 		}),
 	}
 	m.reg.MustRegister(m.retrying, m.slotsLost, m.slotReleaseFailures, m.unsupervised, m.queued, m.rolloutsHalted, m.containersRecreated, m.wouldRestart, m.imagesRemoved, m.webhooks, m.etcdWrites, m.watchEvents, m.watchReconnects, m.deploys, m.deployDuration,
-		m.pulls, m.containersStopped, m.staleFound, m.slackPosts,
+		m.pulls, m.containersStopped, m.staleFound, m.slackPosts, m.notifications,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -1,7 +1,8 @@
 package main
 
-// notify.go: the report of a deploy, its text, and the Slack notifier
-// that posts it without ever blocking a deploy.
+// notify.go: the report of a deploy, its text, and the hub that sends
+// messages to every configured service (the Slack webhook, -notify URLs)
+// without ever blocking a deploy.
 
 import (
 	"context"
@@ -134,67 +135,109 @@ func containerNames(cs []staleContainer) string {
 	return strings.Join(names, ", ")
 }
 
-// slackNotifier posts reports to a Slack incoming webhook from its own
-// goroutine, so that a slow or failing Slack never holds up a deploy.
-type slackNotifier struct {
-	url      string
-	username string
-	client   *http.Client
-	queue    chan slack.WebhookMessage
-	log      *slog.Logger
-	metrics  *metrics
-	maxWait  time.Duration // longest Retry-After honoured
+// tellAtOnce reports whether a node tells this report by itself when
+// only the reports per rollout are sent (no -notify_per_node): a failure
+// (at once, not only in the rollout's report), a recovery from one, and a
+// dry run's findings, none of which a rollout report covers.
+func (r report) tellAtOnce() bool {
+	return r.failed() || r.Retrying || r.Recovered > 0 || r.DryRun
 }
 
-func newSlackNotifier(url, username string, log *slog.Logger, m *metrics) *slackNotifier {
-	return &slackNotifier{
-		url:      url,
-		username: username,
-		client:   &http.Client{Timeout: 10 * time.Second},
-		queue:    make(chan slack.WebhookMessage, 100),
-		log:      log,
-		metrics:  m,
-		maxWait:  time.Minute,
+// message is one notification as every service gets it.
+type message struct {
+	Title string // one line; services with a title show it
+	Text  string // the body: plain text (Slack's emoji codes kept)
+	// Fields go to the generic JSON webhook as they are: "kind"
+	// ("node", "failure", "rollout"), "image", "image_id", "digest", …
+	Fields map[string]string
+}
+
+// sender delivers one message to one service. send returns an error that
+// never shows the service's URL.
+type sender interface {
+	// service names the service in logs and metrics ("slack",
+	// "teams", "generic", …), never its URL.
+	service() string
+	// send delivers m within ctx's deadline.
+	send(ctx context.Context, m message) error
+}
+
+// notifyHub sends messages to every configured service from its own
+// goroutine, so that a slow or failing service never holds up a deploy;
+// the rollout reporter (rolloutreport.go) delivers through it too.
+type notifyHub struct {
+	senders []sender
+	perNode bool // -notify_per_node: every node's own message too
+	queue   chan message
+	log     *slog.Logger
+	metrics *metrics
+	timeout time.Duration // one delivery to one service, rate-limit waits included
+}
+
+// newNotifyHub returns the hub of senders; it starts nothing.
+func newNotifyHub(senders []sender, perNode bool, log *slog.Logger, m *metrics) *notifyHub {
+	return &notifyHub{senders: senders, perNode: perNode, queue: make(chan message, 100), log: log, metrics: m, timeout: 2 * time.Minute}
+}
+
+// nodeMessage is a node's report as a message.
+func nodeMessage(r report) message {
+	kind := "node"
+	if r.failed() {
+		kind = "failure"
 	}
+	return message{Title: "deployer: " + r.Repo + " on " + r.Node, Text: r.text(),
+		Fields: map[string]string{"kind": kind, "node": r.Node, "repository": r.Repo}}
 }
 
-// notify queues a report; it never blocks. When the queue is full (Slack
-// down for long), the report is dropped and logged.
-func (s *slackNotifier) notify(r report) {
-	msg := slack.WebhookMessage{Username: s.username, Text: r.text()}
+// notify queues what a deploy did on this node, when it is to be told
+// (tellAtOnce, or every report with -notify_per_node); it never blocks.
+func (h *notifyHub) notify(r report) {
+	if !h.perNode && !r.tellAtOnce() {
+		return
+	}
+	h.enqueue(nodeMessage(r))
+}
+
+// enqueue queues m; it never blocks. When the queue is full (services
+// down for long), m is dropped and logged.
+func (h *notifyHub) enqueue(m message) {
 	select {
-	case s.queue <- msg:
+	case h.queue <- m:
 	default:
-		s.metrics.slackPosts.WithLabelValues("dropped").Inc()
-		s.log.Warn("slack queue full, message dropped", "text", msg.Text)
+		for _, s := range h.senders {
+			h.count(s, "dropped")
+		}
+		h.log.Warn("notification queue full, message dropped", "text", m.Text)
 	}
 }
 
-// say queues one message of the fleet's (a rollback, a pin), posted as
-// a report is; it never blocks.
-func (s *slackNotifier) say(text string) {
-	select {
-	case s.queue <- slack.WebhookMessage{Username: s.username, Text: text}:
-	default:
-		s.metrics.slackPosts.WithLabelValues("dropped").Inc()
-		s.log.Warn("slack queue full, message dropped", "text", text)
+// say queues one message of the fleet's (a rollback, a pin, a canary
+// rollout's news) for every service; it never blocks.
+func (h *notifyHub) say(text string) {
+	h.enqueue(message{Title: "deployer", Text: text, Fields: map[string]string{"kind": "fleet"}})
+}
+
+func (h *notifyHub) count(s sender, result string) {
+	h.metrics.notifications.WithLabelValues(s.service(), result).Inc()
+	if s.service() == "slack" {
+		h.metrics.slackPosts.WithLabelValues(result).Inc()
 	}
 }
 
-// run posts queued messages until ctx is done, then posts what is still
+// run sends queued messages until ctx is done, then sends what is still
 // queued within a short bound.
-func (s *slackNotifier) run(ctx context.Context) error {
+func (h *notifyHub) run(ctx context.Context) error {
 	for {
 		select {
-		case msg := <-s.queue:
-			s.post(ctx, msg)
+		case m := <-h.queue:
+			_ = h.deliver(ctx, m)
 		case <-ctx.Done():
 			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 3*time.Second)
 			defer cancel()
 			for {
 				select {
-				case msg := <-s.queue:
-					s.post(dctx, msg)
+				case m := <-h.queue:
+					_ = h.deliver(dctx, m)
 				default:
 					return nil
 				}
@@ -203,15 +246,49 @@ func (s *slackNotifier) run(ctx context.Context) error {
 	}
 }
 
-// post sends one message, waiting out rate limits (429 with Retry-After)
+// deliver sends m to every service now, each within h.timeout; it returns
+// the failures joined (already logged), nil when every service took it.
+func (h *notifyHub) deliver(ctx context.Context, m message) error {
+	var errs []error
+	for _, s := range h.senders {
+		sctx, cancel := context.WithTimeout(ctx, h.timeout)
+		err := s.send(sctx, m)
+		cancel()
+		if err != nil {
+			h.count(s, "error")
+			h.log.Warn("notification not sent", "service", s.service(), "err", err)
+			errs = append(errs, fmt.Errorf("%s: %w", s.service(), err))
+			continue
+		}
+		h.count(s, "ok")
+	}
+	return errors.Join(errs...)
+}
+
+// slackWebhook posts to a Slack incoming webhook through slack-go.
+type slackWebhook struct {
+	url      string // the token: never shown
+	username string
+	client   *http.Client
+	log      *slog.Logger
+	maxWait  time.Duration // longest Retry-After honoured
+}
+
+func newSlackWebhook(url, username string, log *slog.Logger) *slackWebhook {
+	return &slackWebhook{url: url, username: username, client: &http.Client{Timeout: 10 * time.Second}, log: log, maxWait: time.Minute}
+}
+
+func (s *slackWebhook) service() string { return "slack" }
+
+// send posts one message, waiting out rate limits (429 with Retry-After)
 // up to three times.
-func (s *slackNotifier) post(ctx context.Context, msg slack.WebhookMessage) {
+func (s *slackWebhook) send(ctx context.Context, m message) error {
+	msg := slack.WebhookMessage{Username: s.username, Text: m.Text}
 	for attempt := 1; ; attempt++ {
 		// The URL is the token: errors (*url.Error) must not carry it.
 		err := redactErr(slack.PostWebhookCustomHTTPContext(ctx, s.url, s.client, &msg), s.url)
 		if err == nil {
-			s.metrics.slackPosts.WithLabelValues("ok").Inc()
-			return
+			return nil
 		}
 		var rl *slack.RateLimitedError
 		if errors.As(err, &rl) && attempt < 3 && ctx.Err() == nil {
@@ -221,8 +298,6 @@ func (s *slackNotifier) post(ctx context.Context, msg slack.WebhookMessage) {
 				continue
 			}
 		}
-		s.metrics.slackPosts.WithLabelValues("error").Inc()
-		s.log.Warn("slack post failed", "err", err)
-		return
+		return err
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -64,10 +65,17 @@ func (s *slackRecorder) next(t testing.TB) map[string]any {
 	}
 }
 
+// newSlackHub is a notification hub with one sender, a Slack webhook at
+// url, that tells every node's report (-notify_per_node).
+func newSlackHub(url string, log *slog.Logger, m *metrics) (*notifyHub, *slackWebhook) {
+	s := newSlackWebhook(url, "Deployer", log)
+	return newNotifyHub([]sender{s}, true, log, m), s
+}
+
 func TestSlackNotifier(t *testing.T) {
 	rec := newSlackRecorder(t)
-	n := newSlackNotifier(rec.URL, "Deployer", testLogger(t), newMetrics())
-	n.maxWait = 10 * time.Millisecond // Retry-After is 1s; keep the test quick
+	n, s := newSlackHub(rec.URL, testLogger(t), newMetrics())
+	s.maxWait = 10 * time.Millisecond // Retry-After is 1s; keep the test quick
 	rec.limited.Store(1)
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error)
@@ -108,7 +116,7 @@ func TestSlackNotifierNeverBlocks(t *testing.T) {
 	defer srv.Close()
 	defer close(block)
 	m := newMetrics()
-	n := newSlackNotifier(srv.URL, "Deployer", testLogger(t), m)
+	n, _ := newSlackHub(srv.URL, testLogger(t), m)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	go n.run(ctx)

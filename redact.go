@@ -8,8 +8,8 @@ import (
 	"strings"
 )
 
-// Secret URLs (the Slack webhook URL, whose path is its token, and Docker
-// Hub callback URLs) never appear in logs, errors, metrics or status: the
+// Secret URLs (the Slack webhook URL, whose path is its token, the -notify
+// URLs, and Docker Hub callback URLs) never appear in logs, errors, metrics or status: the
 // HTTP client's errors (*url.Error) carry the whole URL.
 
 // redactURL is what may be shown of a secret URL: its scheme and host.
@@ -20,6 +20,10 @@ func redactURL(raw string) string {
 	}
 	return u.Scheme + "://" + u.Host + "/[redacted]"
 }
+
+// minSecretLen: shorter user names in a URL ("user", "admin") are not
+// taken for tokens (hiding them would garble errors, not protect them).
+const minSecretLen = 8
 
 // redactedError hides secret URLs in an error's text; errors.Is and As
 // still see the error it wraps.
@@ -50,6 +54,17 @@ func redactErr(err error, secrets ...string) error {
 			}
 			if u.RawQuery != "" {
 				forms = append(forms, u.RawQuery)
+			}
+			// Service URLs (-notify) carry tokens as the user or the
+			// password too (telegram://123:token@telegram, discord://
+			// token@id), which the service puts in its own API's path.
+			if u.User != nil {
+				p, _ := u.User.Password()
+				for _, part := range []string{u.User.Username(), p} {
+					if len(part) >= minSecretLen {
+						forms = append(forms, part)
+					}
+				}
 			}
 		}
 		for _, f := range forms {

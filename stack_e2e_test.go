@@ -180,6 +180,7 @@ type stack struct {
 	etcd    []*etcdMember
 	cli     *clientv3.Client
 	slack   *slackRecorder
+	hook    *webhookRecorder // a generic JSON webhook (-notify)
 	secret  string
 	prefix  string
 	results *os.File
@@ -208,7 +209,7 @@ func newStackWith(t testing.TB, nodes, members int) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &stack{t: t, dir: dir, secret: "e2e-secret", prefix: "/e2e", slack: newSlackRecorder(t)}
+	s := &stack{t: t, dir: dir, secret: "e2e-secret", prefix: "/e2e", slack: newSlackRecorder(t), hook: newWebhookRecorder(t)}
 	t.Cleanup(func() { s.teardown() })
 	if s.results, err = os.OpenFile(resultsPath(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err != nil {
 		t.Fatal(err)
@@ -377,7 +378,7 @@ func (s *stack) startDeployer(n *node) {
 	n.args = []string{s.bin,
 		"-docker", n.host(), "-etcd_nodes", s.etcdEndpoints(), "-etcd_prefix", s.prefix,
 		"-etcd_retry_delay", "200ms", "-listen", fmt.Sprintf("127.0.0.1:%d", n.port),
-		"-node_name", n.name, "-webhook_secret", s.secret, "-slack_webhook_url", s.slack.URL,
+		"-node_name", n.name, "-webhook_secret", s.secret, "-slack_webhook_url", s.slack.URL, "-notify", s.hook.genericURL(),
 		"-registry", s.hub.host(), "-kill_timeout", "3", "-repull_period", "0", "-dockercfg", "",
 		"-log_format", "json", "-restart_timeout", "20s",
 		// The scenarios of halts test the halt itself; those of the
@@ -404,7 +405,7 @@ func (s *stack) runDeployer(n *node) {
 	if fi, err := os.Stat(logPath); err == nil {
 		offset = fi.Size()
 	}
-	n.deployer = startProc(s.t, s.dir, "deployer-"+n.name, nil, n.args...)
+	n.deployer = startProc(s.t, s.dir, "deployer-"+n.name, []string{"DEPLOYER_E2E_HOLD_REPORTS=" + s.holdReports()}, n.args...)
 	waitFor(s.t, 30*time.Second, "deployer on "+n.name, func() bool {
 		if !n.deployer.running() {
 			s.t.Fatalf("deployer on %s exited:\n%s", n.name, n.deployer.tail(20))
@@ -669,4 +670,60 @@ func (s *stack) slackTexts() []string {
 		out = append(out, text)
 	}
 	return out
+}
+
+// holdReports is a file that, while it exists, holds every deployer's
+// rollout report between its claim and its send (hook_e2e.go).
+func (s *stack) holdReports() string { return filepath.Join(s.dir, "hold-reports") }
+
+// rolloutReports returns the rollout reports among the Slack messages
+// after index slackFrom and the generic webhook's bodies after hookFrom
+// that contain every one of want.
+func (s *stack) rolloutReports(slackFrom, hookFrom int, want ...string) (slack []string, hook []map[string]string) {
+	has := func(text string) bool {
+		for _, w := range want {
+			if !strings.Contains(text, w) {
+				return false
+			}
+		}
+		return true
+	}
+	for _, text := range s.slackTexts()[slackFrom:] {
+		if (strings.HasPrefix(text, "Rolled out ") || strings.HasPrefix(text, ":x: Rollout ")) && has(text) {
+			slack = append(slack, text)
+		}
+	}
+	for _, b := range s.hook.got()[hookFrom:] {
+		if b["kind"] == "rollout" && has(b["message"]) {
+			hook = append(hook, b)
+		}
+	}
+	return slack, hook
+}
+
+// waitReports waits for a rollout report with all of want on Slack and on
+// the generic webhook.
+func (s *stack) waitReports(slackFrom, hookFrom int, want ...string) {
+	s.t.Helper()
+	waitFor(s.t, 60*time.Second, fmt.Sprintf("a rollout report %q on Slack and the webhook", want), func() bool {
+		sl, hk := s.rolloutReports(slackFrom, hookFrom, want...)
+		return len(sl) > 0 && len(hk) > 0
+	})
+}
+
+// waitReportsOnce waits for the report as waitReports does; then, past
+// the window in which another node could still send one
+// (reportTakeover), checks that each service got exactly one, and
+// returns its text.
+func (s *stack) waitReportsOnce(slackFrom, hookFrom int, want ...string) string {
+	s.t.Helper()
+	s.waitReports(slackFrom, hookFrom, want...)
+	// An observation window, not a synchronisation: a second report
+	// would come within the takeover of the first.
+	time.Sleep(reportTakeover + time.Second)
+	sl, hk := s.rolloutReports(slackFrom, hookFrom, want...)
+	if len(sl) != 1 || len(hk) != 1 {
+		s.t.Errorf("rollout reports %q: %d on Slack %q, %d on the webhook; want one each", want, len(sl), sl, len(hk))
+	}
+	return sl[0]
 }
