@@ -17,14 +17,16 @@
 //  2. config (and the etcd and Docker clients as the flags say), trigger
 //     (the record and the one rule), retry, scan, clone, puller, upwait
 //  3. the node: nodeid, auth, parked, queue
-//  4. restarter, watcher, webhook, cmd_secret
+//  4. restarter, watcher, webhook, cmd_secret, dashboard_auth (the
+//     dashboard's sessions)
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay
 //  7. replace, clusterview
 //  8. ledger (the deploy ledger)
-//  9. deploy, cmd_status, cmd_history
+//  9. deploy, cmd_status, cmd_history, dashboard_view (what the
+//     dashboard shows)
 //  10. rollback (an earlier version back under its tag)
-//  11. cmd_rollback
+//  11. cmd_rollback, dashboard (the web dashboard)
 //  12. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
@@ -204,6 +206,7 @@ type daemon struct {
 	failures  *failLimiter   // failed authentications per address
 	secret    *secretCell    // the webhook secret, set once at start
 	health    *healthCache
+	dash      *dashboard
 	claim     *nodeClaim    // the node name, held while running
 	stopBound time.Duration // from the signal to run's return
 	listener  net.Listener  // set by run; tests read its address
@@ -253,6 +256,8 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	d.failures = newFailLimiter()
 	d.webhook = newWebhook(etcd, cfg.EtcdPrefix, d.secret.get, cfg.NodeName, d.failures, log.With("component", "webhook"), m)
 	d.health = newHealthCache(healthChecks(etcd, progressKey(cfg.NodeName), dc))
+	d.dash = newDashboard(etcd, d.secret.get, d.failures, newRollbacker(etcd, cfg.DockerCfg, cfg.registryDomain, cfg.History, log),
+		cfg.NodeName, cfg.MaxUnavailable, log.With("component", "dashboard"))
 	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, cfg.EtcdRetryDelay, log.With("component", "node"))
 	return d, nil
 }
@@ -270,6 +275,8 @@ func (d *daemon) handler() http.Handler {
 		"GET /api/history":    d.requireSecret(historyHandler(d.etcd)),
 		"/api/rollback":       rollbackHandler(d.webhook, newRollbacker(d.etcd, d.cfg.DockerCfg, d.cfg.registryDomain, d.cfg.History, d.log), d.cfg.NodeName),
 		"GET /metrics":        d.metricsHandler(),
+		"GET /{$}":            d.dash.index(),
+		"/ui/":                d.dash.handler(),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
@@ -475,7 +482,7 @@ func (d *daemon) claimNode(ctx context.Context) (release func(), err error) {
 
 // httpServer serves the daemon's handler.
 func (d *daemon) httpServer() *http.Server {
-	return &http.Server{
+	srv := &http.Server{
 		Handler: d.handler(),
 		// Webhook senders post small bodies; slow clients must not hold
 		// connections open.
@@ -484,6 +491,8 @@ func (d *daemon) httpServer() *http.Server {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
+	srv.RegisterOnShutdown(d.dash.close) // the dashboard's event streams end
+	return srv
 }
 
 // startEmbeddedEtcd runs a single-member etcd in this process.
