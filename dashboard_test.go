@@ -409,7 +409,8 @@ func TestDashEventsFollowEtcd(t *testing.T) {
 
 func TestBuildDashView(t *testing.T) {
 	const ref = "reg/app:qa"
-	newID, oldID := "sha256:"+strings.Repeat("b", 64), "sha256:"+strings.Repeat("a", 64)
+	newID, oldID, newerID := "sha256:"+strings.Repeat("b", 64), "sha256:"+strings.Repeat("a", 64), "sha256:"+strings.Repeat("c", 64)
+	t0 := time.Unix(1_700_000_000, 0)
 	node := func(name, id string) nodeStatus {
 		return nodeStatus{Node: name, Containers: []containerStatus{{Name: "app", Image: ref, ImageID: id}}}
 	}
@@ -428,6 +429,7 @@ func TestBuildDashView(t *testing.T) {
 		halted  *halt
 		down    []string
 		history historyView
+		running []versionInfo // the status's versions, newest first
 		rolls   []*mvccpb.KeyValue
 		marks   []*mvccpb.KeyValue
 		want    []string // the states of n1, n2, n3
@@ -441,6 +443,17 @@ func TestBuildDashView(t *testing.T) {
 				kv(slotsDir(ref)+"2-n3-x", "n3 app", 12), kv(slotsDir(ref)+"1-n2-x", "n2 app", 11),
 			},
 			want: []string{cellUpToDate, cellRolling, cellWaiting}},
+		{name: "no container while replacing it", nodes: []nodeStatus{node("n1", newID), {Node: "n2"}, node("n3", oldID)}, history: hist(outcomeRollingOut),
+			rolls: []*mvccpb.KeyValue{kv(slotsDir(ref)+"1-n2-x", "n2 app", 11)}, down: []string{"n2 app (not running)"},
+			want: []string{cellUpToDate, cellRolling, cellRolling}},
+		{name: "a version the ledger has yet to record", nodes: []nodeStatus{node("n1", oldID), node("n2", oldID), node("n3", newerID)},
+			history: historyView{Tags: []tagHistory{{Image: ref, Versions: []ledgerVersion{{Version: 1, Image: ref, ImageID: oldID, Outcome: outcomeRolledOut, Pushed: t0}}}}},
+			running: []versionInfo{{ImageID: newerID, Since: t0.Add(time.Minute)}, {ImageID: oldID, Since: t0}},
+			want:    []string{cellRolling, cellRolling, cellUpToDate}},
+		{name: "an old image restarted is not the newest", nodes: []nodeStatus{node("n1", newID), node("n2", newID), node("n3", oldID)},
+			history: historyView{Tags: []tagHistory{{Image: ref, Versions: []ledgerVersion{{Version: 2, Image: ref, ImageID: newID, Outcome: outcomeRolledOut, Pushed: t0}}}}},
+			running: []versionInfo{{ImageID: oldID, Since: t0.Add(-time.Minute)}, {ImageID: newID, Since: t0}},
+			want:    []string{cellUpToDate, cellUpToDate, cellStale}},
 		{name: "not yet queued", nodes: []nodeStatus{node("n1", newID), node("n2", oldID), node("n3", oldID)}, history: hist(outcomeRollingOut),
 			want: []string{cellUpToDate, cellRolling, cellRolling}},
 		{name: "halted", nodes: []nodeStatus{node("n1", oldID), node("n2", oldID), node("n3", oldID)}, history: hist(outcomeHalted), halted: haltRec,
@@ -458,7 +471,7 @@ func TestBuildDashView(t *testing.T) {
 			want: []string{cellUpToDate, cellUpToDate, cellStale}, records: 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			st := clusterStatus{Nodes: tc.nodes, Tags: []tagStatus{{Image: ref, Halted: tc.halted, Down: tc.down}}}
+			st := clusterStatus{Nodes: tc.nodes, Tags: []tagStatus{{Image: ref, Halted: tc.halted, Down: tc.down, Versions: tc.running}}}
 			v := buildDashView(st, tc.history, tc.rolls, tc.marks, 1)
 			if len(v.Tags) != 1 || len(v.Tags[0].Cells) != 3 {
 				t.Fatalf("view: %+v", v)
@@ -484,7 +497,7 @@ func TestBuildDashView(t *testing.T) {
 					t.Errorf("marks: tag %v, n3 %v, records %+v; want baking and pinned, n3 pinned, frozen for all", words, tag.Cells[2].Marks, v.Records)
 				}
 			}
-			if got := v.Tags[0].Cells[0].Versions; tc.nodes[0].Containers[0].ImageID == newID && (len(got) != 1 || got[0] != 2) {
+			if got := v.Tags[0].Cells[0].Versions; tc.nodes[0].Containers[0].ImageID == newID && tc.running == nil && (len(got) != 1 || got[0] != 2) {
 				t.Errorf("n1's version label %v; want [2]", got)
 			}
 		})

@@ -66,6 +66,8 @@ type dashTag struct {
 	Down    []string        `json:"down,omitempty"`
 	Marks   []dashMark      `json:"marks,omitempty"`
 	History []ledgerVersion `json:"history,omitempty"` // newest first
+
+	unrecorded bool // Newest is not in the ledger yet: its rollout has begun
 }
 
 // dashCell is one node's containers of one tag; State "" when the node
@@ -147,18 +149,29 @@ func buildDashView(st clusterStatus, h historyView, rolls, marks []*mvccpb.KeyVa
 		}
 		return tags[ref]
 	}
+	since := map[string]time.Time{} // when the tag's newest image by the status records first ran
 	for _, t := range st.Tags {
 		dt := tag(t.Image)
 		dt.Halted, dt.Down = t.Halted, t.Down
 		if len(t.Versions) > 0 {
-			dt.Newest = t.Versions[0].ImageID
+			dt.Newest, since[t.Image] = t.Versions[0].ImageID, t.Versions[0].Since
 		}
 	}
+	// The newest version is the ledger's, unless a node already runs an
+	// image the ledger has not recorded yet, started after the ledger's
+	// newest was pushed (the ledger records a version once the first node
+	// has converged on it).
 	for _, th := range h.Tags {
 		dt := tag(th.Image)
 		dt.History = th.Versions[:min(len(th.Versions), dashHistoryLen)]
-		if len(th.Versions) > 0 {
+		if len(th.Versions) == 0 {
+			continue
+		}
+		known := slices.ContainsFunc(th.Versions, func(v ledgerVersion) bool { return v.ImageID == dt.Newest })
+		if dt.Newest == "" || known || !since[th.Image].After(th.Versions[0].Pushed) {
 			dt.Newest = th.Versions[0].ImageID
+		} else {
+			dt.unrecorded = true
 		}
 	}
 	// Slots, in the order the rollout grants them (create revision): the
@@ -243,19 +256,6 @@ func (t *dashTag) cell(n nodeStatus) dashCell {
 			c.Marks = append(c.Marks, m.Word)
 		}
 	}
-	if c.Containers == 0 {
-		return c
-	}
-	for _, id := range c.ImageIDs {
-		var version int64
-		for _, lv := range t.History {
-			if lv.ImageID == id {
-				version = lv.Version
-				break
-			}
-		}
-		c.Versions = append(c.Versions, version)
-	}
 	var slot *dashSlot
 	for i := range t.Slots {
 		if t.Slots[i].Node == n.Node && (slot == nil || t.Slots[i].State == cellRolling) {
@@ -268,6 +268,19 @@ func (t *dashTag) cell(n nodeStatus) dashCell {
 			down = append(down, rest)
 		}
 	}
+	if c.Containers == 0 && slot == nil && len(down) == 0 {
+		return c // the node runs nothing of the tag
+	}
+	for _, id := range c.ImageIDs {
+		var version int64
+		for _, lv := range t.History {
+			if lv.ImageID == id {
+				version = lv.Version
+				break
+			}
+		}
+		c.Versions = append(c.Versions, version)
+	}
 	newest := len(c.ImageIDs) == 1 && c.ImageIDs[0] == t.Newest
 	switch {
 	case slot != nil:
@@ -278,7 +291,7 @@ func (t *dashTag) cell(n nodeStatus) dashCell {
 		c.State, c.Detail = cellDown, strings.Join(down, ", ")
 	case newest:
 		c.State = cellUpToDate
-	case len(t.History) > 0 && t.History[0].ImageID == t.Newest && t.History[0].Outcome == outcomeRollingOut:
+	case t.unrecorded, len(t.History) > 0 && t.History[0].ImageID == t.Newest && t.History[0].Outcome == outcomeRollingOut:
 		c.State, c.Detail = cellRolling, "to "+shortID(t.Newest)
 	default:
 		c.State = cellStale

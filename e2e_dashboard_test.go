@@ -107,7 +107,7 @@ func poll(expression string) chromedp.Action[chromedp.Void] {
 // screenshot saves the whole page as dir/name.png.
 func screenshot(t *testing.T, ctx context.Context, dir, name string) {
 	t.Helper()
-	png := bget(t, ctx, 20*time.Second, "screenshot "+name, chromedp.FullScreenshot(90))
+	png := bget(t, ctx, 20*time.Second, "screenshot "+name, chromedp.FullScreenshot(100))
 	if err := os.WriteFile(filepath.Join(dir, name+".png"), png, 0o644); err != nil {
 		t.Fatal(err)
 	}
