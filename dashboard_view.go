@@ -12,6 +12,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
+	"fmt"
 	"maps"
 	"net/url"
 	"slices"
@@ -96,45 +97,53 @@ type dashMark struct {
 	Node  string `json:"node,omitempty"` // the node the key names, if any
 }
 
-// atRevision reads kv as it was at rev, so that the view's reads agree.
-type atRevision struct {
-	clientv3.KV
-	rev int64
+// prefetched serves the Gets of readStatus and readHistory from one
+// transaction's reads: every range of the view in one round trip, at one
+// revision.
+type prefetched struct {
+	clientv3.KV // not called
+	ranges      map[string]*clientv3.GetResponse
 }
 
-func (a atRevision) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
-	return a.KV.Get(ctx, key, append(opts, clientv3.WithRev(a.rev))...)
+func (p prefetched) Get(_ context.Context, key string, _ ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	if r, ok := p.ranges[key]; ok {
+		return r, nil
+	}
+	return nil, fmt.Errorf("dashboard: %s was not read", key)
 }
 
-// readDashView reads the view at the current revision.
+// readDashView reads the view, every range in one transaction.
 func readDashView(ctx context.Context, kv clientv3.KV, node string, maxUnavailable int, actions []string, now time.Time) (dashView, error) {
-	head, err := kv.Get(ctx, statusPrefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	prefixes := []string{statusPrefix, rolloutsPrefix, historiesPrefix}
+	for _, dir := range dashMarkDirs {
+		prefixes = append(prefixes, "/"+dir+"/")
+	}
+	ops := make([]clientv3.Op, len(prefixes))
+	for i, p := range prefixes {
+		ops[i] = clientv3.OpGet(p, clientv3.WithPrefix())
+	}
+	resp, err := kv.Txn(ctx).Then(ops...).Commit()
 	if err != nil {
 		return dashView{}, err
 	}
-	pinned := atRevision{kv, head.Header.Revision}
-	st, err := readStatus(ctx, pinned, now)
+	got := prefetched{ranges: map[string]*clientv3.GetResponse{}}
+	for i, r := range resp.Responses {
+		got.ranges[prefixes[i]] = (*clientv3.GetResponse)(r.GetResponseRange())
+	}
+	st, err := readStatus(ctx, got, now)
 	if err != nil {
 		return dashView{}, err
 	}
-	h, err := readHistory(ctx, pinned, historyFilter{}, now)
-	if err != nil {
-		return dashView{}, err
-	}
-	rolls, err := pinned.Get(ctx, rolloutsPrefix, clientv3.WithPrefix())
+	h, err := readHistory(ctx, got, historyFilter{}, now)
 	if err != nil {
 		return dashView{}, err
 	}
 	var marks []*mvccpb.KeyValue
 	for _, dir := range dashMarkDirs {
-		resp, err := pinned.Get(ctx, "/"+dir+"/", clientv3.WithPrefix())
-		if err != nil {
-			return dashView{}, err
-		}
-		marks = append(marks, resp.Kvs...)
+		marks = append(marks, got.ranges["/"+dir+"/"].Kvs...)
 	}
-	v := buildDashView(st, h, rolls.Kvs, marks, maxUnavailable)
-	v.Rev, v.Node, v.Actions = head.Header.Revision, node, actions
+	v := buildDashView(st, h, got.ranges[rolloutsPrefix].Kvs, marks, maxUnavailable)
+	v.Rev, v.Node, v.Actions = resp.Header.Revision, node, actions
 	return v, nil
 }
 

@@ -25,7 +25,8 @@
     },
   };
 
-  // dashRenders records when each view was rendered, for the browser test.
+  // dashRenders records when each view was read by the node and rendered,
+  // for the browser test.
   window.dashRenders = [];
 
   const $ = (id) => document.getElementById(id);
@@ -246,7 +247,7 @@
     $('problem').hidden = true;
     $('conn').textContent = `live · revision ${v.rev}`;
     $('conn').className = 'conn live';
-    window.dashRenders.push({ rev: v.rev, t: Date.now() });
+    window.dashRenders.push({ rev: v.rev, t: Date.now(), read: Date.parse(v.time) });
   });
   es.addEventListener('problem', (e) => {
     $('problem').textContent = 'The node cannot read etcd: ' + JSON.parse(e.data).error + ' (retrying; the page shows the last view)';
