@@ -308,11 +308,16 @@ func (d *dashboard) events(w http.ResponseWriter, r *http.Request) {
 }
 
 // stream sends the view through write after each change until ctx ends
-// or a write fails.
+// or a write fails. One watch, from the revision of the first view, lasts
+// as long as the stream (watched again only when it fails): a change
+// made while a view is read and sent waits in the watch's channel.
 func (d *dashboard) stream(ctx context.Context, write func(string) error) error {
 	keepalive := time.NewTicker(dashKeepalive)
 	defer keepalive.Stop()
 	actions := slices.Sorted(maps.Keys(d.actions))
+	var ch clientv3.WatchChan
+	stopWatch := func() {}
+	defer func() { stopWatch() }()
 	for attempt := 1; ; attempt++ {
 		rctx, cancel := context.WithTimeout(ctx, callTimeout)
 		v, err := readDashView(rctx, d.etcd, d.node, d.maxUnavailable, actions, time.Now())
@@ -338,22 +343,26 @@ func (d *dashboard) stream(ctx context.Context, write func(string) error) error 
 		if err := write(fmt.Sprintf("id: %d\nevent: view\ndata: %s\n\n", v.Rev, b)); err != nil {
 			return err
 		}
-		// Wait for a change after the revision read.
-		wctx, wcancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-		ch := d.etcd.Watch(wctx, "/", clientv3.WithPrefix(), clientv3.WithRev(v.Rev+1))
-		changed, err := waitChange(ctx, ch, keepalive.C, write)
-		wcancel()
-		if err != nil || !changed {
+		if ch == nil {
+			wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+			ch, stopWatch = d.etcd.Watch(wctx, "/", clientv3.WithPrefix(), clientv3.WithRev(v.Rev+1)), cancel
+		}
+		watching, err := waitChange(ctx, ch, v.Rev, keepalive.C, write)
+		if err != nil || ctx.Err() != nil {
 			return err
+		}
+		if !watching { // the watch failed: read the view again and watch from there
+			stopWatch()
+			ch = nil
 		}
 	}
 }
 
-// waitChange waits on a watch for a change the view shows, and drains
-// what else is already there; it keeps the stream alive meanwhile. It
-// returns false when ctx ended; true also when the watch failed (the
-// caller reads the view and watches again).
-func waitChange(ctx context.Context, ch clientv3.WatchChan, keepalive <-chan time.Time, write func(string) error) (bool, error) {
+// waitChange waits on a watch for a change after rev that the view
+// shows, and drains what else is already there; it keeps the stream
+// alive meanwhile. It returns false when the watch failed (the caller
+// reads the view and watches again), and when ctx ended.
+func waitChange(ctx context.Context, ch clientv3.WatchChan, rev int64, keepalive <-chan time.Time, write func(string) error) (bool, error) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -364,16 +373,16 @@ func waitChange(ctx context.Context, ch clientv3.WatchChan, keepalive <-chan tim
 			}
 		case resp, ok := <-ch:
 			if !ok || resp.Err() != nil {
-				return ctx.Err() == nil, nil
+				return false, nil
 			}
-			if !shownChange(resp.Events) {
+			if !shownChange(resp.Events, rev) {
 				continue
 			}
 			for {
 				select {
-				case _, ok := <-ch:
-					if !ok {
-						return true, nil
+				case resp, ok := <-ch:
+					if !ok || resp.Err() != nil {
+						return false, nil
 					}
 				default:
 					return true, nil
@@ -383,11 +392,15 @@ func waitChange(ctx context.Context, ch clientv3.WatchChan, keepalive <-chan tim
 	}
 }
 
-// shownChange reports whether events touch what the view shows: not the
-// nodes' progress, their name claims or the secret.
-func shownChange(events []*clientv3.Event) bool {
+// shownChange reports whether events touch what the view shows, after
+// rev (the view sent): not the nodes' progress, their name claims or the
+// secret.
+func shownChange(events []*clientv3.Event, rev int64) bool {
 	for _, ev := range events {
 		k := string(ev.Kv.Key)
+		if ev.Kv.ModRevision <= rev {
+			continue
+		}
 		if !slices.ContainsFunc([]string{"/" + nodesDir + "/", "/" + ownerDir + "/", "/" + secretDir + "/"}, func(p string) bool {
 			return strings.HasPrefix(k, p)
 		}) {

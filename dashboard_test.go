@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/cookiejar"
@@ -12,10 +13,12 @@ import (
 	"net/url"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // testDashboard is a dashboard on the test's etcd prefix with secret
@@ -335,6 +338,11 @@ func TestDashRoutesNeedSession(t *testing.T) {
 // ends the stream.
 func TestDashEventsFollowEtcd(t *testing.T) {
 	d, _ := testDashboard(t)
+	watches := &countingWatcher{Watcher: d.etcd}
+	d.etcd = struct {
+		clientv3.KV
+		clientv3.Watcher
+	}{d.etcd, watches}
 	srv := httptest.NewServer(dashMux(d))
 	t.Cleanup(srv.Close)
 	jar, _ := cookiejar.New(nil)
@@ -395,6 +403,18 @@ func TestDashEventsFollowEtcd(t *testing.T) {
 	v := next("view after the status record")
 	if v.Rev != put.Header.Revision || len(v.Nodes) != 1 || len(v.Tags) != 1 || v.Tags[0].Cells[0].State != cellUpToDate {
 		t.Fatalf("view after the status record (revision %d): %+v; want it, at that revision, with n2 up to date", put.Header.Revision, v)
+	}
+	// More changes come through the same watch.
+	for i := range 3 {
+		put, err := kv.Put(t.Context(), haltKey("reg/app:qa"), fmt.Sprintf(`{"image_id":"sha256:%d","node":"n2"}`, i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for v = next("view after a halt"); v.Rev < put.Header.Revision; v = next("view after a halt") {
+		}
+	}
+	if n := watches.n.Load(); n != 1 {
+		t.Errorf("%d etcd watches for one stream and 4 changes; want 1", n)
 	}
 	d.close()
 	select {
@@ -552,4 +572,15 @@ func TestDaemonServesDashboard(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the daemon did not stop within 20s with an open event stream")
 	}
+}
+
+// countingWatcher counts the watches opened.
+type countingWatcher struct {
+	clientv3.Watcher
+	n atomic.Int32
+}
+
+func (w *countingWatcher) Watch(ctx context.Context, key string, opts ...clientv3.OpOption) clientv3.WatchChan {
+	w.n.Add(1)
+	return w.Watcher.Watch(ctx, key, opts...)
 }

@@ -136,9 +136,9 @@ func (s *stack) watchShown(t *testing.T) (stop func() []etcdChange) {
 			var evs []*clientv3.Event
 			for _, ev := range resp.Events {
 				key := strings.TrimPrefix(string(ev.Kv.Key), s.prefix)
-				evs = append(evs, &clientv3.Event{Type: ev.Type, Kv: &mvccpb.KeyValue{Key: []byte(key)}})
+				evs = append(evs, &clientv3.Event{Type: ev.Type, Kv: &mvccpb.KeyValue{Key: []byte(key), ModRevision: ev.Kv.ModRevision}})
 			}
-			if shownChange(evs) {
+			if shownChange(evs, 0) {
 				mu.Lock()
 				out = append(out, etcdChange{rev: resp.Header.Revision, at: now, key: string(evs[0].Kv.Key)})
 				mu.Unlock()
