@@ -105,8 +105,9 @@
         t.halted ? badge('halted', `${short(t.halted.image_id)} on ${t.halted.node}: ${t.halted.reason}`) : null, marks);
       const cells = t.cells.map((c) => {
         if (!c.state) return el('td', { class: 'cell none' }, '–');
-        const ids = c.image_ids.map((id, i) => el('div', { class: 'id' },
-          c.versions[i] ? el('span', { class: 'version' }, 'v' + c.versions[i]) : null, ' ', el('code', {}, short(id))));
+        // A node replacing its container may run none of the tag for a moment.
+        const ids = (c.image_ids || []).map((id, i) => el('div', { class: 'id' },
+          (c.versions || [])[i] ? el('span', { class: 'version' }, 'v' + c.versions[i]) : null, ' ', el('code', {}, short(id))));
         return el('td', { class: 'cell ' + stateClass(c.state), dataset: { node: c.node, state: c.state }, title: c.detail || '' },
           ids, el('div', { class: 'state' }, c.state), c.detail ? el('div', { class: 'detail' }, c.detail) : null,
           (c.marks || []).map((m) => badge(m, m, 'mark')));
@@ -201,12 +202,16 @@
     }));
   }
 
+  // render draws each part of the view; a part that fails keeps its last
+  // drawing and says so in the console, and the others are drawn.
   function render(v) {
-    renderRecords(v);
-    renderMatrix(v);
-    renderRollouts(v);
-    renderNodes(v);
-    renderHistory(v);
+    for (const part of [renderRecords, renderMatrix, renderRollouts, renderNodes, renderHistory]) {
+      try {
+        part(v);
+      } catch (e) {
+        console.error(`${part.name}: ${e}`);
+      }
+    }
   }
 
   function toast(text, bad) {
