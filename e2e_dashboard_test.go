@@ -361,6 +361,7 @@ func dashboardScenario(t *testing.T, s *stack, qaRef string, qa *string, deploy 
 	brun(t, ctx, 60*time.Second, "rollback: confirmed",
 		chromedp.Click(chromedp.ID("confirm-ok")),
 		poll(`document.getElementById('toast').textContent.includes('done')`))
+	// (The note goes after a few seconds: the screenshot below shows the page.)
 	toast := bget(t, ctx, bound, "the toast", chromedp.Text(chromedp.ID("toast")))
 	out, err := exec.Command(s.bin, "history", "-json", "-etcd_nodes", s.etcdEndpoints(), "-etcd_prefix", s.prefix, qaRef).Output()
 	var h historyView
@@ -376,6 +377,7 @@ func dashboardScenario(t *testing.T, s *stack, qaRef string, qa *string, deploy 
 	brun(t, ctx, bound, "the page shows the rollback",
 		poll(fmt.Sprintf(`window.qaStates[window.qaStates.length-1].cells.every(c => c === 'up to date %s')`, shortID(v.ImageID))),
 		poll(fmt.Sprintf(`(() => { const h = document.querySelector('#history div[data-image="%s"] tbody tr .badge'); return h && h.textContent === 'rolled out'; })()`, qaRef)))
+	brun(t, ctx, bound, "the note goes", poll(`!document.getElementById('toast').classList.contains('shown')`))
 	screenshot(t, ctx, dir, "4-after-rollback")
 	s.record("scenario 14d: dashboard rollback: %q; ledger version %d asked by %+v", toast, v.Version, v.AskedBy)
 

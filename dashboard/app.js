@@ -214,10 +214,13 @@
     }
   }
 
+  let toastTimer;
   function toast(text, bad) {
     const t = $('toast');
     t.textContent = text;
     t.className = bad ? 'bad shown' : 'shown';
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { t.className = ''; }, bad ? 20000 : 6000);
   }
 
   // act asks for a confirmation, then posts the action with the CSRF token.
