@@ -189,15 +189,18 @@ func readView(ctx context.Context, kv clientv3.KV, now time.Time, states bool) (
 // readHolds adds the freezes, the waiting versions and the stored
 // policies to the view.
 func readHolds(ctx context.Context, kv clientv3.KV, out *clusterStatus, tag func(string) *tagStatus) error {
-	resp, err := kv.Txn(ctx).Then(
-		clientv3.OpGet(freezesPrefix, clientv3.WithPrefix()),
-		clientv3.OpGet(waitingsPrefix, clientv3.WithPrefix()),
-	).Commit()
+	// Gets, not one transaction: the dashboard serves them from its one
+	// read of the whole view (dashboard_view.go, prefetched).
+	freezes, err := kv.Get(ctx, freezesPrefix, clientv3.WithPrefix())
 	if err != nil {
 		return err
 	}
-	out.Freezes = decodeFreezes(resp.Responses[0].GetResponseRange().Kvs)
-	for _, w := range decodeWaiting(resp.Responses[1].GetResponseRange().Kvs) {
+	waiting, err := kv.Get(ctx, waitingsPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return err
+	}
+	out.Freezes = decodeFreezes(freezes.Kvs)
+	for _, w := range decodeWaiting(waiting.Kvs) {
 		tag(w.Ref).Waiting = &w
 	}
 	out.Policies, err = newPolicies(kv, rolloutPolicy{}).list(ctx)

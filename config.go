@@ -618,6 +618,8 @@ var builtinRoutes = []string{
 	"GET /api/status",
 	"GET /api/history",
 	"GET /metrics",
+	"GET /{$}", // the dashboard (dashboard.go)
+	"/ui/",
 }
 
 // checkFreeRoute refuses p, a flag's path (a plain path, checkPlainPath),

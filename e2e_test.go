@@ -785,6 +785,10 @@ func TestE2E(t *testing.T) {
 		refusedRollbackScenario(t, s)
 	})
 
+	t.Run("14d the dashboard in a browser: login, a deploy watched live, a rollback", func(t *testing.T) {
+		dashboardScenario(t, s, qaRef, &qa, deploy)
+	})
+
 	t.Run("15 dry run reports and stops nothing; cleanup removes the old image", func(t *testing.T) {
 		s.restartDeployers("-dry_run=true")
 		ids := map[string]string{}

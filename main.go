@@ -22,7 +22,8 @@
 //     rollout policy)
 //  3. the node: nodeid, auth, parked, queue; freeze (the freeze and
 //     waiting records)
-//  4. restarter, watcher, webhook, cmd_secret
+//  4. restarter, watcher, webhook, cmd_secret, dashboard_auth (the
+//     dashboard's sessions)
 //  5. recreate, notify, repull, status, trigger_api
 //  6. rollout, trigger_github, trigger_harbor, trigger_quay,
 //     notify_services (the Slack webhook and the -notify services),
@@ -35,12 +36,12 @@
 //     quarantine), tagstate (each tag's deploy state in the cluster view)
 //  11. deploy, clusterview, cmd_status, cmd_history, cmd_policy,
 //     policy_api, rolloutreport (one report per rollout, its sender
-//     chosen through etcd)
+//     chosen through etcd), dashboard_view (what the dashboard shows)
 //  12. rollback (an earlier version back under its tag, or a pin)
 //  13. pin (deployer pin and unpin, POST /api/pin and /api/unpin),
 //     haltrollback (a halted version rolled back)
 //  14. cmd_rollback, cmd_pin, cmd_canary, autorollback (a halt rolled
-//     back by itself)
+//     back by itself), dashboard (the web dashboard)
 //  15. main: the daemon's wiring and lifecycle
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
@@ -246,6 +247,7 @@ type daemon struct {
 	failures  *failLimiter     // failed authentications per address
 	secret    *secretCell      // the webhook secret, set once at start
 	health    *healthCache
+	dash      *dashboard
 	claim     *nodeClaim    // the node name, held while running
 	stopBound time.Duration // from the signal to run's return
 	listener  net.Listener  // set by run; tests read its address
@@ -326,6 +328,13 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 		ops: newHoldOps(etcd, d.policies.base, cfg.registryDomain, log.With("component", "holds"))}
 	d.webhook.deployNow = d.policyAPI.deployNow
 	d.health = newHealthCache(healthChecks(etcd, progressKey(cfg.NodeName), dc))
+	// The dashboard tells "rolling out" from "waiting for a slot" by the
+	// slots a tag holds against the flag's count (a percentage: against 1).
+	dashSlots := cfg.MaxUnavailable.N
+	if cfg.MaxUnavailable.Percent {
+		dashSlots = 1
+	}
+	d.dash = newDashboard(etcd, d.secret.get, d.failures, d.rollback, cfg.NodeName, dashSlots, log.With("component", "dashboard"))
 	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, cfg.EtcdRetryDelay, log.With("component", "node"))
 	return d, nil
 }
@@ -351,6 +360,8 @@ func (d *daemon) handler() http.Handler {
 		"/api/thaw":           http.HandlerFunc(d.policyAPI.thaw),
 		"/api/promote":        canaryHandler(d.webhook, d.canaries, "promote"),
 		"/api/abort":          canaryHandler(d.webhook, d.canaries, "abort"),
+		"GET /{$}":            d.dash.index(),
+		"/ui/":                d.dash.handler(),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc(d.cfg.WebhookPath, d.webhook.dockerHub)
@@ -572,7 +583,7 @@ func (d *daemon) claimNode(ctx context.Context) (release func(), err error) {
 
 // httpServer serves the daemon's handler.
 func (d *daemon) httpServer() *http.Server {
-	return &http.Server{
+	srv := &http.Server{
 		Handler: d.handler(),
 		// Webhook senders post small bodies; slow clients must not hold
 		// connections open.
@@ -581,6 +592,8 @@ func (d *daemon) httpServer() *http.Server {
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
+	srv.RegisterOnShutdown(d.dash.close) // the dashboard's event streams end
+	return srv
 }
 
 // startEmbeddedEtcd runs a single-member etcd in this process.

@@ -10,6 +10,7 @@ command -v etcdctl >/dev/null 2>&1 || need="$need etcd-client"
 command -v curl >/dev/null 2>&1 || need="$need curl"
 dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 command -v podman >/dev/null 2>&1 || need="$need podman"
+command -v chromium >/dev/null 2>&1 || need="$need chromium" # the dashboard's browser test
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 	echo "install-deps: missing:$need; run as root on Debian (apt-get) or install them yourself" >&2
