@@ -40,7 +40,7 @@ func TestE2ESoak(t *testing.T) {
 	t.Parallel() // a stack of its own; three run at once (make e2e: -parallel 3)
 	s := newStackWith(t, 2, 1)
 	all := s.nodes
-	s.restartDeployers("-max_unavailable=0")
+	s.restartDeployers("-max_unavailable=0", "-notify_per_node") // per node: the warm-up opens every node's connections to the recorders (one report per rollout comes from any node)
 
 	t.Run("goroutines and fds are back at their level after 100 deploys", func(t *testing.T) {
 		const name, repo, tag = "soak", "myorg/soak", "qa"

@@ -140,7 +140,9 @@ func containerNames(cs []staleContainer) string {
 // (at once, not only in the rollout's report), a recovery from one, and a
 // dry run's findings, none of which a rollout report covers.
 func (r report) tellAtOnce() bool {
-	return r.failed() || r.Retrying || r.Recovered > 0 || r.DryRun
+	// Waiting is set only on the node that recorded the held version
+	// first (hold.go): the fleet says it once.
+	return r.failed() || r.Retrying || r.Recovered > 0 || r.DryRun || len(r.Waiting) > 0
 }
 
 // message is one notification as every service gets it.

@@ -147,6 +147,9 @@ func TestNodeMessagesPerNodeOrNot(t *testing.T) {
 		{"failed", report{Node: "n1", Repo: "r", Failed: []error{errors.New("x")}}, false, true},
 		{"recovered", func() report { r := changed; r.Recovered = 2; return r }(), false, true},
 		{"dry run", report{Node: "n1", Repo: "r", DryRun: true, Stale: []staleContainer{{Name: "c"}}}, false, true},
+		// The node that recorded a held version first says it, once for the fleet (hold.go).
+		{"a version a freeze holds, recorded here first", report{Node: "n1", Repo: "r", Waiting: []string{"qa: frozen since …"}}, false, true},
+		{"held back here, recorded elsewhere", report{Node: "n1", Repo: "r", Held: []string{"app (frozen)"}}, false, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
