@@ -331,7 +331,9 @@ func pinAction(p *pinner, say func(string), unpin bool) dashAction {
 // {"image": "repository:tag"}; the canary rollouts announce it.
 func canaryAction(c *canaries, action string) dashAction {
 	return func(ctx context.Context, body []byte, asked askedBy) (any, error) {
-		var req canaryRequest
+		var req struct {
+			Image string `json:"image"` // as POST /api/promote's
+		}
 		if err := json.Unmarshal(body, &req); err != nil || req.Image == "" {
 			return nil, fmt.Errorf(`%w: want {"image":"repository:tag"}`, errUsage)
 		}
