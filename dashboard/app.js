@@ -176,7 +176,8 @@
           ids, el('div', { class: 'state' }, c.state), c.detail ? el('div', { class: 'detail' }, c.detail) : null,
           (c.marks || []).map((m) => badge(m, m, 'mark')));
       });
-      const acts = el('td', { class: 'actions' }, v.actions.filter((a) => ACTIONS[a] && ACTIONS[a].available(t)).map((a) =>
+      // In ACTIONS' order: the buttons of a row stay where they were.
+      const acts = el('td', { class: 'actions' }, Object.keys(ACTIONS).filter((a) => v.actions.includes(a) && ACTIONS[a].available(t)).map((a) =>
         el('button', { type: 'button', class: 'action', dataset: { action: a, image: t.image }, onclick: () => act(a, t) }, ACTIONS[a].label)));
       return el('tr', { dataset: { image: t.image } }, name, cells, acts);
     });
