@@ -302,7 +302,7 @@ func thawCommand(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	defer closeFn()
 	host, _ := os.Hostname()
-	res, err := ops.thaw(ctx, image, host)
+	res, err := ops.thaw(ctx, image, askedBy{Node: host})
 	if err != nil {
 		return err
 	}

@@ -14,7 +14,8 @@ package main
 //	GET  /ui/events        the view, as Server-Sent Events
 //	POST /ui/login         the login form: the cluster's secret
 //	POST /ui/logout        ends the session in this browser
-//	POST /ui/action/{name} an action (rollback), with the CSRF token
+//	POST /ui/action/{name} an action (rollback, pin, unpin, promote, abort,
+//	                       freeze, thaw), with the CSRF token
 
 import (
 	"context"
@@ -81,15 +82,38 @@ type dashboard struct {
 	closing   chan struct{} // closed at shutdown: event streams end
 }
 
+// dashOps are what the dashboard's actions call: the functions the API's
+// handlers call. A nil one leaves its actions out.
+type dashOps struct {
+	rollback *rollbacker
+	pins     *pinner
+	canaries *canaries
+	holds    *holdOps
+	say      func(string) // announces a rollback, a pin or an unpin, as the API does; nil: not
+}
+
 // newDashboard returns node's dashboard on kv, letting in those who know
-// secret. It starts nothing.
-func newDashboard(kv dashEtcd, secret func() string, failures *failLimiter, rb *rollbacker, node string, maxUnavailable int, log *slog.Logger) *dashboard {
+// secret, offering the actions ops has. It starts nothing.
+func newDashboard(kv dashEtcd, secret func() string, failures *failLimiter, ops dashOps, node string, maxUnavailable int, log *slog.Logger) *dashboard {
 	d := &dashboard{
 		etcd: kv, auth: newDashAuth(secret, failures), node: node, maxUnavailable: maxUnavailable,
 		actions: map[string]dashAction{}, retryBase: time.Second, log: log, closing: make(chan struct{}),
 	}
-	if rb != nil {
-		d.actions["rollback"] = rollbackAction(rb)
+	say := ops.say
+	if say == nil {
+		say = func(string) {}
+	}
+	if ops.rollback != nil {
+		d.actions["rollback"] = rollbackAction(ops.rollback, say)
+	}
+	if ops.pins != nil {
+		d.actions["pin"], d.actions["unpin"] = pinAction(ops.pins, say, false), pinAction(ops.pins, say, true)
+	}
+	if ops.canaries != nil {
+		d.actions["promote"], d.actions["abort"] = canaryAction(ops.canaries, "promote"), canaryAction(ops.canaries, "abort")
+	}
+	if ops.holds != nil {
+		d.actions["freeze"], d.actions["thaw"] = freezeAction(ops.holds), thawAction(ops.holds)
 	}
 	return d
 }
@@ -248,8 +272,12 @@ func (d *dashboard) action(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		code := http.StatusServiceUnavailable
 		switch {
-		case errors.Is(err, errUsage), errors.Is(err, errLedgerTarget):
+		case errors.Is(err, errUsage), errors.Is(err, errLedgerTarget), errors.Is(err, errPolicy), errors.Is(err, errNotPinned):
 			code = http.StatusBadRequest
+		case errors.Is(err, errNoCanary), errors.Is(err, errNoFreeze):
+			code = http.StatusNotFound
+		case errors.Is(err, errCanaryOver):
+			code = http.StatusConflict
 		case errors.Is(err, errRegistryRefused):
 			code = http.StatusBadGateway
 		}
@@ -261,14 +289,87 @@ func (d *dashboard) action(w http.ResponseWriter, r *http.Request) {
 }
 
 // rollbackAction is deployer rollback from the dashboard: {"image":
-// "repository:tag", "to": "…"}.
-func rollbackAction(rb *rollbacker) dashAction {
+// "repository:tag", "to": "…"}; announced as POST /api/rollback is.
+func rollbackAction(rb *rollbacker, say func(string)) dashAction {
 	return func(ctx context.Context, body []byte, asked askedBy) (any, error) {
 		var req rollbackRequest
 		if err := json.Unmarshal(body, &req); err != nil || req.Image == "" {
 			return nil, fmt.Errorf(`%w: want {"image":"repository:tag","to":"…"}`, errUsage)
 		}
-		return rb.rollback(ctx, req, asked)
+		res, err := rb.rollback(ctx, req, asked)
+		if err == nil {
+			say(":rewind: " + strings.Join(res.lines(asked), "\n"))
+		}
+		return res, err
+	}
+}
+
+// pinAction is deployer pin (or unpin) from the dashboard: {"image":
+// "repository:tag", "to": "…"}; announced as POST /api/pin is.
+func pinAction(p *pinner, say func(string), unpin bool) dashAction {
+	return func(ctx context.Context, body []byte, asked askedBy) (any, error) {
+		var req pinRequest
+		if err := json.Unmarshal(body, &req); err != nil || req.Image == "" {
+			return nil, fmt.Errorf(`%w: want {"image":"repository:tag","to":"…"}`, errUsage)
+		}
+		if unpin {
+			res, old, err := p.unpin(ctx, req, asked)
+			if err == nil {
+				say(unpinAnnouncement(res, old, asked))
+			}
+			return res, err
+		}
+		res, from, err := p.pin(ctx, req, asked)
+		if err == nil {
+			say(pinAnnouncement(res, from, asked))
+		}
+		return res, err
+	}
+}
+
+// canaryAction is deployer promote (or abort) from the dashboard:
+// {"image": "repository:tag"}; the canary rollouts announce it.
+func canaryAction(c *canaries, action string) dashAction {
+	return func(ctx context.Context, body []byte, asked askedBy) (any, error) {
+		var req struct {
+			Image string `json:"image"` // as POST /api/promote's
+		}
+		if err := json.Unmarshal(body, &req); err != nil || req.Image == "" {
+			return nil, fmt.Errorf(`%w: want {"image":"repository:tag"}`, errUsage)
+		}
+		ref, err := parseRollbackImage(req.Image, c.domain)
+		if err != nil {
+			return nil, err
+		}
+		if action == "promote" {
+			return c.promote(ctx, ref, asked.who())
+		}
+		return c.abort(ctx, ref, asked.who())
+	}
+}
+
+// freezeAction is deployer freeze from the dashboard: {"scope":
+// "repository[:tag]", "until": "…", "reason": "…"}, no scope: every image.
+func freezeAction(o *holdOps) dashAction {
+	return func(ctx context.Context, body []byte, asked askedBy) (any, error) {
+		var req freezeRequest
+		if err := json.Unmarshal(body, &req); err != nil {
+			return nil, fmt.Errorf(`%w: want {"scope":"repository[:tag]","until":"…","reason":"…"}`, errUsage)
+		}
+		return o.freeze(ctx, req, asked.who())
+	}
+}
+
+// thawAction is deployer thaw from the dashboard: {"scope":
+// "repository[:tag]"}, no scope: every image.
+func thawAction(o *holdOps) dashAction {
+	return func(ctx context.Context, body []byte, asked askedBy) (any, error) {
+		var req freezeRequest
+		if err := json.Unmarshal(body, &req); err != nil {
+			return nil, fmt.Errorf(`%w: want {"scope":"repository[:tag]"}`, errUsage)
+		}
+		asked.Source = "dashboard thaw" // the released versions' triggers: the ledger's asker
+		return o.thaw(ctx, req.Scope, asked)
 	}
 }
 

@@ -26,7 +26,7 @@ import (
 func testDashboard(t *testing.T) (*dashboard, *[]askedBy) {
 	t.Helper()
 	secret := "s3cret"
-	d := newDashboard(testNS(t), func() string { return secret }, newFailLimiter(), nil, "n1", 1, testLogger(t))
+	d := newDashboard(testNS(t), func() string { return secret }, newFailLimiter(), dashOps{}, "n1", 1, testLogger(t))
 	var calls []askedBy
 	d.actions["probe"] = func(_ context.Context, _ []byte, asked askedBy) (any, error) {
 		calls = append(calls, asked)

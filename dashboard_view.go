@@ -56,6 +56,7 @@ type dashView struct {
 	Tags    []dashTag    `json:"tags"`
 	Records []dashMark   `json:"records"` // marks that name no tag
 	Actions []string     `json:"actions"` // the actions this node offers (dashboard.go)
+	Frozen  bool         `json:"frozen"`  // a freeze of every image is recorded: thaw applies to the fleet
 }
 
 type dashTag struct {
@@ -67,8 +68,24 @@ type dashTag struct {
 	Down    []string        `json:"down,omitempty"`
 	Marks   []dashMark      `json:"marks,omitempty"`
 	History []ledgerVersion `json:"history,omitempty"` // newest first
+	// What the page's actions need: the tag's pin (unpin applies, else
+	// pin), its canary rollout while open (promote and abort apply), the
+	// scopes of the freezes of the tag or its repository (thaw applies,
+	// else freeze).
+	Pin     *pinRecord  `json:"pin,omitempty"`
+	Canary  *dashCanary `json:"canary,omitempty"`
+	Freezes []string    `json:"freezes,omitempty"`
 
 	unrecorded bool // Newest is not in the ledger yet: its rollout has begun
+}
+
+// dashCanary is a tag's open canary rollout, as the page offers promote
+// and abort on it.
+type dashCanary struct {
+	ImageID  string `json:"image_id"`
+	Previous string `json:"previous,omitempty"`
+	Phase    string `json:"phase"`
+	State    string `json:"state"`
 }
 
 // dashCell is one node's containers of one tag; State "" when the node
@@ -231,7 +248,11 @@ func buildDashView(st clusterStatus, h historyView, rolls, marks []*mvccpb.KeyVa
 		for ref, dt := range tags {
 			if slices.ContainsFunc(refs, func(s string) bool { return namesTag(s, ref) }) {
 				dt.Marks, named = append(dt.Marks, m), true
+				dt.actionable(dir, refs, kv.Value)
 			}
+		}
+		if dir == freezeDir && slices.Equal(refs, []string{freezeAll}) {
+			v.Frozen = true
 		}
 		if !named {
 			v.Records = append(v.Records, m)
@@ -246,6 +267,28 @@ func buildDashView(st clusterStatus, h historyView, rolls, marks []*mvccpb.KeyVa
 		v.Tags = append(v.Tags, *dt)
 	}
 	return v
+}
+
+// actionable reads a record of the tag (its key's directory dir, its
+// segments refs) for what the page's actions need.
+func (t *dashTag) actionable(dir string, refs []string, value []byte) {
+	if len(refs) != 1 {
+		return
+	}
+	switch dir {
+	case pinDir:
+		var p pinRecord
+		if refs[0] == t.Image && json.Unmarshal(value, &p) == nil {
+			t.Pin = &p
+		}
+	case canaryDir:
+		var rec canaryRecord
+		if refs[0] == t.Image && json.Unmarshal(value, &rec) == nil && rec.open() {
+			t.Canary = &dashCanary{ImageID: rec.ImageID, Previous: rec.Previous, Phase: rec.Phase, State: rec.state()}
+		}
+	case freezeDir:
+		t.Freezes = append(t.Freezes, refs[0])
+	}
 }
 
 // cell is node n's state for the tag.

@@ -351,7 +351,7 @@ func (h *holds) releaseDue(ctx context.Context) error {
 // is false when w had changed.
 func releaseWaiting(ctx context.Context, kv clientv3.KV, w waitingRecord, source, node string, now time.Time, cmps []clientv3.Cmp, ops ...clientv3.Op) (bool, error) {
 	cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(waitingKey(w.Ref)), "=", w.rev))
-	ops = append(ops, releaseOps(w, source, node, now)...)
+	ops = append(ops, releaseOps(w, source, node, "", now)...)
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	tr, err := kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
@@ -363,8 +363,8 @@ func releaseWaiting(ctx context.Context, kv clientv3.KV, w waitingRecord, source
 
 // releaseOps are the operations of w's release: the trigger of its tag,
 // naming its digest, and the waiting record's delete.
-func releaseOps(w waitingRecord, source, node string, now time.Time) []clientv3.Op {
-	t := trigger{Time: now.UTC(), Tag: tagOf(w.Ref), Digest: w.Digest, Source: source, Node: node}
+func releaseOps(w waitingRecord, source, node, remote string, now time.Time) []clientv3.Op {
+	t := trigger{Time: now.UTC(), Tag: tagOf(w.Ref), Digest: w.Digest, Source: source, Node: node, Remote: remote}
 	b, _ := json.Marshal(t)
 	return []clientv3.Op{clientv3.OpPut(triggerKey(w.Repo), string(b)), clientv3.OpDelete(waitingKey(w.Ref))}
 }

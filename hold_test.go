@@ -191,7 +191,7 @@ func TestFreezeHoldsAndThawReleases(t *testing.T) {
 		t.Errorf("deployer history shows %q; want waiting: frozen since …", got)
 	}
 
-	res, err := ops.thaw(t.Context(), "reg:5000/app", "test")
+	res, err := ops.thaw(t.Context(), "reg:5000/app", askedBy{Node: "test"})
 	if err != nil || len(res.Released) != 1 {
 		t.Fatalf("thaw = %+v, %v", res, err)
 	}
@@ -390,7 +390,7 @@ func thawRacesTimedRelease(t *testing.T) {
 			}
 		}
 	})
-	wg.Go(func() { _, _ = ops.thaw(t.Context(), "reg:5000/app", "test") }) // not frozen any more, if the node was first
+	wg.Go(func() { _, _ = ops.thaw(t.Context(), "reg:5000/app", askedBy{Node: "test"}) }) // not frozen any more, if the node was first
 	wg.Wait()
 	must(0, n1.holds.releaseDue(t.Context()))
 	if kv := must(cli.Get(t.Context(), triggerKey("reg:5000/app"))).Kvs[0]; kv.Version != 2 {

@@ -6,6 +6,7 @@ package main
 // deploy -now writing the tag's trigger as a once-only override.
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -100,8 +101,9 @@ type thawResult struct {
 
 // thaw deletes the freeze of scope and, in the same transaction, releases
 // every waiting version that nothing else holds: their triggers are
-// written again, so every node deploys them now.
-func (o *holdOps) thaw(ctx context.Context, scopeArg, by string) (thawResult, error) {
+// written again, so every node deploys them now, asked by by (its
+// Source, "thaw" when empty, its Node and Remote: the ledger's asker).
+func (o *holdOps) thaw(ctx context.Context, scopeArg string, by askedBy) (thawResult, error) {
 	scope, err := parseScope(scopeArg, o.registryDomain)
 	if err != nil {
 		return thawResult{}, err
@@ -138,7 +140,7 @@ func (o *holdOps) thaw(ctx context.Context, scopeArg, by string) (thawResult, er
 				continue
 			}
 			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(waitingKey(w.Ref)), "=", w.rev))
-			ops = append(ops, releaseOps(w, "thaw", by, now)...)
+			ops = append(ops, releaseOps(w, cmp.Or(by.Source, "thaw"), by.Node, by.Remote, now)...)
 			res.Released = append(res.Released, reference.FamiliarString(tagged))
 		}
 		tctx, cancel := context.WithTimeout(ctx, callTimeout)

@@ -334,7 +334,9 @@ func newDaemon(cfg config, cli *clientv3.Client, dc dockerAPI, log *slog.Logger)
 	if cfg.MaxUnavailable.Percent {
 		dashSlots = 1
 	}
-	d.dash = newDashboard(etcd, d.secret.get, d.failures, d.rollback, cfg.NodeName, dashSlots, log.With("component", "dashboard"))
+	d.dash = newDashboard(etcd, d.secret.get, d.failures, dashOps{
+		rollback: d.rollback, pins: newPinner(etcd, cfg.registryDomain, cfg.History), canaries: d.canaries, holds: d.policyAPI.ops, say: d.say,
+	}, cfg.NodeName, dashSlots, log.With("component", "dashboard"))
 	d.claim = newNodeClaim(etcd, cfg.NodeName, cfg.Listen, cfg.EtcdRetryDelay, log.With("component", "node"))
 	return d, nil
 }

@@ -124,7 +124,7 @@ func (a *policyAPI) thaw(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	res, err := a.ops.thaw(r.Context(), req.Scope, a.node)
+	res, err := a.ops.thaw(r.Context(), req.Scope, askedBy{Node: a.node, Remote: r.RemoteAddr})
 	if err != nil {
 		code := usageCode(err)
 		if errors.Is(err, errNoFreeze) {

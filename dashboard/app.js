@@ -10,8 +10,9 @@
 
   // ACTIONS are the buttons a tag's row may offer, shown when the view
   // lists the action (the node offers it: dashboard.go's newDashboard)
-  // and available(tag) says it applies. To add one: an entry here and its
-  // handler there.
+  // and available(tag) says it applies; those with fleet(v) are offered
+  // for the whole fleet too, in the header (tag null). To add one: an
+  // entry here and its handler there.
   const ACTIONS = {
     rollback: {
       label: 'Roll back',
@@ -22,6 +23,59 @@
           `to version ${to.version} (${short(to.image_id)})? The registry's tag is put back and every node deploys it.`;
       },
       body: (tag) => ({ image: tag.image }),
+      done: (out) => `ledger version ${out.version}`,
+    },
+    pin: {
+      label: 'Pin',
+      available: (tag) => !tag.pin && newestRolledOut(tag) !== undefined,
+      confirm: (tag) => {
+        const v = newestRolledOut(tag);
+        return `Pin ${familiar(tag.image)} to version ${v.version} (${short(v.image_id)})? Every node keeps that version, ` +
+          'whatever is pushed, until it is unpinned.';
+      },
+      body: (tag) => ({ image: tag.image }),
+      done: (out) => `pinned to version ${out.version} (${short(out.image_id)})`,
+    },
+    unpin: {
+      label: 'Unpin',
+      available: (tag) => !!tag.pin,
+      confirm: (tag) => `Unpin ${familiar(tag.image)} (pinned to version ${tag.pin.version}, ${short(tag.pin.image_id)})? ` +
+        'Every node deploys its newest version.',
+      body: (tag) => ({ image: tag.image }),
+      done: () => 'unpinned',
+    },
+    promote: {
+      label: 'Promote',
+      available: (tag) => !!tag.canary,
+      confirm: (tag) => `Promote ${familiar(tag.image)} ${short(tag.canary.image_id)} (${tag.canary.state})? Every node deploys it now.`,
+      body: (tag) => ({ image: tag.image }),
+      done: (out) => out.state,
+    },
+    abort: {
+      label: 'Abort',
+      available: (tag) => !!tag.canary,
+      confirm: (tag) => `Abort the canary rollout of ${familiar(tag.image)} ${short(tag.canary.image_id)} (${tag.canary.state})? ` +
+        `It is halted and the canaries roll back to ${short(tag.canary.previous) || 'the previous version'}.`,
+      body: (tag) => ({ image: tag.image }),
+      done: (out) => out.state,
+    },
+    freeze: {
+      label: 'Freeze',
+      available: (tag) => !(tag.freezes || []).length,
+      fleet: (v) => !v.frozen,
+      confirm: (tag) => tag ? `Freeze ${familiar(tag.image)}? New versions of it wait until it is thawed.`
+        : 'Freeze every image? New versions of every image wait until the fleet is thawed.',
+      body: (tag) => ({ scope: tag ? tag.image : '' }),
+      done: () => 'frozen',
+    },
+    thaw: {
+      label: 'Thaw',
+      available: (tag) => !!(tag.freezes || []).length,
+      fleet: (v) => v.frozen,
+      confirm: (tag) => tag ? `Thaw ${familiar(thawScope(tag))}? The versions it held deploy now, unless something else holds them.`
+        : 'Thaw the freeze of every image? The versions it held deploy now, unless something else holds them.',
+      body: (tag) => ({ scope: tag ? thawScope(tag) : '' }),
+      done: (out) => `released ${(out.released || []).map(familiar).join(', ') || 'nothing'}`,
     },
   };
 
@@ -79,6 +133,11 @@
     }
   }
 
+  const newestRolledOut = (tag) => (tag.history || []).find((v) => v.outcome === 'rolled out');
+  // thawScope is the freeze a tag's Thaw lifts: the tag's own, else its
+  // repository's.
+  const thawScope = (tag) => (tag.freezes.includes(tag.image) ? tag.image : tag.freezes[0]);
+
   function previousRolledOut(tag) {
     const h = tag.history || [];
     if (h.length < 2) return undefined;
@@ -90,6 +149,11 @@
   function renderRecords(v) {
     $('records').replaceChildren(...v.records.map((m) =>
       el('div', { class: 'record' }, badge(m.word, m.key, 'mark'), ' ', el('code', {}, m.key), ' ', m.value)));
+  }
+
+  function renderFleet(v) {
+    $('fleet-actions').replaceChildren(...v.actions.filter((a) => ACTIONS[a] && ACTIONS[a].fleet && ACTIONS[a].fleet(v)).map((a) =>
+      el('button', { type: 'button', class: 'action', dataset: { action: a, fleet: 'yes' }, onclick: () => act(a, null) }, ACTIONS[a].label + ' all')));
   }
 
   function renderMatrix(v) {
@@ -112,7 +176,8 @@
           ids, el('div', { class: 'state' }, c.state), c.detail ? el('div', { class: 'detail' }, c.detail) : null,
           (c.marks || []).map((m) => badge(m, m, 'mark')));
       });
-      const acts = el('td', { class: 'actions' }, v.actions.filter((a) => ACTIONS[a] && ACTIONS[a].available(t)).map((a) =>
+      // In ACTIONS' order: the buttons of a row stay where they were.
+      const acts = el('td', { class: 'actions' }, Object.keys(ACTIONS).filter((a) => v.actions.includes(a) && ACTIONS[a].available(t)).map((a) =>
         el('button', { type: 'button', class: 'action', dataset: { action: a, image: t.image }, onclick: () => act(a, t) }, ACTIONS[a].label)));
       return el('tr', { dataset: { image: t.image } }, name, cells, acts);
     });
@@ -205,7 +270,7 @@
   // render draws each part of the view; a part that fails keeps its last
   // drawing and says so in the console, and the others are drawn.
   function render(v) {
-    for (const part of [renderRecords, renderMatrix, renderRollouts, renderNodes, renderHistory]) {
+    for (const part of [renderFleet, renderRecords, renderMatrix, renderRollouts, renderNodes, renderHistory]) {
       try {
         part(v);
       } catch (e) {
@@ -232,7 +297,8 @@
     dlg.returnValue = '';
     dlg.onclose = async () => {
       if (dlg.returnValue !== 'ok') return;
-      toast(`${a.label}: ${familiar(tag.image)}…`);
+      const what = tag ? familiar(tag.image) : 'every image';
+      toast(`${a.label}: ${what}…`);
       try {
         const resp = await fetch('/ui/action/' + encodeURIComponent(name), {
           method: 'POST', credentials: 'same-origin',
@@ -240,7 +306,7 @@
           body: JSON.stringify(a.body(tag)),
         });
         const out = await resp.json().catch(() => ({}));
-        toast(resp.ok ? `${a.label}: ${familiar(tag.image)}: done (ledger version ${out.version})` : `${a.label} refused: ${out.error || resp.status}`, !resp.ok);
+        toast(resp.ok ? `${a.label}: ${what}: done (${a.done(out)})` : `${a.label} refused: ${out.error || resp.status}`, !resp.ok);
       } catch (e) {
         toast(`${a.label} failed: ${e}`, true);
       }
