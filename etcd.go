@@ -15,6 +15,7 @@ package main
 //	<prefix>/_status/<node>                   what the node runs, leased
 //	<prefix>/_rollout/<image ref>/halted      a version whose rollout is halted
 //	<prefix>/_rollout/<image ref>/slots/<id>  a node replacing a container, leased
+//	<prefix>/_rollout/<image ref>/queue/<id>  a node waiting for a slot, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
 //
@@ -39,6 +40,7 @@ const (
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
 	downLeaf  = "down/"  // under a rollout's directory
+	queueLeaf = "queue/" // under a rollout's directory
 )
 
 // triggersPrefix is where the triggers are: every key under it that
@@ -85,6 +87,10 @@ func haltKey(ref string) string { return rolloutPrefix(ref) + haltLeaf }
 // slotsDir holds the rollout slots of ref, one leased key per container
 // being replaced.
 func slotsDir(ref string) string { return rolloutPrefix(ref) + slotsLeaf }
+
+// queueDir holds the nodes waiting for a rollout slot of ref, one leased
+// key per container, first come first served by create revision.
+func queueDir(ref string) string { return rolloutPrefix(ref) + queueLeaf }
 
 // downDir holds, one leased key per node, the containers of ref that are
 // down on that node (status.go writes them, rollout.go counts them).

@@ -176,20 +176,34 @@ func (r *rollout) acquireErr(ctx context.Context, err error) error {
 
 // queue enters the queue of ref's slots and waits until fewer than
 // maxUnavailable containers other than c are unavailable (see read), or
-// c itself is down. Every count is made in a transaction that first
-// checks this node's key still exists under its lease: a key that went
-// with an expired lease is errSlotLost, never a grant.
+// c itself is down. The waiters queue under queueDir, first come first
+// served by create revision, as etcd's lock recipe queues: each watches
+// only the waiter just ahead of it (and its own node's down record),
+// and only the first one, with nobody ahead, counts the slot holders and
+// the down records, and watches them. A slot change wakes that one node;
+// a waiter ahead leaving wakes the one behind it. The grant moves the
+// node's key from the queue to the slots in one transaction. Every
+// count, and the grant, is made in a transaction that first checks this
+// node's queue key still exists under its lease: a key that went with an
+// expired lease is errSlotLost, never a grant.
 func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 	r := sl.r
 	lease := sl.sess.Lease()
-	dir := slotsDir(sl.ref)
-	reads := []clientv3.Op{
-		clientv3.OpGet(haltKey(sl.ref)),
-		clientv3.OpGet(dir, clientv3.WithPrefix()),
-		clientv3.OpGet(downDir(sl.ref), clientv3.WithPrefix()),
-	}
+	qdir := queueDir(sl.ref)
+	slotKey := sl.key
+	sl.key = qdir + strings.TrimPrefix(slotKey, slotsDir(sl.ref)) // released as it is while queued
+	val := r.node + " " + c.Name
+	// Entering: the halt, this node's down record and the waiter just
+	// ahead (the put is the newest key of the queue: the first of two
+	// sorted by create revision, descending).
 	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	resp, err := r.kv.Txn(tctx).Then(append([]clientv3.Op{clientv3.OpPut(sl.key, r.node+" "+c.Name, clientv3.WithLease(lease))}, reads...)...).Commit()
+	resp, err := r.kv.Txn(tctx).Then(
+		clientv3.OpPut(sl.key, val, clientv3.WithLease(lease)),
+		clientv3.OpGet(haltKey(sl.ref)),
+		clientv3.OpGet(downKey(sl.ref, r.node)),
+		clientv3.OpGet(qdir, clientv3.WithPrefix(), clientv3.WithKeysOnly(),
+			clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortDescend), clientv3.WithLimit(2)),
+	).Commit()
 	cancel()
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return errSlotLost
@@ -198,67 +212,163 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 		return fmt.Errorf("enter the slot queue: %w", err)
 	}
 	myRev := resp.Header.Revision // our key's create revision
-	watchFrom := myRev + 1
-	u := sl.read(resp.Responses[1:], myRev, c.Name)
+	rs, full := resp.Responses[1:], false
+	ahead := ""
+	if kvs := rs[2].GetResponseRange().Kvs; len(kvs) == 2 {
+		ahead = string(kvs[1].Key)
+	}
 	told := ""
+	var (
+		wcancel = func() {}
+		watch   clientv3.WatchChan
+		watched string // what watch watches: the key ahead, or "" for the holders and down records
+		wait    = false
+	)
+	defer func() { wcancel() }()
 	for {
+		if wait {
+			// Wait for what can let us in: the waiter ahead leaving or
+			// this node's container going down; first in the queue, a
+			// holder leaving or a down record changing. Watching from
+			// the revision we read at misses nothing; the read is the
+			// truth.
+			if watch == nil || watched != ahead {
+				wcancel()
+				watch, wcancel = sl.watchFor(ctx, ahead, resp.Header.Revision+1)
+				watched = ahead
+			}
+			select {
+			case wr := <-watch:
+				if wr.Canceled || wr.Err() != nil {
+					wcancel() // ended (no leader, compacted): watch again from the next read
+					watch = nil
+				}
+			case <-sl.sess.Done():
+				return errSlotLost
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		if wait || (ahead == "" && !full) {
+			// Read again: the halt, this node's down record, the waiter
+			// ahead, and, first in the queue, the holders and every
+			// down record.
+			full = ahead == ""
+			reads := []clientv3.Op{clientv3.OpGet(haltKey(sl.ref)), clientv3.OpGet(downKey(sl.ref, r.node)),
+				clientv3.OpGet(qdir, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithMaxCreateRev(myRev-1),
+					clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortDescend), clientv3.WithLimit(1))}
+			if full {
+				reads = append(reads, clientv3.OpGet(slotsDir(sl.ref), clientv3.WithPrefix()), clientv3.OpGet(downDir(sl.ref), clientv3.WithPrefix()))
+			}
+			tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+			next, err := r.kv.Txn(tctx).If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", lease)).Then(reads...).Commit()
+			cancel()
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				r.log.Warn("counting rollout slots failed, retrying", "ref", sl.ref, "err", err)
+				if !backoff.Sleep(ctx, time.Second) {
+					return ctx.Err()
+				}
+				wait, full = false, false
+				continue
+			}
+			if !next.Succeeded {
+				return errSlotLost
+			}
+			resp, rs = next, next.Responses
+			ahead = ""
+			if kvs := rs[2].GetResponseRange().Kvs; len(kvs) == 1 {
+				ahead = string(kvs[0].Key)
+			}
+			if ahead != "" {
+				full = false // someone ahead after all: the holders are theirs to count
+			}
+		}
+		wait = true
+		u := sl.read(rs, full, c.Name)
 		if u.halted != nil && u.halted.ImageID == c.NewID {
 			return &haltedError{u.halted}
 		}
-		if u.selfDown || len(u.others) < r.maxUnavailable {
-			if u.selfDown {
-				r.log.Info("container already down: replacing it costs no more downtime, slot granted", "ref", sl.ref,
-					"container", c.Name, "unavailable", u.others)
-			}
-			return nil
+		if u.selfDown {
+			r.log.Info("container already down: replacing it costs no more downtime, slot granted", "ref", sl.ref,
+				"container", c.Name, "unavailable", u.others)
+			return sl.grant(ctx, slotKey, val)
+		}
+		if ahead != "" {
+			continue
+		}
+		if !full {
+			wait = false // first in the queue now: count at once
+			continue
+		}
+		if len(u.others) < r.maxUnavailable {
+			return sl.grant(ctx, slotKey, val)
 		}
 		if s := strings.Join(u.others, ", "); s != told {
 			told = s
 			r.log.Info("waiting for a rollout slot", "ref", sl.ref, "container", c.Name, "max_unavailable", r.maxUnavailable,
 				"unavailable", u.others)
 		}
-		// Wait for a holder to leave (or its lease to expire), or a
-		// down record to change, then count again. Watching from the
-		// revision we counted at misses nothing; the timer is a safety
-		// net, the count is the truth.
-		wctx, cancel := context.WithCancel(ctx)
-		ch := r.etcd.Watch(clientv3.WithRequireLeader(wctx), rolloutPrefix(sl.ref), clientv3.WithPrefix(), clientv3.WithRev(watchFrom))
-		timer := time.NewTimer(sessionTTL * time.Second)
-		select {
-		case <-ch:
-		case <-timer.C:
-		case <-sl.sess.Done():
+	}
+}
+
+// watchFor watches, from revision rev, what can let a waiter in: the
+// key ahead being deleted and this node's down record, or, with nobody
+// ahead, the holders and every down record.
+func (sl *slot) watchFor(ctx context.Context, ahead string, rev int64) (clientv3.WatchChan, context.CancelFunc) {
+	r := sl.r
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	from := clientv3.WithRev(rev)
+	if ahead != "" {
+		return mergeWatches(wctx, r.etcd.Watch(wctx, ahead, from, clientv3.WithFilterPut()),
+			r.etcd.Watch(wctx, downKey(sl.ref, r.node), from)), cancel
+	}
+	return mergeWatches(wctx, r.etcd.Watch(wctx, slotsDir(sl.ref), clientv3.WithPrefix(), from),
+		r.etcd.Watch(wctx, downDir(sl.ref), clientv3.WithPrefix(), from)), cancel
+}
+
+// grant moves the node's key from the queue to the slots, in a
+// transaction that checks it still exists under the node's lease.
+func (sl *slot) grant(ctx context.Context, slotKey, val string) error {
+	r := sl.r
+	lease := sl.sess.Lease()
+	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	resp, err := r.kv.Txn(tctx).If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", lease)).
+		Then(clientv3.OpPut(slotKey, val, clientv3.WithLease(lease)), clientv3.OpDelete(sl.key)).Commit()
+	switch {
+	case errors.Is(err, rpctypes.ErrLeaseNotFound):
+		return errSlotLost
+	case err != nil:
+		return fmt.Errorf("take the rollout slot: %w", err)
+	case !resp.Succeeded:
+		return errSlotLost
+	}
+	sl.key = slotKey
+	return nil
+}
+
+// mergeWatches delivers, on one channel, a signal for every response of
+// either watch; it ends with ctx.
+func mergeWatches(ctx context.Context, a, b clientv3.WatchChan) clientv3.WatchChan {
+	out := make(chan clientv3.WatchResponse, 1)
+	fwd := func(ch clientv3.WatchChan) {
+		for resp := range ch {
+			select {
+			case out <- resp:
+			default: // a signal is pending already: the read after it sees this too
+			}
+		}
+		select { // the watch ended (ctx, or no leader): wake the reader
+		case out <- clientv3.WatchResponse{Canceled: true}:
 		case <-ctx.Done():
 		}
-		timer.Stop()
-		cancel()
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		select {
-		case <-sl.sess.Done():
-			return errSlotLost
-		default:
-		}
-		tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-		resp, err = r.kv.Txn(tctx).If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", lease)).Then(reads...).Commit()
-		cancel()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			r.log.Warn("counting rollout slots failed, retrying", "ref", sl.ref, "err", err)
-			if !backoff.Sleep(ctx, time.Second) {
-				return ctx.Err()
-			}
-			continue
-		}
-		if !resp.Succeeded {
-			return errSlotLost
-		}
-		watchFrom = resp.Header.Revision + 1
-		u = sl.read(resp.Responses, myRev, c.Name)
 	}
+	go fwd(a)
+	go fwd(b)
+	return out
 }
 
 // unavailability is one count of a tag's unavailable containers.
@@ -268,12 +378,13 @@ type unavailability struct {
 	selfDown bool     // the container to replace is down already
 }
 
-// read decodes, from the reads of queue (the halt record, the slot keys,
-// the down records), the halt and the containers of the tag unavailable
-// besides this node's container name: those of the slot keys created
-// before rev (replacements under way, or queued ahead) and those the
-// down records list, each container once.
-func (sl *slot) read(rs []*etcdserverpb.ResponseOp, rev int64, name string) unavailability {
+// read decodes, from the reads of queue (the halt record, this node's
+// down record, the waiter ahead, and for the first waiter the slot keys
+// and every down record), the halt and the containers of the tag
+// unavailable besides this node's container name: those of the slot
+// keys (replacements under way) and those the down records list, each
+// container once.
+func (sl *slot) read(rs []*etcdserverpb.ResponseOp, full bool, name string) unavailability {
 	u := unavailability{halted: decodeHalt(rs[0].GetResponseRange().Kvs)}
 	self := sl.r.node + "/" + name
 	seen := map[string]bool{self: true}
@@ -283,13 +394,15 @@ func (sl *slot) read(rs []*etcdserverpb.ResponseOp, rev int64, name string) unav
 			u.others = append(u.others, unit)
 		}
 	}
-	for _, kv := range rs[1].GetResponseRange().Kvs {
-		if kv.CreateRevision < rev {
+	downs := rs[1].GetResponseRange().Kvs // this node's
+	if full {
+		for _, kv := range rs[3].GetResponseRange().Kvs {
 			node, ctr, _ := strings.Cut(string(kv.Value), " ")
 			add(node + "/" + ctr)
 		}
+		downs = rs[4].GetResponseRange().Kvs
 	}
-	for _, kv := range rs[2].GetResponseRange().Kvs {
+	for _, kv := range downs {
 		var d downRecord
 		if json.Unmarshal(kv.Value, &d) != nil {
 			continue
