@@ -151,7 +151,9 @@ func (h warnHandler) WithAttrs(as []slog.Attr) slog.Handler {
 	return warnHandler{h.Handler.WithAttrs(as), h.n}
 }
 
-func (h warnHandler) WithGroup(g string) slog.Handler { return warnHandler{h.Handler.WithGroup(g), h.n} }
+func (h warnHandler) WithGroup(g string) slog.Handler {
+	return warnHandler{h.Handler.WithGroup(g), h.n}
+}
 
 // start starts every node's daemon with -max_unavailable m.
 func (fl *fleet) start(m int) {

@@ -491,16 +491,20 @@ func logHas(path string, offset int64, parts ...string) bool {
 	return false
 }
 
-// slotKeys lists the slot keys under dir, oldest first.
+// slotKeys lists the keys of a rollout's slots directory dir: the
+// holders, then the waiters (queueDir), each oldest first, each named
+// dir + its id.
 func (s *stack) slotKeys(dir string) []string {
-	resp, err := s.cli.Get(s.t.Context(), dir, clientv3.WithPrefix(), clientv3.WithKeysOnly(),
-		clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
-	if err != nil {
-		s.t.Fatal(err)
-	}
 	var keys []string
-	for _, kv := range resp.Kvs {
-		keys = append(keys, string(kv.Key))
+	for _, d := range []string{dir, strings.TrimSuffix(dir, slotsLeaf) + queueLeaf} {
+		resp, err := s.cli.Get(s.t.Context(), d, clientv3.WithPrefix(), clientv3.WithKeysOnly(),
+			clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		for _, kv := range resp.Kvs {
+			keys = append(keys, dir+strings.TrimPrefix(string(kv.Key), d))
+		}
 	}
 	return keys
 }
