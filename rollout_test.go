@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -888,4 +889,49 @@ func TestRolloutWakesOnlyWhomItConcerns(t *testing.T) {
 	second := mustGet(t, gots[1], "the second waiter's slot")
 	second.release(t.Context())
 	mustGet(t, gots[2], "the third waiter's slot").release(t.Context())
+}
+
+// TestRolloutGrantsFreeSlotsAtOnce: when m slots free up together, the
+// first m waiters go together: the first waiter grants itself and those
+// behind it that fit in one transaction, instead of each waking the next
+// in turn (which serialised a rollout at max_unavailable 10 % to one
+// grant per round trip). The waiter past the m stays queued.
+func TestRolloutGrantsFreeSlotsAtOnce(t *testing.T) {
+	const ref, m = "reg/app:qa", 3
+	cli := testNS(t)
+	for i := range m {
+		h := newTestReplacer(t, cli, newFakeDocker(), "holder"+string(rune('0'+i)), m).rollout
+		if _, err := h.acquire(t.Context(), ref, testStale("h"+string(rune('0'+i)))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var gots []chan *slot
+	for i := range m + 1 {
+		r := newTestReplacer(t, cli, newFakeDocker(), "w"+string(rune('0'+i)), m).rollout
+		gots = append(gots, acquireAsync(t, r, "w"+string(rune('0'+i))))
+		eventually(t, 20*time.Second, "the waiter to queue", func() bool { return queued(t, cli, ref) == int64(m+i+1) })
+	}
+	// All holders leave at once (one transaction, as leases expiring together do).
+	if _, err := cli.Delete(t.Context(), slotsDir(ref), clientv3.WithPrefix()); err != nil {
+		t.Fatal(err)
+	}
+	revs := map[int64]bool{}
+	var granted []*slot
+	for i := range m {
+		sl := mustGet(t, gots[i], "waiter "+string(rune('0'+i))+"'s slot")
+		resp, err := cli.Get(t.Context(), sl.key)
+		if err != nil || len(resp.Kvs) != 1 {
+			t.Fatalf("slot key %s: %v %v", sl.key, resp, err)
+		}
+		revs[resp.Kvs[0].CreateRevision] = true
+		granted = append(granted, sl)
+	}
+	if len(revs) != 1 {
+		t.Errorf("the %d waiters got their slots in %d transactions (create revisions %v); want one", m, len(revs), slices.Collect(maps.Keys(revs)))
+	}
+	mustWait(t, gots[m], "the waiter past the free slots took one")
+	for _, sl := range granted {
+		sl.release(t.Context())
+	}
+	mustGet(t, gots[m], "the last waiter's slot").release(t.Context())
 }
