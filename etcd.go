@@ -27,6 +27,8 @@ package main
 import (
 	"net/url"
 	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 const (
@@ -46,6 +48,16 @@ const (
 // triggersPrefix is where the triggers are: every key under it that
 // repoFromKey accepts.
 const triggersPrefix = "/"
+
+// triggerRanges are the key ranges that hold the triggers, around the
+// reserved names: ["/", "/_") and ["/`", "0") ("_" is 0x5F, "`" the
+// byte after it, "0" the byte after "/"). Watching these, not all of
+// triggersPrefix, keeps every node's status, slot and ledger writes from
+// reaching every node.
+var triggerRanges = []struct{ key, end string }{
+	{triggersPrefix, triggersPrefix + reservedMark},
+	{triggersPrefix + string(rune(reservedMark[0]+1)), clientv3.GetPrefixRangeEnd(triggersPrefix)},
+}
 
 // triggerKey is the trigger of one repository.
 func triggerKey(repo string) string { return triggersPrefix + repo }
