@@ -18,6 +18,7 @@ package main
 //	<prefix>/_rollout/<image ref>/queue/<id>  a node waiting for a slot, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
+//	<prefix>/_history-nodes/<image ref>/<version>/<node>  a node converged on that version (ledger.go), trimmed with it
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -54,7 +55,7 @@ const triggersPrefix = "/"
 // byte after it, "0" the byte after "/"). Watching these, not all of
 // triggersPrefix, keeps every node's status, slot and ledger writes from
 // reaching every node.
-var triggerRanges = []struct{ key, end string }{
+var triggerRanges = []struct{ lo, hi string }{
 	{triggersPrefix, triggersPrefix + reservedMark},
 	{triggersPrefix + string(rune(reservedMark[0]+1)), clientv3.GetPrefixRangeEnd(triggersPrefix)},
 }

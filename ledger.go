@@ -28,6 +28,7 @@ import (
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -54,9 +55,15 @@ type ledgerVersion struct {
 	Pushed   time.Time `json:"pushed"`             // the trigger's time; else when the first node saw it
 	Revision int64     `json:"revision,omitempty"` // the trigger's etcd revision; 0: the periodic re-pull found it
 	AskedBy  askedBy   `json:"asked_by"`
-	// Nodes: per node, when it converged on the version or failed.
-	Nodes   map[string]nodeResult `json:"nodes"`
-	Outcome string                `json:"outcome"`
+	// Nodes: per node, when it converged on the version or failed. (A
+	// node's convergence is stored in its own key, below;
+	// reading the history puts it here.)
+	Nodes map[string]nodeResult `json:"nodes"`
+	// Running is how many nodes ran the tag when the version was
+	// recorded: the count of node keys at which the last nodes check
+	// whether the version rolled out (0: unknown, every node checks).
+	Running int    `json:"running,omitempty"`
+	Outcome string `json:"outcome"`
 	// Completed is when the last node that runs the tag converged,
 	// written once, by that node.
 	Completed time.Time `json:"completed,omitzero"`
@@ -319,9 +326,6 @@ func (l *ledger) apply(ctx context.Context, e ledgerEntry) error {
 		if errors.Is(err, errLedgerRecorded) {
 			return nil
 		}
-		if err == nil && e.Failed == "" {
-			l.nodeLead.Observe(max(e.Time.Sub(pushed), 0).Seconds())
-		}
 		if err == nil && completed >= 0 {
 			l.fleetLead.Observe(completed.Seconds())
 		}
@@ -366,6 +370,12 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 	if target != nil && target != newest && e.Revision > newest.v.Revision {
 		target = nil
 	}
+	if target != nil && e.Failed == "" {
+		if r, ok := target.v.Nodes[l.node]; ok && !r.Converged.IsZero() {
+			return -1, errLedgerRecorded // written so by an earlier version of the daemon
+		}
+		return l.converge(ctx, e, target.v, target.rev)
+	}
 	var (
 		cmps []clientv3.Cmp
 		ops  []clientv3.Op
@@ -396,7 +406,15 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 		// The versions that fall out of -history go in the same
 		// transaction: every key below the oldest one kept.
 		if oldest := next - l.keep + 1; oldest > 1 {
-			ops = append(ops, clientv3.OpDelete(historyPrefix(e.Ref), clientv3.WithRange(historyKey(e.Ref, oldest))))
+			ops = append(ops, clientv3.OpDelete(historyPrefix(e.Ref), clientv3.WithRange(historyKey(e.Ref, oldest))),
+				clientv3.OpDelete(historyNodesRef(e.Ref), clientv3.WithRange(historyNodesDir(e.Ref, oldest))))
+		}
+		if e.Failed == "" {
+			// This node converged on the version it records: its own
+			// key, and the count of the nodes running the tag follows.
+			b, _ := json.Marshal(nodeResult{Converged: e.Time.UTC()})
+			ops = append(ops, clientv3.OpPut(historyNodeKey(e.Ref, next, l.node), string(b)))
+			v.Running = runningUnknown
 		}
 	} else {
 		key, v = historyKey(e.Ref, target.v.Version), target.v
@@ -408,42 +426,13 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 			v.Digest = e.Digest
 		}
 	}
-	n := v.Nodes[l.node]
-	if e.Failed == "" && !n.Converged.IsZero() {
-		return -1, errLedgerRecorded // a write retried after it took effect
-	}
 	if e.Failed != "" {
+		n := v.Nodes[l.node]
 		n.Failed, n.Reason = e.Time.UTC(), truncate(e.Failed, 300)
 		if l.coordinated && v.Outcome == outcomeRollingOut {
 			v.Outcome = outcomeHalted
 		}
-	} else {
-		n.Converged, n.Failed, n.Reason = e.Time.UTC(), time.Time{}, ""
-	}
-	v.Nodes[l.node] = n
-	completed := time.Duration(-1)
-	if e.Failed == "" {
-		var first time.Time
-		for _, r := range v.Nodes {
-			if !r.Converged.IsZero() && (first.IsZero() || r.Converged.Before(first)) {
-				first = r.Converged
-			}
-		}
-		v.FirstSeconds = max(first.Sub(v.Pushed), 0).Seconds()
-		if v.Completed.IsZero() && v.Outcome != outcomeHalted {
-			running, err := l.nodesRunning(ctx, e.Ref)
-			if err != nil {
-				return -1, err
-			}
-			if allConverged(v.Nodes, running) {
-				v.Completed = e.Time.UTC()
-				completed = max(v.Completed.Sub(v.Pushed), 0)
-				v.LastSeconds = completed.Seconds()
-				if v.Outcome == outcomeRollingOut {
-					v.Outcome = outcomeRolledOut
-				}
-			}
-		}
+		v.Nodes[l.node] = n
 	}
 	b, err := json.Marshal(v)
 	if err != nil {
@@ -457,7 +446,11 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 	if !tr.Succeeded {
 		return 0, errLedgerConflict
 	}
-	return completed, nil
+	if e.Failed != "" {
+		return -1, nil
+	}
+	l.nodeLead.Observe(max(e.Time.Sub(pushed), 0).Seconds())
+	return l.counted(ctx, e.Ref, v.Version)
 }
 
 // errLedgerNotYet: this node's status record does not show the version
@@ -580,18 +573,22 @@ func (l *ledger) trigger(ctx context.Context, e ledgerEntry) (askedBy, time.Time
 func (l *ledger) readTrigger(ctx context.Context, rev int64) (trigger, bool) {
 	ctx, cancel := context.WithTimeout(ctx, l.timeout)
 	defer cancel()
-	resp, err := l.kv.Get(ctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(rev),
-		clientv3.WithMinModRev(rev), clientv3.WithMaxModRev(rev))
-	if err != nil {
-		return trigger{}, false // compacted: who asked is not known any more
-	}
-	for _, kv := range resp.Kvs {
-		if _, ok := repoFromKey(string(kv.Key)); !ok {
-			continue
+	// The triggers only, not every node's keys; repositories that begin
+	// with a letter, the usual ones, first.
+	for _, r := range slices.Backward(triggerRanges) {
+		resp, err := l.kv.Get(ctx, r.lo, clientv3.WithRange(r.hi), clientv3.WithRev(rev),
+			clientv3.WithMinModRev(rev), clientv3.WithMaxModRev(rev))
+		if err != nil {
+			return trigger{}, false // compacted: who asked is not known any more
 		}
-		var t trigger
-		if json.Unmarshal(kv.Value, &t) == nil {
-			return t, true
+		for _, kv := range resp.Kvs {
+			if _, ok := repoFromKey(string(kv.Key)); !ok {
+				continue
+			}
+			var t trigger
+			if json.Unmarshal(kv.Value, &t) == nil {
+				return t, true
+			}
 		}
 	}
 	return trigger{}, false
@@ -664,12 +661,21 @@ func readHistory(ctx context.Context, kv clientv3.KV, f historyFilter, now time.
 	if err != nil {
 		return out, err
 	}
+	nprefix := historyNodesPrefix
+	if f.name != "" && f.tag != "" {
+		nprefix = historyNodesRef(f.name + ":" + f.tag)
+	}
+	nodes, err := readNodeKeys(ctx, kv, nprefix)
+	if err != nil {
+		return out, err
+	}
 	tags := map[string]*tagHistory{}
 	for _, kv := range resp.Kvs {
 		var v ledgerVersion
 		if json.Unmarshal(kv.Value, &v) != nil || !f.match(v.Image) {
 			continue
 		}
+		mergeNodeKeys(&v, nodes[url.PathEscape(v.Image)][v.Version])
 		if tags[v.Image] == nil {
 			tags[v.Image] = &tagHistory{Image: v.Image}
 		}
@@ -785,7 +791,8 @@ func recordRollback(ctx context.Context, kv clientv3.KV, r rollbackRecord, extra
 		key := historyKey(r.Ref, next)
 		ops := []clientv3.Op{clientv3.OpPut(historyKey(r.Ref, bad.Version), string(bb)), clientv3.OpPut(key, string(vb))}
 		if oldest := next - max(r.Keep, 1) + 1; oldest > 1 {
-			ops = append(ops, clientv3.OpDelete(historyPrefix(r.Ref), clientv3.WithRange(historyKey(r.Ref, oldest))))
+			ops = append(ops, clientv3.OpDelete(historyPrefix(r.Ref), clientv3.WithRange(historyKey(r.Ref, oldest))),
+				clientv3.OpDelete(historyNodesRef(r.Ref), clientv3.WithRange(historyNodesDir(r.Ref, oldest))))
 		}
 		tr, err := kv.Txn(ctx).If(
 			clientv3.Compare(clientv3.ModRevision(string(resp.Kvs[0].Key)), "=", resp.Kvs[0].ModRevision),
@@ -821,4 +828,231 @@ func recordRollback(ctx context.Context, kv clientv3.KV, r rollbackRecord, extra
 		return v, tr.Header.Revision, nil
 	}
 	return ledgerVersion{}, 0, errLedgerConflict
+}
+
+// Each node's part in a version, one key per node, so
+// that recording it costs a node the same whatever the size of the
+// fleet. A node that converges writes its own key under the version
+// (historyNodeKey) in a transaction that also counts the keys; only when
+// the count reaches the number of nodes that ran the tag when the version
+// was recorded (ledgerVersion.Running, counted once, by the node that
+// recorded it) does a node read every status record and every node key
+// to decide whether the version rolled out, and the transaction that
+// writes "rolled out" decides which node completed it. (Before, every
+// node rewrote the one version key, whose value listed every node,
+// retrying on conflicts, and read every node's status record: O(N) per
+// node.) Failures are rare and stay in the version's value (Nodes), as
+// does what earlier versions of the daemon wrote; reading the history
+// assembles both.
+
+// The node keys of the ledger: under their own directory, so that
+// reading a tag's versions reads no node key.
+const historyNodesPrefix = "/_history-nodes/"
+
+// historyNodesRef holds the node keys of every version of ref.
+func historyNodesRef(ref string) string { return historyNodesPrefix + url.PathEscape(ref) + "/" }
+
+// historyNodesDir holds the node keys of one version of ref.
+func historyNodesDir(ref string, version int64) string {
+	return historyNodesRef(ref) + fmt.Sprintf("%012d", version) + "/"
+}
+
+// historyNodeKey is node's part in one version of ref.
+func historyNodeKey(ref string, version int64, node string) string {
+	return historyNodesDir(ref, version) + node
+}
+
+// runningUnknown is Running while the node that recorded the version
+// counts the nodes that run the tag.
+const runningUnknown = -1
+
+// converge records that this node converged on target (read at ModRevision
+// rev): its key, written once, and, once as many nodes converged as ran
+// the tag, the completion. It returns the lead time to the last node when
+// this node completed the version, -1 when it did not.
+func (l *ledger) converge(ctx context.Context, e ledgerEntry, v ledgerVersion, rev int64) (time.Duration, error) {
+	vkey, nkey := historyKey(e.Ref, v.Version), historyNodeKey(e.Ref, v.Version, l.node)
+	b, _ := json.Marshal(nodeResult{Converged: e.Time.UTC()})
+	tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(nkey), "=", 0), clientv3.Compare(clientv3.CreateRevision(vkey), ">", 0)).
+		Then(clientv3.OpPut(nkey, string(b)), clientv3.OpGet(historyNodesDir(e.Ref, v.Version), clientv3.WithPrefix(), clientv3.WithCountOnly()),
+			clientv3.OpGet(vkey)).
+		Else(clientv3.OpGet(nkey, clientv3.WithCountOnly())).Commit()
+	if err != nil {
+		return -1, fmt.Errorf("write %s version %d: %w", e.Ref, v.Version, err)
+	}
+	if !tr.Succeeded {
+		if tr.Responses[0].GetResponseRange().Count > 0 {
+			// A write retried after it took effect; if it recorded the
+			// version and could not count the nodes then, it counts now.
+			if v.Running == runningUnknown {
+				if completed, err := l.counted(ctx, e.Ref, v.Version); err != nil || completed >= 0 {
+					return completed, err
+				}
+			}
+			return -1, errLedgerRecorded
+		}
+		return -1, errLedgerConflict // the version was trimmed meanwhile
+	}
+	l.nodeLead.Observe(max(e.Time.Sub(v.Pushed), 0).Seconds())
+	converged := tr.Responses[1].GetResponseRange().Count
+	// The version as it is now: the node that recorded it counts the
+	// nodes running the tag in a transaction that comes before this one
+	// (and so this node decides) or after it (and so counts this key).
+	if kvs := tr.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 {
+		_ = json.Unmarshal(kvs[0].Value, &v)
+	}
+	if !v.Completed.IsZero() || v.Outcome == outcomeHalted || v.Running == runningUnknown || converged < int64(v.Running) {
+		return -1, nil
+	}
+	return l.complete(ctx, e.Ref, v.Version)
+}
+
+// counted sets Running of the version this node just recorded (and
+// converged on): the nodes whose status record shows a container of the
+// tag, read once per version; then, as converge does, it completes the
+// version if every one of them converged already.
+func (l *ledger) counted(ctx context.Context, ref string, version int64) (time.Duration, error) {
+	running, err := l.nodesRunning(ctx, ref)
+	if err != nil {
+		return -1, err
+	}
+	vkey := historyKey(ref, version)
+	for range 5 {
+		resp, err := l.kv.Get(ctx, vkey)
+		if err != nil || len(resp.Kvs) == 0 {
+			return -1, err
+		}
+		var v ledgerVersion
+		if json.Unmarshal(resp.Kvs[0].Value, &v) != nil || v.Running != runningUnknown {
+			return -1, nil
+		}
+		v.Running = len(running)
+		b, _ := json.Marshal(v)
+		tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(vkey), "=", resp.Kvs[0].ModRevision)).
+			Then(clientv3.OpPut(vkey, string(b)), clientv3.OpGet(historyNodesDir(ref, version), clientv3.WithPrefix(), clientv3.WithCountOnly())).Commit()
+		if err != nil {
+			return -1, fmt.Errorf("write %s version %d: %w", ref, version, err)
+		}
+		if !tr.Succeeded {
+			continue // superseded, halted or rolled back meanwhile
+		}
+		if v.Outcome == outcomeHalted || tr.Responses[1].GetResponseRange().Count < int64(v.Running) {
+			return -1, nil
+		}
+		return l.complete(ctx, ref, version)
+	}
+	return -1, errLedgerConflict
+}
+
+// complete marks the version rolled out if every node that runs the tag
+// converged on it: it reads every status record and every node key of
+// the version, which only the last nodes to converge do. The transaction
+// that writes it compares the version's revision: of nodes completing at
+// once, one does. It returns the lead time to the last node when this
+// node completed the version, -1 when it did not.
+func (l *ledger) complete(ctx context.Context, ref string, version int64) (time.Duration, error) {
+	running, err := l.nodesRunning(ctx, ref)
+	if err != nil {
+		return -1, err
+	}
+	vkey := historyKey(ref, version)
+	for range 5 {
+		resp, err := l.kv.Txn(ctx).Then(clientv3.OpGet(vkey), clientv3.OpGet(historyNodesDir(ref, version), clientv3.WithPrefix())).Commit()
+		if err != nil {
+			return -1, fmt.Errorf("read %s version %d: %w", ref, version, err)
+		}
+		vkvs := resp.Responses[0].GetResponseRange().Kvs
+		var v ledgerVersion
+		if len(vkvs) == 0 || json.Unmarshal(vkvs[0].Value, &v) != nil || !v.Completed.IsZero() || v.Outcome == outcomeHalted {
+			return -1, nil
+		}
+		mergeNodeKeys(&v, resp.Responses[1].GetResponseRange().Kvs)
+		if !allConverged(v.Nodes, running) {
+			return -1, nil
+		}
+		var last time.Time
+		for _, n := range running {
+			last = maxTime(last, v.Nodes[n].Converged)
+		}
+		var stored ledgerVersion // the value keeps the failures; the node keys the rest
+		if err := json.Unmarshal(vkvs[0].Value, &stored); err != nil {
+			return -1, err
+		}
+		stored.Completed = last.UTC()
+		completed := max(stored.Completed.Sub(stored.Pushed), 0)
+		stored.LastSeconds = completed.Seconds()
+		stored.FirstSeconds = v.FirstSeconds
+		if stored.Outcome == outcomeRollingOut {
+			stored.Outcome = outcomeRolledOut
+		}
+		b, _ := json.Marshal(stored)
+		tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(vkey), "=", vkvs[0].ModRevision)).
+			Then(clientv3.OpPut(vkey, string(b))).Commit()
+		if err != nil {
+			return -1, fmt.Errorf("write %s version %d: %w", ref, version, err)
+		}
+		if tr.Succeeded {
+			return completed, nil
+		}
+	}
+	return -1, errLedgerConflict
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// mergeNodeKeys adds to v.Nodes the node keys of its version (a
+// convergence clears a failure recorded before it) and sets
+// FirstSeconds from the earliest convergence.
+func mergeNodeKeys(v *ledgerVersion, kvs []*mvccpb.KeyValue) {
+	if v.Nodes == nil {
+		v.Nodes = map[string]nodeResult{}
+	}
+	for _, kv := range kvs {
+		var r nodeResult
+		k := string(kv.Key)
+		if json.Unmarshal(kv.Value, &r) != nil {
+			continue
+		}
+		v.Nodes[k[strings.LastIndexByte(k, '/')+1:]] = r
+	}
+	var first time.Time
+	for _, r := range v.Nodes {
+		if !r.Converged.IsZero() && (first.IsZero() || r.Converged.Before(first)) {
+			first = r.Converged
+		}
+	}
+	if !first.IsZero() {
+		v.FirstSeconds = max(first.Sub(v.Pushed), 0).Seconds()
+	}
+}
+
+// readNodeKeys reads the node keys under prefix (historyNodesPrefix, or
+// one tag's), by escaped tag and version.
+func readNodeKeys(ctx context.Context, kv clientv3.KV, prefix string) (map[string]map[int64][]*mvccpb.KeyValue, error) {
+	resp, err := kv.Get(ctx, prefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]map[int64][]*mvccpb.KeyValue{}
+	for _, kv := range resp.Kvs {
+		rest, _ := strings.CutPrefix(string(kv.Key), historyNodesPrefix)
+		parts := strings.Split(rest, "/")
+		if len(parts) != 3 {
+			continue
+		}
+		version, err := strconv.ParseInt(parts[1], 10, 64)
+		if err != nil {
+			continue
+		}
+		if out[parts[0]] == nil {
+			out[parts[0]] = map[int64][]*mvccpb.KeyValue{}
+		}
+		out[parts[0]][version] = append(out[parts[0]][version], kv)
+	}
+	return out, nil
 }

@@ -87,7 +87,9 @@ func TestLedgerTrimsInTheTransactionThatAdds(t *testing.T) {
 	if string(resp.Kvs[0].Key) != historyKey(ledgerRef, 2) || string(resp.Kvs[19].Key) != historyKey(ledgerRef, 21) {
 		t.Fatalf("kept %s … %s, want versions 2 … 21", resp.Kvs[0].Key, resp.Kvs[19].Key)
 	}
-	newest := resp.Kvs[19].ModRevision
+	// (The version's key is written again once its nodes are counted:
+	// the transaction that added it is its create revision.)
+	newest := resp.Kvs[19].CreateRevision
 	gone, err := cli.Get(t.Context(), historyKey(ledgerRef, 1), clientv3.WithRev(newest-1))
 	if err != nil {
 		t.Fatal(err)
@@ -95,8 +97,8 @@ func TestLedgerTrimsInTheTransactionThatAdds(t *testing.T) {
 	if len(gone.Kvs) != 1 {
 		t.Fatalf("version 1 was gone before the revision that added version 21")
 	}
-	if resp.Header.Revision != newest {
-		t.Fatalf("version 21 written at revision %d, the store is at %d", newest, resp.Header.Revision)
+	if now, err := cli.Get(t.Context(), historyKey(ledgerRef, 1), clientv3.WithRev(newest)); err != nil || len(now.Kvs) != 0 {
+		t.Fatalf("version 1 still there in the revision that added version 21 (%v)", err)
 	}
 	vs := readVersions(t, cli, ledgerRef)
 	if vs[0].Version != 21 || vs[19].Version != 2 {
@@ -465,5 +467,67 @@ func TestLedgerConcurrentNodesCompleteOnce(t *testing.T) {
 	}
 	if completions != 5 {
 		t.Fatalf("%d fleet lead times observed for 5 versions", completions)
+	}
+}
+
+// countingLedgerKV counts a ledger's etcd calls, and its reads of every
+// node's status record.
+type countingLedgerKV struct {
+	clientv3.KV
+	calls, statusReads int
+}
+
+func (k *countingLedgerKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	k.calls++
+	if key == statusPrefix {
+		k.statusReads++
+	}
+	return k.KV.Get(ctx, key, opts...)
+}
+
+func (k *countingLedgerKV) Txn(ctx context.Context) clientv3.Txn {
+	k.calls++
+	return k.KV.Txn(ctx)
+}
+
+// TestLedgerCostPerNodeIsConstant: recording a node's convergence costs
+// it the same few etcd calls whatever the size of the fleet, and reads
+// no other node's status record, except for the node that records the
+// version (it counts the nodes running the tag, once) and the last one
+// (it checks that every one converged). Before, every node read every
+// status record and rewrote the one version key that lists every node.
+func TestLedgerCostPerNodeIsConstant(t *testing.T) {
+	cli := testNS(t)
+	const n = 12
+	var kvs []*countingLedgerKV
+	var ls []*ledger
+	for i := range n {
+		node := fmt.Sprintf("n%02d", i)
+		putNodeStatus(t, cli, node, ledgerRef)
+		kv := &countingLedgerKV{KV: cli}
+		l := testLedger(t, cli, node, 20)
+		l.kv = kv
+		kvs, ls = append(kvs, kv), append(ls, l)
+	}
+	id := "sha256:" + strings.Repeat("b", 64)
+	for _, l := range ls {
+		if err := l.apply(t.Context(), ledgerEntry{Ref: ledgerRef, Repo: "docker.io/library/app", ImageID: id, Time: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, kv := range kvs[1 : n-1] {
+		if kv.statusReads != 0 || kv.calls > 2 {
+			t.Errorf("node %d of %d: %d etcd calls, %d reads of every status record; want at most 2 and none", i+2, n, kv.calls, kv.statusReads)
+		}
+	}
+	if kvs[0].statusReads != 1 || kvs[n-1].statusReads != 1 {
+		t.Errorf("status reads: the recording node %d, the last node %d; want 1 and 1", kvs[0].statusReads, kvs[n-1].statusReads)
+	}
+	v := readVersions(t, cli, ledgerRef)[0]
+	if v.converged() != n || v.Outcome != outcomeRolledOut || v.Running != n {
+		t.Errorf("version: %d nodes converged, %s, running %d; want %d, rolled out", v.converged(), v.Outcome, v.Running, n)
+	}
+	if sampleCount(t, ls[n-1].fleetLead) != 1 {
+		t.Error("the last node did not observe the fleet lead time")
 	}
 }

@@ -149,11 +149,11 @@ func (w *watcher) watchOnce(ctx context.Context, pos []int64) (bool, error) {
 	type part struct {
 		i    int
 		resp clientv3.WatchResponse
-		end  bool
+		eof  bool
 	}
 	parts := make(chan part)
 	for i, r := range triggerRanges {
-		ch := w.w.Watch(wctx, r.key, clientv3.WithRange(r.end), clientv3.WithRev(from), clientv3.WithProgressNotify())
+		ch := w.w.Watch(wctx, r.lo, clientv3.WithRange(r.hi), clientv3.WithRev(from), clientv3.WithProgressNotify())
 		go func() {
 			for resp := range ch {
 				select {
@@ -163,7 +163,7 @@ func (w *watcher) watchOnce(ctx context.Context, pos []int64) (bool, error) {
 				}
 			}
 			select {
-			case parts <- part{i: i, end: true}:
+			case parts <- part{i: i, eof: true}:
 			case <-wctx.Done():
 			}
 		}()
@@ -176,7 +176,7 @@ func (w *watcher) watchOnce(ctx context.Context, pos []int64) (bool, error) {
 		case <-ctx.Done():
 			return healthy, ctx.Err()
 		}
-		if p.end {
+		if p.eof {
 			if err := ctx.Err(); err != nil {
 				return healthy, err
 			}
@@ -239,11 +239,11 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	defer cancel()
 	var reads []clientv3.Op
 	for _, r := range triggerRanges {
-		opts := []clientv3.OpOption{clientv3.WithRange(r.end), clientv3.WithKeysOnly()}
+		opts := []clientv3.OpOption{clientv3.WithRange(r.hi), clientv3.WithKeysOnly()}
 		if w.serializable {
 			opts = append(opts, clientv3.WithSerializable())
 		}
-		reads = append(reads, clientv3.OpGet(r.key, opts...))
+		reads = append(reads, clientv3.OpGet(r.lo, opts...))
 	}
 	tresp, err := w.kv.Txn(ctx).Then(reads...).Commit()
 	if err != nil {
