@@ -129,6 +129,10 @@ type slot struct {
 	ref  string
 	key  string
 	sess *etcdc.Session
+	// moved, while the node waits in the queue, is its slot key: the
+	// first waiter may move the node's key there just as the node gives
+	// up, and the release then frees both.
+	moved string
 }
 
 // lost is closed when the slot's session ends.
@@ -196,6 +200,7 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 	qdir := queueDir(sl.ref)
 	slotKey := sl.key
 	sl.key = qdir + strings.TrimPrefix(slotKey, slotsDir(sl.ref)) // released as it is while queued
+	sl.moved = slotKey
 	val := r.node + " " + c.Name
 	// Entering: the halt, this node's down record and the waiter just
 	// ahead (the put is the newest key of the queue: the first of two
@@ -350,7 +355,7 @@ func (sl *slot) look(ctx context.Context, myRev int64, slotKey string) (queueRea
 	}
 	if !resp.Succeeded {
 		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 && kvs[0].Lease == int64(lease) {
-			sl.key = slotKey
+			sl.key, sl.moved = slotKey, ""
 			return queueRead{halt: resp.Responses[1]}, errGranted
 		}
 		return queueRead{}, errSlotLost
@@ -429,7 +434,7 @@ func (sl *slot) grantGroup(ctx context.Context, group []*mvccpb.KeyValue, slotKe
 	case !resp.Succeeded:
 		return errors.New("a waiter left the queue meanwhile")
 	}
-	sl.key = slotKey
+	sl.key, sl.moved = slotKey, ""
 	return nil
 }
 
@@ -467,7 +472,7 @@ func (sl *slot) grant(ctx context.Context, slotKey, val string) error {
 	case !resp.Succeeded:
 		return errSlotLost
 	}
-	sl.key = slotKey
+	sl.key, sl.moved = slotKey, ""
 	return nil
 }
 
@@ -571,10 +576,20 @@ func (sl *slot) release(ctx context.Context) {
 	if ctx.Err() != nil {
 		tries, per = 1, time.Second
 	}
+	keys := []string{sl.key}
+	if sl.moved != "" {
+		keys = append(keys, sl.moved)
+	}
 	for attempt := 1; ; attempt++ {
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), per)
-		_, err := r.kv.Delete(dctx, sl.key)
-		cancel()
+		var err error
+		for _, k := range keys {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), per)
+			_, err = r.kv.Delete(dctx, k)
+			cancel()
+			if err != nil {
+				break
+			}
+		}
 		if err == nil {
 			return
 		}

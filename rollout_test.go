@@ -5,6 +5,7 @@ import (
 	"errors"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -934,4 +935,28 @@ func TestRolloutGrantsFreeSlotsAtOnce(t *testing.T) {
 		sl.release(t.Context())
 	}
 	mustGet(t, gots[m], "the last waiter's slot").release(t.Context())
+}
+
+// TestSlotReleaseWhileQueuedFreesAMovedKey: a waiter that gives up (its
+// slot timeout) just as the first waiter moves its key to the slots
+// frees the slot too; without it the slot would stay held under the
+// node's live session.
+func TestSlotReleaseWhileQueuedFreesAMovedKey(t *testing.T) {
+	const ref = "reg/app:qa"
+	cli := testNS(t)
+	r := newTestReplacer(t, cli, newFakeDocker(), "w", 1).rollout
+	s, err := r.leases.Current(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := strconv.FormatInt(int64(s.Lease()), 16) + "-w-app"
+	sl := &slot{r: r, ref: ref, sess: s, key: queueDir(ref) + id, moved: slotsDir(ref) + id}
+	// The first waiter's grant: the queue key gone, the slot key under the node's lease.
+	if _, err := cli.Put(t.Context(), sl.moved, "w app", clientv3.WithLease(s.Lease())); err != nil {
+		t.Fatal(err)
+	}
+	sl.release(t.Context())
+	if n := queued(t, cli, ref); n != 0 {
+		t.Errorf("%d slot keys left after the release of a queued node whose key was moved; want 0", n)
+	}
 }
