@@ -841,9 +841,11 @@ func recordRollback(ctx context.Context, kv clientv3.KV, r rollbackRecord, extra
 // writes "rolled out" decides which node completed it. (Before, every
 // node rewrote the one version key, whose value listed every node,
 // retrying on conflicts, and read every node's status record: O(N) per
-// node.) Failures are rare and stay in the version's value (Nodes), as
-// does what earlier versions of the daemon wrote; reading the history
-// assembles both.
+// node.) The node that completes the version folds the node keys into
+// the version's value and deletes them, in the same transaction: what
+// stays of a rolled-out version is one key. Failures are rare and stay
+// in the version's value (Nodes), as does what earlier versions of the
+// daemon wrote; reading the history assembles both.
 
 // The node keys of the ledger: under their own directory, so that
 // reading a tag's versions reads no node key.
@@ -985,9 +987,14 @@ func (l *ledger) complete(ctx context.Context, ref string, version int64) (time.
 		if stored.Outcome == outcomeRollingOut {
 			stored.Outcome = outcomeRolledOut
 		}
+		// The node keys fold into the version's value, written once, and
+		// go: a rolled-out version keeps one key, not one per node.
+		stored.Nodes = v.Nodes
 		b, _ := json.Marshal(stored)
-		tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(vkey), "=", vkvs[0].ModRevision)).
-			Then(clientv3.OpPut(vkey, string(b))).Commit()
+		ndir := historyNodesDir(ref, version)
+		tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(vkey), "=", vkvs[0].ModRevision),
+			clientv3.Compare(clientv3.CreateRevision(ndir), "<", resp.Header.Revision+1).WithPrefix()). // no node key came since the read
+			Then(clientv3.OpPut(vkey, string(b)), clientv3.OpDelete(ndir, clientv3.WithPrefix())).Commit()
 		if err != nil {
 			return -1, fmt.Errorf("write %s version %d: %w", ref, version, err)
 		}

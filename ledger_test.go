@@ -530,4 +530,8 @@ func TestLedgerCostPerNodeIsConstant(t *testing.T) {
 	if sampleCount(t, ls[n-1].fleetLead) != 1 {
 		t.Error("the last node did not observe the fleet lead time")
 	}
+	// Rolled out, the node keys are folded into the version's value.
+	if keys := countKeys(t, cli, strings.TrimSuffix(historyNodesPrefix, "/")); keys != 0 {
+		t.Errorf("%d node keys left once the version rolled out; want 0 (folded into the version)", keys)
+	}
 }

@@ -190,7 +190,7 @@ func (r *rollout) acquireErr(ctx context.Context, err error) error {
 // maxUnavailable, each container once), from the queue to the slots. So
 // when m slots are free the first m waiters go at once, a slot change
 // wakes the first waiter alone, a waiter ahead leaving wakes the one
-// behind it, and a waiter granted by the first wakes on its own key.
+// behind it, and a waiter granted by the first wakes on its slot key being put.
 // Every read is a transaction that first checks this node's queue key
 // still exists under its lease; a key gone is a grant (its slot key
 // exists under the lease) or errSlotLost, never a guess.
@@ -251,6 +251,12 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 			}
 			select {
 			case wr := <-watch:
+				if sl.grantedBy(wr, lease) {
+					// The first waiter moved our key to the slots: held.
+					// (The halt is checked again before the stop: verify.)
+					sl.key, sl.moved = slotKey, ""
+					return nil
+				}
 				if wr.Canceled || wr.Err() != nil {
 					wcancel() // ended (no leader, compacted): watch again from the next read
 					watch = nil
@@ -438,21 +444,32 @@ func (sl *slot) grantGroup(ctx context.Context, group []*mvccpb.KeyValue, slotKe
 	return nil
 }
 
-// watchFor watches, from revision rev, what can let a waiter in: its own
-// queue key being moved by the first waiter, and the key ahead being
+// watchFor watches, from revision rev, what can let a waiter in: its
+// slot key being put by the first waiter's grant, and the key ahead being
 // deleted and this node's down record, or, with nobody ahead, the
 // holders and every down record.
 func (sl *slot) watchFor(ctx context.Context, ahead string, rev int64) (clientv3.WatchChan, context.CancelFunc) {
 	r := sl.r
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	from := clientv3.WithRev(rev)
-	own := r.etcd.Watch(wctx, sl.key, from, clientv3.WithFilterPut())
+	own := r.etcd.Watch(wctx, sl.moved, from, clientv3.WithFilterDelete()) // our slot key, put by the first waiter's grant
 	if ahead != "" {
 		return mergeWatches(wctx, own, r.etcd.Watch(wctx, ahead, from, clientv3.WithFilterPut()),
 			r.etcd.Watch(wctx, downKey(sl.ref, r.node), from)), cancel
 	}
 	return mergeWatches(wctx, own, r.etcd.Watch(wctx, slotsDir(sl.ref), clientv3.WithPrefix(), from),
 		r.etcd.Watch(wctx, downDir(sl.ref), clientv3.WithPrefix(), from)), cancel
+}
+
+// grantedBy reports whether wr shows this node's slot key put under its
+// lease: the first waiter granted it the slot.
+func (sl *slot) grantedBy(wr clientv3.WatchResponse, lease clientv3.LeaseID) bool {
+	for _, ev := range wr.Events {
+		if ev.Type == clientv3.EventTypePut && string(ev.Kv.Key) == sl.moved && ev.Kv.Lease == int64(lease) {
+			return true
+		}
+	}
+	return false
 }
 
 // grant moves the node's key from the queue to the slots, in a
