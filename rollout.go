@@ -305,8 +305,15 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 				return nil
 			case errors.Is(err, errSlotLost):
 				return err
+			case errors.Is(err, errGroupChanged):
+				look = true // read again
+				continue
 			default:
-				look = true // a waiter left in between: read again
+				r.log.Warn("granting rollout slots failed, retrying", "ref", sl.ref, "err", err)
+				if !backoff.Sleep(ctx, time.Second) {
+					return ctx.Err()
+				}
+				look = true
 				continue
 			}
 		}
@@ -317,6 +324,16 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 		}
 	}
 }
+
+// maxGroupGrant bounds the waiters one grant moves: each is two
+// operations of the transaction, and etcd refuses a transaction of more
+// than --max-txn-ops (default 128). The waiter after the last one
+// granted is first then, and grants the next ones.
+const maxGroupGrant = 64
+
+// errGroupChanged: a waiter of the group left the queue between the read
+// and the grant.
+var errGroupChanged = errors.New("a waiter left the queue meanwhile")
 
 // errGranted: the node's queue key was moved to the slots by the first
 // waiter, under the node's lease: the slot is held.
@@ -351,7 +368,7 @@ func (sl *slot) look(ctx context.Context, myRev int64, slotKey string) (queueRea
 				clientv3.OpGet(slotsDir(sl.ref), clientv3.WithPrefix()),
 				clientv3.OpGet(downDir(sl.ref), clientv3.WithPrefix()),
 				clientv3.OpGet(qdir, clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend),
-					clientv3.WithLimit(int64(r.maxUnavailable))),
+					clientv3.WithLimit(int64(min(r.maxUnavailable, maxGroupGrant)))),
 			},
 			[]clientv3.Op{clientv3.OpGet(qdir, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithMaxCreateRev(myRev-1),
 				clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortDescend), clientv3.WithLimit(1))}),
@@ -438,7 +455,7 @@ func (sl *slot) grantGroup(ctx context.Context, group []*mvccpb.KeyValue, slotKe
 	case err != nil:
 		return fmt.Errorf("grant rollout slots: %w", err)
 	case !resp.Succeeded:
-		return errors.New("a waiter left the queue meanwhile")
+		return errGroupChanged
 	}
 	sl.key, sl.moved = slotKey, ""
 	return nil

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"slices"
 	"strconv"
@@ -958,5 +959,35 @@ func TestSlotReleaseWhileQueuedFreesAMovedKey(t *testing.T) {
 	sl.release(t.Context())
 	if n := queued(t, cli, ref); n != 0 {
 		t.Errorf("%d slot keys left after the release of a queued node whose key was moved; want 0", n)
+	}
+}
+
+// TestRolloutGrantsMoreSlotsThanOneTransactionHolds: with more slots free
+// than one grant can move (etcd refuses a transaction of more than 128
+// operations), the first waiter grants a group, the waiter after it the
+// next: all get a slot. (The whole group in one transaction was refused,
+// and retried, forever: a rollout at max_unavailable 150 stood still.)
+func TestRolloutGrantsMoreSlotsThanOneTransactionHolds(t *testing.T) {
+	const ref, m = "reg/app:qa", maxGroupGrant + 6
+	cli := testNS(t)
+	// m containers of other nodes down: nobody fits until they are back.
+	for i := range m {
+		rec := fmt.Sprintf(`{"node":"x%02d","containers":[{"name":"app","reason":"restarting"}]}`, i)
+		if _, err := cli.Put(t.Context(), downKey(ref, fmt.Sprintf("x%02d", i)), rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var gots []chan *slot
+	for i := range m {
+		r := newTestReplacer(t, cli, newFakeDocker(), fmt.Sprintf("w%02d", i), m).rollout
+		gots = append(gots, acquireAsync(t, r, fmt.Sprintf("w%02d", i)))
+	}
+	eventually(t, 20*time.Second, "every waiter to queue", func() bool { return queued(t, cli, ref) == m })
+	// All back at once: m slots free.
+	if _, err := cli.Delete(t.Context(), downDir(ref), clientv3.WithPrefix()); err != nil {
+		t.Fatal(err)
+	}
+	for i, got := range gots {
+		mustGet(t, got, fmt.Sprintf("waiter %d's slot (-max_unavailable %d)", i, m)).release(t.Context())
 	}
 }
