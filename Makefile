@@ -49,7 +49,9 @@ clean:
 
 # make bench: the benchmarks on the real stack (about 25 minutes with the
 # 10-minute idle test; BENCH_IDLE=1m BENCH_RUNS=3 for a quick look;
-# BENCH=FanOut for some of them). Prints each table and merges it into
+# BENCH=FanOut for some of them; BENCH=Fleet for the fleet simulation,
+# BENCH_FLEET_N=100,300,1000 BENCH_FLEET_ROLLOUTS=100 BENCH_FLEET_IDLE=30s
+# by default: N=1000 alone takes the better part of an hour). Prints each table and merges it into
 # BENCHMARKS.md (scripts/benchmarks-md.sh bench-results.md BENCHMARKS.md,
 # which can also be run by hand): each section of a benchmark that ran
 # replaces that benchmark's section, stamped with the date and commit; the

@@ -397,7 +397,7 @@ func TestE2ERollout(t *testing.T) {
 		took := time.Since(start)
 		got := stop()
 		if got.maxDown > 1 {
-			t.Errorf("up to %d nodes without a healthy hc at once (samples by nodes down: %v); want at most 1 (-max_unavailable=1)", got.maxDown, got.byDown)
+			t.Errorf("up to %d nodes without a healthy hc at once (samples by nodes down: %v; first: %s); want at most 1 (-max_unavailable=1)", got.maxDown, got.byDown, got.worst)
 		}
 		s.record("scenario R-G: after %s halted a never-healthy version under stop (kept running it, unhealthy), the next push converged on %s in %v; nodes without a healthy app, sampled every 50ms on each node's Engine API: at most %d at once (%d samples: %d with none down, %d with one, %d with two or more)",
 			halter.name, shortID(v3), took.Round(time.Millisecond), got.maxDown, got.samples, got.byDown[0], got.byDown[1], got.samples-got.byDown[0]-got.byDown[1])
@@ -417,7 +417,10 @@ func (s *stack) buildHealth(ref string, healthy bool) string {
 	if !healthy {
 		check = "false"
 	}
-	return s.buildImage(ref, fmt.Sprintf("HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD [\"/bin/busybox\",%q]\n"+
+	// A generous timeout: on a loaded machine an exec of busybox can
+	// take over a second, and a healthy app flapping "unhealthy" would
+	// count as a node down that no deployer caused.
+	return s.buildImage(ref, fmt.Sprintf("HEALTHCHECK --interval=1s --timeout=10s --retries=1 CMD [\"/bin/busybox\",%q]\n"+
 		"CMD [\"/bin/busybox\",\"sh\",\"-c\",\"trap 'exit 0' TERM; while true; do /bin/busybox sleep 0.2; done\"]\n", check))
 }
 
@@ -433,6 +436,7 @@ type healthSample struct {
 	samples int
 	maxDown int         // most nodes without a healthy container at once
 	byDown  map[int]int // samples by the number of nodes without one
+	worst   string      // the nodes down, and how, in the first sample with maxDown
 }
 
 // healthSampler counts, every 50 ms, the nodes where container name is not
@@ -446,12 +450,23 @@ func (s *stack) healthSampler(name string) (stop func() healthSample) {
 		defer t.Stop()
 		for {
 			down := 0
+			var how []string
 			for _, n := range s.nodes {
-				if !s.healthy(n, name) {
-					down++
+				c, err := n.cli.InspectContainerWithOptions(docker.InspectContainerOptions{ID: name})
+				if err == nil && c.State.Running && !c.State.Restarting && c.State.Health.Status == "healthy" {
+					continue
+				}
+				down++
+				if err != nil {
+					how = append(how, n.name+": "+err.Error())
+				} else {
+					how = append(how, fmt.Sprintf("%s: %s running=%v restarting=%v health=%s", n.name, shortID(c.Image), c.State.Running, c.State.Restarting, c.State.Health.Status))
 				}
 			}
 			h.samples++
+			if down > h.maxDown {
+				h.worst = time.Now().UTC().Format("15:04:05.000") + " " + strings.Join(how, "; ")
+			}
 			h.maxDown = max(h.maxDown, down)
 			h.byDown[down]++
 			select {
@@ -496,16 +511,20 @@ func logHas(path string, offset int64, parts ...string) bool {
 	return false
 }
 
-// slotKeys lists the slot keys under dir, oldest first.
+// slotKeys lists the keys of a rollout's slots directory dir: the
+// holders, then the waiters (queueDir), each oldest first, each named
+// dir + its id.
 func (s *stack) slotKeys(dir string) []string {
-	resp, err := s.cli.Get(s.t.Context(), dir, clientv3.WithPrefix(), clientv3.WithKeysOnly(),
-		clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
-	if err != nil {
-		s.t.Fatal(err)
-	}
 	var keys []string
-	for _, kv := range resp.Kvs {
-		keys = append(keys, string(kv.Key))
+	for _, d := range []string{dir, strings.TrimSuffix(dir, slotsLeaf) + queueLeaf} {
+		resp, err := s.cli.Get(s.t.Context(), d, clientv3.WithPrefix(), clientv3.WithKeysOnly(),
+			clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend))
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		for _, kv := range resp.Kvs {
+			keys = append(keys, dir+strings.TrimPrefix(string(kv.Key), d))
+		}
 	}
 	return keys
 }

@@ -15,6 +15,7 @@ package main
 //	<prefix>/_status/<node>                   what the node runs, leased
 //	<prefix>/_rollout/<image ref>/halted      a version whose rollout is halted
 //	<prefix>/_rollout/<image ref>/slots/<id>  a node replacing a container, leased
+//	<prefix>/_rollout/<image ref>/queue/<id>  a node waiting for a slot, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
 //	<prefix>/_autorollback/<image ref>        the node rolling a halt of the tag back by itself (autorollback.go), leased
@@ -36,6 +37,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 const (
@@ -56,11 +59,22 @@ const (
 	haltLeaf  = "halted" // under a rollout's directory
 	slotsLeaf = "slots/" // under a rollout's directory
 	downLeaf  = "down/"  // under a rollout's directory
+	queueLeaf = "queue/" // under a rollout's directory
 )
 
 // triggersPrefix is where the triggers are: every key under it that
 // repoFromKey accepts.
 const triggersPrefix = "/"
+
+// triggerRanges are the key ranges that hold the triggers, around the
+// reserved names: ["/", "/_") and ["/`", "0") ("_" is 0x5F, "`" the
+// byte after it, "0" the byte after "/"). Watching these, not all of
+// triggersPrefix, keeps every node's status, slot and ledger writes from
+// reaching every node.
+var triggerRanges = []struct{ lo, hi string }{
+	{triggersPrefix, triggersPrefix + reservedMark},
+	{triggersPrefix + string(rune(reservedMark[0]+1)), clientv3.GetPrefixRangeEnd(triggersPrefix)},
+}
 
 // triggerKey is the trigger of one repository.
 func triggerKey(repo string) string { return triggersPrefix + repo }
@@ -106,6 +120,10 @@ func autoRollbackKey(ref string) string { return "/" + autoRbDir + "/" + url.Pat
 // slotsDir holds the rollout slots of ref, one leased key per container
 // being replaced.
 func slotsDir(ref string) string { return rolloutPrefix(ref) + slotsLeaf }
+
+// queueDir holds the nodes waiting for a rollout slot of ref, one leased
+// key per container, first come first served by create revision.
+func queueDir(ref string) string { return rolloutPrefix(ref) + queueLeaf }
 
 // downDir holds, one leased key per node, the containers of ref that are
 // down on that node (status.go writes them, rollout.go counts them).

@@ -125,11 +125,16 @@ func (r *rollout) coordinated() bool { return r.maxUnavailable > 0 }
 
 // slot is a held rollout slot.
 type slot struct {
-	r     *rollout
-	ref   string
-	key   string
-	sess  *etcdc.Session
-	limit int // max_unavailable of the tag, as a count
+	r    *rollout
+	ref  string
+	key  string
+	sess *etcdc.Session
+	// limit is the tag's max_unavailable, as a count (its policy).
+	limit int
+	// moved, while the node waits in the queue, is its slot key: the
+	// first waiter may move the node's key there just as the node gives
+	// up, and the release then frees both.
+	moved string
 }
 
 // lost is closed when the slot's session ends.
@@ -181,22 +186,41 @@ func (r *rollout) acquireErr(ctx context.Context, err error) error {
 	return fmt.Errorf("take a rollout slot: %w", err)
 }
 
-// queue enters the queue of ref's slots and waits until fewer than
-// sl.limit containers other than c are unavailable (see read), or
-// c itself is down. Every count is made in a transaction that first
-// checks this node's key still exists under its lease: a key that went
-// with an expired lease is errSlotLost, never a grant.
+// queue enters the queue of ref's slots and waits until it is granted
+// a slot: fewer than maxUnavailable containers other than c unavailable
+// (see read), or c itself down. The waiters queue under queueDir, first
+// come first served by create revision, as etcd's lock recipe queues:
+// each watches only what can let it in. A waiter with another ahead of
+// it watches that one's key (and its own key and down record); the first
+// waiter, with nobody ahead, counts the slot holders and the down
+// records, watches them, and grants: in one transaction it moves its own
+// key and those of the waiters behind it, as many as fit (at most
+// maxUnavailable, each container once), from the queue to the slots. So
+// when m slots are free the first m waiters go at once, a slot change
+// wakes the first waiter alone, a waiter ahead leaving wakes the one
+// behind it, and a waiter granted by the first wakes on its slot key being put.
+// Every read is a transaction that first checks this node's queue key
+// still exists under its lease; a key gone is a grant (its slot key
+// exists under the lease) or errSlotLost, never a guess.
 func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 	r := sl.r
 	lease := sl.sess.Lease()
-	dir := slotsDir(sl.ref)
-	reads := []clientv3.Op{
-		clientv3.OpGet(haltKey(sl.ref)),
-		clientv3.OpGet(dir, clientv3.WithPrefix()),
-		clientv3.OpGet(downDir(sl.ref), clientv3.WithPrefix()),
-	}
+	qdir := queueDir(sl.ref)
+	slotKey := sl.key
+	sl.key = qdir + strings.TrimPrefix(slotKey, slotsDir(sl.ref)) // released as it is while queued
+	sl.moved = slotKey
+	val := r.node + " " + c.Name
+	// Entering: the halt, this node's down record and the waiter just
+	// ahead (the put is the newest key of the queue: the first of two
+	// sorted by create revision, descending).
 	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-	resp, err := r.kv.Txn(tctx).Then(append([]clientv3.Op{clientv3.OpPut(sl.key, r.node+" "+c.Name, clientv3.WithLease(lease))}, reads...)...).Commit()
+	resp, err := r.kv.Txn(tctx).Then(
+		clientv3.OpPut(sl.key, val, clientv3.WithLease(lease)),
+		clientv3.OpGet(haltKey(sl.ref)),
+		clientv3.OpGet(downKey(sl.ref, r.node)),
+		clientv3.OpGet(qdir, clientv3.WithPrefix(), clientv3.WithKeysOnly(),
+			clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortDescend), clientv3.WithLimit(2)),
+	).Commit()
 	cancel()
 	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return errSlotLost
@@ -205,67 +229,315 @@ func (sl *slot) queue(ctx context.Context, c staleContainer) error {
 		return fmt.Errorf("enter the slot queue: %w", err)
 	}
 	myRev := resp.Header.Revision // our key's create revision
-	watchFrom := myRev + 1
-	u := sl.read(resp.Responses[1:], myRev, c.Name)
+	q := queueRead{rev: myRev, halt: resp.Responses[1], down: resp.Responses[2]}
+	if kvs := resp.Responses[3].GetResponseRange().Kvs; len(kvs) == 2 {
+		q.ahead = string(kvs[1].Key)
+	}
 	told := ""
+	var (
+		wcancel = func() {}
+		watch   clientv3.WatchChan
+		watched = "-" // what watch watches: the key ahead, or "" for the holders and down records
+		look    = q.ahead == ""
+	)
+	defer func() { wcancel() }()
 	for {
-		if u.halted != nil && u.halted.ImageID == c.NewID {
-			return &haltedError{u.halted}
-		}
-		if u.selfDown || len(u.others) < sl.limit {
-			if u.selfDown {
+		if !look {
+			if u := sl.read(q, c.Name); u.halted != nil && u.halted.ImageID == c.NewID {
+				return &haltedError{u.halted}
+			} else if u.selfDown {
 				r.log.Info("container already down: replacing it costs no more downtime, slot granted", "ref", sl.ref,
 					"container", c.Name, "unavailable", u.others)
+				return sl.grant(ctx, slotKey, val)
 			}
-			return nil
-		}
-		if s := strings.Join(u.others, ", "); s != told {
-			told = s
-			r.log.Info("waiting for a rollout slot", "ref", sl.ref, "container", c.Name, "max_unavailable", sl.limit,
-				"unavailable", u.others)
-		}
-		// Wait for a holder to leave (or its lease to expire), or a
-		// down record to change, then count again. Watching from the
-		// revision we counted at misses nothing; the timer is a safety
-		// net, the count is the truth.
-		wctx, cancel := context.WithCancel(ctx)
-		ch := r.etcd.Watch(clientv3.WithRequireLeader(wctx), rolloutPrefix(sl.ref), clientv3.WithPrefix(), clientv3.WithRev(watchFrom))
-		timer := time.NewTimer(sessionTTL * time.Second)
-		select {
-		case <-ch:
-		case <-timer.C:
-		case <-sl.sess.Done():
-		case <-ctx.Done():
-		}
-		timer.Stop()
-		cancel()
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		select {
-		case <-sl.sess.Done():
-			return errSlotLost
-		default:
-		}
-		tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
-		resp, err = r.kv.Txn(tctx).If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", lease)).Then(reads...).Commit()
-		cancel()
-		if err != nil {
-			if ctx.Err() != nil {
+			// Wait for what can let us in. Watching from the revision
+			// we read at misses nothing; the read is the truth.
+			if watch == nil || watched != q.ahead {
+				wcancel()
+				watch, wcancel = sl.watchFor(ctx, q.ahead, q.rev+1)
+				watched = q.ahead
+			}
+			select {
+			case wr := <-watch:
+				if sl.grantedBy(wr, lease) {
+					// The first waiter moved our key to the slots: held.
+					// (The halt is checked again before the stop: verify.)
+					sl.key, sl.moved = slotKey, ""
+					return nil
+				}
+				if wr.Canceled || wr.Err() != nil {
+					wcancel() // ended (no leader, compacted): watch again from the next read
+					watch = nil
+				}
+			case <-sl.sess.Done():
+				return errSlotLost
+			case <-ctx.Done():
 				return ctx.Err()
 			}
+		}
+		look = false
+		next, err := sl.look(ctx, myRev, slotKey)
+		switch {
+		case errors.Is(err, errGranted):
+			if h := decodeHalt(next.halt.GetResponseRange().Kvs); h != nil && h.ImageID == c.NewID {
+				return &haltedError{h} // the caller releases the slot
+			}
+			return nil
+		case err != nil && ctx.Err() != nil:
+			return ctx.Err()
+		case errors.Is(err, errSlotLost):
+			return err
+		case err != nil:
 			r.log.Warn("counting rollout slots failed, retrying", "ref", sl.ref, "err", err)
 			if !backoff.Sleep(ctx, time.Second) {
 				return ctx.Err()
 			}
+			look = true
 			continue
 		}
-		if !resp.Succeeded {
-			return errSlotLost
+		q = next
+		if q.ahead != "" || q.first == nil {
+			continue // wait for the one ahead
 		}
-		watchFrom = resp.Header.Revision + 1
-		u = sl.read(resp.Responses, myRev, c.Name)
+		if u := sl.read(q, c.Name); (u.halted != nil && u.halted.ImageID == c.NewID) || u.selfDown {
+			continue // decided above, without waiting
+		}
+		// First in the queue: grant ourselves and those behind us that fit.
+		group, others := sl.fit(q, c.Name)
+		if len(group) > 0 {
+			switch err := sl.grantGroup(ctx, group, slotKey); {
+			case err == nil:
+				if len(group) > 1 {
+					r.log.Debug("rollout slots granted to the first waiters at once", "ref", sl.ref, "waiters", len(group))
+				}
+				return nil
+			case errors.Is(err, errSlotLost):
+				return err
+			case errors.Is(err, errGroupChanged):
+				look = true // read again
+				continue
+			default:
+				r.log.Warn("granting rollout slots failed, retrying", "ref", sl.ref, "err", err)
+				if !backoff.Sleep(ctx, time.Second) {
+					return ctx.Err()
+				}
+				look = true
+				continue
+			}
+		}
+		if s := strings.Join(others, ", "); s != told {
+			told = s
+			r.log.Info("waiting for a rollout slot", "ref", sl.ref, "container", c.Name, "max_unavailable", sl.limit,
+				"unavailable", others)
+		}
 	}
+}
+
+// maxGroupGrant bounds the waiters one grant moves: each is two
+// operations of the transaction, and etcd refuses a transaction of more
+// than --max-txn-ops (default 128). The waiter after the last one
+// granted is first then, and grants the next ones.
+const maxGroupGrant = 64
+
+// errGroupChanged: a waiter of the group left the queue between the read
+// and the grant.
+var errGroupChanged = errors.New("a waiter left the queue meanwhile")
+
+// errGranted: the node's queue key was moved to the slots by the first
+// waiter, under the node's lease: the slot is held.
+var errGranted = errors.New("granted by the first waiter")
+
+// queueRead is one read of the slot queue by a waiter.
+type queueRead struct {
+	rev        int64                      // the revision read at
+	halt, down *etcdserverpb.ResponseOp   // the halt record, this node's down record
+	ahead      string                     // the key of the waiter just ahead; "" for none
+	first      []*etcdserverpb.ResponseOp // nobody ahead: the slot holders, every down record, the first waiters
+}
+
+// look reads the queue, in one transaction that checks this node's
+// queue key still exists under its lease: the halt, this node's down
+// record and the waiter just ahead, or, with nobody ahead (every key of
+// the queue created at or after ours), the slot holders, every down
+// record and the first maxUnavailable waiters. A queue key gone is
+// errGranted when its slot key exists under the lease (sl.key is then
+// the slot key), else errSlotLost.
+func (sl *slot) look(ctx context.Context, myRev int64, slotKey string) (queueRead, error) {
+	r := sl.r
+	lease := sl.sess.Lease()
+	qdir := queueDir(sl.ref)
+	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	resp, err := r.kv.Txn(tctx).If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", lease)).Then(
+		clientv3.OpGet(haltKey(sl.ref)),
+		clientv3.OpGet(downKey(sl.ref, r.node)),
+		clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(qdir), ">", myRev-1).WithPrefix()},
+			[]clientv3.Op{
+				clientv3.OpGet(slotsDir(sl.ref), clientv3.WithPrefix()),
+				clientv3.OpGet(downDir(sl.ref), clientv3.WithPrefix()),
+				clientv3.OpGet(qdir, clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortAscend),
+					clientv3.WithLimit(int64(min(sl.limit, maxGroupGrant)))),
+			},
+			[]clientv3.Op{clientv3.OpGet(qdir, clientv3.WithPrefix(), clientv3.WithKeysOnly(), clientv3.WithMaxCreateRev(myRev-1),
+				clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortDescend), clientv3.WithLimit(1))}),
+	).Else(clientv3.OpGet(slotKey), clientv3.OpGet(haltKey(sl.ref))).Commit()
+	if err != nil {
+		return queueRead{}, fmt.Errorf("read the slot queue: %w", err)
+	}
+	if !resp.Succeeded {
+		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 && kvs[0].Lease == int64(lease) {
+			sl.key, sl.moved = slotKey, ""
+			return queueRead{halt: resp.Responses[1]}, errGranted
+		}
+		return queueRead{}, errSlotLost
+	}
+	q := queueRead{rev: resp.Header.Revision, halt: resp.Responses[0], down: resp.Responses[1]}
+	nested := resp.Responses[2].GetResponseTxn()
+	if nested.Succeeded {
+		q.first = nested.Responses
+	} else if kvs := nested.Responses[0].GetResponseRange().Kvs; len(kvs) == 1 {
+		q.ahead = string(kvs[0].Key)
+	}
+	return q, nil
+}
+
+// fit returns, for the first waiter (q.first), the waiters to grant now,
+// first come first served: the first ones of the queue, as long as the
+// containers unavailable, each once, stay within maxUnavailable (a
+// waiter whose container is down already costs nothing). others is what
+// is unavailable besides the first waiter's container, for the log.
+func (sl *slot) fit(q queueRead, name string) (group []*mvccpb.KeyValue, others []string) {
+	return sl.fitKVs(q.first[0].GetResponseRange().Kvs, q.first[1].GetResponseRange().Kvs, q.first[2].GetResponseRange().Kvs, name)
+}
+
+func (sl *slot) fitKVs(slots, downs, waiters []*mvccpb.KeyValue, name string) (group []*mvccpb.KeyValue, others []string) {
+	self := sl.r.node + "/" + name
+	seen := map[string]bool{}
+	add := func(unit string) {
+		if !seen[unit] {
+			seen[unit] = true
+			if unit != self {
+				others = append(others, unit)
+			}
+		}
+	}
+	for _, kv := range slots {
+		node, ctr, _ := strings.Cut(string(kv.Value), " ")
+		add(node + "/" + ctr)
+	}
+	for _, unit := range downUnits(downs) {
+		add(unit)
+	}
+	for _, kv := range waiters {
+		node, ctr, _ := strings.Cut(string(kv.Value), " ")
+		switch unit := node + "/" + ctr; {
+		case seen[unit]:
+		case len(seen) < sl.limit:
+			seen[unit] = true
+		default:
+			return group, others
+		}
+		group = append(group, kv)
+	}
+	return group, others
+}
+
+// grantGroup moves the keys of group (the first waiters, this node's
+// first) from the queue to the slots under their own leases, in one
+// transaction that checks each still exists under its lease.
+func (sl *slot) grantGroup(ctx context.Context, group []*mvccpb.KeyValue, slotKey string) error {
+	r := sl.r
+	qdir, sdir := queueDir(sl.ref), slotsDir(sl.ref)
+	var cmps []clientv3.Cmp
+	var ops []clientv3.Op
+	for _, kv := range group {
+		k := string(kv.Key)
+		cmps = append(cmps, clientv3.Compare(clientv3.LeaseValue(k), "=", kv.Lease))
+		ops = append(ops, clientv3.OpPut(sdir+strings.TrimPrefix(k, qdir), string(kv.Value), clientv3.WithLease(clientv3.LeaseID(kv.Lease))),
+			clientv3.OpDelete(k))
+	}
+	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	resp, err := r.kv.Txn(tctx).If(cmps...).Then(ops...).Commit()
+	switch {
+	case err != nil:
+		return fmt.Errorf("grant rollout slots: %w", err)
+	case !resp.Succeeded:
+		return errGroupChanged
+	}
+	sl.key, sl.moved = slotKey, ""
+	return nil
+}
+
+// watchFor watches, from revision rev, what can let a waiter in: its
+// slot key being put by the first waiter's grant, and the key ahead being
+// deleted and this node's down record, or, with nobody ahead, the
+// holders and every down record.
+func (sl *slot) watchFor(ctx context.Context, ahead string, rev int64) (clientv3.WatchChan, context.CancelFunc) {
+	r := sl.r
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	from := clientv3.WithRev(rev)
+	own := r.etcd.Watch(wctx, sl.moved, from, clientv3.WithFilterDelete()) // our slot key, put by the first waiter's grant
+	if ahead != "" {
+		return mergeWatches(wctx, own, r.etcd.Watch(wctx, ahead, from, clientv3.WithFilterPut()),
+			r.etcd.Watch(wctx, downKey(sl.ref, r.node), from)), cancel
+	}
+	return mergeWatches(wctx, own, r.etcd.Watch(wctx, slotsDir(sl.ref), clientv3.WithPrefix(), from),
+		r.etcd.Watch(wctx, downDir(sl.ref), clientv3.WithPrefix(), from)), cancel
+}
+
+// grantedBy reports whether wr shows this node's slot key put under its
+// lease: the first waiter granted it the slot.
+func (sl *slot) grantedBy(wr clientv3.WatchResponse, lease clientv3.LeaseID) bool {
+	for _, ev := range wr.Events {
+		if ev.Type == clientv3.EventTypePut && string(ev.Kv.Key) == sl.moved && ev.Kv.Lease == int64(lease) {
+			return true
+		}
+	}
+	return false
+}
+
+// grant moves the node's key from the queue to the slots, in a
+// transaction that checks it still exists under the node's lease.
+func (sl *slot) grant(ctx context.Context, slotKey, val string) error {
+	r := sl.r
+	lease := sl.sess.Lease()
+	tctx, cancel := context.WithTimeout(ctx, r.callTimeout)
+	defer cancel()
+	resp, err := r.kv.Txn(tctx).If(clientv3.Compare(clientv3.LeaseValue(sl.key), "=", lease)).
+		Then(clientv3.OpPut(slotKey, val, clientv3.WithLease(lease)), clientv3.OpDelete(sl.key)).Commit()
+	switch {
+	case errors.Is(err, rpctypes.ErrLeaseNotFound):
+		return errSlotLost
+	case err != nil:
+		return fmt.Errorf("take the rollout slot: %w", err)
+	case !resp.Succeeded:
+		return errSlotLost
+	}
+	sl.key, sl.moved = slotKey, ""
+	return nil
+}
+
+// mergeWatches delivers, on one channel, a signal for every response of
+// any of the watches; it ends with ctx.
+func mergeWatches(ctx context.Context, watches ...clientv3.WatchChan) clientv3.WatchChan {
+	out := make(chan clientv3.WatchResponse, 1)
+	fwd := func(ch clientv3.WatchChan) {
+		for resp := range ch {
+			select {
+			case out <- resp:
+			default: // a signal is pending already: the read after it sees this too
+			}
+		}
+		select { // the watch ended (ctx, or no leader): wake the reader
+		case out <- clientv3.WatchResponse{Canceled: true}:
+		case <-ctx.Done():
+		}
+	}
+	for _, w := range watches {
+		go fwd(w)
+	}
+	return out
 }
 
 // unavailability is one count of a tag's unavailable containers.
@@ -275,41 +547,38 @@ type unavailability struct {
 	selfDown bool     // the container to replace is down already
 }
 
-// read decodes, from the reads of queue (the halt record, the slot keys,
-// the down records), the halt and the containers of the tag unavailable
-// besides this node's container name: those of the slot keys created
-// before rev (replacements under way, or queued ahead) and those the
-// down records list, each container once.
-func (sl *slot) read(rs []*etcdserverpb.ResponseOp, rev int64, name string) unavailability {
-	u := unavailability{halted: decodeHalt(rs[0].GetResponseRange().Kvs)}
+// read decodes, from a read of the queue, the halt and whether this
+// node's container name is down already, and, for the first waiter, the
+// containers of the tag unavailable besides it: those of the slot keys
+// (replacements under way) and those the down records list, each
+// container once.
+func (sl *slot) read(q queueRead, name string) unavailability {
+	u := unavailability{halted: decodeHalt(q.halt.GetResponseRange().Kvs)}
 	self := sl.r.node + "/" + name
-	seen := map[string]bool{self: true}
-	add := func(unit string) {
-		if !seen[unit] {
-			seen[unit] = true
-			u.others = append(u.others, unit)
+	for _, unit := range downUnits(q.down.GetResponseRange().Kvs) {
+		if unit == self {
+			u.selfDown = true
 		}
 	}
-	for _, kv := range rs[1].GetResponseRange().Kvs {
-		if kv.CreateRevision < rev {
-			node, ctr, _ := strings.Cut(string(kv.Value), " ")
-			add(node + "/" + ctr)
-		}
+	if q.first != nil {
+		_, u.others = sl.fitKVs(q.first[0].GetResponseRange().Kvs, q.first[1].GetResponseRange().Kvs, nil, name)
 	}
-	for _, kv := range rs[2].GetResponseRange().Kvs {
+	return u
+}
+
+// downUnits lists the "<node>/<container>" of down records.
+func downUnits(kvs []*mvccpb.KeyValue) []string {
+	var out []string
+	for _, kv := range kvs {
 		var d downRecord
 		if json.Unmarshal(kv.Value, &d) != nil {
 			continue
 		}
 		for _, c := range d.Containers {
-			if unit := d.Node + "/" + c.Name; unit == self {
-				u.selfDown = true
-			} else {
-				add(unit)
-			}
+			out = append(out, d.Node+"/"+c.Name)
 		}
 	}
-	return u
+	return out
 }
 
 // verify checks, in one etcd round trip, that the slot is still held under
@@ -349,10 +618,20 @@ func (sl *slot) release(ctx context.Context) {
 	if ctx.Err() != nil {
 		tries, per = 1, time.Second
 	}
+	keys := []string{sl.key}
+	if sl.moved != "" {
+		keys = append(keys, sl.moved)
+	}
 	for attempt := 1; ; attempt++ {
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), per)
-		_, err := r.kv.Delete(dctx, sl.key)
-		cancel()
+		var err error
+		for _, k := range keys {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), per)
+			_, err = r.kv.Delete(dctx, k)
+			cancel()
+			if err != nil {
+				break
+			}
+		}
 		if err == nil {
 			return
 		}

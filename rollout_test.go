@@ -3,9 +3,13 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -62,6 +66,13 @@ func (k *faultKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption
 		k.afterGet(key)
 	}
 	return resp, err
+}
+
+// queued counts the keys of ref's rollout: the slot holders and the
+// waiters.
+func queued(t *testing.T, cli *clientv3.Client, ref string) int64 {
+	t.Helper()
+	return countKeys(t, cli, strings.TrimSuffix(slotsDir(ref), "/")) + countKeys(t, cli, strings.TrimSuffix(queueDir(ref), "/"))
 }
 
 func testStale(id string) staleContainer {
@@ -187,7 +198,7 @@ func TestRolloutLeaseLostWhileQueued(t *testing.T) {
 		if s := heldSession(waiter); s != nil {
 			lease = s.Lease()
 		}
-		return lease != 0 && countKeys(t, cli, strings.TrimSuffix(slotsDir("reg/app:qa"), "/")) == 2
+		return lease != 0 && queued(t, cli, "reg/app:qa") == 2
 	})
 	// Its lease expires (revoked here, as etcd does after the TTL).
 	if _, err := cli.Revoke(t.Context(), lease); err != nil {
@@ -444,7 +455,7 @@ func TestSlotRelease(t *testing.T) {
 					t.Errorf("session ended = %v; want %v", ended, tt.wantEndSess)
 				}
 			}
-			if n := countKeys(t, cli, strings.TrimSuffix(slotsDir("reg/app:qa"), "/")); n != 0 {
+			if n := queued(t, cli, "reg/app:qa"); n != 0 {
 				t.Errorf("%d slot keys left after release; want 0", n)
 			}
 			if tt.atStop {
@@ -673,7 +684,7 @@ func TestHaltWriteRetriedBeforeSlotFreed(t *testing.T) {
 		sl, err := n2.acquire(t.Context(), ref, staleContainer{ID: "b", Name: "app", Ref: testTagged("reg:5000/app:qa"), NewID: c1.NewID})
 		got <- result{sl, err}
 	}()
-	eventually(t, 20*time.Second, "n2 to queue", func() bool { return countKeys(t, cli, slots) == 2 })
+	eventually(t, 20*time.Second, "n2 to queue", func() bool { return queued(t, cli, ref) == 2 })
 	<-f1.stopped // n1's replacement now crashes; its halt write fails 3 times
 
 	out := mustGet(t, done, "n1's replace")
@@ -756,7 +767,7 @@ func TestRolloutCountsDownContainers(t *testing.T) {
 				sl, err := healthy.acquire(t.Context(), ref, ch)
 				got <- result{sl, err}
 			}()
-			eventually(t, 20*time.Second, "the healthy node to queue", func() bool { return countKeys(t, cli, strings.TrimSuffix(slotsDir(ref), "/")) == 1 })
+			eventually(t, 20*time.Second, "the healthy node to queue", func() bool { return queued(t, cli, ref) == 1 })
 			mustWait(t, got, "a healthy node took a slot while another node's container is down (-max_unavailable 1)")
 
 			if tt.name == "docker unreachable" {
@@ -818,5 +829,165 @@ func TestRolloutDownCountedOnce(t *testing.T) {
 	if sl4, err := n4.acquire(t.Context(), ref, c4); err == nil {
 		sl4.release(t.Context())
 		t.Fatal("a healthy node got a slot with two containers down (-max_unavailable 2)")
+	}
+}
+
+// txnKV counts the transactions made through it: each count of the slot
+// queue is one.
+type txnKV struct {
+	clientv3.KV
+	n atomic.Int64
+}
+
+func (k *txnKV) Txn(ctx context.Context) clientv3.Txn {
+	k.n.Add(1)
+	return k.KV.Txn(ctx)
+}
+
+// TestRolloutWakesOnlyWhomItConcerns: a slot change wakes the first
+// waiter alone, which counts again; the waiters behind it read nothing
+// until the one ahead of them leaves the queue (no thundering herd: a
+// rollout over N nodes costs each a constant number of reads, not N).
+func TestRolloutWakesOnlyWhomItConcerns(t *testing.T) {
+	const ref = "reg/app:qa"
+	cli := testNS(t)
+	holder := newTestReplacer(t, cli, newFakeDocker(), "holder", 1).rollout
+	held, err := holder.acquire(t.Context(), ref, testStale("h"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kvs []*txnKV
+	var gots []chan *slot
+	for i := range 3 {
+		r := newTestReplacer(t, cli, newFakeDocker(), "w"+string(rune('0'+i)), 1).rollout
+		kv := &txnKV{KV: cli}
+		r.kv = kv
+		kvs = append(kvs, kv)
+		gots = append(gots, acquireAsync(t, r, "w"+string(rune('0'+i))))
+		eventually(t, 20*time.Second, "the waiter to queue", func() bool { return queued(t, cli, ref) == int64(i+2) })
+	}
+	before := []int64{kvs[0].n.Load(), kvs[1].n.Load(), kvs[2].n.Load()}
+	// Another node's container goes down and comes back: the first
+	// waiter counts again.
+	rec := `{"node":"other","containers":[{"name":"app","reason":"restarting"}]}`
+	if _, err := cli.Put(t.Context(), downKey(ref, "other"), rec); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "the first waiter to count again", func() bool { return kvs[0].n.Load() > before[0] })
+	if _, err := cli.Delete(t.Context(), downKey(ref, "other")); err != nil {
+		t.Fatal(err)
+	}
+	// The holder leaves: the first waiter gets the slot.
+	held.release(t.Context())
+	first := mustGet(t, gots[0], "the first waiter's slot")
+	// Bound on failure, not a synchronisation: a waiter behind woken by
+	// those changes would have counted by now.
+	if _, woken := pollUntil(300*time.Millisecond, pollEvery, func() bool { return kvs[2].n.Load() > before[2] }); woken {
+		t.Errorf("the third waiter made %d transactions on slot changes that did not concern it (the second is ahead of it); want none",
+			kvs[2].n.Load()-before[2])
+	}
+	mustWait(t, gots[1], "the second waiter took a slot while the first holds it (-max_unavailable 1)")
+	first.release(t.Context())
+	second := mustGet(t, gots[1], "the second waiter's slot")
+	second.release(t.Context())
+	mustGet(t, gots[2], "the third waiter's slot").release(t.Context())
+}
+
+// TestRolloutGrantsFreeSlotsAtOnce: when m slots free up together, the
+// first m waiters go together: the first waiter grants itself and those
+// behind it that fit in one transaction, instead of each waking the next
+// in turn (which serialised a rollout at max_unavailable 10 % to one
+// grant per round trip). The waiter past the m stays queued.
+func TestRolloutGrantsFreeSlotsAtOnce(t *testing.T) {
+	const ref, m = "reg/app:qa", 3
+	cli := testNS(t)
+	for i := range m {
+		h := newTestReplacer(t, cli, newFakeDocker(), "holder"+string(rune('0'+i)), m).rollout
+		if _, err := h.acquire(t.Context(), ref, testStale("h"+string(rune('0'+i)))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var gots []chan *slot
+	for i := range m + 1 {
+		r := newTestReplacer(t, cli, newFakeDocker(), "w"+string(rune('0'+i)), m).rollout
+		gots = append(gots, acquireAsync(t, r, "w"+string(rune('0'+i))))
+		eventually(t, 20*time.Second, "the waiter to queue", func() bool { return queued(t, cli, ref) == int64(m+i+1) })
+	}
+	// All holders leave at once (one transaction, as leases expiring together do).
+	if _, err := cli.Delete(t.Context(), slotsDir(ref), clientv3.WithPrefix()); err != nil {
+		t.Fatal(err)
+	}
+	revs := map[int64]bool{}
+	var granted []*slot
+	for i := range m {
+		sl := mustGet(t, gots[i], "waiter "+string(rune('0'+i))+"'s slot")
+		resp, err := cli.Get(t.Context(), sl.key)
+		if err != nil || len(resp.Kvs) != 1 {
+			t.Fatalf("slot key %s: %v %v", sl.key, resp, err)
+		}
+		revs[resp.Kvs[0].CreateRevision] = true
+		granted = append(granted, sl)
+	}
+	if len(revs) != 1 {
+		t.Errorf("the %d waiters got their slots in %d transactions (create revisions %v); want one", m, len(revs), slices.Collect(maps.Keys(revs)))
+	}
+	mustWait(t, gots[m], "the waiter past the free slots took one")
+	for _, sl := range granted {
+		sl.release(t.Context())
+	}
+	mustGet(t, gots[m], "the last waiter's slot").release(t.Context())
+}
+
+// TestSlotReleaseWhileQueuedFreesAMovedKey: a waiter that gives up (its
+// slot timeout) just as the first waiter moves its key to the slots
+// frees the slot too; without it the slot would stay held under the
+// node's live session.
+func TestSlotReleaseWhileQueuedFreesAMovedKey(t *testing.T) {
+	const ref = "reg/app:qa"
+	cli := testNS(t)
+	r := newTestReplacer(t, cli, newFakeDocker(), "w", 1).rollout
+	s, err := r.leases.Current(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := strconv.FormatInt(int64(s.Lease()), 16) + "-w-app"
+	sl := &slot{r: r, ref: ref, sess: s, key: queueDir(ref) + id, moved: slotsDir(ref) + id}
+	// The first waiter's grant: the queue key gone, the slot key under the node's lease.
+	if _, err := cli.Put(t.Context(), sl.moved, "w app", clientv3.WithLease(s.Lease())); err != nil {
+		t.Fatal(err)
+	}
+	sl.release(t.Context())
+	if n := queued(t, cli, ref); n != 0 {
+		t.Errorf("%d slot keys left after the release of a queued node whose key was moved; want 0", n)
+	}
+}
+
+// TestRolloutGrantsMoreSlotsThanOneTransactionHolds: with more slots free
+// than one grant can move (etcd refuses a transaction of more than 128
+// operations), the first waiter grants a group, the waiter after it the
+// next: all get a slot. (The whole group in one transaction was refused,
+// and retried, forever: a rollout at max_unavailable 150 stood still.)
+func TestRolloutGrantsMoreSlotsThanOneTransactionHolds(t *testing.T) {
+	const ref, m = "reg/app:qa", maxGroupGrant + 6
+	cli := testNS(t)
+	// m containers of other nodes down: nobody fits until they are back.
+	for i := range m {
+		rec := fmt.Sprintf(`{"node":"x%02d","containers":[{"name":"app","reason":"restarting"}]}`, i)
+		if _, err := cli.Put(t.Context(), downKey(ref, fmt.Sprintf("x%02d", i)), rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var gots []chan *slot
+	for i := range m {
+		r := newTestReplacer(t, cli, newFakeDocker(), fmt.Sprintf("w%02d", i), m).rollout
+		gots = append(gots, acquireAsync(t, r, fmt.Sprintf("w%02d", i)))
+	}
+	eventually(t, 20*time.Second, "every waiter to queue", func() bool { return queued(t, cli, ref) == m })
+	// All back at once: m slots free.
+	if _, err := cli.Delete(t.Context(), downDir(ref), clientv3.WithPrefix()); err != nil {
+		t.Fatal(err)
+	}
+	for i, got := range gots {
+		mustGet(t, got, fmt.Sprintf("waiter %d's slot (-max_unavailable %d)", i, m)).release(t.Context())
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/die-net/deployer/internal/backoff"
@@ -72,12 +73,17 @@ func (w *watcher) run(ctx context.Context) error {
 }
 
 // loop watches from next, reconnecting with backoff, until ctx is done.
+// pos holds, per range of triggerRanges, the revision through which its
+// watch has delivered everything: a reconnect resumes from the lowest
+// and skips what a range delivered already.
 func (w *watcher) loop(ctx context.Context, next int64) error {
+	pos := make([]int64, len(triggerRanges))
+	for i := range pos {
+		pos[i] = next - 1
+	}
 	failures := 0
 	for ctx.Err() == nil {
-		var healthy bool
-		var err error
-		next, healthy, err = w.watchOnce(ctx, next)
+		healthy, err := w.watchOnce(ctx, pos)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -87,7 +93,7 @@ func (w *watcher) loop(ctx context.Context, next int64) error {
 		}
 		failures++
 		d := backoff.Delay(w.retryDelay, failures)
-		w.log.Warn("etcd watch interrupted, reconnecting", "err", err, "next_revision", next, "retry_in", d)
+		w.log.Warn("etcd watch interrupted, reconnecting", "err", err, "next_revision", slices.Min(pos)+1, "retry_in", d)
 		if !backoff.Sleep(ctx, d) {
 			return nil
 		}
@@ -124,48 +130,102 @@ func (w *watcher) start(ctx context.Context) (int64, error) {
 	return rev + 1, nil
 }
 
-// watchOnce watches from next until the stream breaks. It returns the next
-// revision to watch from and whether the stream delivered anything.
-func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error) {
+// watchOnce watches the triggers, one watch per range of triggerRanges
+// (the daemon's own keys between them are never watched: every node's
+// status, slot and ledger writes would otherwise reach every node), from
+// the lowest revision of pos until the stream breaks, moving pos on. It
+// returns whether the stream delivered anything.
+//
+// The watches share one stream but not one order: catching up, one can
+// deliver a revision before the other delivers an earlier one. So the
+// progress watermark is held to the lowest revision both ranges have
+// delivered (progress.confirm); a range idle while the other has news
+// is asked for its progress (RequestProgress), which etcd answers on
+// every watch of the stream with the revision it has sent up to.
+func (w *watcher) watchOnce(ctx context.Context, pos []int64) (bool, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	from := next
-	ch := w.w.Watch(wctx, triggersPrefix, clientv3.WithPrefix(), clientv3.WithRev(from), clientv3.WithProgressNotify())
-	healthy := false
-	for resp := range ch {
-		if resp.CompactRevision != 0 {
-			w.log.Warn("etcd history compacted past our revision, re-reading", "next_revision", next, "compact_revision", resp.CompactRevision)
-			n, err := w.catchUp(ctx, next)
-			if err != nil {
-				return next, healthy, err
+	from := slices.Min(pos) + 1
+	type part struct {
+		i    int
+		resp clientv3.WatchResponse
+		eof  bool
+	}
+	parts := make(chan part)
+	for i, r := range triggerRanges {
+		ch := w.w.Watch(wctx, r.lo, clientv3.WithRange(r.hi), clientv3.WithRev(from), clientv3.WithProgressNotify())
+		go func() {
+			for resp := range ch {
+				select {
+				case parts <- part{i: i, resp: resp}:
+				case <-wctx.Done():
+					return
+				}
 			}
-			return n, true, errors.New("compacted")
+			select {
+			case parts <- part{i: i, eof: true}:
+			case <-wctx.Done():
+			}
+		}()
+	}
+	healthy := false
+	for {
+		var p part
+		select {
+		case p = <-parts:
+		case <-ctx.Done():
+			return healthy, ctx.Err()
+		}
+		if p.eof {
+			if err := ctx.Err(); err != nil {
+				return healthy, err
+			}
+			return healthy, errors.New("watch channel closed")
+		}
+		resp := p.resp
+		if resp.CompactRevision != 0 {
+			w.log.Warn("etcd history compacted past our revision, re-reading", "next_revision", slices.Min(pos)+1, "compact_revision", resp.CompactRevision)
+			n, err := w.catchUp(ctx, slices.Min(pos)+1)
+			if err != nil {
+				return healthy, err
+			}
+			for i := range pos {
+				pos[i] = max(pos[i], n-1)
+			}
+			w.progress.confirm(n - 1)
+			return true, errors.New("compacted")
 		}
 		if err := resp.Err(); err != nil {
-			return next, healthy, err
+			return healthy, err
 		}
 		healthy = true
+		if resp.IsProgressNotify() {
+			pos[p.i] = max(pos[p.i], resp.Header.Revision)
+		}
 		for _, ev := range resp.Events {
-			// The watch starts at from: nothing older comes. The events of
-			// one transaction share a revision (a registry envelope
-			// naming several repositories, a rollback): each is a
-			// trigger, so next moves past the revision but the events
-			// of the revision are all handled.
-			if ev.Kv.ModRevision < from {
+			// The events of one transaction share a revision (a registry
+			// envelope naming several repositories, a rollback): each is
+			// a trigger. A range resumed from below what it delivered
+			// skips what it delivered.
+			if ev.Kv.ModRevision <= pos[p.i] {
 				continue
 			}
-			next = ev.Kv.ModRevision + 1
 			if ev.Type != clientv3.EventTypePut {
 				continue // a deleted key deploys nothing
 			}
 			tags, digests := parseTrigger(ev.Kv.Value)
 			w.handle(ev.Kv.Key, ev.Kv.ModRevision, tags, digests)
 		}
+		if n := len(resp.Events); n > 0 {
+			last := resp.Events[n-1].Kv.ModRevision
+			pos[p.i] = max(pos[p.i], last)
+			if slices.Min(pos) < last {
+				// Best effort: the periodic progress notification comes anyway.
+				_ = w.w.RequestProgress(wctx)
+			}
+		}
+		w.progress.confirm(slices.Min(pos))
 	}
-	if err := ctx.Err(); err != nil {
-		return next, healthy, err
-	}
-	return next, healthy, errors.New("watch channel closed")
 }
 
 // catchUp re-reads the prefix after a compaction and emits every trigger
@@ -177,20 +237,28 @@ func (w *watcher) watchOnce(ctx context.Context, next int64) (int64, bool, error
 func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithKeysOnly()}
-	if w.serializable {
-		opts = append(opts, clientv3.WithSerializable())
+	var reads []clientv3.Op
+	for _, r := range triggerRanges {
+		opts := []clientv3.OpOption{clientv3.WithRange(r.hi), clientv3.WithKeysOnly()}
+		if w.serializable {
+			opts = append(opts, clientv3.WithSerializable())
+		}
+		reads = append(reads, clientv3.OpGet(r.lo, opts...))
 	}
-	resp, err := w.kv.Get(ctx, triggersPrefix, opts...)
+	tresp, err := w.kv.Txn(ctx).Then(reads...).Commit()
 	if err != nil {
 		return next, fmt.Errorf("re-read the triggers: %w", err)
+	}
+	var kvs []*mvccpb.KeyValue
+	for _, r := range tresp.Responses {
+		kvs = append(kvs, r.GetResponseRange().Kvs...)
 	}
 	type trig struct {
 		repo string
 		rev  int64
 	}
 	var todo []trig
-	for _, kv := range resp.Kvs {
+	for _, kv := range kvs {
 		if repo, ok := repoFromKey(string(kv.Key)); ok && kv.ModRevision >= next {
 			todo = append(todo, trig{repo, kv.ModRevision})
 		}
@@ -204,8 +272,8 @@ func (w *watcher) catchUp(ctx context.Context, next int64) (int64, error) {
 		w.log.Info("etcd trigger", "repo", t.repo, "revision", t.rev, "catch_up", true)
 		w.emit(t.repo, deployEvent{Rev: t.rev})
 	}
-	if resp.Header.Revision+1 > next {
-		next = resp.Header.Revision + 1
+	if tresp.Header.Revision+1 > next {
+		next = tresp.Header.Revision + 1
 	}
 	return next, nil
 }
@@ -233,7 +301,11 @@ type progress struct {
 	pending map[int64]int // revision -> deploys still open for it
 	highest int64         // highest revision handed out
 	saved   int64
-	wake    chan struct{} // capacity 1
+	// confirmed, once capped: the revision through which the watch has
+	// delivered every trigger; the watermark never passes it.
+	confirmed int64
+	capped    bool
+	wake      chan struct{} // capacity 1
 }
 
 func newProgress(kv clientv3.KV, key string, log *slog.Logger) *progress {
@@ -245,6 +317,21 @@ func (p *progress) init(rev int64) {
 	defer p.mu.Unlock()
 	if rev > p.highest {
 		p.highest, p.saved = rev, rev
+	}
+	p.confirmed = max(p.confirmed, rev)
+}
+
+// confirm records that every trigger through rev has been handed out
+// (add): from the first call on, the watermark never passes the highest
+// rev confirmed.
+func (p *progress) confirm(rev int64) {
+	p.mu.Lock()
+	moved := !p.capped || rev > p.confirmed
+	p.capped = true
+	p.confirmed = max(p.confirmed, rev)
+	p.mu.Unlock()
+	if moved {
+		backoff.Wake(p.wake)
 	}
 }
 
@@ -278,6 +365,9 @@ func (p *progress) watermark() int64 {
 		if r-1 < w {
 			w = r - 1
 		}
+	}
+	if p.capped && p.confirmed < w {
+		w = p.confirmed
 	}
 	return w
 }

@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"slices"
+	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -228,5 +230,96 @@ func TestProgressWatermark(t *testing.T) {
 		if got := p.watermark(); got != s.want {
 			t.Errorf("step %d: watermark = %d; want %d", i, got, s.want)
 		}
+	}
+}
+
+// eventCountingWatcher counts the events its watches deliver.
+type eventCountingWatcher struct {
+	clientv3.Watcher
+	events atomic.Int64
+}
+
+func (c *eventCountingWatcher) Watch(ctx context.Context, key string, opts ...clientv3.OpOption) clientv3.WatchChan {
+	in := c.Watcher.Watch(ctx, key, opts...)
+	out := make(chan clientv3.WatchResponse)
+	go func() {
+		defer close(out)
+		for resp := range in {
+			c.events.Add(int64(len(resp.Events)))
+			select {
+			case out <- resp:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return out
+}
+
+// TestWatcherWatchesOnlyTriggers: the watch covers the triggers on both
+// sides of the reserved "_" names (a repository that begins with a digit
+// and one that begins with a letter, in one transaction) and nothing of
+// the daemon's own state: other nodes' status, slot and ledger writes
+// reach no node's watcher (they did, N² events per rollout).
+func TestWatcherWatchesOnlyTriggers(t *testing.T) {
+	cli := testEtcd(t)
+	h := newWatchHarness(t, cli, testPrefix(t))
+	cw := &eventCountingWatcher{Watcher: h.w.w}
+	h.w.w = cw
+	stop := h.start()
+	defer stop()
+	for _, k := range []string{"_status/other", "_rollout/x/slots/1", "_history/x/000000000001", "_nodes/other/revision"} {
+		h.put(k, "{}")
+	}
+	resp, err := cli.Txn(t.Context()).Then(
+		clientv3.OpPut(h.prefix+"/127.0.0.1:5000/app", `{"tag":"qa"}`),
+		clientv3.OpPut(h.prefix+"/myorg/app", `{"tag":"qa"}`),
+	).Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for range 2 {
+		ev := h.next()
+		if ev.Rev != resp.Header.Revision {
+			t.Errorf("event %+v; want revision %d", ev, resp.Header.Revision)
+		}
+		got = append(got, ev.Repo.Name())
+		h.w.progress.done([]int64{ev.Rev})
+	}
+	slices.Sort(got)
+	if want := []string{testName("127.0.0.1:5000/app").Name(), testName("myorg/app").Name()}; !slices.Equal(got, want) {
+		t.Errorf("deployed %v; want %v", got, want)
+	}
+	h.none()
+	if n := cw.events.Load(); n != 3 {
+		t.Errorf("the watcher received %d events; want 3 (two triggers and the barrier), none of the daemon's own keys", n)
+	}
+	// The progress record moves past the triggers.
+	eventually(t, 10*time.Second, "the progress record", func() bool {
+		r, err := cli.Get(t.Context(), h.prefix+progressKey("n1"))
+		if err != nil || len(r.Kvs) != 1 {
+			return false
+		}
+		n, _ := strconv.ParseInt(string(r.Kvs[0].Value), 10, 64)
+		return n >= resp.Header.Revision
+	})
+}
+
+// TestProgressConfirmCaps: the watermark never passes what the watch
+// confirmed delivered: with two ranges watched, a trigger of one can be
+// done before an earlier one of the other arrives.
+func TestProgressConfirmCaps(t *testing.T) {
+	p := newProgress(nil, "", testLogger(t))
+	p.init(4)
+	p.confirm(5)
+	p.add(8)
+	p.done([]int64{8})
+	if got := p.watermark(); got != 5 {
+		t.Errorf("watermark = %d; want 5 (confirmed), not 8", got)
+	}
+	p.confirm(9)
+	if got := p.watermark(); got != 8 {
+		t.Errorf("watermark = %d; want 8", got)
 	}
 }
