@@ -45,6 +45,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/die-net/deployer/internal/backoff"
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -342,18 +343,8 @@ func (c *canaries) hold(ctx context.Context, ref reference.NamedTagged, imageID,
 
 // run watches the canary rollouts every c.every until ctx is done.
 func (c *canaries) run(ctx context.Context) error {
-	t := time.NewTicker(c.every)
-	defer t.Stop()
-	for {
-		if err := c.loopOnce(ctx); err != nil && ctx.Err() == nil {
-			c.log.Warn("canary rollouts not checked", "err", err)
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-	}
+	backoff.Every(ctx, c.every, c.loopOnce, func(err error) { c.log.Warn("canary rollouts not checked", "err", err) })
+	return nil
 }
 
 // loopOnce reads every open canary rollout and moves each on where this

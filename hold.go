@@ -31,6 +31,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/die-net/deployer/internal/backoff"
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -287,18 +288,8 @@ func (h *holds) recordWaiting(ctx context.Context, w waitingRecord) (first bool,
 
 // run releases what is due, every poll, until ctx is done.
 func (h *holds) run(ctx context.Context) error {
-	t := time.NewTicker(h.poll)
-	defer t.Stop()
-	for {
-		if err := h.releaseDue(ctx); err != nil && ctx.Err() == nil {
-			h.log.Warn("checking the holds failed", "err", err)
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-t.C:
-		}
-	}
+	backoff.Every(ctx, h.poll, h.releaseDue, func(err error) { h.log.Warn("checking the holds failed", "err", err) })
+	return nil
 }
 
 // releaseDue deletes the freezes whose -until passed and releases every
