@@ -352,13 +352,13 @@ func (a *autoRollback) rollBack(ctx context.Context, ref string, h *halt) (gaveU
 	case err == nil:
 		a.log.Warn("rolled back by itself after a halt", "image", ref, "halted_image", shortID(h.ImageID),
 			"from_version", res.FromVersion, "to_version", res.ToVersion, "image_id", shortID(res.ImageID), "digest", res.Digest,
-			"version", res.Version, "cause", cause)
+			"version", res.Version, "halt", cause)
 		return "", nil
 	case errors.Is(err, errLedgerConflict):
 		return "", nil // a newer version came, or another rollback: nothing to undo
 	case errors.Is(err, errRegistryRefused), errors.Is(err, errLedgerTarget), errors.Is(err, errTagMoved), errors.Is(err, errUsage):
 		// One clear line; the halt stays as without -auto_rollback.
-		a.log.Error("auto-rollback: "+err.Error(), "image", ref, "halted_image", shortID(h.ImageID))
+		a.log.Error("auto-rollback: not done", "image", ref, "halted_image", shortID(h.ImageID), "err", err)
 		return err.Error(), nil
 	}
 	return "", err

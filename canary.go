@@ -646,7 +646,7 @@ func (c *canaries) fail(ctx context.Context, ref string, rec *canaryRecord, rev 
 	if err != nil || !ok {
 		return err
 	}
-	c.log.Warn("canary bake failed: version halted", "ref", ref, "image", shortID(rec.ImageID), "reason", why)
+	c.log.Warn("canary bake failed: version halted", "ref", ref, "image", shortID(rec.ImageID), "why", why)
 	c.announce.say(fmt.Sprintf(":x: %s %s HALTED: %s; rolling the canaries back to %s", ref, shortID(rec.ImageID), rec.Reason, shortID(rec.Previous)))
 	return nil
 }

@@ -89,7 +89,7 @@ func canaryHandler(h *webhook, c *canaries, action string) http.HandlerFunc {
 			h.fail(w, r, action, http.StatusBadRequest, err)
 			return
 		}
-		h.log.Info(action+" request", "image", ref.String(), "remote", r.RemoteAddr)
+		h.log.Info("canary request", "action", action, "image", ref.String(), "remote", r.RemoteAddr)
 		by := "POST /api/" + action + " from " + r.RemoteAddr
 		var ans canaryAnswer
 		if action == "promote" {

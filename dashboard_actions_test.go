@@ -36,7 +36,7 @@ func actionDashboard(t *testing.T) (*clientv3.Client, http.Handler, *http.Cookie
 		say:      func(s string) { said = append(said, s) },
 	}, "n1", 1, testLogger(t))
 	h := dashMux(d)
-	c := sessionCookie(dashLogin(t, h, "s3cret", false))
+	c := sessionCookie(dashLogin(t, h, "s3cret", false)) //nolint:bodyclose // an httptest recorder's in-memory body
 	id, _, _ := d.auth.session(c.Value)
 	return cli, h, c, d.auth.csrfToken(id), &said
 }

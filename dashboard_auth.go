@@ -91,7 +91,7 @@ func (a *dashAuth) issue() (string, time.Time, error) {
 		return "", time.Time{}, err
 	}
 	exp := a.now().Add(a.ttl).Truncate(time.Second)
-	binary.BigEndian.PutUint64(payload[sessionIDBytes:], uint64(exp.Unix()))
+	binary.BigEndian.PutUint64(payload[sessionIDBytes:], uint64(max(exp.Unix(), 0))) //nolint:gosec // not negative: max
 	enc := base64.RawURLEncoding
 	return enc.EncodeToString(payload) + "." + enc.EncodeToString(a.mac(key, []byte("session"), payload)), exp, nil
 }
@@ -165,7 +165,7 @@ func checkLoginToken(r *http.Request) bool {
 // cookie is one of the dashboard's cookies: HttpOnly, SameSite=Strict,
 // Secure when the request came over TLS. maxAge < 0 deletes it.
 func dashCookie(r *http.Request, name, value string, maxAge time.Duration) *http.Cookie {
-	c := &http.Cookie{
+	c := &http.Cookie{ //nolint:gosec // Secure only over HTTPS: a plain-HTTP -listen must still log in
 		Name: name, Value: value, Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil,
 		MaxAge: int(maxAge / time.Second),
 	}

@@ -92,7 +92,7 @@ func TestDashLoginCookie(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d, _ := testDashboard(t)
-			resp := dashLogin(t, dashMux(d), "s3cret", tc.tls)
+			resp := dashLogin(t, dashMux(d), "s3cret", tc.tls) //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 			c := sessionCookie(resp)
 			if resp.StatusCode != http.StatusSeeOther || c == nil {
 				t.Fatalf("login with the right secret: %d, cookie %v; want 303 and a session cookie", resp.StatusCode, c)
@@ -171,7 +171,7 @@ func TestDashSession(t *testing.T) {
 func TestDashCSRF(t *testing.T) {
 	d, calls := testDashboard(t)
 	h := dashMux(d)
-	c := sessionCookie(dashLogin(t, h, "s3cret", false))
+	c := sessionCookie(dashLogin(t, h, "s3cret", false)) //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 	id, _, _ := d.auth.session(c.Value)
 	token := d.auth.csrfToken(id)
 	otherValue, _, _ := d.auth.issue()
@@ -256,7 +256,7 @@ func TestDashLoginRefused(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d, _ := testDashboard(t)
-			resp := tc.post(dashMux(d))
+			resp := tc.post(dashMux(d)) //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 			body, _ := io.ReadAll(resp.Body)
 			if resp.StatusCode != tc.want || sessionCookie(resp) != nil || !strings.Contains(string(body), tc.wants) {
 				t.Errorf("login: %d, session cookie %v, body %q; want %d, none, %q", resp.StatusCode, sessionCookie(resp), body, tc.want, tc.wants)
@@ -276,19 +276,19 @@ func TestDashLoginRateLimit(t *testing.T) {
 	h := dashMux(d)
 	var codes []int
 	for range 10 {
-		codes = append(codes, dashLogin(t, h, "guess", false).StatusCode)
+		codes = append(codes, dashLogin(t, h, "guess", false).StatusCode) //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 	}
 	for i, c := range codes {
 		if c != http.StatusUnauthorized {
 			t.Fatalf("failed login %d: %d; want 401 within the burst (%v)", i+1, c, codes)
 		}
 	}
-	resp := dashLogin(t, h, "guess", false)
+	resp := dashLogin(t, h, "guess", false) //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 	if resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("11th failed login: %d, Retry-After %q; want 429 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
 	}
 	// The right secret still logs in: only failures count.
-	if resp := dashLogin(t, h, "s3cret", false); sessionCookie(resp) == nil {
+	if resp := dashLogin(t, h, "s3cret", false); sessionCookie(resp) == nil { //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 		t.Errorf("the right secret past the limit: %d, no session; want a session", resp.StatusCode)
 	}
 	// One failure a second comes back; a failed webhook spends it.
@@ -296,7 +296,7 @@ func TestDashLoginRateLimit(t *testing.T) {
 	if ok, _ := d.auth.failures.allow("192.0.2.1:1234"); !ok {
 		t.Fatal("the refilled failure was not allowed to the webhook")
 	}
-	if resp := dashLogin(t, h, "guess", false); resp.StatusCode != http.StatusTooManyRequests {
+	if resp := dashLogin(t, h, "guess", false); resp.StatusCode != http.StatusTooManyRequests { //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 		t.Errorf("failed login after a failed webhook spent the refill: %d; want 429", resp.StatusCode)
 	}
 }
@@ -348,10 +348,10 @@ func TestDashEventsFollowEtcd(t *testing.T) {
 	jar, _ := cookiejar.New(nil)
 	cl := &http.Client{Jar: jar}
 	u, _ := url.Parse(srv.URL)
-	c := sessionCookie(dashLogin(t, dashMux(d), "s3cret", false))
+	c := sessionCookie(dashLogin(t, dashMux(d), "s3cret", false)) //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 	jar.SetCookies(u, []*http.Cookie{c})
 
-	resp, err := cl.Get(srv.URL + "/ui/events")
+	resp, err := cl.Get(srv.URL + "/ui/events") //nolint:bodyclose // an httptest recorder's in-memory body, or closed below
 	if err != nil {
 		t.Fatal(err)
 	}

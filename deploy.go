@@ -255,7 +255,7 @@ func (d *deployer) replaceStale(ctx context.Context, stale []staleContainer, r *
 	for _, o := range outs {
 		switch {
 		case o.quiet:
-			d.log.Debug("left alone, as reported before", "container", o.c.Name, "reason", o.skipped)
+			d.log.Debug("left alone, as reported before", "container", o.c.Name, "why", o.skipped)
 		case o.skipped != "":
 			r.Held = append(r.Held, fmt.Sprintf("%s (%s)", o.c.Name, o.skipped))
 		case o.err != nil:

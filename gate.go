@@ -115,7 +115,7 @@ func (g *gate) apply(ctx context.Context, repo reference.Named, j job, current m
 		g.ledger.held(j, ref, id, h.Reason)
 		tr := tagReportOf(r, t)
 		if h.Pin != nil && g.fetch(ctx, ref, h.Pin) {
-			g.log.Info("version held; the tag stays on the pinned image", "image", reference.FamiliarString(ref), "image_id", shortID(id), "reason", h.Reason)
+			g.log.Info("version held; the tag stays on the pinned image", "image", reference.FamiliarString(ref), "image_id", shortID(id), "why", h.Reason)
 			if g.point(ctx, ref, h.Pin.ImageID, id) && tr != nil {
 				tr.NewID = h.Pin.ImageID
 			}
@@ -129,7 +129,7 @@ func (g *gate) apply(ctx context.Context, repo reference.Named, j job, current m
 		if h.Pin != nil {
 			g.log.Warn("the pinned image is not on this node and could not be pulled: nothing replaced", "image", reference.FamiliarString(ref), "pinned", shortID(h.Pin.ImageID))
 		}
-		g.log.Info("version held", "image", reference.FamiliarString(ref), "image_id", shortID(id), "reason", h.Reason)
+		g.log.Info("version held", "image", reference.FamiliarString(ref), "image_id", shortID(id), "why", h.Reason)
 		delete(current, t)
 		back := runningImage(ctx, stale, repo, t, id)
 		if back == "" && tr != nil {

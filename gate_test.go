@@ -297,14 +297,14 @@ func TestPin(t *testing.T) {
 	}
 
 	p := newPinner(cli, "127.0.0.1:5000", 20)
-	res, from, err := p.pin(t.Context(), pinRequest{Image: "127.0.0.1:5000/app", To: "1"}, askedBy{Command: "deployer pin app 1", Host: "ops"})
+	res, _, err := p.pin(t.Context(), pinRequest{Image: "127.0.0.1:5000/app", To: "1"}, askedBy{Command: "deployer pin app 1", Host: "ops"})
 	if err == nil && res.Image != gateRef {
 		t.Fatalf("pin of %s; want %s (a bare repository is :latest)", res.Image, gateRef)
 	}
 	if err == nil {
 		t.Fatal("a pin without a tag was accepted")
 	}
-	res, from, err = p.pin(t.Context(), pinRequest{Image: gateRef, To: "1"}, askedBy{Command: "deployer pin app:latest 1", Host: "ops"})
+	res, from, err := p.pin(t.Context(), pinRequest{Image: gateRef, To: "1"}, askedBy{Command: "deployer pin app:latest 1", Host: "ops"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -213,7 +213,7 @@ func (h *holds) hold(ctx context.Context, ref reference.NamedTagged, imageID, be
 	if err != nil {
 		return "", false, err
 	}
-	h.log.Info("version held", "ref", ref.String(), "image", shortID(imageID), "reason", reason, "recorded_here", first)
+	h.log.Info("version held", "ref", ref.String(), "image", shortID(imageID), "why", reason, "recorded_here", first)
 	if !first {
 		return reason, false, nil
 	}

@@ -279,7 +279,7 @@ func pinHandler(h *webhook, p *pinner, node string, unpin bool, say func(string)
 			return
 		}
 		asked := askedBy{Command: "POST /api/" + source, Host: node, Node: node, Remote: r.RemoteAddr}
-		h.log.Info(source+" request", "image", req.Image, "to", req.To, "remote", r.RemoteAddr)
+		h.log.Info("pin request", "action", source, "image", req.Image, "to", req.To, "remote", r.RemoteAddr)
 		var (
 			res  pinResult
 			err  error
@@ -307,7 +307,7 @@ func pinHandler(h *webhook, p *pinner, node string, unpin bool, say func(string)
 		if say != nil {
 			say(text)
 		}
-		h.log.Info(text)
+		h.log.Info("pin changed", "action", source, "text", text)
 		h.metrics.webhooks.WithLabelValues(source, "ok").Inc()
 		writeJSON(w, http.StatusOK, res)
 	}

@@ -152,7 +152,7 @@ func TestPinTakesTheDaemonsCommandLine(t *testing.T) {
 		append(append([]string{"unpin"}, line...), "myorg/none:qa"),
 	} {
 		err := run(t.Context(), args, &bytes.Buffer{}, &bytes.Buffer{})
-		if errors.Is(err, errUsage) || !(errors.Is(err, errLedgerTarget) || errors.Is(err, errNotPinned)) {
+		if errors.Is(err, errUsage) || !errors.Is(err, errLedgerTarget) && !errors.Is(err, errNotPinned) {
 			t.Errorf("deployer %s … = %v; want the command line taken, and nothing to pin or unpin", args[0], err)
 		}
 	}

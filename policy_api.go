@@ -106,7 +106,7 @@ func (a *policyAPI) freeze(w http.ResponseWriter, r *http.Request) {
 		a.h.fail(w, r, source, usageCode(err), err)
 		return
 	}
-	a.h.log.Info("frozen", "scope", f.Scope, "until", f.Until, "reason", f.Reason, "remote", r.RemoteAddr)
+	a.h.log.Info("frozen", "scope", f.Scope, "until", f.Until, "why", f.Reason, "remote", r.RemoteAddr)
 	writeJSON(w, http.StatusOK, f)
 }
 

@@ -121,8 +121,6 @@ func newRollout(cli rolloutEtcd, leases sessions, node string, maxUnavailable in
 	}
 }
 
-func (r *rollout) coordinated() bool { return r.maxUnavailable > 0 }
-
 // slot is a held rollout slot.
 type slot struct {
 	r    *rollout
