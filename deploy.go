@@ -123,18 +123,10 @@ func (d *deployer) run(ctx context.Context, j job) report {
 	if !ok {
 		return r
 	}
-	pinned, ok := d.gate.apply(ctx, repo, j, current, d.replacer.stale, &r)
+	stale, pinned, ok := d.replaceable(ctx, repo, j, current, &r)
 	if !ok {
 		return r
 	}
-	d.holds.holdTags(ctx, repo, j, current, &r) // freezes and windows (hold.go)
-	stale, err := d.replacer.stale(ctx, repo, current)
-	if err != nil {
-		r.Failed = append(r.Failed, err)
-	}
-	stale = d.gate.pinnedStops(stale, pinned, d.replacer.strategyOf)
-	d.applyPolicies(ctx, stale)
-	stale = d.canaries.filter(ctx, stale, current, j, &r) // the canary hold: nothing of a held version is stopped
 	if d.opts.dryRun {
 		r.DryRun, r.Stale = true, stale
 		d.metrics.wouldRestart.Add(float64(len(stale)))
@@ -169,6 +161,30 @@ func (d *deployer) applyPolicies(ctx context.Context, stale []staleContainer) {
 		}
 		stale[i].policy = tp
 	}
+}
+
+// replaceable decides, after the pull, which containers this deploy may
+// replace now: every hold in one place, in this order. A pin or the
+// quarantine (gate.go) holds a tag and puts it back (ok is false when the
+// holds could not be read: the deploy fails and is retried); a freeze or
+// a closed window (hold.go) holds a tag; the stale containers of what is
+// left are found, those a pin holds are left to their supervisors, each
+// gets its tag's rollout policy, and a canary rollout (canary.go) holds
+// the tags it has not promoted on this node. pinned are the tags a pin
+// keeps on its version (the ledger records their image, not the pull's).
+func (d *deployer) replaceable(ctx context.Context, repo reference.Named, j job, current map[string]string, r *report) (stale []staleContainer, pinned map[string]*pinRecord, ok bool) {
+	pinned, ok = d.gate.apply(ctx, repo, j, current, d.replacer.stale, r)
+	if !ok {
+		return nil, nil, false
+	}
+	d.holds.holdTags(ctx, repo, j, current, r)
+	stale, err := d.replacer.stale(ctx, repo, current)
+	if err != nil {
+		r.Failed = append(r.Failed, err)
+	}
+	stale = d.gate.pinnedStops(stale, pinned, d.replacer.strategyOf)
+	d.applyPolicies(ctx, stale)
+	return d.canaries.filter(ctx, stale, current, j, r), pinned, true
 }
 
 // pullTags pulls the local tags of repo the job names, and reports each
