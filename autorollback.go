@@ -374,7 +374,7 @@ func (a *autoRollback) haltedVersion(ctx context.Context, ref, repo string, h *h
 	recorded := false
 	for {
 		rctx, cancel := context.WithTimeout(ctx, a.callTimeout)
-		hist, err := readHistory(rctx, a.kv, historyFilter{name: repo, tag: tagOf(ref)}, time.Now())
+		hist, err := readHistory(rctx, a.kv, historyFilter{name: repo, tag: tagOf(ref), bare: true}, time.Now())
 		cancel()
 		if err != nil {
 			return false, fmt.Errorf("read the deploy ledger of %s: %w", ref, err)

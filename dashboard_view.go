@@ -131,7 +131,7 @@ func (p prefetched) Get(_ context.Context, key string, _ ...clientv3.OpOption) (
 
 // readDashView reads the view, every range in one transaction.
 func readDashView(ctx context.Context, kv clientv3.KV, node string, maxUnavailable int, actions []string, now time.Time) (dashView, error) {
-	prefixes := []string{statusPrefix, rolloutsPrefix, historiesPrefix}
+	prefixes := []string{statusPrefix, rolloutsPrefix, historiesPrefix, historyNodesPrefix}
 	for _, dir := range dashMarkDirs {
 		prefixes = append(prefixes, "/"+dir+"/")
 	}

@@ -18,6 +18,7 @@ package main
 //	<prefix>/_rollout/<image ref>/queue/<id>  a node waiting for a slot, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
 //	<prefix>/_history/<image ref>/<version>   a version in the tag's deploy ledger (ledger.go), the last -history kept
+//	<prefix>/_history-nodes/<image ref>/<version>/<node>  the node converged on that version (ledger.go), trimmed with it
 //	<prefix>/_autorollback/<image ref>        the node rolling a halt of the tag back by itself (autorollback.go), leased
 //	<prefix>/_pin/<image ref>                 the tag's pin: the version every node keeps it on (pin.go)
 //	<prefix>/_policy/default                  the cluster's default rollout policy (policy.go)

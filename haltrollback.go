@@ -44,7 +44,7 @@ func rollbackHalted(rb *rollbacker, node string) haltRollback {
 // rollback); ok is false when the newest version is another.
 func retagNewest(ctx context.Context, rb *rollbacker, ref reference.NamedTagged, previous, node string) (string, bool, error) {
 	rctx, cancel := context.WithTimeout(ctx, callTimeout)
-	h, err := readHistory(rctx, rb.kv, historyFilter{name: ref.Name(), tag: ref.Tag()}, rb.now())
+	h, err := readHistory(rctx, rb.kv, historyFilter{name: ref.Name(), tag: ref.Tag(), bare: true}, rb.now())
 	cancel()
 	if err != nil || len(h.Tags) == 0 || len(h.Tags[0].Versions) == 0 {
 		return "", false, err

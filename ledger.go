@@ -28,6 +28,7 @@ import (
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -55,12 +56,21 @@ type ledgerVersion struct {
 	Pushed   time.Time `json:"pushed"`             // the trigger's time; else when the first node saw it
 	Revision int64     `json:"revision,omitempty"` // the trigger's etcd revision; 0: the periodic re-pull found it
 	AskedBy  askedBy   `json:"asked_by"`
-	// Nodes: per node, when it converged on the version or failed.
-	Nodes   map[string]nodeResult `json:"nodes"`
-	Outcome string                `json:"outcome"`
-	// Completed is when the last node that runs the tag converged,
-	// written once, by that node.
-	Completed time.Time `json:"completed,omitzero"`
+	// Nodes: per node, when it converged on the version or failed. The
+	// value holds the failures (and what earlier versions of the daemon
+	// wrote); each convergence is a key of its own (historyNodeKey), which
+	// readHistory puts here.
+	Nodes map[string]nodeResult `json:"nodes"`
+	// Running is how many nodes ran the tag when the version was
+	// recorded (runningUnknown while its recorder counts them), corrected
+	// by the completion check: when as many nodes converged, less
+	// runningSlack, one checks whether the version rolled out.
+	Running int    `json:"running,omitempty"`
+	Outcome string `json:"outcome"`
+	// Completed is when the last node that runs the tag converged, and
+	// CompletedBy that node; written once, by the node that saw it.
+	Completed   time.Time `json:"completed,omitzero"`
+	CompletedBy string    `json:"completed_by,omitempty"`
 	// Lead times from Pushed to the first node converged and to the last.
 	FirstSeconds float64 `json:"lead_first_seconds,omitempty"`
 	LastSeconds  float64 `json:"lead_last_seconds,omitempty"`
@@ -127,6 +137,32 @@ func historyPrefix(ref string) string { return historiesPrefix + url.PathEscape(
 // historyKey is one version of ref.
 func historyKey(ref string, version int64) string {
 	return historyPrefix(ref) + fmt.Sprintf("%012d", version)
+}
+
+// historyNodesPrefix holds the node keys of the ledger: each node's
+// convergence on a version (historyNodeKey), under a directory of their
+// own so that reading a tag's versions reads no node key.
+const historyNodesPrefix = "/" + historyDir + "-nodes/"
+
+// historyNodesRef holds the node keys of every version of ref.
+func historyNodesRef(ref string) string { return historyNodesPrefix + url.PathEscape(ref) + "/" }
+
+// historyNodesDir holds the node keys of one version of ref.
+func historyNodesDir(ref string, version int64) string {
+	return historyNodesRef(ref) + fmt.Sprintf("%012d", version) + "/"
+}
+
+// historyNodeKey is node's convergence on one version of ref.
+func historyNodeKey(ref string, version int64, node string) string {
+	return historyNodesDir(ref, version) + node
+}
+
+// trimOps delete the versions of ref below oldest, and their node keys.
+func trimOps(ref string, oldest int64) []clientv3.Op {
+	return []clientv3.Op{
+		clientv3.OpDelete(historyPrefix(ref), clientv3.WithRange(historyKey(ref, oldest))),
+		clientv3.OpDelete(historyNodesRef(ref), clientv3.WithRange(historyNodesDir(ref, oldest))),
+	}
 }
 
 // ledgerEntry is what one deploy did to one tag on this node.
@@ -390,7 +426,8 @@ type versionWrite struct {
 
 // applyOnce is one read-modify-write of e's version; it returns the lead
 // time to the last node when this write completed the version, -1 when
-// it did not.
+// it did not. A convergence on an existing version is the node's own key
+// (converge); a new version is written with its first node's.
 func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pushed time.Time) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, l.timeout)
 	defer cancel()
@@ -398,25 +435,28 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 	if err != nil {
 		return 0, err
 	}
+	target, newest := pickVersion(versions, e)
+	converged := e.Failed == "" && e.Override == ""
+	if converged && target != nil {
+		return l.converge(ctx, e, target)
+	}
 	var w versionWrite
-	if target, newest := pickVersion(versions, e); target == nil {
+	if target == nil {
 		w = l.newVersion(e, asked, pushed, newest)
 	} else {
 		w = existingVersion(e, target)
 	}
-	completed := time.Duration(-1)
-	if e.Override != "" { // let past a hold, once: marked, nothing converged yet
+	switch {
+	case e.Override != "": // let past a hold, once: marked, nothing converged yet
 		if w.v.Override != "" {
 			return -1, errLedgerRecorded
 		}
 		w.v.Override, w.v.Held, w.v.HeldSince = e.Override, "", time.Time{}
-	} else {
-		if err := l.markNode(&w.v, e); err != nil {
-			return -1, err
-		}
-		if completed, err = l.complete(ctx, &w.v, e); err != nil {
-			return -1, err
-		}
+	case converged: // a new version, recorded by the first node to converge
+		w.ops = append(w.ops, clientv3.OpPut(historyNodeKey(e.Ref, w.v.Version, cmp.Or(e.Node, l.node)), convergedAt(e.Time)))
+		w.v.FirstSeconds = max(e.Time.Sub(w.v.Pushed), 0).Seconds()
+	default:
+		markFailed(&w.v, e, cmp.Or(e.Node, l.node), l.coordinated)
 	}
 	b, err := json.Marshal(w.v)
 	if err != nil {
@@ -429,7 +469,10 @@ func (l *ledger) applyOnce(ctx context.Context, e ledgerEntry, asked askedBy, pu
 	if !tr.Succeeded {
 		return 0, errLedgerConflict
 	}
-	return completed, nil
+	if converged {
+		return l.settle(ctx, e.Ref, w.v, 1)
+	}
+	return -1, nil
 }
 
 // readVersions reads the versions of ref, oldest first (the keys sort by
@@ -494,7 +537,7 @@ func (l *ledger) newVersion(e ledgerEntry, asked askedBy, pushed time.Time, newe
 	}
 	// Every key below the oldest one kept.
 	if oldest := next - l.keep + 1; oldest > 1 {
-		w.ops = append(w.ops, clientv3.OpDelete(historyPrefix(e.Ref), clientv3.WithRange(historyKey(e.Ref, oldest))))
+		w.ops = append(w.ops, trimOps(e.Ref, oldest)...)
 	}
 	return w
 }
@@ -512,37 +555,169 @@ func existingVersion(e ledgerEntry, target *storedVersion) versionWrite {
 	return w
 }
 
-// markNode records e's node on v: converged, or failed (which halts a
-// coordinated rollout). errLedgerRecorded: its convergence is recorded
-// already (a write retried after it took effect).
-func (l *ledger) markNode(v *ledgerVersion, e ledgerEntry) error {
-	node := cmp.Or(e.Node, l.node)
+// markFailed records on v that node's replacement failed (which halts a
+// coordinated rollout).
+func markFailed(v *ledgerVersion, e ledgerEntry, node string, coordinated bool) {
 	n := v.Nodes[node]
-	if e.Failed == "" && !n.Converged.IsZero() {
-		return errLedgerRecorded
+	n.Failed, n.Reason = e.Time.UTC(), truncate(e.Failed, 300)
+	if coordinated && v.Outcome == outcomeRollingOut {
+		v.Outcome = outcomeHalted
 	}
-	if e.Failed != "" {
-		n.Failed, n.Reason = e.Time.UTC(), truncate(e.Failed, 300)
-		if l.coordinated && v.Outcome == outcomeRollingOut {
-			v.Outcome = outcomeHalted
-		}
-	} else {
-		n.Converged, n.Failed, n.Reason = e.Time.UTC(), time.Time{}, ""
-		if v.Outcome == outcomeHeld { // released (an unpin, a thaw): it rolls out
+	v.Nodes[node] = n
+}
+
+// Each node's convergence on a version is a key of its own
+// (historyNodeKey), written once, so that recording it costs a node the
+// same whatever the size of the fleet: one read of the tag's versions
+// (small: they hold failures, not convergences) and one transaction that
+// writes the key and counts the version's keys. Only a few nodes per
+// version read every status record (nodesRunning): the first to converge,
+// which counts the nodes that run the tag (Running), and the last ones,
+// from Running less runningSlack on, which check whether the version
+// rolled out. The transaction that writes "rolled out" compares that no
+// key came since its read: of nodes completing at once, one does. (Before,
+// every node rewrote the one version key listing every node, retried on
+// conflicts, and read every status record: O(N) per node.)
+//
+// A node that stops running the tag while a version rolls out (a node
+// gone) is one fewer to converge: up to runningSlack of them, the check
+// still runs and completes the version; with more, the version stays
+// "rolling out" until the next one supersedes it.
+const runningSlack = 2
+
+// convergedAt is the value of a node key: the node converged at t.
+func convergedAt(t time.Time) string {
+	b, _ := json.Marshal(nodeResult{Converged: t.UTC()})
+	return string(b)
+}
+
+// converge records this node's convergence on target, an existing
+// version: its key, written once (errLedgerRecorded when it exists: a
+// retried write, or recorded in the value by an earlier daemon), in a
+// transaction that counts the version's keys; a version held until now
+// (an unpin, a thaw) is released in the same transaction.
+func (l *ledger) converge(ctx context.Context, e ledgerEntry, target *storedVersion) (time.Duration, error) {
+	node := cmp.Or(e.Node, l.node)
+	if r, ok := target.v.Nodes[node]; ok && r.Converged.After(r.Failed) {
+		return -1, errLedgerRecorded
+	}
+	version := target.v.Version
+	vkey, nkey := historyKey(e.Ref, version), historyNodeKey(e.Ref, version, node)
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(nkey), "=", 0), clientv3.Compare(clientv3.CreateRevision(vkey), ">", 0)}
+	ops := []clientv3.Op{clientv3.OpPut(nkey, convergedAt(e.Time))}
+	if v := target.v; v.Outcome == outcomeHeld || v.Held != "" {
+		if v.Outcome == outcomeHeld {
 			v.Outcome = outcomeRollingOut
 		}
 		v.Held, v.HeldSince = "", time.Time{}
+		b, _ := json.Marshal(v)
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(vkey), "=", target.rev))
+		ops = append(ops, clientv3.OpPut(vkey, string(b)))
 	}
-	v.Nodes[node] = n
-	return nil
+	ops = append(ops, clientv3.OpGet(historyNodesDir(e.Ref, version), clientv3.WithPrefix(), clientv3.WithCountOnly()), clientv3.OpGet(vkey))
+	tr, err := l.kv.Txn(ctx).If(cmps...).Then(ops...).Else(clientv3.OpGet(nkey, clientv3.WithCountOnly())).Commit()
+	if err != nil {
+		return -1, fmt.Errorf("write %s version %d: %w", e.Ref, version, err)
+	}
+	if !tr.Succeeded {
+		if tr.Responses[0].GetResponseRange().Count > 0 {
+			return -1, errLedgerRecorded
+		}
+		return -1, errLedgerConflict // trimmed, or released by another node, meanwhile: read again
+	}
+	n := len(tr.Responses)
+	count := tr.Responses[n-2].GetResponseRange().Count
+	v := target.v
+	if kvs := tr.Responses[n-1].GetResponseRange().Kvs; len(kvs) == 1 {
+		_ = json.Unmarshal(kvs[0].Value, &v)
+	}
+	return l.settle(ctx, e.Ref, v, count)
 }
 
-// complete updates v's lead times after a convergence and, when every
-// node that runs the tag has converged, completes it: it returns the lead
-// time to the last node then, -1 otherwise.
-func (l *ledger) complete(ctx context.Context, v *ledgerVersion, e ledgerEntry) (time.Duration, error) {
-	if e.Failed != "" {
+// settle decides, after a convergence that made count node keys of v,
+// whether this node reads the fleet: the first node counts the nodes that
+// run the tag, the last ones check whether v rolled out.
+func (l *ledger) settle(ctx context.Context, ref string, v ledgerVersion, count int64) (time.Duration, error) {
+	switch {
+	case !v.Completed.IsZero() || v.Outcome == outcomeHalted:
 		return -1, nil
+	case v.Running == 0 && count == 1, v.Running > 0 && count+int64(len(v.Nodes)) >= int64(v.Running-runningSlack):
+		return l.completeVersion(ctx, ref, v.Version)
+	}
+	return -1, nil
+}
+
+// completeVersion reads the nodes that run ref and the keys of version:
+// if every one of those nodes converged, it marks the version rolled out
+// (completed by the last of them); either way it writes how many run the
+// tag (Running). It returns the lead time to the last node when it
+// completed the version, -1 when it did not.
+func (l *ledger) completeVersion(ctx context.Context, ref string, version int64) (time.Duration, error) {
+	running, err := l.nodesRunning(ctx, ref)
+	if err != nil {
+		return -1, err
+	}
+	vkey, ndir := historyKey(ref, version), historyNodesDir(ref, version)
+	for range 5 {
+		resp, err := l.kv.Txn(ctx).Then(clientv3.OpGet(vkey), clientv3.OpGet(ndir, clientv3.WithPrefix())).Commit()
+		if err != nil {
+			return -1, fmt.Errorf("read %s version %d: %w", ref, version, err)
+		}
+		vkvs := resp.Responses[0].GetResponseRange().Kvs
+		var stored ledgerVersion
+		if len(vkvs) == 0 || json.Unmarshal(vkvs[0].Value, &stored) != nil || !stored.Completed.IsZero() || stored.Outcome == outcomeHalted {
+			return -1, nil
+		}
+		all := stored
+		all.Nodes = maps.Clone(stored.Nodes)
+		mergeNodeKeys(&all, resp.Responses[1].GetResponseRange().Kvs)
+		next, completed := stored, time.Duration(-1)
+		next.Running = len(running)
+		if allConverged(all.Nodes, running) {
+			for _, n := range running {
+				if c := all.Nodes[n].Converged; c.After(next.Completed) {
+					next.Completed, next.CompletedBy = c.UTC(), n
+				}
+			}
+			completed = max(next.Completed.Sub(next.Pushed), 0)
+			next.LastSeconds, next.FirstSeconds = completed.Seconds(), all.FirstSeconds
+			if next.Outcome == outcomeRollingOut {
+				next.Outcome = outcomeRolledOut
+			}
+		} else if next.Running == stored.Running {
+			return -1, nil
+		}
+		b, _ := json.Marshal(next)
+		tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(vkey), "=", vkvs[0].ModRevision),
+			clientv3.Compare(clientv3.CreateRevision(ndir), "<", resp.Header.Revision+1).WithPrefix()). // no node key came since the read
+			Then(clientv3.OpPut(vkey, string(b))).Commit()
+		if err != nil {
+			return -1, fmt.Errorf("write %s version %d: %w", ref, version, err)
+		}
+		if tr.Succeeded {
+			return completed, nil
+		}
+	}
+	return -1, errLedgerConflict
+}
+
+// mergeNodeKeys puts the node keys of v's version into v.Nodes (a
+// convergence after a failure clears it) and sets FirstSeconds from the
+// earliest convergence.
+func mergeNodeKeys(v *ledgerVersion, kvs []*mvccpb.KeyValue) {
+	if v.Nodes == nil {
+		v.Nodes = map[string]nodeResult{}
+	}
+	for _, kv := range kvs {
+		var r nodeResult
+		k := string(kv.Key)
+		if json.Unmarshal(kv.Value, &r) != nil {
+			continue
+		}
+		node := k[strings.LastIndexByte(k, '/')+1:]
+		if cur, ok := v.Nodes[node]; !ok || r.Converged.After(cur.Failed) {
+			v.Nodes[node] = r
+		}
 	}
 	var first time.Time
 	for _, r := range v.Nodes {
@@ -550,24 +725,9 @@ func (l *ledger) complete(ctx context.Context, v *ledgerVersion, e ledgerEntry) 
 			first = r.Converged
 		}
 	}
-	v.FirstSeconds = max(first.Sub(v.Pushed), 0).Seconds()
-	if !v.Completed.IsZero() || v.Outcome == outcomeHalted {
-		return -1, nil
+	if !first.IsZero() {
+		v.FirstSeconds = max(first.Sub(v.Pushed), 0).Seconds()
 	}
-	running, err := l.nodesRunning(ctx, e.Ref)
-	if err != nil {
-		return -1, err
-	}
-	if !allConverged(v.Nodes, running) {
-		return -1, nil
-	}
-	v.Completed = e.Time.UTC()
-	completed := max(v.Completed.Sub(v.Pushed), 0)
-	v.LastSeconds = completed.Seconds()
-	if v.Outcome == outcomeRollingOut {
-		v.Outcome = outcomeRolledOut
-	}
-	return completed, nil
 }
 
 // mark records e (Held or Override) on its version now, with the
@@ -762,9 +922,13 @@ type historyView struct {
 }
 
 // historyFilter selects tags by "repository" (every tag of it) or
-// "repository:tag"; "" selects every tag.
+// "repository:tag"; "" selects every tag. bare reads the versions
+// without the nodes that converged on them (their node keys): what
+// the deploy path, the rollbacks and the pins need, at a cost that does
+// not grow with the fleet.
 type historyFilter struct {
 	name, tag string
+	bare      bool
 }
 
 // parseHistoryFilter reads a repository[:tag] as Docker does (library/
@@ -806,11 +970,24 @@ func readHistory(ctx context.Context, kv clientv3.KV, f historyFilter, now time.
 	if err != nil {
 		return out, err
 	}
+	var nodes map[string][]*mvccpb.KeyValue
+	if !f.bare {
+		nprefix := historyNodesPrefix
+		if f.name != "" && f.tag != "" {
+			nprefix = historyNodesRef(f.name + ":" + f.tag)
+		}
+		if nodes, err = readNodeKeys(ctx, kv, nprefix); err != nil {
+			return out, err
+		}
+	}
 	tags := map[string]*tagHistory{}
 	for _, kv := range resp.Kvs {
 		var v ledgerVersion
 		if json.Unmarshal(kv.Value, &v) != nil || !f.match(v.Image) {
 			continue
+		}
+		if !f.bare {
+			mergeNodeKeys(&v, nodes[historyNodesDir(v.Image, v.Version)])
 		}
 		if tags[v.Image] == nil {
 			tags[v.Image] = &tagHistory{Image: v.Image}
@@ -821,6 +998,22 @@ func readHistory(ctx context.Context, kv clientv3.KV, f historyFilter, now time.
 		t := tags[ref]
 		slices.SortFunc(t.Versions, func(a, b ledgerVersion) int { return cmp.Compare(b.Version, a.Version) })
 		out.Tags = append(out.Tags, *t)
+	}
+	return out, nil
+}
+
+// readNodeKeys reads the node keys under prefix (historyNodesPrefix, or
+// one tag's), by their version's directory (historyNodesDir).
+func readNodeKeys(ctx context.Context, kv clientv3.KV, prefix string) (map[string][]*mvccpb.KeyValue, error) {
+	resp, err := kv.Get(ctx, prefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]*mvccpb.KeyValue{}
+	for _, kv := range resp.Kvs {
+		k := string(kv.Key)
+		dir := k[:strings.LastIndexByte(k, '/')+1]
+		out[dir] = append(out[dir], kv)
 	}
 	return out, nil
 }
@@ -927,7 +1120,7 @@ func recordRollback(ctx context.Context, kv clientv3.KV, r rollbackRecord, extra
 		key := historyKey(r.Ref, next)
 		ops := []clientv3.Op{clientv3.OpPut(historyKey(r.Ref, bad.Version), string(bb)), clientv3.OpPut(key, string(vb))}
 		if oldest := next - max(r.Keep, 1) + 1; oldest > 1 {
-			ops = append(ops, clientv3.OpDelete(historyPrefix(r.Ref), clientv3.WithRange(historyKey(r.Ref, oldest))))
+			ops = append(ops, trimOps(r.Ref, oldest)...)
 		}
 		tr, err := kv.Txn(ctx).If(
 			clientv3.Compare(clientv3.ModRevision(string(resp.Kvs[0].Key)), "=", resp.Kvs[0].ModRevision),
@@ -1055,7 +1248,7 @@ func (l *ledger) applyHeldOnce(ctx context.Context, e ledgerEntry, asked askedBy
 	}
 	ops := []clientv3.Op{clientv3.OpPut(key, string(b))}
 	if oldest := next - l.keep + 1; oldest > 1 {
-		ops = append(ops, clientv3.OpDelete(historyPrefix(e.Ref), clientv3.WithRange(historyKey(e.Ref, oldest))))
+		ops = append(ops, trimOps(e.Ref, oldest)...)
 	}
 	tr, err := l.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
 	if err != nil {

@@ -87,7 +87,9 @@ func TestLedgerTrimsInTheTransactionThatAdds(t *testing.T) {
 	if string(resp.Kvs[0].Key) != historyKey(ledgerRef, 2) || string(resp.Kvs[19].Key) != historyKey(ledgerRef, 21) {
 		t.Fatalf("kept %s … %s, want versions 2 … 21", resp.Kvs[0].Key, resp.Kvs[19].Key)
 	}
-	newest := resp.Kvs[19].ModRevision
+	// (Version 21's key is written again once its node counted the
+	// nodes that run the tag: its create revision is the one that added it.)
+	newest := resp.Kvs[19].CreateRevision
 	gone, err := cli.Get(t.Context(), historyKey(ledgerRef, 1), clientv3.WithRev(newest-1))
 	if err != nil {
 		t.Fatal(err)
@@ -95,8 +97,8 @@ func TestLedgerTrimsInTheTransactionThatAdds(t *testing.T) {
 	if len(gone.Kvs) != 1 {
 		t.Fatalf("version 1 was gone before the revision that added version 21")
 	}
-	if resp.Header.Revision != newest {
-		t.Fatalf("version 21 written at revision %d, the store is at %d", newest, resp.Header.Revision)
+	if now, err := cli.Get(t.Context(), historyKey(ledgerRef, 1), clientv3.WithRev(newest)); err != nil || len(now.Kvs) != 0 {
+		t.Fatalf("version 1 still there at the revision that added version 21 (err %v)", err)
 	}
 	vs := readVersions(t, cli, ledgerRef)
 	if vs[0].Version != 21 || vs[19].Version != 2 {
@@ -465,5 +467,80 @@ func TestLedgerConcurrentNodesCompleteOnce(t *testing.T) {
 	}
 	if completions != 5 {
 		t.Fatalf("%d fleet lead times observed for 5 versions", completions)
+	}
+}
+
+// countingLedgerKV counts a ledger's etcd calls, and its reads of every
+// node's status record.
+type countingLedgerKV struct {
+	clientv3.KV
+	calls, statusReads int
+}
+
+func (k *countingLedgerKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	k.calls++
+	if key == statusPrefix {
+		k.statusReads++
+	}
+	return k.KV.Get(ctx, key, opts...)
+}
+
+func (k *countingLedgerKV) Txn(ctx context.Context) clientv3.Txn {
+	k.calls++
+	return k.KV.Txn(ctx)
+}
+
+// TestLedgerCostPerNodeIsConstant: recording a node's convergence costs
+// it the same two etcd calls whatever the size of the fleet, and reads no
+// other node's status record, except for the first node (it counts the
+// nodes that run the tag, once) and the last 1+runningSlack (they check
+// whether every one converged). Before, every node read every status
+// record and rewrote the one version key that lists every node.
+func TestLedgerCostPerNodeIsConstant(t *testing.T) {
+	cli := testNS(t)
+	const n = 12
+	var kvs []*countingLedgerKV
+	var ls []*ledger
+	for i := range n {
+		node := fmt.Sprintf("n%02d", i)
+		putNodeStatus(t, cli, node, ledgerRef)
+		kv := &countingLedgerKV{KV: cli}
+		l := testLedger(t, cli, node, 20)
+		l.kv = kv
+		kvs, ls = append(kvs, kv), append(ls, l)
+	}
+	id := "sha256:" + strings.Repeat("b", 64)
+	for _, l := range ls {
+		if err := l.apply(t.Context(), ledgerEntry{Ref: ledgerRef, Repo: "docker.io/library/app", ImageID: id, Time: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	last := n - 1 - runningSlack // the first node that checks the completion
+	for i := 1; i < last; i++ {
+		if kv := kvs[i]; kv.statusReads != 0 || kv.calls > 2 {
+			t.Errorf("node %d of %d: %d etcd calls, %d reads of every status record; want at most 2 and none", i+1, n, kv.calls, kv.statusReads)
+		}
+	}
+	checkers := []int{0}
+	for i := last; i < n; i++ {
+		checkers = append(checkers, i)
+	}
+	for _, i := range checkers {
+		if kvs[i].statusReads != 1 {
+			t.Errorf("node %d of %d read every status record %d times; want once", i+1, n, kvs[i].statusReads)
+		}
+	}
+	v := readVersions(t, cli, ledgerRef)[0]
+	if v.converged() != n || v.Outcome != outcomeRolledOut || v.Running != n || v.CompletedBy != "n11" {
+		t.Errorf("version: %d nodes converged, %s, running %d, completed by %q; want %d, rolled out, by n11", v.converged(), v.Outcome, v.Running, v.CompletedBy, n)
+	}
+	if sampleCount(t, ls[n-1].fleetLead) != 1 {
+		t.Error("the last node did not observe the fleet lead time")
+	}
+	// The version's value lists no convergence: it stays small.
+	g := must(cli.Get(t.Context(), historyKey(ledgerRef, 1)))
+	var stored ledgerVersion
+	if err := json.Unmarshal(g.Kvs[0].Value, &stored); err != nil || len(stored.Nodes) != 0 {
+		t.Errorf("the version's value lists %d nodes (err %v); want none: they are node keys", len(stored.Nodes), err)
 	}
 }

@@ -67,7 +67,7 @@ func (p *pinner) pin(ctx context.Context, req pinRequest, asked askedBy) (pinRes
 		return pinResult{}, nil, err
 	}
 	rctx, cancel := context.WithTimeout(ctx, callTimeout)
-	h, err := readHistory(rctx, p.kv, historyFilter{name: ref.Name(), tag: ref.Tag()}, p.now())
+	h, err := readHistory(rctx, p.kv, historyFilter{name: ref.Name(), tag: ref.Tag(), bare: true}, p.now())
 	cancel()
 	if err != nil {
 		return pinResult{}, nil, fmt.Errorf("read the deploy ledger of %s: %w", ref, err)
@@ -156,7 +156,7 @@ func (p *pinner) record(ctx context.Context, ref reference.NamedTagged, rec pinR
 				clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
 			ops = append(ops, clientv3.OpPut(key, string(vb)))
 			if oldest := next - p.keep + 1; oldest > 1 {
-				ops = append(ops, clientv3.OpDelete(historyPrefix(rec.Image), clientv3.WithRange(historyKey(rec.Image, oldest))))
+				ops = append(ops, trimOps(rec.Image, oldest)...)
 			}
 		}
 		tr, err := p.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()

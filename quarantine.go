@@ -27,7 +27,7 @@ type quarantine struct {
 func (q *quarantine) hold(ctx context.Context, ref reference.NamedTagged, imageID string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
-	h, err := readHistory(ctx, q.kv, historyFilter{name: ref.Name(), tag: ref.Tag()}, time.Time{})
+	h, err := readHistory(ctx, q.kv, historyFilter{name: ref.Name(), tag: ref.Tag(), bare: true}, time.Time{})
 	if err != nil {
 		return "", fmt.Errorf("read the deploy ledger of %s: %w", ref, err)
 	}

@@ -127,7 +127,7 @@ func (rb *rollbacker) rollback(ctx context.Context, req rollbackRequest, asked a
 		return rollbackResult{}, err
 	}
 	rctx, cancel := context.WithTimeout(ctx, callTimeout)
-	h, err := readHistory(rctx, rb.kv, historyFilter{name: ref.Name(), tag: ref.Tag()}, rb.now())
+	h, err := readHistory(rctx, rb.kv, historyFilter{name: ref.Name(), tag: ref.Tag(), bare: true}, rb.now())
 	cancel()
 	if err != nil {
 		return rollbackResult{}, fmt.Errorf("read the deploy ledger of %s: %w", ref, err)

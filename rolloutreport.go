@@ -151,16 +151,19 @@ func (r *rolloutReporter) wait(ctx context.Context, d time.Duration, hist, claim
 	return nil
 }
 
-// loopOnce reads the ledger, the claims and the nodes' status in one
-// transaction and sends the reports that are due and this node's to send.
-// It returns how long until a report waiting for its settler may be taken
-// over (0: none waits).
+// loopOnce reads the ledger and the claims in one transaction and sends
+// the reports that are due and this node's to send. It reads the nodes'
+// status records and a version's node keys (both as many as the fleet)
+// only for a version whose report may be due: every node does so once
+// per settled version, not on every node's convergence (those are keys
+// of their own, which this watch does not see). It returns how long
+// until a report waiting for its settler may be taken over (0: none
+// waits).
 func (r *rolloutReporter) loopOnce(ctx context.Context) (time.Duration, error) {
 	rctx, cancel := context.WithTimeout(ctx, r.timeout)
 	resp, err := r.etcd.Txn(rctx).Then(
 		clientv3.OpGet(historiesPrefix, clientv3.WithPrefix()),
 		clientv3.OpGet(reportsPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly()),
-		clientv3.OpGet(statusPrefix, clientv3.WithPrefix()),
 	).Commit()
 	cancel()
 	if err != nil {
@@ -170,20 +173,43 @@ func (r *rolloutReporter) loopOnce(ctx context.Context) (time.Duration, error) {
 	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
 		claimed[string(kv.Key)] = true
 	}
-	running := nodesRunningTags(resp.Responses[2].GetResponseRange().Kvs)
+	var running map[string][]string // read once, when a version needs it
+	fleet := func(v *ledgerVersion) ([]string, error) {
+		if err := r.withNodes(ctx, v); err != nil {
+			return nil, err
+		}
+		if running == nil {
+			rctx, cancel := context.WithTimeout(ctx, r.timeout)
+			st, err := r.etcd.Get(rctx, statusPrefix, clientv3.WithPrefix())
+			cancel()
+			if err != nil {
+				return nil, fmt.Errorf("read the nodes' status: %w", err)
+			}
+			running = nodesRunningTags(st.Kvs)
+		}
+		return running[v.Image], nil
+	}
 	now := r.now()
 	var next time.Duration
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		var v ledgerVersion
-		if json.Unmarshal(kv.Value, &v) != nil {
+		if json.Unmarshal(kv.Value, &v) != nil || v.Reported != nil && r.threads == nil {
 			continue
 		}
+		var nodes []string
+		read := false
+		if r.threads != nil && threadOpen(v, now) || v.Outcome == outcomeRollingOut && hasFailure(v) {
+			if nodes, err = fleet(&v); err != nil {
+				return 0, err
+			}
+			read = true
+		}
 		if r.threads != nil {
-			if err := r.thread(ctx, string(kv.Key), kv.ModRevision, v, running[v.Image], claimed, now); err != nil {
+			if err := r.thread(ctx, string(kv.Key), kv.ModRevision, v, nodes, claimed, now); err != nil {
 				r.log.Warn("rollout's Slack thread not updated", "image", v.Image, "version", v.Version, "err", err)
 			}
 		}
-		s, ok := settle(v, running[v.Image], now)
+		s, ok := settle(v, nodes, now)
 		if !ok || claimed[reportClaimKey(v.Image, v.Version)] {
 			continue
 		}
@@ -195,11 +221,38 @@ func (r *rolloutReporter) loopOnce(ctx context.Context) (time.Duration, error) {
 				continue
 			}
 		}
-		if err := r.report(ctx, string(kv.Key), kv.ModRevision, v, running[v.Image]); err != nil {
+		if !read {
+			if nodes, err = fleet(&v); err != nil {
+				return 0, err
+			}
+		}
+		if err := r.report(ctx, string(kv.Key), kv.ModRevision, v, nodes); err != nil {
 			r.log.Warn("rollout report not sent", "image", v.Image, "version", v.Version, "err", err)
 		}
 	}
 	return next, nil
+}
+
+// withNodes puts the node keys of v's version (ledger.go) into v.Nodes.
+func (r *rolloutReporter) withNodes(ctx context.Context, v *ledgerVersion) error {
+	rctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	resp, err := r.etcd.Get(rctx, historyNodesDir(v.Image, v.Version), clientv3.WithPrefix())
+	if err != nil {
+		return fmt.Errorf("read the nodes of %s version %d: %w", v.Image, v.Version, err)
+	}
+	mergeNodeKeys(v, resp.Kvs)
+	return nil
+}
+
+// hasFailure reports whether a node's replacement to v failed.
+func hasFailure(v ledgerVersion) bool {
+	for _, res := range v.Nodes {
+		if !res.Failed.IsZero() {
+			return true
+		}
+	}
+	return false
 }
 
 // errNotClaimed: the version kept changing under the writes.
@@ -334,7 +387,7 @@ type threadPoster interface {
 // claim elects it); then each node replies with its own result, once
 // (failures shown in the channel too), and updates the parent's counts.
 func (r *rolloutReporter) thread(ctx context.Context, key string, modRev int64, v ledgerVersion, running []string, claimed map[string]bool, now time.Time) error {
-	if (v.Outcome != outcomeRollingOut && v.Outcome != outcomeRolledOut && v.Outcome != outcomeHalted) || len(v.Nodes) == 0 || now.Sub(v.Pushed) > reportWindow {
+	if !threadOpen(v, now) || len(v.Nodes) == 0 {
 		return nil
 	}
 	if v.SlackThread == nil {
@@ -380,6 +433,9 @@ func (r *rolloutReporter) thread(ctx context.Context, key string, modRev int64, 
 	if err != nil || cur.SlackThread == nil || cur.Reported != nil {
 		return err // the final report sets the parent's text
 	}
+	if err := r.withNodes(ctx, &cur); err != nil {
+		return err
+	}
 	if err := r.threads.update(ctx, cur.SlackThread.Channel, cur.SlackThread.TS, summarize(cur, running).progress()); err != nil {
 		return err
 	}
@@ -391,7 +447,16 @@ func (r *rolloutReporter) thread(ctx context.Context, key string, modRev int64, 
 	if err != nil || len(g.Kvs) == 0 || json.Unmarshal(g.Kvs[0].Value, &cur) != nil || cur.Reported == nil || cur.SlackThread == nil {
 		return err
 	}
+	if err := r.withNodes(ctx, &cur); err != nil {
+		return err
+	}
 	return r.threads.update(ctx, cur.SlackThread.Channel, cur.SlackThread.TS, summarize(cur, running).message().Text)
+}
+
+// threadOpen reports whether v's Slack thread may still change: the
+// version rolls out, or settled, within reportWindow of its push.
+func threadOpen(v ledgerVersion, now time.Time) bool {
+	return (v.Outcome == outcomeRollingOut || v.Outcome == outcomeRolledOut || v.Outcome == outcomeHalted) && now.Sub(v.Pushed) <= reportWindow
 }
 
 // nodeDetail is a node's reply in a rollout's thread.
@@ -420,9 +485,9 @@ func settle(v ledgerVersion, running []string, now time.Time) (settled, bool) {
 	var s settled
 	switch v.Outcome {
 	case outcomeRolledOut:
-		s.at = v.Completed
-		for n, res := range v.Nodes {
-			if res.Converged.Equal(v.Completed) {
+		s.at, s.by = v.Completed, v.CompletedBy
+		for n, res := range v.Nodes { // written by an earlier daemon, without CompletedBy
+			if s.by == "" && res.Converged.Equal(v.Completed) {
 				s.by = n
 			}
 		}

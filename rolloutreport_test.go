@@ -6,6 +6,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -327,5 +328,63 @@ func TestRolloutReportStopWhileSending(t *testing.T) {
 	}
 	if got := log.texts(); len(got) != 1 {
 		t.Errorf("n1 sent %q; want the report", got)
+	}
+}
+
+// countingReportEtcd counts the reporter's reads of the fleet: every
+// node's status record, and a version's node keys.
+type countingReportEtcd struct {
+	*clientv3.Client
+	status, nodes atomic.Int32
+}
+
+func (c *countingReportEtcd) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	switch {
+	case key == statusPrefix:
+		c.status.Add(1)
+	case strings.HasPrefix(key, historyNodesPrefix):
+		c.nodes.Add(1)
+	}
+	return c.Client.Get(ctx, key, opts...)
+}
+
+// TestRolloutReportReadsTheFleetOnlyWhenDue: a version that rolls out
+// without a failure, and one that rolled out and waits for its settler's
+// report, cost a reporter no read of the status records or of the node
+// keys (each as large as the fleet); it reads them once, to send. Before,
+// every reporter read every status record on every change of the ledger.
+func TestRolloutReportReadsTheFleetOnlyWhenDue(t *testing.T) {
+	cli := testNS(t)
+	v := rolledOut()
+	v.CompletedBy = "n2"
+	v.Nodes = nil // as the ledger writes it now: convergences are node keys
+	putVersion(t, cli, v)
+	for _, n := range []string{"n1", "n2"} {
+		must(cli.Put(t.Context(), historyNodeKey(v.Image, v.Version, n), convergedAt(v.Completed)))
+	}
+	rolling := ledgerVersion{Version: 4, Image: v.Image, ImageID: "sha256:" + strings.Repeat("4", 64), Pushed: at(10), Outcome: outcomeRollingOut}
+	putVersion(t, cli, rolling)
+	must(cli.Put(t.Context(), historyNodeKey(v.Image, 4, "n1"), convergedAt(at(11))))
+	var log sentLog
+	etcd := &countingReportEtcd{Client: cli}
+	r := newTestReporter(t, cli, "n1", log.sink("n1"), at(4.2).Add(time.Second))
+	r.etcd = etcd
+	for range 3 {
+		if _, err := r.loopOnce(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s, n := etcd.status.Load(), etcd.nodes.Load(); s != 0 || n != 0 || len(log.texts()) != 0 {
+		t.Fatalf("within the takeover: %d reads of the status records, %d of node keys, sent %q; want none", s, n, log.texts())
+	}
+	r.now = func() time.Time { return at(4.2).Add(time.Minute) } // past the takeover: n1 sends
+	if _, err := r.loopOnce(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if got := log.texts(); len(got) != 1 || !strings.Contains(got[0], "2 of 2 nodes") {
+		t.Fatalf("sent %q; want the report of 2 of 2 nodes", got)
+	}
+	if s, n := etcd.status.Load(), etcd.nodes.Load(); s != 1 || n != 1 {
+		t.Errorf("to send: %d reads of the status records, %d of node keys; want 1 and 1", s, n)
 	}
 }

@@ -23,7 +23,7 @@ type tagState struct {
 
 // readTagStates reads the state of every tag that has a ledger or a pin.
 func readTagStates(ctx context.Context, kv clientv3.KV) (map[string]tagState, error) {
-	h, err := readHistory(ctx, kv, historyFilter{}, time.Time{})
+	h, err := readHistory(ctx, kv, historyFilter{bare: true}, time.Time{})
 	if err != nil {
 		return nil, err
 	}
