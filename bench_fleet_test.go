@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"math"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -107,6 +108,11 @@ type fleet struct {
 
 	mu   sync.Mutex
 	seen map[int64][]time.Time // trigger revision -> when each node's watcher handed it on
+
+	// notify records the rollout reports (-notify), as a team's chat
+	// would receive them: the reporters' election runs as in production.
+	notify  *httptest.Server
+	reports atomic.Int64
 }
 
 func fleetImage(k int) string { return fmt.Sprintf("sha256:%064x", k+1) }
@@ -121,6 +127,12 @@ func newFleet(b *testing.B, n int) *fleet {
 	b.Cleanup(s.teardown)
 	s.startEtcd(3)
 	fl := &fleet{b: b, n: n, s: s, seen: map[int64][]time.Time{}}
+	fl.notify = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if body, _ := io.ReadAll(r.Body); strings.Contains(string(body), "Rolled out") {
+			fl.reports.Add(1)
+		}
+	}))
+	b.Cleanup(fl.notify.Close)
 	fl.ctl = newTestClient(b, strings.Split(s.etcdEndpoints(), ",")...)
 	if fl.logf, err = os.Create(filepath.Join(os.TempDir(), fmt.Sprintf("deployer-fleet-%d.log", n))); err != nil {
 		b.Fatal(err)
@@ -172,6 +184,7 @@ func (fl *fleet) startNode(n *fleetNode, m int) error {
 		"-listen", "127.0.0.1:0", "-node_name", n.name, "-etcd_nodes", fl.s.etcdEndpoints(), "-etcd_prefix", fleetPrefix,
 		"-dockercfg", "", "-registry", "127.0.0.1:5000", "-repull_period", "0", "-webhook_secret", fleetSecret,
 		"-max_unavailable", strconv.Itoa(m), "-kill_timeout", "3",
+		"-notify", "generic://" + strings.TrimPrefix(fl.notify.URL, "http://") + "/hook?template=json&disabletls=yes",
 	}, func(string) string { return "" }, io.Discard)
 	if err != nil {
 		return err
@@ -555,12 +568,13 @@ func benchFleet(b *testing.B, n int, idleFor time.Duration, rollouts int) {
 			fmt.Sprintf("%.2f ms, %.2f ms, %.2f, %.1f", float64(cpuB-cpuA)/float64(time.Millisecond)*perMin/per,
 				float64(ecpuB-ecpuA)/float64(time.Millisecond)*perMin/per, requests(stIdleA, stIdleB)*perMin/per,
 				(stIdleB["recv:LeaseKeepAlive"]-stIdleA["recv:LeaseKeepAlive"])*perMin/per)},
+		[]string{"rollout reports received (-notify), for rollouts", fmt.Sprintf("%d for %d", fl.reports.Load(), k)},
 		[]string{"warnings and errors logged by the daemons", strconv.FormatInt(fl.warns.Load(), 10)},
 		[]string{"wall time of the benchmark", time.Since(began).Round(time.Second).String()},
 	)
 	section(b, fmt.Sprintf("8-%d. Fleet simulation: %d nodes on one 3-member etcd", n, n),
 		fmt.Sprintf("BenchmarkFleet: %d simulated nodes in one process, each the daemon as newDaemon wires it (watcher, deploy queue, rollout slots and halts, "+
-			"status and down records, progress, ledger, node claim, its own etcd client), against 3 Debian etcd members on loopback "+
+			"status and down records, progress, ledger, holds, canary and auto-rollback loops, rollout reports to a local -notify recorder, node claim, its own etcd client), against 3 Debian etcd members on loopback "+
 			"(--heartbeat-interval 50 --election-timeout 500, otherwise defaults). The one fake is Docker: an in-memory stand-in whose "+
 			"stop-and-replace takes %v. One app container per node from one tag; a rollout is a push of a new image and one webhook. "+
 			"Requests are etcd's own counts (grpc_server_handled_total of unary calls plus Watch stream messages, summed over the members; "+
