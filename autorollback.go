@@ -30,8 +30,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,9 +107,11 @@ func (a *autoRollback) run(ctx context.Context) error {
 }
 
 // watchHalts reads the halt records there are, then watches for new ones.
+// It reads and watches haltsPrefix alone: no slot, queue or down record
+// of any rollout reaches it.
 func (a *autoRollback) watchHalts(ctx context.Context) error {
 	gctx, cancel := context.WithTimeout(ctx, a.callTimeout)
-	resp, err := a.kv.Get(gctx, rolloutsPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	resp, err := a.kv.Get(gctx, haltsPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	cancel()
 	if err != nil {
 		return fmt.Errorf("read the halt records: %w", err)
@@ -121,7 +121,7 @@ func (a *autoRollback) watchHalts(ctx context.Context) error {
 	}
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	for wr := range a.watcher.Watch(wctx, rolloutsPrefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1),
+	for wr := range a.watcher.Watch(wctx, haltsPrefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1),
 		clientv3.WithFilterDelete()) {
 		if err := wr.Err(); err != nil {
 			return err
@@ -136,24 +136,10 @@ func (a *autoRollback) watchHalts(ctx context.Context) error {
 	return errors.New("the watch ended")
 }
 
-// haltRef is the tag whose halt record key is, if it is one.
-func haltRef(key string) (string, bool) {
-	rest, ok := strings.CutPrefix(key, rolloutsPrefix)
-	if !ok {
-		return "", false
-	}
-	escaped, ok := strings.CutSuffix(rest, "/"+haltLeaf)
-	if !ok || strings.Contains(escaped, "/") {
-		return "", false
-	}
-	ref, err := url.PathUnescape(escaped)
-	return ref, err == nil
-}
-
 // consider starts handling the halt of the tag whose key changed, unless
 // it is handled already (the handler reads the newest record).
 func (a *autoRollback) consider(ctx context.Context, key string) {
-	ref, ok := haltRef(key)
+	ref, ok := refFromHaltKey(key)
 	if !ok {
 		return
 	}

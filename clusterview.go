@@ -116,6 +116,16 @@ func readView(ctx context.Context, kv clientv3.KV, now time.Time, states bool) (
 			}
 		}
 	}
+	halts, err := kv.Get(ctx, haltsPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return out, err
+	}
+	for _, kv := range halts.Kvs {
+		var h halt
+		if ref, ok := refFromHaltKey(string(kv.Key)); ok && json.Unmarshal(kv.Value, &h) == nil {
+			tag(ref).Halted = &h
+		}
+	}
 	rolls, err := kv.Get(ctx, rolloutsPrefix, clientv3.WithPrefix())
 	if err != nil {
 		return out, err
@@ -128,11 +138,6 @@ func readView(ctx context.Context, kv clientv3.KV, now time.Time, states bool) (
 			continue
 		}
 		switch {
-		case what == haltLeaf:
-			var h halt
-			if json.Unmarshal(kv.Value, &h) == nil {
-				tag(ref).Halted = &h
-			}
 		case strings.HasPrefix(what, slotsLeaf):
 			t := tag(ref)
 			t.Rolling = append(t.Rolling, string(kv.Value))

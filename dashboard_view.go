@@ -131,7 +131,7 @@ func (p prefetched) Get(_ context.Context, key string, _ ...clientv3.OpOption) (
 
 // readDashView reads the view, every range in one transaction.
 func readDashView(ctx context.Context, kv clientv3.KV, node string, maxUnavailable int, actions []string, now time.Time) (dashView, error) {
-	prefixes := []string{statusPrefix, rolloutsPrefix, historiesPrefix, historyNodesPrefix}
+	prefixes := []string{statusPrefix, haltsPrefix, rolloutsPrefix, historiesPrefix, historyNodesPrefix}
 	for _, dir := range dashMarkDirs {
 		prefixes = append(prefixes, "/"+dir+"/")
 	}
@@ -219,7 +219,7 @@ func buildDashView(st clusterStatus, h historyView, rolls, marks []*mvccpb.KeyVa
 				held[ref]++
 			}
 			tag(ref).Slots = append(tag(ref).Slots, dashSlot{Node: n, Container: c, State: state})
-		case leaf == haltLeaf, strings.HasPrefix(leaf, downLeaf):
+		case strings.HasPrefix(leaf, downLeaf), leaf == haltLeaf: // haltLeaf: a legacy halt record, moved at start (haltmove.go)
 		default: // another feature's record of the rollout (a bake, …)
 			word, _, _ := strings.Cut(leaf, "/")
 			tag(ref).Marks = append(tag(ref).Marks, dashMark{Word: markWord(word), Key: string(kv.Key), Value: markValue(kv.Value)})

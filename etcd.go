@@ -13,7 +13,7 @@ package main
 //	<prefix>/_owner/<node>                    the live deployer of a node name, leased
 //	<prefix>/_secret/webhook                  the cluster's webhook secret
 //	<prefix>/_status/<node>                   what the node runs, leased
-//	<prefix>/_rollout/<image ref>/halted      a version whose rollout is halted
+//	<prefix>/_halt/<image ref>                a version whose rollout is halted
 //	<prefix>/_rollout/<image ref>/slots/<id>  a node replacing a container, leased
 //	<prefix>/_rollout/<image ref>/queue/<id>  a node waiting for a slot, leased
 //	<prefix>/_rollout/<image ref>/down/<node> the node's containers of the tag that are down, leased
@@ -28,6 +28,12 @@ package main
 //	<prefix>/_canary/<image ref>              the canary rollout of the tag's newest version (canary.go)
 //	<prefix>/_reports/<image ref>/<version>   the node sending the version's rollout report, leased (rolloutreport.go)
 //	<prefix>/_reports/<image ref>/<version>/thread  the node posting the version's Slack thread, leased
+//
+// The halt records have a directory of their own, not a leaf of the
+// rollout's, so that every node's auto-rollback watches them without
+// hearing of every slot, queue and down record of the fleet (issue 22).
+// Before, a halt was <prefix>/_rollout/<image ref>/halted (legacyHaltKey):
+// a node moves such a record to its new key once at start (haltmove.go).
 //
 // A trigger is the key <prefix>/<repository>, as in the original, so
 // `etcdctl put /deployer/myorg/foo x` still deploys every local tag of
@@ -49,6 +55,7 @@ const (
 	secretDir    = "_secret"
 	statusDir    = "_status"
 	rolloutDir   = "_rollout"
+	haltDir      = "_halt"
 	autoRbDir    = "_autorollback"
 	pinDir       = "_pin"
 	policyDir    = "_policy"
@@ -57,7 +64,7 @@ const (
 	canaryDir    = "_canary"
 	reportsDir   = "_reports"
 
-	haltLeaf  = "halted" // under a rollout's directory
+	haltLeaf  = "halted" // under a rollout's directory: a halt record written before haltDir (legacyHaltKey)
 	slotsLeaf = "slots/" // under a rollout's directory
 	downLeaf  = "down/"  // under a rollout's directory
 	queueLeaf = "queue/" // under a rollout's directory
@@ -111,8 +118,39 @@ const rolloutsPrefix = "/" + rolloutDir + "/"
 
 func rolloutPrefix(ref string) string { return rolloutsPrefix + url.PathEscape(ref) + "/" }
 
-// haltKey records that a version of ref failed to come up.
-func haltKey(ref string) string { return rolloutPrefix(ref) + haltLeaf }
+// haltsPrefix holds the halt records, one key per image tag; haltKey
+// records that a version of ref failed to come up.
+const haltsPrefix = "/" + haltDir + "/"
+
+func haltKey(ref string) string { return haltsPrefix + url.PathEscape(ref) }
+
+// refFromHaltKey returns the image ref a halt key names.
+func refFromHaltKey(key string) (string, bool) {
+	name, ok := strings.CutPrefix(key, haltsPrefix)
+	if !ok || strings.Contains(name, "/") {
+		return "", false
+	}
+	ref, err := url.PathUnescape(name)
+	return ref, err == nil && ref != ""
+}
+
+// legacyHaltKey is where a halt of ref was recorded before haltsPrefix:
+// read only to move it (haltmove.go).
+func legacyHaltKey(ref string) string { return rolloutPrefix(ref) + haltLeaf }
+
+// refFromLegacyHaltKey returns the image ref a legacy halt key names.
+func refFromLegacyHaltKey(key string) (string, bool) {
+	rest, ok := strings.CutPrefix(key, rolloutsPrefix)
+	if !ok {
+		return "", false
+	}
+	escaped, ok := strings.CutSuffix(rest, "/"+haltLeaf)
+	if !ok || strings.Contains(escaped, "/") {
+		return "", false
+	}
+	ref, err := url.PathUnescape(escaped)
+	return ref, err == nil && ref != ""
+}
 
 // autoRollbackKey is held, under its lease, by the node that rolls a
 // halt of ref back by itself (autorollback.go).

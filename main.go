@@ -19,7 +19,8 @@
 //  2. config (and the etcd and Docker clients as the flags say),
 //     config_notify (the notification flags), trigger (the record and
 //     the one rule), retry, scan, clone, puller, upwait, policy (a tag's
-//     rollout policy)
+//     rollout policy), haltmove (halt records moved from their legacy
+//     key at start)
 //  3. the node: nodeid, auth, parked, queue; freeze (the freeze and
 //     waiting records)
 //  4. restarter, watcher, webhook, cmd_secret, dashboard_auth (the
@@ -497,6 +498,11 @@ func (d *daemon) start(ctx context.Context) (ln net.Listener, release func(), er
 		return nil, nil, err
 	}
 	d.secret.set(secret)
+	// Halt records an earlier version left at their legacy key move to
+	// their new one (haltmove.go) here: etcd has just answered, and
+	// nothing that reads a halt (a deploy's slot transactions, the
+	// auto-rollback, the status view behind the listener) runs yet.
+	moveHaltsAtStart(ctx, d.etcd, d.cfg.EtcdRetryDelay, d.log.With("component", "halts"))
 	ln, err = (&net.ListenConfig{}).Listen(ctx, "tcp", d.cfg.Listen)
 	if err != nil {
 		release()
