@@ -229,3 +229,44 @@ func TestDaemonMovesLegacyHaltAtStart(t *testing.T) {
 		t.Errorf("status view: %+v; want %s halted at sha256:2222", st.Tags, ref)
 	}
 }
+
+// rewritingKV rewrites key with value before the first transaction, as
+// a node of the earlier version does that halts the tag again between
+// the move's read and its transaction.
+type rewritingKV struct {
+	clientv3.KV
+	t          *testing.T
+	key, value string
+	once       sync.Once
+}
+
+func (kv *rewritingKV) Txn(ctx context.Context) clientv3.Txn {
+	kv.once.Do(func() {
+		if _, err := kv.Put(ctx, kv.key, kv.value); err != nil {
+			kv.t.Error(err)
+		}
+	})
+	return kv.KV.Txn(ctx)
+}
+
+// A legacy halt rewritten between the move's read and its transaction
+// moves as rewritten: the move compares what it read.
+func TestMoveLegacyHaltRewrittenMeanwhile(t *testing.T) {
+	const ref = "reg/app:qa"
+	ns := testNS(t)
+	if _, err := ns.Put(t.Context(), legacyHaltKey(ref), `{"image_id":"sha256:1111"}`); err != nil {
+		t.Fatal(err)
+	}
+	newer := `{"image_id":"sha256:2222"}`
+	kv := &rewritingKV{KV: ns, t: t, key: legacyHaltKey(ref), value: newer}
+	moved, err := moveLegacyHalts(t.Context(), kv, 5*time.Second, testLogger(t))
+	if err != nil || moved != 1 {
+		t.Fatalf("moveLegacyHalts = %d, %v; want 1, nil", moved, err)
+	}
+	if got, _ := readKey(t, ns, haltKey(ref)); got != newer {
+		t.Errorf("halt at the new key: %q; want the rewritten %q", got, newer)
+	}
+	if _, ok := readKey(t, ns, legacyHaltKey(ref)); ok {
+		t.Error("the halt is still at its legacy key")
+	}
+}
