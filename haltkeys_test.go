@@ -228,6 +228,13 @@ func TestDaemonMovesLegacyHaltAtStart(t *testing.T) {
 	if len(st.Tags) != 1 || st.Tags[0].Halted == nil || st.Tags[0].Halted.ImageID != "sha256:2222" {
 		t.Errorf("status view: %+v; want %s halted at sha256:2222", st.Tags, ref)
 	}
+	view, err := readDashView(t.Context(), kv, "n1", 1, nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(view.Tags) != 1 || view.Tags[0].Halted == nil || view.Tags[0].Halted.ImageID != "sha256:2222" {
+		t.Errorf("dashboard view: %+v; want %s halted at sha256:2222", view.Tags, ref)
+	}
 }
 
 // rewritingKV rewrites key with value before the first transaction, as
