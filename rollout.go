@@ -22,7 +22,7 @@ package main
 //
 //	<prefix>/_rollout/<tag ref, path-escaped>/slots/<lease>-<node>-<container>  slot holders (lease-bound), value "<node> <container>"
 //	<prefix>/_rollout/<tag ref, path-escaped>/down/<node>                      the node's containers of the tag that are down (lease-bound)
-//	<prefix>/_rollout/<tag ref, path-escaped>/halted                           {"image_id",…} of a failed version
+//	<prefix>/_halt/<tag ref, path-escaped>                                     {"image_id",…} of a failed version
 //
 // The guarantees, and the faults they hold under:
 //   - A node stops a container only while its slot key exists under its
