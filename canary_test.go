@@ -165,7 +165,7 @@ func (w *canaryWorld) hold(c *canaries, imageID string) string {
 func (w *canaryWorld) loop(cs ...*canaries) {
 	w.t.Helper()
 	for _, c := range cs {
-		if err := c.loopOnce(w.t.Context()); err != nil {
+		if _, err := c.loopOnce(w.t.Context()); err != nil {
 			w.t.Fatal(err)
 		}
 	}
@@ -357,7 +357,7 @@ func TestCanaryRollbackRetried(t *testing.T) {
 	dc.change("c1", func(c *docker.Container) { c.State.Restarting = true })
 	w.rbErr = errors.New("registry down")
 	for _, c := range []*canaries{canary, canary, other} {
-		if err := c.loopOnce(t.Context()); err != nil && !strings.Contains(err.Error(), "registry down") {
+		if _, err := c.loopOnce(t.Context()); err != nil && !strings.Contains(err.Error(), "registry down") {
 			t.Fatal(err)
 		}
 	}
