@@ -364,6 +364,9 @@ func TestCanaryRollbackRetried(t *testing.T) {
 	if rec := w.record(); rec.RollbackErr == "" || w.rollbacks.Load() != 1 {
 		t.Fatalf("after a failed rollback: %+v, %d tries; want the error recorded, 1 try", rec, w.rollbacks.Load())
 	}
+	if p := must(other.loopOnce(t.Context())); p.Due != other.rollbackRetry {
+		t.Errorf("after a failed rollback: due in %v; want the retry, %v", p.Due, other.rollbackRetry)
+	}
 	w.rbErr = nil
 	w.advance(canary.rollbackRetry)
 	w.loop(other, canary)

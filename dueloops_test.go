@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/die-net/deployer/internal/backoff"
@@ -208,8 +209,11 @@ func TestHoldsDue(t *testing.T) {
 func TestCanaryDue(t *testing.T) {
 	w := newCanaryWorld(t, canaryPolicy(promoteManual))
 	canary, other, _ := bakeTo(t, w) // baking until now+20s
-	canary.every = time.Hour
 	due := func(c *canaries) time.Duration { return must(c.loopOnce(t.Context())).Due }
+	if d := due(canary); d != canary.every {
+		t.Errorf("baking canary: due in %v; want its next check, %v", d, canary.every)
+	}
+	canary.every = time.Hour
 	if d := due(canary); d != 20*time.Second {
 		t.Errorf("baking canary: due in %v; want the bake's end, 20s", d)
 	}
@@ -262,4 +266,35 @@ func TestCanaryRunBakeEnds(t *testing.T) {
 	if w.triggerPuts() != 1 {
 		t.Errorf("%d trigger writes; want the promotion's", w.triggerPuts())
 	}
+}
+
+// TestCanaryRunReportsWhenUp: a canary whose replacement is not up yet
+// looks again every c.every (its containers change without an etcd
+// event) and reports once it is.
+func TestCanaryRunReportsWhenUp(t *testing.T) {
+	w := newCanaryWorld(t, policy{CanaryNodes: &[]string{"n1"}, Bake: durPtr(time.Hour), Promotion: promoteAuto})
+	dc := &listCounter{bakeFake: newBakeFake()}
+	dc.add("c1", oldImage, time.Now())
+	canary, other := w.node("n1", nil, dc), w.node("n2", nil, newBakeFake())
+	canary.now, other.now = time.Now, time.Now
+	canary.every = 20 * time.Millisecond
+	w.hold(other, newImage)
+	runLoop(t, canary.run)
+	eventually(t, 10*time.Second, "a look at the containers", func() bool { return dc.lists.Load() > 0 })
+	if p := w.record().Phase; p != phaseCanary {
+		t.Fatalf("phase %s before the replacement is up; want canary", p)
+	}
+	dc.change("c1", func(c *docker.Container) { c.Image, c.State.StartedAt = newImage, time.Now() })
+	eventually(t, 10*time.Second, "the canary's report", func() bool { return w.record().Phase == phaseBaking })
+}
+
+// listCounter counts the looks at the containers.
+type listCounter struct {
+	*bakeFake
+	lists atomic.Int32
+}
+
+func (l *listCounter) ListContainers(opts docker.ListContainersOptions) ([]docker.APIContainers, error) {
+	defer l.lists.Add(1)
+	return l.bakeFake.ListContainers(opts)
 }
