@@ -41,11 +41,6 @@ import (
 // a freeze or a closed window, once.
 const sourceNow = "now"
 
-// dueTick is the safety net of the loops that sleep until something is
-// due (the holds' releases, the canary rollouts): a pass at least this
-// often, for a change a watch missed.
-const dueTick = time.Minute
-
 // tagAPI puts a local tag back on an image.
 type tagAPI interface {
 	// TagImage tags image name as opts.Repo:opts.Tag (Force moves it).
