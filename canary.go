@@ -45,7 +45,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/etcdc"
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -191,10 +191,18 @@ func (nopAnnouncer) say(string) {}
 // daemon.
 type haltRollback func(ctx context.Context, ref reference.NamedTagged, previous string) (string, error)
 
+// canariesEtcd is the part of the etcd client the canary rollouts use:
+// reads and writes, and run's watch.
+type canariesEtcd interface {
+	clientv3.KV
+	clientv3.Watcher
+}
+
 // canaries runs the canary rollouts as this node sees them: the hold of
 // each deploy, and the bake's watch and transitions (run).
 type canaries struct {
-	kv       clientv3.KV // confined to -etcd_prefix
+	kv       clientv3.KV      // confined to -etcd_prefix
+	watcher  clientv3.Watcher // run's watch of the canary records
 	policies *policies
 	docker   bakeDocker
 	node     string
@@ -204,7 +212,7 @@ type canaries struct {
 	domain   string       // -registry: where bare names live
 	log      *slog.Logger
 
-	every         time.Duration        // how often run looks (1 s)
+	every         time.Duration        // how often run looks while this node's part waits on its containers (1 s): its report, its bake's check
 	downGrace     time.Duration        // after the bake's end, how long a canary that has not confirmed has before it counts as down
 	lookEvery     time.Duration        // how often the status records are read for canaries not up (noteCanaries)
 	looked        map[string]time.Time // ref -> when run last read them; run's goroutine only
@@ -215,12 +223,12 @@ type canaries struct {
 
 // newCanaries returns the canary rollouts of node (started with labels).
 // It starts nothing.
-func newCanaries(kv clientv3.KV, ps *policies, dc bakeDocker, node string, labels []string, ann announcer, rb haltRollback, domain string, log *slog.Logger) *canaries {
+func newCanaries(kv canariesEtcd, ps *policies, dc bakeDocker, node string, labels []string, ann announcer, rb haltRollback, domain string, log *slog.Logger) *canaries {
 	if ann == nil {
 		ann = nopAnnouncer{}
 	}
 	return &canaries{
-		kv: kv, policies: ps, docker: dc, node: node, labels: labels, announce: ann, rollback: rb, domain: domain, log: log,
+		kv: kv, watcher: kv, policies: ps, docker: dc, node: node, labels: labels, announce: ann, rollback: rb, domain: domain, log: log,
 		every: time.Second, downGrace: 5 * time.Second, lookEvery: 5 * time.Second, looked: map[string]time.Time{}, rollbackRetry: 30 * time.Second, callTimeout: callTimeout, now: time.Now,
 	}
 }
@@ -341,22 +349,30 @@ func (c *canaries) hold(ctx context.Context, ref reference.NamedTagged, imageID,
 	return "", errCanaryChanged
 }
 
-// run watches the canary rollouts every c.every until ctx is done.
+// run moves the canary rollouts on until ctx is done: a pass (loopOnce)
+// at once, then at the earliest of the next due time of a rollout (step),
+// a change of the canary records (a watch), and dueTick. With no rollout
+// open it reads nothing but on the tick.
 func (c *canaries) run(ctx context.Context) error {
-	backoff.Every(ctx, c.every, c.loopOnce, func(err error) { c.log.Warn("canary rollouts not checked", "err", err) })
+	etcdc.DueLoop{
+		Watcher: c.watcher, Prefixes: []string{canariesPrefix}, Tick: dueTick, Retry: c.every,
+		Failed: func(err error) { c.log.Warn("canary rollouts not checked", "err", err) },
+	}.Run(ctx, c.loopOnce)
 	return nil
 }
 
 // loopOnce reads every open canary rollout and moves each on where this
 // node can: report its replacements up, watch them bake, settle the
-// bake's end, roll a halted version back.
-func (c *canaries) loopOnce(ctx context.Context) error {
+// bake's end, roll a halted version back. It says when the next step of
+// any is due.
+func (c *canaries) loopOnce(ctx context.Context) (etcdc.Pass, error) {
 	lctx, cancel := context.WithTimeout(ctx, c.callTimeout)
 	resp, err := c.kv.Get(lctx, canariesPrefix, clientv3.WithPrefix())
 	cancel()
 	if err != nil {
-		return fmt.Errorf("read the canary rollouts: %w", err)
+		return etcdc.Pass{}, fmt.Errorf("read the canary rollouts: %w", err)
 	}
+	due := etcdc.DueAfter(c.now().UTC())
 	var errs []error
 	for _, kv := range resp.Kvs {
 		ref, ok := refFromCanaryKey(string(kv.Key))
@@ -367,19 +383,23 @@ func (c *canaries) loopOnce(ctx context.Context) error {
 		if json.Unmarshal(kv.Value, &rec) != nil {
 			continue
 		}
-		if err := c.step(ctx, ref, &rec, kv.ModRevision); err != nil {
+		if err := c.step(ctx, ref, &rec, kv.ModRevision, &due); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", ref, err))
 		}
 	}
-	return errors.Join(errs...)
+	return etcdc.Pass{Rev: resp.Header.Revision, Due: due.Wait()}, errors.Join(errs...)
 }
 
-// step moves one rollout on. A write that loses a race is left to the
-// next round, which reads what won.
-func (c *canaries) step(ctx context.Context, ref string, rec *canaryRecord, rev int64) error {
+// step moves one rollout on, and adds to due when it next has something
+// to do: the bake's end, the down grace after it, the next look at the
+// status records, a rollback to try again; and every c.every while this
+// node's part waits on its own containers (its report, its bake's check)
+// or a canary's node may go down unseen. A write that loses a race is
+// left to the next pass, which the write that won starts (the watch).
+func (c *canaries) step(ctx context.Context, ref string, rec *canaryRecord, rev int64, due *etcdc.Due) error {
 	switch {
 	case rec.halted():
-		return c.rollbackStep(ctx, ref, rec, rev)
+		return c.rollbackStep(ctx, ref, rec, rev, due)
 	case rec.Phase != phaseCanary && rec.Phase != phaseBaking:
 		return nil
 	}
@@ -392,6 +412,7 @@ func (c *canaries) step(ctx context.Context, ref string, rec *canaryRecord, rev 
 		mine := rec.Canaries[c.node]
 		switch {
 		case mine == nil:
+			due.In(c.every) // until its containers are up
 			return c.report(ctx, ref, rec, rev)
 		case rec.Phase == phaseBaking && !mine.Baked && !mine.Down:
 			if why := c.check(ctx, mine.Containers); why != "" {
@@ -402,17 +423,38 @@ func (c *canaries) step(ctx context.Context, ref string, rec *canaryRecord, rev 
 				c.settle(rec, now)
 				return c.commit(ctx, ref, rec, rev)
 			}
+			due.At(rec.BakeUntil)
+			due.In(c.every) // the next check
 			return nil
 		}
 	}
-	if rec.Phase == phaseBaking && !now.Before(rec.BakeUntil.Add(c.downGrace)) {
-		return c.settleDown(ctx, ref, rec, rev, now)
+	if rec.Phase == phaseBaking {
+		settleAt := rec.BakeUntil.Add(c.downGrace)
+		if !now.Before(settleAt) {
+			for _, n := range rec.Canaries {
+				if !n.Baked && !n.Down {
+					due.In(c.every) // a canary to confirm its bake, or to count as down when its owner key goes
+				}
+			}
+			return c.settleDown(ctx, ref, rec, rev, now)
+		}
+		due.At(settleAt)
 	}
 	if now.Sub(rec.Since) >= c.downGrace && now.Sub(c.looked[ref]) >= c.lookEvery {
 		c.looked[ref] = now
+		due.At(now.Add(c.lookEvery))
 		return c.noteCanaries(ctx, ref, rec, rev, pol)
 	}
+	due.At(later(rec.Since.Add(c.downGrace), c.looked[ref].Add(c.lookEvery)))
 	return nil
+}
+
+// later is the later of a and b.
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // report adds this canary's replacements to the bake once every running
@@ -655,9 +697,13 @@ func (c *canaries) fail(ctx context.Context, ref string, rec *canaryRecord, rev 
 // node claims the rollback in the record (a transaction), rolls back, and
 // records the result; a claim neither done nor failed for rollbackRetry
 // (its node died) is claimed again.
-func (c *canaries) rollbackStep(ctx context.Context, ref string, rec *canaryRecord, rev int64) error {
+func (c *canaries) rollbackStep(ctx context.Context, ref string, rec *canaryRecord, rev int64, due *etcdc.Due) error {
 	now := c.now().UTC()
-	if c.rollback == nil || rec.RolledBack != "" || (rec.RollbackBy != "" && now.Sub(rec.RollbackAt) < c.rollbackRetry) {
+	switch {
+	case c.rollback == nil || rec.RolledBack != "":
+		return nil
+	case rec.RollbackBy != "" && now.Sub(rec.RollbackAt) < c.rollbackRetry:
+		due.At(rec.RollbackAt.Add(c.rollbackRetry)) // claimed: tried again if it is neither done nor failed by then
 		return nil
 	}
 	rec.RollbackBy, rec.RollbackAt = c.node, now

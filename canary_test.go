@@ -165,7 +165,7 @@ func (w *canaryWorld) hold(c *canaries, imageID string) string {
 func (w *canaryWorld) loop(cs ...*canaries) {
 	w.t.Helper()
 	for _, c := range cs {
-		if err := c.loopOnce(w.t.Context()); err != nil {
+		if _, err := c.loopOnce(w.t.Context()); err != nil {
 			w.t.Fatal(err)
 		}
 	}
@@ -357,12 +357,15 @@ func TestCanaryRollbackRetried(t *testing.T) {
 	dc.change("c1", func(c *docker.Container) { c.State.Restarting = true })
 	w.rbErr = errors.New("registry down")
 	for _, c := range []*canaries{canary, canary, other} {
-		if err := c.loopOnce(t.Context()); err != nil && !strings.Contains(err.Error(), "registry down") {
+		if _, err := c.loopOnce(t.Context()); err != nil && !strings.Contains(err.Error(), "registry down") {
 			t.Fatal(err)
 		}
 	}
 	if rec := w.record(); rec.RollbackErr == "" || w.rollbacks.Load() != 1 {
 		t.Fatalf("after a failed rollback: %+v, %d tries; want the error recorded, 1 try", rec, w.rollbacks.Load())
+	}
+	if p := must(other.loopOnce(t.Context())); p.Due != other.rollbackRetry {
+		t.Errorf("after a failed rollback: due in %v; want the retry, %v", p.Due, other.rollbackRetry)
 	}
 	w.rbErr = nil
 	w.advance(canary.rollbackRetry)

@@ -31,7 +31,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/die-net/deployer/internal/backoff"
+	"github.com/die-net/deployer/internal/etcdc"
 	"github.com/distribution/reference"
 	docker "github.com/fsouza/go-dockerclient"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -41,24 +41,29 @@ import (
 // a freeze or a closed window, once.
 const sourceNow = "now"
 
-// holdPoll is how often each node looks for releases that are due.
-const holdPoll = time.Second
-
 // tagAPI puts a local tag back on an image.
 type tagAPI interface {
 	// TagImage tags image name as opts.Repo:opts.Tag (Force moves it).
 	TagImage(name string, opts docker.TagImageOptions) error
 }
 
+// holdsEtcd is the part of the etcd client the holds use: reads and
+// writes, and run's watch.
+type holdsEtcd interface {
+	clientv3.KV
+	clientv3.Watcher
+}
+
 // holds decides, records and releases the holds of freezes and windows.
 type holds struct {
-	kv       clientv3.KV // confined to -etcd_prefix
+	kv       clientv3.KV      // confined to -etcd_prefix
+	watcher  clientv3.Watcher // run's watch of the freezes, waiting versions and policies
 	policies *policies
 	ledger   *ledger // nil records nothing
 	images   tagAPI  // nil: the local tag is left where the pull put it
 	node     string
 	now      func() time.Time
-	poll     time.Duration
+	retry    time.Duration // run's backoff base after a failed pass or a broken watch
 	log      *slog.Logger
 	changed  func() // the waiting versions changed (the status record marks containers ahead); nil: none
 
@@ -69,15 +74,16 @@ type holds struct {
 }
 
 // newHolds returns the holds of node. It starts nothing.
-func newHolds(kv clientv3.KV, ps *policies, led *ledger, images tagAPI, node string, log *slog.Logger) *holds {
+func newHolds(kv holdsEtcd, ps *policies, led *ledger, images tagAPI, node string, log *slog.Logger) *holds {
 	return &holds{
-		kv: kv, policies: ps, ledger: led, images: images, node: node, now: time.Now, poll: holdPoll, log: log,
+		kv: kv, watcher: kv, policies: ps, ledger: led, images: images, node: node, now: time.Now, retry: time.Second, log: log,
 		waiting: map[string]waitingRecord{}, warned: map[string]bool{}, passed: map[string]string{},
 	}
 }
 
 // holdState is what one read tells: the freezes and the policy records.
 type holdState struct {
+	rev     int64 // the revision read at
 	freezes []freezeRecord
 	waiting []waitingRecord
 	def     policy
@@ -98,6 +104,7 @@ func (h *holds) read(ctx context.Context) (holdState, error) {
 		return holdState{}, fmt.Errorf("read the freezes and policies: %w", err)
 	}
 	st := holdState{
+		rev:     resp.Header.Revision,
 		freezes: decodeFreezes(resp.Responses[0].GetResponseRange().Kvs),
 		waiting: decodeWaiting(resp.Responses[1].GetResponseRange().Kvs),
 		tags:    map[string]policy{},
@@ -286,25 +293,38 @@ func (h *holds) recordWaiting(ctx context.Context, w waitingRecord) (first bool,
 	return false, errors.New("record the waiting version: it keeps changing")
 }
 
-// run releases what is due, every poll, until ctx is done.
+// run releases what is due until ctx is done: a pass (releaseDue) at
+// once, then at the earliest of the next due time (a freeze's -until, a
+// window that opens for a waiting version), a change of the freezes,
+// waiting versions or policies (a watch), and dueTick. With nothing
+// frozen and nothing waiting it reads nothing but on the tick.
 func (h *holds) run(ctx context.Context) error {
-	backoff.Every(ctx, h.poll, h.releaseDue, func(err error) { h.log.Warn("checking the holds failed", "err", err) })
+	etcdc.DueLoop{
+		Watcher: h.watcher, Prefixes: []string{freezesPrefix, waitingsPrefix, policiesPrefix}, Tick: dueTick, Retry: h.retry,
+		Failed: func(err error) { h.log.Warn("checking the holds failed", "err", err) },
+	}.Run(ctx, h.releaseDue)
 	return nil
 }
 
 // releaseDue deletes the freezes whose -until passed and releases every
 // waiting version nothing holds any more; it keeps the waiting records
-// for the status view (ahead).
-func (h *holds) releaseDue(ctx context.Context) error {
+// for the status view (ahead). It says when the next of these is due:
+// the earliest -until of a freeze, and for each waiting version under a
+// closed window, when its window opens.
+func (h *holds) releaseDue(ctx context.Context) (etcdc.Pass, error) {
 	st, err := h.read(ctx)
 	if err != nil {
-		return err
+		return etcdc.Pass{}, err
 	}
 	h.remember(st.waiting)
 	now := h.now()
+	due := etcdc.DueAfter(now)
 	var errs []error
 	for _, f := range st.freezes {
 		if f.active(now) {
+			if !f.Until.IsZero() {
+				due.At(f.Until)
+			}
 			continue
 		}
 		// Expired: whichever node gets here first deletes it.
@@ -323,7 +343,11 @@ func (h *holds) releaseDue(ctx context.Context) error {
 		if err != nil || !ok {
 			continue
 		}
-		if holdReason(st.freezes, h.policyOf(st, w.Ref), tagged, now) != "" {
+		pol := h.policyOf(st, w.Ref)
+		if holdReason(st.freezes, pol, tagged, now) != "" {
+			if !pol.Windows.open(now) {
+				due.At(pol.Windows.next(now)) // a freeze that holds it is due above, or thawed (the watch)
+			}
 			continue
 		}
 		released, err := releaseWaiting(ctx, h.kv, w, "release", h.node, now, nil)
@@ -333,7 +357,7 @@ func (h *holds) releaseDue(ctx context.Context) error {
 			h.log.Info("released a waiting version", "ref", w.Ref, "image", shortID(w.ImageID), "was", w.Reason)
 		}
 	}
-	return errors.Join(errs...)
+	return etcdc.Pass{Rev: st.rev, Due: due.Wait()}, errors.Join(errs...)
 }
 
 // releaseWaiting writes w's tag's trigger again and deletes w, with ops,

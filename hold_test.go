@@ -230,7 +230,7 @@ func TestReleaseOnce(t *testing.T) {
 		t.Fatal("no waiting version")
 	}
 	// Before -until: nothing released.
-	must(0, n1.holds.releaseDue(t.Context()))
+	must(n1.holds.releaseDue(t.Context()))
 	if len(readWaiting(t, cli)) != 1 {
 		t.Fatal("released before -until")
 	}
@@ -240,7 +240,7 @@ func TestReleaseOnce(t *testing.T) {
 	for _, hn := range []*holdNode{n1, n2} {
 		wg.Go(func() {
 			for range 3 { // the first pass deletes the freeze, a later one releases
-				if err := hn.holds.releaseDue(t.Context()); err != nil {
+				if _, err := hn.holds.releaseDue(t.Context()); err != nil {
 					t.Error(err)
 				}
 			}
@@ -349,12 +349,12 @@ func TestWindowHoldsUntilItOpens(t *testing.T) {
 	if n1.stops() != 0 || len(ws) != 1 || ws[0].Reason != "outside window Mon 09:00-10:00 (opens 2026-12-07 09:00:00 UTC)" {
 		t.Fatalf("stops %d, waiting %+v", n1.stops(), ws)
 	}
-	must(0, n1.holds.releaseDue(t.Context()))
+	must(n1.holds.releaseDue(t.Context()))
 	if len(readWaiting(t, cli)) != 1 {
 		t.Fatal("released while the window is closed")
 	}
 	n1.holds.now = func() time.Time { return monday.Add(time.Minute) }
-	must(0, n1.holds.releaseDue(t.Context()))
+	must(n1.holds.releaseDue(t.Context()))
 	kv := must(cli.Get(t.Context(), triggerKey("reg:5000/app"))).Kvs[0]
 	if len(readWaiting(t, cli)) != 0 || kv.ModRevision <= rev {
 		t.Fatal("the window opened and nothing was released")
@@ -385,14 +385,14 @@ func thawRacesTimedRelease(t *testing.T) {
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for range 3 {
-			if err := n1.holds.releaseDue(t.Context()); err != nil {
+			if _, err := n1.holds.releaseDue(t.Context()); err != nil {
 				t.Error(err)
 			}
 		}
 	})
 	wg.Go(func() { _, _ = ops.thaw(t.Context(), "reg:5000/app", askedBy{Node: "test"}) }) // not frozen any more, if the node was first
 	wg.Wait()
-	must(0, n1.holds.releaseDue(t.Context()))
+	must(n1.holds.releaseDue(t.Context()))
 	if kv := must(cli.Get(t.Context(), triggerKey("reg:5000/app"))).Kvs[0]; kv.Version != 2 {
 		t.Fatalf("trigger written %d times; want the push and one release", kv.Version)
 	}

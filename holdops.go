@@ -31,7 +31,7 @@ type holdOps struct {
 
 // newHoldOps returns the operations on kv, with the flags' policy
 // (base) under the policy records. It starts nothing.
-func newHoldOps(kv clientv3.KV, base rolloutPolicy, registryDomain string, log *slog.Logger) *holdOps {
+func newHoldOps(kv holdsEtcd, base rolloutPolicy, registryDomain string, log *slog.Logger) *holdOps {
 	return &holdOps{kv: kv, holds: newHolds(kv, newPolicies(kv, base), nil, nil, "", log), registryDomain: registryDomain, now: time.Now}
 }
 

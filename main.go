@@ -47,8 +47,9 @@
 //
 // Infrastructure that knows nothing of deploys is in packages of its own
 // under internal/, which package main imports and which import nothing of
-// it: etcdc (the etcd client with its TLS, its leases and the view of a
-// prefix), dockerc (the Docker client with API negotiation, and the event
+// it: etcdc (the etcd client with its TLS, its leases, the view of a
+// prefix, and DueLoop: a loop that sleeps until something is due or its
+// keys change), dockerc (the Docker client with API negotiation, and the event
 // stream), backoff (the waits of every retry loop), pemfile (a key pair
 // and a CA pool read again when their files change) and selfid (the ID of
 // our own container).

@@ -41,20 +41,3 @@ func Wake(ch chan<- struct{}) {
 	default:
 	}
 }
-
-// Every runs fn at once and then every d until ctx is done; an error of
-// fn (while ctx lives) goes to failed, and the loop goes on.
-func Every(ctx context.Context, d time.Duration, fn func(context.Context) error, failed func(error)) {
-	t := time.NewTicker(d)
-	defer t.Stop()
-	for {
-		if err := fn(ctx); err != nil && ctx.Err() == nil {
-			failed(err)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
-}
