@@ -85,6 +85,7 @@ type canaryRecord struct {
 	Missing  []string               `json:"missing,omitempty"` // canary nodes the policy names that are not up (no status record)
 	Reason   string                 `json:"reason,omitempty"`  // failed, aborted: why; promoted: how
 	By       string                 `json:"by,omitempty"`      // who promoted or aborted (a command and host, or a node)
+	Opener   string                 `json:"opener,omitempty"`  // the node that opened the rollout: it keeps Note and Missing, with the canaries
 	// The rollback of a failed or aborted version: claimed by one node
 	// (RollbackBy, RollbackAt), then done ("rolled back to …") or
 	// failed (RollbackErr, tried again after rollbackRetry).
@@ -335,7 +336,7 @@ func (c *canaries) hold(ctx context.Context, ref reference.NamedTagged, imageID,
 		}
 		now := c.now().UTC()
 		next := &canaryRecord{ImageID: imageID, Previous: previous, Digest: digest, Revision: trigRev, Phase: phaseCanary,
-			Since: now, Bake: jsonDur(pol.Bake), Promotion: pol.Promotion}
+			Since: now, Bake: jsonDur(pol.Bake), Promotion: pol.Promotion, Opener: c.node}
 		ok, err := c.put(ctx, key, next, rev)
 		if err != nil {
 			return "", err
@@ -440,6 +441,9 @@ func (c *canaries) step(ctx context.Context, ref string, rec *canaryRecord, rev 
 		}
 		due.At(settleAt)
 	}
+	if !c.looks(rec, pol) {
+		return nil
+	}
 	if now.Sub(rec.Since) >= c.downGrace && now.Sub(c.looked[ref]) >= c.lookEvery {
 		c.looked[ref] = now
 		due.At(now.Add(c.lookEvery))
@@ -447,6 +451,14 @@ func (c *canaries) step(ctx context.Context, ref string, rec *canaryRecord, rev 
 	}
 	due.At(later(rec.Since.Add(c.downGrace), c.looked[ref].Add(c.lookEvery)))
 	return nil
+}
+
+// looks reports whether this node keeps the record's notes
+// (noteCanaries), which read every status record: the node that opened
+// the rollout and the canary nodes do, not the whole fleet (a record
+// written by an earlier daemon, without its opener: every node).
+func (c *canaries) looks(rec *canaryRecord, pol rolloutPolicy) bool {
+	return rec.Opener == "" || rec.Opener == c.node || c.isCanary(pol)
 }
 
 // later is the later of a and b.

@@ -709,3 +709,44 @@ func TestCanaryCommands(t *testing.T) {
 		t.Errorf("deployer abort after the promotion: %v; want %v", err, errCanaryOver)
 	}
 }
+
+// statusReadsKV counts the reads of every node's status record.
+type statusReadsKV struct {
+	clientv3.KV
+	n atomic.Int32
+}
+
+func (k *statusReadsKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	if key == statusPrefix {
+		k.n.Add(1)
+	}
+	return k.KV.Get(ctx, key, opts...)
+}
+
+// TestCanaryNotesKeptByOpenerAndCanaries: while a canary rollout is
+// open, the node that opened it and the canary nodes look at the status
+// records (each as large as the fleet) for canaries not up; a node that
+// is neither does not, however long it waits. Before, every node of the
+// fleet read every status record every lookEvery.
+func TestCanaryNotesKeptByOpenerAndCanaries(t *testing.T) {
+	w := newCanaryWorld(t, canaryPolicy(promoteManual))
+	canary, opener, _ := bakeTo(t, w)
+	third := w.node("n3", nil, newBakeFake())
+	w.live("n3")
+	reads := map[*canaries]*statusReadsKV{}
+	for _, c := range []*canaries{canary, opener, third} {
+		reads[c] = &statusReadsKV{KV: c.kv}
+		c.kv = reads[c]
+	}
+	w.advance(canary.downGrace)
+	for i := range 3 { // within the 20 s bake
+		if i > 0 {
+			w.advance(canary.lookEvery)
+		}
+		w.loop(canary, opener, third)
+	}
+	// (The canary, baking, checks its own containers instead.)
+	if got := [3]int32{reads[canary].n.Load(), reads[opener].n.Load(), reads[third].n.Load()}; got != [3]int32{0, 3, 0} {
+		t.Errorf("status reads by the canary, the opener, a third node: %v; want 0, 3, 0", got)
+	}
+}
