@@ -574,8 +574,8 @@ func markFailed(v *ledgerVersion, e ledgerEntry, node string, coordinated bool) 
 // version read every status record (nodesRunning): the first to converge,
 // which counts the nodes that run the tag (Running), and the last ones,
 // from Running less runningSlack on, which check whether the version
-// rolled out. The transaction that writes "rolled out" compares that no
-// key came since its read: of nodes completing at once, one does. (Before,
+// rolled out. Each write of the version compares its revision: of nodes
+// completing at once, one does. (Before,
 // every node rewrote the one version key listing every node, retried on
 // conflicts, and read every status record: O(N) per node.)
 //
@@ -621,6 +621,13 @@ func (l *ledger) converge(ctx context.Context, e ledgerEntry, target *storedVers
 	}
 	if !tr.Succeeded {
 		if tr.Responses[0].GetResponseRange().Count > 0 {
+			if target.v.Running == 0 && target.v.Completed.IsZero() {
+				// A write retried after it took effect: it may have been
+				// the first, whose count of the nodes failed.
+				if _, err := l.completeVersion(ctx, e.Ref, version); err != nil {
+					return -1, err
+				}
+			}
 			return -1, errLedgerRecorded
 		}
 		return -1, errLedgerConflict // trimmed, or released by another node, meanwhile: read again
@@ -649,28 +656,30 @@ func (l *ledger) settle(ctx context.Context, ref string, v ledgerVersion, count 
 
 // completeVersion reads the nodes that run ref and the keys of version:
 // if every one of those nodes converged, it marks the version rolled out
-// (completed by the last of them); either way it writes how many run the
-// tag (Running). It returns the lead time to the last node when it
-// completed the version, -1 when it did not.
+// (completed by the last of them); else it writes how many run the tag
+// (Running), and reads again if nodes converged between its read and its
+// write (they saw the Running before it, and may not have checked). It
+// returns the lead time to the last node when it completed the version,
+// -1 when it did not.
 func (l *ledger) completeVersion(ctx context.Context, ref string, version int64) (time.Duration, error) {
 	running, err := l.nodesRunning(ctx, ref)
 	if err != nil {
 		return -1, err
 	}
 	vkey, ndir := historyKey(ref, version), historyNodesDir(ref, version)
-	for range 5 {
+	for range 10 {
 		resp, err := l.kv.Txn(ctx).Then(clientv3.OpGet(vkey), clientv3.OpGet(ndir, clientv3.WithPrefix())).Commit()
 		if err != nil {
 			return -1, fmt.Errorf("read %s version %d: %w", ref, version, err)
 		}
-		vkvs := resp.Responses[0].GetResponseRange().Kvs
+		vkvs, nkvs := resp.Responses[0].GetResponseRange().Kvs, resp.Responses[1].GetResponseRange().Kvs
 		var stored ledgerVersion
 		if len(vkvs) == 0 || json.Unmarshal(vkvs[0].Value, &stored) != nil || !stored.Completed.IsZero() || stored.Outcome == outcomeHalted {
 			return -1, nil
 		}
 		all := stored
 		all.Nodes = maps.Clone(stored.Nodes)
-		mergeNodeKeys(&all, resp.Responses[1].GetResponseRange().Kvs)
+		mergeNodeKeys(&all, nkvs)
 		next, completed := stored, time.Duration(-1)
 		next.Running = len(running)
 		if allConverged(all.Nodes, running) {
@@ -685,17 +694,20 @@ func (l *ledger) completeVersion(ctx context.Context, ref string, version int64)
 				next.Outcome = outcomeRolledOut
 			}
 		} else if next.Running == stored.Running {
-			return -1, nil
+			return -1, nil // counted before: the nodes still to converge check
 		}
 		b, _ := json.Marshal(next)
-		tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(vkey), "=", vkvs[0].ModRevision),
-			clientv3.Compare(clientv3.CreateRevision(ndir), "<", resp.Header.Revision+1).WithPrefix()). // no node key came since the read
-			Then(clientv3.OpPut(vkey, string(b))).Commit()
-		if err != nil {
+		tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(vkey), "=", vkvs[0].ModRevision)).
+			Then(clientv3.OpPut(vkey, string(b)), clientv3.OpGet(ndir, clientv3.WithPrefix(), clientv3.WithCountOnly())).Commit()
+		switch {
+		case err != nil:
 			return -1, fmt.Errorf("write %s version %d: %w", ref, version, err)
-		}
-		if tr.Succeeded {
+		case !tr.Succeeded:
+			continue // the version changed meanwhile (a report, a failure): read again
+		case completed >= 0:
 			return completed, nil
+		case tr.Responses[1].GetResponseRange().Count == int64(len(nkvs)):
+			return -1, nil
 		}
 	}
 	return -1, errLedgerConflict

@@ -544,3 +544,82 @@ func TestLedgerCostPerNodeIsConstant(t *testing.T) {
 		t.Errorf("the version's value lists %d nodes (err %v); want none: they are node keys", len(stored.Nodes), err)
 	}
 }
+
+// hookTxn runs after once its transaction committed.
+type hookTxn struct {
+	clientv3.Txn
+	after func()
+}
+
+func (t *hookTxn) If(c ...clientv3.Cmp) clientv3.Txn  { t.Txn = t.Txn.If(c...); return t }
+func (t *hookTxn) Then(o ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Then(o...); return t }
+func (t *hookTxn) Else(o ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Else(o...); return t }
+func (t *hookTxn) Commit() (*clientv3.TxnResponse, error) {
+	r, err := t.Txn.Commit()
+	t.after()
+	return r, err
+}
+
+// countingDuringKV runs during after every transaction that follows a
+// read of every status record (the count of the nodes that run the tag).
+type countingDuringKV struct {
+	clientv3.KV
+	counted bool
+	during  func()
+}
+
+func (k *countingDuringKV) Get(ctx context.Context, key string, opts ...clientv3.OpOption) (*clientv3.GetResponse, error) {
+	if key == statusPrefix {
+		k.counted = true
+	}
+	return k.KV.Get(ctx, key, opts...)
+}
+
+func (k *countingDuringKV) Txn(ctx context.Context) clientv3.Txn {
+	if !k.counted {
+		return k.KV.Txn(ctx)
+	}
+	return &hookTxn{Txn: k.KV.Txn(ctx), after: k.during}
+}
+
+// TestLedgerCompletesWhileNodesConvergeDuringTheCount: the first node
+// counts the nodes that run the tag while the others keep converging,
+// one after each of its reads and writes; the version still rolls out
+// once the last converges. Before, the count's write compared that no
+// node key came since its read: it lost five times, gave up silently,
+// and the version stayed "rolling out" for good (no report).
+func TestLedgerCompletesWhileNodesConvergeDuringTheCount(t *testing.T) {
+	cli := testNS(t)
+	const n = 16
+	var ls []*ledger
+	for i := range n {
+		node := fmt.Sprintf("n%02d", i)
+		putNodeStatus(t, cli, node, ledgerRef)
+		ls = append(ls, testLedger(t, cli, node, 20))
+	}
+	id := "sha256:" + strings.Repeat("c", 64)
+	entry := ledgerEntry{Ref: ledgerRef, Repo: "docker.io/library/app", ImageID: id, Time: time.Now()}
+	next := 1
+	first := &countingDuringKV{KV: cli}
+	first.during = func() {
+		if next < n-2 {
+			l := ls[next]
+			next++
+			if err := l.apply(t.Context(), entry); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	ls[0].kv = first
+	if err := ls[0].apply(t.Context(), entry); err != nil {
+		t.Fatal(err)
+	}
+	for ; next < n; next++ {
+		if err := ls[next].apply(t.Context(), entry); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if v := readVersions(t, cli, ledgerRef)[0]; v.Outcome != outcomeRolledOut || v.converged() != n || v.Running != n {
+		t.Errorf("version: %s, %d of %d nodes converged, running %d; want rolled out, all, %d", v.Outcome, v.converged(), n, v.Running, n)
+	}
+}
