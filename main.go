@@ -70,6 +70,7 @@ import (
 	"os/signal"
 	"syscall"
 	"time"
+	_ "unsafe" // go:linkname
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -605,6 +606,25 @@ func (d *daemon) httpServer() *http.Server {
 	return srv
 }
 
+// etcdWatchResync is how often an etcd server's watch store catches up
+// the watchers that are behind its revision (a watch from an earlier
+// revision, a slow reader): mvcc.watchResyncPeriod, a variable etcd sets
+// to 100 ms and offers no setting for. It ticks whether or not a watcher
+// is behind: on an idle one-machine install, ten wake-ups a second were
+// a third of the daemon's CPU (BENCHMARKS.md, 5f). The only etcd server
+// in this process is the embedded single member, where nothing is ever
+// far behind: 500 ms. A watch that starts behind (the watcher resuming
+// from its progress at start; a slot waiter's watch when a write came
+// between its read and its watch) gets its first events within 500 ms
+// instead of 100 ms; a watch that starts at the current revision is not
+// delayed. (The link fails, loudly, if a later etcd renames the
+// variable.)
+//
+//go:linkname etcdWatchResync go.etcd.io/etcd/server/v3/storage/mvcc.watchResyncPeriod
+var etcdWatchResync time.Duration
+
+func init() { etcdWatchResync = 500 * time.Millisecond }
+
 // startEmbeddedEtcd runs a single-member etcd in this process.
 func startEmbeddedEtcd(cfg config, log *slog.Logger) (*embed.Etcd, error) {
 	ec := embed.NewConfig()
@@ -626,8 +646,8 @@ func startEmbeddedEtcd(cfg config, log *slog.Logger) (*embed.Etcd, error) {
 	// short as 2.8 s, ours are 10 s), the bolt commit every second (the
 	// WAL is written and synced at every proposal, so a crash loses
 	// nothing), and no downgrade check, which only a cluster's leader
-	// needs. The mvcc store's 100 ms watch resync and the lessor's 500 ms
-	// loop are fixed in etcd.
+	// needs. The mvcc store's watch resync is set above (etcdWatchResync);
+	// the lessor's 500 ms loop is fixed in etcd.
 	ec.TickMs, ec.ElectionMs = 400, 2000
 	ec.BackendBatchInterval = time.Second
 	ec.DowngradeCheckTime = time.Hour
