@@ -603,6 +603,19 @@ func (l *ledger) converge(ctx context.Context, e ledgerEntry, target *storedVers
 	}
 	version := target.v.Version
 	vkey, nkey := historyKey(e.Ref, version), historyNodeKey(e.Ref, version, node)
+	if !target.v.Completed.IsZero() {
+		// Rolled out, its node keys folded (completeVersion): this node's
+		// part may be in the folded key (a write retried after it took
+		// effect), else it is a node that came later.
+		resp, err := l.kv.Get(ctx, historyNodesDir(e.Ref, version))
+		if err != nil {
+			return -1, fmt.Errorf("read %s version %d: %w", e.Ref, version, err)
+		}
+		var folded ledgerVersion
+		if mergeNodeKeys(&folded, resp.Kvs); !folded.Nodes[node].Converged.IsZero() {
+			return -1, errLedgerRecorded
+		}
+	}
 	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(nkey), "=", 0), clientv3.Compare(clientv3.CreateRevision(vkey), ">", 0)}
 	ops := []clientv3.Op{clientv3.OpPut(nkey, convergedAt(e.Time))}
 	if v := target.v; v.Outcome == outcomeHeld || v.Held != "" {
@@ -697,8 +710,22 @@ func (l *ledger) completeVersion(ctx context.Context, ref string, version int64)
 			return -1, nil // counted before: the nodes still to converge check
 		}
 		b, _ := json.Marshal(next)
-		tr, err := l.kv.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(vkey), "=", vkvs[0].ModRevision)).
-			Then(clientv3.OpPut(vkey, string(b)), clientv3.OpGet(ndir, clientv3.WithPrefix(), clientv3.WithCountOnly())).Commit()
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(vkey), "=", vkvs[0].ModRevision)}
+		ops := []clientv3.Op{clientv3.OpPut(vkey, string(b)), clientv3.OpGet(ndir, clientv3.WithPrefix(), clientv3.WithCountOnly())}
+		if completed >= 0 {
+			// Rolled out: the node keys fold into one key, the version's
+			// directory itself (no node is named ""), so that the ledger
+			// keeps one key per version and not one per node.
+			folded := map[string]nodeResult{}
+			fromKeys := stored
+			fromKeys.Nodes = nil
+			mergeNodeKeys(&fromKeys, nkvs)
+			maps.Copy(folded, fromKeys.Nodes)
+			fb, _ := json.Marshal(folded)
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(ndir), "<", resp.Header.Revision+1).WithPrefix()) // no node key came since the read
+			ops = append(ops, clientv3.OpPut(ndir, string(fb)), clientv3.OpDelete(ndir+"\x00", clientv3.WithRange(clientv3.GetPrefixRangeEnd(ndir))))
+		}
+		tr, err := l.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
 		switch {
 		case err != nil:
 			return -1, fmt.Errorf("write %s version %d: %w", ref, version, err)
@@ -714,21 +741,33 @@ func (l *ledger) completeVersion(ctx context.Context, ref string, version int64)
 }
 
 // mergeNodeKeys puts the node keys of v's version into v.Nodes (a
-// convergence after a failure clears it) and sets FirstSeconds from the
-// earliest convergence.
+// convergence after a failure clears it), the folded key of a version
+// that rolled out included, and sets FirstSeconds from the earliest
+// convergence.
 func mergeNodeKeys(v *ledgerVersion, kvs []*mvccpb.KeyValue) {
 	if v.Nodes == nil {
 		v.Nodes = map[string]nodeResult{}
 	}
-	for _, kv := range kvs {
-		var r nodeResult
-		k := string(kv.Key)
-		if json.Unmarshal(kv.Value, &r) != nil {
-			continue
-		}
-		node := k[strings.LastIndexByte(k, '/')+1:]
+	add := func(node string, r nodeResult) {
 		if cur, ok := v.Nodes[node]; !ok || r.Converged.After(cur.Failed) {
 			v.Nodes[node] = r
+		}
+	}
+	for _, kv := range kvs {
+		k := string(kv.Key)
+		node := k[strings.LastIndexByte(k, '/')+1:]
+		if node == "" { // the node keys of a version that rolled out, folded
+			var folded map[string]nodeResult
+			if json.Unmarshal(kv.Value, &folded) == nil {
+				for n, r := range folded {
+					add(n, r)
+				}
+			}
+			continue
+		}
+		var r nodeResult
+		if json.Unmarshal(kv.Value, &r) == nil {
+			add(node, r)
 		}
 	}
 	var first time.Time

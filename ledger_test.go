@@ -537,6 +537,10 @@ func TestLedgerCostPerNodeIsConstant(t *testing.T) {
 	if sampleCount(t, ls[n-1].fleetLead) != 1 {
 		t.Error("the last node did not observe the fleet lead time")
 	}
+	// Rolled out, its node keys folded into one: one key per version.
+	if keys := must(cli.Get(t.Context(), historyNodesPrefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())).Kvs; len(keys) != 1 || string(keys[0].Key) != historyNodesDir(ledgerRef, 1) {
+		t.Errorf("node keys once the version rolled out: %d; want the one folded key", len(keys))
+	}
 	// The version's value lists no convergence: it stays small.
 	g := must(cli.Get(t.Context(), historyKey(ledgerRef, 1)))
 	var stored ledgerVersion
